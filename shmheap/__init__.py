@@ -1,0 +1,57 @@
+"""shmheap: a shared-memory heap for processes on one Linux host.
+
+Arenas are mmap'ed POSIX shared-memory segments; an append-only index of all
+arenas lives in shared memory, so a reader in any process copies the index
+header under the heap lock and then walks the arenas with no lock held.
+See README.md for a tour and DESIGN.md for the invariants.
+"""
+
+from .arenas import Arena
+from .crash import CRASH_POINTS
+from .errors import (
+    AddressSpaceExhaustedError,
+    ArenaCollisionError,
+    DoubleFreeError,
+    HeapClosedError,
+    HeapCorruptError,
+    HeapExistsError,
+    HeapNotFoundError,
+    HeapVersionError,
+    InvalidNameError,
+    InvalidParameterError,
+    InvalidRefError,
+    LockTimeoutError,
+    OutOfSharedMemoryError,
+    ReadOnlyError,
+    ShmHeapError,
+)
+from .heap import Heap, HeapInfo, destroy
+from .index import ArenaSnapshot
+from .repair import Finding
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CRASH_POINTS",
+    "AddressSpaceExhaustedError",
+    "Arena",
+    "ArenaCollisionError",
+    "ArenaSnapshot",
+    "DoubleFreeError",
+    "Finding",
+    "Heap",
+    "HeapClosedError",
+    "HeapCorruptError",
+    "HeapExistsError",
+    "HeapInfo",
+    "HeapNotFoundError",
+    "HeapVersionError",
+    "InvalidNameError",
+    "InvalidParameterError",
+    "InvalidRefError",
+    "LockTimeoutError",
+    "OutOfSharedMemoryError",
+    "ReadOnlyError",
+    "ShmHeapError",
+    "destroy",
+]

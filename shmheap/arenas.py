@@ -1,0 +1,227 @@
+"""Arenas and the arena map.
+
+An arena is the segment ``shmheap.NAME.a<hex index>``: ``arena_size`` data
+bytes (the heap addresses ``[index * arena_size, (index + 1) * arena_size)``)
+followed by a trailer that names its heap and index::
+
+    off          size  field
+    arena_size      8  magic b"shmarena"
+    +8              8  heap_id (the control segment's)
+    +16             8  index
+    +24             8  created_ns
+
+A new arena is made whole under a temporary name (``shmheap.NAME.new``),
+reserved, stamped with its trailer, and only then hard-linked under its final
+name: ``link`` fails if that name is taken, so a foreign file there is a
+collision, never overwritten, and an arena file under its final name is
+always complete.  A holder killed after the link leaves a complete but
+unpublished arena that repair recognises by its trailer and removes.
+
+The arena map ``shmheap.NAME.map`` holds one bit per arena index
+(``max_arenas`` bits, a sparse file: only pages with set bits take memory).
+It is read and written with ``pread``/``pwrite`` rather than mapped, so a
+lookup never allocates a page and a full /dev/shm is an error, not SIGBUS.
+A bit is set by the heap-lock holder after the arena's index entry is
+published and never cleared while the heap exists (invariant 4); lookups
+need no lock.
+
+This module owns arena segments, trailers and the map.  It does not touch
+the index or the lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import time
+
+from . import segments
+from .errors import HeapCorruptError, OutOfSharedMemoryError, ShmHeapError
+from .names import arena_name, map_name
+
+TRAILER = struct.Struct("<8sQQQ")
+TRAILER_SIZE = 64
+ARENA_MAGIC = b"shmarena"
+
+
+def segment_size(arena_size: int) -> int:
+    """Bytes of an arena segment: the data and the trailer."""
+    return arena_size + TRAILER_SIZE
+
+
+def temp_name(heap_name: str) -> str:
+    """Where a new arena is built before it is linked (heap-lock holder only)."""
+    return f"shmheap.{heap_name}.new"
+
+
+class Arena:
+    """One arena as this process sees it: index, heap base address and data.
+
+    ``buf`` is a memoryview of exactly ``size`` bytes: writable, or read-only
+    when the heap was attached ``readonly=True``.
+    """
+
+    __slots__ = ("_seg", "base", "buf", "index", "size")
+
+    def __init__(self, index: int, arena_size: int, seg: segments.Segment) -> None:
+        self.index = index
+        self.size = arena_size
+        self.base = index * arena_size
+        self._seg = seg
+        self.buf = seg.buf[:arena_size]
+
+    def close(self) -> None:
+        self.buf.release()
+        self._seg.close()
+
+    def __repr__(self) -> str:
+        return f"Arena(index={self.index}, base={self.base:#x}, size={self.size})"
+
+
+def read_trailer(buf: memoryview, arena_size: int) -> tuple[bytes, int, int, int]:
+    """(magic, heap_id, index, created_ns) of an arena segment's trailer."""
+    magic, heap_id, index, created_ns = TRAILER.unpack_from(buf, arena_size)
+    return magic, heap_id, index, created_ns
+
+
+def build(heap_name: str, heap_id: int, arena_size: int, mode: int,
+          reserve: bool) -> segments.Segment:
+    """Make a new arena segment under the temporary name (heap-lock holder only).
+
+    Without ``reserve`` the free space of /dev/shm is still checked, so the
+    common "it is full" case is an error here; with it, the memory is
+    allocated now and SIGBUS at first touch cannot happen.
+    """
+    tmp = temp_name(heap_name)
+    segments.unlink(tmp)
+    if not reserve:
+        segments.check_free_space(tmp, segment_size(arena_size))
+    return segments.create(tmp, segment_size(arena_size), mode, reserve=reserve)
+
+
+def link(heap_name: str, seg: segments.Segment, heap_id: int, arena_size: int,
+         index: int) -> bool:
+    """Stamp ``seg`` as arena ``index`` and link it under its final name.
+
+    False if the name is taken (a collision: pick another index and call
+    again with the same segment).
+    """
+    TRAILER.pack_into(seg.buf, arena_size, ARENA_MAGIC, heap_id, index, time.time_ns())
+    try:
+        os.link(segments.path_of(seg.name), segments.path_of(arena_name(heap_name, index)))
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise ShmHeapError(f"cannot link arena {index} of heap {heap_name!r}: {exc}") from None
+    return True
+
+
+def open_arena(heap_name: str, heap_id: int, index: int, arena_size: int,
+               readonly: bool) -> Arena:
+    """Map published arena ``index``, checking its size and trailer."""
+    name = arena_name(heap_name, index)
+    try:
+        seg = segments.open_existing(name, readonly, expect_size=segment_size(arena_size))
+    except FileNotFoundError:
+        raise HeapCorruptError(
+            f"heap {heap_name!r}: published arena {index} has no segment /dev/shm/{name}; "
+            f"run `shmheap fsck {heap_name}`"
+        ) from None
+    magic, trailer_heap, trailer_index, _ = read_trailer(seg.buf, arena_size)
+    if magic != ARENA_MAGIC or trailer_heap != heap_id or trailer_index != index:
+        seg.close()
+        raise HeapCorruptError(
+            f"heap {heap_name!r}: /dev/shm/{name} is not arena {index} of this heap "
+            f"(its trailer says heap {trailer_heap:#x}, index {trailer_index})"
+        )
+    return Arena(index, arena_size, seg)
+
+
+class ArenaMap:
+    """The arena map of a heap: one bit per arena index, through pread/pwrite."""
+
+    def __init__(self, heap_name: str, max_arenas: int, readonly: bool) -> None:
+        self.max_arenas = max_arenas
+        self._name = map_name(heap_name)
+        try:
+            self._fd = os.open(segments.path_of(self._name),
+                               (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+                               | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise HeapCorruptError(
+                f"heap {heap_name!r} has no arena map /dev/shm/{self._name}") from None
+        if os.fstat(self._fd).st_size < map_bytes(max_arenas):
+            os.close(self._fd)
+            raise HeapCorruptError(f"/dev/shm/{self._name} is shorter than its heap needs")
+
+    def __contains__(self, index: int) -> bool:
+        if not 0 <= index < self.max_arenas:
+            return False
+        byte = os.pread(self._fd, 1, index >> 3)
+        return bool(byte and byte[0] >> (index & 7) & 1)
+
+    def add(self, index: int) -> None:
+        """Set the bit of ``index`` (heap-lock holder only)."""
+        offset = index >> 3
+        old = os.pread(self._fd, 1, offset)
+        try:
+            os.pwrite(self._fd, bytes([(old[0] if old else 0) | 1 << (index & 7)]), offset)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+                raise OutOfSharedMemoryError(
+                    f"/dev/shm is full: no page for the arena map of {self._name}") from None
+            raise
+
+    def next_free(self, start: int, stop: int) -> int | None:
+        """The lowest index in ``[start, stop)`` whose bit is clear, or None."""
+        chunk = 4096
+        index = start
+        while index < stop:
+            offset = index >> 3
+            data = os.pread(self._fd, min(chunk, ((stop + 7) >> 3) - offset), offset)
+            for pos, byte in enumerate(data):
+                if byte != 0xFF:
+                    for bit in range(8):
+                        candidate = (offset + pos) * 8 + bit
+                        if candidate >= index and not byte >> bit & 1:
+                            return candidate if candidate < stop else None
+            index = (offset + len(data)) * 8
+            if not data:
+                break
+        return None
+
+    def members(self) -> list[int]:
+        """Every index whose bit is set, skipping holes of the sparse file."""
+        found: list[int] = []
+        end = map_bytes(self.max_arenas)
+        offset = 0
+        while offset < end:
+            try:
+                offset = os.lseek(self._fd, offset, os.SEEK_DATA)
+            except OSError:
+                break
+            hole = os.lseek(self._fd, offset, os.SEEK_HOLE)
+            data = os.pread(self._fd, hole - offset, offset)
+            for pos, byte in enumerate(data):
+                if byte:
+                    found.extend((offset + pos) * 8 + bit for bit in range(8) if byte >> bit & 1)
+            offset = hole
+        return [i for i in found if i < self.max_arenas]
+
+    def resident_bytes(self) -> int:
+        return os.fstat(self._fd).st_blocks * 512
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def map_bytes(max_arenas: int) -> int:
+    return (max_arenas + 7) >> 3
+
+
+def create_map(heap_name: str, max_arenas: int, mode: int) -> None:
+    """Create the (sparse, all-clear) arena map of a new heap."""
+    segments.create(map_name(heap_name), map_bytes(max_arenas), mode, reserve=False).close()

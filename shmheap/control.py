@@ -1,0 +1,115 @@
+"""The control segment ``shmheap.NAME``: parameters, init state, index header, hint.
+
+Layout (little-endian, one page, every field naturally aligned)::
+
+    off  size  field         who writes it, and when
+    ---  ----  ------------  ---------------------------------------------------
+      0     8  magic         creator, once (b"shmheap\\0")
+      8     4  version       creator, once (LAYOUT_VERSION)
+     12     4  state         creator: UNINIT -> INITIALISING -> READY; repair may
+                             set BROKEN under the heap lock
+     16     8  heap_id       creator, once: random; every arena trailer repeats it
+     24     8  arena_size    creator, once
+     32     8  max_arenas    creator, once
+     40     8  first_cap     creator, once: entries in index generation 0
+     48     4  mode          creator, once: file mode of every segment
+     52     4  reserve       creator, once: 1 if segments are fallocated at creation
+     56     8  created_ns    creator, once: wall-clock time of creation
+     64     8  header        heap lock holder only: (generation << 32) | len
+     72     8  hint          heap lock holder only: next arena index grow() tries
+
+``header`` is the all-arenas index header, kept in one aligned 64-bit word so
+that it is written as one unit (a single store: it can never be torn, not even
+by SIGKILL) and read as one unit under the heap lock (invariant 3).  The
+index capacity is derived: ``cap = first_cap << generation``.
+
+A heap attached ``readonly=True`` maps this segment read-only.  Nothing a
+reader must write lives here (see liveness.py).
+
+This module owns the byte layout of the control segment and its checks; it
+does not take the lock and decides nothing about when fields change.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from .errors import HeapCorruptError, HeapVersionError
+from .names import MAX_ARENAS_LIMIT, PAGE_SIZE, check_arena_size, check_max_arenas
+
+MAGIC = b"shmheap\0"
+LAYOUT_VERSION = 1
+SIZE = PAGE_SIZE
+
+UNINIT, INITIALISING, READY, BROKEN = 0, 1, 2, 3
+STATE_NAMES = {UNINIT: "uninitialised", INITIALISING: "initialising", READY: "ready",
+               BROKEN: "broken"}
+
+_PARAMS = struct.Struct("<8sIIQQQQIIQ")  # magic .. created_ns, offsets 0..63
+STATE_OFFSET = 12
+HEADER_OFFSET = 64
+HINT_OFFSET = 72
+#: Generations are numbered 0..MAX_GENERATIONS-1; cap doubles with each.
+MAX_GENERATIONS = 32
+
+
+@dataclass(frozen=True)
+class Params:
+    """The parameters a creator fixes once; every attacher checks them."""
+
+    heap_id: int
+    arena_size: int
+    max_arenas: int
+    first_cap: int
+    mode: int
+    reserve: bool
+    created_ns: int
+
+
+def write_params(buf: memoryview, params: Params) -> None:
+    """Fill a fresh control segment; state stays UNINIT (the caller moves it on)."""
+    _PARAMS.pack_into(buf, 0, MAGIC, LAYOUT_VERSION, UNINIT, params.heap_id, params.arena_size,
+                      params.max_arenas, params.first_cap, params.mode, int(params.reserve),
+                      params.created_ns)
+
+
+def read_params(buf: memoryview, where: str) -> tuple[Params, int]:
+    """Parse and check a control segment; return its parameters and its state.
+
+    Every number is checked before anything trusts it (invariant 6): a bad
+    magic, another layout version or an impossible parameter raises
+    HeapCorruptError / HeapVersionError naming the segment ``where``.
+    """
+    if len(buf) < SIZE:
+        raise HeapCorruptError(f"{where} is truncated ({len(buf)} bytes, expected {SIZE})")
+    (magic, version, state, heap_id, arena_size, max_arenas, first_cap, mode, reserve,
+     created_ns) = _PARAMS.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise HeapCorruptError(f"{where} is not a shmheap control segment (bad magic {magic!r})")
+    if version != LAYOUT_VERSION:
+        raise HeapVersionError(
+            f"{where} has layout version {version}, this shmheap reads version "
+            f"{LAYOUT_VERSION}; use the matching shmheap version or destroy the heap"
+        )
+    if state not in STATE_NAMES:
+        raise HeapCorruptError(f"{where} has an unknown state word {state}")
+    try:
+        check_arena_size(arena_size)
+        check_max_arenas(max_arenas, arena_size)
+    except ValueError as exc:
+        raise HeapCorruptError(f"{where} holds impossible parameters: {exc}") from None
+    if first_cap < 1 or first_cap & (first_cap - 1) or first_cap > MAX_ARENAS_LIMIT:
+        raise HeapCorruptError(f"{where} holds an impossible first index capacity {first_cap}")
+    params = Params(heap_id, arena_size, max_arenas, first_cap, mode & 0o7777, bool(reserve),
+                    created_ns)
+    return params, state
+
+
+def split_header(word: int) -> tuple[int, int]:
+    """(generation, len) of a header word."""
+    return word >> 32, word & 0xFFFFFFFF
+
+
+def make_header(generation: int, length: int) -> int:
+    return (generation << 32) | length

@@ -1,0 +1,72 @@
+"""Crash points: a test hook that kills this process at a named place.
+
+Set ``SHMHEAP_CRASH_AT=NAME`` (or ``NAME:K`` for the K-th time the process
+reaches NAME) before the process imports shmheap, and the process sends itself
+SIGKILL when it reaches crash point NAME.  ``CRASH_POINTS`` lists every name;
+the crash-safety tests run every operation once per point.
+
+When the variable is unset, ``ARMED`` is False and the callers on hot paths
+(the lock) do not even call ``reach``; elsewhere ``reach`` returns at once.
+
+This module owns the crash-point table and the counter; it touches nothing
+shared.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from .errors import InvalidParameterError
+
+#: Every crash point, with where it sits.  A point between two shared writes
+#: is named after the write that has just been made.
+CRASH_POINTS: dict[str, str] = {
+    "lock.acquired": "a writer has the semaphore, owner not yet recorded",
+    "lock.owned": "a writer has the semaphore and has recorded itself as owner",
+    "lock.releasing": "a writer cleared its owner record, semaphore not yet released",
+    "snapshot.acquired": "a reader has the semaphore, owner not yet recorded",
+    "snapshot.owned": "a reader has the semaphore and has recorded itself as owner",
+    "snapshot.releasing": "a reader cleared its owner record, semaphore not yet released",
+    "grow.segment_created": "new arena made under its temporary name, not yet linked",
+    "grow.segment_linked": "arena linked under its final name, index entry not yet written",
+    "index.entry_written": "index entry written past len, header not yet published",
+    "index.generation_created": "new index generation created, entries not yet copied",
+    "index.generation_copied": "entries copied into the new generation, header not switched",
+    "index.published": "header switched to the new len (and generation)",
+    "grow.map_set": "arena map bit set, hint not yet moved",
+    "grow.hint_moved": "hint moved past the new arena, lock still held",
+    "create.control_created": "control segment created, nothing initialised",
+    "create.initialised": "every segment created, state not yet ready",
+    "repair.adopted": "a waiter adopted a dead owner's lock, repair not yet run",
+}
+
+ENV_VAR = "SHMHEAP_CRASH_AT"
+
+
+def _parse(spec: str) -> tuple[str, int]:
+    name, _, count = spec.partition(":")
+    if name not in CRASH_POINTS:
+        raise InvalidParameterError(
+            f"{ENV_VAR}={spec!r} names no crash point; choose one of {sorted(CRASH_POINTS)}"
+        )
+    times = int(count) if count else 1
+    if times < 1:
+        raise InvalidParameterError(f"{ENV_VAR}={spec!r}: the count must be at least 1")
+    return name, times
+
+
+_SPEC = os.environ.get(ENV_VAR, "")
+_TARGET, _REMAINING = _parse(_SPEC) if _SPEC else ("", 0)
+#: True when this process was started with a crash point armed.
+ARMED = bool(_SPEC)
+
+
+def reach(point: str) -> None:
+    """Crash here (SIGKILL to self) if ``point`` is the armed crash point's K-th hit."""
+    global _REMAINING
+    if point != _TARGET:
+        return
+    _REMAINING -= 1
+    if _REMAINING == 0:
+        os.kill(os.getpid(), signal.SIGKILL)

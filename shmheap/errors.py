@@ -1,0 +1,70 @@
+"""The errors shmheap raises.
+
+Every error is a ``ShmHeapError``; where a builtin fits, the error also derives
+from it, so ``except FileNotFoundError`` keeps working for callers that do not
+know shmheap.  Every message says what was wrong and what to do about it.
+
+This module owns no state and touches nothing shared.
+"""
+
+from __future__ import annotations
+
+
+class ShmHeapError(Exception):
+    """Base class of every error shmheap raises."""
+
+
+class InvalidNameError(ShmHeapError, ValueError):
+    """A heap name that is empty, too long, or has characters outside [A-Za-z0-9_-]."""
+
+
+class InvalidParameterError(ShmHeapError, ValueError):
+    """A size, count or index outside what the heap accepts."""
+
+
+class HeapExistsError(ShmHeapError, FileExistsError):
+    """``create`` on a name that already has a heap."""
+
+
+class HeapNotFoundError(ShmHeapError, FileNotFoundError):
+    """``attach``/``destroy``/``info`` on a name that has no heap."""
+
+
+class HeapCorruptError(ShmHeapError):
+    """Shared state that fails a check: bad magic, torn header, lengths past the end."""
+
+
+class HeapVersionError(HeapCorruptError):
+    """A control segment written by an incompatible layout version of shmheap."""
+
+
+class HeapClosedError(ShmHeapError, ValueError):
+    """A call on a ``Heap`` after ``close()`` or ``destroy()``."""
+
+
+class ArenaCollisionError(ShmHeapError, FileExistsError):
+    """``grow(at=i)`` on an index that is already an arena or whose name is taken."""
+
+
+class AddressSpaceExhaustedError(ShmHeapError, MemoryError):
+    """Every arena index in ``[1, max_arenas)`` is taken."""
+
+
+class OutOfSharedMemoryError(ShmHeapError, MemoryError):
+    """``/dev/shm`` has no room for a new segment (tmpfs full or over its size limit)."""
+
+
+class ReadOnlyError(ShmHeapError, PermissionError):
+    """A mutating call on a heap attached with ``readonly=True``."""
+
+
+class LockTimeoutError(ShmHeapError, TimeoutError):
+    """The heap lock was not acquired within the caller's timeout (its holder is alive)."""
+
+
+class InvalidRefError(ShmHeapError, ValueError):
+    """A heap address that does not name the start of a live object of this heap."""
+
+
+class DoubleFreeError(InvalidRefError):
+    """``free`` of an object that is already free."""

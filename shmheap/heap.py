@@ -1,0 +1,520 @@
+"""``Heap``: create, attach, grow, snapshot, inspect, close and destroy a heap.
+
+A heap is a set of objects in /dev/shm (see names.py) that any process on the
+host can attach by name.  This module ties them together; each object's
+protocol lives in its own module:
+
+* control.py   -- parameters, init state, the index header word, the hint
+* liveness.py  -- process slots and the lock's owner record
+* lock.py      -- the heap lock and dead-holder recovery
+* index.py     -- the all-arenas index and reader snapshots
+* arenas.py    -- arena segments and the arena map
+* repair.py    -- checks and repairs (fsck), run after a dead holder
+
+Creation is crash-safe: the creator makes the control segment exclusively
+(the one creator wins), holds an OFD lock on its first byte while it is
+``INITIALISING``, and moves it to ``READY`` last.  An attacher waits for
+``READY``; if the state is not ready and nobody holds the init lock, the
+creator died and the attacher raises HeapCorruptError.
+
+``grow`` (all under the heap lock, in this order, see invariant 4):
+build the arena under a temporary name -> link it under its final name
+(a taken name is a collision: try the next free index) -> append its index
+-> set its map bit -> move the hint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from types import TracebackType
+from typing import Any
+
+from . import arenas, control, crash, liveness, segments
+from .errors import (
+    AddressSpaceExhaustedError,
+    ArenaCollisionError,
+    HeapClosedError,
+    HeapCorruptError,
+    HeapExistsError,
+    HeapNotFoundError,
+    InvalidParameterError,
+    ReadOnlyError,
+)
+from .index import ArenaIndex, ArenaSnapshot
+from .liveness import Liveness
+from .lock import HeapLock, open_semaphore, unlink_semaphore
+from .repair import Finding, repair_after_crash, run_checks
+from .names import (
+    PAGE_SIZE,
+    arena_name,
+    check_arena_size,
+    check_max_arenas,
+    check_name,
+    control_name,
+    owns,
+    semaphore_name,
+)
+
+DEFAULT_ARENA_SIZE = 64 << 20
+DEFAULT_MAX_ARENAS = 1 << 20
+#: Seconds an attacher waits for a creator to finish initialising.
+ATTACH_TIMEOUT = 5.0
+_INIT_LOCK_BYTE = 0
+
+
+@dataclass(frozen=True)
+class HeapInfo:
+    """What ``Heap.info()`` reports."""
+
+    name: str
+    arenas: int
+    index_len: int
+    index_cap: int
+    index_generations: int
+    index_bytes: int
+    arena_size: int
+    max_arenas: int
+    reserved_bytes: int
+    hint: int
+    readonly: bool
+    attached: int
+    lock_owner_pid: int | None
+    recoveries: int
+    last_recovery_ns: int
+    repairs: int
+    created_ns: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _ClosedLock:
+    """Stands in for the lock of a closed heap: every use raises HeapClosedError."""
+
+    def __init__(self, name: str) -> None:
+        self._message = f"heap {name!r} is closed; attach it again to use it"
+
+    def acquire(self, timeout: float | None = None, role: str = "lock") -> None:
+        raise HeapClosedError(self._message)
+
+    def release(self, role: str = "lock") -> None:
+        raise HeapClosedError(self._message)
+
+
+class Heap:
+    """A process's handle on a shared heap.  Use ``create``, ``attach`` or ``open``."""
+
+    def __init__(self, name: str, control_seg: segments.Segment, params: control.Params,
+                 readonly: bool) -> None:
+        self.name = name
+        self.readonly = readonly
+        self.params = params
+        self.arena_size = params.arena_size
+        self.max_arenas = params.max_arenas
+        self._control = control_seg
+        self._words = control_seg.buf[:control.SIZE].cast("Q")
+        self._header = control_seg.buf[control.HEADER_OFFSET:control.HEADER_OFFSET + 8].cast("Q")
+        self._arenas: dict[int, arenas.Arena] = {}
+        self._live: Liveness | None = None
+        self._map: arenas.ArenaMap | None = None
+        self._index = ArenaIndex(name, self._header, params.first_cap, params.mode, readonly)
+        self._lock: HeapLock | _ClosedLock = _ClosedLock(name)
+        self._sem = None
+        try:
+            self._sem = open_semaphore(semaphore_name(name), create=False, mode=params.mode)
+            self._live = Liveness(name)
+            self._map = arenas.ArenaMap(name, params.max_arenas, readonly)
+        except BaseException:
+            self._release_resources()
+            raise
+        self._lock = HeapLock(self._sem, self._live, lambda: repair_after_crash(self), name)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    @classmethod
+    def create(cls, name: str, arena_size: int = DEFAULT_ARENA_SIZE,
+               max_arenas: int = DEFAULT_MAX_ARENAS, mode: int = 0o600,
+               reserve: bool = True) -> Heap:
+        """Create heap ``name``; HeapExistsError if the name is taken.
+
+        ``reserve`` allocates each arena's memory when it is created, so a full
+        /dev/shm is an OutOfSharedMemoryError at ``grow()`` rather than SIGBUS
+        at first touch; pass False for big arenas you will touch sparsely.
+        """
+        check_name(name)
+        check_arena_size(arena_size)
+        check_max_arenas(max_arenas, arena_size)
+        if not isinstance(mode, int) or not 0 <= mode <= 0o777:
+            raise InvalidParameterError(f"mode {mode!r} is not a file mode like 0o600")
+        try:
+            seg = segments.create(control_name(name), control.SIZE, mode, keep_fd=True)
+        except HeapExistsError:
+            raise HeapExistsError(
+                f"heap {name!r} already exists; attach to it, or remove it with "
+                f"`shmheap destroy {name}`") from None
+        assert seg.fd is not None
+        if not liveness.try_lock(seg.fd, _INIT_LOCK_BYTE):
+            raise AssertionError("a fresh control segment cannot be locked by anyone else")
+        params = control.Params(
+            heap_id=secrets.randbits(63) | 1, arena_size=arena_size, max_arenas=max_arenas,
+            first_cap=PAGE_SIZE // 4, mode=mode, reserve=reserve, created_ns=time.time_ns())
+        try:
+            control.write_params(seg.buf, params)
+            words = seg.buf.cast("Q")
+            _set_state(seg.buf, control.INITIALISING)
+            crash.reach("create.control_created")
+            _remove_leftovers(name)
+            open_semaphore(semaphore_name(name), create=True, mode=mode).close()
+            liveness.create(name, mode)
+            arenas.create_map(name, max_arenas, mode)
+            words[control.HEADER_OFFSET // 8] = control.make_header(0, 0)
+            words[control.HINT_OFFSET // 8] = 1
+            words.release()
+            heap = cls(name, seg, params, readonly=False)
+            heap._index.create_first()
+            crash.reach("create.initialised")
+            _set_state(seg.buf, control.READY)
+        except BaseException:
+            destroy(name)
+            seg.close()
+            raise
+        liveness.unlock(seg.fd, _INIT_LOCK_BYTE)
+        os.close(seg.fd)
+        seg.fd = None
+        return heap
+
+    @classmethod
+    def attach(cls, name: str, readonly: bool = False,
+               timeout: float = ATTACH_TIMEOUT) -> Heap:
+        """Attach existing heap ``name``; HeapNotFoundError if there is none.
+
+        Waits up to ``timeout`` seconds for a heap that is still being created.
+        """
+        check_name(name)
+        seg = _open_ready_control(name, readonly, timeout)
+        try:
+            params, _state = control.read_params(seg.buf, f"/dev/shm/{control_name(name)}")
+        except BaseException:
+            seg.close()
+            raise
+        return cls(name, seg, params, readonly)
+
+    @classmethod
+    def open(cls, name: str, create: bool = True, readonly: bool = False,
+             **create_args: Any) -> Heap:
+        """Attach heap ``name``, creating it first if it does not exist and ``create``.
+
+        Any number of processes may race this on one name: exactly one creates,
+        all end attached to the same heap.
+        """
+        if not create:
+            return cls.attach(name, readonly=readonly)
+        for _ in range(100):
+            try:
+                heap = cls.create(name, **create_args)
+            except HeapExistsError:
+                pass
+            else:
+                if readonly:
+                    heap.close()
+                    return cls.attach(name, readonly=True)
+                return heap
+            try:
+                return cls.attach(name, readonly=readonly)
+            except HeapNotFoundError:
+                continue  # destroyed between our create and attach: try again
+        raise HeapCorruptError(f"heap {name!r} keeps appearing and vanishing; is something "
+                               "destroying it in a loop?")
+
+    def close(self) -> None:
+        """Unmap this process's view and release its slot.  The heap lives on."""
+        if isinstance(self._lock, _ClosedLock):
+            return
+        self._lock = _ClosedLock(self.name)
+        self._release_resources()
+
+    def _release_resources(self) -> None:
+        for arena in self._arenas.values():
+            arena.close()
+        self._arenas.clear()
+        self._index.close()
+        if self._map is not None:
+            self._map.close()
+        if self._live is not None:
+            self._live.close()
+        if self._sem is not None:
+            with contextlib.suppress(Exception):
+                self._sem.close()
+        self._header.release()
+        self._words.release()
+        self._control.close()
+
+    def destroy(self) -> None:
+        """Unlink every object of this heap, then close this handle.
+
+        Processes that have arenas or snapshots mapped keep reading them; new
+        attaches get HeapNotFoundError.
+        """
+        self._check_open()
+        self.close()
+        destroy(self.name)
+
+    @property
+    def closed(self) -> bool:
+        return isinstance(self._lock, _ClosedLock)
+
+    def __enter__(self) -> Heap:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("readonly" if self.readonly else "attached")
+        return f"<Heap {self.name!r} arena_size={self.arena_size} {state}>"
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise HeapClosedError(f"heap {self.name!r} is closed; attach it again to use it")
+
+    def _check_writable(self, what: str) -> None:
+        self._check_open()
+        if self.readonly:
+            raise ReadOnlyError(f"heap {self.name!r} is attached readonly; {what} needs a "
+                                "writable attach (Heap.attach(name))")
+
+    # -- the lock -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self, timeout: float | None = None) -> Iterator[None]:
+        """Hold the heap lock (recovering a dead holder) for the ``with`` body."""
+        self._lock.acquire(timeout)
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    # -- arenas -----------------------------------------------------------------------
+
+    def grow(self, at: int | None = None, timeout: float | None = None) -> arenas.Arena:
+        """Create one arena and record it in the index.
+
+        Without ``at``: at the lowest free index at or above the hint (wrapping
+        to 1 past ``max_arenas``), moving the hint past it.  With ``at``: at
+        exactly that index, ArenaCollisionError if it is taken.
+        """
+        self._check_writable("grow()")
+        if at is not None:
+            if not isinstance(at, int) or isinstance(at, bool) or not 1 <= at < self.max_arenas:
+                raise InvalidParameterError(
+                    f"grow(at={at!r}): an arena index must be an int in [1, {self.max_arenas})")
+        assert self._map is not None
+        with self.locked(timeout):
+            self._index.header()  # a broken heap fails here, before anything is made
+            seg = arenas.build(self.name, self.params.heap_id, self.arena_size,
+                               self.params.mode, self.params.reserve)
+            try:
+                crash.reach("grow.segment_created")
+                index = self._link_new_arena(seg, at)
+                crash.reach("grow.segment_linked")
+                try:
+                    self._index.append(index)
+                except BaseException:
+                    segments.unlink(arena_name(self.name, index))  # never published
+                    seg.close()
+                    raise
+                self._map.add(index)
+                crash.reach("grow.map_set")
+                if at is None:
+                    self._words[control.HINT_OFFSET // 8] = index + 1
+                crash.reach("grow.hint_moved")
+            finally:
+                segments.unlink(seg.name)
+        arena = arenas.Arena(index, self.arena_size, seg)
+        self._arenas[index] = arena
+        return arena
+
+    def _link_new_arena(self, seg: segments.Segment, at: int | None) -> int:
+        """Link ``seg`` at ``at`` or at the next free index; return the index."""
+        assert self._map is not None
+        link = arenas.link
+        if at is not None:
+            if at in self._map or not link(self.name, seg, self.params.heap_id,
+                                           self.arena_size, at):
+                seg.close()
+                raise ArenaCollisionError(
+                    f"heap {self.name!r}: arena index {at} is already taken; choose another "
+                    "index or call grow() without at=")
+            return at
+        hint = self._words[control.HINT_OFFSET // 8]
+        start = hint if 1 <= hint < self.max_arenas else 1
+        for lo, hi in ((start, self.max_arenas), (1, start)):
+            index = self._map.next_free(lo, hi)
+            while index is not None:
+                if link(self.name, seg, self.params.heap_id, self.arena_size, index):
+                    return index
+                index = self._map.next_free(index + 1, hi)
+        seg.close()
+        raise AddressSpaceExhaustedError(
+            f"heap {self.name!r}: all {self.max_arenas - 1} arena indices are taken; create "
+            "the heap with a larger max_arenas or arena_size")
+
+    def arena(self, index: int) -> arenas.Arena:
+        """The arena at ``index``, mapped on first use; KeyError if there is none."""
+        arena = self._arenas.get(index)
+        if arena is not None:
+            return arena
+        self._check_open()
+        assert self._map is not None
+        if not isinstance(index, int) or index not in self._map:
+            raise KeyError(index)
+        arena = arenas.open_arena(self.name, self.params.heap_id, index, self.arena_size,
+                                  self.readonly)
+        self._arenas[index] = arena
+        return arena
+
+    def __contains__(self, index: object) -> bool:
+        self._check_open()
+        assert self._map is not None
+        return isinstance(index, int) and index in self._map
+
+    # -- the index ----------------------------------------------------------------------
+
+    def snapshot(self, timeout: float | None = None) -> ArenaSnapshot:
+        """Copy the index header under the lock; the snapshot is read with no lock."""
+        lock = self._lock
+        lock.acquire(timeout, "snapshot")
+        word = self._header[0]
+        lock.release("snapshot")
+        return self._index.snapshot_of(word)
+
+    def arenas(self, timeout: float | None = None) -> Iterator[arenas.Arena]:
+        """The arenas of a fresh snapshot, in creation order; no lock held while iterating."""
+        arena = self.arena
+        for index in self.snapshot(timeout):
+            yield arena(index)
+
+    def check(self, repair: bool = False, timeout: float | None = None) -> list[Finding]:
+        """Check every invariant (``shmheap fsck``); with ``repair``, fix what can be fixed.
+
+        An empty list means the heap is clean.
+        """
+        if repair:
+            self._check_writable("check(repair=True)")
+        self._check_open()
+        with self.locked(timeout):
+            return run_checks(self, repair)
+
+    def info(self, timeout: float | None = None) -> HeapInfo:
+        self._check_open()
+        with self.locked(timeout):
+            generation, length = self._index.header()
+            hint = int(self._words[control.HINT_OFFSET // 8])
+        assert self._live is not None
+        recoveries, last_ns, repairs = self._live.counters()
+        return HeapInfo(
+            name=self.name, arenas=length, index_len=length,
+            index_cap=self._index.capacity(generation), index_generations=generation + 1,
+            index_bytes=self._index.bytes_through(generation), arena_size=self.arena_size,
+            max_arenas=self.max_arenas,
+            reserved_bytes=length * arenas.segment_size(self.arena_size), hint=hint,
+            readonly=self.readonly, attached=len(self._live.attachments()),
+            lock_owner_pid=self._live.owner_pid(), recoveries=recoveries,
+            last_recovery_ns=last_ns, repairs=repairs, created_ns=self.params.created_ns)
+
+
+def _set_state(buf: memoryview, state: int) -> None:
+    buf[control.STATE_OFFSET:control.STATE_OFFSET + 4] = state.to_bytes(4, "little")
+
+
+def _remove_leftovers(name: str) -> None:
+    """Unlink every object of ``name`` but its control segment (creator only).
+
+    The creator holds the control segment exclusively, so anything else under
+    the name is left over from a heap whose destroy did not finish.
+    """
+    for entry in segments.list_all():
+        if owns(name, entry) and entry != control_name(name):
+            _unlink_entry(name, entry)
+
+
+def _unlink_entry(name: str, entry: str) -> None:
+    if entry.startswith("sem."):
+        unlink_semaphore(semaphore_name(name))
+    else:
+        segments.unlink(entry)
+
+
+def _open_ready_control(name: str, readonly: bool, timeout: float) -> segments.Segment:
+    """Open the control segment of ``name`` once its creator has made it READY."""
+    deadline = time.monotonic() + timeout
+    suspected_dead = False
+    while True:
+        seg = None
+        try:
+            seg = segments.open_existing(control_name(name), readonly, keep_fd=True)
+            if seg.size >= control.SIZE:
+                state = int.from_bytes(seg.buf[control.STATE_OFFSET:control.STATE_OFFSET + 4],
+                                       "little")
+                if state == control.READY:
+                    seg_fd = seg.fd
+                    seg.fd = None
+                    assert seg_fd is not None
+                    os.close(seg_fd)
+                    return seg
+                if state == control.BROKEN:
+                    raise HeapCorruptError(
+                        f"heap {name!r} was marked broken by a repair that failed; run "
+                        f"`shmheap fsck --repair {name}` or `shmheap destroy {name}`")
+        except HeapNotFoundError:
+            raise HeapNotFoundError(
+                f"no heap named {name!r}; create it with Heap.create({name!r}) or "
+                f"`shmheap create {name}`") from None
+        except HeapCorruptError:
+            if seg is not None:
+                seg.close()
+            if (segments.size_of(control_name(name)) or 0) != 0:
+                raise
+            seg = None  # size 0: the creator has not sized it yet
+        creator_alive = True
+        if seg is not None:
+            assert seg.fd is not None
+            creator_alive = liveness.is_locked(seg.fd, _INIT_LOCK_BYTE)
+            seg.close()
+        if not creator_alive:
+            if suspected_dead:
+                raise HeapCorruptError(
+                    f"heap {name!r}: its creator died while initialising it; remove it with "
+                    f"`shmheap destroy {name}`")
+            suspected_dead = True  # look once more: the creator may not have locked yet
+        if time.monotonic() >= deadline:
+            raise HeapCorruptError(
+                f"heap {name!r} is still initialising after {timeout} s; if its creator is "
+                f"gone, remove it with `shmheap destroy {name}`")
+        time.sleep(0.01)
+
+
+def destroy(name: str) -> list[str]:
+    """Unlink every object of heap ``name`` (even a damaged one); return what was removed.
+
+    HeapNotFoundError if there was nothing to remove.  The control segment
+    goes last, so nobody can create a new heap of this name while the old
+    one's objects are still being removed.
+    """
+    check_name(name)
+    removed = []
+    entries = [e for e in segments.list_all() if owns(name, e)]
+    for entry in sorted(entries, key=lambda e: e == control_name(name)):
+        _unlink_entry(name, entry)
+        removed.append(entry)
+    if not removed:
+        raise HeapNotFoundError(f"no heap named {name!r} to destroy")
+    return removed
+
+

@@ -1,0 +1,300 @@
+"""The liveness segment ``shmheap.NAME.live``: who is attached, who owns the lock.
+
+A POSIX semaphore has no owner, so if its holder dies it stays taken forever.
+This segment is what lets a waiter tell a dead holder from a slow one.
+
+Process slots
+    Every attached ``Heap`` object claims one slot and holds an ``fcntl`` OFD
+    write lock on that slot's first byte for as long as it is attached.  The
+    kernel drops the lock when the open file description goes away, which
+    happens when the process dies, however it dies.  So "slot s is alive" is
+    "the byte of slot s is locked", a question the kernel answers exactly; a
+    pid would not do (pids are reused, and differ between PID namespaces).
+    Each claim bumps the slot's ``epoch``, so a token minted by a dead claimant
+    never matches a later claimant of the same slot.
+
+Owner record
+    The heap-lock holder writes its token ``(slot + 1) << 32 | epoch`` into
+    ``owner`` right after it takes the semaphore and writes 0 right before it
+    releases it.  Only the holder writes it (and a waiter that adopts a dead
+    holder's lock, under the repair lock).
+
+Repair lock
+    An OFD lock on byte ``REPAIR_BYTE``: one waiter at a time may decide that
+    the holder is dead and adopt the lock.  Being an OFD lock, it too is
+    released by the kernel if the repairer dies.
+
+Layout (little-endian)::
+
+    off  size  field             writer
+      0     8  magic             creator, once
+      8     8  owner             heap-lock holder (see above)
+     16     8  recoveries        repair-lock holder: count of adopted locks
+     24     8  last_recovery_ns  repair-lock holder: wall clock of the last one
+     32     8  repairs           repair-lock holder: repairs that changed state
+     40     4  nslots            creator, once
+     64  32*n  slots             each: pid u32, epoch u32, attached_ns u64,
+                                 reserved u64 x2; written by the slot's owner
+                                 (or cleaned by the repair-lock holder once the
+                                 slot is dead)
+
+Every attacher maps this segment writable, even a ``readonly=True`` one:
+taking the lock is a write.  Nothing of the heap's data lives here.
+
+This module owns the segment's layout, slot claiming, the OFD locks and the
+liveness test.  It never touches the semaphore or the heap state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import struct
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from . import segments
+from .errors import HeapCorruptError, LockTimeoutError, ShmHeapError
+from .names import live_name
+
+MAGIC = b"shmlive\0"
+NSLOTS = 1024
+SLOT_SIZE = 32
+SLOTS_OFFSET = 64
+SIZE = SLOTS_OFFSET + NSLOTS * SLOT_SIZE
+OWNER_OFFSET = 8
+REPAIR_BYTE = 1
+
+_HEADER = struct.Struct("<8sQQQQI")
+_SLOT = struct.Struct("<IIQ")
+_COUNTERS = struct.Struct("<QQQ")  # recoveries, last_recovery_ns, repairs at 16
+# struct flock on Linux (x86-64 and aarch64): short type, short whence, off_t start,
+# off_t len, pid_t pid, padding.
+_FLOCK = struct.Struct("@hhqqi4x")
+
+
+class TooManyProcessesError(ShmHeapError, OSError):
+    """Every process slot of the heap is held by a live attachment."""
+
+
+def _ofd(fd: int, cmd: int, kind: int, start: int) -> int:
+    """One F_OFD_* call on the byte at ``start``; returns the resulting l_type."""
+    arg = _FLOCK.pack(kind, os.SEEK_SET, start, 1, 0)
+    result = fcntl.fcntl(fd, cmd, arg)
+    return int(_FLOCK.unpack(result)[0])
+
+
+def try_lock(fd: int, start: int) -> bool:
+    try:
+        _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, start)
+    except (BlockingIOError, PermissionError):
+        return False
+    return True
+
+
+def unlock(fd: int, start: int) -> None:
+    _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, start)
+
+
+def is_locked(fd: int, start: int) -> bool:
+    """True if another open file description holds a write lock on byte ``start``.
+
+    Asks with a read lock, so a read-only descriptor can ask too.
+    """
+    return _ofd(fd, fcntl.F_OFD_GETLK, fcntl.F_RDLCK, start) != fcntl.F_UNLCK
+
+
+def slot_offset(slot: int) -> int:
+    return SLOTS_OFFSET + slot * SLOT_SIZE
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A live attachment seen in the slot table."""
+
+    slot: int
+    pid: int
+    attached_ns: int
+
+
+def _live_attachments(buf: memoryview, nslots: int,
+                      alive: Callable[[int], bool]) -> list[Attachment]:
+    """The stamped slots of ``buf`` whose lock ``alive`` says is held."""
+    found = []
+    for slot in range(nslots):
+        pid, _epoch, attached_ns = _SLOT.unpack_from(buf, slot_offset(slot))
+        if pid and alive(slot):
+            found.append(Attachment(slot, pid, attached_ns))
+    return found
+
+
+def create(name: str, mode: int) -> None:
+    """Create and format the liveness segment of a new heap."""
+    seg = segments.create(live_name(name), SIZE, mode)
+    try:
+        _HEADER.pack_into(seg.buf, 0, MAGIC, 0, 0, 0, 0, NSLOTS)
+    finally:
+        seg.close()
+
+
+_ATTACHED: weakref.WeakSet[Liveness] = weakref.WeakSet()
+
+
+def _reclaim_after_fork() -> None:
+    for live in list(_ATTACHED):
+        live.after_fork()
+
+
+os.register_at_fork(after_in_child=_reclaim_after_fork)
+
+
+class Liveness:
+    """This process's attachment to a heap's liveness segment (one slot)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._seg = segments.open_existing(live_name(name), readonly=False, keep_fd=True)
+        buf = self._seg.buf
+        if self._seg.size < SIZE or bytes(buf[0:8]) != MAGIC:
+            self._seg.close()
+            raise HeapCorruptError(f"/dev/shm/{live_name(name)} is not a liveness segment")
+        self.nslots = min(_HEADER.unpack_from(buf, 0)[5], (self._seg.size - SLOTS_OFFSET)
+                          // SLOT_SIZE)
+        #: the owner word, as a one-element uint64 view (the lock's hot path)
+        self.owner = buf[OWNER_OFFSET:OWNER_OFFSET + 8].cast("Q")
+        self.slot = -1
+        self.token = 0
+        self._claim()
+        _ATTACHED.add(self)
+
+    @property
+    def fd(self) -> int:
+        fd = self._seg.fd
+        if fd is None:
+            raise ShmHeapError("liveness segment is closed")
+        return fd
+
+    def _claim(self) -> None:
+        """Lock a slot (preferring never-used or cleanly released ones) and stamp it."""
+        buf = self._seg.buf
+        order = sorted(range(self.nslots), key=lambda s: _SLOT.unpack_from(
+            buf, slot_offset(s))[0] != 0)
+        for slot in order:
+            if try_lock(self.fd, slot_offset(slot)):
+                _pid, epoch, _ = _SLOT.unpack_from(buf, slot_offset(slot))
+                epoch = (epoch + 1) & 0xFFFFFFFF or 1
+                _SLOT.pack_into(buf, slot_offset(slot), os.getpid(), epoch, time.time_ns())
+                self.slot = slot
+                self.token = (slot + 1) << 32 | epoch
+                return
+        raise TooManyProcessesError(
+            f"all {self.nslots} process slots of heap {self.name!r} are in use; "
+            "close heaps you no longer need"
+        )
+
+    def after_fork(self) -> None:
+        """In a forked child: the inherited descriptor shares the parent's lock; claim anew."""
+        if self._seg.fd is None:
+            return
+        os.close(self._seg.fd)
+        self._seg.fd = os.open(segments.path_of(live_name(self.name)),
+                               os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        self._claim()
+
+    def close(self) -> None:
+        """Mark the slot cleanly released and drop its lock."""
+        _ATTACHED.discard(self)
+        if self._seg.fd is None:
+            return
+        _SLOT.pack_into(self._seg.buf, slot_offset(self.slot), 0,
+                        _SLOT.unpack_from(self._seg.buf, slot_offset(self.slot))[1], 0)
+        # Unlock explicitly: a mapping still referenced elsewhere would keep the
+        # open file description, and with it the lock, alive after close.
+        unlock(self._seg.fd, slot_offset(self.slot))
+        self.owner.release()
+        self._seg.close()
+
+    # -- liveness ---------------------------------------------------------------
+
+    def slot_alive(self, slot: int) -> bool:
+        if slot == self.slot:
+            return True
+        return is_locked(self.fd, slot_offset(slot))
+
+    def token_alive(self, token: int) -> bool:
+        """True if the attachment that minted ``token`` is still attached and alive."""
+        slot, epoch = (token >> 32) - 1, token & 0xFFFFFFFF
+        if not 0 <= slot < self.nslots:
+            return False
+        if _SLOT.unpack_from(self._seg.buf, slot_offset(slot))[1] != epoch:
+            return False
+        return self.slot_alive(slot)
+
+    def dead_slots(self) -> list[int]:
+        """Slots stamped by a process that died without releasing them."""
+        buf = self._seg.buf
+        return [s for s in range(self.nslots)
+                if _SLOT.unpack_from(buf, slot_offset(s))[0] != 0 and not self.slot_alive(s)]
+
+    def clean_dead_slots(self) -> int:
+        """Zero the pid of every dead slot (repair-lock holder only); returns how many."""
+        dead = self.dead_slots()
+        buf = self._seg.buf
+        for slot in dead:
+            epoch = _SLOT.unpack_from(buf, slot_offset(slot))[1]
+            _SLOT.pack_into(buf, slot_offset(slot), 0, epoch, 0)
+        return len(dead)
+
+    def attachments(self) -> list[Attachment]:
+        """The live attachments, this one included."""
+        return _live_attachments(self._seg.buf, self.nslots, self.slot_alive)
+
+    def owner_pid(self) -> int | None:
+        """The pid stamped in the slot of the recorded lock owner, or None."""
+        token = self.owner[0]
+        slot = (token >> 32) - 1
+        if not token or not 0 <= slot < self.nslots:
+            return None
+        return int(_SLOT.unpack_from(self._seg.buf, slot_offset(slot))[0]) or None
+
+    # -- repair lock and counters -------------------------------------------------
+
+    @contextlib.contextmanager
+    def repair_lock(self, deadline: float | None) -> Iterator[None]:
+        """Hold the repair lock; LockTimeoutError if ``deadline`` (monotonic) passes."""
+        while not try_lock(self.fd, REPAIR_BYTE):
+            if deadline is not None and time.monotonic() >= deadline:
+                raise LockTimeoutError(
+                    f"heap {self.name!r}: another process is repairing it; try again later"
+                )
+            time.sleep(0.001)
+        try:
+            yield
+        finally:
+            unlock(self.fd, REPAIR_BYTE)
+
+    def counters(self) -> tuple[int, int, int]:
+        """(recoveries, last_recovery_ns, repairs)."""
+        recoveries, last_ns, repairs = _COUNTERS.unpack_from(self._seg.buf, 16)
+        return int(recoveries), int(last_ns), int(repairs)
+
+    def count_recovery(self, repaired: bool) -> None:
+        """Record one adopted lock (repair-lock holder only)."""
+        recoveries, _last, repairs = self.counters()
+        _COUNTERS.pack_into(self._seg.buf, 16, recoveries + 1, time.time_ns(),
+                            repairs + int(repaired))
+
+
+def probe_attachments(name: str) -> list[Attachment]:
+    """The live attachments of heap ``name`` without attaching (for ``ls``/``gc``)."""
+    seg = segments.open_existing(live_name(name), readonly=True, keep_fd=True)
+    try:
+        if seg.size < SIZE or bytes(seg.buf[0:8]) != MAGIC or seg.fd is None:
+            raise HeapCorruptError(f"/dev/shm/{live_name(name)} is not a liveness segment")
+        fd = seg.fd
+        return _live_attachments(seg.buf, NSLOTS, lambda slot: is_locked(fd, slot_offset(slot)))
+    finally:
+        seg.close()

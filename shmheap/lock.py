@@ -1,0 +1,174 @@
+"""The heap lock: a POSIX named semaphore that survives the death of its holder.
+
+Protocol (every process, readers included)::
+
+    acquire:  sem_trywait, else timed waits of POLL seconds (see below)
+              owner := my token                      (liveness.py)
+    ...critical section...
+    release:  owner := 0
+              sem_post
+
+A waiter whose timed wait expires looks at the owner record:
+
+* ``owner`` names a token whose slot is unlocked, or re-stamped with another
+  epoch: the holder is dead.  The waiter takes the repair lock, re-checks
+  that the owner record and the semaphore are unchanged, *adopts* the lock
+  (writes its own token: the semaphore's count is still 0, so it now holds
+  it), runs the heap's repair, counts a recovery and carries on as holder.
+* ``owner`` is 0 although the semaphore stays taken: a process died in the
+  two-statement windows between ``sem_wait`` and recording itself, or
+  between clearing the record and ``sem_post``.  The waiter adopts only if
+  this state lasts ``UNOWNED_GRACE`` seconds without a change *and* some
+  slot belongs to a dead process.  A live process in that window writes its
+  record within microseconds; only one stopped (SIGSTOP) in exactly that
+  window for longer than the grace period could be robbed.
+* ``owner`` is alive: the waiter keeps waiting.  A slow or stopped holder is
+  never robbed; a caller's ``timeout`` turns into LockTimeoutError.
+
+This module owns the semaphore and the acquire/adopt/release protocol.  It
+does not know what the lock protects: the heap passes ``repair``, run
+under the adopted lock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import posix_ipc
+
+from . import crash
+from .errors import HeapExistsError, HeapNotFoundError, LockTimeoutError, ShmHeapError
+from .liveness import Liveness
+
+#: Seconds between liveness checks while waiting.
+POLL = 0.05
+#: Seconds an unowned-but-taken semaphore must stay so before it is adopted.
+UNOWNED_GRACE = 0.5
+
+
+class HeapLock:
+    """This process's handle on a heap's lock.  ``acquire``/``release`` are not reentrant."""
+
+    def __init__(self, sem: posix_ipc.Semaphore, live: Liveness, repair: Callable[[], bool],
+                 heap_name: str) -> None:
+        self._sem = sem
+        self._sem_acquire = sem.acquire
+        self._sem_release = sem.release
+        self._live = live
+        self._owner = live.owner
+        self._repair = repair
+        self._heap_name = heap_name
+        if crash.ARMED:
+            self.acquire = self._acquire_at_crash_points  # type: ignore[method-assign]
+            self.release = self._release_at_crash_points  # type: ignore[method-assign]
+
+    def acquire(self, timeout: float | None = None, role: str = "lock") -> None:
+        """Take the lock; waits for ever (recovering dead holders) or ``timeout`` seconds."""
+        try:
+            self._sem_acquire(0)
+        except posix_ipc.BusyError:
+            self._wait(timeout)
+        self._owner[0] = self._live.token
+
+    def release(self, role: str = "lock") -> None:
+        self._owner[0] = 0
+        self._sem_release()
+
+    def _acquire_at_crash_points(self, timeout: float | None = None, role: str = "lock") -> None:
+        try:
+            self._sem_acquire(0)
+        except posix_ipc.BusyError:
+            self._wait(timeout)
+        crash.reach(f"{role}.acquired")
+        self._owner[0] = self._live.token
+        crash.reach(f"{role}.owned")
+
+    def _release_at_crash_points(self, role: str = "lock") -> None:
+        self._owner[0] = 0
+        crash.reach(f"{role}.releasing")
+        self._sem_release()
+
+    def _wait(self, timeout: float | None) -> None:
+        """Slow path: wait in POLL slices, adopting the lock of a dead holder."""
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        unowned_since: float | None = None
+        while True:
+            slice_ = POLL
+            if deadline is not None:
+                slice_ = min(POLL, deadline - time.monotonic())
+                if slice_ <= 0:
+                    raise LockTimeoutError(self._timeout_message(timeout))
+            try:
+                self._sem_acquire(slice_)
+                return
+            except posix_ipc.BusyError:
+                pass
+            owner = self._owner[0]
+            if owner:
+                unowned_since = None
+                if not self._live.token_alive(owner) and self._adopt(owner, deadline):
+                    return
+            else:
+                now = time.monotonic()
+                if unowned_since is None:
+                    unowned_since = now
+                elif now - unowned_since >= UNOWNED_GRACE and self._adopt(0, deadline):
+                    return
+
+    def _adopt(self, dead_owner: int, deadline: float | None) -> bool:
+        """Under the repair lock, take over a dead holder's lock if nothing changed."""
+        with self._live.repair_lock(deadline):
+            if self._owner[0] != dead_owner or self.semaphore_value() != 0:
+                return False
+            if dead_owner and self._live.token_alive(dead_owner):
+                return False
+            if not dead_owner and not self._live.dead_slots():
+                return False
+            self._owner[0] = self._live.token
+            crash.reach("repair.adopted")
+            self._live.clean_dead_slots()
+            try:
+                repaired = self._repair()
+            except BaseException:
+                self.release()
+                raise
+            self._live.count_recovery(repaired)
+        return True
+
+    def semaphore_value(self) -> int:
+        return int(self._sem.value)
+
+    def _timeout_message(self, timeout: float | None) -> str:
+        pid = self._live.owner_pid()
+        holder = f"process {pid}" if pid else "a process that has not recorded itself yet"
+        return (f"heap {self._heap_name!r}: lock not acquired within {timeout} s; it is held by "
+                f"{holder}, which is alive (stopped or slow); wait longer or investigate it")
+
+    def close(self) -> None:
+        try:
+            self._sem.close()
+        except posix_ipc.ExistentialError:
+            pass
+
+
+def open_semaphore(name: str, create: bool, mode: int) -> posix_ipc.Semaphore:
+    """Open (or exclusively create, with count 1) the named semaphore ``name``."""
+    try:
+        if create:
+            return posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode, 1)
+        return posix_ipc.Semaphore(name)
+    except posix_ipc.ExistentialError as exc:
+        cls = HeapExistsError if create else HeapNotFoundError
+        raise cls(f"heap lock semaphore {name}: {exc}") from None
+    except posix_ipc.PermissionsError as exc:
+        raise ShmHeapError(f"heap lock semaphore {name}: permission denied ({exc})") from None
+
+
+def unlink_semaphore(name: str) -> bool:
+    try:
+        posix_ipc.unlink_semaphore(name)
+    except posix_ipc.ExistentialError:
+        return False
+    return True

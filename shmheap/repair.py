@@ -1,0 +1,267 @@
+"""Checking and repairing a heap: ``heap.check()``, ``shmheap fsck``, crash recovery.
+
+Every check runs under the heap lock, so the state it looks at is one the
+lock protocol promises to be consistent, except for what a holder killed
+mid-mutation can leave behind.  Because every mutation publishes last (see
+heap.py, index.py, arenas.py), that is at most:
+
+* a temporary arena ``shmheap.NAME.new``                       -> removed
+* an arena linked under its name but not in the index          -> removed
+* an index generation newer than the header's                  -> removed
+* the last published arena's map bit not yet set               -> set
+* dead process slots                                           -> cleaned
+
+``repair_after_crash`` (run by a waiter that adopted a dead holder's lock)
+looks only for those, in time proportional to the number of objects in
+/dev/shm.  ``check(full=True)`` (fsck) also verifies every invariant of
+DESIGN.md: the header's bounds, every generation's size and contents, every
+entry being a real arena of this heap with the right size and trailer, no
+duplicates, the arena map agreeing with the index, the hint's range.
+
+A finding that repair cannot fix (a published arena whose segment is gone,
+an impossible header) marks the heap BROKEN: the state word says so and the
+header word is replaced by a poison value (the real one is saved beside it),
+so every later snapshot, grow and attach raises HeapCorruptError until
+``fsck --repair`` restores it or the heap is destroyed.
+
+This module owns the checks and fixes.  It is called with the lock held and
+never takes or releases it itself.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from . import arenas, control, segments
+from .errors import HeapCorruptError, ShmHeapError
+from .index import ENTRY_SIZE
+from .names import arena_name, control_name, index_name, live_name, map_name, owns
+
+if TYPE_CHECKING:
+    from .heap import Heap
+
+SAVED_HEADER_OFFSET = 80
+POISON_GENERATION = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem found by a check, and whether it was fixed."""
+
+    code: str
+    message: str
+    fixed: bool = False
+    fatal: bool = False
+
+    def as_dict(self) -> dict[str, object]:
+        return {"code": self.code, "message": self.message, "fixed": self.fixed,
+                "fatal": self.fatal}
+
+
+class _Checker:
+    """One pass of checks over a heap whose lock the caller holds."""
+
+    def __init__(self, heap: Heap, repair: bool, full: bool) -> None:
+        self.heap = heap
+        self.name = heap.name
+        self.repair = repair
+        self.full = full
+        self.findings: list[Finding] = []
+        self.words = heap._words
+
+    def note(self, code: str, message: str, fixable: bool = True) -> bool:
+        """Record a finding; True if the caller should fix it now."""
+        fix = self.repair and fixable
+        self.findings.append(Finding(code, message, fixed=fix, fatal=not fixable))
+        return fix
+
+    def writable(self) -> bool:
+        return not self.heap.readonly
+
+    def run(self) -> list[Finding]:
+        header = self.check_header()
+        if header is None:
+            return self.findings
+        generation, length = header
+        self.check_generations(generation, length)
+        entries = list(self.heap._index.generation(generation)[:length])
+        in_index = self.check_entries(entries)
+        self.check_map(entries, in_index)
+        self.check_foreign_objects(generation, in_index)
+        self.check_hint()
+        self.check_slots()
+        return self.findings
+
+    def check_header(self) -> tuple[int, int] | None:
+        heap = self.heap
+        word = int(heap._header[0])
+        state = int.from_bytes(heap._control.buf[control.STATE_OFFSET:
+                                                 control.STATE_OFFSET + 4], "little")
+        if state == control.BROKEN:
+            saved = int(self.words[SAVED_HEADER_OFFSET // 8])
+            if self.note("heap-broken", "the heap is marked broken by an earlier repair",
+                         fixable=self.writable()):
+                word = saved
+        try:
+            generation, length = heap._index.check_header(word)
+            heap._index.generation(generation)
+        except ShmHeapError as exc:
+            self.note("header", f"index header unusable: {exc}", fixable=False)
+            return None
+        if state == control.BROKEN and self.repair and self.writable():
+            heap._header[0] = word
+            _write_state(heap, control.READY)
+        return generation, length
+
+    def check_generations(self, generation: int, length: int) -> None:
+        index = self.heap._index
+        current = index.generation(generation)
+        for older in range(generation):
+            cap = index.capacity(older)
+            seg_name = index_name(self.name, older)
+            size = segments.size_of(seg_name)
+            if size != cap * ENTRY_SIZE:
+                if self.note("generation-missing",
+                             f"index generation {older} is missing or has {size} bytes",
+                             fixable=self.writable()):
+                    segments.unlink(seg_name)
+                    seg = segments.create(seg_name, cap * ENTRY_SIZE, self.heap.params.mode)
+                    seg.buf.cast("I")[:] = current[:cap]
+                    seg.close()
+            elif self.full:
+                entries = index.generation(older)
+                if entries[:cap] != current[:cap]:
+                    self.note("generation-differs",
+                              f"index generation {older} disagrees with generation "
+                              f"{generation} on published entries", fixable=False)
+
+    def check_entries(self, entries: list[int]) -> set[int]:
+        in_index = set(entries)
+        if not self.full:
+            return in_index
+        if len(in_index) != len(entries):
+            self.note("duplicate-entries",
+                      f"the index lists {len(entries) - len(in_index)} arenas twice",
+                      fixable=False)
+        heap = self.heap
+        for position, index in enumerate(entries):
+            if not 1 <= index < heap.max_arenas:
+                self.note("entry-range", f"index entry {position} is {index}, outside "
+                          f"[1, {heap.max_arenas})", fixable=False)
+                continue
+            try:
+                arenas.open_arena(self.name, heap.params.heap_id, index, heap.arena_size,
+                                  readonly=True).close()
+            except ShmHeapError as exc:
+                self.note("arena-lost", f"published arena {index}: {exc}", fixable=False)
+        return in_index
+
+    def check_map(self, entries: list[int], in_index: set[int]) -> None:
+        heap = self.heap
+        amap = arenas.ArenaMap(self.name, heap.max_arenas, readonly=not self.repair)
+        try:
+            to_check = entries if self.full else entries[-1:]
+            for index in to_check:
+                if 1 <= index < heap.max_arenas and index not in amap and self.note(
+                        "map-missing", f"arena {index} is in the index but not in the map"):
+                    amap.add(index)
+            if self.full:
+                for index in amap.members():
+                    if index not in in_index:
+                        self.note("map-extra", f"the map lists arena {index}, the index does "
+                                  "not", fixable=False)
+        finally:
+            amap.close()
+
+    def check_foreign_objects(self, generation: int, in_index: set[int]) -> None:
+        """Objects under the heap's name that no published state refers to."""
+        known = {control_name(self.name), live_name(self.name), map_name(self.name)}
+        known.update(index_name(self.name, g) for g in range(generation + 1))
+        pattern = re.compile(rf"shmheap\.{re.escape(self.name)}\.(a([0-9a-f]+)|i(\d+)|new)")
+        for entry in segments.list_all():
+            if not owns(self.name, entry) or entry in known or entry.startswith("sem."):
+                continue
+            match = pattern.fullmatch(entry)
+            if match is None:
+                self.note("foreign-object", f"/dev/shm/{entry} is not an object shmheap "
+                          "makes; remove it by hand if it is not yours", fixable=False)
+            elif match.group(1) == "new" or match.group(3) is not None:
+                if self.note("unpublished", f"/dev/shm/{entry} was never published (left by "
+                             "a process that died while growing the heap)"):
+                    segments.unlink(entry)
+            else:
+                index = int(match.group(2), 16)
+                if index in in_index and arena_name(self.name, index) == entry:
+                    continue
+                if self._is_ours(entry):
+                    if self.note("orphan-arena", f"arena {index} was made but never published "
+                                 "(its maker died)"):
+                        segments.unlink(entry)
+                else:
+                    self.note("foreign-object", f"/dev/shm/{entry} occupies the name of arena "
+                              f"{index} but is not this heap's; grow() skips it", fixable=False)
+
+    def _is_ours(self, entry: str) -> bool:
+        size = arenas.segment_size(self.heap.arena_size)
+        if segments.size_of(entry) != size:
+            return False
+        try:
+            seg = segments.open_existing(entry, readonly=True, expect_size=size)
+        except ShmHeapError:
+            return False
+        try:
+            magic, heap_id, _index, _ = arenas.read_trailer(seg.buf, self.heap.arena_size)
+        finally:
+            seg.close()
+        return magic == arenas.ARENA_MAGIC and heap_id == self.heap.params.heap_id
+
+    def check_hint(self) -> None:
+        hint = int(self.words[control.HINT_OFFSET // 8])
+        if not 1 <= hint <= self.heap.max_arenas and self.note(
+                "hint-range", f"the hint {hint} is outside [1, {self.heap.max_arenas}]",
+                fixable=self.writable()):
+            self.words[control.HINT_OFFSET // 8] = 1
+
+    def check_slots(self) -> None:
+        live = self.heap._live
+        assert live is not None
+        dead = live.dead_slots()
+        if dead and self.note("dead-slots", f"{len(dead)} process slot(s) of dead processes"):
+            live.clean_dead_slots()
+
+
+def _write_state(heap: Heap, state: int) -> None:
+    heap._control.buf[control.STATE_OFFSET:control.STATE_OFFSET + 4] = state.to_bytes(4,
+                                                                                     "little")
+
+
+def mark_broken(heap: Heap) -> None:
+    """Poison the header (saving it) and set state BROKEN; lock holder, writable heap."""
+    if heap.readonly:
+        return
+    if int.from_bytes(heap._control.buf[control.STATE_OFFSET:control.STATE_OFFSET + 4],
+                      "little") != control.BROKEN:
+        heap._words[SAVED_HEADER_OFFSET // 8] = heap._header[0]
+    _write_state(heap, control.BROKEN)
+    heap._header[0] = control.make_header(POISON_GENERATION, 0)
+
+
+def run_checks(heap: Heap, repair: bool, full: bool = True) -> list[Finding]:
+    """Check (and with ``repair`` fix) the heap; the caller holds the lock."""
+    findings = _Checker(heap, repair, full).run()
+    if repair and any(f.fatal for f in findings):
+        mark_broken(heap)
+    return findings
+
+
+def repair_after_crash(heap: Heap) -> bool:
+    """Run by a waiter that adopted a dead holder's lock; True if anything was fixed."""
+    findings = run_checks(heap, repair=True, full=False)
+    if any(f.fatal for f in findings):
+        raise HeapCorruptError(
+            f"heap {heap.name!r} could not be repaired after a process died: "
+            + "; ".join(f.message for f in findings if f.fatal)
+            + f". Run `shmheap fsck --repair {heap.name}` or destroy the heap")
+    return any(f.fixed for f in findings if f.code != "dead-slots")
