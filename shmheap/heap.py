@@ -48,7 +48,6 @@ from .errors import (
 from .index import ArenaIndex, ArenaSnapshot
 from .liveness import Liveness
 from .lock import HeapLock, open_semaphore, unlink_semaphore
-from .repair import Finding, repair_after_crash, run_checks
 from .names import (
     PAGE_SIZE,
     arena_name,
@@ -59,6 +58,7 @@ from .names import (
     owns,
     semaphore_name,
 )
+from .repair import Finding, repair_after_crash, run_checks
 
 DEFAULT_ARENA_SIZE = 64 << 20
 DEFAULT_MAX_ARENAS = 1 << 20
@@ -105,6 +105,9 @@ class _ClosedLock:
     def release(self, role: str = "lock") -> None:
         raise HeapClosedError(self._message)
 
+    def read_word(self, view: memoryview, timeout: float | None = None) -> int:
+        raise HeapClosedError(self._message)
+
 
 class Heap:
     """A process's handle on a shared heap.  Use ``create``, ``attach`` or ``open``."""
@@ -124,6 +127,8 @@ class Heap:
         self._map: arenas.ArenaMap | None = None
         self._index = ArenaIndex(name, self._header, params.first_cap, params.mode, readonly)
         self._lock: HeapLock | _ClosedLock = _ClosedLock(name)
+        #: (header word, snapshot) of this process's last snapshot
+        self._last_snapshot: tuple[int, ArenaSnapshot] = (-1, ArenaSnapshot(memoryview(b""), 0))
         self._sem = None
         try:
             self._sem = open_semaphore(semaphore_name(name), create=False, mode=params.mode)
@@ -310,10 +315,10 @@ class Heap:
         exactly that index, ArenaCollisionError if it is taken.
         """
         self._check_writable("grow()")
-        if at is not None:
-            if not isinstance(at, int) or isinstance(at, bool) or not 1 <= at < self.max_arenas:
-                raise InvalidParameterError(
-                    f"grow(at={at!r}): an arena index must be an int in [1, {self.max_arenas})")
+        if at is not None and (not isinstance(at, int) or isinstance(at, bool)
+                               or not 1 <= at < self.max_arenas):
+            raise InvalidParameterError(
+                f"grow(at={at!r}): an arena index must be an int in [1, {self.max_arenas})")
         assert self._map is not None
         with self.locked(timeout):
             self._index.header()  # a broken heap fails here, before anything is made
@@ -387,12 +392,18 @@ class Heap:
     # -- the index ----------------------------------------------------------------------
 
     def snapshot(self, timeout: float | None = None) -> ArenaSnapshot:
-        """Copy the index header under the lock; the snapshot is read with no lock."""
-        lock = self._lock
-        lock.acquire(timeout, "snapshot")
-        word = self._header[0]
-        lock.release("snapshot")
-        return self._index.snapshot_of(word)
+        """Copy the index header under the lock; the snapshot is read with no lock.
+
+        Snapshots are immutable, so while the header word is unchanged the
+        previous snapshot object is returned again.
+        """
+        word = self._lock.read_word(self._header, timeout)
+        last = self._last_snapshot
+        if last[0] == word:
+            return last[1]
+        snap = self._index.snapshot_of(word)
+        self._last_snapshot = (word, snap)
+        return snap
 
     def arenas(self, timeout: float | None = None) -> Iterator[arenas.Arena]:
         """The arenas of a fresh snapshot, in creation order; no lock held while iterating."""

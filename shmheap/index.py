@@ -95,7 +95,7 @@ class ArenaSnapshot(Sequence[int]):
         return self._entries
 
     def tolist(self) -> list[int]:
-        return self._entries.tolist()  # type: ignore[return-value]
+        return self._entries.tolist()
 
     def __repr__(self) -> str:
         head = ", ".join(str(i) for i in self._entries[:8])
@@ -116,6 +116,8 @@ class ArenaIndex:
         self._readonly = readonly
         #: mapped generations of this process: generation -> uint32 view
         self._generations: dict[int, memoryview] = {}
+        #: the same, read-only: what snapshots are cut from
+        self._readers: dict[int, memoryview] = {}
         self._segments: list[segments.Segment] = []
 
     # -- reading ----------------------------------------------------------------
@@ -136,14 +138,14 @@ class ArenaIndex:
 
     def snapshot_of(self, word: int) -> ArenaSnapshot:
         """The snapshot described by header ``word`` (copied under the lock)."""
-        generation, length = self.check_header(word)
-        entries = self._generations.get(generation)
-        if entries is None:
-            entries = self.generation(generation)
-        view = entries[:length]
-        if not self._readonly:
-            view = view.toreadonly()
-        return ArenaSnapshot(view, generation)
+        generation = word >> 32
+        length = word & 0xFFFFFFFF
+        entries = self._readers.get(generation)
+        if entries is None or length > len(entries):
+            self.check_header(word)
+            entries = self.generation(generation).toreadonly()
+            self._readers[generation] = entries
+        return ArenaSnapshot(entries[:length], generation)
 
     def generation(self, generation: int) -> memoryview:
         """Map generation ``generation`` (once per process) and return its entries."""
@@ -196,6 +198,7 @@ class ArenaIndex:
         header to it; it was never published, so no reader has it mapped.
         """
         self._generations.pop(generation, None)
+        self._readers.pop(generation, None)
         seg_name = index_name(self._heap_name, generation)
         segments.unlink(seg_name)
         seg = segments.create(seg_name, self.capacity(generation) * ENTRY_SIZE, self._mode)
@@ -209,9 +212,10 @@ class ArenaIndex:
         self._create_generation(0)
 
     def close(self) -> None:
-        for entries in self._generations.values():
-            entries.release()
-        self._generations.clear()
+        for views in (self._readers, self._generations):
+            for entries in views.values():
+                entries.release()
+            views.clear()
         for seg in self._segments:
             seg.close()
         self._segments.clear()

@@ -32,6 +32,7 @@ under the adopted lock.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -62,6 +63,7 @@ class HeapLock:
         if crash.ARMED:
             self.acquire = self._acquire_at_crash_points  # type: ignore[method-assign]
             self.release = self._release_at_crash_points  # type: ignore[method-assign]
+            self.read_word = self._read_word_at_crash_points  # type: ignore[method-assign]
 
     def acquire(self, timeout: float | None = None, role: str = "lock") -> None:
         """Take the lock; waits for ever (recovering dead holders) or ``timeout`` seconds."""
@@ -74,6 +76,25 @@ class HeapLock:
     def release(self, role: str = "lock") -> None:
         self._owner[0] = 0
         self._sem_release()
+
+    def read_word(self, view: memoryview, timeout: float | None = None) -> int:
+        """``view[0]`` read under the lock: a reader's whole critical section."""
+        try:
+            self._sem_acquire(0)
+        except posix_ipc.BusyError:
+            self._wait(timeout)
+        owner = self._owner
+        owner[0] = self._live.token
+        word: int = view[0]
+        owner[0] = 0
+        self._sem_release()
+        return word
+
+    def _read_word_at_crash_points(self, view: memoryview, timeout: float | None = None) -> int:
+        self.acquire(timeout, "snapshot")
+        word: int = view[0]
+        self.release("snapshot")
+        return word
 
     def _acquire_at_crash_points(self, timeout: float | None = None, role: str = "lock") -> None:
         try:
@@ -147,10 +168,8 @@ class HeapLock:
                 f"{holder}, which is alive (stopped or slow); wait longer or investigate it")
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(posix_ipc.ExistentialError):
             self._sem.close()
-        except posix_ipc.ExistentialError:
-            pass
 
 
 def open_semaphore(name: str, create: bool, mode: int) -> posix_ipc.Semaphore:

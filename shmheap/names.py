@@ -150,10 +150,11 @@ def parse_size(text: str) -> int:
 
 
 def format_size(nbytes: int) -> str:
-    """Format bytes with a binary unit: 65536 -> '64 KiB'."""
+    """Format bytes with a binary unit: 65536 -> '64 KiB', 1536 -> '1.5 KiB'."""
     value = float(nbytes)
+    unit = "B"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" or value == int(value) else f"{value:.1f} {unit}"
+            break
         value /= 1024
-    raise AssertionError("unreachable")
+    return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"

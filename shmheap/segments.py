@@ -13,6 +13,7 @@ locks, and never decides on its own to unlink anything.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -69,12 +70,10 @@ class Segment:
             os.close(self.fd)
             self.fd = None
         self.buf.release()
-        try:
+        # If someone still holds a memoryview of this mapping, it stays valid
+        # and is unmapped when the last view goes away.
+        with contextlib.suppress(BufferError):
             self.map.close()
-        except BufferError:
-            # Someone still holds a memoryview of this mapping; it stays valid
-            # and is unmapped when the last view goes away.
-            pass
 
 
 def _translate(exc: OSError, name: str) -> ShmHeapError:
