@@ -83,17 +83,9 @@ def read_params(buf: memoryview, where: str) -> tuple[Params, int]:
     """
     if len(buf) < SIZE:
         raise HeapCorruptError(f"{where} is truncated ({len(buf)} bytes, expected {SIZE})")
-    (magic, version, state, heap_id, arena_size, max_arenas, first_cap, mode, reserve,
+    state = peek_state(bytes(buf[:16]), where)
+    (_magic, _version, _state, heap_id, arena_size, max_arenas, first_cap, mode, reserve,
      created_ns) = _PARAMS.unpack_from(buf, 0)
-    if magic != MAGIC:
-        raise HeapCorruptError(f"{where} is not a shmheap control segment (bad magic {magic!r})")
-    if version != LAYOUT_VERSION:
-        raise HeapVersionError(
-            f"{where} has layout version {version}, this shmheap reads version "
-            f"{LAYOUT_VERSION}; use the matching shmheap version or destroy the heap"
-        )
-    if state not in STATE_NAMES:
-        raise HeapCorruptError(f"{where} has an unknown state word {state}")
     try:
         check_arena_size(arena_size)
         check_max_arenas(max_arenas, arena_size)
@@ -104,6 +96,27 @@ def read_params(buf: memoryview, where: str) -> tuple[Params, int]:
     params = Params(heap_id, arena_size, max_arenas, first_cap, mode & 0o7777, bool(reserve),
                     created_ns)
     return params, state
+
+
+def peek_state(head: bytes, where: str) -> int:
+    """The state word of a control segment's first bytes, as far as they are written.
+
+    A segment still being sized or filled by its creator reads as UNINIT; a
+    foreign magic or another layout version is an error at once.
+    """
+    if len(head) < 16 or head[:8] == bytes(8):
+        return UNINIT
+    if head[:8] != MAGIC:
+        raise HeapCorruptError(f"{where} is not a shmheap control segment (bad magic "
+                               f"{head[:8]!r})")
+    version, state = struct.unpack_from("<II", head, 8)
+    if version != LAYOUT_VERSION:
+        raise HeapVersionError(
+            f"{where} has layout version {version}, this shmheap reads version "
+            f"{LAYOUT_VERSION}; use the matching shmheap version or destroy the heap")
+    if state not in STATE_NAMES:
+        raise HeapCorruptError(f"{where} has an unknown state word {state}")
+    return int(state)
 
 
 def split_header(word: int) -> tuple[int, int]:

@@ -463,47 +463,47 @@ def _unlink_entry(name: str, entry: str) -> None:
 
 
 def _open_ready_control(name: str, readonly: bool, timeout: float) -> segments.Segment:
-    """Open the control segment of ``name`` once its creator has made it READY."""
+    """Map the control segment of ``name`` once its creator has made it READY.
+
+    While it is not READY the creator holds an OFD lock on its first byte; a
+    segment that is not READY with nobody holding that lock (seen twice, in
+    case the creator has not taken it yet) was left by a creator that died.
+    """
+    seg_name = control_name(name)
+    where = f"/dev/shm/{seg_name}"
     deadline = time.monotonic() + timeout
-    suspected_dead = False
+    creator_seen_gone = False
     while True:
-        seg = None
         try:
-            seg = segments.open_existing(control_name(name), readonly, keep_fd=True)
-            if seg.size >= control.SIZE:
-                state = int.from_bytes(seg.buf[control.STATE_OFFSET:control.STATE_OFFSET + 4],
-                                       "little")
-                if state == control.READY:
-                    seg_fd = seg.fd
-                    seg.fd = None
-                    assert seg_fd is not None
-                    os.close(seg_fd)
-                    return seg
-                if state == control.BROKEN:
-                    raise HeapCorruptError(
-                        f"heap {name!r} was marked broken by a repair that failed; run "
-                        f"`shmheap fsck --repair {name}` or `shmheap destroy {name}`")
+            fd = segments.open_fd(seg_name, readonly)
         except HeapNotFoundError:
             raise HeapNotFoundError(
                 f"no heap named {name!r}; create it with Heap.create({name!r}) or "
                 f"`shmheap create {name}`") from None
-        except HeapCorruptError:
-            if seg is not None:
-                seg.close()
-            if (segments.size_of(control_name(name)) or 0) != 0:
-                raise
-            seg = None  # size 0: the creator has not sized it yet
-        creator_alive = True
-        if seg is not None:
-            assert seg.fd is not None
-            creator_alive = liveness.is_locked(seg.fd, _INIT_LOCK_BYTE)
-            seg.close()
-        if not creator_alive:
-            if suspected_dead:
+        try:
+            size = os.fstat(fd).st_size
+            state = control.peek_state(os.pread(fd, control.SIZE, 0), where)
+            if state == control.READY:
+                if size != control.SIZE:
+                    raise HeapCorruptError(f"{where} is truncated ({size} bytes, expected "
+                                           f"{control.SIZE}); destroy the heap")
+                owned, fd = fd, -1  # the Segment owns (and on failure closes) it now
+                return segments.Segment(seg_name, owned, size, readonly, keep_fd=False)
+            if state == control.BROKEN:
                 raise HeapCorruptError(
-                    f"heap {name!r}: its creator died while initialising it; remove it with "
-                    f"`shmheap destroy {name}`")
-            suspected_dead = True  # look once more: the creator may not have locked yet
+                    f"heap {name!r} was marked broken by a repair that failed; run "
+                    f"`shmheap fsck --repair {name}` or `shmheap destroy {name}`")
+            creator_alive = liveness.is_locked(fd, _INIT_LOCK_BYTE)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        if not creator_alive:
+            if creator_seen_gone:
+                raise HeapCorruptError(
+                    f"heap {name!r} is incomplete ({where} has {size} bytes, state "
+                    f"{control.STATE_NAMES[state]}): its creator died while initialising it or "
+                    f"the segment was damaged; remove it with `shmheap destroy {name}`")
+            creator_seen_gone = True
         if time.monotonic() >= deadline:
             raise HeapCorruptError(
                 f"heap {name!r} is still initialising after {timeout} s; if its creator is "

@@ -152,8 +152,13 @@ class ArenaIndex:
         entries = self._generations.get(generation)
         if entries is None:
             nbytes = (self.first_cap << generation) * ENTRY_SIZE
-            seg = segments.open_existing(index_name(self._heap_name, generation),
-                                         readonly=self._readonly, expect_size=nbytes)
+            try:
+                seg = segments.open_existing(index_name(self._heap_name, generation),
+                                             readonly=self._readonly, expect_size=nbytes)
+            except FileNotFoundError:
+                raise HeapCorruptError(
+                    f"heap {self._heap_name!r}: index generation {generation} is missing; run "
+                    f"`shmheap fsck --repair {self._heap_name}` or destroy the heap") from None
             self._segments.append(seg)
             entries = seg.buf.cast("I")
             self._generations[generation] = entries

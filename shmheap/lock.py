@@ -43,9 +43,9 @@ from .errors import HeapExistsError, HeapNotFoundError, LockTimeoutError, ShmHea
 from .liveness import Liveness
 
 #: Seconds between liveness checks while waiting.
-POLL = 0.05
+POLL = 0.02
 #: Seconds an unowned-but-taken semaphore must stay so before it is adopted.
-UNOWNED_GRACE = 0.5
+UNOWNED_GRACE = 0.25
 
 
 class HeapLock:

@@ -138,6 +138,14 @@ def check_free_space(name: str, size: int) -> None:
         raise _translate(OSError(errno.ENOSPC, "no space"), name)
 
 
+def open_fd(name: str, readonly: bool) -> int:
+    """Open segment ``name`` without mapping it.  HeapNotFoundError if absent."""
+    try:
+        return os.open(path_of(name), (os.O_RDONLY if readonly else os.O_RDWR) | _OPEN_FLAGS)
+    except OSError as exc:
+        raise _translate(exc, name) from None
+
+
 def open_existing(
     name: str, readonly: bool, keep_fd: bool = False, expect_size: int | None = None
 ) -> Segment:
@@ -146,10 +154,7 @@ def open_existing(
     ``expect_size`` (if given) must equal the file's size, else HeapCorruptError;
     without it the file's current size is mapped and must be non-zero.
     """
-    try:
-        fd = os.open(path_of(name), (os.O_RDONLY if readonly else os.O_RDWR) | _OPEN_FLAGS)
-    except OSError as exc:
-        raise _translate(exc, name) from None
+    fd = open_fd(name, readonly)
     size = os.fstat(fd).st_size
     if (expect_size is not None and size != expect_size) or size == 0:
         os.close(fd)
