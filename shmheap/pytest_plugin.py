@@ -1,0 +1,124 @@
+"""pytest plugin: fixtures that make shmheap heaps and make sure they leave no trace.
+
+Loaded by pytest through the ``pytest11`` entry point ``shmheap``, so any test
+suite of a project that has shmheap installed can use:
+
+``shm_heap``
+    A fresh heap with a unique name and small (64 KiB) arenas.  Afterwards it is
+    destroyed, even when the test failed or already destroyed it itself, and
+    the fixture fails if anything of it is left in /dev/shm.
+``shm_heap_factory``
+    ``make(name=None, **create_args) -> Heap`` for tests that need several
+    heaps or other parameters; every heap it made is destroyed afterwards.
+``shm_heap_name``
+    A unique heap name that nothing exists under yet, for tests that create
+    the heap some other way (in a child process, by ``Heap.open``, by hand);
+    whatever exists under it afterwards is destroyed, and the fixture fails
+    if anything of it survives that.
+
+Helpers for tests that manage heaps themselves: ``unique_heap_name`` and
+``assert_no_shm_leftovers``.
+
+This module only creates and destroys heaps of the names it hands out; it
+never touches another heap's objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import secrets
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from .errors import HeapNotFoundError
+from .heap import Heap, destroy
+from .names import SHM_DIR, check_name, owns
+
+#: Arena size of the fixtures' heaps unless a test asks for another.
+TEST_ARENA_SIZE = 64 * 1024
+
+_counter = itertools.count()
+#: What ``unique_heap_name`` puts after the prefix: the pid that made the name.
+_PID_TAG = re.compile(r"_p(\d+)_[0-9a-f]+$")
+
+HeapFactory = Callable[..., Heap]
+
+
+def unique_heap_name(prefix: str = "t") -> str:
+    """A heap name no other process or test will use: ``<prefix>_p<pid>_<counter><random>``."""
+    return f"{prefix}_p{os.getpid()}_{next(_counter):x}{secrets.token_hex(3)}"
+
+
+def creator_pid(name: str) -> int | None:
+    """The pid of the process whose ``unique_heap_name`` made ``name``, or None."""
+    match = _PID_TAG.search(name)
+    return int(match.group(1)) if match else None
+
+
+def shm_leftovers(name: str) -> list[str]:
+    """Every entry of /dev/shm that belongs to heap ``name``, sorted."""
+    return sorted(entry for entry in os.listdir(SHM_DIR) if owns(name, entry))
+
+
+def assert_no_shm_leftovers(name: str) -> None:
+    """Fail, listing them, if any object of heap ``name`` is still in /dev/shm."""
+    __tracebackhide__ = True
+    left = shm_leftovers(name)
+    if left:
+        listing = "\n".join(f"  {SHM_DIR}/{entry}" for entry in left)
+        raise AssertionError(
+            f"heap {name!r} left {len(left)} object(s) in {SHM_DIR}:\n{listing}\n"
+            f"remove them with `shmheap destroy {name}`"
+        )
+
+
+def discard(name: str, *heaps: Heap) -> None:
+    """Close ``heaps`` (handles on heap ``name``) and destroy the heap if it still exists."""
+    for heap in heaps:
+        heap.close()
+    with contextlib.suppress(HeapNotFoundError):
+        destroy(name)
+
+
+@pytest.fixture
+def shm_heap_factory() -> Iterator[HeapFactory]:
+    """``make(name=None, **create_args)``: create heaps; all are destroyed afterwards."""
+    made: dict[str, list[Heap]] = {}
+
+    def make(name: str | None = None, **create_args: Any) -> Heap:
+        name = check_name(name or unique_heap_name())
+        create_args.setdefault("arena_size", TEST_ARENA_SIZE)
+        made.setdefault(name, [])  # a failed create is checked for leftovers too
+        heap = Heap.create(name, **create_args)
+        made[name].append(heap)
+        return heap
+
+    try:
+        yield make
+    finally:
+        for name, heaps in made.items():
+            discard(name, *heaps)
+    for name in made:
+        assert_no_shm_leftovers(name)
+
+
+@pytest.fixture
+def shm_heap(shm_heap_factory: HeapFactory) -> Heap:
+    """A fresh heap with 64 KiB arenas, destroyed afterwards."""
+    return shm_heap_factory()
+
+
+@pytest.fixture
+def shm_heap_name() -> Iterator[str]:
+    """A unique, unused heap name; whatever exists under it afterwards is destroyed."""
+    name = unique_heap_name()
+    try:
+        yield name
+    finally:
+        discard(name)
+    assert_no_shm_leftovers(name)
