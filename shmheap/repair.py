@@ -71,10 +71,16 @@ class _Checker:
         self.findings: list[Finding] = []
         self.words = heap._words
 
-    def note(self, code: str, message: str, fixable: bool = True) -> bool:
-        """Record a finding; True if the caller should fix it now."""
+    def note(self, code: str, message: str, fixable: bool = True, harmless: bool = False) -> bool:
+        """Record a finding; True if the caller should fix it now.
+
+        A finding that cannot be fixed is fatal (the heap gets marked broken by
+        a repair) unless it is ``harmless``: something repair must leave alone
+        but the heap can live with, such as a foreign file under its name.
+        """
         fix = self.repair and fixable
-        self.findings.append(Finding(code, message, fixed=fix, fatal=not fixable))
+        self.findings.append(Finding(code, message, fixed=fix,
+                                     fatal=not fixable and not harmless))
         return fix
 
     def writable(self) -> bool:
@@ -186,7 +192,8 @@ class _Checker:
             match = pattern.fullmatch(entry)
             if match is None:
                 self.note("foreign-object", f"/dev/shm/{entry} is not an object shmheap "
-                          "makes; remove it by hand if it is not yours", fixable=False)
+                          "makes; remove it by hand if it is not yours", fixable=False,
+                          harmless=True)
             elif match.group(1) == "new" or match.group(3) is not None:
                 if self.note("unpublished", f"/dev/shm/{entry} was never published (left by "
                              "a process that died while growing the heap)"):
@@ -201,7 +208,8 @@ class _Checker:
                         segments.unlink(entry)
                 else:
                     self.note("foreign-object", f"/dev/shm/{entry} occupies the name of arena "
-                              f"{index} but is not this heap's; grow() skips it", fixable=False)
+                              f"{index} but is not this heap's; grow() skips it", fixable=False,
+                              harmless=True)
 
     def _is_ours(self, entry: str) -> bool:
         size = arenas.segment_size(self.heap.arena_size)
