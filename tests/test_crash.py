@@ -13,12 +13,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 
 import pytest
 
 import shmheap
-from shmheap.pytest_plugin import assert_no_shm_leftovers, unique_heap_name
+from shmheap.pytest_plugin import HeapFactory
 
 #: generous bound so that a broken recovery fails instead of hanging the suite
 RECOVERY_TIMEOUT = 30.0
@@ -32,7 +31,8 @@ OPERATIONS = {
 }
 
 
-def run_child(code: str, crash_at: str | None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_child(code: str, crash_at: str | None,
+              timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env.pop("SHMHEAP_CRASH_AT", None)
     if crash_at:
@@ -47,18 +47,8 @@ def assert_killed(proc: subprocess.CompletedProcess[str]) -> None:
 
 
 @pytest.fixture
-def heap() -> Iterator[shmheap.Heap]:
-    name = unique_heap_name("crash")
-    h = shmheap.Heap.create(name, arena_size=64 * 1024, reserve=False)
-    try:
-        yield h
-    finally:
-        h.close()
-        try:
-            shmheap.destroy(name)
-        except shmheap.HeapNotFoundError:
-            pass
-        assert_no_shm_leftovers(name)
+def heap(shm_heap_factory: HeapFactory) -> shmheap.Heap:
+    return shm_heap_factory(reserve=False)
 
 
 def fill_to_capacity(h: shmheap.Heap) -> list[int]:
@@ -143,26 +133,19 @@ def test_waiter_killed_while_adopting_is_recovered_by_the_next(heap: shmheap.Hea
 
 
 @pytest.mark.parametrize("point", ["create.control_created", "create.initialised"])
-def test_creator_killed_while_initialising(point: str) -> None:
-    name = unique_heap_name("crcreate")
-    try:
-        proc = run_child(f"""
-            import shmheap
-            shmheap.Heap.create({name!r}, arena_size=64 * 1024)
-            """, point)
-        assert_killed(proc)
-        with pytest.raises(shmheap.HeapCorruptError, match="died while initialising"):
-            shmheap.Heap.attach(name, timeout=10)
-        removed = shmheap.destroy(name)
-        assert f"shmheap.{name}" in removed
-        with pytest.raises(shmheap.HeapNotFoundError):
-            shmheap.Heap.attach(name)
-    finally:
-        try:
-            shmheap.destroy(name)
-        except shmheap.HeapNotFoundError:
-            pass
-        assert_no_shm_leftovers(name)
+def test_creator_killed_while_initialising(shm_heap_name: str, point: str) -> None:
+    name = shm_heap_name
+    proc = run_child(f"""
+        import shmheap
+        shmheap.Heap.create({name!r}, arena_size=64 * 1024)
+        """, point)
+    assert_killed(proc)
+    with pytest.raises(shmheap.HeapCorruptError, match="died while initialising"):
+        shmheap.Heap.attach(name, timeout=10)
+    removed = shmheap.destroy(name)
+    assert f"shmheap.{name}" in removed
+    with pytest.raises(shmheap.HeapNotFoundError):
+        shmheap.Heap.attach(name)
 
 
 def test_every_crash_point_is_exercised() -> None:

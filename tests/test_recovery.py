@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 
 import posix_ipc
 import pytest
@@ -17,22 +16,12 @@ import pytest
 import shmheap
 from shmheap import liveness
 from shmheap.names import semaphore_name
-from shmheap.pytest_plugin import assert_no_shm_leftovers, unique_heap_name
+from shmheap.pytest_plugin import HeapFactory
 
 
 @pytest.fixture
-def heap() -> Iterator[shmheap.Heap]:
-    name = unique_heap_name("recov")
-    h = shmheap.Heap.create(name, arena_size=64 * 1024, reserve=False)
-    try:
-        yield h
-    finally:
-        h.close()
-        try:
-            shmheap.destroy(name)
-        except shmheap.HeapNotFoundError:
-            pass
-        assert_no_shm_leftovers(name)
+def heap(shm_heap_factory: HeapFactory) -> shmheap.Heap:
+    return shm_heap_factory(reserve=False)
 
 
 class LockHolder:
