@@ -409,7 +409,12 @@ class Heap:
         """The arenas of a fresh snapshot, in creation order; no lock held while iterating."""
         arena = self.arena
         for index in self.snapshot(timeout):
-            yield arena(index)
+            try:
+                yield arena(index)
+            except KeyError:
+                raise HeapCorruptError(
+                    f"heap {self.name!r}: the index lists arena {index}, which the arena map "
+                    f"does not know; run `shmheap fsck {self.name}`") from None
 
     def check(self, repair: bool = False, timeout: float | None = None) -> list[Finding]:
         """Check every invariant (``shmheap fsck``); with ``repair``, fix what can be fixed.
