@@ -368,3 +368,15 @@ def test_grow_wraps_to_a_free_low_index(shm_heap_factory: HeapFactory) -> None:
         heap.grow()
     assert list(heap.snapshot()) == [3, 4, 5, 6, 7, 1, 2]
     assert heap.check() == []
+
+
+def test_snapshot_stays_readable_after_close_and_destroy(shm_heap: shmheap.Heap) -> None:
+    for _ in range(FIRST_CAP + 3):  # two generations mapped
+        shm_heap.grow()
+    old = shm_heap.snapshot()
+    shm_heap.grow()
+    new = shm_heap.snapshot()
+    shm_heap.destroy()
+    assert list(old) == list(range(1, FIRST_CAP + 4))
+    assert list(new) == list(range(1, FIRST_CAP + 5))
+    assert numpy.asarray(new.view())[-1] == FIRST_CAP + 4
