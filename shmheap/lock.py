@@ -42,7 +42,9 @@ from . import crash
 from .errors import HeapExistsError, HeapNotFoundError, LockTimeoutError, ShmHeapError
 from .liveness import Liveness
 
-#: Seconds between liveness checks while waiting.
+#: Seconds between liveness checks while waiting: the first wait is 2 * FIRST_POLL,
+#: each later one twice as long, up to POLL.
+FIRST_POLL = 0.0005
 POLL = 0.02
 #: Seconds an unowned-but-taken semaphore must stay so before it is adopted.
 UNOWNED_GRACE = 0.25
@@ -111,18 +113,18 @@ class HeapLock:
         self._sem_release()
 
     def _wait(self, timeout: float | None) -> None:
-        """Slow path: wait in POLL slices, adopting the lock of a dead holder."""
-        start = time.monotonic()
-        deadline = None if timeout is None else start + timeout
+        """Slow path: wait in growing slices, adopting the lock of a dead holder."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         unowned_since: float | None = None
+        slice_ = FIRST_POLL
         while True:
-            slice_ = POLL
+            slice_ = wait = min(slice_ * 2, POLL)
             if deadline is not None:
-                slice_ = min(POLL, deadline - time.monotonic())
-                if slice_ <= 0:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
                     raise LockTimeoutError(self._timeout_message(timeout))
             try:
-                self._sem_acquire(slice_)
+                self._sem_acquire(wait)
                 return
             except posix_ipc.BusyError:
                 pass
