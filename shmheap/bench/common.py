@@ -1,0 +1,319 @@
+"""What every shmheap benchmark needs: timing, percentiles, heaps, tables, JSON, plots.
+
+Timing
+    ``latency(fn, batches, per_batch)`` calls ``fn`` ``per_batch`` times back
+    to back per batch and records the mean per call of each batch
+    (``time.perf_counter_ns``); p50/p99 are taken over batches.  Batching
+    keeps the clock's own cost (~50 ns) out of sub-microsecond figures; the
+    Python loop and call (``loop_overhead_ns``) stay in.  ``measure`` picks
+    the batch size and count from a warm-up call and a time budget;
+    ``measure_interleaved`` does so for several functions in alternating
+    rounds, so drift of a busy machine hits all of them alike.
+
+Heaps
+    ``bench_heap`` creates a heap under a fresh ``unique_name`` and destroys it
+    in ``finally``.  The names follow the test plugin's ``<tag>_p<pid>_<hex>``
+    pattern, so leak checks can tell whose a leftover is.
+
+Output
+    Plain-text tables, JSON files and (with the ``plot`` extra, matplotlib)
+    log-log plots.  A missing extra is a ``MissingExtraError`` that says what
+    to install.
+
+This module owns no heap: it creates and destroys only the heaps it names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import itertools
+import json
+import math
+import os
+import platform
+import secrets
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, TextIO
+
+from ..errors import HeapNotFoundError, ShmHeapError
+from ..heap import Heap, destroy
+
+#: A batch of calls lasts about this long (ns), with at most ``max_per_batch`` calls.
+BATCH_NS = 50_000
+#: Below this (ns), a call is timed 100 times for calibration rather than once.
+CALIBRATE_REPEAT_BELOW_NS = 10_000
+
+_counter = itertools.count()
+
+
+class BenchError(ShmHeapError, RuntimeError):
+    """A benchmark could not run to the end (a worker failed or did not answer)."""
+
+
+class MissingExtraError(ShmHeapError, ImportError):
+    """An optional dependency (numpy, matplotlib) that the requested output needs."""
+
+
+def import_extra(module: str, extra: str, purpose: str) -> ModuleType:
+    """Import ``module`` or raise MissingExtraError naming the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(
+            f"{purpose} needs {module}, which is not installed; install it with "
+            f"`pip install 'shmheap[{extra}]'`") from None
+
+
+def optional_numpy() -> ModuleType | None:
+    """numpy if it is installed, else None (figures that need it are then left out)."""
+    try:
+        return importlib.import_module("numpy")
+    except ImportError:
+        return None
+
+
+# -- heaps -------------------------------------------------------------------------
+
+
+def unique_name(tag: str) -> str:
+    """A heap name no other process uses: ``<tag>_p<pid>_<counter><random hex>``."""
+    return f"{tag}_p{os.getpid()}_{next(_counter):x}{secrets.token_hex(3)}"
+
+
+@contextlib.contextmanager
+def bench_heap(tag: str, **create_args: Any) -> Iterator[Heap]:
+    """A new heap (``Heap.create(unique_name(tag), **create_args)``), destroyed afterwards."""
+    name = unique_name(tag)
+    heap = Heap.create(name, **create_args)
+    try:
+        yield heap
+    finally:
+        heap.close()
+        with contextlib.suppress(HeapNotFoundError):
+            destroy(name)
+
+
+# -- timing ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Per-call latency: p50/p99 over ``batches`` batch means of ``per_batch`` calls."""
+
+    p50_ns: float
+    p99_ns: float
+    batches: int
+    per_batch: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The nearest-rank ``q``-quantile (0 < q <= 1) of a non-empty sequence."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q * len(ordered)))
+    return ordered[rank - 1]
+
+
+def batch_means(fn: Callable[[], object], batches: int, per_batch: int) -> list[float]:
+    """The mean ns per call of each of ``batches`` batches of ``per_batch`` calls."""
+    clock = time.perf_counter_ns
+    calls = range(per_batch)
+    means = []
+    for _ in range(batches):
+        start = clock()
+        for _ in calls:
+            fn()
+        means.append((clock() - start) / per_batch)
+    return means
+
+
+def summarise(means: Sequence[float], per_batch: int) -> Latency:
+    return Latency(percentile(means, 0.5), percentile(means, 0.99), len(means), per_batch)
+
+
+def latency(fn: Callable[[], object], batches: int, per_batch: int = 1) -> Latency:
+    """Time ``fn`` in ``batches`` batches of ``per_batch`` calls, no warm-up."""
+    return summarise(batch_means(fn, batches, per_batch), per_batch)
+
+
+def calibrate(fn: Callable[[], object]) -> tuple[float, float]:
+    """(ns of a first, warm-up call of ``fn``; estimated ns of one call after it)."""
+    start = time.perf_counter_ns()
+    fn()
+    first = float(time.perf_counter_ns() - start)
+    if first >= CALIBRATE_REPEAT_BELOW_NS:
+        return first, first
+    return first, max(1.0, batch_means(fn, 1, 100)[0])
+
+
+def measure_interleaved(fns: Mapping[str, Callable[[], object]], budget_s: float,
+                        rounds: int = 1, min_batches: int = 3, max_batches: int = 2000,
+                        max_per_batch: int = 100) -> dict[str, Latency]:
+    """Time each of ``fns`` for about ``budget_s`` seconds, split into alternating rounds.
+
+    The first call warms up and calibrates.  It is thrown away, except for a
+    call so slow that ``min_batches`` of them fill the budget: then it counts
+    as the first batch (of one call), so a 20-second call is not made twice
+    for nothing.
+    """
+    budget_ns = budget_s * 1e9
+    plans = {}
+    means: dict[str, list[float]] = {}
+    for key, fn in fns.items():
+        first, once = calibrate(fn)
+        slow = first * min_batches >= budget_ns
+        per_batch = 1 if slow else int(min(max_per_batch, max(1, BATCH_NS // once)))
+        total = max(min_batches, min(max_batches, int(budget_ns / (once * per_batch))))
+        means[key] = [first] if slow else []
+        plans[key] = (per_batch, total - len(means[key]))
+    for round_ in range(rounds):
+        for key, fn in fns.items():
+            per_batch, todo = plans[key]
+            batches = todo * (round_ + 1) // rounds - todo * round_ // rounds
+            means[key] += batch_means(fn, batches, per_batch)
+    return {key: summarise(means[key], plans[key][0]) for key in fns}
+
+
+def measure(fn: Callable[[], object], budget_s: float, min_batches: int = 3,
+            max_batches: int = 2000) -> Latency:
+    """Time ``fn`` for about ``budget_s`` seconds (at least ``min_batches`` batches)."""
+    return measure_interleaved({"fn": fn}, budget_s, 1, min_batches, max_batches)["fn"]
+
+
+def loop_overhead_ns() -> float:
+    """p50 ns of the batch loop calling a function that does nothing."""
+    return measure(lambda: None, 0.05).p50_ns
+
+
+def environment() -> dict[str, Any]:
+    """Where and when a benchmark ran: host, Python, cores, load."""
+    numpy = optional_numpy()
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "loadavg": list(os.getloadavg()),
+        "numpy": None if numpy is None else str(numpy.__version__),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+# -- output ------------------------------------------------------------------------
+
+
+def fmt_ns(ns: float | None) -> str:
+    """1.5e3 -> '1.50 µs'; three significant digits, unit from ns to s."""
+    if ns is None:
+        return "-"
+    for unit, scale in (("ns", 1.0), ("µs", 1e3), ("ms", 1e6)):
+        if ns < 1000 * scale:
+            return f"{ns / scale:.3g} {unit}"
+    return f"{ns / 1e9:.3g} s"
+
+
+def fmt_rate(per_s: float | None, unit: str = "/s") -> str:
+    """2.5e7 -> '25.0 M/s'."""
+    if per_s is None:
+        return "-"
+    for prefix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if per_s >= scale:
+            return f"{per_s / scale:.3g} {prefix}{unit}"
+    return f"{per_s:.3g} {unit}"
+
+
+def fmt_ratio(ratio: float | None) -> str:
+    if ratio is None:
+        return "-"
+    return f"{ratio:,.0f}x" if ratio >= 100 else f"{ratio:.3g}x"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A figure with its target: ``value op limit`` must hold (``op`` is "<=" or ">=")."""
+
+    name: str
+    value: float
+    op: str
+    limit: float
+    #: ``value`` and the rule (e.g. "<= 500 ns") as printed
+    shown: str
+    rule: str
+
+    @classmethod
+    def of(cls, name: str, value: float, op: str, limit: float,
+           fmt: Callable[[float], str]) -> Target:
+        if op not in ("<=", ">="):
+            raise ValueError(f"target operator {op!r} is not '<=' or '>='")
+        return cls(name, value, op, limit, fmt(value), f"{op} {fmt(limit)}")
+
+    @property
+    def ok(self) -> bool:
+        return self.value <= self.limit if self.op == "<=" else self.value >= self.limit
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def verdict(ok: bool | None) -> str:
+    """'pass', 'MISS', or '' when there is no target."""
+    if ok is None:
+        return ""
+    return "pass" if ok else "MISS"
+
+
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]],
+                out: TextIO | None = None) -> None:
+    """Print a plain-text table: a title line, then left-aligned columns."""
+    widths = [max(len(str(row[col])) for row in [headers, *rows]) for col in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(str(cell).ljust(width) for cell, width in zip(cells, widths,
+                                                                        strict=True)).rstrip()
+
+    print(f"\n{title}", file=out)
+    print(line(headers), file=out)
+    print(line(["-" * width for width in widths]), file=out)
+    for row in rows:
+        print(line(row), file=out)
+
+
+def write_json(path: str | Path, data: Mapping[str, Any]) -> None:
+    """Write ``data`` as indented JSON, replacing ``path`` in one rename."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(target)
+
+
+def require_plotting() -> None:
+    """Raise MissingExtraError now (before a long run) if matplotlib is missing."""
+    import_extra("matplotlib", "plot", "--plot")
+
+
+def plot_loglog(path: str | Path, title: str, xlabel: str, ylabel: str,
+                series: Mapping[str, Sequence[tuple[float, float]]]) -> None:
+    """Save a log-log line plot of ``series`` (label -> [(x, y)]) as an image."""
+    matplotlib = import_extra("matplotlib", "plot", "--plot")
+    matplotlib.use("Agg")
+    pyplot = importlib.import_module("matplotlib.pyplot")
+    figure, axes = pyplot.subplots(figsize=(8, 5.5))
+    for label, points in series.items():
+        if points:
+            xs, ys = zip(*points, strict=True)
+            axes.loglog(xs, ys, marker="o", label=label)
+    axes.set_title(title)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
