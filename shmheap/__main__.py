@@ -1,0 +1,8 @@
+"""``python -m shmheap``: the same command-line tool as the ``shmheap`` script."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
