@@ -35,6 +35,7 @@ import functools
 import mmap
 import multiprocessing
 import os
+import queue
 import statistics
 import sys
 import time
@@ -88,8 +89,9 @@ LIVENESS_RATIO = 1.10
 
 #: Sleep of an observer between two looks at the heap.
 OBSERVER_SLEEP_S = 0.001
-#: Seconds to wait for an observer process to start or to report.
+#: Seconds to wait for an observer process to start or to report, and between checks.
 OBSERVER_TIMEOUT_S = 120.0
+OBSERVER_POLL_S = 0.5
 #: Synthetic entries of the writer benchmark start here, clear of the real arenas' indices.
 SYNTHETIC_BASE = 1 << 19
 #: (arena size, reserve) of the grow() benchmark.
@@ -154,9 +156,9 @@ class Plan:
 
 PLANS = {
     "full": Plan("full", (10, 1_000, 100_000, 1_000_000), 0.3, 0.5, 1_000_000, 3.0, 2,
-                 500, 10, 10_000, 100_000, 3, 4),
+                 500, 10, 5_000, 100_000, 5, 4),
     "quick": Plan("quick", (10, 1_000, 100_000, 1_000_000), 0.08, 0.15, 100_000, 1.0, 1,
-                  100, 5, 3_000, 100_000, 1, 4),
+                  100, 5, 3_000, 100_000, 2, 4),
     "tiny": Plan("tiny", (10, 1_000, 10_000), 0.01, 0.02, 10_000, 0.05, 1,
                  10, 2, 200, 1_000, 1, 2),
 }
@@ -486,10 +488,25 @@ class Observers:
             self._shut_down()
 
     def _expect(self, kind: str) -> tuple[float, float]:
-        message = self._results.get(timeout=OBSERVER_TIMEOUT_S)
+        """The next message of ``kind`` from an observer; BenchError if one failed."""
+        deadline = time.monotonic() + OBSERVER_TIMEOUT_S
+        while True:
+            try:
+                message = self._results.get(timeout=OBSERVER_POLL_S)
+                break
+            except queue.Empty:
+                self._check_alive(deadline)
         if message[0] != kind:
             raise BenchError(f"observer process {message[1]} failed: {message[2]}")
         return float(message[1]), float(message[2])
+
+    def _check_alive(self, deadline: float) -> None:
+        for process in self._processes:
+            if process.exitcode:
+                raise BenchError(f"observer process {process.pid} exited with code "
+                                 f"{process.exitcode} before reporting")
+        if time.monotonic() > deadline:
+            raise BenchError(f"observer processes did not report within {OBSERVER_TIMEOUT_S} s")
 
     def _shut_down(self) -> None:
         self._stop.set()
@@ -645,7 +662,8 @@ def report_grow(rows: list[dict[str, Any]], checks: dict[str, Any],
                       str(row["calls"]), fmt_ns(row["grow"]["p50_ns"]),
                       fmt_ns(row["grow"]["p99_ns"]), fmt_ns(row["floor"]["p50_ns"]),
                       fmt_ns(row["floor"]["p99_ns"]), fmt_ns(row["above_floor_ns"]),
-                      checked(checks, grow_target_name(row)) or "(kernel zeroing)"])
+                      "(kernel zeroing)" if row["reserve"]
+                      else checked(checks, grow_target_name(row))])
     print_table("4. grow() latency per call; floor = bare create+ftruncate(+fallocate)+mmap+close",
                 ["arena", "reserve", "calls", "grow p50", "p99", "floor p50", "p99",
                  "above floor", "target"], table, out)
