@@ -304,7 +304,7 @@ def plot_loglog(path: str | Path, title: str, xlabel: str, ylabel: str,
     matplotlib = import_extra("matplotlib", "plot", "--plot")
     matplotlib.use("Agg")
     pyplot = importlib.import_module("matplotlib.pyplot")
-    figure, axes = pyplot.subplots(figsize=(8, 5.5))
+    figure, axes = pyplot.subplots(figsize=(11, 5.5))
     for label, points in series.items():
         if points:
             xs, ys = zip(*points, strict=True)
@@ -313,7 +313,6 @@ def plot_loglog(path: str | Path, title: str, xlabel: str, ylabel: str,
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     pyplot.close(figure)
