@@ -160,22 +160,22 @@ def add_ls(sub: Subparsers) -> None:
 
 
 def run_ls(args: argparse.Namespace) -> int:
-    statuses = collect.survey(with_info=True)
+    statuses = collect.survey()
     if args.json:
         print_json([status.as_dict() for status in statuses])
         return 0
-    rows = []
-    for status in statuses:
-        info = status.info
-        rows.append((status.name, status.state,
-                     info.arenas if info else "-",
-                     format_size(info.arena_size) if info else "-",
-                     format_size(info.reserved_bytes) if info else "-",
-                     format_size(status.shm_bytes),
-                     ",".join(map(str, status.pids)) or "-"))
     print_table(("name", "state", "arenas", "arena size", "reserved", "in /dev/shm", "pids"),
-                rows)
+                ((s.name, s.state, _or_dash(s.arenas), _or_dash(s.arena_size, format_size),
+                  _or_dash(s.reserved_bytes, format_size), format_size(s.shm_bytes),
+                  ",".join(map(str, s.pids)) or "-") for s in statuses))
+    for status in statuses:
+        if status.problem:
+            print(f"{status.name}: {status.state}: {status.problem}")
     return 0
+
+
+def _or_dash(value: int | None, show: Callable[[int], str] = str) -> str:
+    return "-" if value is None else show(value)
 
 
 def add_fsck(sub: Subparsers) -> None:
@@ -206,6 +206,8 @@ def run_fsck(args: argparse.Namespace) -> int:
 
 def add_gc(sub: Subparsers) -> None:
     parser = sub.add_parser("gc", help="remove abandoned heaps from /dev/shm")
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help="only consider these heaps (default: every heap)")
     parser.add_argument("--dry-run", action="store_true",
                         help="only say what would be removed")
     parser.add_argument("--stale", action="store_true",
@@ -215,7 +217,7 @@ def add_gc(sub: Subparsers) -> None:
 
 
 def run_gc(args: argparse.Namespace) -> int:
-    collected = collect.collect(dry_run=args.dry_run, stale=args.stale)
+    collected = collect.collect(dry_run=args.dry_run, stale=args.stale, names=args.names)
     if args.json:
         print_json({"dry_run": args.dry_run, "collected": [c.as_dict() for c in collected]})
         return 0

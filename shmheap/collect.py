@@ -1,51 +1,65 @@
 """Finding heaps in /dev/shm and collecting abandoned ones (``shmheap ls``, ``shmheap gc``).
 
 ``survey()`` groups every ``shmheap.*`` object in /dev/shm (segments and the
-``sem.shmheap.NAME.lock`` semaphores) by heap name and says what each group
-is:
+``sem.shmheap.NAME.lock`` semaphores) by heap name and says what shape each
+group is in:
 
-==============  ==============================================================
-``ready``       a valid heap (``Heap.attach`` works)
-``initialising`` its creator is alive and still holds the init lock: never
-                garbage, however long it takes
-``broken``      marked broken by a repair that failed
-``corrupt``     its control segment is unreadable, of another layout version,
-                or its creator died while initialising it, or parts are missing
-``no-control``  objects left without a control segment (a destroy that did not
-                finish, or a crash while creating)
-``inaccessible`` this user may not open it; left alone
-==============  ==============================================================
+================  ============================================================
+``ready``         a valid heap
+``initialising``  its creator is alive and holds the init lock: never garbage,
+                  however long it takes
+``broken``        marked broken by a repair that failed
+``corrupt``       ``Heap.attach`` would raise HeapCorruptError/HeapVersionError:
+                  an unreadable control segment, another layout version, a
+                  creator that died while initialising, or a missing part
+``no-control``    objects left without a control segment (a destroy that did
+                  not finish, a crash while creating)
+``inaccessible``  this user may not read it; left alone
+================  ============================================================
+
+A group is judged without attaching it: the control segment is read through a
+read-only mapping (the index header is one aligned word, read with one load),
+the creator's init lock is tested with ``F_OFD_GETLK``, and the other parts
+that ``Heap.attach`` needs are looked up by name.  Attaching would claim a
+process slot in every heap on the host (``info().attached`` would count the
+tool) and could take the lock of a heap in use.
 
 ``collect()`` removes, with ``shmheap.destroy(name)``, every group that is
 broken, corrupt or without a control segment and that no live process has
 attached; with ``stale=True`` also every ready heap that no live process has
-attached.  Each group is looked at again right before it is removed, so a
-heap that a creator has just started (or a process has just attached) in the
-meantime is kept.  A creator that starts a heap of the very same name in the
-microseconds between that second look and the removal can still lose it:
-nothing but the name is shared, so nothing can rule that out.
+attached.  Each candidate is judged again ``GRACE`` seconds later, right
+before it is removed, so a creator between its first two system calls (before
+it can hold the init lock) or a process that has just attached keeps its heap.
 
-This module reads the heap's objects and attaches heaps read-only to judge
-them; the only thing it ever changes is removing whole heaps by name.
+This module only reads heap objects; the one change it makes is removing whole
+heaps by name.
 """
 
 from __future__ import annotations
 
-import contextlib
+import mmap
 import os
-from dataclasses import dataclass, field
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import control, liveness, segments
-from .errors import HeapCorruptError, HeapNotFoundError, LockTimeoutError, ShmHeapError
+from . import arenas, control, liveness, segments
+from .errors import HeapCorruptError, HeapNotFoundError, ShmHeapError
 from .heap import _INIT_LOCK_BYTE as INIT_LOCK_BYTE
-from .heap import Heap, HeapInfo, destroy
-from .names import control_name, heap_of
+from .heap import destroy
+from .names import (
+    check_name,
+    control_name,
+    heap_of,
+    index_name,
+    live_name,
+    map_name,
+    semaphore_file,
+)
 
-#: Seconds ``survey`` waits for a heap that is being created before judging it.
-ATTACH_WAIT = 1.0
-#: Seconds ``survey`` waits for a heap's lock to read its info.
-LOCK_WAIT = 2.0
+#: Seconds between the two looks ``collect`` takes at a heap before removing it.
+GRACE = 0.1
 #: States whose group is garbage once no live process has it attached.
 INVALID_STATES = frozenset({"broken", "corrupt", "no-control"})
 
@@ -56,21 +70,28 @@ class HeapStatus:
 
     name: str
     state: str
-    #: why the state is not ``ready`` (or why info is missing); "" if nothing to say
-    problem: str
+    #: why the state is not ``ready``; "" if it is
+    problem: str = ""
     #: the group's entries of /dev/shm
-    entries: tuple[str, ...]
+    entries: tuple[str, ...] = ()
     #: bytes those entries occupy in /dev/shm now
-    shm_bytes: int
-    #: pids of live processes attached to the heap
+    shm_bytes: int = 0
+    #: pids of the live processes attached to the heap
     pids: tuple[int, ...] = ()
-    info: HeapInfo | None = None
+    #: read from the control segment when it is valid, else None
+    arenas: int | None = None
+    arena_size: int | None = None
+    max_arenas: int | None = None
+    reserved_bytes: int | None = None
+    index_generations: int | None = None
+    created_ns: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "state": self.state, "problem": self.problem,
                 "objects": len(self.entries), "shm_bytes": self.shm_bytes,
-                "pids": list(self.pids),
-                "info": self.info.as_dict() if self.info is not None else None}
+                "pids": list(self.pids), "arenas": self.arenas, "arena_size": self.arena_size,
+                "max_arenas": self.max_arenas, "reserved_bytes": self.reserved_bytes,
+                "index_generations": self.index_generations, "created_ns": self.created_ns}
 
 
 @dataclass(frozen=True)
@@ -88,71 +109,84 @@ class Collected:
                 "removed": self.removed, "shm_bytes": self.shm_bytes}
 
 
-def groups() -> dict[str, list[str]]:
-    """Every heap name with an object in /dev/shm, mapped to its entries."""
+def groups(names: Iterable[str] = ()) -> dict[str, list[str]]:
+    """Heap name -> its entries of /dev/shm, for every heap (or only those in ``names``)."""
+    wanted = set(names)
     found: dict[str, list[str]] = {}
     for entry in segments.list_all():
         name = heap_of(entry)
-        if name is not None:
+        if name is not None and (not wanted or name in wanted):
             found.setdefault(name, []).append(entry)
     return found
 
 
-def survey(with_info: bool = False) -> list[HeapStatus]:
-    """The status of every heap in /dev/shm, sorted by name."""
-    return [status_of(name, entries, with_info) for name, entries in sorted(groups().items())]
+def survey(names: Iterable[str] = ()) -> list[HeapStatus]:
+    """The status of every heap in /dev/shm (or of those in ``names``), sorted by name."""
+    return [status_of(name, entries) for name, entries in sorted(groups(names).items())]
 
 
-def status_of(name: str, entries: list[str], with_info: bool = False) -> HeapStatus:
-    """Judge heap ``name`` (whose objects are ``entries``); ``with_info`` reads HeapInfo."""
-    state, problem, info = _judge(name, with_info)
-    return HeapStatus(name=name, state=state, problem=problem, entries=tuple(entries),
-                      shm_bytes=sum(segments.allocated_bytes(e) for e in entries),
-                      pids=_live_pids(name), info=info)
-
-
-def _judge(name: str, with_info: bool) -> tuple[str, str, HeapInfo | None]:
-    if not segments.exists(control_name(name)):
-        return "no-control", "no control segment", None
-    try:
-        heap = Heap.attach(name, readonly=True, timeout=ATTACH_WAIT)
-    except segments.SegmentPermissionError as exc:
-        return "inaccessible", str(exc), None
-    except (HeapCorruptError, HeapNotFoundError) as exc:
-        return _judge_unattachable(name), str(exc), None
-    except ShmHeapError as exc:
-        return "inaccessible", str(exc), None
-    with heap:
-        if not with_info:
-            return "ready", "", None
+def status_of(name: str, entries: list[str]) -> HeapStatus:
+    """Judge heap ``name``, whose objects in /dev/shm are ``entries``."""
+    pids: tuple[int, ...] = ()
+    if segments.exists(live_name(name)):
         try:
-            return "ready", "", heap.info(timeout=LOCK_WAIT)
-        except LockTimeoutError as exc:
-            return "ready", str(exc), None
+            pids = tuple(sorted({a.pid for a in liveness.probe_attachments(name)}))
+        except ShmHeapError:
+            pids = ()
+    return replace(_judge(name), entries=tuple(entries), pids=pids,
+                   shm_bytes=sum(segments.allocated_bytes(e) for e in entries))
 
 
-def _judge_unattachable(name: str) -> str:
-    """The state of a heap whose attach failed."""
+def _judge(name: str) -> HeapStatus:
+    """State, problem and (when readable) the parameters of heap ``name``."""
+    path = segments.path_of(control_name(name))
     try:
-        fd = os.open(segments.path_of(control_name(name)), os.O_RDONLY | os.O_CLOEXEC
-                     | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
-        return "no-control"
-    except OSError:
-        return "inaccessible"
+        return HeapStatus(name, "no-control", "no control segment")
+    except OSError as exc:
+        return HeapStatus(name, "inaccessible", f"{path}: {exc.strerror}")
     try:
         if liveness.is_locked(fd, INIT_LOCK_BYTE):
-            return "initialising"  # the creator holds the init lock: it is alive
-        state = os.pread(fd, 4, control.STATE_OFFSET)
+            return HeapStatus(name, "initialising", "its creator is still creating it")
+        size = os.fstat(fd).st_size
+        if size < control.SIZE:
+            return HeapStatus(name, "corrupt", f"{path} has {size} bytes; its creator died "
+                              "while creating it")
+        with mmap.mmap(fd, control.SIZE, mmap.MAP_SHARED, mmap.PROT_READ) as mapping:
+            view = memoryview(mapping)
+            try:
+                params, state = control.read_params(view, path)
+                header = view[control.HEADER_OFFSET:control.HEADER_OFFSET + 8].cast("Q")
+                generation, length = control.split_header(header[0])
+                header.release()
+            finally:
+                view.release()
+    except HeapCorruptError as exc:
+        return HeapStatus(name, "corrupt", str(exc))
     finally:
         os.close(fd)
-    return "broken" if int.from_bytes(state, "little") == control.BROKEN else "corrupt"
+    if state == control.BROKEN:
+        return HeapStatus(name, "broken", "marked broken by a repair that failed")
+    if state != control.READY:
+        return HeapStatus(name, "corrupt", "its creator died while creating it")
+    missing = _missing_part(name, params.max_arenas, generation)
+    if missing:
+        return HeapStatus(name, "corrupt", f"/dev/shm/{missing} is missing or too short")
+    return HeapStatus(name, "ready", arenas=length, arena_size=params.arena_size,
+                      max_arenas=params.max_arenas,
+                      reserved_bytes=length * arenas.segment_size(params.arena_size),
+                      index_generations=generation + 1, created_ns=params.created_ns)
 
 
-def _live_pids(name: str) -> tuple[int, ...]:
-    with contextlib.suppress(ShmHeapError):
-        return tuple(sorted({a.pid for a in liveness.probe_attachments(name)}))
-    return ()
+def _missing_part(name: str, max_arenas: int, generation: int) -> str:
+    """The first object a ready heap needs that is absent or too short, else ""."""
+    needs = ((live_name(name), liveness.SIZE), (map_name(name), arenas.map_bytes(max_arenas)),
+             (index_name(name, generation), 1), (semaphore_file(name), 1))
+    for entry, least in needs:
+        if (segments.size_of(entry) or 0) < least:
+            return entry
+    return ""
 
 
 def is_garbage(status: HeapStatus, stale: bool) -> str:
@@ -166,21 +200,25 @@ def is_garbage(status: HeapStatus, stale: bool) -> str:
     return ""
 
 
-def collect(dry_run: bool = False, stale: bool = False) -> list[Collected]:
-    """Remove every garbage heap (see the module docstring); return what went."""
+def collect(dry_run: bool = False, stale: bool = False,
+            names: Iterable[str] = ()) -> list[Collected]:
+    """Remove every garbage heap (or only those among ``names``); return what went."""
+    names = [check_name(name) for name in names]
+    candidates = [s.name for s in survey(names) if is_garbage(s, stale)]
+    if not candidates:
+        return []
+    time.sleep(GRACE)
     collected = []
-    for name, entries in sorted(groups().items()):
-        if not is_garbage(status_of(name, entries), stale):
-            continue
-        status = status_of(name, [e for e in segments.list_all() if heap_of(e) == name])
+    for status in survey(candidates):
         reason = is_garbage(status, stale)
         if not reason:
-            continue  # it changed since we looked: a creator or an attacher is at work
+            continue  # it changed since the first look: a creator or an attacher is at work
         removed = list(status.entries)
         if not dry_run:
             try:
-                removed = destroy(name)
+                removed = destroy(status.name)
             except HeapNotFoundError:
                 continue  # someone else removed it meanwhile
-        collected.append(Collected(name, status.state, reason, removed, status.shm_bytes))
+        collected.append(Collected(status.name, status.state, reason, removed,
+                                   status.shm_bytes))
     return collected

@@ -1,0 +1,138 @@
+"""``shmheap stress``, run as a real subprocess: a clean run adds up, a broken checker fails.
+
+Each run gets its heap name from ``shm_heap_name``, so the heap is destroyed
+(and checked for leftovers) even if the run or the test fails.  Runs are short
+and capped at a few thousand arenas: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_cli import ROOT, run_cli
+
+from shmheap.pytest_plugin import shm_leftovers
+from shmheap.stress import Reservoir, latency_summary
+
+
+def stress(name: str, report: Path, *args: str,
+           env: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    """Run ``shmheap stress`` on heap ``name``; return its exit status and JSON report."""
+    result = run_cli("stress", "--name", name, "--json", str(report), "--max-arenas", "3000",
+                     *args, env=env)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert report.exists(), (result.stdout, result.stderr)
+    return result.returncode, json.loads(report.read_text())
+
+
+def test_a_clean_run_reports_no_violation_and_its_counts_add_up(shm_heap_name: str,
+                                                                 tmp_path: Path) -> None:
+    status, report = stress(shm_heap_name, tmp_path / "r.json", "--duration", "2",
+                            "--seed", "1")
+    assert (report["violations"], report["arenas_lost"], report["leaks"]) == (0, 0, [])
+    assert status == 0 and report["ok"]
+    writers = [w for w in report["workers"] if w["kind"] == "writer"]
+    readers = [w for w in report["workers"] if w["kind"] == "reader"]
+    assert len(writers) == len(readers) == 2
+    assert {w["state"] for w in report["workers"]} == {"done"}
+    created = sum(w["arenas_created"] for w in writers)
+    assert created == sum(w["ops"] for w in writers) == report["arenas_created"]
+    assert created == report["final_arenas"] > 0
+    assert report["unaccounted_arenas"] == report["unstamped_arenas"] == 0
+    assert report["roles"]["writer"]["ops"] == created
+    reader_totals = report["roles"]["reader"]
+    assert reader_totals["ops"] == sum(w["ops"] for w in readers) > 0
+    assert reader_totals["counters"]["entries"] > 0
+    assert reader_totals["latency"]["samples"] > 0
+    assert report["kills"] == report["recoveries"] == 0
+    assert report["index_generations"] >= 1
+    assert shm_leftovers(shm_heap_name) == []
+
+
+def test_the_checker_can_fail(shm_heap_name: str, tmp_path: Path) -> None:
+    status, report = stress(shm_heap_name, tmp_path / "r.json", "--duration", "1",
+                            env={"SHMHEAP_STRESS_BREAK_CHECK": "1"})
+    assert status == 1 and not report["ok"]
+    assert report["violations"] > 0
+    assert any("stamped" in example for example in report["violation_examples"])
+    assert report["leaks"] == []
+
+
+def test_killed_workers_lose_no_arena(shm_heap_name: str, tmp_path: Path) -> None:
+    status, report = stress(shm_heap_name, tmp_path / "r.json", "--duration", "2",
+                            "--kill-rate", "4", "--readers", "1", "--seed", "5")
+    assert report["kills"] > 0
+    assert (report["violations"], report["arenas_lost"], report["leaks"]) == (0, 0, []), \
+        report["violation_examples"]
+    assert status == 0
+    assert report["final_arenas"] >= report["arenas_created"]
+    assert report["checks"] >= 2
+
+
+def test_bad_parameters_are_one_line_errors(shm_heap_name: str) -> None:
+    for args, words in ((["--writers", "0", "--readers", "0"], "at least one worker"),
+                        (["--duration", "0"], "positive number"),
+                        (["--max-arenas", str(10**9)], "file descriptor"),
+                        (["--name", "bad name"], "invalid heap name")):
+        result = run_cli("stress", *args)
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.startswith("shmheap: error: ") and words in result.stderr
+
+
+def test_an_existing_heap_is_neither_used_nor_destroyed(shm_heap_name: str) -> None:
+    assert run_cli("create", shm_heap_name, "--arena-size", "64KiB").returncode == 0
+    result = run_cli("stress", "--name", shm_heap_name, "--duration", "1")
+    assert result.returncode == 1 and "already exists" in result.stderr
+    assert run_cli("info", shm_heap_name).returncode == 0
+
+
+def test_ctrl_c_stops_the_run_and_destroys_the_heap(shm_heap_name: str) -> None:
+    path = str(ROOT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shmheap", "stress", "--name", shm_heap_name, "--duration", "60",
+         "--max-arenas", "3000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={"PYTHONPATH": path, "PATH": "/usr/bin:/bin"})
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline()  # the first progress line: workers are running
+        assert first.startswith(f"stress {shm_heap_name}"), first
+        process.send_signal(signal.SIGINT)
+        _out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert shm_leftovers(shm_heap_name) == []
+
+
+def test_reservoir_keeps_an_even_spread_and_the_exact_max() -> None:
+    reservoir = Reservoir(capacity=8)
+    for value in range(1, 1001):
+        reservoir.add(value)
+    assert reservoir.count == 1000 and reservoir.maximum == 1000
+    stride = reservoir.stride
+    assert 4 <= len(reservoir.samples) < 8 and 1000 // 8 <= stride <= 1000 // 4
+    assert reservoir.samples == [stride * k for k in range(1, len(reservoir.samples) + 1)]
+
+
+def test_latency_summary_weighs_samples_by_stride() -> None:
+    fine = Reservoir(capacity=1000)
+    for _ in range(90):
+        fine.add(1000)
+    coarse = Reservoir(capacity=1000, stride=10)
+    for _ in range(100):
+        coarse.add(5000)  # keeps 10 samples that stand for 100
+    summary = latency_summary([fine, coarse])
+    assert summary == pytest.approx({"p50_us": 5.0, "p99_us": 5.0, "max_us": 5.0,
+                                     "samples": 100})
+    assert latency_summary([]) == {"p50_us": None, "p99_us": None, "max_us": None,
+                                   "samples": 0}
