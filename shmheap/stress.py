@@ -782,20 +782,23 @@ class _Display:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.live: Any = None
+        self.text: Any = None
         self.last_plain = -math.inf
         if enabled and sys.stdout.isatty():
             try:
                 from rich.live import Live
+                from rich.text import Text
             except ImportError:
                 return
             self.live = Live("", refresh_per_second=1 / REFRESH, transient=True)
+            self.text = Text
             self.live.start()
 
     def __call__(self, line: str) -> None:
         if not self.enabled:
             return
         if self.live is not None:
-            self.live.update(line)
+            self.live.update(self.text(line, no_wrap=True, overflow="ellipsis"))
         elif time.monotonic() - self.last_plain >= PLAIN_EVERY:
             self.last_plain = time.monotonic()
             print(line, flush=True)
@@ -824,7 +827,7 @@ def summary_rows(report: dict[str, Any]) -> Iterator[tuple[str, object]]:
                    f"{format_size(config['arena_size'])}, at most {config['max_arenas']})")
     yield "duration", f"{report['duration_s']:.2f} s"
     yield "writers", f"{writer['workers']} ({writer['incarnations']} processes)"
-    yield "grows/s", f"{writer['ops_per_s']:.0f}"
+    yield "grows/s", f"{writer['ops_per_s']:.0f}" + (" (paced)" if config["paced"] else "")
     yield "grow latency p50/p99/max", _us(writer["latency"])
     yield "grow collisions (at=)", writer["counters"].get("collisions", 0)
     yield "readers", f"{reader['workers']} ({reader['incarnations']} processes)"
