@@ -67,7 +67,7 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TextIO
 
 from . import segments
 from .errors import (
@@ -888,12 +888,20 @@ def run_stress(args: argparse.Namespace) -> int:
         seed=args.seed if args.seed is not None else secrets.randbits(32),
         kill_rate=args.kill_rate, name=args.name, json_path=args.json,
         progress=not args.no_progress)
-    report = StressRun(config).run()
-    print_table(("metric", "value"), summary_rows(report))
-    for example in report["violation_examples"]:
-        print(f"violation: {example}")
-    if config.json_path:
-        with open(config.json_path, "w") as out:
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(_open_report(config.json_path)) if config.json_path else None
+        report = StressRun(config).run()
+        print_table(("metric", "value"), summary_rows(report))
+        for example in report["violation_examples"]:
+            print(f"violation: {example}")
+        if out is not None:
             json.dump(report, out, indent=2, default=str)
     return 0 if report["ok"] else 1
 
+
+def _open_report(path: str) -> TextIO:
+    """Open the --json file before the run, so a bad path fails before any work."""
+    try:
+        return open(path, "w")
+    except OSError as exc:
+        raise InvalidParameterError(f"--json {path}: cannot write it ({exc.strerror})") from None

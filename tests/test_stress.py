@@ -79,7 +79,8 @@ def test_bad_parameters_are_one_line_errors(shm_heap_name: str) -> None:
     for args, words in ((["--writers", "0", "--readers", "0"], "at least one worker"),
                         (["--duration", "0"], "positive number"),
                         (["--max-arenas", str(10**9)], "file descriptor"),
-                        (["--name", "bad name"], "invalid heap name")):
+                        (["--name", "bad name"], "invalid heap name"),
+                        (["--json", "/nonexistent/dir/r.json"], "cannot write it")):
         result = run_cli("stress", *args)
         assert result.returncode == 1, result.stderr
         assert result.stderr.startswith("shmheap: error: ") and words in result.stderr
