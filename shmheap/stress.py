@@ -8,6 +8,11 @@ A run creates a fresh heap and starts worker processes (fresh interpreters,
     index with ``grow(at=...)``, as Go's hints land anywhere, and counts the
     collisions), stamps the first 8 bytes of each new arena with its index
     (one aligned little-endian u64 store) and reports the indices it made.
+    Writers are paced by default: together they fill the heap's ``max_arenas``
+    evenly over the run, so growth (and kills in the middle of it) lasts the
+    whole run; ``paced=False`` (``--flat-out``) grows as fast as it can.  The
+    cap exists because every reader maps every arena, and each mapping costs a
+    file descriptor (Python's mmap keeps one) and one of vm.max_map_count.
 ``reader``
     attached ``readonly=True``, loops ``heap.snapshot()`` and walks every
     entry: each snapshot must extend the previous one (published entries never
