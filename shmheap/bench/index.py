@@ -163,12 +163,18 @@ class Plan:
 
 
 PLANS = {
-    "full": Plan("full", (10, 1_000, 100_000, 1_000_000), 0.3, 0.5, 1_000_000, 3.0, 2,
-                 500, 10, 5_000, 100_000, 5, 4),
-    "quick": Plan("quick", (10, 1_000, 100_000, 1_000_000), 0.08, 0.15, 100_000, 1.0, 1,
-                  100, 5, 3_000, 100_000, 2, 4),
-    "tiny": Plan("tiny", (10, 1_000, 10_000), 0.01, 0.02, 10_000, 0.05, 1,
-                 10, 2, 200, 1_000, 1, 2),
+    "full": Plan(mode="full", sizes=(10, 1_000, 100_000, 1_000_000), snapshot_s=0.3, copy_s=0.5,
+                 manager_max=1_000_000, manager_list_s=3.0, manager_list_calls=2, grows=500,
+                 big_reserved_grows=10, writer_grows=5_000, writer_prefill=100_000,
+                 writer_rounds=5, observers=4),
+    "quick": Plan(mode="quick", sizes=(10, 1_000, 100_000, 1_000_000), snapshot_s=0.08,
+                  copy_s=0.15, manager_max=100_000, manager_list_s=1.0, manager_list_calls=1,
+                  grows=100, big_reserved_grows=5, writer_grows=3_000, writer_prefill=100_000,
+                  writer_rounds=2, observers=4),
+    "tiny": Plan(mode="tiny", sizes=(10, 1_000, 10_000), snapshot_s=0.01, copy_s=0.02,
+                 manager_max=10_000, manager_list_s=0.05, manager_list_calls=1, grows=10,
+                 big_reserved_grows=2, writer_grows=200, writer_prefill=1_000, writer_rounds=1,
+                 observers=2),
 }
 
 
