@@ -17,7 +17,9 @@ suite of a project that has shmheap installed can use:
     if anything of it survives that.
 
 Helpers for tests that manage heaps themselves: ``unique_heap_name`` and
-``assert_no_shm_leftovers``.
+``assert_no_shm_leftovers``.  Names from ``unique_heap_name`` carry the pid of
+the test session, also when a worker process of the session makes them, so
+a session-wide leak check can tell its own heaps from those of other runs.
 
 This module only creates and destroys heaps of the names it hands out; it
 never touches another heap's objects.
@@ -43,20 +45,32 @@ from .names import SHM_DIR, check_name, owns
 TEST_ARENA_SIZE = 64 * 1024
 
 _counter = itertools.count()
-#: What ``unique_heap_name`` puts after the prefix: the pid that made the name.
-_PID_TAG = re.compile(r"_p(\d+)_[0-9a-f]+$")
+#: The environment variable that carries the pid of the test session into every
+#: process it starts, so that names made there name the session too.
+SESSION_ENV = "SHMHEAP_TEST_SESSION_PID"
+#: What ``unique_heap_name`` puts after the prefix: the session's pid.
+_SESSION_TAG = re.compile(r"_p(\d+)_[0-9a-f]+$")
 
 HeapFactory = Callable[..., Heap]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Mark this process as the test session (unless a session started it)."""
+    os.environ.setdefault(SESSION_ENV, str(os.getpid()))
+
+
 def unique_heap_name(prefix: str = "t") -> str:
-    """A heap name no other process or test will use: ``<prefix>_p<pid>_<counter><random>``."""
-    return f"{prefix}_p{os.getpid()}_{next(_counter):x}{secrets.token_hex(3)}"
+    """A heap name no other process or test will use: ``<prefix>_p<pid>_<counter><random>``.
+
+    ``pid`` is the test session's (see SESSION_ENV), else this process's.
+    """
+    session = os.environ.get(SESSION_ENV, str(os.getpid()))
+    return f"{prefix}_p{session}_{next(_counter):x}{secrets.token_hex(3)}"
 
 
-def creator_pid(name: str) -> int | None:
-    """The pid of the process whose ``unique_heap_name`` made ``name``, or None."""
-    match = _PID_TAG.search(name)
+def session_of(name: str) -> int | None:
+    """The pid of the test session (or process) whose ``unique_heap_name`` made ``name``."""
+    match = _SESSION_TAG.search(name)
     return int(match.group(1)) if match else None
 
 

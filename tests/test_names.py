@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
 import shmheap
 from shmheap import names
-from shmheap.pytest_plugin import creator_pid, unique_heap_name
+from shmheap.pytest_plugin import session_of, unique_heap_name
 
 VALID_NAMES = ["a", "A", "0", "_", "-", "exp1", "My-Heap_2", "a" * 48]
 INVALID_NAMES = ["", "a" * 49, "a.b", "a/b", "../x", "a b", "é", "a\0b", "a\n", "sem.x"]
@@ -104,6 +106,15 @@ def test_unique_heap_names_are_valid_distinct_and_carry_the_pid() -> None:
     assert len(made) == 1000
     for name in made:
         assert names.check_name(name) == name
-        assert creator_pid(name) == os.getpid()
+        assert session_of(name) == os.getpid()
     assert unique_heap_name("bench").startswith("bench_p")
-    assert creator_pid("exp1") is None
+    assert session_of("exp1") is None
+
+
+def test_names_made_in_a_child_process_carry_the_session_pid() -> None:
+    made = subprocess.run(
+        [sys.executable, "-c",
+         "from shmheap.pytest_plugin import unique_heap_name; print(unique_heap_name())"],
+        check=True, capture_output=True, text=True).stdout.strip()
+    assert names.check_name(made) == made
+    assert session_of(made) == os.getpid()
