@@ -156,19 +156,23 @@ class Liveness:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._seg = segments.open_existing(live_name(name), readonly=False, keep_fd=True)
+        self.slot = -1
+        self.token = 0
+        self._map()
+        self._claim()
+        _ATTACHED.add(self)
+
+    def _map(self) -> None:
+        """Open and map the segment (keeping the descriptor: it carries our slot lock)."""
+        self._seg = segments.open_existing(live_name(self.name), readonly=False, keep_fd=True)
         buf = self._seg.buf
         if self._seg.size < SIZE or bytes(buf[0:8]) != MAGIC:
             self._seg.close()
-            raise HeapCorruptError(f"/dev/shm/{live_name(name)} is not a liveness segment")
+            raise HeapCorruptError(f"/dev/shm/{live_name(self.name)} is not a liveness segment")
         self.nslots = min(_HEADER.unpack_from(buf, 0)[5], (self._seg.size - SLOTS_OFFSET)
                           // SLOT_SIZE)
         #: the owner word, as a one-element uint64 view (the lock's hot path)
         self.owner = buf[OWNER_OFFSET:OWNER_OFFSET + 8].cast("Q")
-        self.slot = -1
-        self.token = 0
-        self._claim()
-        _ATTACHED.add(self)
 
     @property
     def fd(self) -> int:
@@ -196,12 +200,17 @@ class Liveness:
         )
 
     def after_fork(self) -> None:
-        """In a forked child: the inherited descriptor shares the parent's lock; claim anew."""
+        """In a forked child: drop what is shared with the parent and claim a slot anew.
+
+        The inherited descriptor *and* the inherited mapping both refer to the
+        parent's open file description, which carries the parent's slot lock:
+        as long as the child kept either, a dead parent would look alive.
+        """
         if self._seg.fd is None:
             return
-        os.close(self._seg.fd)
-        self._seg.fd = os.open(segments.path_of(live_name(self.name)),
-                               os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        self.owner.release()
+        self._seg.close()
+        self._map()
         self._claim()
 
     def close(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -180,4 +181,47 @@ def test_readonly_attacher_recovers_a_dead_holder(heap: shmheap.Heap) -> None:
         assert reader.info().recoveries == 1
     finally:
         reader.close()
+    assert heap.check() == []
+
+
+def test_forked_child_does_not_keep_a_dead_parent_alive(heap: shmheap.Heap) -> None:
+    """A child forked from an attached process must not inherit its parent's slot lock."""
+    code = textwrap.dedent(f"""
+        import os, signal, sys, shmheap
+        h = shmheap.Heap.attach({heap.name!r})
+        if os.fork() == 0:
+            print("child", os.getpid(), flush=True)
+            sys.stdin.readline()
+            print("child-snapshot", len(h.snapshot(timeout=30)), flush=True)
+            h.close()
+            os._exit(0)
+        held = h.locked()
+        held.__enter__()
+        print("locked", flush=True)
+        signal.pause()
+        """)
+    parent = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None and parent.stdin is not None
+    lines = sorted(parent.stdout.readline().split() for _ in range(2))
+    assert lines[0][0] == "child" and lines[1] == ["locked"]
+    child_pid = int(lines[0][1])
+    child_exit = os.pidfd_open(child_pid)
+    try:
+        parent.kill()
+        parent.wait(timeout=30)
+        assert len(heap.snapshot(timeout=30)) == 0, "the dead parent's lock must be recovered"
+        assert heap.info().recoveries == 1
+        assert child_pid in {a.pid for a in heap._live.attachments()}  # type: ignore[union-attr]
+        parent.stdin.write("\n")
+        parent.stdin.flush()
+        assert parent.stdout.readline().split() == ["child-snapshot", "0"]
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(timeout=30)
+        parent.stdin.close()
+        parent.stdout.close()
+        select.select([child_exit], [], [], 30)
+        os.close(child_exit)
     assert heap.check() == []
