@@ -33,6 +33,7 @@ under the adopted lock.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 
@@ -41,6 +42,7 @@ import posix_ipc
 from . import crash
 from .errors import HeapExistsError, HeapNotFoundError, LockTimeoutError, ShmHeapError
 from .liveness import Liveness
+from .names import SHM_DIR
 
 #: Seconds between liveness checks while waiting: the first wait is 2 * FIRST_POLL,
 #: each later one twice as long, up to POLL.
@@ -181,7 +183,10 @@ def open_semaphore(name: str, create: bool, mode: int) -> posix_ipc.Semaphore:
     """Open (or exclusively create, with count 1) the named semaphore ``name``."""
     try:
         if create:
-            return posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode, 1)
+            sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode, 1)
+            # sem_open narrows the mode by the umask; the segments get exactly ``mode``
+            os.chmod(f"{SHM_DIR}/sem.{name.lstrip('/')}", mode)
+            return sem
         return posix_ipc.Semaphore(name)
     except posix_ipc.ExistentialError as exc:
         cls = HeapExistsError if create else HeapNotFoundError

@@ -17,6 +17,8 @@ import contextlib
 import errno
 import mmap
 import os
+import resource
+import sys
 
 from .errors import (
     HeapCorruptError,
@@ -28,6 +30,23 @@ from .errors import (
 from .names import SHM_DIR
 
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
+#: Python < 3.13 keeps a duplicate descriptor open for every mmap; 3.13 can be told not to.
+_MMAP_EXTRA: dict[str, bool] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+
+
+def _raise_descriptor_limit() -> None:
+    """Lift the soft RLIMIT_NOFILE to the hard limit.
+
+    Where mmap keeps a descriptor per mapping (Python < 3.13), a process that
+    maps more arenas than the soft limit (often 1024) would fail with EMFILE.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and not _MMAP_EXTRA:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+_raise_descriptor_limit()
 
 
 class SegmentPermissionError(ShmHeapError, PermissionError):
@@ -53,7 +72,7 @@ class Segment:
         self.readonly = readonly
         prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
         try:
-            self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
+            self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, prot, **_MMAP_EXTRA)
         except OSError as exc:
             os.close(fd)
             raise _translate(exc, name) from None

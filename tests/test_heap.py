@@ -68,14 +68,6 @@ def test_mode_is_applied_to_every_segment(shm_heap_factory: HeapFactory) -> None
     assert {e: file_mode(e) for e in entries} == {e: 0o660 for e in entries}
 
 
-def current_umask() -> int:
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("Umask:"))
-    return int(line.split()[1], 8)
-
-
-@pytest.mark.xfail(current_umask() & 0o060 != 0, strict=True,
-                   reason="lock.open_semaphore: sem_open narrows mode= by the umask")
 def test_mode_is_applied_to_the_semaphore(shm_heap_factory: HeapFactory) -> None:
     heap = shm_heap_factory(mode=0o660)
     assert file_mode(names.semaphore_file(heap.name)) == 0o660
