@@ -46,6 +46,8 @@ from .errors import AddressSpaceExhaustedError, HeapCorruptError
 from .names import index_name
 
 ENTRY_SIZE = 4
+#: The generation a broken heap's header is poisoned with (repair.mark_broken).
+BROKEN_GENERATION = 0xFFFFFFFF
 
 
 class ArenaSnapshot(Sequence[int]):
@@ -128,6 +130,11 @@ class ArenaIndex:
 
     def check_header(self, word: int) -> tuple[int, int]:
         generation, length = split_header(word)
+        if generation == BROKEN_GENERATION:
+            raise HeapCorruptError(
+                f"heap {self._heap_name!r} is marked broken by a repair that could not fix it; "
+                f"see `shmheap fsck {self._heap_name}`, then run `shmheap fsck --repair "
+                f"{self._heap_name}` or destroy the heap")
         if generation >= MAX_GENERATIONS or length > self.first_cap << generation:
             raise HeapCorruptError(
                 f"heap {self._heap_name!r}: index header {word:#x} is impossible "
