@@ -27,6 +27,22 @@ def path(name: str, suffix: str = "") -> str:
     return f"/dev/shm/shmheap.{name}{suffix}"
 
 
+def closed_heap(factory: HeapFactory) -> str:
+    """A heap with one arena (index 1) that no handle of ours keeps attached."""
+    heap = factory(reserve=False)
+    heap.grow()
+    heap.close()
+    return heap.name
+
+
+def write_at(name: str, suffix: str, offset: int, data: bytes) -> None:
+    """Overwrite bytes of segment ``shmheap.<name><suffix>``, never past its end."""
+    with open(path(name, suffix), "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(offset)
+        f.write(data[: max(0, size - offset)])
+
+
 def exercise(name: str) -> None:
     """Attach and use the heap; anything but a ShmHeapError fails the test."""
     try:
@@ -59,13 +75,8 @@ def test_random_control_segment(shm_heap_name: str, data: bytes) -> None:
 @given(data=st.binary(min_size=8, max_size=64), at=st.integers(0, control.SIZE // 8 - 1))
 def test_random_words_in_a_real_control_segment(shm_heap_factory: HeapFactory, data: bytes,
                                                 at: int) -> None:
-    heap = shm_heap_factory(reserve=False)
-    heap.grow()
-    name = heap.name
-    heap.close()
-    with open(path(name), "r+b") as f:
-        f.seek(at * 8)
-        f.write(data[: control.SIZE - at * 8])
+    name = closed_heap(shm_heap_factory)
+    write_at(name, "", at * 8, data)
     exercise(name)
 
 
@@ -92,10 +103,7 @@ def test_impossible_index_header(shm_heap_factory: HeapFactory, generation: int,
 
 @pytest.mark.parametrize("size", [0, 3, 4095, 8192])
 def test_index_generation_of_the_wrong_size(shm_heap_factory: HeapFactory, size: int) -> None:
-    heap = shm_heap_factory(reserve=False)
-    heap.grow()
-    name = heap.name
-    heap.close()
+    name = closed_heap(shm_heap_factory)
     os.truncate(path(name, ".i0"), size)
     other = shmheap.Heap.attach(name)
     try:
@@ -108,10 +116,7 @@ def test_index_generation_of_the_wrong_size(shm_heap_factory: HeapFactory, size:
 
 @pytest.mark.parametrize("suffix", [".live", ".map", ".i0"])
 def test_missing_or_truncated_segments(shm_heap_factory: HeapFactory, suffix: str) -> None:
-    heap = shm_heap_factory(reserve=False)
-    heap.grow()
-    name = heap.name
-    heap.close()
+    name = closed_heap(shm_heap_factory)
     os.truncate(path(name, suffix), 1)
     exercise(name)
     os.unlink(path(name, suffix))
@@ -122,28 +127,18 @@ def test_missing_or_truncated_segments(shm_heap_factory: HeapFactory, suffix: st
 @given(data=st.binary(min_size=1, max_size=256), at=st.integers(0, liveness.SIZE - 1))
 def test_random_bytes_in_the_liveness_segment(shm_heap_factory: HeapFactory, data: bytes,
                                               at: int) -> None:
-    heap = shm_heap_factory(reserve=False)
-    heap.grow()
-    name = heap.name
-    heap.close()
-    with open(path(name, ".live"), "r+b") as f:
-        f.seek(at)
-        f.write(data[: liveness.SIZE - at])
+    name = closed_heap(shm_heap_factory)
+    write_at(name, ".live", at, data)
     exercise(name)
 
 
 def test_arena_with_a_wrong_trailer(shm_heap_factory: HeapFactory) -> None:
-    heap = shm_heap_factory(reserve=False)
-    index = heap.grow().index
-    name = heap.name
-    heap.close()
-    with open(path(name, f".a{index:x}"), "r+b") as f:
-        f.seek(64 * 1024 + 8)
-        f.write(struct.pack("<Q", 12345))
+    name = closed_heap(shm_heap_factory)
+    write_at(name, ".a1", 64 * 1024 + 8, struct.pack("<Q", 12345))  # the trailer's heap id
     other = shmheap.Heap.attach(name)
     try:
         with pytest.raises(shmheap.HeapCorruptError, match="not arena"):
-            other.arena(index)
+            other.arena(1)
         assert [f.code for f in other.check()] == ["arena-lost"]
     finally:
         other.close()
