@@ -9,6 +9,7 @@ followed by a trailer that names its heap and index::
     +8              8  heap_id (the control segment's)
     +16             8  index
     +24             8  created_ns
+    +64                page metadata (pages.py), ``pages.meta_size`` bytes
 
 A new arena is made whole under a temporary name (``shmheap.NAME.new``),
 reserved, stamped with its trailer, and only then hard-linked under its final
@@ -39,15 +40,16 @@ import time
 from . import segments
 from .errors import HeapCorruptError, OutOfSharedMemoryError, ShmHeapError
 from .names import arena_name, map_name
+from .pages import DEFAULT_PAGE_SIZE, meta_size
 
 TRAILER = struct.Struct("<8sQQQ")
 TRAILER_SIZE = 64
 ARENA_MAGIC = b"shmarena"
 
 
-def segment_size(arena_size: int) -> int:
-    """Bytes of an arena segment: the data and the trailer."""
-    return arena_size + TRAILER_SIZE
+def segment_size(arena_size: int, page_size: int = DEFAULT_PAGE_SIZE) -> int:
+    """Bytes of an arena segment: the data, the trailer and the page metadata."""
+    return arena_size + TRAILER_SIZE + meta_size(arena_size, page_size)
 
 
 def temp_name(heap_name: str) -> str:
@@ -59,10 +61,11 @@ class Arena:
     """One arena as this process sees it: index, heap base address and data.
 
     ``buf`` is a memoryview of exactly ``size`` bytes: writable, or read-only
-    when the heap was attached ``readonly=True``.
+    when the heap was attached ``readonly=True``; ``meta`` is the page
+    metadata after the trailer, likewise.
     """
 
-    __slots__ = ("_seg", "base", "buf", "index", "size")
+    __slots__ = ("_seg", "base", "buf", "index", "meta", "size")
 
     def __init__(self, index: int, arena_size: int, seg: segments.Segment) -> None:
         self.index = index
@@ -70,9 +73,11 @@ class Arena:
         self.base = index * arena_size
         self._seg = seg
         self.buf = seg.buf[:arena_size]
+        self.meta = seg.buf[arena_size + TRAILER_SIZE:]
 
     def close(self) -> None:
         self.buf.release()
+        self.meta.release()
         self._seg.close()
 
     def __repr__(self) -> str:
@@ -86,7 +91,7 @@ def read_trailer(buf: memoryview, arena_size: int) -> tuple[bytes, int, int, int
 
 
 def build(heap_name: str, heap_id: int, arena_size: int, mode: int,
-          reserve: bool) -> segments.Segment:
+          reserve: bool, page_size: int = DEFAULT_PAGE_SIZE) -> segments.Segment:
     """Make a new arena segment under the temporary name (heap-lock holder only).
 
     Without ``reserve`` the free space of /dev/shm is still checked, so the
@@ -96,8 +101,8 @@ def build(heap_name: str, heap_id: int, arena_size: int, mode: int,
     tmp = temp_name(heap_name)
     segments.unlink(tmp)
     if not reserve:
-        segments.check_free_space(tmp, segment_size(arena_size))
-    return segments.create(tmp, segment_size(arena_size), mode, reserve=reserve)
+        segments.check_free_space(tmp, segment_size(arena_size, page_size))
+    return segments.create(tmp, segment_size(arena_size, page_size), mode, reserve=reserve)
 
 
 def link(heap_name: str, seg: segments.Segment, heap_id: int, arena_size: int,
@@ -118,11 +123,12 @@ def link(heap_name: str, seg: segments.Segment, heap_id: int, arena_size: int,
 
 
 def open_arena(heap_name: str, heap_id: int, index: int, arena_size: int,
-               readonly: bool) -> Arena:
+               readonly: bool, page_size: int = DEFAULT_PAGE_SIZE) -> Arena:
     """Map published arena ``index``, checking its size and trailer."""
     name = arena_name(heap_name, index)
     try:
-        seg = segments.open_existing(name, readonly, expect_size=segment_size(arena_size))
+        seg = segments.open_existing(name, readonly,
+                                     expect_size=segment_size(arena_size, page_size))
     except FileNotFoundError:
         raise HeapCorruptError(
             f"heap {heap_name!r}: published arena {index} has no segment /dev/shm/{name}; "

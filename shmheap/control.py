@@ -17,6 +17,14 @@ Layout (little-endian, one page, every field naturally aligned)::
      56     8  created_ns    creator, once: wall-clock time of creation
      64     8  header        heap lock holder only: (generation << 32) | len
      72     8  hint          heap lock holder only: next arena index grow() tries
+     80     8  saved_header  repair.py, under the heap lock (see SAVED_HEADER_OFFSET there)
+     88     8  page_size     creator, once: bytes of an allocator page (pages.py)
+     96     8  gc_cycle      heap lock holder only: mark/sweep cycle number (walker.py)
+    104     8  sweep_cursor  heap lock holder only: pages of the cycle's arenas claimed by
+                             sweepers so far (walker.py)
+    112     8  cycle_arenas  heap lock holder only: index len when the cycle started
+    120     8  journal       heap lock holder only: 1 + index of the arena whose page
+                             metadata it is changing, 0 when none (pages.py)
 
 ``header`` is the all-arenas index header, kept in one aligned 64-bit word so
 that it is written as one unit (a single store: it can never be torn, not even
@@ -37,6 +45,7 @@ from dataclasses import dataclass
 
 from .errors import HeapCorruptError, HeapVersionError
 from .names import MAX_ARENAS_LIMIT, PAGE_SIZE, check_arena_size, check_max_arenas
+from .pages import DEFAULT_PAGE_SIZE, check_page_size
 
 MAGIC = b"shmheap\0"
 LAYOUT_VERSION = 1
@@ -50,6 +59,11 @@ _PARAMS = struct.Struct("<8sIIQQQQIIQ")  # magic .. created_ns, offsets 0..63
 STATE_OFFSET = 12
 HEADER_OFFSET = 64
 HINT_OFFSET = 72
+PAGE_SIZE_OFFSET = 88
+CYCLE_OFFSET = 96
+SWEEP_CURSOR_OFFSET = 104
+CYCLE_ARENAS_OFFSET = 112
+JOURNAL_OFFSET = 120
 #: Generations are numbered 0..MAX_GENERATIONS-1; cap doubles with each.
 MAX_GENERATIONS = 32
 
@@ -65,6 +79,7 @@ class Params:
     mode: int
     reserve: bool
     created_ns: int
+    page_size: int = DEFAULT_PAGE_SIZE
 
 
 def write_params(buf: memoryview, params: Params) -> None:
@@ -72,6 +87,7 @@ def write_params(buf: memoryview, params: Params) -> None:
     _PARAMS.pack_into(buf, 0, MAGIC, LAYOUT_VERSION, UNINIT, params.heap_id, params.arena_size,
                       params.max_arenas, params.first_cap, params.mode, int(params.reserve),
                       params.created_ns)
+    buf[PAGE_SIZE_OFFSET:PAGE_SIZE_OFFSET + 8] = params.page_size.to_bytes(8, "little")
 
 
 def read_params(buf: memoryview, where: str) -> tuple[Params, int]:
@@ -86,15 +102,17 @@ def read_params(buf: memoryview, where: str) -> tuple[Params, int]:
     state = peek_state(bytes(buf[:16]), where)
     (_magic, _version, _state, heap_id, arena_size, max_arenas, first_cap, mode, reserve,
      created_ns) = _PARAMS.unpack_from(buf, 0)
+    page_size = int.from_bytes(buf[PAGE_SIZE_OFFSET:PAGE_SIZE_OFFSET + 8], "little")
     try:
         check_arena_size(arena_size)
         check_max_arenas(max_arenas, arena_size)
+        check_page_size(page_size, arena_size)
     except ValueError as exc:
         raise HeapCorruptError(f"{where} holds impossible parameters: {exc}") from None
     if first_cap < 1 or first_cap & (first_cap - 1) or first_cap > MAX_ARENAS_LIMIT:
         raise HeapCorruptError(f"{where} holds an impossible first index capacity {first_cap}")
     params = Params(heap_id, arena_size, max_arenas, first_cap, mode & 0o7777, bool(reserve),
-                    created_ns)
+                    created_ns, page_size)
     return params, state
 
 

@@ -39,6 +39,17 @@ CRASH_POINTS: dict[str, str] = {
     "create.control_created": "control segment created, nothing initialised",
     "create.initialised": "every segment created, state not yet ready",
     "repair.adopted": "a waiter adopted a dead owner's lock, repair not yet run",
+    "span.described": "span table, size class and owner written, pages not yet marked used",
+    "span.pages_used": "a new span's pages marked used, its pageInUse bit not yet set",
+    "span.published": "a new span's pageInUse bit set (published), journal not yet cleared",
+    "span.unpublished": "a freed span's pageInUse bit cleared, its pages still marked used",
+    "span.freed": "a freed span's pages marked free, journal not yet cleared",
+    "cache.adopted": "an unowned span's owner set to the refilling process",
+    "cache.released": "a cached span's owner cleared, partial hint not yet set",
+    "scavenge.releasing": "free pages marked releasing, memory not yet returned",
+    "scavenge.released": "free pages' memory returned and marked released",
+    "sweep.claimed": "a sweeper moved the sweep cursor past its chunk, lock still held",
+    "cycle.started": "cycle number, cycle arenas and sweep cursor written, lock still held",
 }
 
 ENV_VAR = "SHMHEAP_CRASH_AT"

@@ -34,7 +34,8 @@ from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any
 
-from . import arenas, control, crash, liveness, segments
+from . import arenas, control, crash, liveness, segments, walker
+from .allocator import Allocator, as_ndarray
 from .errors import (
     AddressSpaceExhaustedError,
     ArenaCollisionError,
@@ -58,6 +59,7 @@ from .names import (
     owns,
     semaphore_name,
 )
+from .pages import DEFAULT_PAGE_SIZE, check_page_size
 from .repair import Finding, repair_after_crash, run_checks
 
 DEFAULT_ARENA_SIZE = 64 << 20
@@ -144,16 +146,18 @@ class Heap:
     @classmethod
     def create(cls, name: str, arena_size: int = DEFAULT_ARENA_SIZE,
                max_arenas: int = DEFAULT_MAX_ARENAS, mode: int = 0o600,
-               reserve: bool = True) -> Heap:
+               reserve: bool = True, page_size: int = DEFAULT_PAGE_SIZE) -> Heap:
         """Create heap ``name``; HeapExistsError if the name is taken.
 
         ``reserve`` allocates each arena's memory when it is created, so a full
         /dev/shm is an OutOfSharedMemoryError at ``grow()`` rather than SIGBUS
         at first touch; pass False for big arenas you will touch sparsely.
+        ``page_size`` is the allocator's page (pages.py).
         """
         check_name(name)
         check_arena_size(arena_size)
         check_max_arenas(max_arenas, arena_size)
+        check_page_size(page_size, arena_size)
         if not isinstance(mode, int) or not 0 <= mode <= 0o777:
             raise InvalidParameterError(f"mode {mode!r} is not a file mode like 0o600")
         try:
@@ -167,7 +171,8 @@ class Heap:
             raise AssertionError("a fresh control segment cannot be locked by anyone else")
         params = control.Params(
             heap_id=secrets.randbits(63) | 1, arena_size=arena_size, max_arenas=max_arenas,
-            first_cap=PAGE_SIZE // 4, mode=mode, reserve=reserve, created_ns=time.time_ns())
+            first_cap=PAGE_SIZE // 4, mode=mode, reserve=reserve, created_ns=time.time_ns(),
+            page_size=page_size)
         try:
             control.write_params(seg.buf, params)
             words = seg.buf.cast("Q")
@@ -323,7 +328,7 @@ class Heap:
         with self.locked(timeout):
             self._index.header()  # a broken heap fails here, before anything is made
             seg = arenas.build(self.name, self.params.heap_id, self.arena_size,
-                               self.params.mode, self.params.reserve)
+                               self.params.mode, self.params.reserve, self.params.page_size)
             try:
                 crash.reach("grow.segment_created")
                 index = self._link_new_arena(seg, at)
@@ -380,7 +385,7 @@ class Heap:
         if not isinstance(index, int) or index not in self._map:
             raise KeyError(index)
         arena = arenas.open_arena(self.name, self.params.heap_id, index, self.arena_size,
-                                  self.readonly)
+                                  self.readonly, self.params.page_size)
         self._arenas[index] = arena
         return arena
 
@@ -439,10 +444,70 @@ class Heap:
             index_cap=self._index.capacity(generation), index_generations=generation + 1,
             index_bytes=self._index.bytes_through(generation), arena_size=self.arena_size,
             max_arenas=self.max_arenas,
-            reserved_bytes=length * arenas.segment_size(self.arena_size), hint=hint,
+            reserved_bytes=length * arenas.segment_size(self.arena_size, self.params.page_size),
+            hint=hint,
             readonly=self.readonly, attached=len(self._live.attachments()),
             lock_owner_pid=self._live.owner_pid(), recoveries=recoveries,
             last_recovery_ns=last_ns, repairs=repairs, created_ns=self.params.created_ns)
+
+    # -- objects (allocator.py) and heap walking (walker.py) ----------------------------
+
+    _allocator: Allocator | None = None
+
+    def _objects(self) -> Allocator:
+        """This handle's allocator, made on first use."""
+        allocator = self._allocator
+        if allocator is None or type(self._lock) is _ClosedLock:
+            self._check_open()
+            allocator = self._allocator = Allocator(self)
+        return allocator
+
+    def alloc(self, nbytes: int) -> int:
+        """A new zeroed object of at least ``nbytes`` bytes; returns its heap address.
+
+        The address is a plain non-zero int, valid in every attached process.
+        """
+        return self._objects().alloc(nbytes)
+
+    def free(self, ref: int) -> None:
+        """Free the object at heap address ``ref`` (allocated by any process)."""
+        self._objects().free(ref)
+
+    def view(self, ref: int) -> memoryview:
+        """A memoryview of exactly the object's ``size_of(ref)`` bytes (read-only if readonly)."""
+        return self._objects().view(ref)
+
+    def size_of(self, ref: int) -> int:
+        """Bytes of the object at ``ref``: ``alloc(n)`` rounded up to its size class or pages."""
+        return self._objects().size_of(ref)
+
+    def ndarray(self, ref: int, dtype: Any, shape: int | tuple[int, ...] | None = None) -> Any:
+        """A zero-copy numpy array over the object at ``ref`` (needs the numpy extra)."""
+        return as_ndarray(self.view(ref), dtype, shape)
+
+    def walk(self) -> Iterator[walker.SpanInfo]:
+        """Every in-use span and its live objects, read with no lock (see walker.py)."""
+        return walker.walk(self)
+
+    def stats(self) -> walker.HeapStats:
+        """Bytes in use, free, reserved and released; objects per size class."""
+        return walker.stats(self)
+
+    def start_cycle(self) -> int:
+        """Begin a mark/sweep cycle (clear every mark); returns the cycle number."""
+        return walker.start_cycle(self)
+
+    def mark(self, ref: int) -> None:
+        """Mark the object at ``ref`` as live for the current cycle."""
+        walker.mark(self, ref)
+
+    def sweep(self) -> walker.SweepReport:
+        """Free what the current cycle left unmarked; several processes may sweep at once."""
+        return walker.sweep(self)
+
+    def scavenge(self) -> walker.ScavengeReport:
+        """Return the memory of free pages to the OS."""
+        return walker.scavenge(self)
 
 
 def _set_state(buf: memoryview, state: int) -> None:

@@ -10,6 +10,9 @@ heap.py, index.py, arenas.py), that is at most:
 * an index generation newer than the header's                  -> removed
 * the last published arena's map bit not yet set               -> set
 * dead process slots                                           -> cleaned
+* used pages no span holds (a span half made or freed; the
+  control journal names the arena)                             -> freed
+* spans cached by dead processes (allocator.py)                -> reclaimed
 
 ``repair_after_crash`` (run by a waiter that adopted a dead holder's lock)
 looks only for those, in time proportional to the number of objects in
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import arenas, control, segments
+from .allocator import check_allocator
 from .errors import HeapCorruptError, ShmHeapError
 from .index import ENTRY_SIZE
 from .names import arena_name, control_name, index_name, live_name, map_name, owns
@@ -97,6 +101,7 @@ class _Checker:
         self.check_map(entries, in_index)
         self.check_foreign_objects(generation, in_index)
         self.check_hint()
+        check_allocator(self.heap, self.heap._objects(), self.repair, self.full, self.note)
         self.check_slots()
         return self.findings
 
@@ -159,7 +164,7 @@ class _Checker:
                 continue
             try:
                 arenas.open_arena(self.name, heap.params.heap_id, index, heap.arena_size,
-                                  readonly=True).close()
+                                  readonly=True, page_size=heap.params.page_size).close()
             except ShmHeapError as exc:
                 self.note("arena-lost", f"published arena {index}: {exc}", fixable=False)
         return in_index
@@ -212,7 +217,7 @@ class _Checker:
                               harmless=True)
 
     def _is_ours(self, entry: str) -> bool:
-        size = arenas.segment_size(self.heap.arena_size)
+        size = arenas.segment_size(self.heap.arena_size, self.heap.params.page_size)
         if segments.size_of(entry) != size:
             return False
         try:

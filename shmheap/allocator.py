@@ -1,0 +1,652 @@
+"""Objects in arenas: size classes, spans, per-process span caches; alloc/free/view/size_of.
+
+A heap address (a *ref*) is ``arena.base + offset``: a plain ``int``, the same
+in every process, 0 never a valid object (arena 0 is never used).
+
+Large objects (over ``max_small`` bytes) take a span of whole pages of their
+own, made under the heap lock.  An object must fit in one arena: objects
+spanning arenas are not supported (a typed error says to use larger arenas).
+
+Small objects live in spans of one size class (Go's size classes, 16 bytes
+to 32 KiB; a span is 1-8 pages).  A small span starts with a header of two
+byte arrays, then the slots::
+
+    [alloc: nelems bytes][mark: nelems bytes][pad to 16][slot 0][slot 1]...
+
+``alloc[k]`` is 1 while slot k holds an object, ``mark[k]`` is 1 when it is
+marked (walker.py).  These are bytes, not Go's ``allocBits`` bitmaps,
+because Python has no atomic read-modify-write on shared memory: two
+processes doing ``b |= bit`` on one byte lose updates.  With a byte per slot
+every store is a whole byte, and the writers never conflict:
+
+* ``alloc[k]`` 0 -> 1 only by the span's owner (below), and only while it is 0;
+  1 -> 0 only by whoever frees the object (one holder of a live ref, or the
+  sweeper of an unmarked one): nobody else may touch a slot in that state.
+* ``mark[k]`` is written 1 by the owner before it sets ``alloc[k]`` (born
+  marked), 1 by ``mark()``, 0 by ``start_cycle`` (walker.py); all idempotent.
+
+Per-process caches (Go's mcache, mimalloc's thread-local pages)
+    Each process owns at most one span per size class: the span's ``owner``
+    word (pages.py) holds its liveness token.  Only the owner allocates in
+    it, without any lock: pop a slot from a local list of slots it saw free,
+    store mark=1, zero the slot, store alloc=1.  A slot free when the owner
+    looked stays free until the owner takes it (frees only make slots free),
+    so the list never goes stale.  When the list runs out the owner rescans
+    its span; if under a quarter of it is free, it gives the span up and
+    refills under the heap lock: adopt an unowned span of the class with free
+    slots (found through the arena's ``partial`` hint), else make a new span
+    from free pages, else grow the heap.  Refill and large objects are the
+    only allocation paths that take the lock.
+
+``free`` from any process clears ``alloc[k]`` with one store and, if the span
+has no owner, stores 1 into its arena's ``partial[class]`` hint.  A hint
+lost in a race only delays reuse of a slot until the next free or sweep
+into that span; it never loses an object.
+
+Dead owners (mimalloc's abandoned segments)
+    A span whose owner token is no longer alive (the process died or closed
+    the heap) is *reclaimed* by the lock holder: its owner is cleared, it
+    gets a pageMarks bit if it holds a marked object, and it becomes an
+    ordinary unowned span (or free pages, if it is empty).  The reclaim pass
+    runs before the heap grows, every ``RECLAIM_EVERY`` span refills of a
+    process, at the start of every sweep and in crash recovery / fsck repair
+    (``check_allocator``), so a killed allocator leaks nothing permanently.
+
+New memory reads zero: slots are zeroed when they are allocated, pages when
+they are made into a span (only pages whose state says they may hold data).
+
+A ``Heap`` handle, and so its allocator, is for one thread at a time.
+
+This module owns size classes, span headers, the caches, and the page-heap
+mutations' use of the journal.  Page metadata layout and order are in
+pages.py; walking, marking, sweeping and scavenging in walker.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import weakref
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+
+from . import crash
+from .control import JOURNAL_OFFSET
+from .errors import (
+    DoubleFreeError,
+    HeapCorruptError,
+    InvalidParameterError,
+    InvalidRefError,
+    ReadOnlyError,
+)
+from .index import ArenaSnapshot
+from .pages import OWNED_OFFSET, ArenaPages, layout, zero_positions
+
+if TYPE_CHECKING:
+    from .heap import Heap
+
+#: Largest small object; bigger ones take pages of their own.
+MAX_SMALL = 32 * 1024
+#: Most pages in a small span.
+MAX_SPAN_PAGES = 8
+#: A span is kept by its owner on rescan if at least 1/KEEP_FRACTION of it is free,
+#: and adopted from the shared heap if at least 1/ADOPT_FRACTION is.
+KEEP_FRACTION = 4
+ADOPT_FRACTION = 8
+#: The reclaim pass runs at least every this many span refills of one process.
+RECLAIM_EVERY = 64
+#: How often an allocation grows the heap and retries before giving up.
+GROW_ATTEMPTS = 100
+ALIGN = 16
+_T = TypeVar("_T")
+
+
+class SizeClass(NamedTuple):
+    """One size class: slot ``size``, span of ``npages`` pages holding ``nelems`` slots.
+
+    In a span of this class the alloc bytes are at offset 0, the mark bytes at
+    ``nelems``, slot k at ``objects_at + k * size``.
+    """
+
+    number: int
+    size: int
+    npages: int
+    nelems: int
+    objects_at: int
+
+
+def _header_bytes(nelems: int) -> int:
+    return (2 * nelems + ALIGN - 1) & -ALIGN
+
+
+def _fit(size: int, span_bytes: int) -> int:
+    """Most slots of ``size`` bytes that fit in a span with their header."""
+    n = span_bytes // (size + 2)
+    while n > 0 and _header_bytes(n) + n * size > span_bytes:
+        n -= 1
+    return n
+
+
+def _class_sizes(max_small: int) -> list[int]:
+    sizes = list(range(ALIGN, 129, ALIGN))
+    step = 32
+    while sizes[-1] < max_small:
+        last = sizes[-1]
+        sizes.extend(last + step * i for i in range(1, 5))
+        step *= 2
+    return [s for s in sizes if s <= max_small]
+
+
+def size_classes(page_size: int, pages_per_arena: int) -> tuple[SizeClass, ...]:
+    """The size classes of a heap; entry 0 stands for large objects.
+
+    Each class gets the span length (1..8 pages, at most half an arena) that
+    wastes least, stopping at the first that wastes at most 1/8; then its
+    size grows to share the span's leftover bytes among its slots (as Go's
+    classes do), and a class that ends up no larger than the one before is
+    dropped.
+    """
+    classes = [SizeClass(0, 0, 0, 1, 0)]
+    max_pages = max(1, min(MAX_SPAN_PAGES, pages_per_arena // 2))
+    for size in _class_sizes(min(MAX_SMALL, 4 * page_size)):
+        best: tuple[float, int, int] | None = None
+        for npages in range(1, max_pages + 1):
+            span_bytes = npages * page_size
+            nelems = _fit(size, span_bytes)
+            if nelems < 1:
+                continue
+            waste = (span_bytes - nelems * size) / span_bytes
+            if best is None or waste < best[0]:
+                best = (waste, npages, nelems)
+            if waste <= 1 / 8:
+                break
+        if best is None:
+            break
+        _, npages, nelems = best
+        objects_at = _header_bytes(nelems)
+        size = (npages * page_size - objects_at) // nelems & -ALIGN
+        if size > classes[-1].size:
+            classes.append(SizeClass(len(classes), size, npages, nelems, objects_at))
+    return tuple(classes)
+
+
+class _Cache:
+    """A span this process owns, and the slots it saw free in it (popped from the end)."""
+
+    __slots__ = ("a0", "base", "cls", "data", "free", "m0", "o0", "pages", "size", "start")
+
+    def __init__(self, pages: ArenaPages, start: int, cls: SizeClass, fresh: bool) -> None:
+        self.pages = pages
+        self.start = start
+        self.cls = cls
+        self.data = pages.data
+        self.a0 = start << pages.page_shift
+        self.m0 = self.a0 + cls.nelems
+        self.o0 = self.a0 + cls.objects_at
+        self.size = cls.size
+        self.base = pages.base
+        self.free = list(range(cls.nelems - 1, -1, -1)) if fresh else self.rescan()
+
+    def rescan(self) -> list[int]:
+        free = zero_positions(bytes(self.data[self.a0:self.m0]))
+        free.reverse()
+        return free
+
+
+_ALL: weakref.WeakSet[Allocator] = weakref.WeakSet()
+
+
+def _forget_caches_after_fork() -> None:
+    """In a forked child the parent's spans are not ours: forget them."""
+    for allocator in list(_ALL):
+        allocator.forget_caches()
+
+
+os.register_at_fork(after_in_child=_forget_caches_after_fork)
+
+
+class Allocator:
+    """The object allocator of one ``Heap`` handle (made lazily by ``Heap``)."""
+
+    def __init__(self, heap: Heap) -> None:
+        self.heap = heap
+        self.readonly = heap.readonly
+        self.page_size = heap.params.page_size
+        self.page_shift = self.page_size.bit_length() - 1
+        self.arena_size = heap.arena_size
+        self.arena_shift = self.arena_size.bit_length() - 1
+        self.arena_mask = self.arena_size - 1
+        self.pages_per_arena = layout(self.arena_size, self.page_size).pages
+        self.classes = size_classes(self.page_size, self.pages_per_arena)
+        self.max_small = self.classes[-1].size
+        #: class of a small size n at [(n + 15) >> 4]
+        self.lookup = self._lookup_table()
+        self._arenas: dict[int, ArenaPages] = {}
+        self._caches: list[_Cache | None] = [None] * len(self.classes)
+        self._hint = 0
+        self._refills = 0
+        _ALL.add(self)
+
+    def _lookup_table(self) -> list[int]:
+        table = [1]
+        for cls in self.classes[1:]:
+            table.extend([cls.number] * (cls.size // ALIGN - len(table) + 1))
+        return table
+
+    def forget_caches(self) -> None:
+        self._caches = [None] * len(self.classes)
+
+    def span_ok(self, sclass: int, npages: int) -> bool:
+        """True if a span of ``npages`` pages may have size class ``sclass``."""
+        if sclass == 0:
+            return True
+        return sclass < len(self.classes) and self.classes[sclass].npages == npages
+
+    # -- arenas ------------------------------------------------------------------------
+
+    def pages_of(self, index: int) -> ArenaPages:
+        """The page view of arena ``index`` (KeyError if the heap has no such arena)."""
+        pages = self._arenas.get(index)
+        if pages is None:
+            pages = ArenaPages(self.heap.name, self.heap.arena(index), self.page_size)
+            self._arenas[index] = pages
+        return pages
+
+    def snapshot_locked(self) -> ArenaSnapshot:
+        """The index as the lock holder sees it now."""
+        heap = self.heap
+        return heap._index.snapshot_of(int(heap._header[0]))
+
+    @contextlib.contextmanager
+    def journal(self, index: int) -> Iterator[None]:
+        """Name arena ``index`` in the control journal while the lock holder changes it."""
+        words = self.heap._words
+        slot = JOURNAL_OFFSET // 8
+        words[slot] = index + 1
+        try:
+            yield
+        finally:
+            words[slot] = 0
+
+    # -- alloc -------------------------------------------------------------------------
+
+    def alloc(self, nbytes: int) -> int:
+        """A new zeroed object of at least ``nbytes`` bytes; returns its heap address."""
+        if type(nbytes) is int and 0 < nbytes <= self.max_small:
+            c = self.lookup[(nbytes + 15) >> 4]
+            cache = self._caches[c]
+            if cache is not None and cache.free:
+                k = cache.free.pop()
+                data = cache.data
+                data[cache.m0 + k] = 1
+                size = cache.size
+                offset = cache.o0 + k * size
+                data[offset:offset + size] = bytes(size)
+                data[cache.a0 + k] = 1
+                return cache.base + offset
+            self._refill(c)
+            return self.alloc(nbytes)
+        return self._alloc_large(nbytes)
+
+    def _check_writable(self, what: str) -> None:
+        if self.readonly:
+            raise ReadOnlyError(f"heap {self.heap.name!r} is attached readonly; {what} needs a "
+                                "writable attach (Heap.attach(name))")
+
+    def _token(self) -> int:
+        live = self.heap._live
+        assert live is not None
+        return live.token
+
+    def _refill(self, c: int) -> None:
+        """Give this process a span of class ``c`` with free slots (slow path)."""
+        self._check_writable("alloc()")
+        old = self._caches[c]
+        if old is not None:
+            old.free = old.rescan()
+            if len(old.free) * KEEP_FRACTION >= old.cls.nelems:
+                return
+            self._caches[c] = None
+        self._refills += 1
+
+        def attempt() -> _Cache | None:
+            nonlocal old
+            if old is not None:
+                self.disown_locked(old.pages, old.start)
+                old = None
+            if self._refills % RECLAIM_EVERY == 0:
+                self.reclaim_locked()
+            return self._adopt_locked(c) or self._make_span_locked(c)
+
+        self._caches[c] = self._with_room(attempt, self.classes[c].npages)
+
+    def _with_room(self, attempt: Callable[[], _T | None], npages: int) -> _T:
+        """``attempt()`` under the lock; if no arena has room, reclaim, then grow, and retry.
+
+        As Go's ``mheap.alloc`` reclaims before it grows the heap: spans of dead
+        owners and empty unowned spans go back to the free pages first.
+        """
+        for _ in range(GROW_ATTEMPTS):
+            with self.heap.locked():
+                got = attempt()
+                if got is None and (self.reclaim_locked() + self.release_empty_locked()):
+                    got = attempt()
+            if got is not None:
+                return got
+            self._hint = self.heap.grow().index
+        raise InvalidParameterError(
+            f"heap {self.heap.name!r}: no arena could take {npages} pages even after growing "
+            f"{GROW_ATTEMPTS} times; other processes are allocating faster than it grows")
+
+    def _adopt_locked(self, c: int) -> _Cache | None:
+        """Take an unowned span of class ``c`` with enough free slots (lock holder)."""
+        cls = self.classes[c]
+        for index in self.snapshot_locked():
+            pages = self.pages_of(index)
+            if not pages.partial[c]:
+                continue
+            pages.partial[c] = 0
+            chosen = None
+            for start in pages.class_starts(c):
+                if pages.owner[start]:
+                    continue
+                free = bytes(pages.data[start << self.page_shift:][:cls.nelems]).count(0)
+                if free * ADOPT_FRACTION < cls.nelems:
+                    continue
+                if chosen is None:
+                    chosen = start
+                else:
+                    pages.partial[c] = 1
+                    break
+            if chosen is not None:
+                with self.journal(index):
+                    pages.meta[OWNED_OFFSET] = 1
+                    pages.owner[chosen] = self._token()
+                    crash.reach("cache.adopted")
+                return _Cache(pages, chosen, cls, fresh=False)
+        return None
+
+    def _make_span_locked(self, c: int) -> _Cache | None:
+        cls = self.classes[c]
+        made = self.make_span_locked(cls.npages, c, self._token(), zero_now=True)
+        if made is None:
+            return None
+        return _Cache(made[0], made[1], cls, fresh=True)
+
+    def make_span_locked(self, npages: int, sclass: int, owner: int,
+                         zero_now: bool) -> tuple[ArenaPages, int, list[tuple[int, int]]] | None:
+        """Make a span of ``npages`` free pages (lock holder); None if no arena has room.
+
+        Returns (arena pages, first page, page runs the caller must still zero);
+        with ``zero_now`` they are zeroed here, before the span is published.
+        """
+        snap = self.snapshot_locked()
+        order = [self._hint, *snap] if self._hint in self._arenas else list(snap)
+        for index in order:
+            pages = self.pages_of(index)
+            start = pages.find_free_run(npages)
+            if start < 0:
+                continue
+            dirty = pages.prepare(start, npages, self.heap.params.reserve)
+            with self.journal(index):
+                if zero_now:
+                    for first, count in dirty:
+                        pages.zero(first, count)
+                    dirty = []
+                pages.publish(start, npages, sclass, owner)
+            self._hint = index
+            return pages, start, dirty
+        return None
+
+    def _alloc_large(self, nbytes: int) -> int:
+        if type(nbytes) is not int or nbytes <= 0:
+            raise InvalidParameterError(
+                f"alloc({nbytes!r}): the size must be a positive int number of bytes")
+        npages = -(-nbytes >> self.page_shift)
+        if npages > self.pages_per_arena:
+            raise InvalidParameterError(
+                f"alloc({nbytes}): larger than an arena ({self.arena_size} bytes); objects "
+                "cannot span arenas, so create the heap with a larger arena_size")
+        self._check_writable("alloc()")
+        pages, start, dirty = self._with_room(
+            lambda: self.make_span_locked(npages, 0, 0, zero_now=False), npages)
+        for first, count in dirty:
+            pages.zero(first, count)  # outside the lock: nobody else knows the span yet
+        return pages.base + (start << self.page_shift)
+
+    # -- finding an object -------------------------------------------------------------
+
+    def locate(self, ref: object) -> tuple[ArenaPages, int, int, int]:
+        """(arena pages, span's first page, size class, slot) of the object at ``ref``.
+
+        Checks everything but whether the slot is allocated: the alloc byte of
+        a small object is at ``data[(start << page_shift) + slot]``.
+        """
+        if type(ref) is not int or ref <= 0:
+            raise InvalidRefError(f"{ref!r} is not a heap address (a positive int from alloc())")
+        index = ref >> self.arena_shift
+        offset = ref & self.arena_mask
+        pages = self._arenas.get(index)
+        if pages is None:
+            try:
+                pages = self.pages_of(index)
+            except KeyError:
+                raise InvalidRefError(f"address {ref:#x} is in no arena of heap "
+                                      f"{self.heap.name!r}") from None
+        page = offset >> self.page_shift
+        if not pages.used[page]:
+            raise self._free_page_error(pages, ref, page)
+        start = pages.span[page] - 1
+        if not 0 <= start <= page:
+            raise HeapCorruptError(f"heap {self.heap.name!r}: arena {index} page {page} has an "
+                                   f"impossible span entry; run `shmheap fsck {self.heap.name}`")
+        c = pages.sclass[start]
+        span_offset = offset - (start << self.page_shift)
+        if c == 0:
+            if span_offset:
+                raise self._interior(ref)
+            return pages, start, 0, 0
+        if c >= len(self.classes):
+            raise HeapCorruptError(f"heap {self.heap.name!r}: arena {index} page {start} has "
+                                   f"unknown size class {c}; run `shmheap fsck {self.heap.name}`")
+        cls = self.classes[c]
+        slot, rest = divmod(span_offset - cls.objects_at, cls.size)
+        if rest or not 0 <= slot < cls.nelems:
+            raise self._interior(ref)
+        return pages, start, c, slot
+
+    def _free_page_error(self, pages: ArenaPages, ref: int, page: int) -> InvalidRefError:
+        if ref & (self.page_size - 1) == 0 and pages.span[page] == page + 1:
+            return DoubleFreeError(f"address {ref:#x} names an object that was already freed")
+        return InvalidRefError(f"address {ref:#x} is in free pages of heap {self.heap.name!r}: "
+                               "no object lives there")
+
+    def _interior(self, ref: int) -> InvalidRefError:
+        return InvalidRefError(f"address {ref:#x} is not the start of an object of heap "
+                               f"{self.heap.name!r} (inside one, or in a span header)")
+
+    def live(self, ref: object) -> tuple[ArenaPages, int, int, int]:
+        """``locate``, and InvalidRefError unless the object is allocated now."""
+        pages, start, c, slot = self.locate(ref)
+        if c and pages.data[(start << self.page_shift) + slot] != 1:
+            raise InvalidRefError(f"address {ref:#x} names a freed object")
+        return pages, start, c, slot
+
+    def object_bytes(self, pages: ArenaPages, start: int, c: int, slot: int) -> tuple[int, int]:
+        """(offset in the arena, size) of a located object."""
+        if c == 0:
+            return start << self.page_shift, pages.npages[start] << self.page_shift
+        cls = self.classes[c]
+        return (start << self.page_shift) + cls.objects_at + slot * cls.size, cls.size
+
+    # -- free, view, size_of -------------------------------------------------------------
+
+    def free(self, ref: int) -> None:
+        """Free the object at ``ref``, allocated by any process."""
+        self._check_writable("free()")
+        pages, start, c, slot = self.locate(ref)
+        if c == 0:
+            self._free_large(pages, start, ref)
+            return
+        at = (start << self.page_shift) + slot
+        data = pages.data
+        if data[at] != 1:
+            raise DoubleFreeError(f"address {ref:#x} names an object that was already freed")
+        data[at] = 0
+        if not pages.owner[start]:
+            pages.partial[c] = 1
+
+    def _free_large(self, pages: ArenaPages, start: int, ref: int) -> None:
+        with self.heap.locked():
+            if not (pages.used[start] and pages.span[start] == start + 1
+                    and pages.in_use(start) and pages.sclass[start] == 0):
+                raise DoubleFreeError(f"address {ref:#x} names an object that was already "
+                                      "freed (by another process, just now)")
+            with self.journal(pages.index):
+                pages.release(start)
+
+    def view(self, ref: int) -> memoryview:
+        """The object's bytes (read-only when the heap is attached readonly)."""
+        pages, start, c, slot = self.live(ref)
+        offset, size = self.object_bytes(pages, start, c, slot)
+        return pages.data[offset:offset + size]
+
+    def size_of(self, ref: int) -> int:
+        """The object's size: its size class, or its pages for a large object."""
+        pages, start, c, slot = self.live(ref)
+        return self.object_bytes(pages, start, c, slot)[1]
+
+    # -- ownership (lock holder) ---------------------------------------------------------
+
+    def disown_locked(self, pages: ArenaPages, start: int) -> bool:
+        """End the ownership of the span at ``start``; True if it was empty and freed.
+
+        A span holding a marked object gets its pageMarks bit first, so a sweep
+        that looks only at pageMarks cannot take it for garbage.
+        """
+        c = pages.sclass[start]
+        found = pages.span_of(start)
+        if found is None or found[1] != c or not 0 < c < len(self.classes):
+            return False
+        cls = self.classes[c]
+        a0 = start << self.page_shift
+        alloc = bytes(pages.data[a0:a0 + cls.nelems])
+        with self.journal(pages.index):
+            if alloc.count(0) == cls.nelems:
+                pages.release(start)
+                return True
+            marks = bytes(pages.data[a0 + cls.nelems:a0 + 2 * cls.nelems])
+            if int.from_bytes(alloc, "little") & int.from_bytes(marks, "little"):
+                pages.set_mark(start)
+            pages.owner[start] = 0
+            crash.reach("cache.released")
+            if 0 in alloc:
+                pages.partial[c] = 1
+        return False
+
+    def reclaim_locked(self, arenas: list[int] | None = None) -> int:
+        """Disown every span whose owner is dead (lock holder); returns how many."""
+        live = self.heap._live
+        assert live is not None
+        alive: dict[int, bool] = {}
+        reclaimed = 0
+        for index in self.snapshot_locked() if arenas is None else arenas:
+            pages = self.pages_of(index)
+            if not pages.owned():
+                continue
+            still_owned = False
+            for start in pages.owned_starts():
+                token = pages.owner[start]
+                if token not in alive:
+                    alive[token] = live.token_alive(token)
+                if alive[token]:
+                    still_owned = True
+                else:
+                    self.disown_locked(pages, start)
+                    reclaimed += 1
+            if not still_owned:
+                pages.meta[OWNED_OFFSET] = 0
+        return reclaimed
+
+    def release_empty_locked(self) -> int:
+        """Free every empty unowned small span of arenas with a partial hint (lock holder)."""
+        released = 0
+        for index in self.snapshot_locked():
+            pages = self.pages_of(index)
+            if not any(pages.partial):
+                continue
+            for start in pages.starts():
+                c = pages.sclass[start]
+                if pages.owner[start] or not 0 < c < len(self.classes):
+                    continue
+                a0 = start << self.page_shift
+                if 1 not in bytes(pages.data[a0:a0 + self.classes[c].nelems]):
+                    with self.journal(index):
+                        pages.release(start)
+                    released += 1
+        return released
+
+
+Note = Callable[[str, str, bool], bool]
+
+
+def check_allocator(heap: Heap, allocator: Allocator, repair: bool, full: bool,
+                    note: Note) -> None:
+    """fsck of the page metadata (lock holder).
+
+    ``full``: audit every arena; else only the arena the journal names (the
+    one a dead lock holder was changing).  With ``repair`` on a writable
+    heap, fix what ``audit`` can fix, clear the journal and reclaim the
+    spans of dead owners.  ``note(code, message, fixable)`` records a finding
+    and says whether to fix it now.
+    """
+    words = heap._words
+    slot = JOURNAL_OFFSET // 8
+    journal = int(words[slot])
+    if full:
+        arenas = list(allocator.snapshot_locked())
+    else:
+        arenas = [journal - 1] if 0 < journal <= heap.max_arenas else []
+    for index in arenas:
+        try:
+            pages = allocator.pages_of(index)
+        except (KeyError, HeapCorruptError):
+            continue  # the index checks report a lost arena
+        for problem in pages.audit(allocator.span_ok):
+            fixable = problem.fix is not None and not heap.readonly
+            if note(problem.code, problem.message, fixable) and problem.fix is not None:
+                problem.fix()
+    if not repair or heap.readonly:
+        return
+    if journal:
+        words[slot] = 0
+    reclaimed = allocator.reclaim_locked()
+    if reclaimed:
+        note("abandoned-spans", f"{reclaimed} span(s) cached by dead processes were returned "
+             "to the heap", True)
+
+
+def as_ndarray(view: memoryview, dtype: Any, shape: int | tuple[int, ...] | None) -> Any:
+    """A numpy array over ``view`` with no copy: all of it, or the first ``shape`` items."""
+    try:
+        import numpy
+    except ImportError:
+        raise ModuleNotFoundError("Heap.ndarray needs numpy; install it with "
+                                  "`pip install 'shmheap[numpy]'`") from None
+    try:
+        itemsize = numpy.dtype(dtype).itemsize
+    except TypeError as exc:
+        raise InvalidParameterError(f"ndarray: {dtype!r} is not a numpy dtype ({exc})") from None
+    if shape is None:
+        return numpy.frombuffer(view, dtype, len(view) // itemsize)
+    dims = (shape,) if isinstance(shape, int) else tuple(shape)
+    count = 1
+    for dim in dims:
+        if not isinstance(dim, int) or dim < 0:
+            raise InvalidParameterError(f"ndarray: shape {shape!r} must hold ints >= 0")
+        count *= dim
+    if count * itemsize > len(view):
+        raise InvalidParameterError(
+            f"ndarray: shape {shape!r} of {dtype!r} needs {count * itemsize} bytes, the object "
+            f"has {len(view)}")
+    return numpy.frombuffer(view, dtype, count).reshape(dims)

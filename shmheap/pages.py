@@ -1,0 +1,452 @@
+"""Pages and per-arena page metadata: Go's ``heapArena``, shared between processes.
+
+An arena's segment is ``arena_size`` data bytes, the 64-byte trailer
+(arenas.py), then the metadata this module lays out.  The data is cut into
+``P = arena_size // page_size`` pages (``page_size`` is a heap parameter,
+8 KiB by default).  A *span* is a run of pages holding either one large
+object or the slots of one small size class (allocator.py).
+
+Metadata layout (offsets from the metadata's start; all zero is a valid empty
+arena, so a new arena needs no initialisation)::
+
+    off   size  field    who writes it
+    0        1  owned    lock holder: set to 1 before a span here gets an owner;
+                         cleared by the lock holder's reclaim pass when it finds
+                         none (a hint: 0 means no span of this arena is cached)
+    64      64  partial  byte [c] for size class c: any process stores 1 after it
+                         frees into an unowned span of class c here; the lock
+                         holder stores 0 before it scans the arena (a hint)
+    128      P  used     lock holder: 1 for every page of an in-use span
+    .        P  state    lock holder: what a free page holds (CLEAN, DIRTY,
+                         RELEASED, RELEASING below); meaningless on used pages
+    .        P  sclass   lock holder: for every page of an in-use span, 0 for a
+                         large object or the size class of its slots; 0 on free
+                         pages (so ``find`` on it finds the spans of a class)
+    .      P/8  inuse    pageInUse bitmap, lock holder: the bit of a span's first
+                         page, set last when the span is made, cleared first
+                         when it is freed
+    .      P/8  marks    pageMarks bitmap: the bit of a span's first page once it
+                         holds a marked object.  Set under the lock (only the
+                         first mark of a span in a cycle writes, see walker.py);
+                         cleared by start_cycle, which runs alone by contract
+    (8-al)  4P  span     lock holder: 1 + the span's first page, for every page of
+                         an in-use span; a free page keeps its last value, so
+                         ``span[p] == p + 1`` on a free page says "a span
+                         started here" (double-free diagnosis only)
+    .       4P  npages   lock holder: at a span's first page, its length in pages
+    .       8P  owner    lock holder: at a span's first page, the liveness token
+                         of the process whose cache allocates in it, or 0
+
+That is 21.25 bytes per page plus 128: 0.26 % of an 8 KiB page, 0.52 % of a
+4 KiB one (the per-object bytes of small spans live in the spans themselves,
+see allocator.py).  Go keeps pageInUse/pageMarks as bitmaps and sets marks
+with an atomic OR; Python has no atomic read-modify-write on shared memory,
+so a bit is only ever changed under the heap lock, and every field written
+without the lock (``partial``; the per-object bytes) is a whole byte whose
+concurrent writers all store the same value.
+
+Publication order (the heap lock held, ``journal`` naming the arena):
+
+* make a span: (zero its dirty pages, re-reserve released ones) -> span,
+  npages, sclass, owner, marks bit (born marked) -> used -> inuse bit.
+* free a span: state DIRTY -> marks bit, owner -> inuse bit -> used.
+
+A holder killed anywhere leaves at worst used pages that no published span
+covers (a span half made or half freed); ``audit`` finds them and returns
+them to the free pages as RELEASING (may hold data, may be unreserved: the
+next user zeroes and re-reserves them).  ``journal`` (a control-segment
+word) names the arena a holder was changing, so crash recovery audits one
+arena instead of all.
+
+Lock-free readers (allocator.free/view, walker.py) read used -> span ->
+sclass -> npages, bounds-check every number, and treat what they read as a
+snapshot that may be stale by the time they act.
+
+This module owns the metadata layout, the page-level mutations and their
+order, and the audit.  It never takes the heap lock: the mutating methods
+say "lock holder only", and allocator.py/walker.py call them with it held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import functools
+import importlib
+import mmap
+import os
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import TYPE_CHECKING, NamedTuple
+
+from . import crash, segments
+from .errors import HeapCorruptError, InvalidParameterError, OutOfSharedMemoryError
+from .names import arena_name
+
+if TYPE_CHECKING:
+    from .arenas import Arena
+
+DEFAULT_PAGE_SIZE = 8192
+MIN_PAGES_PER_ARENA = 8
+MAX_CLASSES = 64
+HEADER_SIZE = 128
+OWNED_OFFSET = 0
+PARTIAL_OFFSET = 64
+
+#: states of a free page
+CLEAN, DIRTY, RELEASED, RELEASING = 0, 1, 2, 3
+NEEDS_ZERO = (DIRTY, RELEASING)
+NEEDS_RESERVE = (RELEASED, RELEASING)
+
+#: Set to False to force the pure-Python scans (tests), True to require numpy,
+#: None to use numpy when it is importable.
+USE_NUMPY: bool | None = None
+
+
+def numpy_or_none() -> ModuleType | None:
+    """numpy for bitmap scans, honouring USE_NUMPY."""
+    if USE_NUMPY is False:
+        return None
+    try:
+        return importlib.import_module("numpy")
+    except ImportError:
+        if USE_NUMPY:
+            raise
+        return None
+
+
+def check_page_size(page_size: object, arena_size: int) -> int:
+    """Return ``page_size`` if it is a power of two, an OS-page multiple, <= arena_size / 8."""
+    if not isinstance(page_size, int) or isinstance(page_size, bool):
+        raise InvalidParameterError(f"page_size must be an int, not {type(page_size).__name__}")
+    if page_size < mmap.PAGESIZE or page_size & (page_size - 1):
+        raise InvalidParameterError(
+            f"page_size {page_size} is not a power of two of at least the OS page size "
+            f"{mmap.PAGESIZE}; use e.g. 8192")
+    if page_size * MIN_PAGES_PER_ARENA > arena_size:
+        raise InvalidParameterError(
+            f"page_size {page_size} leaves fewer than {MIN_PAGES_PER_ARENA} pages in an arena "
+            f"of {arena_size} bytes; use a smaller page_size or a larger arena_size")
+    return page_size
+
+
+class Layout(NamedTuple):
+    """Offsets of the metadata fields for one (arena_size, page_size)."""
+
+    pages: int
+    used: int
+    state: int
+    sclass: int
+    inuse: int
+    marks: int
+    span: int
+    npages: int
+    owner: int
+    size: int
+
+
+def layout(arena_size: int, page_size: int) -> Layout:
+    pages = arena_size // page_size
+    used = HEADER_SIZE
+    state = used + pages
+    sclass = state + pages
+    inuse = sclass + pages
+    marks = inuse + pages // 8
+    span = (marks + pages // 8 + 7) & ~7
+    npages = span + 4 * pages
+    owner = npages + 4 * pages
+    size = owner + 8 * pages
+    return Layout(pages, used, state, sclass, inuse, marks, span, npages, owner, size)
+
+
+def meta_size(arena_size: int, page_size: int) -> int:
+    """Bytes of metadata after an arena's trailer."""
+    return layout(arena_size, page_size).size
+
+
+def bits_set(data: bytes) -> list[int]:
+    """Positions of the set bits of a little-endian bitmap, ascending."""
+    np = numpy_or_none()
+    if np is not None:
+        bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+        return [int(i) for i in np.flatnonzero(bits)]
+    found = []
+    word = int.from_bytes(data, "little")
+    while word:
+        low = word & -word
+        found.append(low.bit_length() - 1)
+        word ^= low
+    return found
+
+
+def zero_positions(data: bytes) -> list[int]:
+    """Positions of the zero bytes of ``data``, ascending."""
+    found = []
+    pos = data.find(0)
+    while pos >= 0:
+        found.append(pos)
+        pos = data.find(0, pos + 1)
+    return found
+
+
+def runs(data: bytes, value: int) -> Iterator[tuple[int, int]]:
+    """(start, length) of each maximal run of bytes equal to ``value`` (0 or 1)."""
+    other = 1 - value
+    pos = data.find(value)
+    while pos >= 0:
+        end = data.find(other, pos)
+        if end < 0:
+            end = len(data)
+        yield pos, end - pos
+        pos = data.find(value, end)
+
+
+class ArenaPages:
+    """This process's view of one arena's data and page metadata."""
+
+    __slots__ = ("base", "data", "heap_name", "index", "inuse", "marks", "meta", "npages",
+                 "owner", "page_shift", "page_size", "pages", "partial", "sclass", "span",
+                 "state", "used")
+
+    def __init__(self, heap_name: str, arena: Arena, page_size: int) -> None:
+        lay = layout(arena.size, page_size)
+        meta = arena.meta
+        if len(meta) < lay.size:
+            raise HeapCorruptError(f"arena {arena.index} of heap {heap_name!r} has no room "
+                                   "for its page metadata")
+        self.heap_name = heap_name
+        self.index = arena.index
+        self.base = arena.base
+        self.data = arena.buf
+        self.page_size = page_size
+        self.page_shift = page_size.bit_length() - 1
+        self.pages = lay.pages
+        self.meta = meta
+        self.partial = meta[PARTIAL_OFFSET:PARTIAL_OFFSET + MAX_CLASSES]
+        self.used = meta[lay.used:lay.used + lay.pages]
+        self.state = meta[lay.state:lay.state + lay.pages]
+        self.sclass = meta[lay.sclass:lay.sclass + lay.pages]
+        self.inuse = meta[lay.inuse:lay.inuse + lay.pages // 8]
+        self.marks = meta[lay.marks:lay.marks + lay.pages // 8]
+        self.span = meta[lay.span:lay.span + 4 * lay.pages].cast("I")
+        self.npages = meta[lay.npages:lay.npages + 4 * lay.pages].cast("I")
+        self.owner = meta[lay.owner:lay.owner + 8 * lay.pages].cast("Q")
+
+    # -- reading (any process, no lock) ------------------------------------------------
+
+    def in_use(self, page: int) -> bool:
+        return bool(self.inuse[page >> 3] >> (page & 7) & 1)
+
+    def marked(self, page: int) -> bool:
+        return bool(self.marks[page >> 3] >> (page & 7) & 1)
+
+    def starts(self) -> list[int]:
+        """First pages of the in-use spans (pageInUse bits), ascending."""
+        return bits_set(bytes(self.inuse))
+
+    def span_of(self, start: int) -> tuple[int, int] | None:
+        """(npages, sclass) of the span published at ``start``, bounds-checked, else None."""
+        npages = self.npages[start]
+        if not self.in_use(start) or not 1 <= npages <= self.pages - start:
+            return None
+        return npages, self.sclass[start]
+
+    def owned(self) -> bool:
+        return bool(self.meta[OWNED_OFFSET])
+
+    def class_starts(self, sclass: int) -> Iterator[int]:
+        """First pages of the in-use spans of size class ``sclass`` (>= 1), ascending."""
+        data = bytes(self.sclass)
+        key = bytes([sclass])
+        pos = data.find(key)
+        while pos >= 0:
+            found = self.span_of(pos)
+            step = 1
+            if found is not None and found[1] == sclass:
+                yield pos
+                step = found[0]
+            pos = data.find(key, pos + step)
+
+    def owned_starts(self) -> list[int]:
+        """First pages of the in-use spans that record an owner."""
+        np = numpy_or_none()
+        if np is not None:
+            candidates = [int(p) for p in np.flatnonzero(np.frombuffer(self.owner, np.uint64))]
+        else:
+            candidates = [p for p in self.starts() if self.owner[p]]
+        return [p for p in candidates if self.in_use(p)]
+
+    # -- page heap (heap-lock holder only) ------------------------------------------
+
+    def find_free_run(self, npages: int) -> int:
+        """First page of a run of ``npages`` free pages, or -1."""
+        return bytes(self.used).find(bytes(npages))
+
+    def prepare(self, start: int, npages: int, reserve: bool) -> list[tuple[int, int]]:
+        """Re-reserve released pages of a run about to be used; return runs needing zeroes.
+
+        The state bytes are not changed: if reserving fails (OutOfSharedMemoryError),
+        the run stays free as it was.
+        """
+        states = bytes(self.state[start:start + npages])
+        if reserve:
+            for first, count in _runs_where(states, NEEDS_RESERVE):
+                self.reserve(start + first, count)
+        return [(start + first, count) for first, count in _runs_where(states, NEEDS_ZERO)]
+
+    def zero(self, start: int, npages: int) -> None:
+        """Zero the data of ``npages`` pages (their owner only)."""
+        shift = self.page_shift
+        self.data[start << shift:(start + npages) << shift] = bytes(npages << shift)
+
+    def publish(self, start: int, npages: int, sclass: int, owner: int) -> None:
+        """Make a span of free pages (prepared and zeroed as needed); publication is last."""
+        self.span[start:start + npages] = _u32_run(start + 1, npages)
+        self.npages[start] = npages
+        self.sclass[start:start + npages] = bytes([sclass]) * npages
+        if owner:
+            self.meta[OWNED_OFFSET] = 1
+        self.owner[start] = owner
+        self.set_mark(start)  # born marked: a span made during a cycle survives it
+        crash.reach("span.described")
+        self.used[start:start + npages] = b"\1" * npages
+        crash.reach("span.pages_used")
+        self.inuse[start >> 3] |= 1 << (start & 7)
+        crash.reach("span.published")
+
+    def release(self, start: int) -> int:
+        """Free the span at ``start``; returns its pages.  Its data becomes DIRTY."""
+        npages = self.npages[start]
+        self.state[start:start + npages] = bytes([DIRTY]) * npages
+        self.clear_mark(start)
+        self.owner[start] = 0
+        self.inuse[start >> 3] &= ~(1 << (start & 7)) & 0xFF
+        crash.reach("span.unpublished")
+        self.used[start:start + npages] = bytes(npages)
+        crash.reach("span.freed")
+        self.sclass[start:start + npages] = bytes(npages)
+        return npages
+
+    def set_mark(self, start: int) -> None:
+        """Set the pageMarks bit of ``start`` (lock holder: a read-modify-write)."""
+        self.marks[start >> 3] |= 1 << (start & 7)
+
+    def clear_mark(self, start: int) -> None:
+        self.marks[start >> 3] &= ~(1 << (start & 7)) & 0xFF
+
+    def reserve(self, start: int, npages: int) -> None:
+        """Allocate the memory of pages whose holes were punched (posix_fallocate)."""
+        shift = self.page_shift
+        with self._file() as fd:
+            try:
+                os.posix_fallocate(fd, start << shift, npages << shift)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+                    raise OutOfSharedMemoryError(
+                        f"/dev/shm is full: cannot reserve {npages << shift} bytes in arena "
+                        f"{self.index} of heap {self.heap_name!r}; free space there or "
+                        "free objects") from None
+                raise
+
+    def punch(self, start: int, npages: int) -> None:
+        """Return the memory of pages to the OS; they read zero afterwards."""
+        shift = self.page_shift
+        with self._file() as fd:
+            punch_hole(fd, start << shift, npages << shift)
+
+    @contextlib.contextmanager
+    def _file(self) -> Iterator[int]:
+        fd = os.open(segments.path_of(arena_name(self.heap_name, self.index)),
+                     os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    # -- audit (heap-lock holder; fsck and crash recovery) ---------------------------
+
+    def audit(self, span_ok: Callable[[int, int], bool]) -> list[Problem]:
+        """Everything wrong with this arena's metadata, each with its fix (None: fatal)."""
+        problems: list[Problem] = []
+        covered = bytearray(self.pages)
+        for start in self.starts():
+            npages, sclass = self.npages[start], self.sclass[start]
+            if not 1 <= npages <= self.pages - start or not span_ok(sclass, npages):
+                problems.append(Problem("span-bad", f"arena {self.index}: the span at page "
+                                        f"{start} has {npages} pages of class {sclass}", None))
+                continue
+            if any(covered[start:start + npages]) or any(
+                    self.span[p] != start + 1 for p in range(start, start + npages)):
+                problems.append(Problem("span-overlap", f"arena {self.index}: the span at "
+                                        f"page {start} overlaps another", None))
+                continue
+            covered[start:start + npages] = b"\1" * npages
+        used = bytes(self.used)
+        for start, count in runs(bytes(u & ~c & 1 for u, c in zip(used, covered,
+                                                                   strict=True)), 1):
+            problems.append(Problem(
+                "pages-orphaned", f"arena {self.index}: pages {start}..{start + count - 1} are "
+                "marked used but no span holds them (a process died making or freeing a span)",
+                functools.partial(self._free_orphans, start, count)))
+        for start, count in runs(bytes(c & ~u & 1 for u, c in zip(used, covered,
+                                                                   strict=True)), 1):
+            problems.append(Problem(
+                "pages-unmarked", f"arena {self.index}: pages {start}..{start + count - 1} of "
+                "a published span are not marked used",
+                functools.partial(self._mark_used, start, count)))
+        bad = [p for p, s in enumerate(bytes(self.state)) if s > RELEASING and not used[p]]
+        if bad:
+            problems.append(Problem(
+                "page-state", f"arena {self.index}: {len(bad)} free pages have an unknown "
+                "state", lambda: self._set_states(bad, RELEASING)))
+        return problems
+
+    def _free_orphans(self, start: int, npages: int) -> None:
+        self.state[start:start + npages] = bytes([RELEASING]) * npages
+        self.owner[start:start + npages] = memoryview(bytes(8 * npages)).cast("Q")
+        self.used[start:start + npages] = bytes(npages)
+        self.sclass[start:start + npages] = bytes(npages)
+
+    def _mark_used(self, start: int, npages: int) -> None:
+        self.used[start:start + npages] = b"\1" * npages
+
+    def _set_states(self, pages: list[int], state: int) -> None:
+        for page in pages:
+            self.state[page] = state
+
+
+class Problem(NamedTuple):
+    """One inconsistency ``audit`` found; ``fix`` repairs it (lock holder), None if fatal."""
+
+    code: str
+    message: str
+    fix: Callable[[], None] | None
+
+
+def _runs_where(states: bytes, wanted: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(start, length) runs of ``states`` whose bytes are in ``wanted``."""
+    flags = bytes(1 if s in wanted else 0 for s in states)
+    return list(runs(flags, 1))
+
+
+def _u32_run(value: int, count: int) -> memoryview:
+    return memoryview(value.to_bytes(4, "little") * count).cast("I")
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc: ctypes.CDLL | None = None
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """``fallocate(fd, PUNCH_HOLE | KEEP_SIZE, offset, length)`` through libc."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        _libc.fallocate.restype = ctypes.c_int
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"fallocate(PUNCH_HOLE) failed: {os.strerror(err)}")

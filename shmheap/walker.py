@@ -1,0 +1,467 @@
+"""Walking, marking, sweeping and scavenging a heap from any attached process.
+
+Walk (``heap.walk()``, ``heap.stats()``)
+    Take an index snapshot (the lock held only to copy the header), then read
+    each arena's pageInUse bitmap and span records, and each small span's
+    alloc bytes, with no lock.  Guarantees, for a walk that runs while other
+    processes allocate and free:
+
+    * an object allocated before the walk began and not freed until it
+      ended is reported exactly once, in a span of its size class;
+    * an object freed before the walk began is not reported;
+    * an object allocated or freed while the walk runs may be reported or
+      not (each span is read once, at some instant during the walk); an
+      arena added after the snapshot is skipped altogether, like Go's
+      ``sweepArenas``: whatever it holds was born after the walk began;
+    * every number read is bounds-checked; a span that is being made or
+      freed while it is read is skipped, never misreported as another size.
+
+Mark and sweep (Go's mark bits and fast free-page reclaim)
+    ``start_cycle()``: under the lock, bump the cycle number, record the
+    index length (the cycle's arenas) and reset the sweep cursor; then,
+    with no lock, clear every arena's pageMarks and every small span's mark
+    bytes (Go's ``gcResetMarkState``).  ``mark(ref)`` stores 1 into the
+    object's mark byte and, if its span's pageMarks bit is not yet set, sets
+    it under the lock (a bit is a read-modify-write, see pages.py).
+    Objects allocated after ``start_cycle()`` returns are born marked (the
+    owner stores mark=1 before alloc=1) and spans made after it are born with
+    their pageMarks bit.  ``sweep()`` claims chunks of the cycle's pages from
+    the shared cursor (one lock hold per chunk, as ``mheap.reclaim`` claims
+    with an atomic add), and in each arena of a chunk:
+
+    * frees under the lock every unowned span found through
+      ``pageInUse &^ pageMarks``, without reading its objects;
+    * in every other small span, frees each object whose alloc byte is 1
+      and mark byte 0 (alloc read before mark, so an object the owner is
+      allocating right now is seen marked), with one store per object.
+
+    Contract, as in Go: marking is finished before ``sweep()`` starts and no
+    ``start_cycle()`` runs while a sweep does; an object allocated while
+    ``start_cycle()`` is still clearing marks may lose its mark, so mark it
+    if it is live.  A sweeper killed mid-chunk leaves that chunk's garbage to
+    the next cycle.
+
+Scavenge (``heap.scavenge()``)
+    Per arena, under the lock: every free page not yet released becomes
+    RELEASING, its memory is returned with ``fallocate(PUNCH_HOLE)`` on the
+    arena's file, and it becomes RELEASED (reads zero, no memory).  Reuse
+    re-reserves it (if the heap reserves) and skips zeroing.
+
+This module owns walking, stats, the mark/sweep cycle and the scavenger.
+It changes page metadata only through pages.py and allocator.py, under the
+lock, naming the arena in the journal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from . import crash
+from .control import CYCLE_ARENAS_OFFSET, CYCLE_OFFSET, SWEEP_CURSOR_OFFSET
+from .errors import ReadOnlyError
+from .pages import RELEASED, RELEASING, ArenaPages, bits_set, runs
+
+if TYPE_CHECKING:
+    from .allocator import Allocator
+    from .heap import Heap
+
+#: Pages a sweeper claims at once (rounded up to whole arenas).
+SWEEP_CHUNK_PAGES = 16384
+#: bytes of ``state | used << 2``: 1 where a page is free and not yet released
+_RELEASABLE = bytes(1 if v in (0, 1, 3) else 0 for v in range(256))
+#: the same: 1 where a page is free and released
+_IS_RELEASED = bytes(1 if v == RELEASED else 0 for v in range(256))
+
+
+@dataclass(frozen=True)
+class SpanInfo:
+    """One in-use span as a walk saw it."""
+
+    arena: int
+    #: heap address of the span's first byte
+    address: int
+    npages: int
+    #: 0 for a large object, else the size class
+    size_class: int
+    object_size: int
+    #: object slots (1 for a large object)
+    capacity: int
+    #: heap addresses of its live objects, ascending
+    objects: tuple[int, ...]
+    #: a process's cache owns it (it allocates there without the lock)
+    cached: bool
+    #: its pageMarks bit is set
+    marked: bool
+
+    @property
+    def live_bytes(self) -> int:
+        return len(self.objects) * self.object_size
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    """Spans and objects of one size class (size 0: large objects)."""
+
+    size_class: int
+    object_size: int
+    spans: int
+    capacity: int
+    objects: int
+    live_bytes: int
+
+
+@dataclass(frozen=True)
+class HeapStats:
+    """What ``heap.stats()`` reports: pages and bytes by state, objects by size class."""
+
+    arenas: int
+    page_size: int
+    pages: int
+    pages_in_use: int
+    pages_free: int
+    pages_released: int
+    #: arena data bytes (all pages)
+    reserved_bytes: int
+    #: bytes of the pages in spans
+    in_use_bytes: int
+    #: bytes of free pages (released ones included)
+    free_bytes: int
+    #: bytes of free pages whose memory was returned to the OS
+    released_bytes: int
+    live_objects: int
+    live_bytes: int
+    #: bytes of free slots in small spans
+    free_slot_bytes: int
+    cached_spans: int
+    classes: tuple[ClassStats, ...] = field(default=())
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """What one ``sweep()`` call freed."""
+
+    chunks: int = 0
+    #: objects freed one by one in marked or cached spans
+    objects_freed: int = 0
+    #: spans freed whole (unmarked, or left empty)
+    spans_freed: int = 0
+    pages_freed: int = 0
+    bytes_freed: int = 0
+
+    def __add__(self, other: SweepReport) -> SweepReport:
+        return SweepReport(*(a + b for a, b in zip(asdict(self).values(),
+                                                   asdict(other).values(), strict=True)))
+
+
+@dataclass(frozen=True)
+class ScavengeReport:
+    """What one ``scavenge()`` call returned to the OS."""
+
+    pages: int = 0
+    released_bytes: int = 0
+
+
+def _check_writable(heap: Heap, what: str) -> None:
+    if heap.readonly:
+        raise ReadOnlyError(f"heap {heap.name!r} is attached readonly; {what} needs a "
+                            "writable attach (Heap.attach(name))")
+
+
+def positions(data: bytes, value: int) -> list[int]:
+    """Positions of the bytes of ``data`` equal to ``value``, ascending."""
+    found = []
+    pos = data.find(value)
+    while pos >= 0:
+        found.append(pos)
+        pos = data.find(value, pos + 1)
+    return found
+
+
+# -- walking -------------------------------------------------------------------------------
+
+
+def walk(heap: Heap) -> Iterator[SpanInfo]:
+    """Every in-use span of every arena of a fresh snapshot, in arena order (no lock)."""
+    allocator = heap._objects()
+    for index in heap.snapshot():
+        yield from arena_spans(allocator, allocator.pages_of(index))
+
+
+def arena_spans(allocator: Allocator, pages: ArenaPages) -> Iterator[SpanInfo]:
+    shift = pages.page_shift
+    for start in pages.starts():
+        found = pages.span_of(start)
+        if found is None or not allocator.span_ok(found[1], found[0]):
+            continue
+        npages, c = found
+        address = pages.base + (start << shift)
+        owner = pages.owner[start]
+        if c == 0:
+            yield SpanInfo(pages.index, address, npages, 0, npages << shift, 1, (address,),
+                           bool(owner), pages.marked(start))
+            continue
+        cls = allocator.classes[c]
+        a0 = start << shift
+        first = address + cls.objects_at
+        objects = tuple(first + k * cls.size
+                        for k in positions(bytes(pages.data[a0:a0 + cls.nelems]), 1))
+        yield SpanInfo(pages.index, address, npages, c, cls.size, cls.nelems, objects,
+                       bool(owner), pages.marked(start))
+
+
+def stats(heap: Heap) -> HeapStats:
+    """Pages, bytes and objects of a fresh snapshot, read with no lock (see ``walk``)."""
+    allocator = heap._objects()
+    snap = heap.snapshot()
+    page_size = allocator.page_size
+    per_class: dict[int, list[int]] = {}
+    total = in_use = released = objects = live = free_slots = cached = 0
+    for index in snap:
+        pages = allocator.pages_of(index)
+        used = bytes(pages.used)
+        total += pages.pages
+        in_use += used.count(1)
+        released += _state_bytes(pages, used).translate(_IS_RELEASED).count(1)
+        for span in arena_spans(allocator, pages):
+            row = per_class.setdefault(span.size_class, [0, 0, 0, 0])
+            row[0] += 1
+            row[1] += span.capacity
+            row[2] += len(span.objects)
+            row[3] += span.live_bytes
+            objects += len(span.objects)
+            live += span.live_bytes
+            cached += span.cached
+            if span.size_class:
+                free_slots += (span.capacity - len(span.objects)) * span.object_size
+    classes = tuple(ClassStats(c, allocator.classes[c].size if c else 0, *row)
+                    for c, row in sorted(per_class.items()))
+    return HeapStats(
+        arenas=len(snap), page_size=page_size, pages=total, pages_in_use=in_use,
+        pages_free=total - in_use, pages_released=released, reserved_bytes=total * page_size,
+        in_use_bytes=in_use * page_size, free_bytes=(total - in_use) * page_size,
+        released_bytes=released * page_size, live_objects=objects, live_bytes=live,
+        free_slot_bytes=free_slots, cached_spans=cached, classes=classes)
+
+
+def _state_bytes(pages: ArenaPages, used: bytes) -> bytes:
+    """``state | used << 2`` per page: 0-3 for a free page's state, 4 and up for a used page."""
+    count = pages.pages
+    state = int.from_bytes(pages.state, "little")
+    return (state | int.from_bytes(used, "little") << 2).to_bytes(count, "little")
+
+
+# -- mark and sweep ------------------------------------------------------------------------
+
+
+def start_cycle(heap: Heap) -> int:
+    """Begin a mark/sweep cycle: clear every mark; returns the cycle number."""
+    _check_writable(heap, "start_cycle()")
+    allocator = heap._objects()
+    words = heap._words
+    with heap.locked():
+        cycle = int(words[CYCLE_OFFSET // 8]) + 1
+        snap = allocator.snapshot_locked()
+        words[CYCLE_OFFSET // 8] = cycle
+        words[CYCLE_ARENAS_OFFSET // 8] = len(snap)
+        words[SWEEP_CURSOR_OFFSET // 8] = 0
+        crash.reach("cycle.started")
+    for index in snap:
+        pages = allocator.pages_of(index)
+        pages.marks[:] = bytes(len(pages.marks))
+        for start in pages.starts():
+            c = pages.sclass[start]
+            if 0 < c < len(allocator.classes):
+                nelems = allocator.classes[c].nelems
+                m0 = (start << pages.page_shift) + nelems
+                pages.data[m0:m0 + nelems] = bytes(nelems)
+    return cycle
+
+
+def mark(heap: Heap, ref: int) -> None:
+    """Mark the live object at ``ref`` for the current cycle."""
+    _check_writable(heap, "mark()")
+    allocator = heap._objects()
+    pages, start, c, slot = allocator.live(ref)
+    if c:
+        pages.data[(start << pages.page_shift) + allocator.classes[c].nelems + slot] = 1
+    if not pages.marked(start):
+        with heap.locked():
+            if pages.in_use(start):
+                pages.set_mark(start)
+
+
+def sweep(heap: Heap) -> SweepReport:
+    """Sweep chunks of the current cycle's pages until none is left; report what was freed."""
+    _check_writable(heap, "sweep()")
+    allocator = heap._objects()
+    words = heap._words
+    with heap.locked():
+        allocator.reclaim_locked()
+        arenas = allocator.snapshot_locked()[:int(words[CYCLE_ARENAS_OFFSET // 8])]
+    per_arena = allocator.pages_per_arena
+    chunk = max(per_arena, SWEEP_CHUNK_PAGES)
+    total = len(arenas) * per_arena
+    report = SweepReport()
+    while True:
+        with heap.locked():
+            cursor = int(words[SWEEP_CURSOR_OFFSET // 8])
+            if cursor >= total:
+                break
+            words[SWEEP_CURSOR_OFFSET // 8] = cursor + chunk
+            crash.reach("sweep.claimed")
+        report += SweepReport(chunks=1)
+        for position in range(cursor // per_arena, min(len(arenas), (cursor + chunk) // per_arena)):
+            report += sweep_arena(heap, allocator, allocator.pages_of(arenas[position]))
+    return report
+
+
+def unmarked_starts(pages: ArenaPages) -> list[int]:
+    """First pages of in-use spans without a mark: ``pageInUse &^ pageMarks``."""
+    inuse = bytes(pages.inuse)
+    marks = bytes(pages.marks)
+    if inuse == marks:
+        return []
+    bits = int.from_bytes(inuse, "little") & ~int.from_bytes(marks, "little")
+    return bits_set(bits.to_bytes(len(inuse), "little")) if bits else []
+
+
+def sweep_arena(heap: Heap, allocator: Allocator, pages: ArenaPages) -> SweepReport:
+    """Sweep one arena of a claimed chunk (see the module docstring)."""
+    unmarked = set(unmarked_starts(pages))
+    whole: list[int] = []
+    empty: list[int] = []
+    freed_objects = freed_bytes = 0
+    for start in pages.starts():
+        found = pages.span_of(start)
+        if found is None:
+            continue
+        unowned = not pages.owner[start]
+        if start in unmarked and unowned:
+            whole.append(start)
+            continue
+        c = found[1]
+        if not 0 < c < len(allocator.classes):
+            continue
+        cls = allocator.classes[c]
+        freed, left = _sweep_objects(pages, start, cls.nelems)
+        freed_objects += freed
+        freed_bytes += freed * cls.size
+        if unowned and freed:
+            pages.partial[c] = 1
+            if not left:
+                empty.append(start)
+    report = SweepReport(objects_freed=freed_objects, bytes_freed=freed_bytes)
+    if whole or empty:
+        report += _free_spans(heap, allocator, pages, whole, empty)
+    return report
+
+
+def _sweep_objects(pages: ArenaPages, start: int, nelems: int) -> tuple[int, int]:
+    """Free the unmarked objects of a small span; (objects freed, objects left)."""
+    data = pages.data
+    a0 = start << pages.page_shift
+    alloc = bytes(data[a0:a0 + nelems])  # before the marks: see the module docstring
+    marks = bytes(data[a0 + nelems:a0 + 2 * nelems])
+    garbage = int.from_bytes(alloc, "little") & ~int.from_bytes(marks, "little")
+    live = alloc.count(1)
+    if not garbage:
+        return 0, live
+    doomed = positions(garbage.to_bytes(nelems, "little"), 1)
+    for slot in doomed:
+        data[a0 + slot] = 0
+    return len(doomed), live - len(doomed)
+
+
+def _free_spans(heap: Heap, allocator: Allocator, pages: ArenaPages, whole: list[int],
+                empty: list[int]) -> SweepReport:
+    """Under the lock: free the unmarked unowned spans and the empty unowned ones."""
+    spans = npages = 0
+    with heap.locked(), allocator.journal(pages.index):
+        for start in whole:
+            if pages.in_use(start) and not pages.owner[start] and not pages.marked(start):
+                npages += pages.release(start)
+                spans += 1
+        for start in empty:
+            c = pages.sclass[start]
+            if not (pages.in_use(start) and not pages.owner[start]
+                    and 0 < c < len(allocator.classes)):
+                continue
+            a0 = start << pages.page_shift
+            if bytes(pages.data[a0:a0 + allocator.classes[c].nelems]).count(1) == 0:
+                npages += pages.release(start)
+                spans += 1
+    return SweepReport(spans_freed=spans, pages_freed=npages,
+                       bytes_freed=npages * pages.page_size)
+
+
+# -- scavenging ------------------------------------------------------------------------------
+
+
+def scavenge(heap: Heap) -> ScavengeReport:
+    """Return the memory of every free, not yet released page to the OS."""
+    _check_writable(heap, "scavenge()")
+    allocator = heap._objects()
+    released = 0
+    for index in heap.snapshot():
+        pages = allocator.pages_of(index)
+        if not _state_bytes(pages, bytes(pages.used)).translate(_RELEASABLE).count(1):
+            continue
+        with heap.locked(), allocator.journal(index):
+            releasable = _state_bytes(pages, bytes(pages.used)).translate(_RELEASABLE)
+            for start, count in runs(releasable, 1):
+                pages.state[start:start + count] = bytes([RELEASING]) * count
+                crash.reach("scavenge.releasing")
+                pages.punch(start, count)
+                pages.state[start:start + count] = bytes([RELEASED]) * count
+                crash.reach("scavenge.released")
+                released += count
+    return ScavengeReport(released, released * allocator.page_size)
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def arena_usage(heap: Heap) -> list[dict[str, int]]:
+    """Per arena of a fresh snapshot: pages used/free/released, spans, live objects and bytes."""
+    allocator = heap._objects()
+    rows = []
+    for index in heap.snapshot():
+        pages = allocator.pages_of(index)
+        used = bytes(pages.used)
+        spans = list(arena_spans(allocator, pages))
+        rows.append({
+            "arena": index, "pages": pages.pages, "pages_in_use": used.count(1),
+            "pages_released": _state_bytes(pages, used).translate(_IS_RELEASED).count(1),
+            "spans": len(spans), "objects": sum(len(s.objects) for s in spans),
+            "live_bytes": sum(s.live_bytes for s in spans),
+        })
+    return rows
+
+
+def add_walk_command(subparsers: Any) -> None:
+    """Register ``shmheap walk NAME [--json]`` on an argparse subparsers object."""
+    parser = subparsers.add_parser("walk", help="per-arena usage of a heap's pages and objects")
+    parser.add_argument("name")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.set_defaults(func=run_walk)
+
+
+def run_walk(args: argparse.Namespace) -> int:
+    from .heap import Heap
+    with Heap.attach(args.name, readonly=True) as heap:
+        rows = arena_usage(heap)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    headers = list(rows[0]) if rows else ["arena"]
+    print("  ".join(headers))
+    for row in rows:
+        print("  ".join(str(row[h]) for h in headers))
+    return 0
