@@ -298,21 +298,38 @@ def require_plotting() -> None:
     import_extra("matplotlib", "plot", "--plot")
 
 
+@dataclass(frozen=True)
+class Figure:
+    """One log-log panel of a plot: ``series`` maps a label to its (x, y) points."""
+
+    title: str
+    xlabel: str
+    ylabel: str
+    series: Mapping[str, Sequence[tuple[float, float]]]
+
+
 def plot_loglog(path: str | Path, title: str, xlabel: str, ylabel: str,
                 series: Mapping[str, Sequence[tuple[float, float]]]) -> None:
     """Save a log-log line plot of ``series`` (label -> [(x, y)]) as an image."""
+    plot_figures(path, [Figure(title, xlabel, ylabel, series)])
+
+
+def plot_figures(path: str | Path, figures: Sequence[Figure]) -> None:
+    """Save ``figures`` as log-log panels, one above the other, in one image."""
     matplotlib = import_extra("matplotlib", "plot", "--plot")
     matplotlib.use("Agg")
     pyplot = importlib.import_module("matplotlib.pyplot")
-    figure, axes = pyplot.subplots(figsize=(11, 5.5))
-    for label, points in series.items():
-        if points:
-            xs, ys = zip(*points, strict=True)
-            axes.loglog(xs, ys, marker="o", label=label)
-    axes.set_title(title)
-    axes.set_xlabel(xlabel)
-    axes.set_ylabel(ylabel)
-    axes.grid(True, which="both", alpha=0.3)
-    axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
+    figure, panels = pyplot.subplots(len(figures), 1, figsize=(11, 5.5 * len(figures)),
+                                     squeeze=False)
+    for axes, panel in zip(panels[:, 0], figures, strict=True):
+        for label, points in panel.series.items():
+            if points:
+                xs, ys = zip(*points, strict=True)
+                axes.loglog(xs, ys, marker="o", label=label)
+        axes.set_title(panel.title)
+        axes.set_xlabel(panel.xlabel)
+        axes.set_ylabel(panel.ylabel)
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
     figure.savefig(path, dpi=120, bbox_inches="tight")
     pyplot.close(figure)

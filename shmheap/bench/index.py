@@ -53,6 +53,7 @@ from ..heap import Heap
 from ..names import PAGE_SIZE, PREFIX, format_size, index_name
 from .common import (
     BenchError,
+    Figure,
     Latency,
     MissingExtraError,
     Target,
@@ -66,7 +67,7 @@ from .common import (
     measure,
     measure_interleaved,
     optional_numpy,
-    plot_loglog,
+    plot_figures,
     print_table,
     require_plotting,
     unique_name,
@@ -724,14 +725,18 @@ def report_liveness(liveness: dict[str, Any], checks: dict[str, Any],
                 ["read_word p50", "bare p50", "ratio", "target"], rows, out)
 
 
-def plot(results: dict[str, Any], path: str) -> None:
+def figures(results: dict[str, Any]) -> list[Figure]:
     """Log-log snapshot latency (p50) against index size, shmheap against the naive ways."""
     series = {
         label: [(row["entries"], row["latency"][kind]["p50_ns"] / 1e3)
                 for row in results["sizes"] if row["latency"][kind] is not None]
         for kind, label in SNAPSHOT_KINDS.items()}
-    plot_loglog(path, "shmheap index: snapshot latency (p50) against index size",
-                "index entries", "p50 latency per snapshot (µs)", series)
+    return [Figure("shmheap index: snapshot latency (p50) against index size",
+                   "index entries", "p50 latency per snapshot (µs)", series)]
+
+
+def plot(results: dict[str, Any], path: str) -> None:
+    plot_figures(path, figures(results))
 
 
 def main(argv: list[str] | None = None) -> int:
