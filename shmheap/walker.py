@@ -54,8 +54,6 @@ lock, naming the arena in the journal.
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -353,10 +351,10 @@ def sweep_arena(heap: Heap, allocator: Allocator, pages: ArenaPages) -> SweepRep
         freed, left = _sweep_objects(pages, start, cls.nelems)
         freed_objects += freed
         freed_bytes += freed * cls.size
-        if unowned and freed:
+        if unowned and not left:
+            empty.append(start)
+        elif unowned and freed:
             pages.partial[c] = 1
-            if not left:
-                empty.append(start)
     report = SweepReport(objects_freed=freed_objects, bytes_freed=freed_bytes)
     if whole or empty:
         report += _free_spans(heap, allocator, pages, whole, empty)
@@ -425,7 +423,7 @@ def scavenge(heap: Heap) -> ScavengeReport:
     return ScavengeReport(released, released * allocator.page_size)
 
 
-# -- the command line -------------------------------------------------------------------------
+# -- usage per arena (``shmheap walk``) --------------------------------------------------
 
 
 def arena_usage(heap: Heap) -> list[dict[str, int]]:
@@ -445,23 +443,27 @@ def arena_usage(heap: Heap) -> list[dict[str, int]]:
     return rows
 
 
+#: the columns of ``shmheap walk``
+USAGE_FIELDS = ("arena", "pages", "pages_in_use", "pages_released", "spans", "objects",
+                "live_bytes")
+
+
 def add_walk_command(subparsers: Any) -> None:
-    """Register ``shmheap walk NAME [--json]`` on an argparse subparsers object."""
+    """Declare ``shmheap walk NAME [--json]`` (per-arena usage) on cli.py's subparsers."""
     parser = subparsers.add_parser("walk", help="per-arena usage of a heap's pages and objects")
     parser.add_argument("name")
     parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.set_defaults(func=run_walk)
+    parser.set_defaults(run=run_walk)
 
 
-def run_walk(args: argparse.Namespace) -> int:
+def run_walk(args: Any) -> int:
+    from .cli import print_json, print_table
     from .heap import Heap
+
     with Heap.attach(args.name, readonly=True) as heap:
         rows = arena_usage(heap)
     if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    headers = list(rows[0]) if rows else ["arena"]
-    print("  ".join(headers))
-    for row in rows:
-        print("  ".join(str(row[h]) for h in headers))
+        print_json(rows)
+    else:
+        print_table(USAGE_FIELDS, ([row[field] for field in USAGE_FIELDS] for row in rows))
     return 0
