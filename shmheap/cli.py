@@ -11,8 +11,8 @@ Exit status: 0 success, 1 a ``ShmHeapError`` (printed as one line
 2 a usage error (argparse), 130 interrupted.
 
 This module owns argument parsing and output formatting.  It does its work
-through the public ``Heap`` API, ``shmheap.destroy``, ``collect.py`` and
-``stress.py``; it keeps no state.
+through the public ``Heap`` API, ``shmheap.destroy``, ``collect.py``,
+``stress.py``, ``top.py`` and ``bench/suite.py``; it keeps no state.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeAlias
 
-from . import collect, stress
+from . import collect, stress, top
+from .bench import suite
 from .errors import HeapCorruptError, InvalidParameterError, ShmHeapError
 from .heap import Heap, destroy
 from .names import format_size, parse_size
@@ -244,6 +245,8 @@ COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     add_fsck,
     add_gc,
     stress.add_stress,
+    suite.add_bench,
+    top.add_top,
 )
 
 
