@@ -210,11 +210,11 @@ def environment() -> dict[str, Any]:
 
 
 def fmt_ns(ns: float | None) -> str:
-    """1.5e3 -> '1.50 µs'; three significant digits, unit from ns to s."""
+    """1.5e3 -> '1.5 µs'; three significant digits, unit from ns to s."""
     if ns is None:
         return "-"
     for unit, scale in (("ns", 1.0), ("µs", 1e3), ("ms", 1e6)):
-        if ns < 1000 * scale:
+        if abs(ns) < 1000 * scale:
             return f"{ns / scale:.3g} {unit}"
     return f"{ns / 1e9:.3g} s"
 
