@@ -1,0 +1,189 @@
+"""``shmheap top``: what it shows, that it refreshes in a terminal, and how it ends.
+
+top runs as a real subprocess.  In a pseudo-terminal (rich redraws in place
+there, when installed) the test waits for the arena count in top's output,
+grows the heap and waits for the new count, so the refreshing is proven by
+what top prints, not by sleeping.  Heaps come from the ``shm_heap`` fixture
+and are destroyed afterwards even when a test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import os
+import re
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import Iterator
+
+import pytest
+from test_cli import ROOT, error_line, run_cli
+
+from shmheap import Heap
+from shmheap.bench.recovery import owner_recorded_round
+from shmheap.pytest_plugin import unique_heap_name
+
+#: Seconds a test waits for top to print what it expects.
+PATIENCE = 60.0
+
+
+def arenas_row(count: int) -> re.Pattern[str]:
+    return re.compile(rf"arenas +{count} of ")
+
+
+def top_env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "TERM": "xterm-256color"}
+
+
+@contextlib.contextmanager
+def top_process(name: str, stdout: int) -> Iterator[subprocess.Popen[bytes]]:
+    """``shmheap top NAME`` refreshing every 0.1 s, writing to ``stdout``; killed if left."""
+    proc = subprocess.Popen([sys.executable, "-m", "shmheap", "top", name, "--interval", "0.1"],
+                            stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.STDOUT,
+                            env=top_env())
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+class Reader:
+    """Collects what arrives on file descriptor ``fd`` until a pattern appears."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.text = ""
+
+    def until(self, pattern: re.Pattern[str] | str) -> None:
+        """Read until ``pattern`` occurs in the text read since the last call."""
+        start = len(self.text)
+        deadline = time.monotonic() + PATIENCE
+        while not re.search(pattern, self.text[start:]):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"top never printed {pattern!r}; it printed:\n{self.text}"
+            if select.select([self.fd], [], [], remaining)[0]:
+                try:
+                    chunk = os.read(self.fd, 65536)
+                except OSError:  # a pty whose other end closed
+                    chunk = b""
+                assert chunk, f"top stopped before printing {pattern!r}:\n{self.text}"
+                self.text += chunk.decode(errors="replace")
+
+
+def test_top_in_a_terminal_refreshes_until_ctrl_c(shm_heap: Heap) -> None:
+    shm_heap.grow()
+    shm_heap.grow()
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    try:
+        with top_process(shm_heap.name, slave) as proc:
+            os.close(slave)
+            slave = -1
+            reader = Reader(master)
+            reader.until(arenas_row(2))
+            shm_heap.grow()
+            reader.until(arenas_row(3))
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=PATIENCE) == 0, reader.text
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert "Traceback" not in reader.text
+    if importlib.util.find_spec("rich") is not None:
+        assert "\x1b[" in reader.text, "rich did not redraw in place"
+
+
+def test_top_once_shows_the_heap(shm_heap: Heap) -> None:
+    shm_heap.grow()
+    shm_heap.grow()
+
+    result = run_cli("top", shm_heap.name, "--once")
+
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert arenas_row(2).search(out), out
+    assert re.search(r"index +2 entries, cap \d[\d,]*; generations 1, ", out), out
+    assert re.search(r"reserved +\d", out), out
+    assert re.search(r"lock +free", out), out
+    assert re.search(r"recoveries +0;", out), out
+    attached = re.search(r"attached +2: (.*)", out)
+    assert attached is not None, out
+    assert f"{os.getpid()} since " in attached.group(1)
+    assert "(this top) since " in attached.group(1)
+    assert out.count("shmheap top ") == 1
+
+
+def test_top_shows_recoveries(shm_heap: Heap) -> None:
+    shm_heap.grow()
+    owner_recorded_round(shm_heap)  # a child holds the lock and is SIGKILLed; we recover
+
+    result = run_cli("top", shm_heap.name, "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"recoveries +1, the last at \d\d:\d\d:\d\d \(\d+\.\d s ago\)",
+                     result.stdout), result.stdout
+
+
+def test_top_says_who_holds_a_busy_lock(shm_heap: Heap) -> None:
+    with shm_heap.locked():
+        result = run_cli("top", shm_heap.name, "--once", "--interval", "0.1")
+
+    assert result.returncode == 0, result.stderr
+    assert re.search(rf"lock +.*held by process {os.getpid()}", result.stdout), result.stdout
+
+
+@pytest.mark.skipif(not hasattr(Heap, "alloc"), reason="no allocator in this shmheap")
+def test_top_shows_object_bytes(shm_heap: Heap) -> None:
+    shm_heap.alloc(100)
+
+    result = run_cli("top", shm_heap.name, "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"objects +in use [1-9][^,]*, free .*, released .*; 1 objects",
+                     result.stdout), result.stdout
+
+
+def test_top_stops_when_the_heap_is_destroyed(shm_heap: Heap) -> None:
+    shm_heap.grow()
+    read_end, write_end = os.pipe()
+    try:
+        with top_process(shm_heap.name, write_end) as proc:
+            os.close(write_end)
+            write_end = -1
+            reader = Reader(read_end)
+            reader.until(arenas_row(1))
+            shm_heap.destroy()
+            reader.until(rf"heap '{shm_heap.name}' was destroyed; top stops")
+            assert proc.wait(timeout=PATIENCE) == 0, reader.text
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+
+
+def test_top_of_a_missing_heap_is_a_one_line_error() -> None:
+    name = unique_heap_name()
+
+    result = run_cli("top", name, "--once")
+
+    assert result.returncode == 1
+    assert f"no heap named {name!r}" in error_line(result)
+    assert result.stdout == ""
+
+
+def test_top_rejects_a_bad_interval(shm_heap: Heap) -> None:
+    result = run_cli("top", shm_heap.name, "--interval", "0")
+
+    assert result.returncode == 1
+    assert "--interval 0" in error_line(result)
