@@ -308,12 +308,6 @@ class Figure:
     series: Mapping[str, Sequence[tuple[float, float]]]
 
 
-def plot_loglog(path: str | Path, title: str, xlabel: str, ylabel: str,
-                series: Mapping[str, Sequence[tuple[float, float]]]) -> None:
-    """Save a log-log line plot of ``series`` (label -> [(x, y)]) as an image."""
-    plot_figures(path, [Figure(title, xlabel, ylabel, series)])
-
-
 def plot_figures(path: str | Path, figures: Sequence[Figure]) -> None:
     """Save ``figures`` as log-log panels, one above the other, in one image."""
     matplotlib = import_extra("matplotlib", "plot", "--plot")
