@@ -80,7 +80,7 @@ def _churn(name: str, me: int, inboxes: list[Queue[int]], seed: int, steps: int,
     rng = random.Random(seed)
     others = [i for i in range(len(inboxes)) if i != me]
     held: dict[int, int] = {}
-    allocated = freed = 0
+    allocated = freed = done = 0
     with shmheap.Heap.attach(name) as heap:
         for _ in range(steps):
             draw = rng.random()
@@ -100,10 +100,9 @@ def _churn(name: str, me: int, inboxes: list[Queue[int]], seed: int, steps: int,
                 del held[ref]
                 inboxes[rng.choice(others)].put(ref)
             else:
-                _receive(heap, inboxes[me], held, block=False)
+                done += _receive(heap, inboxes[me], held, block=False)
         for other in others:
             inboxes[other].put(DONE)
-        done = 0
         while done < len(others):
             done += _receive(heap, inboxes[me], held, block=True)
         for ref in list(held)[: len(held) // 2]:
