@@ -11,8 +11,9 @@ followed by a trailer that names its heap and index::
     +24             8  created_ns
     +64                page metadata (pages.py), ``pages.meta_size`` bytes
 
-A new arena is made whole under a temporary name (``shmheap.NAME.new``),
-reserved, stamped with its trailer, and only then hard-linked under its final
+A new arena is made whole under a temporary name (``shmheap.NAME.new<slot>``,
+one per liveness slot, made without the heap lock), reserved, stamped with
+its trailer under the lock, and only then hard-linked under its final
 name: ``link`` fails if that name is taken, so a foreign file there is a
 collision, never overwritten, and an arena file under its final name is
 always complete.  A holder killed after the link leaves a complete but
@@ -52,9 +53,12 @@ def segment_size(arena_size: int, page_size: int = DEFAULT_PAGE_SIZE) -> int:
     return arena_size + TRAILER_SIZE + meta_size(arena_size, page_size)
 
 
-def temp_name(heap_name: str) -> str:
-    """Where a new arena is built before it is linked (heap-lock holder only)."""
-    return f"shmheap.{heap_name}.new"
+def temp_name(heap_name: str, slot: int) -> str:
+    """Where the process in liveness slot ``slot`` builds a new arena before linking it.
+
+    Only the slot's holder uses this name, so building needs no heap lock.
+    """
+    return f"shmheap.{heap_name}.new{slot:x}"
 
 
 class Arena:
@@ -90,15 +94,17 @@ def read_trailer(buf: memoryview, arena_size: int) -> tuple[bytes, int, int, int
     return magic, heap_id, index, created_ns
 
 
-def build(heap_name: str, heap_id: int, arena_size: int, mode: int,
+def build(heap_name: str, slot: int, arena_size: int, mode: int,
           reserve: bool, page_size: int = DEFAULT_PAGE_SIZE) -> segments.Segment:
-    """Make a new arena segment under the temporary name (heap-lock holder only).
+    """Make a new arena segment under the temporary name of liveness slot ``slot``.
+
+    Runs without the heap lock (reserving a big arena takes milliseconds).
 
     Without ``reserve`` the free space of /dev/shm is still checked, so the
     common "it is full" case is an error here; with it, the memory is
     allocated now and SIGBUS at first touch cannot happen.
     """
-    tmp = temp_name(heap_name)
+    tmp = temp_name(heap_name, slot)
     segments.unlink(tmp)
     if not reserve:
         segments.check_free_space(tmp, segment_size(arena_size, page_size))
@@ -130,18 +136,48 @@ def open_arena(heap_name: str, heap_id: int, index: int, arena_size: int,
         seg = segments.open_existing(name, readonly,
                                      expect_size=segment_size(arena_size, page_size))
     except FileNotFoundError:
-        raise HeapCorruptError(
-            f"heap {heap_name!r}: published arena {index} has no segment /dev/shm/{name}; "
-            f"run `shmheap fsck {heap_name}`"
-        ) from None
-    magic, trailer_heap, trailer_index, _ = read_trailer(seg.buf, arena_size)
-    if magic != ARENA_MAGIC or trailer_heap != heap_id or trailer_index != index:
+        raise _missing(heap_name, index) from None
+    try:
+        _check_trailer(heap_name, heap_id, index, read_trailer(seg.buf, arena_size))
+    except HeapCorruptError:
         seg.close()
-        raise HeapCorruptError(
-            f"heap {heap_name!r}: /dev/shm/{name} is not arena {index} of this heap "
-            f"(its trailer says heap {trailer_heap:#x}, index {trailer_index})"
-        )
+        raise
     return Arena(index, arena_size, seg)
+
+
+def verify_arena(heap_name: str, heap_id: int, index: int, arena_size: int,
+                 page_size: int = DEFAULT_PAGE_SIZE) -> None:
+    """Check published arena ``index``'s segment like ``open_arena``, without mapping it."""
+    name = arena_name(heap_name, index)
+    try:
+        fd = segments.open_fd(name, readonly=True)
+    except FileNotFoundError:
+        raise _missing(heap_name, index) from None
+    try:
+        size = os.fstat(fd).st_size
+        if size != segment_size(arena_size, page_size):
+            raise HeapCorruptError(f"/dev/shm/{name} has {size} bytes, expected "
+                                   f"{segment_size(arena_size, page_size)}")
+        trailer = TRAILER.unpack(os.pread(fd, TRAILER.size, arena_size))
+        _check_trailer(heap_name, heap_id, index, trailer)
+    finally:
+        os.close(fd)
+
+
+def _missing(heap_name: str, index: int) -> HeapCorruptError:
+    return HeapCorruptError(
+        f"heap {heap_name!r}: published arena {index} has no segment "
+        f"/dev/shm/{arena_name(heap_name, index)}; run `shmheap fsck {heap_name}`")
+
+
+def _check_trailer(heap_name: str, heap_id: int, index: int,
+                   trailer: tuple[bytes, int, int, int]) -> None:
+    magic, trailer_heap, trailer_index, _ = trailer
+    if magic != ARENA_MAGIC or trailer_heap != heap_id or trailer_index != index:
+        raise HeapCorruptError(
+            f"heap {heap_name!r}: /dev/shm/{arena_name(heap_name, index)} is not arena "
+            f"{index} of this heap (its trailer says heap {trailer_heap:#x}, index "
+            f"{trailer_index})")
 
 
 class ArenaMap:

@@ -132,13 +132,23 @@ class Heap:
         #: (header word, snapshot) of this process's last snapshot
         self._last_snapshot: tuple[int, ArenaSnapshot] = (-1, ArenaSnapshot(memoryview(b""), 0))
         self._sem = None
+        part = "lock semaphore"
         try:
             self._sem = open_semaphore(semaphore_name(name), create=False, mode=params.mode)
+            part = "liveness segment"
             self._live = Liveness(name)
+            part = "arena map"
             self._map = arenas.ArenaMap(name, params.max_arenas, readonly)
+        except HeapNotFoundError:
+            self._release_resources()
+            raise HeapCorruptError(
+                f"heap {name!r} is damaged: its {part} is missing; remove the heap with "
+                f"`shmheap destroy {name}`") from None
         except BaseException:
             self._release_resources()
             raise
+        # The slot is ours alone now: a new arena its previous holder left unlinked is dead.
+        segments.unlink(arenas.temp_name(name, self._live.slot))
         self._lock = HeapLock(self._sem, self._live, lambda: repair_after_crash(self), name)
 
     # -- lifecycle ----------------------------------------------------------------
@@ -324,28 +334,32 @@ class Heap:
                                or not 1 <= at < self.max_arenas):
             raise InvalidParameterError(
                 f"grow(at={at!r}): an arena index must be an int in [1, {self.max_arenas})")
-        assert self._map is not None
-        with self.locked(timeout):
-            self._index.header()  # a broken heap fails here, before anything is made
-            seg = arenas.build(self.name, self.params.heap_id, self.arena_size,
-                               self.params.mode, self.params.reserve, self.params.page_size)
-            try:
-                crash.reach("grow.segment_created")
+        assert self._map is not None and self._live is not None
+        # Building (and reserving) the segment is the slow part: do it before
+        # taking the lock, under this process's own temporary name.
+        seg = arenas.build(self.name, self._live.slot, self.arena_size, self.params.mode,
+                           self.params.reserve, self.params.page_size)
+        try:
+            crash.reach("grow.segment_created")
+            with self.locked(timeout):
+                self._index.header()  # a broken heap fails here, before anything is linked
                 index = self._link_new_arena(seg, at)
                 crash.reach("grow.segment_linked")
                 try:
                     self._index.append(index)
                 except BaseException:
                     segments.unlink(arena_name(self.name, index))  # never published
-                    seg.close()
                     raise
                 self._map.add(index)
                 crash.reach("grow.map_set")
                 if at is None:
                     self._words[control.HINT_OFFSET // 8] = index + 1
                 crash.reach("grow.hint_moved")
-            finally:
-                segments.unlink(seg.name)
+        except BaseException:
+            seg.close()
+            raise
+        finally:
+            segments.unlink(seg.name)
         arena = arenas.Arena(index, self.arena_size, seg)
         self._arenas[index] = arena
         return arena
@@ -357,7 +371,6 @@ class Heap:
         if at is not None:
             if at in self._map or not link(self.name, seg, self.params.heap_id,
                                            self.arena_size, at):
-                seg.close()
                 raise ArenaCollisionError(
                     f"heap {self.name!r}: arena index {at} is already taken; choose another "
                     "index or call grow() without at=")
@@ -370,7 +383,6 @@ class Heap:
                 if link(self.name, seg, self.params.heap_id, self.arena_size, index):
                     return index
                 index = self._map.next_free(index + 1, hi)
-        seg.close()
         raise AddressSpaceExhaustedError(
             f"heap {self.name!r}: all {self.max_arenas - 1} arena indices are taken; create "
             "the heap with a larger max_arenas or arena_size")
@@ -429,8 +441,17 @@ class Heap:
         if repair:
             self._check_writable("check(repair=True)")
         self._check_open()
+        lock = self._lock
+        assert isinstance(lock, HeapLock)
+        adoptions = lock.adoptions
         with self.locked(timeout):
-            return run_checks(self, repair)
+            findings = run_checks(self, repair)
+        if lock.adoptions != adoptions:
+            findings.insert(0, Finding(
+                "dead-owner", "the heap lock was held by a process that died; it was adopted "
+                "and the crash repaired (any process's next lock would have done the same)",
+                fixed=True))
+        return findings
 
     def info(self, timeout: float | None = None) -> HeapInfo:
         self._check_open()
@@ -553,16 +574,14 @@ def _open_ready_control(name: str, readonly: bool, timeout: float) -> segments.S
         try:
             size = os.fstat(fd).st_size
             state = control.peek_state(os.pread(fd, control.SIZE, 0), where)
-            if state == control.READY:
+            # A BROKEN heap attaches (so that fsck can repair it); every use of its
+            # poisoned header then raises HeapCorruptError.
+            if state in (control.READY, control.BROKEN):
                 if size != control.SIZE:
-                    raise HeapCorruptError(f"{where} is truncated ({size} bytes, expected "
-                                           f"{control.SIZE}); destroy the heap")
+                    raise HeapCorruptError(f"{where} has {size} bytes, expected "
+                                           f"{control.SIZE}; destroy the heap")
                 owned, fd = fd, -1  # the Segment owns (and on failure closes) it now
                 return segments.Segment(seg_name, owned, size, readonly, keep_fd=False)
-            if state == control.BROKEN:
-                raise HeapCorruptError(
-                    f"heap {name!r} was marked broken by a repair that failed; run "
-                    f"`shmheap fsck --repair {name}` or `shmheap destroy {name}`")
             creator_alive = liveness.is_locked(fd, _INIT_LOCK_BYTE)
         finally:
             if fd >= 0:

@@ -65,6 +65,8 @@ class HeapLock:
         self._live = live
         self._repair = repair
         self._heap_name = heap_name
+        #: how many dead holders' locks this handle has adopted
+        self.adoptions = 0
         if crash.ARMED:
             self.acquire = self._acquire_at_crash_points  # type: ignore[method-assign]
             self.release = self._release_at_crash_points  # type: ignore[method-assign]
@@ -163,6 +165,7 @@ class HeapLock:
                 self.release()
                 raise
             self._live.count_recovery(repaired)
+            self.adoptions += 1
         return True
 
     def semaphore_value(self) -> int:

@@ -5,7 +5,7 @@ lock protocol promises to be consistent, except for what a holder killed
 mid-mutation can leave behind.  Because every mutation publishes last (see
 heap.py, index.py, arenas.py), that is at most:
 
-* a temporary arena ``shmheap.NAME.new``                       -> removed
+* a new arena ``shmheap.NAME.new<slot>`` of a dead process     -> removed
 * an arena linked under its name but not in the index          -> removed
 * an index generation newer than the header's                  -> removed
 * the last published arena's map bit not yet set               -> set
@@ -40,14 +40,13 @@ from typing import TYPE_CHECKING
 from . import arenas, control, segments
 from .allocator import check_allocator
 from .errors import HeapCorruptError, ShmHeapError
-from .index import ENTRY_SIZE
+from .index import BROKEN_GENERATION, ENTRY_SIZE
 from .names import arena_name, control_name, index_name, live_name, map_name, owns
 
 if TYPE_CHECKING:
     from .heap import Heap
 
 SAVED_HEADER_OFFSET = 80
-POISON_GENERATION = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -163,8 +162,8 @@ class _Checker:
                           f"[1, {heap.max_arenas})", fixable=False)
                 continue
             try:
-                arenas.open_arena(self.name, heap.params.heap_id, index, heap.arena_size,
-                                  readonly=True, page_size=heap.params.page_size).close()
+                arenas.verify_arena(self.name, heap.params.heap_id, index, heap.arena_size,
+                                    heap.params.page_size)
             except ShmHeapError as exc:
                 self.note("arena-lost", f"published arena {index}: {exc}", fixable=False)
         return in_index
@@ -190,7 +189,10 @@ class _Checker:
         """Objects under the heap's name that no published state refers to."""
         known = {control_name(self.name), live_name(self.name), map_name(self.name)}
         known.update(index_name(self.name, g) for g in range(generation + 1))
-        pattern = re.compile(rf"shmheap\.{re.escape(self.name)}\.(a([0-9a-f]+)|i(\d+)|new)")
+        pattern = re.compile(
+            rf"shmheap\.{re.escape(self.name)}\.(a([0-9a-f]+)|i(\d+)|new([0-9a-f]+))")
+        live = self.heap._live
+        assert live is not None
         for entry in segments.list_all():
             if not owns(self.name, entry) or entry in known or entry.startswith("sem."):
                 continue
@@ -199,9 +201,16 @@ class _Checker:
                 self.note("foreign-object", f"/dev/shm/{entry} is not an object shmheap "
                           "makes; remove it by hand if it is not yours", fixable=False,
                           harmless=True)
-            elif match.group(1) == "new" or match.group(3) is not None:
-                if self.note("unpublished", f"/dev/shm/{entry} was never published (left by "
-                             "a process that died while growing the heap)"):
+            elif match.group(4) is not None:
+                slot = int(match.group(4), 16)
+                if slot < live.nslots and live.slot_alive(slot):
+                    continue  # a live process is building an arena there right now
+                if self.note("unpublished", f"/dev/shm/{entry} is a new arena that was never "
+                             "linked (its maker died while growing the heap)"):
+                    segments.unlink(entry)
+            elif match.group(3) is not None:
+                if self.note("unpublished", f"/dev/shm/{entry} is an index generation that "
+                             "was never published (its maker died while doubling the index)"):
                     segments.unlink(entry)
             else:
                 index = int(match.group(2), 16)
@@ -258,7 +267,7 @@ def mark_broken(heap: Heap) -> None:
                       "little") != control.BROKEN:
         heap._words[SAVED_HEADER_OFFSET // 8] = heap._header[0]
     _write_state(heap, control.BROKEN)
-    heap._header[0] = control.make_header(POISON_GENERATION, 0)
+    heap._header[0] = control.make_header(BROKEN_GENERATION, 0)
 
 
 def run_checks(heap: Heap, repair: bool, full: bool = True) -> list[Finding]:

@@ -195,7 +195,8 @@ def test_fsck_on_a_clean_heap_exits_0(heap_name: str) -> None:
 
 def test_fsck_finds_an_orphan_and_repair_removes_it(heap_name: str) -> None:
     ok("grow", heap_name)
-    orphan = f"{names.control_name(heap_name)}.new"
+    # a new arena left unlinked by a process that died holding the last liveness slot
+    orphan = f"{names.control_name(heap_name)}.new{liveness.NSLOTS - 1:x}"
     touch(orphan)
     found = fails("fsck", heap_name, "--json")
     findings = json.loads(found.stdout)["findings"]
