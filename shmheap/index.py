@@ -118,8 +118,8 @@ class ArenaIndex:
         self._readonly = readonly
         #: mapped generations of this process: generation -> uint32 view
         self._generations: dict[int, memoryview] = {}
-        #: the same, read-only: what snapshots are cut from
-        self._readers: dict[int, memoryview] = {}
+        #: the same, read-only, with its capacity: what snapshots are cut from
+        self._readers: dict[int, tuple[memoryview, int]] = {}
         self._segments: list[segments.Segment] = []
 
     # -- reading ----------------------------------------------------------------
@@ -146,13 +146,12 @@ class ArenaIndex:
     def snapshot_of(self, word: int) -> ArenaSnapshot:
         """The snapshot described by header ``word`` (copied under the lock)."""
         generation = word >> 32
-        length = word & 0xFFFFFFFF
-        entries = self._readers.get(generation)
-        if entries is None or length > len(entries):
+        cached = self._readers.get(generation)
+        if cached is None or word & 0xFFFFFFFF > cached[1]:
             self.check_header(word)
             entries = self.generation(generation).toreadonly()
-            self._readers[generation] = entries
-        return ArenaSnapshot(entries[:length], generation)
+            cached = self._readers[generation] = (entries, len(entries))
+        return ArenaSnapshot(cached[0][:word & 0xFFFFFFFF], generation)
 
     def generation(self, generation: int) -> memoryview:
         """Map generation ``generation`` (once per process) and return its entries."""
@@ -224,10 +223,12 @@ class ArenaIndex:
         self._create_generation(0)
 
     def close(self) -> None:
-        for views in (self._readers, self._generations):
-            for entries in views.values():
-                entries.release()
-            views.clear()
+        for entries, _cap in self._readers.values():
+            entries.release()
+        self._readers.clear()
+        for entries in self._generations.values():
+            entries.release()
+        self._generations.clear()
         for seg in self._segments:
             seg.close()
         self._segments.clear()

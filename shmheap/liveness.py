@@ -158,6 +158,8 @@ class Liveness:
         self.name = name
         self.slot = -1
         self.token = 0
+        #: called after a fork has given this process a new slot, token and owner view
+        self.on_reclaim: list[Callable[[], None]] = []
         self._map()
         self._claim()
         _ATTACHED.add(self)
@@ -212,6 +214,8 @@ class Liveness:
         self._seg.close()
         self._map()
         self._claim()
+        for callback in self.on_reclaim:
+            callback()
 
     def close(self) -> None:
         """Mark the slot cleanly released and drop its lock."""

@@ -60,9 +60,9 @@ class HeapLock:
         self._sem = sem
         self._sem_acquire = sem.acquire
         self._sem_release = sem.release
-        #: this process's slot; its ``owner`` view is re-made after a fork, so
-        #: it is always reached through ``_live``
         self._live = live
+        self._bind()
+        live.on_reclaim.append(self._bind)
         self._repair = repair
         self._heap_name = heap_name
         #: how many dead holders' locks this handle has adopted
@@ -72,17 +72,21 @@ class HeapLock:
             self.release = self._release_at_crash_points  # type: ignore[method-assign]
             self.read_word = self._read_word_at_crash_points  # type: ignore[method-assign]
 
+    def _bind(self) -> None:
+        """Cache the owner view and our token (again after a fork re-made them)."""
+        self._owner = self._live.owner
+        self._token = self._live.token
+
     def acquire(self, timeout: float | None = None, role: str = "lock") -> None:
         """Take the lock; waits for ever (recovering dead holders) or ``timeout`` seconds."""
         try:
             self._sem_acquire(0)
         except posix_ipc.BusyError:
             self._wait(timeout)
-        live = self._live
-        live.owner[0] = live.token
+        self._owner[0] = self._token
 
     def release(self, role: str = "lock") -> None:
-        self._live.owner[0] = 0
+        self._owner[0] = 0
         self._sem_release()
 
     def read_word(self, view: memoryview, timeout: float | None = None) -> int:
@@ -91,9 +95,8 @@ class HeapLock:
             self._sem_acquire(0)
         except posix_ipc.BusyError:
             self._wait(timeout)
-        live = self._live
-        owner = live.owner
-        owner[0] = live.token
+        owner = self._owner
+        owner[0] = self._token
         word: int = view[0]
         owner[0] = 0
         self._sem_release()
@@ -111,11 +114,11 @@ class HeapLock:
         except posix_ipc.BusyError:
             self._wait(timeout)
         crash.reach(f"{role}.acquired")
-        self._live.owner[0] = self._live.token
+        self._owner[0] = self._token
         crash.reach(f"{role}.owned")
 
     def _release_at_crash_points(self, role: str = "lock") -> None:
-        self._live.owner[0] = 0
+        self._owner[0] = 0
         crash.reach(f"{role}.releasing")
         self._sem_release()
 
@@ -135,7 +138,7 @@ class HeapLock:
                 return
             except posix_ipc.BusyError:
                 pass
-            owner = self._live.owner[0]
+            owner = self._owner[0]
             if owner:
                 unowned_since = None
                 if not self._live.token_alive(owner) and self._adopt(owner, deadline):
@@ -150,13 +153,13 @@ class HeapLock:
     def _adopt(self, dead_owner: int, deadline: float | None) -> bool:
         """Under the repair lock, take over a dead holder's lock if nothing changed."""
         with self._live.repair_lock(deadline):
-            if self._live.owner[0] != dead_owner or self.semaphore_value() != 0:
+            if self._owner[0] != dead_owner or self.semaphore_value() != 0:
                 return False
             if dead_owner and self._live.token_alive(dead_owner):
                 return False
             if not dead_owner and not self._live.dead_slots():
                 return False
-            self._live.owner[0] = self._live.token
+            self._owner[0] = self._token
             crash.reach("repair.adopted")
             self._live.clean_dead_slots()
             try:
