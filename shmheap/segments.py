@@ -34,19 +34,21 @@ _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 _MMAP_EXTRA: dict[str, bool] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 
 
-def _raise_descriptor_limit() -> None:
-    """Lift the soft RLIMIT_NOFILE to the hard limit.
+def raise_descriptor_limit() -> int:
+    """Lift the soft RLIMIT_NOFILE to the hard limit; return the soft limit now.
 
     Where mmap keeps a descriptor per mapping (Python < 3.13), a process that
     maps more arenas than the soft limit (often 1024) would fail with EMFILE.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard and not _MMAP_EXTRA:
+    if soft != hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-_raise_descriptor_limit()
+if not _MMAP_EXTRA:
+    raise_descriptor_limit()
 
 
 class SegmentPermissionError(ShmHeapError, PermissionError):

@@ -326,18 +326,9 @@ class Reader(Role):
 ROLES: dict[str, type[Role]] = {role.kind: role for role in (Writer, Reader)}
 
 
-def raise_fd_limit() -> int:
-    """Raise this process's soft limit on open files to the hard one; return it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
 def arena_limit() -> int:
     """The most arenas a run can map in every process (its default ``max_arenas``)."""
-    fds = raise_fd_limit()
+    fds = segments.raise_descriptor_limit()
     if fds == resource.RLIM_INFINITY:
         return MAX_ARENAS_CAP
     return max(1, min(MAX_ARENAS_CAP, fds - SPARE_FDS))
@@ -346,7 +337,7 @@ def arena_limit() -> int:
 def worker_main(kind: str, name: str, wid: int, seed: int, conn: Connection) -> None:
     """A worker process: attach, say ready, wait for go, step until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
-    raise_fd_limit()
+    segments.raise_descriptor_limit()
     report = WorkerReport(kind, wid, os.getpid())
     try:
         role_class = ROLES[kind]
