@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -445,3 +446,20 @@ AllocatorMachine.TestCase.settings = settings(
     max_examples=40, stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestAllocatorMachine = AllocatorMachine.TestCase
+
+
+# -- the benchmark runs ------------------------------------------------------------------
+
+
+def test_alloc_benchmark_tiny_run_reports_its_figures(tmp_path: Any,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from shmheap.bench.alloc import main
+
+    path = tmp_path / "alloc.json"
+    assert main(["--tiny", "--json", str(path)]) == 0
+    results = json.loads(path.read_text())
+    assert {t["name"] for t in results["targets"]} >= {"alloc+free pair, 64 bytes, p50"}
+    assert results["pairs"]["latency"]["shmheap_64"]["p50_ns"] > 0
+    assert results["scan"]["all_marked"]["gb_per_ms"] > 0
+    assert results["scavenge"]["released_bytes"] > 0
+    assert "Targets:" in capsys.readouterr().out

@@ -1,0 +1,460 @@
+"""The allocator benchmark (``shmheap bench alloc``): what objects in arenas cost.
+
+One run measures, and prints each figure next to its target:
+
+1. small-object ``alloc`` + ``free`` pair latency (p50/p99) at 16 .. 1024 bytes,
+   against ``multiprocessing.heap.BufferWrapper(64)`` (its alloc, and its
+   free when the wrapper is dropped), interleaved so load hits both alike;
+2. throughput of batches of mixed small allocations followed by their frees,
+   in one process and in two processes (spawned) allocating at once;
+3. the walker: ``heap.walk()`` over a heap of many small objects;
+4. the sweeper's scan of ``pageInUse &^ pageMarks`` over every arena of a
+   sparse heap of large spans, in GB of heap per ms: with every span marked
+   (the common case: one 1 KiB comparison per 64 MiB arena), with none marked
+   (every span start found), and per arena with numpy for comparison; and a
+   whole ``start_cycle`` + ``sweep`` of small objects, per object;
+5. the scavenger: ``heap.scavenge()`` of freed, touched pages.
+
+Every heap has a unique name and is destroyed in ``finally``.  The scan
+figures call ``walker.unmarked_starts`` (what ``sweep`` calls per arena)
+directly, to time the scan apart from the sweeping it leads to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import queue
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.heap import BufferWrapper
+from typing import Any, TextIO
+
+from ..heap import Heap
+from ..names import format_size
+from ..walker import unmarked_starts
+from .common import (
+    BenchError,
+    Figure,
+    Latency,
+    MissingExtraError,
+    Target,
+    bench_heap,
+    environment,
+    fmt_ns,
+    fmt_rate,
+    fmt_ratio,
+    loop_overhead_ns,
+    measure,
+    measure_interleaved,
+    optional_numpy,
+    plot_figures,
+    print_table,
+    require_plotting,
+    verdict,
+    write_json,
+)
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+# Targets.
+PAIR_P50_NS = 3000.0
+BUFFER_WRAPPER_RATIO = 4.0
+SCAN_GB_PER_MS = 100.0
+
+PAIR_SIZES = (16, 64, 256, 1024)
+#: sizes of the throughput batches, cycled
+BATCH_SIZES = (16, 32, 64, 100, 200, 500, 1000)
+#: pages of each large span of the scan heap
+SCAN_SPAN_PAGES = 128
+WORKER_TIMEOUT_S = 120.0
+
+METHOD = (
+    "Latency per call = the mean of a batch of back-to-back calls (time.perf_counter_ns); "
+    "p50/p99 over batches, Python loop and call overhead included (loop_overhead_ns).",
+    "pair = heap.free(heap.alloc(n)): the owner's cached span, no lock. BufferWrapper(64) = "
+    "multiprocessing.heap.BufferWrapper(64) created and dropped (its free runs when the "
+    "wrapper goes away); ratio = BufferWrapper p50 / shmheap 64-byte pair p50.",
+    "throughput = batches of 1000 allocations of 16-1000 bytes, then their frees, for a fixed "
+    "time; 2 processes = two spawned processes doing the same at once on one heap (2 cores).",
+    "walk = list(heap.walk()) of a heap of small objects; objects and spans per second.",
+    "scan = walker.unmarked_starts() over every arena of a sparse 64 MiB-arena heap filled "
+    "with 1 MiB spans: pageInUse &^ pageMarks; GB of heap (arena bytes) per ms. 'all marked' "
+    "is the steady case (one bytes comparison per arena); 'none marked' lists every span; "
+    "numpy = np.any(inuse & ~marks) per arena on cached arrays.",
+    "sweep = start_cycle() + mark half of the objects + sweep() of small objects.",
+    "scavenge = heap.scavenge() of freed pages that were written (fallocate PUNCH_HOLE).",
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of each measurement a run does."""
+
+    mode: str
+    pair_s: float
+    throughput_s: float
+    walk_objects: int
+    scan_arenas: int
+    sweep_objects: int
+    scavenge_bytes: int
+
+
+PLANS = {
+    "full": Plan("full", pair_s=1.0, throughput_s=2.0, walk_objects=200_000, scan_arenas=64,
+                 sweep_objects=100_000, scavenge_bytes=512 * MIB),
+    "quick": Plan("quick", pair_s=0.3, throughput_s=0.7, walk_objects=50_000, scan_arenas=16,
+                  sweep_objects=30_000, scavenge_bytes=128 * MIB),
+    "tiny": Plan("tiny", pair_s=0.02, throughput_s=0.05, walk_objects=2_000, scan_arenas=2,
+                 sweep_objects=1_000, scavenge_bytes=4 * MIB),
+}
+
+
+def run(quick: bool = False, *, tiny: bool = False,
+        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the benchmark (``tiny``: seconds, for tests) and return every figure."""
+    plan = PLANS["tiny" if tiny else "quick" if quick else "full"]
+    say = log or (lambda _message: None)
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "benchmark": "alloc", "mode": plan.mode, "environment": environment(),
+        "method": list(METHOD), "loop_overhead_ns": loop_overhead_ns(),
+    }
+    say("alloc + free pair latency")
+    results["pairs"] = pair_figures(plan)
+    say("throughput, 1 and 2 processes")
+    results["throughput"] = throughput_figures(plan)
+    say("walker")
+    results["walk"] = walk_figures(plan)
+    say("sweep scan")
+    results["scan"] = scan_figures(plan)
+    say("sweep")
+    results["sweep"] = sweep_figures(plan)
+    say("scavenge")
+    results["scavenge"] = scavenge_figures(plan)
+    results["targets"] = [target.as_dict() for target in targets(results)]
+    results["environment"]["loadavg_after"] = list(os.getloadavg())
+    results["seconds"] = time.monotonic() - started
+    return results
+
+
+# -- 1. pair latency -------------------------------------------------------------------------
+
+
+def pair_figures(plan: Plan) -> dict[str, Any]:
+    with bench_heap("balloc", arena_size=64 * MIB) as heap:
+        fns = {f"shmheap_{size}": pair(heap, size) for size in PAIR_SIZES}
+        fns["buffer_wrapper_64"] = lambda: BufferWrapper(64)
+        measured = measure_interleaved(fns, plan.pair_s * len(fns), rounds=3)
+    ours = measured["shmheap_64"].p50_ns
+    theirs = measured["buffer_wrapper_64"].p50_ns
+    return {"latency": {key: value.as_dict() for key, value in measured.items()},
+            "ratio": theirs / ours}
+
+
+def pair(heap: Heap, size: int) -> Callable[[], object]:
+    alloc, free = heap.alloc, heap.free
+    return lambda: free(alloc(size))
+
+
+# -- 2. throughput ------------------------------------------------------------------------------
+
+
+def churn_batches(heap: Heap, seconds: float) -> int:
+    """Alloc a batch of 1000 mixed small objects, free them, repeat; return pairs done."""
+    alloc, free = heap.alloc, heap.free
+    sizes = [BATCH_SIZES[i % len(BATCH_SIZES)] for i in range(1000)]
+    pairs = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        refs = [alloc(n) for n in sizes]
+        for ref in refs:
+            free(ref)
+        pairs += len(refs)
+    return pairs
+
+
+def throughput_worker(name: str, seconds: float, start: Any, results: Any) -> None:
+    """A spawned process: wait for ``start``, churn for ``seconds``, report pairs per second."""
+    try:
+        with Heap.attach(name) as heap:
+            churn_batches(heap, 0.01)  # warm: map the arena, take spans
+            results.put(("ready", 0.0))
+            start.wait(WORKER_TIMEOUT_S)
+            began = time.monotonic()
+            pairs = churn_batches(heap, seconds)
+            results.put(("done", pairs / (time.monotonic() - began)))
+    except BaseException as exc:
+        results.put(("error", repr(exc)))
+        raise
+
+
+def throughput_figures(plan: Plan) -> dict[str, Any]:
+    with bench_heap("bthru", arena_size=64 * MIB) as heap:
+        churn_batches(heap, 0.01)
+        began = time.monotonic()
+        one = churn_batches(heap, plan.throughput_s) / (time.monotonic() - began)
+        rates = in_processes(heap.name, 2, plan.throughput_s)
+    return {"one_process_pairs_per_s": one, "two_processes_pairs_per_s": sum(rates),
+            "per_process_pairs_per_s": rates}
+
+
+def in_processes(name: str, count: int, seconds: float) -> list[float]:
+    """Pairs per second of ``count`` spawned processes churning heap ``name`` at once."""
+    context = multiprocessing.get_context("spawn")
+    start = context.Event()
+    results = context.Queue()
+    workers = [context.Process(target=throughput_worker, args=(name, seconds, start, results),
+                               daemon=True) for _ in range(count)]
+    for worker in workers:
+        worker.start()
+    try:
+        for _ in workers:
+            expect(results, "ready")
+        start.set()
+        return [expect(results, "done") for _ in workers]
+    finally:
+        for worker in workers:
+            worker.join(WORKER_TIMEOUT_S)
+            if worker.is_alive():
+                worker.terminate()
+                worker.join()
+        results.close()
+
+
+def expect(results: Any, kind: str) -> float:
+    try:
+        message = results.get(timeout=WORKER_TIMEOUT_S)
+    except queue.Empty:
+        raise BenchError(f"a throughput worker did not report within {WORKER_TIMEOUT_S} "
+                         "s") from None
+    if message[0] != kind:
+        raise BenchError(f"a throughput worker failed: {message[1]}")
+    return float(message[1])
+
+
+# -- 3. walker ---------------------------------------------------------------------------------
+
+
+def fill_small(heap: Heap, count: int) -> list[int]:
+    return [heap.alloc(BATCH_SIZES[i % len(BATCH_SIZES)]) for i in range(count)]
+
+
+def walk_figures(plan: Plan) -> dict[str, Any]:
+    with bench_heap("bwalk", arena_size=64 * MIB, reserve=False) as heap:
+        fill_small(heap, plan.walk_objects)
+        spans = list(heap.walk())
+        latency = measure(lambda: list(heap.walk()), plan.pair_s * 2, min_batches=3)
+    seconds = latency.p50_ns / 1e9
+    objects = sum(len(span.objects) for span in spans)
+    return {"objects": objects, "spans": len(spans), "latency": latency.as_dict(),
+            "objects_per_s": objects / seconds, "spans_per_s": len(spans) / seconds}
+
+
+# -- 4. sweep scan and sweep -------------------------------------------------------------------
+
+
+def scan_figures(plan: Plan) -> dict[str, Any]:
+    arena_size = 64 * MIB
+    with bench_heap("bscan", arena_size=arena_size, max_arenas=1 << 16, reserve=False) as heap:
+        span_bytes = SCAN_SPAN_PAGES * heap.params.page_size
+        while heap.info().arenas < plan.scan_arenas:
+            heap.alloc(span_bytes)
+        objects = heap._objects()
+        arenas = [objects.pages_of(index) for index in heap.snapshot()]
+        heap_bytes = len(arenas) * arena_size
+
+        def scan() -> int:
+            return sum(len(unmarked_starts(pages)) for pages in arenas)
+
+        marked = measure(scan, plan.pair_s, min_batches=5)
+        numpy_scan = numpy_scanner(arenas)
+        numpy_marked = measure(numpy_scan, plan.pair_s, min_batches=5) if numpy_scan else None
+        heap.start_cycle()
+        unmarked = measure(scan, plan.pair_s, min_batches=5)
+        found = scan()
+    return {
+        "arenas": len(arenas), "arena_size": arena_size, "heap_bytes": heap_bytes,
+        "spans_found_unmarked": found,
+        "all_marked": scan_row(marked, heap_bytes),
+        "none_marked": scan_row(unmarked, heap_bytes),
+        "numpy_all_marked": scan_row(numpy_marked, heap_bytes) if numpy_marked else None,
+    }
+
+
+def numpy_scanner(arenas: list[Any]) -> Callable[[], int] | None:
+    """np.any(inuse & ~marks) per arena over arrays made once, or None without numpy."""
+    np = optional_numpy()
+    if np is None:
+        return None
+    pairs = [(np.frombuffer(p.inuse, np.uint64), np.frombuffer(p.marks, np.uint64))
+             for p in arenas]
+    return lambda: sum(bool(np.any(inuse & ~marks)) for inuse, marks in pairs)
+
+
+def scan_row(latency: Latency, heap_bytes: int) -> dict[str, Any]:
+    return {"latency": latency.as_dict(),
+            "gb_per_ms": heap_bytes / 1e9 / (latency.p50_ns / 1e6)}
+
+
+def sweep_figures(plan: Plan) -> dict[str, Any]:
+    with bench_heap("bsweep", arena_size=64 * MIB, reserve=False) as heap:
+        refs = fill_small(heap, plan.sweep_objects)
+        began = time.perf_counter_ns()
+        heap.start_cycle()
+        start_ns = time.perf_counter_ns() - began
+        for ref in refs[::2]:
+            heap.mark(ref)
+        began = time.perf_counter_ns()
+        report = heap.sweep()
+        sweep_ns = time.perf_counter_ns() - began
+    return {"objects": len(refs), "freed": report.objects_freed, "start_cycle_ns": start_ns,
+            "sweep_ns": sweep_ns, "objects_per_s": len(refs) / (sweep_ns / 1e9)}
+
+
+# -- 5. scavenge -------------------------------------------------------------------------------
+
+
+def scavenge_figures(plan: Plan) -> dict[str, Any]:
+    arena_size = 64 * MIB if plan.scavenge_bytes >= 64 * MIB else 4 * MIB
+    with bench_heap("bscav", arena_size=arena_size, reserve=False) as heap:
+        chunk = arena_size // 2
+        refs = [heap.alloc(chunk) for _ in range(plan.scavenge_bytes // chunk)]
+        for ref in refs:
+            heap.view(ref)[:] = b"\x5a" * chunk
+        for ref in refs:
+            heap.free(ref)
+        began = time.perf_counter_ns()
+        report = heap.scavenge()
+        seconds = (time.perf_counter_ns() - began) / 1e9
+    return {"released_bytes": report.released_bytes, "written_bytes": len(refs) * chunk,
+            "seconds": seconds, "gb_per_s": report.released_bytes / 1e9 / seconds}
+
+
+# -- targets, report, plot, command line -------------------------------------------------------
+
+
+def targets(results: dict[str, Any]) -> list[Target]:
+    pairs = results["pairs"]
+    return [
+        Target.of("alloc+free pair, 64 bytes, p50", pairs["latency"]["shmheap_64"]["p50_ns"],
+                  "<=", PAIR_P50_NS, fmt_ns),
+        Target.of("BufferWrapper(64) / shmheap pair p50", pairs["ratio"], ">=",
+                  BUFFER_WRAPPER_RATIO, fmt_ratio),
+        Target.of("sweep scan, all spans marked (GB of heap per ms)",
+                  results["scan"]["all_marked"]["gb_per_ms"], ">=", SCAN_GB_PER_MS,
+                  lambda v: f"{v:.3g} GB/ms"),
+    ]
+
+
+def report(results: dict[str, Any], out: TextIO | None = None) -> None:
+    """Print every figure of ``results`` as tables, each target next to its figure."""
+    checks = {target["name"]: target for target in results["targets"]}
+    env = results["environment"]
+    print(f"shmheap alloc benchmark ({results['mode']}): {env['cpus']} cpus, load "
+          f"{' '.join(f'{x:.2f}' for x in env['loadavg'])}, Python {env['python']}, "
+          f"{results['seconds']:.1f} s; loop overhead {fmt_ns(results['loop_overhead_ns'])}",
+          file=out)
+    for line in results["method"]:
+        print(f"  * {line}", file=out)
+    report_pairs(results["pairs"], checks, out)
+    report_rest(results, checks, out)
+    missed = [target for target in results["targets"] if not target["ok"]]
+    print(f"\nTargets: {len(results['targets']) - len(missed)} of {len(results['targets'])} "
+          "met" + ("; missed:" if missed else "."), file=out)
+    for target in missed:
+        print(f"  MISS  {target['name']}: {target['shown']} (target {target['rule']})", file=out)
+
+
+def checked(checks: dict[str, Any], name: str) -> str:
+    target = checks.get(name)
+    return f"{target['rule']} {verdict(target['ok'])}" if target else ""
+
+
+def report_pairs(pairs: dict[str, Any], checks: dict[str, Any], out: TextIO | None) -> None:
+    rows = []
+    for key, figure in pairs["latency"].items():
+        label = ("BufferWrapper(64)" if key == "buffer_wrapper_64"
+                 else f"shmheap alloc+free {key.split('_')[1]} B")
+        target = checked(checks, "alloc+free pair, 64 bytes, p50") if key == "shmheap_64" else ""
+        rows.append([label, fmt_ns(figure["p50_ns"]), fmt_ns(figure["p99_ns"]), target])
+    rows.append(["BufferWrapper / shmheap (64 B)", fmt_ratio(pairs["ratio"]), "",
+                 checked(checks, "BufferWrapper(64) / shmheap pair p50")])
+    print_table("1. alloc + free pair latency", ["what", "p50", "p99", "target"], rows, out)
+
+
+def report_rest(results: dict[str, Any], checks: dict[str, Any], out: TextIO | None) -> None:
+    thru = results["throughput"]
+    print_table("2. Throughput (alloc+free pairs of 16-1000 bytes)", ["processes", "pairs/s"], [
+        ["1", fmt_rate(thru["one_process_pairs_per_s"])],
+        ["2 at once (sum)", fmt_rate(thru["two_processes_pairs_per_s"])],
+        ["2 at once (each)", ", ".join(fmt_rate(r) for r in thru["per_process_pairs_per_s"])],
+    ], out)
+    walk = results["walk"]
+    print_table("3. Walker", ["objects", "spans", "walk p50", "objects/s", "spans/s"], [[
+        f"{walk['objects']:,}", f"{walk['spans']:,}", fmt_ns(walk["latency"]["p50_ns"]),
+        fmt_rate(walk["objects_per_s"]), fmt_rate(walk["spans_per_s"])]], out)
+    scan = results["scan"]
+    name = "sweep scan, all spans marked (GB of heap per ms)"
+    rows = [[label, fmt_ns(row["latency"]["p50_ns"]), f"{row['gb_per_ms']:.3g}",
+             checked(checks, name) if key == "all_marked" else ""]
+            for key, label in (("all_marked", "all marked"), ("none_marked", "none marked"),
+                               ("numpy_all_marked", "numpy per arena, all marked"))
+            if (row := scan[key]) is not None]
+    print_table(f"4. Sweep scan of pageInUse &^ pageMarks: {scan['arenas']} arenas of "
+                f"{format_size(scan['arena_size'])} ({format_size(scan['heap_bytes'])})",
+                ["case", "p50", "GB/ms", "target"], rows, out)
+    sweep = results["sweep"]
+    print_table("   Sweep of small objects (half marked)",
+                ["objects", "start_cycle", "sweep", "objects/s"], [[
+                    f"{sweep['objects']:,}", fmt_ns(sweep["start_cycle_ns"]),
+                    fmt_ns(sweep["sweep_ns"]), fmt_rate(sweep["objects_per_s"])]], out)
+    scav = results["scavenge"]
+    print_table("5. Scavenge", ["released", "time", "rate"], [[
+        format_size(scav["released_bytes"]), fmt_ns(scav["seconds"] * 1e9),
+        f"{scav['gb_per_s']:.3g} GB/s"]], out)
+
+
+def figures(results: dict[str, Any]) -> list[Figure]:
+    """Pair latency (p50) against object size, shmheap and BufferWrapper(64)."""
+    latency = results["pairs"]["latency"]
+    ours = [(size, latency[f"shmheap_{size}"]["p50_ns"] / 1e3) for size in PAIR_SIZES]
+    theirs = [(64, latency["buffer_wrapper_64"]["p50_ns"] / 1e3)]
+    return [Figure("shmheap alloc: alloc+free pair latency (p50)", "object bytes",
+                   "p50 per pair (µs)", {"shmheap": ours, "BufferWrapper": theirs})]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``shmheap bench alloc``: run, print the tables, write JSON and a plot if asked."""
+    parser = argparse.ArgumentParser(
+        prog="shmheap bench alloc",
+        description="Measure the object allocator: alloc/free latency and throughput, the "
+                    "walker, the sweep scan and sweep, the scavenger.")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--quick", action="store_true", help="a short run (under 30 s)")
+    length.add_argument("--tiny", action="store_true",
+                        help="a run of seconds for tests; its figures mean little")
+    parser.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="plot pair latency against object size (needs matplotlib)")
+    args = parser.parse_args(argv)
+    try:
+        if args.plot:
+            require_plotting()
+        results = run(args.quick, tiny=args.tiny,
+                      log=lambda message: print(f"... {message}", file=sys.stderr, flush=True))
+        report(results)
+        if args.json:
+            write_json(args.json, results)
+            print(f"\nwrote {args.json}")
+        if args.plot:
+            plot_figures(args.plot, figures(results))
+            print(f"wrote {args.plot}")
+    except MissingExtraError as exc:
+        print(f"shmheap bench alloc: {exc}", file=sys.stderr)
+        return 2
+    return 0
