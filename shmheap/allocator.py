@@ -7,8 +7,8 @@ Large objects (over ``max_small`` bytes) take a span of whole pages of their
 own, made under the heap lock.  An object must fit in one arena: objects
 spanning arenas are not supported (a typed error says to use larger arenas).
 
-Small objects live in spans of one size class (Go's size classes, 16 bytes
-to 32 KiB; a span is 1-8 pages).  A small span starts with a header of two
+Small objects live in spans of one size class (like Go's: 16 bytes up to
+about 32 KiB, a span of 1-8 pages; ``size_classes``).  A small span starts with a header of two
 byte arrays, then the slots::
 
     [alloc: nelems bytes][mark: nelems bytes][pad to 16][slot 0][slot 1]...
@@ -65,6 +65,7 @@ pages.py; walking, marking, sweeping and scavenging in walker.py.
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import weakref
 from collections.abc import Callable, Iterator
@@ -399,7 +400,10 @@ class Allocator:
         return None
 
     def _alloc_large(self, nbytes: int) -> int:
-        if type(nbytes) is not int or nbytes <= 0:
+        if type(nbytes) is not int:
+            return self.alloc(_as_int(nbytes, InvalidParameterError(
+                f"alloc({nbytes!r}): the size must be a positive int number of bytes")))
+        if nbytes <= 0:
             raise InvalidParameterError(
                 f"alloc({nbytes!r}): the size must be a positive int number of bytes")
         npages = -(-nbytes >> self.page_shift)
@@ -422,7 +426,10 @@ class Allocator:
         Checks everything but whether the slot is allocated: the alloc byte of
         a small object is at ``data[(start << page_shift) + slot]``.
         """
-        if type(ref) is not int or ref <= 0:
+        if type(ref) is not int:
+            return self.locate(_as_int(ref, InvalidRefError(
+                f"{ref!r} is not a heap address (a positive int from alloc())")))
+        if ref <= 0:
             raise InvalidRefError(f"{ref!r} is not a heap address (a positive int from alloc())")
         index = ref >> self.arena_shift
         offset = ref & self.arena_mask
@@ -585,6 +592,14 @@ class Allocator:
                         pages.release(start)
                     released += 1
         return released
+
+
+def _as_int(value: object, error: Exception) -> int:
+    """``value`` as an int if it is an integer type other than bool (numpy ints), else raise."""
+    index = getattr(type(value), "__index__", None)
+    if index is None or isinstance(value, bool):
+        raise error
+    return operator.index(value)  # type: ignore[arg-type]
 
 
 Note = Callable[[str, str, bool], bool]

@@ -193,6 +193,9 @@ def test_ndarray_is_a_zero_copy_view(heap: shmheap.Heap) -> None:
         heap.ndarray(ref, np.float64, (1000,))
     with pytest.raises(shmheap.InvalidParameterError, match="dtype"):
         heap.ndarray(ref, "not a dtype")
+    refs = np.array([ref, heap.alloc(np.int64(64))], dtype=np.uint64)  # refs kept in numpy
+    assert heap.size_of(refs[0]) == heap.size_of(ref)
+    heap.free(refs[1])
     ro = shmheap.Heap.attach(heap.name, readonly=True)
     try:
         view = ro.ndarray(ref, np.float64, 100)
