@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeAlias
 
-from . import collect, stress, top
+from . import collect, stress, top, walker
 from .bench import suite
 from .errors import HeapCorruptError, InvalidParameterError, ShmHeapError
 from .heap import Heap, destroy
@@ -92,10 +92,12 @@ def add_info(sub: Subparsers) -> None:
 def run_info(args: argparse.Namespace) -> int:
     with Heap.attach(args.name, readonly=True) as heap:
         info = heap.info(timeout=LOCK_TIMEOUT).as_dict()
+        stats = heap.stats().as_dict()
     if args.json:
-        print_json(info)
+        print_json({**info, "allocator": stats})
     else:
-        print_table(("field", "value"), sorted(info.items()))
+        allocator = [(f"alloc_{key}", value) for key, value in stats.items() if key != "classes"]
+        print_table(("field", "value"), sorted(info.items()) + allocator)
     return 0
 
 
@@ -245,6 +247,7 @@ COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     add_fsck,
     add_gc,
     stress.add_stress,
+    walker.add_walk_command,
     suite.add_bench,
     top.add_top,
 )

@@ -7,7 +7,6 @@ interpreters (spawn), synchronised through queues and events.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -23,8 +22,8 @@ import alloc_workers
 import pytest
 
 import shmheap
+from shmheap import cli, walker
 from shmheap import pages as pages_mod
-from shmheap import walker
 from shmheap.names import arena_name
 from shmheap.pytest_plugin import HeapFactory
 from shmheap.segments import allocated_bytes
@@ -331,20 +330,24 @@ def test_kill_at_walker_crash_point_recovers(heap: shmheap.Heap, point: str) -> 
 # -- the command line -----------------------------------------------------------------------
 
 
-def run_walk(*argv: str) -> str:
-    parser = argparse.ArgumentParser()
-    walker.add_walk_command(parser.add_subparsers())
-    args = parser.parse_args(["walk", *argv])
+def run_cli(*argv: str) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert args.run(args) == 0
+        assert cli.main(list(argv)) == 0
     return out.getvalue()
 
 
 def test_walk_command_prints_per_arena_usage(heap: shmheap.Heap) -> None:
     refs = [heap.alloc(64), heap.alloc(LARGE)]
-    assert "live_bytes" in run_walk(heap.name)
-    rows = json.loads(run_walk(heap.name, "--json"))
+    assert "live_bytes" in run_cli("walk", heap.name)
+    rows = json.loads(run_cli("walk", heap.name, "--json"))
     assert [row["arena"] for row in rows] == list(heap.snapshot())
     assert rows[0]["objects"] == len(refs)
     assert rows[0]["live_bytes"] == sum(heap.size_of(r) for r in refs)
+
+
+def test_info_command_shows_allocator_stats(heap: shmheap.Heap) -> None:
+    heap.alloc(64)
+    info = json.loads(run_cli("info", heap.name, "--json"))
+    assert info["allocator"]["live_objects"] == 1
+    assert "alloc_live_bytes" in run_cli("info", heap.name)
