@@ -384,6 +384,7 @@ class Worker:
     wid: int
     process: BaseProcess
     conn: Connection
+    pid: int
     #: starting -> ready -> running -> done | killed | straggler | died
     state: str = "starting"
     report: WorkerReport | None = None
@@ -395,7 +396,7 @@ class Worker:
 
     def summary(self) -> dict[str, Any]:
         report = self.report
-        return {"kind": self.kind, "wid": self.wid, "pid": self.process.pid,
+        return {"kind": self.kind, "wid": self.wid, "pid": self.pid,
                 "state": self.state, "ops": report.ops if report else 0,
                 "counters": dict(report.counters) if report else {},
                 "arenas_created": len(self.created),
@@ -424,7 +425,8 @@ class Fleet:
                                        args=(kind, self.name, wid, seed, child_end), daemon=True)
         process.start()
         child_end.close()
-        worker = Worker(kind, wid, process, parent_end)
+        assert process.pid is not None
+        worker = Worker(kind, wid, process, parent_end, process.pid)
         self.workers.append(worker)
         return worker
 
@@ -472,7 +474,18 @@ class Fleet:
             self.problems.append(f"{worker.kind} {worker.wid} died unexpectedly (exit code "
                                  f"{worker.process.exitcode})")
         worker.state = state
+        self._release(worker)
+
+    @staticmethod
+    def _release(worker: Worker) -> None:
+        """Close the pipe and, once the process is reaped, its process object.
+
+        A run kills and respawns workers by the thousand: each would otherwise
+        keep two descriptors (pipe end, process sentinel) in the parent.
+        """
         worker.conn.close()
+        if worker.process.exitcode is not None:
+            worker.process.close()
 
     def send(self, worker: Worker, message: Go | str) -> None:
         try:
@@ -499,9 +512,8 @@ class Fleet:
 
     def kill(self, worker: Worker, state: str = "killed") -> None:
         """SIGKILL ``worker``, keep every complete report it had sent."""
-        assert worker.process.pid is not None
         with contextlib.suppress(ProcessLookupError):
-            os.kill(worker.process.pid, signal.SIGKILL)
+            os.kill(worker.pid, signal.SIGKILL)
         worker.process.join()
         while not worker.conn.closed and worker.conn.poll():
             try:
@@ -512,7 +524,7 @@ class Fleet:
                 self._record(worker, message)
         if worker.alive:
             worker.state = state
-            worker.conn.close()
+            self._release(worker)
 
     def stop(self) -> None:
         """Tell every worker to stop, collect final reports, kill those that do not stop."""
