@@ -88,8 +88,9 @@ if TYPE_CHECKING:
 
 #: Largest small object; bigger ones take pages of their own.
 MAX_SMALL = 32 * 1024
-#: Most pages in a small span.
+#: Most pages in a small span, and the slots a span should hold if it can.
 MAX_SPAN_PAGES = 8
+MIN_SPAN_OBJECTS = 32
 #: A span is kept by its owner on rescan if at least 1/KEEP_FRACTION of it is free,
 #: and adopted from the shared heap if at least 1/ADOPT_FRACTION is.
 KEEP_FRACTION = 4
@@ -141,8 +142,11 @@ def _class_sizes(max_small: int) -> list[int]:
 def size_classes(page_size: int, pages_per_arena: int) -> tuple[SizeClass, ...]:
     """The size classes of a heap; entry 0 stands for large objects.
 
-    Each class gets the span length (1..8 pages, at most half an arena) that
-    wastes least, stopping at the first that wastes at most 1/8; then its
+    Each class gets the shortest span (1..8 pages, at most half an arena) that
+    holds ``MIN_SPAN_OBJECTS`` slots (or as many as the longest span can) and
+    wastes at most 1/8, else the one of those that wastes least.  (Go's spans
+    are shorter; here every refill takes the heap lock, so fewer refills pay
+    for a few more pages per process and class.)  Then its
     size grows to share the span's leftover bytes among its slots (as Go's
     classes do), and a class that ends up no larger than the one before is
     dropped.
@@ -151,10 +155,11 @@ def size_classes(page_size: int, pages_per_arena: int) -> tuple[SizeClass, ...]:
     max_pages = max(1, min(MAX_SPAN_PAGES, pages_per_arena // 2))
     for size in _class_sizes(min(MAX_SMALL, 4 * page_size)):
         best: tuple[float, int, int] | None = None
+        enough = max(1, min(MIN_SPAN_OBJECTS, _fit(size, max_pages * page_size)))
         for npages in range(1, max_pages + 1):
             span_bytes = npages * page_size
             nelems = _fit(size, span_bytes)
-            if nelems < 1:
+            if nelems < enough:
                 continue
             waste = (span_bytes - nelems * size) / span_bytes
             if best is None or waste < best[0]:

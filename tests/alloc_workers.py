@@ -20,6 +20,7 @@ from typing import Any
 
 import shmheap
 from shmheap import walker
+from shmheap.allocator import SizeClass
 
 PATIENCE = 60.0
 DONE = -1
@@ -29,6 +30,12 @@ def pattern(ref: int, size: int) -> bytes:
     """The contents every object at ``ref`` must hold while it is live."""
     word = ((ref * 0x9E3779B97F4A7C15) & (2**64 - 1)).to_bytes(8, "little")
     return (word * (size // 8 + 1))[:size]
+
+
+def size_class(heap: shmheap.Heap, nbytes: int) -> SizeClass:
+    """The size class a small ``alloc(nbytes)`` takes its slot from."""
+    allocator = heap._objects()
+    return allocator.classes[allocator.lookup[(nbytes + 15) >> 4]]
 
 
 def check_pattern(heap: shmheap.Heap, ref: int) -> int:

@@ -18,6 +18,7 @@ import textwrap
 from typing import Any
 
 import pytest
+from alloc_workers import size_class
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
@@ -350,14 +351,15 @@ def test_kill_at_allocator_crash_point_recovers(heap: shmheap.Heap, point: str) 
     keep = [heap.alloc(n) for n in (64, 64, 20000)]
     for ref in keep:
         heap.view(ref)[:] = pattern(ref, heap.size_of(ref))
+    per = size_class(heap, 3000).nelems
     proc = run_child(f"""
         import shmheap
         h = shmheap.Heap.attach({heap.name!r})
-        a = [h.alloc(3000) for _ in range(12)]  # spans X and Y filled and given up, Z cached
-        for ref in a[:5]:
-            h.free(ref)                         # X: unowned, empty, hinted
-        h.free(h.alloc(50000))                  # make and free a large span
-        b = [h.alloc(3000) for _ in range(4)]   # fill Z, give it up, adopt X
+        a = [h.alloc(3000) for _ in range({2 * per + 2})]  # X, Y filled and given up; Z cached
+        for ref in a[:{per}]:
+            h.free(ref)                                    # X: unowned, empty, hinted
+        h.free(h.alloc(50000))                             # make and free a large span
+        b = [h.alloc(3000) for _ in range({per})]          # fill Z, give it up, adopt X
         raise SystemExit("crash point {point} was never reached")
         """, point)
     assert proc.returncode == -signal.SIGKILL, proc.stderr

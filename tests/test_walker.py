@@ -170,7 +170,8 @@ def test_unmarked_spans_are_freed_whole_through_the_bitmaps(
     h = shm_heap_factory(arena_size=ARENA)
     other = shmheap.Heap.attach(h.name)
     try:
-        garbage = [other.alloc(3000) for _ in range(10)]  # two full spans
+        per = alloc_workers.size_class(other, 3000).nelems
+        garbage = [other.alloc(3000) for _ in range(2 * per)]  # two full spans
     finally:
         other.close()
     assert h.check(repair=True)  # reclaims the closed handle's cached span
@@ -206,16 +207,17 @@ def test_sweep_before_any_cycle_frees_nothing(heap: shmheap.Heap) -> None:
 
 
 def test_empty_unowned_spans_are_returned_by_sweep(heap: shmheap.Heap) -> None:
-    refs = [heap.alloc(3000) for _ in range(12)]  # two full spans given up, one cached
+    cls = alloc_workers.size_class(heap, 3000)
+    refs = [heap.alloc(3000) for _ in range(2 * cls.nelems + 2)]  # 2 full spans given up
     heap.start_cycle()
     for ref in refs:
         heap.mark(ref)
-    for ref in refs[:10]:
+    for ref in refs[:2 * cls.nelems]:
         heap.free(ref)  # marked, then freed by hand: the spans stay in use, empty
     in_use = heap.stats().pages_in_use
     report = heap.sweep()
     assert report.spans_freed == 2 and report.objects_freed == 0
-    assert heap.stats().pages_in_use == in_use - 4
+    assert heap.stats().pages_in_use == in_use - 2 * cls.npages
 
 
 def test_several_processes_sweep_one_cycle_together(shm_heap_factory: HeapFactory,

@@ -23,6 +23,7 @@ directly, to time the scan apart from the sweeping it leads to.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import queue
@@ -72,6 +73,7 @@ BATCH_SIZES = (16, 32, 64, 100, 200, 500, 1000)
 #: pages of each large span of the scan heap
 SCAN_SPAN_PAGES = 128
 WORKER_TIMEOUT_S = 120.0
+WORKER_POLL_S = 0.5
 
 METHOD = (
     "Latency per call = the mean of a batch of back-to-back calls (time.perf_counter_ns); "
@@ -80,7 +82,8 @@ METHOD = (
     "multiprocessing.heap.BufferWrapper(64) created and dropped (its free runs when the "
     "wrapper goes away); ratio = BufferWrapper p50 / shmheap 64-byte pair p50.",
     "throughput = batches of 1000 allocations of 16-1000 bytes, then their frees, for a fixed "
-    "time; 2 processes = two spawned processes doing the same at once on one heap (2 cores).",
+    "time; 2 processes = two spawned processes doing the same at once on one heap, and (the "
+    "machine's own limit) on a heap each.",
     "walk = list(heap.walk()) of a heap of small objects; objects and spans per second.",
     "scan = walker.unmarked_starts() over every arena of a sparse 64 MiB-arena heap filled "
     "with 1 MiB spans: pageInUse &^ pageMarks; GB of heap (arena bytes) per ms. 'all marked' "
@@ -178,10 +181,15 @@ def churn_batches(heap: Heap, seconds: float) -> int:
     return pairs
 
 
-def throughput_worker(name: str, seconds: float, start: Any, results: Any) -> None:
-    """A spawned process: wait for ``start``, churn for ``seconds``, report pairs per second."""
+def throughput_worker(name: str | None, seconds: float, start: Any, results: Any) -> None:
+    """A spawned process: wait for ``start``, churn for ``seconds``, report pairs per second.
+
+    It churns heap ``name``, or with ``name=None`` a heap of its own.
+    """
     try:
-        with Heap.attach(name) as heap:
+        with contextlib.ExitStack() as stack:
+            heap = stack.enter_context(
+                Heap.attach(name) if name else bench_heap("bown", arena_size=64 * MIB))
             churn_batches(heap, 0.01)  # warm: map the arena, take spans
             results.put(("ready", 0.0))
             start.wait(WORKER_TIMEOUT_S)
@@ -198,12 +206,13 @@ def throughput_figures(plan: Plan) -> dict[str, Any]:
         churn_batches(heap, 0.01)
         began = time.monotonic()
         one = churn_batches(heap, plan.throughput_s) / (time.monotonic() - began)
-        rates = in_processes(heap.name, 2, plan.throughput_s)
-    return {"one_process_pairs_per_s": one, "two_processes_pairs_per_s": sum(rates),
-            "per_process_pairs_per_s": rates}
+        shared = in_processes(heap.name, 2, plan.throughput_s)
+    separate = in_processes(None, 2, plan.throughput_s)
+    return {"one_process_pairs_per_s": one, "two_processes_pairs_per_s": sum(shared),
+            "per_process_pairs_per_s": shared, "two_separate_heaps_pairs_per_s": sum(separate)}
 
 
-def in_processes(name: str, count: int, seconds: float) -> list[float]:
+def in_processes(name: str | None, count: int, seconds: float) -> list[float]:
     """Pairs per second of ``count`` spawned processes churning heap ``name`` at once."""
     context = multiprocessing.get_context("spawn")
     start = context.Event()
@@ -214,9 +223,9 @@ def in_processes(name: str, count: int, seconds: float) -> list[float]:
         worker.start()
     try:
         for _ in workers:
-            expect(results, "ready")
+            expect(results, "ready", workers)
         start.set()
-        return [expect(results, "done") for _ in workers]
+        return [expect(results, "done", workers) for _ in workers]
     finally:
         for worker in workers:
             worker.join(WORKER_TIMEOUT_S)
@@ -226,12 +235,20 @@ def in_processes(name: str, count: int, seconds: float) -> list[float]:
         results.close()
 
 
-def expect(results: Any, kind: str) -> float:
-    try:
-        message = results.get(timeout=WORKER_TIMEOUT_S)
-    except queue.Empty:
-        raise BenchError(f"a throughput worker did not report within {WORKER_TIMEOUT_S} "
-                         "s") from None
+def expect(results: Any, kind: str, workers: list[Any]) -> float:
+    """The next report of ``kind``; BenchError if a worker failed, died or went quiet."""
+    deadline = time.monotonic() + WORKER_TIMEOUT_S
+    while True:
+        try:
+            message = results.get(timeout=WORKER_POLL_S)
+            break
+        except queue.Empty:
+            dead = [w.exitcode for w in workers if w.exitcode is not None and w.exitcode != 0]
+            if dead:
+                raise BenchError(f"a throughput worker exited with code {dead[0]}") from None
+            if time.monotonic() > deadline:
+                raise BenchError(f"a throughput worker did not report within "
+                                 f"{WORKER_TIMEOUT_S} s") from None
     if message[0] != kind:
         raise BenchError(f"a throughput worker failed: {message[1]}")
     return float(message[1])
@@ -393,6 +410,7 @@ def report_rest(results: dict[str, Any], checks: dict[str, Any], out: TextIO | N
         ["1", fmt_rate(thru["one_process_pairs_per_s"])],
         ["2 at once (sum)", fmt_rate(thru["two_processes_pairs_per_s"])],
         ["2 at once (each)", ", ".join(fmt_rate(r) for r in thru["per_process_pairs_per_s"])],
+        ["2 at once, a heap each (sum)", fmt_rate(thru["two_separate_heaps_pairs_per_s"])],
     ], out)
     walk = results["walk"]
     print_table("3. Walker", ["objects", "spans", "walk p50", "objects/s", "spans/s"], [[
