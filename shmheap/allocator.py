@@ -1,7 +1,9 @@
 """Objects in arenas: size classes, spans, per-process span caches; alloc/free/view/size_of.
 
 A heap address (a *ref*) is ``arena.base + offset``: a plain ``int``, the same
-in every process, 0 never a valid object (arena 0 is never used).
+in every process, 0 never a valid object (arena 0 is never used).  A ref
+carries no heap identity: one from another heap is rejected only when it does
+not name the start of a live object of this heap.
 
 Large objects (over ``max_small`` bytes) take a span of whole pages of their
 own, made under the heap lock.  An object must fit in one arena: objects
@@ -74,6 +76,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from . import crash
 from .control import JOURNAL_OFFSET
 from .errors import (
+    AddressSpaceExhaustedError,
     DoubleFreeError,
     HeapCorruptError,
     InvalidParameterError,
@@ -81,7 +84,7 @@ from .errors import (
     ReadOnlyError,
 )
 from .index import ArenaSnapshot
-from .pages import OWNED_OFFSET, ArenaPages, layout, zero_positions
+from .pages import OWNED_OFFSET, ArenaPages, layout, positions
 
 if TYPE_CHECKING:
     from .heap import Heap
@@ -194,7 +197,7 @@ class _Cache:
         self.free = list(range(cls.nelems - 1, -1, -1)) if fresh else self.rescan()
 
     def rescan(self) -> list[int]:
-        free = zero_positions(bytes(self.data[self.a0:self.m0]))
+        free = positions(bytes(self.data[self.a0:self.m0]), 0)
         free.reverse()
         return free
 
@@ -340,7 +343,7 @@ class Allocator:
             if got is not None:
                 return got
             self._hint = self.heap.grow().index
-        raise InvalidParameterError(
+        raise AddressSpaceExhaustedError(
             f"heap {self.heap.name!r}: no arena could take {npages} pages even after growing "
             f"{GROW_ATTEMPTS} times; other processes are allocating faster than it grows")
 
@@ -356,7 +359,8 @@ class Allocator:
             for start in pages.class_starts(c):
                 if pages.owner[start]:
                     continue
-                free = bytes(pages.data[start << self.page_shift:][:cls.nelems]).count(0)
+                a0 = start << self.page_shift
+                free = bytes(pages.data[a0:a0 + cls.nelems]).count(0)
                 if free * ADOPT_FRACTION < cls.nelems:
                     continue
                 if chosen is None:

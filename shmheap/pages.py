@@ -181,13 +181,13 @@ def bits_set(data: bytes) -> list[int]:
     return found
 
 
-def zero_positions(data: bytes) -> list[int]:
-    """Positions of the zero bytes of ``data``, ascending."""
+def positions(data: bytes, value: int) -> list[int]:
+    """Positions of the bytes of ``data`` equal to ``value``, ascending."""
     found = []
-    pos = data.find(0)
+    pos = data.find(value)
     while pos >= 0:
         found.append(pos)
-        pos = data.find(0, pos + 1)
+        pos = data.find(value, pos + 1)
     return found
 
 

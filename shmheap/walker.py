@@ -30,10 +30,15 @@ Mark and sweep (Go's mark bits and fast free-page reclaim)
     with an atomic add), and in each arena of a chunk:
 
     * frees under the lock every unowned span found through
-      ``pageInUse &^ pageMarks``, without reading its objects;
+      ``pageInUse &^ pageMarks`` (compared as bytes first: one memcmp per
+      arena when every span is marked), without reading its objects;
     * in every other small span, frees each object whose alloc byte is 1
       and mark byte 0 (alloc read before mark, so an object the owner is
-      allocating right now is seen marked), with one store per object.
+      allocating right now is seen marked), with one store per object, and
+      frees the span itself if it is unowned and left empty.
+
+    Spans cached by dead processes are reclaimed (allocator.py) before the
+    first chunk, so they are swept like any unowned span.
 
     Contract, as in Go: marking is finished before ``sweep()`` starts and no
     ``start_cycle()`` runs while a sweep does; an object allocated while
@@ -61,7 +66,7 @@ from typing import TYPE_CHECKING, Any
 from . import crash
 from .control import CYCLE_ARENAS_OFFSET, CYCLE_OFFSET, SWEEP_CURSOR_OFFSET
 from .errors import ReadOnlyError
-from .pages import RELEASED, RELEASING, ArenaPages, bits_set, runs
+from .pages import RELEASED, RELEASING, ArenaPages, bits_set, positions, runs
 
 if TYPE_CHECKING:
     from .allocator import Allocator
@@ -170,16 +175,6 @@ def _check_writable(heap: Heap, what: str) -> None:
     if heap.readonly:
         raise ReadOnlyError(f"heap {heap.name!r} is attached readonly; {what} needs a "
                             "writable attach (Heap.attach(name))")
-
-
-def positions(data: bytes, value: int) -> list[int]:
-    """Positions of the bytes of ``data`` equal to ``value``, ascending."""
-    found = []
-    pos = data.find(value)
-    while pos >= 0:
-        found.append(pos)
-        pos = data.find(value, pos + 1)
-    return found
 
 
 # -- walking -------------------------------------------------------------------------------
