@@ -47,7 +47,8 @@ Mark and sweep (Go's mark bits and fast free-page reclaim)
     the next cycle.
 
 Scavenge (``heap.scavenge()``)
-    Per arena, under the lock: every free page not yet released becomes
+    First, empty unowned spans and dead owners' spans become free pages.
+    Then per arena, under the lock: every free page not yet released becomes
     RELEASING, its memory is returned with ``fallocate(PUNCH_HOLE)`` on the
     arena's file, and it becomes RELEASED (reads zero, no memory).  Reuse
     re-reserves it (if the heap reserves) and skips zeroing.
@@ -398,9 +399,16 @@ def _free_spans(heap: Heap, allocator: Allocator, pages: ArenaPages, whole: list
 
 
 def scavenge(heap: Heap) -> ScavengeReport:
-    """Return the memory of every free, not yet released page to the OS."""
+    """Return the memory of every free, not yet released page to the OS.
+
+    Empty unowned spans and spans of dead owners are returned to the free
+    pages first (allocator.py), so their memory goes too.
+    """
     _check_writable(heap, "scavenge()")
     allocator = heap._objects()
+    with heap.locked():
+        allocator.reclaim_locked()
+        allocator.release_empty_locked()
     released = 0
     for index in heap.snapshot():
         pages = allocator.pages_of(index)

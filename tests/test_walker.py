@@ -353,3 +353,16 @@ def test_info_command_shows_allocator_stats(heap: shmheap.Heap) -> None:
     info = json.loads(run_cli("info", heap.name, "--json"))
     assert info["allocator"]["live_objects"] == 1
     assert "alloc_live_bytes" in run_cli("info", heap.name)
+
+
+def test_scavenge_returns_empty_spans_too(heap: shmheap.Heap) -> None:
+    cls = alloc_workers.size_class(heap, 3000)
+    refs = [heap.alloc(3000) for _ in range(2 * cls.nelems + 1)]  # two full spans given up
+    for ref in refs[:2 * cls.nelems]:
+        heap.free(ref)
+    in_use = heap.stats().pages_in_use
+    heap.scavenge()
+    stats = heap.stats()
+    assert stats.pages_in_use == in_use - 2 * cls.npages
+    assert stats.pages_released == stats.pages_free
+    assert live_objects(heap) == refs[-1:]
