@@ -40,8 +40,10 @@ Per-process caches (Go's mcache, mimalloc's thread-local pages)
     from free pages, else grow the heap.  Refill and large objects are the
     only allocation paths that take the lock.
 
-``free`` from any process clears ``alloc[k]`` with one store and, if the span
-has no owner, stores 1 into its arena's ``partial[class]`` hint.  A hint
+``free`` of a small object, from any process, clears ``alloc[k]`` with one
+store and, if the span has no owner, stores 1 into its arena's
+``partial[class]`` hint; ``free`` of a large object frees its pages under the
+lock.  A hint
 lost in a race only delays reuse of a slot until the next free or sweep
 into that span; it never loses an object.
 

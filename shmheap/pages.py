@@ -14,7 +14,8 @@ arena, so a new arena needs no initialisation)::
                          cleared by the lock holder's reclaim pass when it finds
                          none (a hint: 0 means no span of this arena is cached)
     64      64  partial  byte [c] for size class c: any process stores 1 after it
-                         frees into an unowned span of class c here; the lock
+                         frees into an unowned span of class c here (a free, a
+                         sweep, a span given up with free slots); the lock
                          holder stores 0 before it scans the arena (a hint)
     128      P  used     lock holder: 1 for every page of an in-use span
     .        P  state    lock holder: what a free page holds (CLEAN, DIRTY,
