@@ -11,14 +11,11 @@ import itertools
 import json
 import os
 import pickle
-import signal
-import subprocess
-import sys
-import textwrap
 from typing import Any
 
 import pytest
 from alloc_workers import size_class
+from children import assert_killed, run_child
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
@@ -35,15 +32,6 @@ RECOVERY_TIMEOUT = 30.0
 @pytest.fixture
 def heap(shm_heap_factory: HeapFactory) -> shmheap.Heap:
     return shm_heap_factory(arena_size=ARENA)
-
-
-def run_child(code: str, crash_at: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env.pop("SHMHEAP_CRASH_AT", None)
-    if crash_at:
-        env["SHMHEAP_CRASH_AT"] = crash_at
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
-                          capture_output=True, text=True, timeout=120)
 
 
 def pattern(ref: int, size: int) -> bytes:
@@ -315,7 +303,7 @@ def test_spans_cached_by_a_dead_process_are_reclaimed(heap: shmheap.Heap) -> Non
         print(json.dumps(refs))
         os.kill(os.getpid(), 9)
         """)
-    assert proc.returncode == -signal.SIGKILL
+    assert_killed(proc)
     refs = json.loads(proc.stdout)
     before = heap.stats()
     assert before.cached_spans == 4 and before.live_objects == 4
@@ -362,7 +350,7 @@ def test_kill_at_allocator_crash_point_recovers(heap: shmheap.Heap, point: str) 
         b = [h.alloc(3000) for _ in range({per})]          # fill Z, give it up, adopt X
         raise SystemExit("crash point {point} was never reached")
         """, point)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert_killed(proc)
     heap.snapshot(timeout=RECOVERY_TIMEOUT)  # adopts the dead holder's lock and repairs
     assert heap.info().recoveries >= 1
     assert heap.check() == []

@@ -8,13 +8,8 @@ kill is still listed, and destroy() leaves nothing in /dev/shm.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-
 import pytest
+from children import assert_killed, run_child
 
 import shmheap
 from shmheap.pytest_plugin import HeapFactory
@@ -29,21 +24,6 @@ OPERATIONS = {
     "grow": "h.grow()",
     "index": "h.grow()",
 }
-
-
-def run_child(code: str, crash_at: str | None,
-              timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env.pop("SHMHEAP_CRASH_AT", None)
-    if crash_at:
-        env["SHMHEAP_CRASH_AT"] = crash_at
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def assert_killed(proc: subprocess.CompletedProcess[str]) -> None:
-    assert proc.returncode == -signal.SIGKILL, (
-        f"child did not die of SIGKILL (rc={proc.returncode}): {proc.stderr}")
 
 
 @pytest.fixture

@@ -11,15 +11,11 @@ import contextlib
 import io
 import json
 import multiprocessing
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 from collections.abc import Iterator
 
 import alloc_workers
 import pytest
+from children import assert_killed, run_child
 
 import shmheap
 from shmheap import cli, walker
@@ -61,15 +57,6 @@ def fill(h: shmheap.Heap, ref: int) -> None:
 def intact(h: shmheap.Heap, ref: int) -> bool:
     size = h.size_of(ref)
     return bytes(h.view(ref)) == (ref.to_bytes(8, "little") * (size // 8 + 1))[:size]
-
-
-def run_child(code: str, crash_at: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env.pop("SHMHEAP_CRASH_AT", None)
-    if crash_at:
-        env["SHMHEAP_CRASH_AT"] = crash_at
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
-                          capture_output=True, text=True, timeout=120)
 
 
 # -- walk and stats ------------------------------------------------------------------------
@@ -313,7 +300,7 @@ def test_kill_at_walker_crash_point_recovers(heap: shmheap.Heap, point: str) -> 
         {SCAVENGE_AND_CYCLE_POINTS[point]}
         raise SystemExit("crash point {point} was never reached")
         """, point)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert_killed(proc)
     heap.snapshot(timeout=RECOVERY_TIMEOUT)
     assert heap.info().recoveries >= 1
     assert heap.check() == []

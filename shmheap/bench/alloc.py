@@ -22,7 +22,6 @@ directly, to time the scan apart from the sweeping it leads to.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import multiprocessing
 import os
@@ -41,9 +40,9 @@ from .common import (
     BenchError,
     Figure,
     Latency,
-    MissingExtraError,
     Target,
     bench_heap,
+    bench_main,
     environment,
     fmt_ns,
     fmt_rate,
@@ -52,11 +51,8 @@ from .common import (
     measure,
     measure_interleaved,
     optional_numpy,
-    plot_figures,
     print_table,
-    require_plotting,
     verdict,
-    write_json,
 )
 
 MIB = 1 << 20
@@ -448,31 +444,7 @@ def figures(results: dict[str, Any]) -> list[Figure]:
 
 def main(argv: list[str] | None = None) -> int:
     """``shmheap bench alloc``: run, print the tables, write JSON and a plot if asked."""
-    parser = argparse.ArgumentParser(
-        prog="shmheap bench alloc",
-        description="Measure the object allocator: alloc/free latency and throughput, the "
-                    "walker, the sweep scan and sweep, the scavenger.")
-    length = parser.add_mutually_exclusive_group()
-    length.add_argument("--quick", action="store_true", help="a short run (under 30 s)")
-    length.add_argument("--tiny", action="store_true",
-                        help="a run of seconds for tests; its figures mean little")
-    parser.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
-    parser.add_argument("--plot", metavar="FILE.png",
-                        help="plot pair latency against object size (needs matplotlib)")
-    args = parser.parse_args(argv)
-    try:
-        if args.plot:
-            require_plotting()
-        results = run(args.quick, tiny=args.tiny,
-                      log=lambda message: print(f"... {message}", file=sys.stderr, flush=True))
-        report(results)
-        if args.json:
-            write_json(args.json, results)
-            print(f"\nwrote {args.json}")
-        if args.plot:
-            plot_figures(args.plot, figures(results))
-            print(f"wrote {args.plot}")
-    except MissingExtraError as exc:
-        print(f"shmheap bench alloc: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return bench_main(argv, "alloc",
+                      "Measure the object allocator: alloc/free latency and throughput, the "
+                      "walker, the sweep scan and sweep, the scavenger.",
+                      "plot pair latency against object size", sys.modules[__name__])

@@ -25,6 +25,7 @@ This module owns no heap: it creates and destroys only the heaps it names.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import itertools
@@ -33,12 +34,13 @@ import math
 import os
 import platform
 import secrets
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from ..errors import HeapNotFoundError, ShmHeapError
 from ..heap import Heap, destroy
@@ -327,3 +329,43 @@ def plot_figures(path: str | Path, figures: Sequence[Figure]) -> None:
         axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
     figure.savefig(path, dpi=120, bbox_inches="tight")
     pyplot.close(figure)
+
+
+class BenchModule(Protocol):
+    """What ``bench_main`` needs of a benchmark module (index.py, alloc.py)."""
+
+    def run(self, quick: bool = False, *, tiny: bool = False,
+            log: Callable[[str], None] | None = None) -> dict[str, Any]: ...
+
+    def report(self, results: dict[str, Any], out: TextIO | None = None) -> None: ...
+
+    def figures(self, results: dict[str, Any]) -> list[Figure]: ...
+
+
+def bench_main(argv: list[str] | None, name: str, description: str, plot_help: str,
+               module: BenchModule) -> int:
+    """The command line of a benchmark: run, print the tables, write JSON and a plot if asked."""
+    parser = argparse.ArgumentParser(prog=f"shmheap bench {name}", description=description)
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--quick", action="store_true", help="a short run (under 30 s)")
+    length.add_argument("--tiny", action="store_true",
+                        help="a run of seconds for tests; its figures mean little")
+    parser.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
+    parser.add_argument("--plot", metavar="FILE.png", help=f"{plot_help} (needs matplotlib)")
+    args = parser.parse_args(argv)
+    try:
+        if args.plot:
+            require_plotting()
+        results = module.run(args.quick, tiny=args.tiny, log=lambda message: print(
+            f"... {message}", file=sys.stderr, flush=True))
+        module.report(results)
+        if args.json:
+            write_json(args.json, results)
+            print(f"\nwrote {args.json}")
+        if args.plot:
+            plot_figures(args.plot, module.figures(results))
+            print(f"wrote {args.plot}")
+    except MissingExtraError as exc:
+        print(f"shmheap bench {name}: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -29,7 +29,6 @@ heap and bare segment it makes has a unique name and is removed in
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import mmap
@@ -55,9 +54,9 @@ from .common import (
     BenchError,
     Figure,
     Latency,
-    MissingExtraError,
     Target,
     bench_heap,
+    bench_main,
     environment,
     fmt_ns,
     fmt_rate,
@@ -67,12 +66,9 @@ from .common import (
     measure,
     measure_interleaved,
     optional_numpy,
-    plot_figures,
     print_table,
-    require_plotting,
     unique_name,
     verdict,
-    write_json,
 )
 
 T = TypeVar("T")
@@ -735,37 +731,9 @@ def figures(results: dict[str, Any]) -> list[Figure]:
                    "index entries", "p50 latency per snapshot (µs)", series)]
 
 
-def plot(results: dict[str, Any], path: str) -> None:
-    plot_figures(path, figures(results))
-
-
 def main(argv: list[str] | None = None) -> int:
     """``shmheap bench index``: run, print the tables, write JSON and a plot if asked."""
-    parser = argparse.ArgumentParser(
-        prog="shmheap bench index",
-        description="Measure the all-arenas index: snapshots, naive copies, iteration, "
-                    "grow(), a writer with observers, memory and liveness overhead.")
-    length = parser.add_mutually_exclusive_group()
-    length.add_argument("--quick", action="store_true", help="a short run (under 30 s)")
-    length.add_argument("--tiny", action="store_true",
-                        help="a run of seconds for tests; its figures mean little")
-    parser.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
-    parser.add_argument("--plot", metavar="FILE.png",
-                        help="plot snapshot latency against index size (needs matplotlib)")
-    args = parser.parse_args(argv)
-    try:
-        if args.plot:
-            require_plotting()
-        results = run(args.quick, tiny=args.tiny,
-                      log=lambda message: print(f"... {message}", file=sys.stderr, flush=True))
-        report(results)
-        if args.json:
-            write_json(args.json, results)
-            print(f"\nwrote {args.json}")
-        if args.plot:
-            plot(results, args.plot)
-            print(f"wrote {args.plot}")
-    except MissingExtraError as exc:
-        print(f"shmheap bench index: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return bench_main(argv, "index",
+                      "Measure the all-arenas index: snapshots, naive copies, iteration, grow(), a "
+                      "writer with observers, memory and liveness overhead.",
+                      "plot snapshot latency against index size", sys.modules[__name__])
