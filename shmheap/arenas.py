@@ -251,9 +251,6 @@ class ArenaMap:
             offset = hole
         return [i for i in found if i < self.max_arenas]
 
-    def resident_bytes(self) -> int:
-        return os.fstat(self._fd).st_blocks * 512
-
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
