@@ -10,6 +10,7 @@ protocol lives in its own module:
 * index.py     -- the all-arenas index and reader snapshots
 * arenas.py    -- arena segments and the arena map
 * repair.py    -- checks and repairs (fsck), run after a dead holder
+* allocator.py, walker.py -- objects inside arenas; walking, mark/sweep, scavenging
 
 Creation is crash-safe: the creator makes the control segment exclusively
 (the one creator wins), holds an OFD lock on its first byte while it is
@@ -17,10 +18,14 @@ Creation is crash-safe: the creator makes the control segment exclusively
 ``READY``; if the state is not ready and nobody holds the init lock, the
 creator died and the attacher raises HeapCorruptError.
 
-``grow`` (all under the heap lock, in this order, see invariant 4):
-build the arena under a temporary name -> link it under its final name
+``grow``: build and reserve the arena under this process's temporary name
+(no lock: only the holder of our liveness slot uses that name); then, under
+the heap lock and in this order (invariant 4): link it under its final name
 (a taken name is a collision: try the next free index) -> append its index
 -> set its map bit -> move the hint.
+
+The methods at the end of ``Heap`` (alloc ... scavenge) delegate to the
+allocator and walker, made lazily per handle.
 """
 
 from __future__ import annotations
