@@ -46,7 +46,6 @@ from typing import Any
 
 from . import arenas, control, liveness, segments
 from .errors import HeapCorruptError, HeapNotFoundError, ShmHeapError
-from .heap import _INIT_LOCK_BYTE as INIT_LOCK_BYTE
 from .heap import destroy
 from .names import (
     check_name,
@@ -147,7 +146,7 @@ def _judge(name: str) -> HeapStatus:
     except OSError as exc:
         return HeapStatus(name, "inaccessible", f"{path}: {exc.strerror}")
     try:
-        if liveness.is_locked(fd, INIT_LOCK_BYTE):
+        if liveness.is_locked(fd, control.INIT_LOCK_BYTE):
             return HeapStatus(name, "initialising", "its creator is still creating it")
         size = os.fstat(fd).st_size
         if size < control.SIZE:

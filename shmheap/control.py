@@ -57,6 +57,8 @@ STATE_NAMES = {UNINIT: "uninitialised", INITIALISING: "initialising", READY: "re
 
 _PARAMS = struct.Struct("<8sIIQQQQIIQ")  # magic .. created_ns, offsets 0..63
 STATE_OFFSET = 12
+#: While the state is INITIALISING the creator holds an OFD write lock on this byte.
+INIT_LOCK_BYTE = 0
 HEADER_OFFSET = 64
 HINT_OFFSET = 72
 PAGE_SIZE_OFFSET = 88

@@ -71,7 +71,6 @@ DEFAULT_ARENA_SIZE = 64 << 20
 DEFAULT_MAX_ARENAS = 1 << 20
 #: Seconds an attacher waits for a creator to finish initialising.
 ATTACH_TIMEOUT = 5.0
-_INIT_LOCK_BYTE = 0
 
 
 @dataclass(frozen=True)
@@ -182,7 +181,7 @@ class Heap:
                 f"heap {name!r} already exists; attach to it, or remove it with "
                 f"`shmheap destroy {name}`") from None
         assert seg.fd is not None
-        if not liveness.try_lock(seg.fd, _INIT_LOCK_BYTE):
+        if not liveness.try_lock(seg.fd, control.INIT_LOCK_BYTE):
             raise AssertionError("a fresh control segment cannot be locked by anyone else")
         params = control.Params(
             heap_id=secrets.randbits(63) | 1, arena_size=arena_size, max_arenas=max_arenas,
@@ -208,7 +207,7 @@ class Heap:
             destroy(name)
             seg.close()
             raise
-        liveness.unlock(seg.fd, _INIT_LOCK_BYTE)
+        liveness.unlock(seg.fd, control.INIT_LOCK_BYTE)
         os.close(seg.fd)
         seg.fd = None
         return heap
@@ -587,7 +586,7 @@ def _open_ready_control(name: str, readonly: bool, timeout: float) -> segments.S
                                            f"{control.SIZE}; destroy the heap")
                 owned, fd = fd, -1  # the Segment owns (and on failure closes) it now
                 return segments.Segment(seg_name, owned, size, readonly, keep_fd=False)
-            creator_alive = liveness.is_locked(fd, _INIT_LOCK_BYTE)
+            creator_alive = liveness.is_locked(fd, control.INIT_LOCK_BYTE)
         finally:
             if fd >= 0:
                 os.close(fd)
