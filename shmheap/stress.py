@@ -1,4 +1,4 @@
-"""``shmheap stress``: many processes grow and read one heap at once and check every entry.
+"""``shmheap stress``: many processes grow, allocate in and read one heap at once, checking it all.
 
 A run creates a fresh heap and starts worker processes (fresh interpreters,
 ``multiprocessing`` spawn context), each in one role:
@@ -6,58 +6,92 @@ A run creates a fresh heap and starts worker processes (fresh interpreters,
 ``writer``
     loops ``heap.grow()`` (one time in ``1/AT_EVERY`` it asks for a random
     index with ``grow(at=...)``, as Go's hints land anywhere, and counts the
-    collisions), stamps the first 8 bytes of each new arena with its index
-    (one aligned little-endian u64 store) and reports the indices it made.
+    collisions) and reports the indices it made.  It then *claims* an arena:
+    ``heap.alloc(arena_size)``, an object that takes a whole arena, so it can
+    only start at the base of an arena with every page free (usually the one
+    just grown).  It stamps the object's first 16 bytes with ``STAMP_MAGIC``
+    and the arena's index (two aligned u64 stores, the index first, so a
+    reader that sees the magic sees the index) and keeps it for the whole
+    run.  The stamp lives in an object because arena memory belongs to the
+    allocator: a stamp written into a bare arena would be taken for span
+    metadata, or overwritten by objects, once churners allocate there.
     Writers are paced by default: together they fill the heap's ``max_arenas``
     evenly over the run, so growth (and kills in the middle of it) lasts the
     whole run; ``paced=False`` (``--flat-out``) grows as fast as it can.  The
     cap exists because every reader maps every arena, and each mapping costs a
     file descriptor (Python's mmap keeps one) and one of vm.max_map_count.
+``churner``
+    loops over the allocator (mimalloc's test-stress): allocates objects of
+    mixed sizes (mostly 16 B-4 KiB, ``LARGE_SHARE`` of them up to a quarter
+    of an arena), checks each new object reads zero, fills it with
+    ``pattern(ref)`` (its address, repeated), holds at most ``MAX_HELD`` and
+    gives up random ones, checking the pattern first.  A share of those is
+    handed to another churner through the parent (``Handoff``), which checks
+    and frees it; the rest it frees itself.
 ``reader``
     attached ``readonly=True``, loops ``heap.snapshot()`` and walks every
     entry: each snapshot must extend the previous one (published entries never
-    change), hold no duplicate, and name arenas whose stamp is their index.  A
-    stamp of 0 is allowed (its writer has not stamped it yet); any other wrong
-    stamp is a violation.
+    change) and hold no duplicate, and an arena that carries the stamp's magic
+    must carry its own index.  An arena without the magic is not checked (no
+    writer claimed it, or its writer has not stamped it yet).  Every
+    ``WALK_INTERVAL`` seconds it also runs ``heap.stats()`` and ``heap.walk()``
+    and checks what concurrent churn cannot break: the stats' totals agree
+    with each other and with the snapshots around them, and every walked span
+    and object lies inside its arena and span.
 
 With ``kill_rate`` the parent SIGKILLs a random worker that often and starts
-a replacement; the heap lock adopts a dead holder's lock on its own.  After a
-kill the parent runs ``heap.check()`` (at most once per ``CHECK_INTERVAL``,
-and always at the end), counting every finding except what a kill
-legitimately leaves before repair (``TOLERATED_AFTER_KILL``) as a violation.
-A check holds the heap lock while it opens every arena, which shows in the
-maximum latencies of such runs.
+a replacement; the heap lock adopts a dead holder's lock on its own, and a
+dead churner's cached spans are reclaimed by the allocator.  After a kill the
+parent runs ``heap.check()`` (at most once per ``CHECK_INTERVAL``, and always
+at the end), counting every finding except what a kill legitimately leaves
+before repair (``TOLERATED_AFTER_KILL``) as a violation.  A check holds the
+heap lock while it opens every arena, which shows in the maximum latencies
+of such runs.
 
 At the end the parent stops the workers, checks the heap once more, verifies
-that the final snapshot holds every arena the writers reported (none lost)
-with the right stamp, destroys the heap (always, in a ``finally``, even on
+that the final snapshot holds every arena the writers reported (none lost),
+that every stamp is right and that the objects live in the heap are exactly
+those the workers that stopped normally hold (their final reports list
+them), each with its pattern; objects that only killed workers could hold
+are counted (a killed process's objects stay allocated by design), not
+blamed.  Then it destroys the heap (always, in a ``finally``, even on
 Ctrl-C), verifies that nothing of it is left in /dev/shm, and reports.  The
 run fails (exit 1) on any violation, lost arena or leak.
 
 Workers talk to the parent over one pipe each rather than a shared queue: a
 worker SIGKILLed while writing to a shared queue would corrupt it for all,
 while a torn message on its own pipe only ends that pipe.  The parent sends
-``Go`` and ``"stop"``; a worker sends ``"ready"``, then the indices of the
-arenas it made after every step that made one (so a SIGKILL loses at most the
-arena of the step it interrupts), a ``WorkerReport`` with its cumulative
-counters every ``REPORT_INTERVAL`` seconds, and a final one.
+``Go``, ``Handoff`` (to churners) and ``"stop"``; a worker sends ``"ready"``,
+then the indices of the arenas it made after every step that made one (so a
+SIGKILL loses at most the arena of the step it interrupts), the objects a
+churner hands on (``Handoff``, in batches), a ``WorkerReport`` with its
+cumulative counters every ``REPORT_INTERVAL`` seconds, and a final one.  The
+parent relays each handoff to a random other running churner (back to the
+sender if it is the only one); handoffs it cannot deliver (the run is
+stopping) it checks and frees itself.  A handoff relayed to a churner that
+is then killed is lost in flight: its objects stay allocated.
 
 Test hook: with ``SHMHEAP_STRESS_BREAK_CHECK=1`` in the environment, readers
-expect the stamp ``index + 1``, so every check of a stamped arena fails and
-the run must exit 1.  It proves that the checker can fail.
+expect the stamp ``index + 1`` and churners the pattern of ``ref + 1``, so
+every stamp and pattern check fails and the run must exit 1.  It proves that
+both checkers can fail.
 
-Adding a role: a ``Role`` subclass (``kind``, ``readonly``, ``step()``), an
-entry in ``ROLES`` and a count in ``StressConfig.roles()`` (plus its option).
+Adding a role: a ``Role`` subclass (``kind``, ``readonly``, ``step()``, and
+``outgoing()``/``receive()``/``finish()`` if it sends or takes messages or
+holds objects), an entry in ``ROLES`` and a count in ``StressConfig.roles()``
+(plus its option).
 
 This module owns the run: the roles, the parent's kill/respawn loop, the
 statistics and the report.  It uses the heap only through the public API
-(``Heap``, ``check()``, ``shmheap.destroy``).
+(``Heap``, ``alloc``/``free``/``view``/``walk``/``stats``, ``check()``,
+``shmheap.destroy``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -67,6 +101,7 @@ import secrets
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -75,6 +110,7 @@ from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any, ClassVar, TextIO
 
 from . import segments
+from .allocator import ALIGN
 from .errors import (
     AddressSpaceExhaustedError,
     ArenaCollisionError,
@@ -85,6 +121,7 @@ from .errors import (
 )
 from .heap import Heap, destroy
 from .names import check_name, format_size, owns
+from .walker import HeapStats, SpanInfo
 
 if TYPE_CHECKING:
     from .cli import Subparsers
@@ -102,16 +139,41 @@ START_TIMEOUT = 120.0
 STOP_TIMEOUT = 30.0
 #: A writer asks for a random index once in this many grows.
 AT_EVERY = 32
+#: The first word of a writer's stamp (b"shmstamp"); no pattern or span header can hold it.
+STAMP_MAGIC = int.from_bytes(b"shmstamp", "little")
+#: Seconds between a reader's checks of heap.stats() and heap.walk().
+WALK_INTERVAL = 1.0
+#: A churner holds at most this many objects; a step allocates with probability
+#: ALLOC_SHARE (always when it holds none), else gives up a random object, handing
+#: it to another churner with probability HANDOFF_SHARE and freeing it otherwise.
+MAX_HELD = 256
+ALLOC_SHARE = 0.5
+HANDOFF_SHARE = 0.2
+#: Object sizes: small ones log-uniform in [SMALL_MIN, SMALL_MAX]; LARGE_SHARE of them
+#: log-uniform from SMALL_MAX up to a quarter of an arena.
+SMALL_MIN = 16
+SMALL_MAX = 4096
+LARGE_SHARE = 0.05
+#: A churner sends its handoffs once it has this many (and with every report).
+HANDOFF_BATCH = 8
+#: Seconds a churner pauses when the heap can take no more memory.
+FULL_PAUSE = 0.01
 MAX_EXAMPLES = 5
 RESERVOIR_SIZE = 1024
 #: Cap on arenas: every reader maps each arena, and a process may have at most
 #: vm.max_map_count (65530) mappings.
 MAX_ARENAS_CAP = 32768
+#: Default cap: a writer's claim and a churner's span refill look for free pages arena
+#: by arena under the heap lock, so the time the lock is held grows with the arenas.
+DEFAULT_MAX_ARENAS = 4096
 #: File descriptors a worker needs besides one per mapped arena (Python's mmap
 #: keeps a duplicate descriptor for every mapping).
 SPARE_FDS = 512
-#: Findings that a SIGKILL legitimately leaves behind until the next repair.
-TOLERATED_AFTER_KILL = frozenset({"dead-slots", "orphan-arena", "unpublished"})
+#: Findings that a SIGKILL legitimately leaves behind until the next repair ("dead-owner":
+#: the check itself adopted a dead holder's lock and repaired).
+TOLERATED_AFTER_KILL = frozenset({"dead-slots", "orphan-arena", "unpublished", "dead-owner"})
+#: Arenas of 1 MiB (sparse: only touched pages take memory) hold a churner's large objects.
+DEFAULT_ARENA_SIZE = 1 << 20
 
 
 # -- statistics ---------------------------------------------------------------------------
@@ -166,7 +228,7 @@ def latency_summary(reservoirs: Iterable[Reservoir]) -> dict[str, float | None]:
 
 @dataclass
 class WorkerReport:
-    """What a worker tells the parent.  Counters are cumulative; ``created`` is new arenas."""
+    """What a worker tells the parent.  Counters are cumulative."""
 
     kind: str
     wid: int
@@ -176,8 +238,8 @@ class WorkerReport:
     violations: int = 0
     examples: list[str] = field(default_factory=list)
     latency: Reservoir = field(default_factory=Reservoir)
-    #: arena indices created since the last step; sent and cleared after every step
-    created: list[int] = field(default_factory=list)
+    #: final report only: the objects the worker holds at the end, ref -> size
+    live: dict[int, int] = field(default_factory=dict)
     #: writer: why and when (time.monotonic) the heap stopped taking arenas
     full: str = ""
     full_at: float = 0.0
@@ -207,6 +269,44 @@ class Go:
     paced: bool
 
 
+@dataclass(frozen=True)
+class Handoff:
+    """Objects (refs) a churner gives up, on their way to another churner via the parent."""
+
+    refs: tuple[int, ...]
+
+
+def pattern(ref: int, size: int) -> bytes:
+    """What a churner's object at ``ref`` holds while it lives: its address, repeated."""
+    word = ref.to_bytes(8, "little")
+    return (word * (size // 8 + 1))[:size]
+
+
+def check_object(heap: Heap, ref: int, size: int | None = None,
+                 offset: int = 0) -> tuple[int, str]:
+    """(the object's size, "" or what is wrong with it).
+
+    The object must be live, hold ``pattern(ref + offset)`` and, if ``size``
+    is given, have that size.  Size 0 means it could not be read at all.
+    """
+    try:
+        view = heap.view(ref)
+    except ShmHeapError as exc:
+        return 0, f"object {ref:#x} cannot be read: {type(exc).__name__}: {exc}"
+    with view:
+        actual = len(view)
+        if size is not None and actual != size:
+            return actual, f"object {ref:#x} has {actual} bytes, it was allocated with {size}"
+        if bytes(view) != pattern(ref + offset, actual):
+            return actual, f"object {ref:#x} of {actual} bytes does not hold its pattern"
+    return actual, ""
+
+
+def break_offset() -> int:
+    """1 under the test hook (every stamp and pattern check then fails), else 0."""
+    return 1 if os.environ.get(BREAK_ENV) == "1" else 0
+
+
 class Role:
     """One worker's job: ``step()`` does one operation and records it in ``report``."""
 
@@ -223,10 +323,28 @@ class Role:
         """Do one operation; return seconds to pause before the next (inf: all done)."""
         raise NotImplementedError
 
+    def outgoing(self, flush: bool) -> list[object]:
+        """Messages for the parent after a step (``flush``: send what is batched, too)."""
+        return []
+
+    def receive(self, message: Handoff) -> None:
+        """Take a message the parent sent while the run goes on."""
+        raise ShmHeapError(f"a {self.kind} takes no {type(message).__name__}")
+
+    def finish(self) -> None:
+        """The run is over: put what the final report needs into ``report``."""
+
 
 class Writer(Role):
     kind = "writer"
     readonly = False
+
+    def __init__(self, heap: Heap, rng: random.Random, report: WorkerReport, go: Go) -> None:
+        super().__init__(heap, rng, report, go)
+        #: arena indices created since the last step
+        self.created: list[int] = []
+        #: the whole-arena objects it claimed and stamped, ref -> size
+        self.claimed: dict[int, int] = {}
 
     def step(self) -> float:
         pause = self.ahead_of_schedule()
@@ -242,16 +360,35 @@ class Writer(Role):
             self.report.count("collisions")
             return 0
         except (AddressSpaceExhaustedError, OutOfSharedMemoryError) as exc:
-            self.report.full = str(exc)
-            self.report.full_at = time.monotonic()
-            return math.inf
+            return self.heap_full(exc)
         self.report.latency.add(time.perf_counter_ns() - start)
-        stamp = arena.buf[:8].cast("Q")
-        stamp[0] = arena.index
-        stamp.release()
         self.report.ops += 1
-        self.report.created.append(arena.index)
+        self.created.append(arena.index)
+        return self.claim(arena.index)
+
+    def claim(self, grown: int) -> float:
+        """Allocate a whole arena (usually ``grown``) and stamp it."""
+        size = self.heap.arena_size
+        try:
+            ref = self.heap.alloc(size)
+        except (AddressSpaceExhaustedError, OutOfSharedMemoryError) as exc:
+            return self.heap_full(exc)
+        index, offset = divmod(ref, size)
+        if offset:
+            self.report.violate(f"a whole-arena object starts at {ref:#x}, inside arena {index}")
+        with self.heap.view(ref) as view, view[:16].cast("Q") as stamp:
+            stamp[1] = index
+            stamp[0] = STAMP_MAGIC
+        self.claimed[ref] = size
+        self.report.count("claims")
+        if index != grown:
+            self.report.count("claimed_other")
         return 0
+
+    def heap_full(self, exc: ShmHeapError) -> float:
+        self.report.full = str(exc)
+        self.report.full_at = time.monotonic()
+        return math.inf
 
     def ahead_of_schedule(self) -> float:
         """When paced: seconds until the heap is due its next arena (<= 0: grow now).
@@ -265,6 +402,115 @@ class Writer(Role):
         due = len(self.heap.snapshot()) + 1
         return go.started + due * go.duration / (self.heap.max_arenas - 1) - time.monotonic()
 
+    def outgoing(self, flush: bool) -> list[object]:
+        if not self.created:
+            return []
+        created, self.created = self.created, []
+        return [created]
+
+    def finish(self) -> None:
+        self.report.live = dict(self.claimed)
+
+
+class Churner(Role):
+    kind = "churner"
+    readonly = False
+
+    def __init__(self, heap: Heap, rng: random.Random, report: WorkerReport, go: Go) -> None:
+        super().__init__(heap, rng, report, go)
+        #: the objects it holds, (ref, size), in no order
+        self.held: list[tuple[int, int]] = []
+        #: objects given up for another churner, not yet sent
+        self.handing: list[tuple[int, int]] = []
+        self.offset = break_offset()
+        self.large = max(SMALL_MAX, heap.arena_size // 4)
+
+    def step(self) -> float:
+        held = self.held
+        if not held or (len(held) < MAX_HELD and self.rng.random() < ALLOC_SHARE):
+            return self.allocate()
+        ref, size = self.take()
+        self.check(ref, size)
+        if self.rng.random() < HANDOFF_SHARE:
+            self.handing.append((ref, size))
+            self.report.count("handed")
+        else:
+            self.free(ref, size)
+        return 0
+
+    def size(self) -> int:
+        """Mostly small, LARGE_SHARE large, both log-uniform."""
+        if self.rng.random() < LARGE_SHARE:
+            low, high = SMALL_MAX, self.large
+        else:
+            low, high = SMALL_MIN, SMALL_MAX
+        return int(low * (high / low) ** self.rng.random())
+
+    def allocate(self) -> float:
+        report = self.report
+        start = time.perf_counter_ns()
+        try:
+            ref = self.heap.alloc(self.size())
+        except (AddressSpaceExhaustedError, OutOfSharedMemoryError):
+            report.count("full")
+            if self.held:
+                self.free(*self.take())
+            return FULL_PAUSE
+        report.latency.add(time.perf_counter_ns() - start)
+        with self.heap.view(ref) as view:
+            size = len(view)
+            if bytes(view) != bytes(size):
+                report.violate(f"new object {ref:#x} of {size} bytes does not read zero")
+            view[:] = pattern(ref, size)
+        self.held.append((ref, size))
+        report.ops += 1
+        report.count("allocs")
+        report.count("alloc_bytes", size)
+        return 0
+
+    def take(self) -> tuple[int, int]:
+        """Remove a random object from the held ones."""
+        held = self.held
+        i = self.rng.randrange(len(held))
+        held[i], held[-1] = held[-1], held[i]
+        return held.pop()
+
+    def check(self, ref: int, size: int | None) -> int:
+        """The object's size after checking its pattern (0: it cannot be read)."""
+        actual, problem = check_object(self.heap, ref, size, self.offset)
+        if problem:
+            self.report.violate(problem)
+        self.report.count("verified")
+        return actual
+
+    def free(self, ref: int, size: int) -> None:
+        try:
+            self.heap.free(ref)
+        except ShmHeapError as exc:
+            self.report.violate(f"free({ref:#x}) raised {type(exc).__name__}: {exc}")
+            return
+        self.report.ops += 1
+        self.report.count("frees")
+        self.report.count("freed_bytes", size)
+
+    def receive(self, message: Handoff) -> None:
+        """Objects another churner handed on: check each and free it."""
+        for ref in message.refs:
+            size = self.check(ref, None)
+            if size:
+                self.free(ref, size)
+            self.report.count("received")
+
+    def outgoing(self, flush: bool) -> list[object]:
+        if len(self.handing) < HANDOFF_BATCH and not (flush and self.handing):
+            return []
+        refs = tuple(ref for ref, _ in self.handing)
+        self.handing = []
+        return [Handoff(refs)]
+
+    def finish(self) -> None:
+        self.report.live = dict(self.held + self.handing)
+
 
 class Reader(Role):
     kind = "reader"
@@ -273,9 +519,10 @@ class Reader(Role):
     def __init__(self, heap: Heap, rng: random.Random, report: WorkerReport, go: Go) -> None:
         super().__init__(heap, rng, report, go)
         self.previous = memoryview(b"").cast("I")
-        #: arena index -> a one-element u64 view of its stamp
+        #: arena index -> a two-element u64 view of its first 16 bytes (magic, index)
         self.stamps: dict[int, memoryview] = {}
-        self.offset = 1 if os.environ.get(BREAK_ENV) == "1" else 0
+        self.offset = break_offset()
+        self.next_walk = go.started + WALK_INTERVAL * rng.random()
 
     def step(self) -> float:
         start = time.perf_counter_ns()
@@ -292,29 +539,33 @@ class Reader(Role):
         self.check_stamps(entries)
         self.previous = entries
         self.report.count("entries", len(entries))
+        if time.monotonic() >= self.next_walk:
+            self.check_walk()
+            self.next_walk = time.monotonic() + WALK_INTERVAL
         return 0
 
     def check_stamps(self, entries: memoryview) -> None:
         stamps = self.stamps
         offset = self.offset
-        unstamped = 0
+        stamped = 0
         for index in entries:
             stamp = stamps.get(index)
             if stamp is None:
                 stamp = self.map_stamp(index)
                 if stamp is None:
                     continue
-            value = stamp[0]
-            if value == 0:
-                unstamped += 1
-            elif value != index + offset:
+            if stamp[0] != STAMP_MAGIC:
+                continue
+            stamped += 1
+            value = stamp[1]
+            if value != index + offset:
                 self.report.violate(f"arena {index} is stamped {value}, expected "
                                     f"{index + offset}")
-        self.report.count("unstamped", unstamped)
+        self.report.count("stamps", stamped)
 
     def map_stamp(self, index: int) -> memoryview | None:
         try:
-            stamp = self.heap.arena(index).buf[:8].cast("Q")
+            stamp = self.heap.arena(index).buf[:16].cast("Q")
         except (KeyError, ShmHeapError) as exc:
             self.report.violate(f"arena {index} is in a snapshot but heap.arena({index}) "
                                 f"raised {type(exc).__name__}: {exc}")
@@ -322,8 +573,83 @@ class Reader(Role):
         self.stamps[index] = stamp
         return stamp
 
+    def check_walk(self) -> None:
+        """heap.stats() and heap.walk() under churn: only what no race can break."""
+        heap = self.heap
+        report = self.report
+        before = len(heap.snapshot())
+        stats = heap.stats()
+        spans = list(heap.walk())
+        after = heap.snapshot()
+        for problem in stats_problems(stats, heap.arena_size, before, len(after)):
+            report.violate(f"heap.stats(): {problem}")
+        arenas = set(after)
+        for span in spans:
+            problem = span_problem(span, arenas, heap.arena_size, stats.page_size)
+            if problem:
+                report.violate(f"heap.walk(): the span at {span.address:#x} {problem}")
+        report.count("walks")
+        report.count("spans_walked", len(spans))
+        report.count("objects_walked", sum(len(span.objects) for span in spans))
 
-ROLES: dict[str, type[Role]] = {role.kind: role for role in (Writer, Reader)}
+
+def stats_problems(stats: HeapStats, arena_size: int, before: int, after: int) -> list[str]:
+    """What is wrong with ``stats``, taken between snapshots of ``before`` and ``after`` arenas.
+
+    Every rule compares numbers computed from the same reads, or arena counts
+    that only grow, so concurrent allocation cannot break any of them.
+    """
+    classes = stats.classes
+    rules = (
+        (before <= stats.arenas <= after,
+         f"{stats.arenas} arenas, outside the snapshots around it ({before}, {after})"),
+        (stats.pages == stats.arenas * (arena_size // stats.page_size),
+         f"{stats.pages} pages in {stats.arenas} arenas"),
+        (stats.pages_in_use + stats.pages_free == stats.pages,
+         f"{stats.pages_in_use} pages in use + {stats.pages_free} free != {stats.pages}"),
+        (stats.reserved_bytes == stats.pages * stats.page_size
+         and stats.in_use_bytes + stats.free_bytes == stats.reserved_bytes,
+         f"in use {stats.in_use_bytes} + free {stats.free_bytes} bytes != reserved "
+         f"{stats.reserved_bytes}"),
+        (stats.pages_released <= stats.pages_free,
+         f"{stats.pages_released} pages released, only {stats.pages_free} free"),
+        (stats.live_objects == sum(c.objects for c in classes)
+         and stats.live_bytes == sum(c.live_bytes for c in classes),
+         "the size classes do not add up to the live objects and bytes"),
+        (all(c.objects <= c.capacity for c in classes),
+         "a size class has more objects than slots"),
+    )
+    return [problem for ok, problem in rules if not ok]
+
+
+def span_problem(span: SpanInfo, arenas: set[int], arena_size: int, page_size: int) -> str:
+    """What is wrong with a walked span ("" if nothing): it and its objects must fit."""
+    base = span.arena * arena_size
+    end = span.address + span.npages * page_size
+    if span.arena not in arenas:
+        return f"is in arena {span.arena}, which no snapshot lists"
+    if not base <= span.address < end <= base + arena_size or (span.address - base) % page_size:
+        return f"of {span.npages} pages does not lie on pages of its arena {span.arena}"
+    objects = span.objects
+    if span.size_class == 0:
+        if (objects, span.capacity, span.object_size) != ((span.address,), 1, end - span.address):
+            return "is a large object but does not hold exactly one object of its pages"
+        return ""
+    size = span.object_size
+    # a small span holds a header of two bytes per slot, then the slots (allocator.py)
+    if (size <= 0 or size % ALIGN or span.capacity * (size + 2) > end - span.address
+            or len(objects) > span.capacity):
+        return (f"has {span.capacity} slots of {size} bytes ({len(objects)} live) in "
+                f"{span.npages} pages")
+    steps = [b - a for a, b in itertools.pairwise(objects)]
+    if objects and not (span.address < objects[0] and (objects[0] - span.address) % ALIGN == 0
+                        and objects[-1] + size <= end
+                        and all(step > 0 and step % size == 0 for step in steps)):
+        return f"lists objects outside its slots of {size} bytes"
+    return ""
+
+
+ROLES: dict[str, type[Role]] = {role.kind: role for role in (Writer, Churner, Reader)}
 
 
 def arena_limit() -> int:
@@ -345,7 +671,9 @@ def worker_main(kind: str, name: str, wid: int, seed: int, conn: Connection) -> 
             conn.send("ready")
             go = conn.recv()
             if isinstance(go, Go):
-                _work(role_class(heap, random.Random(seed), report, go), report, conn)
+                role = role_class(heap, random.Random(seed), report, go)
+                _work(role, report, conn)
+                role.finish()
     except Exception as exc:  # the worker's boundary: whatever ended it goes to the parent
         report.error = f"{type(exc).__name__}: {exc}"
     report.final = True
@@ -354,23 +682,35 @@ def worker_main(kind: str, name: str, wid: int, seed: int, conn: Connection) -> 
 
 
 def _work(role: Role, report: WorkerReport, conn: Connection) -> None:
-    """Step until the parent says stop (any message), reporting every REPORT_INTERVAL.
+    """Step until the parent says stop, reporting every REPORT_INTERVAL.
 
-    New arenas are sent after every step, as a list of indices: a SIGKILL
-    can then lose at most the one arena made in the step it interrupts.
+    A role's messages are sent after every step (new arenas as a list of
+    indices, so a SIGKILL can lose at most the arena made in the step it
+    interrupts); handoffs from the parent are taken between steps.
     """
     next_report = time.monotonic() + REPORT_INTERVAL
     while True:
         pause = role.step()
-        if report.created:
-            conn.send(report.created)
-            report.created.clear()
         now = time.monotonic()
-        if now >= next_report or pause == math.inf:
+        due = now >= next_report or pause == math.inf
+        for message in role.outgoing(flush=due):
+            conn.send(message)
+        if due:
             conn.send(report)
             next_report = now + REPORT_INTERVAL
-        if conn.poll(None if pause == math.inf else max(pause, 0)):
+        if _inbox(role, conn, None if pause == math.inf else max(pause, 0)):
             return
+
+
+def _inbox(role: Role, conn: Connection, timeout: float | None) -> bool:
+    """Take the parent's messages, waiting up to ``timeout`` for the first; True on stop."""
+    while conn.poll(timeout):
+        message = conn.recv()
+        if not isinstance(message, Handoff):
+            return True
+        role.receive(message)
+        timeout = 0
+    return False
 
 
 # -- the parent's side ----------------------------------------------------------------------
@@ -386,9 +726,14 @@ class Worker:
     conn: Connection
     pid: int
     #: starting -> ready -> running -> done | killed | straggler | died
+    #: ("killing" while the parent drains the pipe of a worker it has just killed)
     state: str = "starting"
     report: WorkerReport | None = None
     created: list[int] = field(default_factory=list)
+    #: objects the parent relayed to it from other churners
+    handed_in: int = 0
+    #: the relayed refs its reports do not yet count as received, in the order sent
+    in_flight: deque[int] = field(default_factory=deque)
 
     @property
     def alive(self) -> bool:
@@ -400,6 +745,8 @@ class Worker:
                 "state": self.state, "ops": report.ops if report else 0,
                 "counters": dict(report.counters) if report else {},
                 "arenas_created": len(self.created),
+                "live_objects": len(report.live) if report else 0,
+                "handed_in": self.handed_in,
                 "violations": report.violations if report else 0,
                 "error": report.error if report else ""}
 
@@ -416,6 +763,12 @@ class Fleet:
         self.go: Go | None = None
         #: problems the parent saw with workers (they count as violations)
         self.problems: list[str] = []
+        #: picks the churner a handoff goes to
+        self.rng = random.Random(f"{seed}/handoff")
+        #: objects relayed from one churner to another
+        self.relayed = 0
+        #: handed-off objects no churner could take (the run was stopping); the parent frees them
+        self.undelivered: list[int] = []
 
     def spawn(self, kind: str) -> Worker:
         wid = len(self.workers)
@@ -458,15 +811,38 @@ class Fleet:
             return
         self._record(worker, message)
 
-    def _record(self, worker: Worker, message: WorkerReport | list[int]) -> None:
+    def _record(self, worker: Worker, message: WorkerReport | Handoff | list[int]) -> None:
         if isinstance(message, list):
             worker.created.extend(message)
             return
+        if isinstance(message, Handoff):
+            self._relay(worker, message)
+            return
         report = worker.report = message
+        received = report.counters.get("received", 0)
+        for _ in range(received - (worker.handed_in - len(worker.in_flight))):
+            worker.in_flight.popleft()
         if report.error:
             self.problems.append(f"{worker.kind} {worker.wid} failed: {report.error}")
         if report.final:
             self._ended(worker, "done")
+
+    def _relay(self, sender: Worker, handoff: Handoff) -> None:
+        """Send handed-off objects to a random other running churner (else back to the sender).
+
+        While the run stops, or with no churner to take them, they are kept in
+        ``undelivered``.
+        """
+        targets = [w for w in self.live() if w.kind == sender.kind and w.state == "running"]
+        others = [w for w in targets if w is not sender]
+        if self.go is None or not targets:
+            self.undelivered.extend(handoff.refs)
+            return
+        target = self.rng.choice(others or targets)
+        target.handed_in += len(handoff.refs)
+        target.in_flight.extend(handoff.refs)
+        self.relayed += len(handoff.refs)
+        self.send(target, handoff)
 
     def _ended(self, worker: Worker, state: str) -> None:
         worker.process.join(STOP_TIMEOUT)
@@ -487,7 +863,7 @@ class Fleet:
         if worker.process.exitcode is not None:
             worker.process.close()
 
-    def send(self, worker: Worker, message: Go | str) -> None:
+    def send(self, worker: Worker, message: Go | Handoff | str) -> None:
         try:
             worker.conn.send(message)
         except OSError:
@@ -515,6 +891,8 @@ class Fleet:
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker.pid, signal.SIGKILL)
         worker.process.join()
+        if worker.alive:
+            worker.state = "killing"  # no handoff goes to it any more
         while not worker.conn.closed and worker.conn.poll():
             try:
                 message = worker.conn.recv()
@@ -522,7 +900,7 @@ class Fleet:
                 break
             if message != "ready":
                 self._record(worker, message)
-        if worker.alive:
+        if worker.state == "killing":
             worker.state = state
             self._release(worker)
 
@@ -548,10 +926,11 @@ class StressConfig:
     """The parameters of a run."""
 
     writers: int = 2
+    churners: int = 2
     readers: int = 2
     duration: float = 8.0
-    arena_size: int = 64 << 10
-    #: 0: as many as every process can map (``arena_limit()``)
+    arena_size: int = DEFAULT_ARENA_SIZE
+    #: 0: DEFAULT_MAX_ARENAS, or as many as every process can map (``arena_limit()``) if fewer
     max_arenas: int = 0
     reserve: bool = False
     paced: bool = True
@@ -562,10 +941,11 @@ class StressConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.writers < 0 or self.readers < 0 or self.writers + self.readers == 0:
+        counts = self.roles().values()
+        if min(counts) < 0 or sum(counts) == 0:
             raise InvalidParameterError(
-                f"--writers {self.writers} --readers {self.readers}: counts must be >= 0 and "
-                "at least one worker is needed")
+                f"--writers {self.writers} --churners {self.churners} --readers {self.readers}: "
+                "counts must be >= 0 and at least one worker is needed")
         if not 0 < self.duration < math.inf:
             raise InvalidParameterError(f"--duration {self.duration}: give a positive number "
                                         "of seconds")
@@ -579,12 +959,12 @@ class StressConfig:
                 f"needs one file descriptor and one mapping each; use 1 to {limit} (or raise "
                 "`ulimit -n`)")
         if not self.max_arenas:
-            object.__setattr__(self, "max_arenas", limit)
+            object.__setattr__(self, "max_arenas", min(limit, DEFAULT_MAX_ARENAS))
         if self.name:
             check_name(self.name)
 
     def roles(self) -> dict[str, int]:
-        return {"writer": self.writers, "reader": self.readers}
+        return {"writer": self.writers, "churner": self.churners, "reader": self.readers}
 
 
 class StressRun:
@@ -678,17 +1058,22 @@ class StressRun:
         return any(w.state in ("killed", "straggler", "died") for w in self.fleet.workers)
 
     def _verify(self, heap: Heap) -> dict[str, Any]:
-        """The final check: findings, lost arenas, stamps, counts."""
+        """The final check: findings, lost arenas, stamps, live objects, counts."""
         self._check(heap)
+        final: dict[str, Any] = {
+            "final_arenas": 0, "arenas_lost": 0, "unaccounted_arenas": 0, "stamped_arenas": 0,
+            "unstamped_arenas": 0, "index_generations": 0, "index_bytes": 0, "recoveries": 0,
+            "repairs": 0, "objects": {}}
         try:
-            return self._verify_contents(heap)
+            freed = self._free_undelivered(heap)
+            held = self._held()
+            final.update(self._verify_arenas(heap, held))
+            final["objects"] = self._verify_objects(heap, held, freed)
         except ShmHeapError as exc:
             self.violate(f"final verification failed: {exc}")
-            return {"final_arenas": 0, "arenas_lost": 0, "unaccounted_arenas": 0,
-                    "unstamped_arenas": 0, "index_generations": 0, "index_bytes": 0,
-                    "recoveries": 0, "repairs": 0}
+        return final
 
-    def _verify_contents(self, heap: Heap) -> dict[str, Any]:
+    def _verify_arenas(self, heap: Heap, held: dict[str, dict[int, int]]) -> dict[str, Any]:
         final = heap.snapshot().tolist()
         in_final = set(final)
         if len(in_final) != len(final):
@@ -700,23 +1085,116 @@ class StressRun:
         if lost:
             self.violate(f"{len(lost)} arenas reported created are not in the final snapshot, "
                          f"e.g. {lost[:5]}")
-        unstamped = 0
-        for index in final:
-            stamp = int.from_bytes(heap.arena(index).buf[:8], "little")
-            if stamp == 0:
-                unstamped += 1
-            elif stamp != index:
-                self.violate(f"final walk: arena {index} is stamped {stamp}")
+        stamped = self._stamped_arenas(heap, final)
+        claimed = {ref // heap.arena_size for ref in held.get("writer", {})}
+        if claimed - stamped:
+            self.violate(f"{len(claimed - stamped)} arenas claimed by writers carry no stamp, "
+                         f"e.g. {sorted(claimed - stamped)[:5]}")
         grows = self._totals("writer")["ops"]
-        if not self._anyone_killed() and (unstamped or not grows == len(reported) == len(final)):
+        if not self._anyone_killed() and (grows != len(reported) or stamped != claimed):
             self.violate(f"no worker was killed, yet writers counted {grows} grows and reported "
-                         f"{len(reported)} arenas, the final snapshot has {len(final)}, "
-                         f"{unstamped} unstamped")
+                         f"{len(reported)} arenas, and {len(stamped)} arenas are stamped where "
+                         f"writers claimed {len(claimed)}")
         info = heap.info()
         return {"final_arenas": len(final), "arenas_lost": len(lost),
-                "unaccounted_arenas": len(final) - len(reported), "unstamped_arenas": unstamped,
+                "unaccounted_arenas": len(in_final - set(reported)),
+                "stamped_arenas": len(stamped), "unstamped_arenas": len(final) - len(stamped),
                 "index_generations": info.index_generations, "index_bytes": info.index_bytes,
                 "recoveries": info.recoveries, "repairs": info.repairs}
+
+    def _stamped_arenas(self, heap: Heap, final: list[int]) -> set[int]:
+        """The arenas that carry a stamp; a stamp naming another index is a violation."""
+        stamped = set()
+        for index in final:
+            with heap.arena(index).buf[:16] as head, head.cast("Q") as words:
+                magic, value = words.tolist()
+            if magic == STAMP_MAGIC:
+                stamped.add(index)
+                if value != index:
+                    self.violate(f"final walk: arena {index} is stamped {value}")
+        return stamped
+
+    def _held(self) -> dict[str, dict[int, int]]:
+        """kind -> the objects (ref -> size) its workers held when they stopped normally."""
+        held: dict[str, dict[int, int]] = {}
+        seen: set[int] = set()
+        for worker in self.fleet.workers:
+            if worker.state != "done" or worker.report is None:
+                continue
+            live = worker.report.live
+            twice = seen.intersection(live)
+            if twice:
+                self.violate(f"{len(twice)} objects are held by two workers, e.g. "
+                             f"{min(twice):#x}")
+            seen.update(live)
+            held.setdefault(worker.kind, {}).update(live)
+        return held
+
+    def _verify_objects(self, heap: Heap, by_kind: dict[str, dict[int, int]],
+                        freed: int) -> dict[str, Any]:
+        """The live objects must be those the workers hold, plus those killed workers left.
+
+        ``freed``: handed-off objects the parent freed itself.
+        """
+        held = {ref: size for objects in by_kind.values() for ref, size in objects.items()}
+        walked = {ref: span.object_size for span in heap.walk() for ref in span.objects}
+        stats = heap.stats()
+        if (stats.live_objects, stats.live_bytes) != (len(walked), sum(walked.values())):
+            self.violate(f"heap.stats() counts {stats.live_objects} objects of "
+                         f"{stats.live_bytes} bytes, heap.walk() {len(walked)} of "
+                         f"{sum(walked.values())}")
+        missing = [ref for ref, size in held.items() if walked.get(ref) != size]
+        if missing:
+            self.violate(f"{len(missing)} objects the workers hold are not live with their "
+                         f"size, e.g. {missing[0]:#x}")
+        for ref, size in by_kind.get("churner", {}).items():
+            problem = check_object(heap, ref, size)[1]
+            if problem:
+                self.violate(f"final walk: {problem}")
+        extra = walked.keys() - held.keys()
+        extra_bytes = sum(walked[ref] for ref in extra)
+        killed = self._anyone_killed()
+        if extra and not killed:
+            self.violate(f"no worker was killed, yet {len(extra)} objects ({extra_bytes} bytes) "
+                         "are allocated that no worker holds")
+        counters = self._totals("churner")["counters"]
+        balance = counters.get("allocs", 0) - counters.get("frees", 0) - freed
+        churned = len(by_kind.get("churner", {}))
+        if not killed and balance != churned:
+            self.violate(f"churners allocated {counters.get('allocs', 0)} objects and freed "
+                         f"{counters.get('frees', 0)} (the parent {freed}), yet hold {churned}")
+        return {"live_objects": stats.live_objects, "live_bytes": stats.live_bytes,
+                "held_objects": len(held), "held_bytes": sum(held.values()),
+                "claims": len(by_kind.get("writer", {})),
+                "killed_objects": len(extra), "killed_bytes": extra_bytes,
+                "handoffs_relayed": self.fleet.relayed, "undelivered_freed": freed,
+                "handoffs_lost": self._handoffs_lost(extra)}
+
+    def _free_undelivered(self, heap: Heap) -> int:
+        """Check and free the handed-off objects no churner took; returns how many."""
+        freed = 0
+        for ref in self.fleet.undelivered:
+            size, problem = check_object(heap, ref)
+            if problem:
+                self.violate(f"an undelivered handoff: {problem}")
+            if not size:
+                continue
+            try:
+                heap.free(ref)
+            except ShmHeapError as exc:
+                self.violate(f"free({ref:#x}) of an undelivered handoff raised {exc}")
+                continue
+            freed += 1
+        return freed
+
+    def _handoffs_lost(self, unheld: set[int]) -> int:
+        """Objects relayed to churners that were killed before they took them.
+
+        Those are the relayed refs that no report counted as received and
+        that are still allocated with nobody holding them (``unheld``).
+        """
+        return sum(ref in unheld for w in self.fleet.of_kind("churner")
+                   if w.state in ("killed", "straggler", "died") for ref in w.in_flight)
 
     def _totals(self, kind: str) -> dict[str, Any]:
         workers = self.fleet.of_kind(kind)
@@ -746,11 +1224,13 @@ class StressRun:
 
     def _progress_line(self, heap: Heap, now: float) -> str:
         readers = self._totals("reader")
+        churners = self._totals("churner")["counters"]
         violations = self._worker_violations()[0] + len(self.violations)
         grows = self._arenas_reported()
         return (f"stress {self.name}  {now - self.started:5.1f}/{self.config.duration:g} s  "
                 f"arenas {len(heap.snapshot())}  grows {grows} "
-                f"({grows / max(now - self.started, 1e-3):.0f}/s)  snapshots {readers['ops']} "
+                f"({grows / max(now - self.started, 1e-3):.0f}/s)  "
+                f"allocs {churners.get('allocs', 0)}  snapshots {readers['ops']} "
                 f"({readers['counters'].get('entries', 0)} entries)  kills {self.kills}  "
                 f"violations {violations}")
 
@@ -829,8 +1309,10 @@ def _us(latency: dict[str, float | None]) -> str:
 
 def summary_rows(report: dict[str, Any]) -> Iterator[tuple[str, object]]:
     """(metric, value) rows of the summary table."""
-    writer, reader = report["roles"]["writer"], report["roles"]["reader"]
+    roles = report["roles"]
+    writer, churner, reader = roles["writer"], roles["churner"], roles["reader"]
     config = report["config"]
+    objects = report["objects"]
     yield "heap", (f"{report['name']} (seed {config['seed']}, arenas of "
                    f"{format_size(config['arena_size'])}, at most {config['max_arenas']})")
     yield "duration", f"{report['duration_s']:.2f} s"
@@ -838,17 +1320,36 @@ def summary_rows(report: dict[str, Any]) -> Iterator[tuple[str, object]]:
     yield "grows/s", f"{writer['ops_per_s']:.0f}" + (" (paced)" if config["paced"] else "")
     yield "grow latency p50/p99/max", _us(writer["latency"])
     yield "grow collisions (at=)", writer["counters"].get("collisions", 0)
+    yield "churners", f"{churner['workers']} ({churner['incarnations']} processes)"
+    yield "churn ops/s (allocs + frees)", f"{churner['ops_per_s']:.0f}"
+    yield "alloc latency p50/p99/max", _us(churner["latency"])
+    counts = churner["counters"]
+    yield "objects allocated / freed", f"{counts.get('allocs', 0)} / {counts.get('frees', 0)}"
+    yield "bytes allocated", format_size(counts.get("alloc_bytes", 0))
+    yield "patterns verified", counts.get("verified", 0)
+    yield "handoffs relayed / received", (f"{objects.get('handoffs_relayed', 0)} / "
+                                          f"{counts.get('received', 0)}")
     yield "readers", f"{reader['workers']} ({reader['incarnations']} processes)"
     yield "snapshots/s", f"{reader['ops_per_s']:.0f}"
     yield "snapshot latency p50/p99/max", _us(reader["latency"])
     yield "snapshots taken", reader["ops"]
     yield "entries checked", reader["counters"].get("entries", 0)
+    yield "heap walks checked", (f"{reader['counters'].get('walks', 0)} "
+                                 f"({reader['counters'].get('objects_walked', 0)} objects)")
     yield "arenas created", report["arenas_created"]
-    yield "final snapshot", f"{report['final_arenas']} arenas"
+    yield "final snapshot", (f"{report['final_arenas']} arenas, {report['stamped_arenas']} "
+                             "stamped")
     full = report["heap_full_after_s"]
     yield "heap full after", "-" if full is None else f"{full:.2f} s"
     yield "index generations", report["index_generations"]
+    yield "live at the end", (f"{objects.get('live_objects', 0)} objects, "
+                              f"{format_size(objects.get('live_bytes', 0))} (writers hold "
+                              f"{objects.get('claims', 0)} whole arenas)")
     yield "kills / stragglers", f"{report['kills']} / {report['stragglers']}"
+    yield "objects of killed workers", (f"{objects.get('killed_objects', 0)} objects, "
+                                        f"{format_size(objects.get('killed_bytes', 0))} "
+                                        "still allocated")
+    yield "handoffs lost in flight", objects.get("handoffs_lost", 0)
     yield "lock recoveries", report["recoveries"]
     yield "checks run", report["checks"]
     yield "violations", report["violations"]
@@ -860,17 +1361,20 @@ def summary_rows(report: dict[str, Any]) -> Iterator[tuple[str, object]]:
 def add_stress(sub: Subparsers) -> None:
     from .cli import size_arg
 
-    parser = sub.add_parser("stress", help="run writers and readers against one heap and "
-                            "check every entry")
+    parser = sub.add_parser("stress", help="run writers, churners and readers against one "
+                            "heap and check every entry and object")
     parser.add_argument("--writers", type=int, default=2, help="writer processes (default 2)")
+    parser.add_argument("--churners", type=int, default=2,
+                        help="processes that allocate, hand on and free objects (default 2)")
     parser.add_argument("--readers", type=int, default=2, help="reader processes (default 2)")
     parser.add_argument("--duration", type=float, default=8.0,
                         help="seconds to run (default 8)")
-    parser.add_argument("--arena-size", type=size_arg, default=64 << 10,
-                        help="bytes per arena (default 64KiB)")
+    parser.add_argument("--arena-size", type=size_arg, default=DEFAULT_ARENA_SIZE,
+                        help=f"bytes per arena (default {format_size(DEFAULT_ARENA_SIZE)})")
     parser.add_argument("--max-arenas", type=int, default=0,
-                        help="stop growing at this many arenas (default: as many as every "
-                        f"process can map, at most {MAX_ARENAS_CAP})")
+                        help=f"stop growing at this many arenas (default {DEFAULT_MAX_ARENAS}, "
+                        "or as many as every process can map if fewer; at most "
+                        f"{MAX_ARENAS_CAP})")
     parser.add_argument("--reserve", action="store_true",
                         help="reserve each arena's memory (default: sparse arenas)")
     parser.add_argument("--flat-out", action="store_true",
@@ -890,7 +1394,8 @@ def run_stress(args: argparse.Namespace) -> int:
     from .cli import print_table
 
     config = StressConfig(
-        writers=args.writers, readers=args.readers, duration=args.duration,
+        writers=args.writers, churners=args.churners, readers=args.readers,
+        duration=args.duration,
         arena_size=args.arena_size, max_arenas=args.max_arenas, reserve=args.reserve,
         paced=not args.flat_out,
         seed=args.seed if args.seed is not None else secrets.randbits(32),

@@ -1,12 +1,15 @@
-"""``shmheap stress``, run as a real subprocess: a clean run adds up, a broken checker fails.
+"""``shmheap stress``, run as a real subprocess: a clean run adds up, broken checkers fail.
 
 Each run gets its heap name from ``shm_heap_name``, so the heap is destroyed
 (and checked for leftovers) even if the run or the test fails.  Runs are short
-and capped at a few thousand arenas: the machine is shared.
+and capped at a few thousand arenas: the machine is shared.  The readers'
+walk checks are also tried directly on a real heap, with spans doctored to be
+wrong.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -17,8 +20,8 @@ from typing import Any
 import pytest
 from test_cli import ROOT, run_cli
 
-from shmheap.pytest_plugin import shm_leftovers
-from shmheap.stress import Reservoir, latency_summary
+from shmheap.pytest_plugin import HeapFactory, shm_leftovers
+from shmheap.stress import Reservoir, latency_summary, span_problem, stats_problems
 
 
 def stress(name: str, report: Path, *args: str,
@@ -31,41 +34,67 @@ def stress(name: str, report: Path, *args: str,
     return result.returncode, json.loads(report.read_text())
 
 
+def workers_of(report: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return [w for w in report["workers"] if w["kind"] == kind]
+
+
 def test_a_clean_run_reports_no_violation_and_its_counts_add_up(shm_heap_name: str,
                                                                  tmp_path: Path) -> None:
     status, report = stress(shm_heap_name, tmp_path / "r.json", "--duration", "2",
                             "--seed", "1")
-    assert (report["violations"], report["arenas_lost"], report["leaks"]) == (0, 0, [])
+    assert (report["violations"], report["arenas_lost"], report["leaks"]) == (0, 0, []), \
+        report["violation_examples"]
     assert status == 0 and report["ok"]
-    writers = [w for w in report["workers"] if w["kind"] == "writer"]
-    readers = [w for w in report["workers"] if w["kind"] == "reader"]
-    assert len(writers) == len(readers) == 2
+    writers, churners, readers = (workers_of(report, kind)
+                                  for kind in ("writer", "churner", "reader"))
+    assert len(writers) == len(churners) == len(readers) == 2
     assert {w["state"] for w in report["workers"]} == {"done"}
+    assert report["kills"] == report["recoveries"] == 0
+
     created = sum(w["arenas_created"] for w in writers)
-    assert created == sum(w["ops"] for w in writers) == report["arenas_created"]
-    assert created == report["final_arenas"] > 0
-    assert report["unaccounted_arenas"] == report["unstamped_arenas"] == 0
+    assert created == sum(w["ops"] for w in writers) == report["arenas_created"] > 0
     assert report["roles"]["writer"]["ops"] == created
+    # every arena a writer made is in the final snapshot; churners' allocs grew the rest
+    assert created + report["unaccounted_arenas"] == report["final_arenas"]
+    claims = report["roles"]["writer"]["counters"]["claims"]
+    assert claims == report["stamped_arenas"] == sum(w["live_objects"] for w in writers) > 0
+
+    churn = report["roles"]["churner"]["counters"]
+    objects = report["objects"]
+    held = sum(w["live_objects"] for w in churners)
+    assert churn["allocs"] - churn["frees"] - objects["undelivered_freed"] == held > 0
+    assert churn["frees"] > 0 and churn["verified"] >= churn["frees"]
+    assert churn["received"] == objects["handoffs_relayed"] > 0
+    assert objects["live_objects"] == objects["held_objects"] == claims + held
+    assert objects["live_bytes"] == objects["held_bytes"]
+    assert objects["killed_objects"] == objects["killed_bytes"] == objects["handoffs_lost"] == 0
+    assert report["roles"]["churner"]["latency"]["samples"] > 0
+
     reader_totals = report["roles"]["reader"]
     assert reader_totals["ops"] == sum(w["ops"] for w in readers) > 0
     assert reader_totals["counters"]["entries"] > 0
+    assert reader_totals["counters"]["stamps"] > 0
+    assert reader_totals["counters"]["walks"] > 0
     assert reader_totals["latency"]["samples"] > 0
-    assert report["kills"] == report["recoveries"] == 0
     assert report["index_generations"] >= 1
     assert shm_leftovers(shm_heap_name) == []
 
 
-def test_the_checker_can_fail(shm_heap_name: str, tmp_path: Path) -> None:
+def test_both_checkers_can_fail(shm_heap_name: str, tmp_path: Path) -> None:
     status, report = stress(shm_heap_name, tmp_path / "r.json", "--duration", "1",
                             env={"SHMHEAP_STRESS_BREAK_CHECK": "1"})
     assert status == 1 and not report["ok"]
-    assert report["violations"] > 0
-    assert any("stamped" in example for example in report["violation_examples"])
+    roles = report["roles"]
+    assert roles["reader"]["violations"] > 0 and roles["churner"]["violations"] > 0
+    examples = report["violation_examples"]
+    assert any("stamped" in example for example in examples)
+    assert any("does not hold its pattern" in example for example in examples)
     assert report["leaks"] == []
 
 
-def test_killed_workers_lose_no_arena(shm_heap_name: str, tmp_path: Path) -> None:
-    status, report = stress(shm_heap_name, tmp_path / "r.json", "--duration", "2",
+def test_killed_workers_lose_no_arena_and_leave_only_their_objects(shm_heap_name: str,
+                                                                   tmp_path: Path) -> None:
+    status, report = stress(shm_heap_name, tmp_path / "r.json", "--duration", "3",
                             "--kill-rate", "4", "--readers", "1", "--seed", "5")
     assert report["kills"] > 0
     assert (report["violations"], report["arenas_lost"], report["leaks"]) == (0, 0, []), \
@@ -73,10 +102,43 @@ def test_killed_workers_lose_no_arena(shm_heap_name: str, tmp_path: Path) -> Non
     assert status == 0
     assert report["final_arenas"] >= report["arenas_created"]
     assert report["checks"] >= 2
+    objects = report["objects"]
+    assert objects["live_objects"] == objects["held_objects"] + objects["killed_objects"]
+    assert objects["live_bytes"] == objects["held_bytes"] + objects["killed_bytes"]
+    assert objects["handoffs_lost"] <= objects["killed_objects"]
+
+
+def test_walk_checks_pass_a_real_heap_and_catch_bad_spans(shm_heap_factory: HeapFactory) -> None:
+    heap = shm_heap_factory(arena_size=1 << 20)
+    refs = [heap.alloc(size) for size in (16, 16, 100, 5000, 300_000)]
+    heap.free(refs[1])
+    stats = heap.stats()
+    spans = list(heap.walk())
+    arenas = set(heap.snapshot())
+    assert stats_problems(stats, heap.arena_size, len(arenas), len(arenas)) == []
+    assert [span_problem(s, arenas, heap.arena_size, stats.page_size) for s in spans] == \
+        [""] * len(spans)
+
+    small = next(s for s in spans if s.size_class and len(s.objects) == 1)
+    large = next(s for s in spans if not s.size_class)
+    bad = {"which no snapshot lists": dataclasses.replace(small, arena=small.arena + 1),
+           "does not lie on pages": dataclasses.replace(small, address=small.address + 4096),
+           "outside its slots": dataclasses.replace(small, objects=(small.objects[0] + 8,)),
+           "outside its slots ": dataclasses.replace(small, objects=(small.address - 16,)),
+           "slots of": dataclasses.replace(small, capacity=10**6),
+           "exactly one object": dataclasses.replace(large, objects=()),
+           "does not lie on pages ": dataclasses.replace(large, npages=10**6)}
+    for words, span in bad.items():
+        assert words.strip() in span_problem(span, arenas, heap.arena_size, stats.page_size)
+    assert stats_problems(stats, heap.arena_size, len(arenas) + 1, len(arenas) + 1)
+    assert stats_problems(dataclasses.replace(stats, live_objects=stats.live_objects + 1),
+                          heap.arena_size, len(arenas), len(arenas))
 
 
 def test_bad_parameters_are_one_line_errors(shm_heap_name: str) -> None:
-    for args, words in ((["--writers", "0", "--readers", "0"], "at least one worker"),
+    for args, words in ((["--writers", "0", "--churners", "0", "--readers", "0"],
+                         "at least one worker"),
+                        (["--churners", "-1"], "counts must be >= 0"),
                         (["--duration", "0"], "positive number"),
                         (["--max-arenas", str(10**9)], "file descriptor"),
                         (["--name", "bad name"], "invalid heap name"),
