@@ -19,7 +19,9 @@ A run creates a fresh heap and starts worker processes (fresh interpreters,
     evenly over the run, so growth (and kills in the middle of it) lasts the
     whole run; ``paced=False`` (``--flat-out``) grows as fast as it can.  The
     cap exists because every reader maps every arena, and each mapping costs a
-    file descriptor (Python's mmap keeps one) and one of vm.max_map_count.
+    file descriptor (Python's mmap keeps one) and one of vm.max_map_count; it
+    is ``DEFAULT_MAX_ARENAS`` unless given, because a claim (and a churner's
+    span refill) looks for free pages arena by arena under the heap lock.
 ``churner``
     loops over the allocator (mimalloc's test-stress): allocates objects of
     mixed sizes (mostly 16 B-4 KiB, ``LARGE_SHARE`` of them up to a quarter
@@ -68,8 +70,9 @@ churner hands on (``Handoff``, in batches), a ``WorkerReport`` with its
 cumulative counters every ``REPORT_INTERVAL`` seconds, and a final one.  The
 parent relays each handoff to a random other running churner (back to the
 sender if it is the only one); handoffs it cannot deliver (the run is
-stopping) it checks and frees itself.  A handoff relayed to a churner that
-is then killed is lost in flight: its objects stay allocated.
+stopping, or every churner is ``MAX_IN_FLIGHT`` objects behind) it keeps,
+and checks and frees at the end.  A handoff relayed to a churner that is
+then killed is lost in flight: its objects stay allocated.
 
 Test hook: with ``SHMHEAP_STRESS_BREAK_CHECK=1`` in the environment, readers
 expect the stamp ``index + 1`` and churners the pattern of ``ref + 1``, so
@@ -84,7 +87,7 @@ holds objects), an entry in ``ROLES`` and a count in ``StressConfig.roles()``
 This module owns the run: the roles, the parent's kill/respawn loop, the
 statistics and the report.  It uses the heap only through the public API
 (``Heap``, ``alloc``/``free``/``view``/``walk``/``stats``, ``check()``,
-``shmheap.destroy``).
+``shmheap.destroy``; from allocator.py only the slot alignment ``ALIGN``).
 """
 
 from __future__ import annotations
@@ -156,6 +159,10 @@ SMALL_MAX = 4096
 LARGE_SHARE = 0.05
 #: A churner sends its handoffs once it has this many (and with every report).
 HANDOFF_BATCH = 8
+#: The parent relays nothing more to a churner with this many relayed objects its reports do
+#: not yet count as received: a pipe holds only some 28 KB, and a churner that stalls must
+#: not block the parent in send().
+MAX_IN_FLIGHT = 1024
 #: Seconds a churner pauses when the heap can take no more memory.
 FULL_PAUSE = 0.01
 MAX_EXAMPLES = 5
@@ -336,6 +343,12 @@ class Role:
 
 
 class Writer(Role):
+    """Grows the heap and claims and stamps an arena per grow.
+
+    ``ops`` counts grows, ``latency`` is grow latency; counters: collisions,
+    claims, claimed_other (the claim landed in another arena than the grown one).
+    """
+
     kind = "writer"
     readonly = False
 
@@ -413,6 +426,13 @@ class Writer(Role):
 
 
 class Churner(Role):
+    """Allocates, checks, hands on and frees objects.
+
+    ``ops`` counts allocs and frees, ``latency`` is alloc latency; counters:
+    allocs, alloc_bytes, frees, freed_bytes, verified (patterns checked),
+    handed, received, full (allocs refused for want of memory).
+    """
+
     kind = "churner"
     readonly = False
 
@@ -429,16 +449,21 @@ class Churner(Role):
         held = self.held
         if not held or (len(held) < MAX_HELD and self.rng.random() < ALLOC_SHARE):
             return self.allocate()
+        self.give_up(hand_on=self.rng.random() < HANDOFF_SHARE)
+        return 0
+
+    def give_up(self, hand_on: bool) -> None:
+        """Check a random held object's pattern, then hand it on or free it."""
         ref, size = self.take()
-        self.check(ref, size)
-        if self.rng.random() < HANDOFF_SHARE:
+        if not self.check(ref, size):
+            return
+        if hand_on:
             self.handing.append((ref, size))
             self.report.count("handed")
         else:
             self.free(ref, size)
-        return 0
 
-    def size(self) -> int:
+    def draw_size(self) -> int:
         """Mostly small, LARGE_SHARE large, both log-uniform."""
         if self.rng.random() < LARGE_SHARE:
             low, high = SMALL_MAX, self.large
@@ -450,11 +475,11 @@ class Churner(Role):
         report = self.report
         start = time.perf_counter_ns()
         try:
-            ref = self.heap.alloc(self.size())
+            ref = self.heap.alloc(self.draw_size())
         except (AddressSpaceExhaustedError, OutOfSharedMemoryError):
             report.count("full")
             if self.held:
-                self.free(*self.take())
+                self.give_up(hand_on=False)
             return FULL_PAUSE
         report.latency.add(time.perf_counter_ns() - start)
         with self.heap.view(ref) as view:
@@ -513,6 +538,13 @@ class Churner(Role):
 
 
 class Reader(Role):
+    """Checks snapshots, stamps, and now and then the walker.
+
+    ``ops`` counts snapshots, ``latency`` is snapshot latency; counters:
+    entries, stamps (stamped entries checked), walks, spans_walked,
+    objects_walked.
+    """
+
     kind = "reader"
     readonly = True
 
@@ -830,10 +862,12 @@ class Fleet:
     def _relay(self, sender: Worker, handoff: Handoff) -> None:
         """Send handed-off objects to a random other running churner (else back to the sender).
 
-        While the run stops, or with no churner to take them, they are kept in
+        While the run stops, or with no churner to take them (none runs, or
+        every one has MAX_IN_FLIGHT objects on the way), they are kept in
         ``undelivered``.
         """
-        targets = [w for w in self.live() if w.kind == sender.kind and w.state == "running"]
+        targets = [w for w in self.live() if w.kind == sender.kind and w.state == "running"
+                   and len(w.in_flight) < MAX_IN_FLIGHT]
         others = [w for w in targets if w is not sender]
         if self.go is None or not targets:
             self.undelivered.extend(handoff.refs)
