@@ -281,6 +281,9 @@ class Handoff:
     """Objects (refs) a churner gives up, on their way to another churner via the parent."""
 
     refs: tuple[int, ...]
+    #: from a churner: how many handed objects it has taken so far (so the parent knows
+    #: what is still in its pipe); 0 from the parent
+    received: int = 0
 
 
 def pattern(ref: int, size: int) -> bytes:
@@ -531,7 +534,7 @@ class Churner(Role):
             return []
         refs = tuple(ref for ref, _ in self.handing)
         self.handing = []
-        return [Handoff(refs)]
+        return [Handoff(refs, self.report.counters.get("received", 0))]
 
     def finish(self) -> None:
         self.report.live = dict(self.held + self.handing)
@@ -764,7 +767,7 @@ class Worker:
     created: list[int] = field(default_factory=list)
     #: objects the parent relayed to it from other churners
     handed_in: int = 0
-    #: the relayed refs its reports do not yet count as received, in the order sent
+    #: the relayed refs it has not yet said it received (reports, handoffs), in the order sent
     in_flight: deque[int] = field(default_factory=deque)
 
     @property
@@ -848,16 +851,21 @@ class Fleet:
             worker.created.extend(message)
             return
         if isinstance(message, Handoff):
+            self._taken(worker, message.received)
             self._relay(worker, message)
             return
         report = worker.report = message
-        received = report.counters.get("received", 0)
-        for _ in range(received - (worker.handed_in - len(worker.in_flight))):
-            worker.in_flight.popleft()
+        self._taken(worker, report.counters.get("received", 0))
         if report.error:
             self.problems.append(f"{worker.kind} {worker.wid} failed: {report.error}")
         if report.final:
             self._ended(worker, "done")
+
+    @staticmethod
+    def _taken(worker: Worker, received: int) -> None:
+        """``worker`` has taken ``received`` relayed objects: they are no longer in flight."""
+        for _ in range(received - (worker.handed_in - len(worker.in_flight))):
+            worker.in_flight.popleft()
 
     def _relay(self, sender: Worker, handoff: Handoff) -> None:
         """Send handed-off objects to a random other running churner (else back to the sender).
@@ -876,7 +884,7 @@ class Fleet:
         target.handed_in += len(handoff.refs)
         target.in_flight.extend(handoff.refs)
         self.relayed += len(handoff.refs)
-        self.send(target, handoff)
+        self.send(target, Handoff(handoff.refs))
 
     def _ended(self, worker: Worker, state: str) -> None:
         worker.process.join(STOP_TIMEOUT)
@@ -1361,8 +1369,9 @@ def summary_rows(report: dict[str, Any]) -> Iterator[tuple[str, object]]:
     yield "objects allocated / freed", f"{counts.get('allocs', 0)} / {counts.get('frees', 0)}"
     yield "bytes allocated", format_size(counts.get("alloc_bytes", 0))
     yield "patterns verified", counts.get("verified", 0)
-    yield "handoffs relayed / received", (f"{objects.get('handoffs_relayed', 0)} / "
-                                          f"{counts.get('received', 0)}")
+    yield "handoffs relayed / received / undelivered", (
+        f"{objects.get('handoffs_relayed', 0)} / {counts.get('received', 0)} / "
+        f"{objects.get('undelivered_freed', 0)} (freed by the parent)")
     yield "readers", f"{reader['workers']} ({reader['incarnations']} processes)"
     yield "snapshots/s", f"{reader['ops_per_s']:.0f}"
     yield "snapshot latency p50/p99/max", _us(reader["latency"])
