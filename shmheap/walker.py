@@ -13,8 +13,12 @@ Walk (``heap.walk()``, ``heap.stats()``)
       not (each span is read once, at some instant during the walk); an
       arena added after the snapshot is skipped altogether, like Go's
       ``sweepArenas``: whatever it holds was born after the walk began;
-    * every number read is bounds-checked; a span that is being made or
-      freed while it is read is skipped, never misreported as another size.
+    * every number read is bounds-checked, so a racing reader never reads
+      out of bounds.  A span that is being made or freed while it is read is
+      skipped; but a span freed *and* remade at the same first page between
+      two of the walker's reads of that page's records can be reported with
+      one span's length and the other's size class (the records carry no
+      generation yet: a per-arena sequence word would close this window).
 
 Mark and sweep (Go's mark bits and fast free-page reclaim)
     ``start_cycle()``: under the lock, bump the cycle number, record the
