@@ -21,7 +21,7 @@ import pytest
 from test_cli import ROOT, run_cli
 
 from shmheap.pytest_plugin import HeapFactory, shm_leftovers
-from shmheap.stress import Reservoir, latency_summary, span_problem, stats_problems
+from shmheap.stress_roles import Reservoir, latency_summary, span_problem, stats_problems
 
 
 def stress(name: str, report: Path, *args: str,
