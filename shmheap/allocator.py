@@ -435,7 +435,10 @@ class Allocator:
         """(arena pages, span's first page, size class, slot) of the object at ``ref``.
 
         Checks everything but whether the slot is allocated: the alloc byte of
-        a small object is at ``data[(start << page_shift) + slot]``.
+        a small object is at ``data[(start << page_shift) + slot]``.  The span
+        records are read with no lock between two equal reads of the arena's
+        sequence word (pages.py); if a holder keeps changing them (or died
+        doing so), under the heap lock.
         """
         if type(ref) is not int:
             return self.locate(_as_int(ref, InvalidRefError(
@@ -452,13 +455,16 @@ class Allocator:
                 raise InvalidRefError(f"address {ref:#x} is in no arena of heap "
                                       f"{self.heap.name!r}") from None
         page = offset >> self.page_shift
-        if not pages.used[page]:
-            raise self._free_page_error(pages, ref, page)
-        start = pages.span[page] - 1
+        record = pages.steady(pages.page_record, page)
+        if record is None:
+            with self.heap.locked():
+                record = pages.page_record(page)
+        used, start, c, _ = record
+        if not used:
+            raise self._free_page_error(ref, page, start)
         if not 0 <= start <= page:
             raise HeapCorruptError(f"heap {self.heap.name!r}: arena {index} page {page} has an "
                                    f"impossible span entry; run `shmheap fsck {self.heap.name}`")
-        c = pages.sclass[start]
         span_offset = offset - (start << self.page_shift)
         if c == 0:
             if span_offset:
@@ -473,8 +479,8 @@ class Allocator:
             raise self._interior(ref)
         return pages, start, c, slot
 
-    def _free_page_error(self, pages: ArenaPages, ref: int, page: int) -> InvalidRefError:
-        if ref & (self.page_size - 1) == 0 and pages.span[page] == page + 1:
+    def _free_page_error(self, ref: int, page: int, start: int) -> InvalidRefError:
+        if ref & (self.page_size - 1) == 0 and start == page:
             return DoubleFreeError(f"address {ref:#x} names an object that was already freed")
         return InvalidRefError(f"address {ref:#x} is in free pages of heap {self.heap.name!r}: "
                                "no object lives there")

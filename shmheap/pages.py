@@ -13,6 +13,10 @@ arena, so a new arena needs no initialisation)::
     0        1  owned    lock holder: set to 1 before a span here gets an owner;
                          cleared by the lock holder's reclaim pass when it finds
                          none (a hint: 0 means no span of this arena is cached)
+    8        8  seq      lock holder: the span records' sequence word (a
+                         seqlock), odd while a span is being made or freed;
+                         an audit that finds it odd (a holder died mid-way)
+                         makes it even after fixing the records
     64      64  partial  byte [c] for size class c: any process stores 1 after it
                          frees into an unowned span of class c here (a free, a
                          sweep, a span given up with free slots); the lock
@@ -59,9 +63,23 @@ next user zeroes and re-reserves them).  ``journal`` (a control-segment
 word) names the arena a holder was changing, so crash recovery audits one
 arena instead of all.
 
-Lock-free readers (allocator.free/view, walker.py) read used -> span ->
-sclass -> npages, bounds-check every number, and treat what they read as a
-snapshot that may be stale by the time they act.
+Every lock-holder method that writes a span's records (``used``, ``sclass``,
+``inuse``, ``span``, ``npages``: ``publish``, ``release`` and the audit's
+fixes) brackets its writes with two stores to ``seq``: ``seq + 1`` (odd;
+``seq + 2`` if a dead holder left it odd) before the first write,
+``seq + 1`` (even) after the last.  Each store is one aligned 8-byte word,
+so it cannot tear.
+
+Lock-free readers (allocator.free/view/size_of, walker.py) read used ->
+span -> sclass -> npages between two reads of ``seq`` (``steady``): an odd
+or changed ``seq`` means a span was made, freed or remade meanwhile, and
+the read is retried, at most ``READ_RETRIES`` times.  So a reader never
+combines one span's length with another's size class (ABA at one first
+page).  If ``seq`` does not hold still (a holder is mid-way, or died
+mid-way and nobody has repaired yet) the walker skips the span and the
+allocator reads under the heap lock instead.  Every number is still
+bounds-checked, and what a reader gets is a snapshot that may be stale by
+the time it acts.
 
 This module owns the metadata layout, the page-level mutations and their
 order, and the audit.  It never takes the heap lock: the mutating methods
@@ -80,7 +98,7 @@ import mmap
 import os
 from collections.abc import Callable, Iterator
 from types import ModuleType
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from . import crash, segments
 from .errors import HeapCorruptError, InvalidParameterError, OutOfSharedMemoryError
@@ -94,12 +112,16 @@ MIN_PAGES_PER_ARENA = 8
 MAX_CLASSES = 64
 HEADER_SIZE = 128
 OWNED_OFFSET = 0
+SEQ_OFFSET = 8
 PARTIAL_OFFSET = 64
 
 #: states of a free page
 CLEAN, DIRTY, RELEASED, RELEASING = 0, 1, 2, 3
 NEEDS_ZERO = (DIRTY, RELEASING)
 NEEDS_RESERVE = (RELEASED, RELEASING)
+#: How often a lock-free reader retries while ``seq`` is odd or changes under it.
+READ_RETRIES = 100
+_T = TypeVar("_T")
 
 #: Set to False to force the pure-Python scans (tests), True to require numpy,
 #: None to use numpy when it is importable.
@@ -208,8 +230,8 @@ class ArenaPages:
     """This process's view of one arena's data and page metadata."""
 
     __slots__ = ("base", "data", "heap_name", "index", "inuse", "marks", "meta", "npages",
-                 "owner", "page_shift", "page_size", "pages", "partial", "sclass", "span",
-                 "state", "used")
+                 "owner", "page_shift", "page_size", "pages", "partial", "sclass", "seq",
+                 "span", "state", "used")
 
     def __init__(self, heap_name: str, arena: Arena, page_size: int) -> None:
         lay = layout(arena.size, page_size)
@@ -225,6 +247,7 @@ class ArenaPages:
         self.page_shift = page_size.bit_length() - 1
         self.pages = lay.pages
         self.meta = meta
+        self.seq = meta[SEQ_OFFSET:SEQ_OFFSET + 8].cast("Q")
         self.partial = meta[PARTIAL_OFFSET:PARTIAL_OFFSET + MAX_CLASSES]
         self.used = meta[lay.used:lay.used + lay.pages]
         self.state = meta[lay.state:lay.state + lay.pages]
@@ -247,12 +270,49 @@ class ArenaPages:
         """First pages of the in-use spans (pageInUse bits), ascending."""
         return bits_set(bytes(self.inuse))
 
+    def steady(self, read: Callable[[int], _T], arg: int) -> _T | None:
+        """``read(arg)`` of span records made while ``seq`` held one even value, else None.
+
+        None when ``seq`` stayed odd or kept changing for ``READ_RETRIES``
+        tries: a holder is changing this arena's spans (or died doing so).
+        (A while loop and no closure: this is on the path of every ``free``.)
+        """
+        seq = self.seq
+        tries = READ_RETRIES
+        while tries:
+            before = seq[0]
+            if not before & 1:
+                got = read(arg)
+                if seq[0] == before:
+                    return got
+            tries -= 1
+        return None
+
     def span_of(self, start: int) -> tuple[int, int] | None:
-        """(npages, sclass) of the span published at ``start``, bounds-checked, else None."""
+        """(npages, sclass) of the span published at ``start``, bounds-checked, else None.
+
+        The lock holder's read; lock-free readers use ``read_span``.
+        """
         npages = self.npages[start]
         if not self.in_use(start) or not 1 <= npages <= self.pages - start:
             return None
         return npages, self.sclass[start]
+
+    def read_span(self, start: int) -> tuple[int, int] | None:
+        """``span_of`` for a lock-free reader; None also if the span is changing meanwhile."""
+        return self.steady(self.span_of, start)
+
+    def page_record(self, page: int) -> tuple[int, int, int, int]:
+        """(used, span entry - 1, sclass, npages) of ``page``: raw reads for ``steady``.
+
+        sclass and npages are those of the span's first page, 0 if the entry
+        names no page at or before ``page``.
+        """
+        used = self.used[page]
+        start = self.span[page] - 1
+        if not 0 <= start <= page:
+            return used, start, 0, 0
+        return used, start, self.sclass[start], self.npages[start]
 
     def owned(self) -> bool:
         return bool(self.meta[OWNED_OFFSET])
@@ -302,8 +362,19 @@ class ArenaPages:
         shift = self.page_shift
         self.data[start << shift:(start + npages) << shift] = bytes(npages << shift)
 
+    def begin_change(self) -> None:
+        """Make ``seq`` odd before the first write to span records (``seq + 2`` if it is)."""
+        self.seq[0] = (self.seq[0] + 1) | 1
+
+    def end_change(self) -> None:
+        """Make ``seq`` even after the last write to span records (no-op if it is)."""
+        seq = self.seq[0]
+        if seq & 1:
+            self.seq[0] = seq + 1
+
     def publish(self, start: int, npages: int, sclass: int, owner: int) -> None:
         """Make a span of free pages (prepared and zeroed as needed); publication is last."""
+        self.begin_change()
         self.span[start:start + npages] = _u32_run(start + 1, npages)
         self.npages[start] = npages
         self.sclass[start:start + npages] = bytes([sclass]) * npages
@@ -315,11 +386,13 @@ class ArenaPages:
         self.used[start:start + npages] = b"\1" * npages
         crash.reach("span.pages_used")
         self.inuse[start >> 3] |= 1 << (start & 7)
+        self.end_change()
         crash.reach("span.published")
 
     def release(self, start: int) -> int:
         """Free the span at ``start``; returns its pages.  Its data becomes DIRTY."""
         npages = self.npages[start]
+        self.begin_change()
         self.state[start:start + npages] = bytes([DIRTY]) * npages
         self.clear_mark(start)
         self.owner[start] = 0
@@ -328,6 +401,7 @@ class ArenaPages:
         self.used[start:start + npages] = bytes(npages)
         crash.reach("span.freed")
         self.sclass[start:start + npages] = bytes(npages)
+        self.end_change()
         return npages
 
     def set_mark(self, start: int) -> None:
@@ -402,16 +476,25 @@ class ArenaPages:
             problems.append(Problem(
                 "page-state", f"arena {self.index}: {len(bad)} free pages have an unknown "
                 "state", lambda: self._set_states(bad, RELEASING)))
+        if self.seq[0] & 1:  # last: its fix runs after the record fixes above
+            problems.append(Problem(
+                "span-seq-odd", f"arena {self.index}: its span sequence word is odd (a process "
+                "died making or freeing a span); lock-free readers wait for it to be even",
+                self.end_change))
         return problems
 
     def _free_orphans(self, start: int, npages: int) -> None:
+        self.begin_change()
         self.state[start:start + npages] = bytes([RELEASING]) * npages
         self.owner[start:start + npages] = memoryview(bytes(8 * npages)).cast("Q")
         self.used[start:start + npages] = bytes(npages)
         self.sclass[start:start + npages] = bytes(npages)
+        self.end_change()
 
     def _mark_used(self, start: int, npages: int) -> None:
+        self.begin_change()
         self.used[start:start + npages] = b"\1" * npages
+        self.end_change()
 
     def _set_states(self, pages: list[int], state: int) -> None:
         for page in pages:

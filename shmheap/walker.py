@@ -14,11 +14,12 @@ Walk (``heap.walk()``, ``heap.stats()``)
       arena added after the snapshot is skipped altogether, like Go's
       ``sweepArenas``: whatever it holds was born after the walk began;
     * every number read is bounds-checked, so a racing reader never reads
-      out of bounds.  A span that is being made or freed while it is read is
-      skipped; but a span freed *and* remade at the same first page between
-      two of the walker's reads of that page's records can be reported with
-      one span's length and the other's size class (the records carry no
-      generation yet: a per-arena sequence word would close this window).
+      out of bounds.  A span's records are read between two equal, even
+      reads of its arena's sequence word (pages.py ``read_span``) and read
+      again if it changed: a span being made, freed or remade while it is
+      read is skipped if its records keep changing (or a holder died
+      mid-change and nobody has repaired it yet), never reported with one
+      span's length and another's size class.
 
 Mark and sweep (Go's mark bits and fast free-page reclaim)
     ``start_cycle()``: under the lock, bump the cycle number, record the
@@ -195,7 +196,7 @@ def walk(heap: Heap) -> Iterator[SpanInfo]:
 def arena_spans(allocator: Allocator, pages: ArenaPages) -> Iterator[SpanInfo]:
     shift = pages.page_shift
     for start in pages.starts():
-        found = pages.span_of(start)
+        found = pages.read_span(start)
         if found is None or not allocator.span_ok(found[1], found[0]):
             continue
         npages, c = found
@@ -274,7 +275,8 @@ def start_cycle(heap: Heap) -> int:
         pages = allocator.pages_of(index)
         pages.marks[:] = bytes(len(pages.marks))
         for start in pages.starts():
-            c = pages.sclass[start]
+            found = pages.read_span(start)
+            c = found[1] if found is not None else 0
             if 0 < c < len(allocator.classes):
                 nelems = allocator.classes[c].nelems
                 m0 = (start << pages.page_shift) + nelems
@@ -337,7 +339,7 @@ def sweep_arena(heap: Heap, allocator: Allocator, pages: ArenaPages) -> SweepRep
     empty: list[int] = []
     freed_objects = freed_bytes = 0
     for start in pages.starts():
-        found = pages.span_of(start)
+        found = pages.read_span(start)
         if found is None:
             continue
         unowned = not pages.owner[start]
