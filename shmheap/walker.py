@@ -23,9 +23,11 @@ Walk (``heap.walk()``, ``heap.stats()``)
 
 Mark and sweep (Go's mark bits and fast free-page reclaim)
     ``start_cycle()``: under the lock, bump the cycle number, record the
-    index length (the cycle's arenas) and reset the sweep cursor; then,
-    with no lock, clear every arena's pageMarks and every small span's mark
-    bytes (Go's ``gcResetMarkState``).  ``mark(ref)`` stores 1 into the
+    index length (the cycle's arenas) and reset the sweep cursor; then
+    clear every arena's pageMarks and every small span's mark bytes (Go's
+    ``gcResetMarkState``), one arena per brief lock hold: Go clears with no
+    lock because no span is freed in that phase, while here any process may
+    free and remake a span at any time.  ``mark(ref)`` stores 1 into the
     object's mark byte and, if its span's pageMarks bit is not yet set, sets
     it under the lock (a bit is a read-modify-write, see pages.py).
     Objects allocated after ``start_cycle()`` returns are born marked (the
@@ -273,14 +275,19 @@ def start_cycle(heap: Heap) -> int:
         crash.reach("cycle.started")
     for index in snap:
         pages = allocator.pages_of(index)
-        pages.marks[:] = bytes(len(pages.marks))
-        for start in pages.starts():
-            found = pages.read_span(start)
-            c = found[1] if found is not None else 0
-            if 0 < c < len(allocator.classes):
-                nelems = allocator.classes[c].nelems
-                m0 = (start << pages.page_shift) + nelems
-                pages.data[m0:m0 + nelems] = bytes(nelems)
+        # Arena by arena under the lock: a span freed and remade while its mark
+        # bytes are cleared would have bytes of its objects zeroed instead, and a
+        # bit of pageMarks set under the lock (a born-marked span) must not be
+        # lost to a concurrent byte store.
+        with heap.locked():
+            pages.marks[:] = bytes(len(pages.marks))
+            for start in pages.starts():
+                found = pages.span_of(start)
+                c = found[1] if found is not None else 0
+                if 0 < c < len(allocator.classes):
+                    nelems = allocator.classes[c].nelems
+                    m0 = (start << pages.page_shift) + nelems
+                    pages.data[m0:m0 + nelems] = bytes(nelems)
     return cycle
 
 
