@@ -70,8 +70,6 @@ from __future__ import annotations
 
 import contextlib
 import operator
-import os
-import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
@@ -83,7 +81,6 @@ from .errors import (
     HeapCorruptError,
     InvalidParameterError,
     InvalidRefError,
-    ReadOnlyError,
 )
 from .index import ArenaSnapshot
 from .pages import OWNED_OFFSET, ArenaPages, layout, positions
@@ -204,18 +201,6 @@ class _Cache:
         return free
 
 
-_ALL: weakref.WeakSet[Allocator] = weakref.WeakSet()
-
-
-def _forget_caches_after_fork() -> None:
-    """In a forked child the parent's spans are not ours: forget them."""
-    for allocator in list(_ALL):
-        allocator.forget_caches()
-
-
-os.register_at_fork(after_in_child=_forget_caches_after_fork)
-
-
 class Allocator:
     """The object allocator of one ``Heap`` handle (made lazily by ``Heap``)."""
 
@@ -236,7 +221,11 @@ class Allocator:
         self._caches: list[_Cache | None] = [None] * len(self.classes)
         self._hint = 0
         self._refills = 0
-        _ALL.add(self)
+        # In a forked child the parent's spans are not ours: forget them once the
+        # child has its own liveness slot and token.
+        live = heap._live
+        assert live is not None
+        live.on_reclaim.append(self.forget_caches)
 
     def _lookup_table(self) -> list[int]:
         table = [1]
@@ -299,11 +288,6 @@ class Allocator:
             return self.alloc(nbytes)
         return self._alloc_large(nbytes)
 
-    def _check_writable(self, what: str) -> None:
-        if self.readonly:
-            raise ReadOnlyError(f"heap {self.heap.name!r} is attached readonly; {what} needs a "
-                                "writable attach (Heap.attach(name))")
-
     def _token(self) -> int:
         live = self.heap._live
         assert live is not None
@@ -311,7 +295,7 @@ class Allocator:
 
     def _refill(self, c: int) -> None:
         """Give this process a span of class ``c`` with free slots (slow path)."""
-        self._check_writable("alloc()")
+        self.heap._check_writable("alloc()")
         old = self._caches[c]
         if old is not None:
             old.free = old.rescan()
@@ -422,7 +406,7 @@ class Allocator:
             raise InvalidParameterError(
                 f"alloc({nbytes}): larger than an arena ({self.arena_size} bytes); objects "
                 "cannot span arenas, so create the heap with a larger arena_size")
-        self._check_writable("alloc()")
+        self.heap._check_writable("alloc()")
         pages, start, dirty = self._with_room(
             lambda: self.make_span_locked(npages, 0, 0, zero_now=False), npages)
         for first, count in dirty:
@@ -507,7 +491,7 @@ class Allocator:
 
     def free(self, ref: int) -> None:
         """Free the object at ``ref``, allocated by any process."""
-        self._check_writable("free()")
+        self.heap._check_writable("free()")
         pages, start, c, slot = self.locate(ref)
         if c == 0:
             self._free_large(pages, start, ref)

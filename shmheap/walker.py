@@ -73,7 +73,6 @@ from typing import TYPE_CHECKING, Any
 
 from . import crash
 from .control import CYCLE_ARENAS_OFFSET, CYCLE_OFFSET, SWEEP_CURSOR_OFFSET
-from .errors import ReadOnlyError
 from .pages import RELEASED, RELEASING, ArenaPages, bits_set, positions, runs
 
 if TYPE_CHECKING:
@@ -179,12 +178,6 @@ class ScavengeReport:
     released_bytes: int = 0
 
 
-def _check_writable(heap: Heap, what: str) -> None:
-    if heap.readonly:
-        raise ReadOnlyError(f"heap {heap.name!r} is attached readonly; {what} needs a "
-                            "writable attach (Heap.attach(name))")
-
-
 # -- walking -------------------------------------------------------------------------------
 
 
@@ -263,7 +256,7 @@ def _state_bytes(pages: ArenaPages, used: bytes) -> bytes:
 
 def start_cycle(heap: Heap) -> int:
     """Begin a mark/sweep cycle: clear every mark; returns the cycle number."""
-    _check_writable(heap, "start_cycle()")
+    heap._check_writable("start_cycle()")
     allocator = heap._objects()
     words = heap._words
     with heap.locked():
@@ -293,7 +286,7 @@ def start_cycle(heap: Heap) -> int:
 
 def mark(heap: Heap, ref: int) -> None:
     """Mark the live object at ``ref`` for the current cycle."""
-    _check_writable(heap, "mark()")
+    heap._check_writable("mark()")
     allocator = heap._objects()
     pages, start, c, slot = allocator.live(ref)
     if c:
@@ -306,7 +299,7 @@ def mark(heap: Heap, ref: int) -> None:
 
 def sweep(heap: Heap) -> SweepReport:
     """Sweep chunks of the current cycle's pages until none is left; report what was freed."""
-    _check_writable(heap, "sweep()")
+    heap._check_writable("sweep()")
     allocator = heap._objects()
     words = heap._words
     with heap.locked():
@@ -417,7 +410,7 @@ def scavenge(heap: Heap) -> ScavengeReport:
     Empty unowned spans and spans of dead owners are returned to the free
     pages first (allocator.py), so their memory goes too.
     """
-    _check_writable(heap, "scavenge()")
+    heap._check_writable("scavenge()")
     allocator = heap._objects()
     with heap.locked():
         allocator.reclaim_locked()

@@ -456,3 +456,26 @@ def test_alloc_benchmark_tiny_run_reports_its_figures(tmp_path: Any,
     assert results["scan"]["all_marked"]["gb_per_ms"] > 0
     assert results["scavenge"]["released_bytes"] > 0
     assert "Targets:" in capsys.readouterr().out
+
+
+def test_forked_child_forgets_the_parents_span_caches(heap: shmheap.Heap) -> None:
+    """After fork the child has its own token and must not allocate in the parent's spans."""
+    parent_ref = heap.alloc(64)
+    parent_token = heap._live.token  # type: ignore[union-attr]
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        allocator = heap._objects()
+        forgot = all(cache is None for cache in allocator._caches)
+        child_ref = heap.alloc(64)
+        verdict = forgot and heap._live.token != parent_token and child_ref != parent_ref  # type: ignore[union-attr]
+        os.write(write_end, b"1" if verdict else b"0")
+        os._exit(0)
+    os.close(write_end)
+    try:
+        assert os.read(read_end, 1) == b"1"
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    assert heap.size_of(parent_ref) >= 64
