@@ -17,7 +17,7 @@ Layout (little-endian, one page, every field naturally aligned)::
      56     8  created_ns    creator, once: wall-clock time of creation
      64     8  header        heap lock holder only: (generation << 32) | len
      72     8  hint          heap lock holder only: next arena index grow() tries
-     80     8  saved_header  repair.py, under the heap lock (see SAVED_HEADER_OFFSET there)
+     80     8  saved_header  repair.py, under the heap lock: the real header of a BROKEN heap
      88     8  page_size     creator, once: bytes of an allocator page (pages.py)
      96     8  gc_cycle      heap lock holder only: mark/sweep cycle number (walker.py)
     104     8  sweep_cursor  heap lock holder only: pages of the cycle's arenas claimed by
@@ -60,6 +60,7 @@ STATE_OFFSET = 12
 #: While the state is INITIALISING the creator holds an OFD write lock on this byte.
 INIT_LOCK_BYTE = 0
 HEADER_OFFSET = 64
+SAVED_HEADER_OFFSET = 80
 HINT_OFFSET = 72
 PAGE_SIZE_OFFSET = 88
 CYCLE_OFFSET = 96
@@ -116,6 +117,16 @@ def read_params(buf: memoryview, where: str) -> tuple[Params, int]:
     params = Params(heap_id, arena_size, max_arenas, first_cap, mode & 0o7777, bool(reserve),
                     created_ns, page_size)
     return params, state
+
+
+def read_state(buf: memoryview) -> int:
+    """The state word of a mapped control segment."""
+    return int.from_bytes(buf[STATE_OFFSET:STATE_OFFSET + 4], "little")
+
+
+def write_state(buf: memoryview, state: int) -> None:
+    """Store the state word (one aligned 4-byte store)."""
+    buf[STATE_OFFSET:STATE_OFFSET + 4] = state.to_bytes(4, "little")
 
 
 def peek_state(head: bytes, where: str) -> int:

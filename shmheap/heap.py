@@ -190,7 +190,7 @@ class Heap:
         try:
             control.write_params(seg.buf, params)
             words = seg.buf.cast("Q")
-            _set_state(seg.buf, control.INITIALISING)
+            control.write_state(seg.buf, control.INITIALISING)
             crash.reach("create.control_created")
             _remove_leftovers(name)
             open_semaphore(semaphore_name(name), create=True, mode=mode).close()
@@ -202,7 +202,7 @@ class Heap:
             heap = cls(name, seg, params, readonly=False)
             heap._index.create_first()
             crash.reach("create.initialised")
-            _set_state(seg.buf, control.READY)
+            control.write_state(seg.buf, control.READY)
         except BaseException:
             destroy(name)
             seg.close()
@@ -533,10 +533,6 @@ class Heap:
     def scavenge(self) -> walker.ScavengeReport:
         """Return the memory of free pages to the OS."""
         return walker.scavenge(self)
-
-
-def _set_state(buf: memoryview, state: int) -> None:
-    buf[control.STATE_OFFSET:control.STATE_OFFSET + 4] = state.to_bytes(4, "little")
 
 
 def _remove_leftovers(name: str) -> None:

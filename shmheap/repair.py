@@ -46,7 +46,6 @@ from .names import arena_name, control_name, index_name, live_name, map_name, ow
 if TYPE_CHECKING:
     from .heap import Heap
 
-SAVED_HEADER_OFFSET = 80
 
 
 @dataclass(frozen=True)
@@ -107,10 +106,9 @@ class _Checker:
     def check_header(self) -> tuple[int, int] | None:
         heap = self.heap
         word = int(heap._header[0])
-        state = int.from_bytes(heap._control.buf[control.STATE_OFFSET:
-                                                 control.STATE_OFFSET + 4], "little")
+        state = control.read_state(heap._control.buf)
         if state == control.BROKEN:
-            saved = int(self.words[SAVED_HEADER_OFFSET // 8])
+            saved = int(self.words[control.SAVED_HEADER_OFFSET // 8])
             if self.note("heap-broken", "the heap is marked broken by an earlier repair",
                          fixable=self.writable()):
                 word = saved
@@ -122,7 +120,7 @@ class _Checker:
             return None
         if state == control.BROKEN and self.repair and self.writable():
             heap._header[0] = word
-            _write_state(heap, control.READY)
+            control.write_state(heap._control.buf, control.READY)
         return generation, length
 
     def check_generations(self, generation: int, length: int) -> None:
@@ -254,19 +252,13 @@ class _Checker:
             live.clean_dead_slots()
 
 
-def _write_state(heap: Heap, state: int) -> None:
-    heap._control.buf[control.STATE_OFFSET:control.STATE_OFFSET + 4] = state.to_bytes(4,
-                                                                                     "little")
-
-
 def mark_broken(heap: Heap) -> None:
     """Poison the header (saving it) and set state BROKEN; lock holder, writable heap."""
     if heap.readonly:
         return
-    if int.from_bytes(heap._control.buf[control.STATE_OFFSET:control.STATE_OFFSET + 4],
-                      "little") != control.BROKEN:
-        heap._words[SAVED_HEADER_OFFSET // 8] = heap._header[0]
-    _write_state(heap, control.BROKEN)
+    if control.read_state(heap._control.buf) != control.BROKEN:
+        heap._words[control.SAVED_HEADER_OFFSET // 8] = heap._header[0]
+    control.write_state(heap._control.buf, control.BROKEN)
     heap._header[0] = control.make_header(BROKEN_GENERATION, 0)
 
 
