@@ -214,7 +214,7 @@ class _Checker:
                 index = int(match.group(2), 16)
                 if index in in_index and arena_name(self.name, index) == entry:
                     continue
-                if self._is_ours(entry):
+                if self._is_ours(index):
                     if self.note("orphan-arena", f"arena {index} was made but never published "
                                  "(its maker died)"):
                         segments.unlink(entry)
@@ -223,19 +223,14 @@ class _Checker:
                               f"{index} but is not this heap's; grow() skips it", fixable=False,
                               harmless=True)
 
-    def _is_ours(self, entry: str) -> bool:
-        size = arenas.segment_size(self.heap.arena_size, self.heap.params.page_size)
-        if segments.size_of(entry) != size:
-            return False
+    def _is_ours(self, index: int) -> bool:
+        """True if the segment named for arena ``index`` is a complete arena of this heap."""
         try:
-            seg = segments.open_existing(entry, readonly=True, expect_size=size)
+            arenas.verify_arena(self.name, self.heap.params.heap_id, index, self.heap.arena_size,
+                                self.heap.params.page_size)
         except ShmHeapError:
             return False
-        try:
-            magic, heap_id, _index, _ = arenas.read_trailer(seg.buf, self.heap.arena_size)
-        finally:
-            seg.close()
-        return magic == arenas.ARENA_MAGIC and heap_id == self.heap.params.heap_id
+        return True
 
     def check_hint(self) -> None:
         hint = int(self.words[control.HINT_OFFSET // 8])
