@@ -40,6 +40,17 @@ Per-process caches (Go's mcache, mimalloc's thread-local pages)
     from free pages, else grow the heap.  Refill and large objects are the
     only allocation paths that take the lock.
 
+    Owning a span is a fact in two places, the span's ``owner`` word and
+    this process's cache list, and no exception may leave them disagreeing
+    in the dangerous direction (a cached span that is not ours).  So a span
+    enters ``_pending`` before our token is written into it, and leaves it
+    in the same instruction group that stores it in the cache (consecutive
+    stores: no Python signal handler can run between them); a given-up span
+    enters ``_pending`` before it leaves the cache.  Each refill first
+    settles ``_pending`` under the lock: a span that still records our token
+    but is in no cache of ours is disowned.  A process interrupted anywhere
+    (Ctrl-C) thus loses at most the spans it holds until its next refill.
+
 ``free`` of a small object, from any process, clears ``alloc[k]`` with one
 store and, if the span has no owner, stores 1 into its arena's
 ``partial[class]`` hint; ``free`` of a large object frees its pages under the
@@ -68,13 +79,13 @@ pages.py; walking, marking, sweeping and scavenging in walker.py.
 
 from __future__ import annotations
 
-import contextlib
 import operator
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from . import crash
-from .control import JOURNAL_OFFSET
+from .control import DISOWN, PAGES
 from .errors import (
     AddressSpaceExhaustedError,
     DoubleFreeError,
@@ -83,6 +94,7 @@ from .errors import (
     InvalidRefError,
 )
 from .index import ArenaSnapshot
+from .lock import deadline_of
 from .pages import OWNED_OFFSET, ArenaPages, layout, positions
 
 if TYPE_CHECKING:
@@ -219,6 +231,10 @@ class Allocator:
         self.lookup = self._lookup_table()
         self._arenas: dict[int, ArenaPages] = {}
         self._caches: list[_Cache | None] = [None] * len(self.classes)
+        #: spans whose owner word may hold our token while no cache of ours has them
+        self._pending: list[tuple[ArenaPages, int]] = []
+        self._journal = heap._journal
+        self._lock = heap._lock
         self._hint = 0
         self._refills = 0
         # In a forked child the parent's spans are not ours: forget them once the
@@ -235,6 +251,7 @@ class Allocator:
 
     def forget_caches(self) -> None:
         self._caches = [None] * len(self.classes)
+        self._pending = []
 
     def span_ok(self, sclass: int, npages: int) -> bool:
         """True if a span of ``npages`` pages may have size class ``sclass``."""
@@ -257,20 +274,9 @@ class Allocator:
         heap = self.heap
         return heap._index.snapshot_of(int(heap._header[0]))
 
-    @contextlib.contextmanager
-    def journal(self, index: int) -> Iterator[None]:
-        """Name arena ``index`` in the control journal while the lock holder changes it."""
-        words = self.heap._words
-        slot = JOURNAL_OFFSET // 8
-        words[slot] = index + 1
-        try:
-            yield
-        finally:
-            words[slot] = 0
-
     # -- alloc -------------------------------------------------------------------------
 
-    def alloc(self, nbytes: int) -> int:
+    def alloc(self, nbytes: int, timeout: float | None = None) -> int:
         """A new zeroed object of at least ``nbytes`` bytes; returns its heap address."""
         if type(nbytes) is int and 0 < nbytes <= self.max_small:
             c = self.lookup[(nbytes + 15) >> 4]
@@ -284,16 +290,16 @@ class Allocator:
                 data[offset:offset + size] = bytes(size)
                 data[cache.a0 + k] = 1
                 return cache.base + offset
-            self._refill(c)
+            self._refill(c, deadline_of(timeout))
             return self.alloc(nbytes)
-        return self._alloc_large(nbytes)
+        return self._alloc_large(nbytes, timeout)
 
     def _token(self) -> int:
         live = self.heap._live
         assert live is not None
         return live.token
 
-    def _refill(self, c: int) -> None:
+    def _refill(self, c: int, deadline: float | None) -> None:
         """Give this process a span of class ``c`` with free slots (slow path)."""
         self.heap._check_writable("alloc()")
         old = self._caches[c]
@@ -301,34 +307,47 @@ class Allocator:
             old.free = old.rescan()
             if len(old.free) * KEEP_FRACTION >= old.cls.nelems:
                 return
+            self._pending.append((old.pages, old.start))
             self._caches[c] = None
         self._refills += 1
 
         def attempt() -> _Cache | None:
-            nonlocal old
-            if old is not None:
-                self.disown_locked(old.pages, old.start)
-                old = None
             if self._refills % RECLAIM_EVERY == 0:
                 self.reclaim_locked()
             return self._adopt_locked(c) or self._make_span_locked(c)
 
-        self._caches[c] = self._with_room(attempt, self.classes[c].npages)
+        self._with_room(attempt, self.classes[c].npages, deadline)
 
-    def _with_room(self, attempt: Callable[[], _T | None], npages: int) -> _T:
+    def _settle_pending(self) -> None:
+        """Disown the spans we may own but cache no more (lock holder; see the docstring)."""
+        token = self._token()
+        cached = {(cache.pages.index, cache.start) for cache in self._caches if cache}
+        for pages, start in self._pending:
+            if pages.owner[start] == token and (pages.index, start) not in cached:
+                self.disown_locked(pages, start)
+        self._pending[:] = ()
+
+    def _with_room(self, attempt: Callable[[], _T | None], npages: int,
+                   deadline: float | None) -> _T:
         """``attempt()`` under the lock; if no arena has room, reclaim, then grow, and retry.
 
         As Go's ``mheap.alloc`` reclaims before it grows the heap: spans of dead
         owners and empty unowned spans go back to the free pages first.
         """
-        for _ in range(GROW_ATTEMPTS):
-            with self.heap.locked():
+        def locked() -> _T | None:
+            if self._pending:
+                self._settle_pending()
+            got = attempt()
+            if got is None and (self.reclaim_locked() + self.release_empty_locked()):
                 got = attempt()
-                if got is None and (self.reclaim_locked() + self.release_empty_locked()):
-                    got = attempt()
+            return got
+
+        for _ in range(GROW_ATTEMPTS):
+            got = self._lock.run(locked, deadline, write=True)
             if got is not None:
                 return got
-            self._hint = self.heap.grow().index
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self._hint = self.heap.grow(timeout=remaining).index
         raise AddressSpaceExhaustedError(
             f"heap {self.heap.name!r}: no arena could take {npages} pages even after growing "
             f"{GROW_ATTEMPTS} times; other processes are allocating faster than it grows")
@@ -355,11 +374,15 @@ class Allocator:
                     pages.partial[c] = 1
                     break
             if chosen is not None:
-                with self.journal(index):
-                    pages.meta[OWNED_OFFSET] = 1
-                    pages.owner[chosen] = self._token()
-                    crash.reach("cache.adopted")
-                return _Cache(pages, chosen, cls, fresh=False)
+                cache = _Cache(pages, chosen, cls, fresh=False)
+                token = self._token()
+                self._pending.append((pages, chosen))
+                pages.meta[OWNED_OFFSET] = 1
+                pages.owner[chosen] = token
+                self._caches[c] = cache
+                self._pending[:] = ()
+                crash.reach("cache.adopted")
+                return cache
         return None
 
     def _make_span_locked(self, c: int) -> _Cache | None:
@@ -367,7 +390,10 @@ class Allocator:
         made = self.make_span_locked(cls.npages, c, self._token(), zero_now=True)
         if made is None:
             return None
-        return _Cache(made[0], made[1], cls, fresh=True)
+        cache = _Cache(made[0], made[1], cls, fresh=True)
+        self._caches[c] = cache
+        self._pending[:] = ()
+        return cache
 
     def make_span_locked(self, npages: int, sclass: int, owner: int,
                          zero_now: bool) -> tuple[ArenaPages, int, list[tuple[int, int]]] | None:
@@ -375,6 +401,7 @@ class Allocator:
 
         Returns (arena pages, first page, page runs the caller must still zero);
         with ``zero_now`` they are zeroed here, before the span is published.
+        A span with an ``owner`` is left in ``_pending`` for the caller to cache.
         """
         snap = self.snapshot_locked()
         order = [self._hint, *snap] if self._hint in self._arenas else list(snap)
@@ -384,20 +411,23 @@ class Allocator:
             if start < 0:
                 continue
             dirty = pages.prepare(start, npages, self.heap.params.reserve)
-            with self.journal(index):
-                if zero_now:
-                    for first, count in dirty:
-                        pages.zero(first, count)
-                    dirty = []
-                pages.publish(start, npages, sclass, owner)
+            if owner:
+                self._pending.append((pages, start))
+            self._journal.begin(PAGES, index)
+            if zero_now:
+                for first, count in dirty:
+                    pages.zero(first, count)
+                dirty = []
+            pages.publish(start, npages, sclass, owner)
+            self._journal.end()
             self._hint = index
             return pages, start, dirty
         return None
 
-    def _alloc_large(self, nbytes: int) -> int:
+    def _alloc_large(self, nbytes: int, timeout: float | None) -> int:
         if type(nbytes) is not int:
             return self.alloc(_as_int(nbytes, InvalidParameterError(
-                f"alloc({nbytes!r}): the size must be a positive int number of bytes")))
+                f"alloc({nbytes!r}): the size must be a positive int number of bytes")), timeout)
         if nbytes <= 0:
             raise InvalidParameterError(
                 f"alloc({nbytes!r}): the size must be a positive int number of bytes")
@@ -408,14 +438,16 @@ class Allocator:
                 "cannot span arenas, so create the heap with a larger arena_size")
         self.heap._check_writable("alloc()")
         pages, start, dirty = self._with_room(
-            lambda: self.make_span_locked(npages, 0, 0, zero_now=False), npages)
+            lambda: self.make_span_locked(npages, 0, 0, zero_now=False), npages,
+            deadline_of(timeout))
         for first, count in dirty:
             pages.zero(first, count)  # outside the lock: nobody else knows the span yet
         return pages.base + (start << self.page_shift)
 
     # -- finding an object -------------------------------------------------------------
 
-    def locate(self, ref: object) -> tuple[ArenaPages, int, int, int]:
+    def locate(self, ref: object,
+               deadline: float | None = None) -> tuple[ArenaPages, int, int, int]:
         """(arena pages, span's first page, size class, slot) of the object at ``ref``.
 
         Checks everything but whether the slot is allocated: the alloc byte of
@@ -426,7 +458,7 @@ class Allocator:
         """
         if type(ref) is not int:
             return self.locate(_as_int(ref, InvalidRefError(
-                f"{ref!r} is not a heap address (a positive int from alloc())")))
+                f"{ref!r} is not a heap address (a positive int from alloc())")), deadline)
         if ref <= 0:
             raise InvalidRefError(f"{ref!r} is not a heap address (a positive int from alloc())")
         index = ref >> self.arena_shift
@@ -441,8 +473,7 @@ class Allocator:
         page = offset >> self.page_shift
         record = pages.steady(pages.page_record, page)
         if record is None:
-            with self.heap.locked():
-                record = pages.page_record(page)
+            record = self._lock.run(lambda: pages.page_record(page), deadline)
         used, start, c, _ = record
         if not used:
             raise self._free_page_error(ref, page, start)
@@ -473,9 +504,10 @@ class Allocator:
         return InvalidRefError(f"address {ref:#x} is not the start of an object of heap "
                                f"{self.heap.name!r} (inside one, or in a span header)")
 
-    def live(self, ref: object) -> tuple[ArenaPages, int, int, int]:
+    def live(self, ref: object,
+             deadline: float | None = None) -> tuple[ArenaPages, int, int, int]:
         """``locate``, and InvalidRefError unless the object is allocated now."""
-        pages, start, c, slot = self.locate(ref)
+        pages, start, c, slot = self.locate(ref, deadline)
         if c and pages.data[(start << self.page_shift) + slot] != 1:
             raise InvalidRefError(f"address {ref:#x} names a freed object")
         return pages, start, c, slot
@@ -489,12 +521,13 @@ class Allocator:
 
     # -- free, view, size_of -------------------------------------------------------------
 
-    def free(self, ref: int) -> None:
+    def free(self, ref: int, timeout: float | None = None) -> None:
         """Free the object at ``ref``, allocated by any process."""
         self.heap._check_writable("free()")
-        pages, start, c, slot = self.locate(ref)
+        deadline = None if timeout is None else deadline_of(timeout)
+        pages, start, c, slot = self.locate(ref, deadline)
         if c == 0:
-            self._free_large(pages, start, ref)
+            self._free_large(pages, start, ref, deadline)
             return
         at = (start << self.page_shift) + slot
         data = pages.data
@@ -504,24 +537,28 @@ class Allocator:
         if not pages.owner[start]:
             pages.partial[c] = 1
 
-    def _free_large(self, pages: ArenaPages, start: int, ref: int) -> None:
-        with self.heap.locked():
+    def _free_large(self, pages: ArenaPages, start: int, ref: int,
+                    deadline: float | None) -> None:
+        def locked() -> None:
             if not (pages.used[start] and pages.span[start] == start + 1
                     and pages.in_use(start) and pages.sclass[start] == 0):
                 raise DoubleFreeError(f"address {ref:#x} names an object that was already "
                                       "freed (by another process, just now)")
-            with self.journal(pages.index):
-                pages.release(start)
+            self._journal.begin(PAGES, pages.index)
+            pages.release(start)
+            self._journal.end()
 
-    def view(self, ref: int) -> memoryview:
+        self._lock.run(locked, deadline, write=True)
+
+    def view(self, ref: int, timeout: float | None = None) -> memoryview:
         """The object's bytes (read-only when the heap is attached readonly)."""
-        pages, start, c, slot = self.live(ref)
+        pages, start, c, slot = self.live(ref, None if timeout is None else deadline_of(timeout))
         offset, size = self.object_bytes(pages, start, c, slot)
         return pages.data[offset:offset + size]
 
-    def size_of(self, ref: int) -> int:
+    def size_of(self, ref: int, timeout: float | None = None) -> int:
         """The object's size: its size class, or its pages for a large object."""
-        pages, start, c, slot = self.live(ref)
+        pages, start, c, slot = self.live(ref, None if timeout is None else deadline_of(timeout))
         return self.object_bytes(pages, start, c, slot)[1]
 
     # -- ownership (lock holder) ---------------------------------------------------------
@@ -539,17 +576,19 @@ class Allocator:
         cls = self.classes[c]
         a0 = start << self.page_shift
         alloc = bytes(pages.data[a0:a0 + cls.nelems])
-        with self.journal(pages.index):
-            if alloc.count(0) == cls.nelems:
-                pages.release(start)
-                return True
-            marks = bytes(pages.data[a0 + cls.nelems:a0 + 2 * cls.nelems])
-            if int.from_bytes(alloc, "little") & int.from_bytes(marks, "little"):
-                pages.set_mark(start)
-            pages.owner[start] = 0
-            crash.reach("cache.released")
-            if 0 in alloc:
-                pages.partial[c] = 1
+        self._journal.begin(DISOWN, pages.index, start)
+        if alloc.count(0) == cls.nelems:
+            pages.release(start)
+            self._journal.end()
+            return True
+        marks = bytes(pages.data[a0 + cls.nelems:a0 + 2 * cls.nelems])
+        if int.from_bytes(alloc, "little") & int.from_bytes(marks, "little"):
+            pages.set_mark(start)
+        pages.owner[start] = 0
+        crash.reach("cache.released")
+        if 0 in alloc:
+            pages.partial[c] = 1
+        self._journal.end()
         return False
 
     def reclaim_locked(self, arenas: list[int] | None = None) -> int:
@@ -589,8 +628,9 @@ class Allocator:
                     continue
                 a0 = start << self.page_shift
                 if 1 not in bytes(pages.data[a0:a0 + self.classes[c].nelems]):
-                    with self.journal(index):
-                        pages.release(start)
+                    self._journal.begin(PAGES, index)
+                    pages.release(start)
+                    self._journal.end()
                     released += 1
         return released
 
@@ -606,40 +646,37 @@ def _as_int(value: object, error: Exception) -> int:
 Note = Callable[[str, str, bool], bool]
 
 
+def audit_arena(allocator: Allocator, index: int, note: Note) -> None:
+    """fsck of arena ``index``'s page metadata (lock holder).
+
+    ``note(code, message, fixable)`` records each problem and says whether to
+    fix it now; fixes are made under the journal's ``PAGES(index)``.
+    """
+    try:
+        pages = allocator.pages_of(index)
+    except (KeyError, HeapCorruptError):
+        return  # the index checks report a lost arena
+    writable = not allocator.readonly
+    for problem in pages.audit(allocator.span_ok):
+        fixable = problem.fix is not None and writable
+        if note(problem.code, problem.message, fixable) and problem.fix is not None:
+            allocator._journal.begin(PAGES, index)
+            problem.fix()
+            allocator._journal.end()
+
+
 def check_allocator(heap: Heap, allocator: Allocator, repair: bool, full: bool,
                     note: Note) -> None:
-    """fsck of the page metadata (lock holder).
+    """fsck of the page metadata (lock holder): every arena's with ``full``.
 
-    ``full``: audit every arena; else only the arena the journal names (the
-    one a dead lock holder was changing).  With ``repair`` on a writable
-    heap, fix what ``audit`` can fix, clear the journal and reclaim the
-    spans of dead owners.  ``note(code, message, fixable)`` records a finding
-    and says whether to fix it now.
+    With ``repair`` on a writable heap, the spans cached by dead processes
+    are returned to the heap on the way: ordinary garbage, not a finding.
     """
-    words = heap._words
-    slot = JOURNAL_OFFSET // 8
-    journal = int(words[slot])
     if full:
-        arenas = list(allocator.snapshot_locked())
-    else:
-        arenas = [journal - 1] if 0 < journal <= heap.max_arenas else []
-    for index in arenas:
-        try:
-            pages = allocator.pages_of(index)
-        except (KeyError, HeapCorruptError):
-            continue  # the index checks report a lost arena
-        for problem in pages.audit(allocator.span_ok):
-            fixable = problem.fix is not None and not heap.readonly
-            if note(problem.code, problem.message, fixable) and problem.fix is not None:
-                problem.fix()
-    if not repair or heap.readonly:
-        return
-    if journal:
-        words[slot] = 0
-    reclaimed = allocator.reclaim_locked()
-    if reclaimed:
-        note("abandoned-spans", f"{reclaimed} span(s) cached by dead processes were returned "
-             "to the heap", True)
+        for index in allocator.snapshot_locked():
+            audit_arena(allocator, index, note)
+    if repair and not heap.readonly:
+        allocator.reclaim_locked()
 
 
 def as_ndarray(view: memoryview, dtype: Any, shape: int | tuple[int, ...] | None) -> Any:

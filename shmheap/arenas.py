@@ -16,8 +16,8 @@ one per liveness slot, made without the heap lock), reserved, stamped with
 its trailer under the lock, and only then hard-linked under its final
 name: ``link`` fails if that name is taken, so a foreign file there is a
 collision, never overwritten, and an arena file under its final name is
-always complete.  A holder killed after the link leaves a complete but
-unpublished arena that repair recognises by its trailer and removes.
+always complete.  A holder stopped after the link leaves a complete but
+unpublished arena that the journal names (``GROW``) and repair removes.
 
 The arena map ``shmheap.NAME.map`` holds one bit per arena index
 (``max_arenas`` bits, a sparse file: only pages with set bits take memory).
@@ -40,7 +40,7 @@ import time
 
 from . import segments
 from .errors import HeapCorruptError, OutOfSharedMemoryError, ShmHeapError
-from .names import arena_name, map_name
+from .names import arena_name, map_name, temp_arena_name
 from .pages import DEFAULT_PAGE_SIZE, meta_size
 
 TRAILER = struct.Struct("<8sQQQ")
@@ -51,14 +51,6 @@ ARENA_MAGIC = b"shmarena"
 def segment_size(arena_size: int, page_size: int = DEFAULT_PAGE_SIZE) -> int:
     """Bytes of an arena segment: the data, the trailer and the page metadata."""
     return arena_size + TRAILER_SIZE + meta_size(arena_size, page_size)
-
-
-def temp_name(heap_name: str, slot: int) -> str:
-    """Where the process in liveness slot ``slot`` builds a new arena before linking it.
-
-    Only the slot's holder uses this name, so building needs no heap lock.
-    """
-    return f"shmheap.{heap_name}.new{slot:x}"
 
 
 class Arena:
@@ -104,7 +96,7 @@ def build(heap_name: str, slot: int, arena_size: int, mode: int,
     common "it is full" case is an error here; with it, the memory is
     allocated now and SIGBUS at first touch cannot happen.
     """
-    tmp = temp_name(heap_name, slot)
+    tmp = temp_arena_name(heap_name, slot)
     segments.unlink(tmp)
     if not reserve:
         segments.check_free_space(tmp, segment_size(arena_size, page_size))

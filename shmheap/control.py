@@ -23,13 +23,28 @@ Layout (little-endian, one page, every field naturally aligned)::
     104     8  sweep_cursor  heap lock holder only: pages of the cycle's arenas claimed by
                              sweepers so far (walker.py)
     112     8  cycle_arenas  heap lock holder only: index len when the cycle started
-    120     8  journal       heap lock holder only: 1 + index of the arena whose page
-                             metadata it is changing, 0 when none (pages.py)
+    120     8  journal       writable heap-lock holder only: ``op << 56 | arena + 1`` of
+                             the mutation in progress, 0 when none (see below)
+    128     8  journal_arg   writable heap-lock holder only: the op's argument, written
+                             before ``journal``
 
 ``header`` is the all-arenas index header, kept in one aligned 64-bit word so
 that it is written as one unit (a single store: it can never be torn, not even
 by SIGKILL) and read as one unit under the heap lock (invariant 3).  The
 index capacity is derived: ``cap = first_cap << generation``.
+
+The journal
+    A mutation that takes more than one store says what it is doing in
+    ``journal`` before its first store and clears it after its last.  It is
+    cleared only on success: an exception (Ctrl-C at any bytecode), a failing
+    system call or SIGKILL leaves it naming the unfinished mutation, and every
+    writable lock holder that finds it non-zero runs the repair for that op
+    (repair.py) before anything else, whoever left it.  The ops:
+
+    ``GROW`` (arena i)     linking, appending and mapping arena i (heap.py, index.py)
+    ``PAGES`` (arena i)    changing arena i's page metadata (pages.py)
+    ``DISOWN`` (arena i,   giving up the cached span at page ``arg`` of arena i
+    start page)            (allocator.py)
 
 A heap attached ``readonly=True`` maps this segment read-only.  Nothing a
 reader must write lives here (see liveness.py).
@@ -40,15 +55,18 @@ does not take the lock and decides nothing about when fields change.
 
 from __future__ import annotations
 
+import os
 import struct
+import time
 from dataclasses import dataclass
 
+from . import liveness
 from .errors import HeapCorruptError, HeapVersionError
 from .names import MAX_ARENAS_LIMIT, PAGE_SIZE, check_arena_size, check_max_arenas
 from .pages import DEFAULT_PAGE_SIZE, check_page_size
 
 MAGIC = b"shmheap\0"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 SIZE = PAGE_SIZE
 
 UNINIT, INITIALISING, READY, BROKEN = 0, 1, 2, 3
@@ -57,8 +75,12 @@ STATE_NAMES = {UNINIT: "uninitialised", INITIALISING: "initialising", READY: "re
 
 _PARAMS = struct.Struct("<8sIIQQQQIIQ")  # magic .. created_ns, offsets 0..63
 STATE_OFFSET = 12
-#: While the state is INITIALISING the creator holds an OFD write lock on this byte.
+#: While the state is INITIALISING the creator holds an OFD write lock on this byte,
+#: taken right after the exclusive create.
 INIT_LOCK_BYTE = 0
+#: Seconds after its last change an unlocked, unfinished control segment still counts
+#: as being created (a creator preempted between its open and its lock).
+CREATOR_GRACE = 2.0
 HEADER_OFFSET = 64
 SAVED_HEADER_OFFSET = 80
 HINT_OFFSET = 72
@@ -67,6 +89,9 @@ CYCLE_OFFSET = 96
 SWEEP_CURSOR_OFFSET = 104
 CYCLE_ARENAS_OFFSET = 112
 JOURNAL_OFFSET = 120
+JOURNAL_ARG_OFFSET = 128
+#: journal ops (see the module docstring)
+GROW, PAGES, DISOWN = 1, 2, 3
 #: Generations are numbered 0..MAX_GENERATIONS-1; cap doubles with each.
 MAX_GENERATIONS = 32
 
@@ -119,6 +144,19 @@ def read_params(buf: memoryview, where: str) -> tuple[Params, int]:
     return params, state
 
 
+def lock_init(fd: int) -> None:
+    """Take the init lock of a control segment this process has just created."""
+    if not liveness.try_lock(fd, INIT_LOCK_BYTE):
+        raise AssertionError("a fresh control segment cannot be locked by anyone else")
+
+
+def creator_active(fd: int) -> bool:
+    """True if the creator of the (not READY) control segment ``fd`` may still be at work."""
+    if liveness.is_locked(fd, INIT_LOCK_BYTE):
+        return True
+    return time.time() - os.fstat(fd).st_ctime < CREATOR_GRACE
+
+
 def read_state(buf: memoryview) -> int:
     """The state word of a mapped control segment."""
     return int.from_bytes(buf[STATE_OFFSET:STATE_OFFSET + 4], "little")
@@ -148,6 +186,37 @@ def peek_state(head: bytes, where: str) -> int:
     if state not in STATE_NAMES:
         raise HeapCorruptError(f"{where} has an unknown state word {state}")
     return int(state)
+
+
+class Journal:
+    """The journal words of a mapped control segment (writable heap-lock holder only)."""
+
+    __slots__ = ("_words",)
+
+    def __init__(self, words: memoryview) -> None:
+        #: the control segment as uint64 words
+        self._words = words
+
+    def begin(self, op: int, arena: int, arg: int = 0) -> None:
+        """Record that mutation ``op`` of ``arena`` starts (the argument first)."""
+        words = self._words
+        words[JOURNAL_ARG_OFFSET // 8] = arg
+        words[JOURNAL_OFFSET // 8] = op << 56 | (arena + 1)
+
+    def end(self) -> None:
+        """Record that the mutation finished (never called when it raised)."""
+        self._words[JOURNAL_OFFSET // 8] = 0
+
+    def read(self) -> tuple[int, int, int] | None:
+        """(op, arena, arg) of the unfinished mutation, or None when the journal is clean.
+
+        ``op`` may be any byte (the word is shared memory): callers check it.
+        """
+        word = int(self._words[JOURNAL_OFFSET // 8])
+        if not word:
+            return None
+        arena = (word & ((1 << 56) - 1)) - 1
+        return word >> 56, arena, int(self._words[JOURNAL_ARG_OFFSET // 8])
 
 
 def split_header(word: int) -> tuple[int, int]:

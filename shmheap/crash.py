@@ -1,11 +1,13 @@
-"""Crash points: a test hook that kills this process at a named place.
+"""Crash points: a test hook that kills or interrupts this process at a named place.
 
 Set ``SHMHEAP_CRASH_AT=NAME`` (or ``NAME:K`` for the K-th time the process
 reaches NAME) before the process imports shmheap, and the process sends itself
-SIGKILL when it reaches crash point NAME.  ``CRASH_POINTS`` lists every name;
-the crash-safety tests run every operation once per point.
+SIGKILL when it reaches crash point NAME.  ``SHMHEAP_RAISE_AT=NAME[:K]`` is its
+twin: the process raises ``KeyboardInterrupt`` there instead, as Ctrl-C would,
+and may catch it and carry on.  ``CRASH_POINTS`` lists every name; the
+crash-safety tests run every operation once per point, both ways.
 
-When the variable is unset, ``ARMED`` is False and the callers on hot paths
+When neither variable is set, ``ARMED`` is False and the callers on hot paths
 (the lock) do not even call ``reach``; elsewhere ``reach`` returns at once.
 
 This module owns the crash-point table and the counter; it touches nothing
@@ -38,7 +40,7 @@ CRASH_POINTS: dict[str, str] = {
     "grow.hint_moved": "hint moved past the new arena, lock still held",
     "create.control_created": "control segment created, nothing initialised",
     "create.initialised": "every segment created, state not yet ready",
-    "repair.adopted": "a waiter adopted a dead owner's lock, repair not yet run",
+    "repair.adopted": "a waiter adopted a dead holder's lock and counted the recovery",
     "span.described": "span table, size class and owner written, pages not yet marked used",
     "span.pages_used": "a new span's pages marked used, its pageInUse bit not yet set",
     "span.published": "a new span's pageInUse bit set (published), journal not yet cleared",
@@ -53,31 +55,43 @@ CRASH_POINTS: dict[str, str] = {
 }
 
 ENV_VAR = "SHMHEAP_CRASH_AT"
+RAISE_ENV_VAR = "SHMHEAP_RAISE_AT"
 
 
-def _parse(spec: str) -> tuple[str, int]:
+def _parse(var: str, spec: str) -> tuple[str, int]:
     name, _, count = spec.partition(":")
     if name not in CRASH_POINTS:
         raise InvalidParameterError(
-            f"{ENV_VAR}={spec!r} names no crash point; choose one of {sorted(CRASH_POINTS)}"
+            f"{var}={spec!r} names no crash point; choose one of {sorted(CRASH_POINTS)}"
         )
-    times = int(count) if count else 1
+    try:
+        times = int(count) if count else 1
+    except ValueError:
+        times = 0
     if times < 1:
-        raise InvalidParameterError(f"{ENV_VAR}={spec!r}: the count must be at least 1")
+        raise InvalidParameterError(f"{var}={spec!r}: the count must be an integer >= 1")
     return name, times
 
 
-_SPEC = os.environ.get(ENV_VAR, "")
-_TARGET, _REMAINING = _parse(_SPEC) if _SPEC else ("", 0)
-#: True when this process was started with a crash point armed.
-ARMED = bool(_SPEC)
+def _armed(var: str) -> tuple[str, int]:
+    spec = os.environ.get(var, "")
+    return _parse(var, spec) if spec else ("", 0)
+
+
+_KILL_AT, _KILL_LEFT = _armed(ENV_VAR)
+_RAISE_AT, _RAISE_LEFT = _armed(RAISE_ENV_VAR)
+#: True when this process was started with a crash point armed (either way).
+ARMED = bool(_KILL_AT or _RAISE_AT)
 
 
 def reach(point: str) -> None:
-    """Crash here (SIGKILL to self) if ``point`` is the armed crash point's K-th hit."""
-    global _REMAINING
-    if point != _TARGET:
-        return
-    _REMAINING -= 1
-    if _REMAINING == 0:
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Die (SIGKILL to self) or raise KeyboardInterrupt if ``point`` is armed for this hit."""
+    global _KILL_LEFT, _RAISE_LEFT
+    if point == _KILL_AT:
+        _KILL_LEFT -= 1
+        if _KILL_LEFT == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+    if point == _RAISE_AT:
+        _RAISE_LEFT -= 1
+        if _RAISE_LEFT == 0:
+            raise KeyboardInterrupt(f"{RAISE_ENV_VAR}={point}")

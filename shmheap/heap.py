@@ -19,10 +19,18 @@ Creation is crash-safe: the creator makes the control segment exclusively
 creator died and the attacher raises HeapCorruptError.
 
 ``grow``: build and reserve the arena under this process's temporary name
-(no lock: only the holder of our liveness slot uses that name); then, under
-the heap lock and in this order (invariant 4): link it under its final name
-(a taken name is a collision: try the next free index) -> append its index
--> set its map bit -> move the hint.
+(no lock: only the holder of our liveness slot uses that name; the slot's
+``building`` byte says so, so the arena of a grower that dies is removed by
+the next ``grow`` or attach); then, under the heap lock and in this order
+(invariant 4): journal ``GROW(i)`` -> link it under its final name (a taken
+name is a collision: clear the journal, try the next free index) -> append
+its index (publication) -> set its map bit -> move the hint -> clear the
+journal.  Stopped anywhere in between, the journal tells the next writable
+lock holder what to finish or undo (repair.py).
+
+Every lock hold goes through ``HeapLock.run`` (lock.py), which releases the
+lock however the body is left; every call that can wait takes ``timeout=``
+(seconds, None for ever).
 
 The methods at the end of ``Heap`` (alloc ... scavenge) delegate to the
 allocator and walker, made lazily per handle.
@@ -34,10 +42,10 @@ import contextlib
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from . import arenas, control, crash, liveness, segments, walker
 from .allocator import Allocator, as_ndarray
@@ -49,24 +57,33 @@ from .errors import (
     HeapExistsError,
     HeapNotFoundError,
     InvalidParameterError,
+    LockTimeoutError,
     ReadOnlyError,
 )
 from .index import ArenaIndex, ArenaSnapshot
 from .liveness import Liveness
-from .lock import HeapLock, open_semaphore, unlink_semaphore
+from .lock import (
+    HeapLock,
+    LockedBlock,
+    check_timeout,
+    deadline_of,
+    open_semaphore,
+    unlink_semaphore,
+)
 from .names import (
     PAGE_SIZE,
-    arena_name,
     check_arena_size,
     check_max_arenas,
     check_name,
     control_name,
     owns,
     semaphore_name,
+    temp_arena_name,
 )
 from .pages import DEFAULT_PAGE_SIZE, check_page_size
-from .repair import Finding, repair_after_crash, run_checks
+from .repair import Finding, repair_journal, run_checks
 
+_T = TypeVar("_T")
 DEFAULT_ARENA_SIZE = 64 << 20
 DEFAULT_MAX_ARENAS = 1 << 20
 #: Seconds an attacher waits for a creator to finish initialising.
@@ -102,16 +119,22 @@ class HeapInfo:
 class _ClosedLock:
     """Stands in for the lock of a closed heap: every use raises HeapClosedError."""
 
+    adoptions = 0
+
     def __init__(self, name: str) -> None:
         self._message = f"heap {name!r} is closed; attach it again to use it"
 
-    def acquire(self, timeout: float | None = None, role: str = "lock") -> None:
+    def run(self, body: Callable[[], _T], deadline: float | None = None,
+            write: bool = False) -> _T:
         raise HeapClosedError(self._message)
 
-    def release(self, role: str = "lock") -> None:
+    def read_word(self, view: memoryview, deadline: float | None = None) -> int:
         raise HeapClosedError(self._message)
 
-    def read_word(self, view: memoryview, timeout: float | None = None) -> int:
+    def enter(self, block: LockedBlock, deadline: float | None, write: bool) -> bool:
+        raise HeapClosedError(self._message)
+
+    def leave(self) -> None:
         raise HeapClosedError(self._message)
 
 
@@ -133,6 +156,9 @@ class Heap:
         self._map: arenas.ArenaMap | None = None
         self._index = ArenaIndex(name, self._header, params.first_cap, params.mode, readonly)
         self._lock: HeapLock | _ClosedLock = _ClosedLock(name)
+        self._journal = control.Journal(self._words)
+        #: what the last journal repair of this handle fixed (for ``check``)
+        self._journal_findings: list[Finding] = []
         #: (header word, snapshot) of this process's last snapshot
         self._last_snapshot: tuple[int, ArenaSnapshot] = (-1, ArenaSnapshot(memoryview(b""), 0))
         self._sem = None
@@ -152,8 +178,26 @@ class Heap:
             self._release_resources()
             raise
         # The slot is ours alone now: a new arena its previous holder left unlinked is dead.
-        segments.unlink(arenas.temp_name(name, self._live.slot))
-        self._lock = HeapLock(self._sem, self._live, lambda: repair_after_crash(self), name)
+        segments.unlink(temp_arena_name(name, self._live.slot))
+        journal = control_seg.buf[control.JOURNAL_OFFSET:control.JOURNAL_OFFSET + 8].cast("Q")
+        self._journal_word = journal
+        self._lock = HeapLock(self._sem, self._live, name, journal, self._repair_journal)
+        self._recycle_dead_slots()
+
+    def _recycle_dead_slots(self) -> None:
+        """Recycle the slots of processes that died attached, if the lock is free now.
+
+        Slots are recycled only by a lock holder (liveness.py); a writable
+        handle also repairs a dirty journal on the way (HeapLock.run).
+        """
+        assert self._live is not None
+        live = self._live
+        with contextlib.suppress(LockTimeoutError):
+            self._lock.run(live.recycle_dead_slots, time.monotonic(), write=not self.readonly)
+
+    def _repair_journal(self) -> None:
+        """Finish or undo the mutation the journal names (HeapLock calls it, lock held)."""
+        self._journal_findings = repair_journal(self)
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -175,14 +219,15 @@ class Heap:
         if not isinstance(mode, int) or not 0 <= mode <= 0o777:
             raise InvalidParameterError(f"mode {mode!r} is not a file mode like 0o600")
         try:
-            seg = segments.create(control_name(name), control.SIZE, mode, keep_fd=True)
+            # The init lock is taken right after the exclusive create, before the
+            # segment is sized: an attacher or `gc` never sees it unlocked while we live.
+            seg = segments.create(control_name(name), control.SIZE, mode, keep_fd=True,
+                                  on_open=control.lock_init)
         except HeapExistsError:
             raise HeapExistsError(
                 f"heap {name!r} already exists; attach to it, or remove it with "
                 f"`shmheap destroy {name}`") from None
         assert seg.fd is not None
-        if not liveness.try_lock(seg.fd, control.INIT_LOCK_BYTE):
-            raise AssertionError("a fresh control segment cannot be locked by anyone else")
         params = control.Params(
             heap_id=secrets.randbits(63) | 1, arena_size=arena_size, max_arenas=max_arenas,
             first_cap=PAGE_SIZE // 4, mode=mode, reserve=reserve, created_ns=time.time_ns(),
@@ -214,13 +259,15 @@ class Heap:
 
     @classmethod
     def attach(cls, name: str, readonly: bool = False,
-               timeout: float = ATTACH_TIMEOUT) -> Heap:
+               timeout: float | None = ATTACH_TIMEOUT) -> Heap:
         """Attach existing heap ``name``; HeapNotFoundError if there is none.
 
-        Waits up to ``timeout`` seconds for a heap that is still being created.
+        Waits up to ``timeout`` seconds (None: for ever) for a heap that is
+        still being created.
         """
         check_name(name)
-        seg = _open_ready_control(name, readonly, timeout)
+        deadline = deadline_of(timeout)
+        seg = _open_ready_control(name, readonly, deadline)
         try:
             params, _state = control.read_params(seg.buf, f"/dev/shm/{control_name(name)}")
         except BaseException:
@@ -230,14 +277,15 @@ class Heap:
 
     @classmethod
     def open(cls, name: str, create: bool = True, readonly: bool = False,
-             **create_args: Any) -> Heap:
+             timeout: float | None = ATTACH_TIMEOUT, **create_args: Any) -> Heap:
         """Attach heap ``name``, creating it first if it does not exist and ``create``.
 
         Any number of processes may race this on one name: exactly one creates,
-        all end attached to the same heap.
+        all end attached to the same heap.  ``timeout`` as for ``attach``.
         """
+        check_timeout(timeout)
         if not create:
-            return cls.attach(name, readonly=readonly)
+            return cls.attach(name, readonly=readonly, timeout=timeout)
         for _ in range(100):
             try:
                 heap = cls.create(name, **create_args)
@@ -246,10 +294,10 @@ class Heap:
             else:
                 if readonly:
                     heap.close()
-                    return cls.attach(name, readonly=True)
+                    return cls.attach(name, readonly=True, timeout=timeout)
                 return heap
             try:
-                return cls.attach(name, readonly=readonly)
+                return cls.attach(name, readonly=readonly, timeout=timeout)
             except HeapNotFoundError:
                 continue  # destroyed between our create and attach: try again
         raise HeapCorruptError(f"heap {name!r} keeps appearing and vanishing; is something "
@@ -257,9 +305,11 @@ class Heap:
 
     def close(self) -> None:
         """Unmap this process's view and release its slot.  The heap lives on."""
-        if isinstance(self._lock, _ClosedLock):
+        lock = self._lock
+        if isinstance(lock, _ClosedLock):
             return
         self._lock = _ClosedLock(self.name)
+        lock.close()
         self._release_resources()
 
     def _release_resources(self) -> None:
@@ -275,6 +325,8 @@ class Heap:
             with contextlib.suppress(Exception):
                 self._sem.close()
         self._header.release()
+        if hasattr(self, "_journal_word"):
+            self._journal_word.release()
         self._words.release()
         self._control.close()
 
@@ -315,14 +367,17 @@ class Heap:
 
     # -- the lock -------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def locked(self, timeout: float | None = None) -> Iterator[None]:
-        """Hold the heap lock (recovering a dead holder) for the ``with`` body."""
-        self._lock.acquire(timeout)
-        try:
-            yield
-        finally:
-            self._lock.release()
+    def locked(self, timeout: float | None = None) -> LockedBlock:
+        """``with heap.locked():`` holds the heap lock for the body (recovering a dead holder).
+
+        A writable handle first repairs what a holder stopped half-way left
+        (the journal).  Blocks nest, and heap calls inside one run under its
+        hold.
+        """
+        self._check_open()
+        lock = self._lock
+        assert isinstance(lock, HeapLock)
+        return LockedBlock(lock, deadline_of(timeout), write=not self.readonly)
 
     # -- arenas -----------------------------------------------------------------------
 
@@ -334,47 +389,58 @@ class Heap:
         exactly that index, ArenaCollisionError if it is taken.
         """
         self._check_writable("grow()")
+        deadline = deadline_of(timeout)
         if at is not None and (not isinstance(at, int) or isinstance(at, bool)
                                or not 1 <= at < self.max_arenas):
             raise InvalidParameterError(
                 f"grow(at={at!r}): an arena index must be an int in [1, {self.max_arenas})")
-        assert self._map is not None and self._live is not None
+        live = self._live
+        assert live is not None
         # Building (and reserving) the segment is the slow part: do it before
         # taking the lock, under this process's own temporary name.
-        seg = arenas.build(self.name, self._live.slot, self.arena_size, self.params.mode,
-                           self.params.reserve, self.params.page_size)
+        live.set_building(True)
         try:
-            crash.reach("grow.segment_created")
-            with self.locked(timeout):
-                self._index.header()  # a broken heap fails here, before anything is linked
-                index = self._link_new_arena(seg, at)
-                crash.reach("grow.segment_linked")
-                try:
-                    self._index.append(index)
-                except BaseException:
-                    segments.unlink(arena_name(self.name, index))  # never published
-                    raise
-                self._map.add(index)
-                crash.reach("grow.map_set")
-                if at is None:
-                    self._words[control.HINT_OFFSET // 8] = index + 1
-                crash.reach("grow.hint_moved")
-        except BaseException:
-            seg.close()
-            raise
+            seg = arenas.build(self.name, live.slot, self.arena_size, self.params.mode,
+                               self.params.reserve, self.params.page_size)
+            try:
+                crash.reach("grow.segment_created")
+                index = self._lock.run(lambda: self._publish_arena(seg, at), deadline,
+                                       write=True)
+            except BaseException:
+                seg.close()
+                raise
         finally:
-            segments.unlink(seg.name)
+            segments.unlink(temp_arena_name(self.name, live.slot))
+            live.set_building(False)
         arena = arenas.Arena(index, self.arena_size, seg)
         self._arenas[index] = arena
         return arena
 
+    def _publish_arena(self, seg: segments.Segment, at: int | None) -> int:
+        """Link, append and map the new arena ``seg`` (lock held); returns its index."""
+        assert self._map is not None and self._live is not None
+        self._index.header()  # a broken heap fails here, before anything is linked
+        self._live.recycle_dead_slots(builders_only=True)
+        index = self._link_new_arena(seg, at)
+        crash.reach("grow.segment_linked")
+        self._index.append(index)
+        self._map.add(index)
+        crash.reach("grow.map_set")
+        if at is None:
+            self._words[control.HINT_OFFSET // 8] = index + 1
+        crash.reach("grow.hint_moved")
+        self._journal.end()
+        return index
+
     def _link_new_arena(self, seg: segments.Segment, at: int | None) -> int:
-        """Link ``seg`` at ``at`` or at the next free index; return the index."""
+        """Link ``seg`` at ``at`` or at the next free index; return the index.
+
+        Leaves the journal saying ``GROW(index)``: from the link on, the arena
+        exists under its final name.
+        """
         assert self._map is not None
-        link = arenas.link
         if at is not None:
-            if at in self._map or not link(self.name, seg, self.params.heap_id,
-                                           self.arena_size, at):
+            if at in self._map or not self._try_link(seg, at):
                 raise ArenaCollisionError(
                     f"heap {self.name!r}: arena index {at} is already taken; choose another "
                     "index or call grow() without at=")
@@ -384,12 +450,20 @@ class Heap:
         for lo, hi in ((start, self.max_arenas), (1, start)):
             index = self._map.next_free(lo, hi)
             while index is not None:
-                if link(self.name, seg, self.params.heap_id, self.arena_size, index):
+                if self._try_link(seg, index):
                     return index
                 index = self._map.next_free(index + 1, hi)
         raise AddressSpaceExhaustedError(
             f"heap {self.name!r}: all {self.max_arenas - 1} arena indices are taken; create "
             "the heap with a larger max_arenas or arena_size")
+
+    def _try_link(self, seg: segments.Segment, index: int) -> bool:
+        """Journal ``GROW(index)`` and link ``seg`` there; on a collision clear the journal."""
+        self._journal.begin(control.GROW, index)
+        if arenas.link(self.name, seg, self.params.heap_id, self.arena_size, index):
+            return True
+        self._journal.end()
+        return False
 
     def arena(self, index: int) -> arenas.Arena:
         """The arena at ``index``, mapped on first use; KeyError if there is none."""
@@ -400,9 +474,16 @@ class Heap:
         assert self._map is not None
         if not isinstance(index, int) or index not in self._map:
             raise KeyError(index)
-        arena = arenas.open_arena(self.name, self.params.heap_id, index, self.arena_size,
-                                  self.readonly, self.params.page_size)
-        self._arenas[index] = arena
+        return self.published_arena(index)
+
+    def published_arena(self, index: int) -> arenas.Arena:
+        """The arena at ``index``, which a snapshot lists (so no map lookup); mapped once."""
+        arena = self._arenas.get(index)
+        if arena is None:
+            self._check_open()
+            arena = arenas.open_arena(self.name, self.params.heap_id, index, self.arena_size,
+                                      self.readonly, self.params.page_size)
+            self._arenas[index] = arena
         return arena
 
     def __contains__(self, index: object) -> bool:
@@ -418,7 +499,8 @@ class Heap:
         Snapshots are immutable, so while the header word is unchanged the
         previous snapshot object is returned again.
         """
-        word = self._lock.read_word(self._header, timeout)
+        word = self._lock.read_word(self._header, None if timeout is None
+                                    else deadline_of(timeout))
         last = self._last_snapshot
         if last[0] == word:
             return last[1]
@@ -428,40 +510,40 @@ class Heap:
 
     def arenas(self, timeout: float | None = None) -> Iterator[arenas.Arena]:
         """The arenas of a fresh snapshot, in creation order; no lock held while iterating."""
-        arena = self.arena
+        arena = self.published_arena
         for index in self.snapshot(timeout):
-            try:
-                yield arena(index)
-            except KeyError:
-                raise HeapCorruptError(
-                    f"heap {self.name!r}: the index lists arena {index}, which the arena map "
-                    f"does not know; run `shmheap fsck {self.name}`") from None
+            yield arena(index)
 
     def check(self, repair: bool = False, timeout: float | None = None) -> list[Finding]:
         """Check every invariant (``shmheap fsck``); with ``repair``, fix what can be fixed.
 
-        An empty list means the heap is clean.
+        An empty list means the heap is clean; a finding with ``fixed`` set
+        was repaired.  Slots of processes that exited without closing are
+        recycled on the way and are no finding.
         """
         if repair:
             self._check_writable("check(repair=True)")
         self._check_open()
+        deadline = deadline_of(timeout)
         lock = self._lock
         assert isinstance(lock, HeapLock)
         adoptions = lock.adoptions
-        with self.locked(timeout):
-            findings = run_checks(self, repair)
+        self._journal_findings = []
+        findings = lock.run(lambda: run_checks(self, repair), deadline, write=repair)
+        findings[:0] = self._journal_findings
         if lock.adoptions != adoptions:
             findings.insert(0, Finding(
                 "dead-owner", "the heap lock was held by a process that died; it was adopted "
-                "and the crash repaired (any process's next lock would have done the same)",
-                fixed=True))
+                "(any process's next lock would have done the same)", fixed=True))
         return findings
 
     def info(self, timeout: float | None = None) -> HeapInfo:
+        """Parameters, index, lock and liveness counters (the lock held to read the header)."""
         self._check_open()
-        with self.locked(timeout):
-            generation, length = self._index.header()
-            hint = int(self._words[control.HINT_OFFSET // 8])
+        words = self._words
+        generation, length, hint = self._lock.run(
+            lambda: (*self._index.header(), int(words[control.HINT_OFFSET // 8])),
+            deadline_of(timeout))
         assert self._live is not None
         recoveries, last_ns, repairs = self._live.counters()
         return HeapInfo(
@@ -487,52 +569,54 @@ class Heap:
             allocator = self._allocator = Allocator(self)
         return allocator
 
-    def alloc(self, nbytes: int) -> int:
+    def alloc(self, nbytes: int, timeout: float | None = None) -> int:
         """A new zeroed object of at least ``nbytes`` bytes; returns its heap address.
 
         The address is a plain non-zero int, valid in every attached process.
+        ``timeout`` bounds the wait for the heap lock (most calls take none).
         """
-        return self._objects().alloc(nbytes)
+        return self._objects().alloc(nbytes, timeout)
 
-    def free(self, ref: int) -> None:
+    def free(self, ref: int, timeout: float | None = None) -> None:
         """Free the object at heap address ``ref`` (allocated by any process)."""
-        self._objects().free(ref)
+        self._objects().free(ref, timeout)
 
-    def view(self, ref: int) -> memoryview:
+    def view(self, ref: int, timeout: float | None = None) -> memoryview:
         """A memoryview of exactly the object's ``size_of(ref)`` bytes (read-only if readonly)."""
-        return self._objects().view(ref)
+        return self._objects().view(ref, timeout)
 
-    def size_of(self, ref: int) -> int:
+    def size_of(self, ref: int, timeout: float | None = None) -> int:
         """Bytes of the object at ``ref``: ``alloc(n)`` rounded up to its size class or pages."""
-        return self._objects().size_of(ref)
+        return self._objects().size_of(ref, timeout)
 
-    def ndarray(self, ref: int, dtype: Any, shape: int | tuple[int, ...] | None = None) -> Any:
+    def ndarray(self, ref: int, dtype: Any, shape: int | tuple[int, ...] | None = None,
+                timeout: float | None = None) -> Any:
         """A zero-copy numpy array over the object at ``ref`` (needs the numpy extra)."""
-        return as_ndarray(self.view(ref), dtype, shape)
+        return as_ndarray(self.view(ref, timeout), dtype, shape)
 
-    def walk(self) -> Iterator[walker.SpanInfo]:
+    def walk(self, timeout: float | None = None) -> Iterator[walker.SpanInfo]:
         """Every in-use span and its live objects, read with no lock (see walker.py)."""
-        return walker.walk(self)
+        return walker.walk(self, deadline_of(timeout))
 
-    def stats(self) -> walker.HeapStats:
+    def stats(self, timeout: float | None = None) -> walker.HeapStats:
         """Bytes in use, free, reserved and released; objects per size class."""
-        return walker.stats(self)
+        return walker.stats(self, deadline_of(timeout))
 
-    def start_cycle(self) -> int:
+    def start_cycle(self, timeout: float | None = None) -> int:
         """Begin a mark/sweep cycle (clear every mark); returns the cycle number."""
-        return walker.start_cycle(self)
+        return walker.start_cycle(self, deadline_of(timeout))
 
-    def mark(self, ref: int) -> None:
+    def mark(self, ref: int, timeout: float | None = None) -> None:
         """Mark the object at ``ref`` as live for the current cycle."""
-        walker.mark(self, ref)
+        walker.mark(self, ref, deadline_of(timeout))
 
-    def sweep(self) -> walker.SweepReport:
+    def sweep(self, timeout: float | None = None) -> walker.SweepReport:
         """Free what the current cycle left unmarked; several processes may sweep at once."""
-        return walker.sweep(self)
+        return walker.sweep(self, deadline_of(timeout))
 
-    def scavenge(self) -> walker.ScavengeReport:
+    def scavenge(self, timeout: float | None = None) -> walker.ScavengeReport:
         """Return the memory of free pages to the OS."""
-        return walker.scavenge(self)
+        return walker.scavenge(self, deadline_of(timeout))
 
 
 def _remove_leftovers(name: str) -> None:
@@ -553,16 +637,16 @@ def _unlink_entry(name: str, entry: str) -> None:
         segments.unlink(entry)
 
 
-def _open_ready_control(name: str, readonly: bool, timeout: float) -> segments.Segment:
+def _open_ready_control(name: str, readonly: bool,
+                        deadline: float | None) -> segments.Segment:
     """Map the control segment of ``name`` once its creator has made it READY.
 
-    While it is not READY the creator holds an OFD lock on its first byte; a
-    segment that is not READY with nobody holding that lock (seen twice, in
-    case the creator has not taken it yet) was left by a creator that died.
+    While it is not READY the creator holds an OFD lock on its first byte
+    (control.creator_active); a segment that is not READY, with nobody
+    holding that lock, seen twice, was left by a creator that died.
     """
     seg_name = control_name(name)
     where = f"/dev/shm/{seg_name}"
-    deadline = time.monotonic() + timeout
     creator_seen_gone = False
     while True:
         try:
@@ -582,7 +666,7 @@ def _open_ready_control(name: str, readonly: bool, timeout: float) -> segments.S
                                            f"{control.SIZE}; destroy the heap")
                 owned, fd = fd, -1  # the Segment owns (and on failure closes) it now
                 return segments.Segment(seg_name, owned, size, readonly, keep_fd=False)
-            creator_alive = liveness.is_locked(fd, control.INIT_LOCK_BYTE)
+            creator_alive = control.creator_active(fd)
         finally:
             if fd >= 0:
                 os.close(fd)
@@ -593,10 +677,10 @@ def _open_ready_control(name: str, readonly: bool, timeout: float) -> segments.S
                     f"{control.STATE_NAMES[state]}): its creator died while initialising it or "
                     f"the segment was damaged; remove it with `shmheap destroy {name}`")
             creator_seen_gone = True
-        if time.monotonic() >= deadline:
+        if deadline is not None and time.monotonic() >= deadline:
             raise HeapCorruptError(
-                f"heap {name!r} is still initialising after {timeout} s; if its creator is "
-                f"gone, remove it with `shmheap destroy {name}`")
+                f"heap {name!r} is still initialising; if its creator is gone, remove it "
+                f"with `shmheap destroy {name}`, else attach with a longer timeout")
         time.sleep(0.01)
 
 

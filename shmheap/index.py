@@ -180,7 +180,11 @@ class ArenaIndex:
     # -- writing (heap-lock holder only) ----------------------------------------
 
     def append(self, arena_index: int) -> None:
-        """Append one entry, doubling into a new generation when full."""
+        """Append one entry, doubling into a new generation when full.
+
+        The caller has journaled ``GROW``: stopped anywhere here, the next
+        writable lock holder removes an unpublished generation (repair.py).
+        """
         generation, length = self.header()
         if length < self.capacity(generation):
             entries = self.generation(generation)
@@ -194,33 +198,34 @@ class ArenaIndex:
                     f"heap {self._heap_name!r}: the index cannot grow past "
                     f"{self.capacity(generation)} entries"
                 )
-            new_entries = self._create_generation(new_generation)
+            seg = self._create_generation(new_generation)
+            new_entries = seg.buf.cast("I")
             crash.reach("index.generation_created")
             new_entries[:length] = self.generation(generation)[:length]
             new_entries[length] = arena_index
             crash.reach("index.generation_copied")
             self._header[0] = make_header(new_generation, length + 1)
+            # Only a published generation is cached: one this process made but did
+            # not publish may be replaced by another process's before anyone reads it.
+            self._segments.append(seg)
+            self._generations[new_generation] = new_entries
         crash.reach("index.published")
 
-    def _create_generation(self, generation: int) -> memoryview:
+    def _create_generation(self, generation: int) -> segments.Segment:
         """Create generation ``generation``, replacing an unpublished leftover of it.
 
-        A leftover can only come from a holder that died before switching the
-        header to it; it was never published, so no reader has it mapped.
+        A leftover can only come from a holder that stopped before switching
+        the header to it; it was never published, so no reader has it mapped.
         """
-        self._generations.pop(generation, None)
-        self._readers.pop(generation, None)
         seg_name = index_name(self._heap_name, generation)
         segments.unlink(seg_name)
-        seg = segments.create(seg_name, self.capacity(generation) * ENTRY_SIZE, self._mode)
-        self._segments.append(seg)
-        entries = seg.buf.cast("I")
-        self._generations[generation] = entries
-        return entries
+        return segments.create(seg_name, self.capacity(generation) * ENTRY_SIZE, self._mode)
 
     def create_first(self) -> None:
         """Create generation 0 (heap creation only)."""
-        self._create_generation(0)
+        seg = self._create_generation(0)
+        self._segments.append(seg)
+        self._generations[0] = seg.buf.cast("I")
 
     def close(self) -> None:
         for entries, _cap in self._readers.values():

@@ -13,16 +13,29 @@ Process slots
     Each claim bumps the slot's ``epoch``, so a token minted by a dead claimant
     never matches a later claimant of the same slot.
 
-Owner record
+Owner record and lock sequence
     The heap-lock holder writes its token ``(slot + 1) << 32 | epoch`` into
-    ``owner`` right after it takes the semaphore and writes 0 right before it
-    releases it.  Only the holder writes it (and a waiter that adopts a dead
-    holder's lock, under the repair lock).
+    ``owner`` right after it takes the semaphore, then bumps ``lock_seq``;
+    it writes 0 into ``owner`` right before it releases the semaphore.  Only
+    the holder writes them (and a waiter that adopts a dead holder's lock,
+    under the repair lock).  ``lock_seq`` lets a waiter see that nobody has
+    taken the lock for a while (lock.py).
 
 Repair lock
     An OFD lock on byte ``REPAIR_BYTE``: one waiter at a time may decide that
     the holder is dead and adopt the lock.  Being an OFD lock, it too is
     released by the kernel if the repairer dies.
+
+Dead slots are garbage, recycled silently
+    A slot stamped by a process that died without closing (its byte is no
+    longer locked) is cleaned by ``recycle_dead_slots``: pid zeroed, the
+    epoch kept (so its tokens stay dead), and the arena it may have been
+    building under ``shmheap.NAME.new<slot>`` unlinked.  The cleaner holds
+    the dead slot's own lock byte while it cleans, so an attacher cannot
+    claim the slot meanwhile (``_claim`` takes that lock first).  Only a
+    heap-lock holder recycles: a process that died holding the semaphore
+    keeps its stamped slot until somebody has adopted its lock, which is
+    the evidence an unowned semaphore is adopted on (lock.py).
 
 Layout (little-endian)::
 
@@ -31,12 +44,15 @@ Layout (little-endian)::
       8     8  owner             heap-lock holder (see above)
      16     8  recoveries        repair-lock holder: count of adopted locks
      24     8  last_recovery_ns  repair-lock holder: wall clock of the last one
-     32     8  repairs           repair-lock holder: repairs that changed state
+     32     8  repairs           heap-lock holder: journal repairs that changed state
      40     4  nslots            creator, once
+     48     8  lock_seq          heap-lock holder: +1 on every acquisition (wraps)
      64  32*n  slots             each: pid u32, epoch u32, attached_ns u64,
-                                 reserved u64 x2; written by the slot's owner
-                                 (or cleaned by the repair-lock holder once the
-                                 slot is dead)
+                                 building u8 (1 while its holder has a new arena
+                                 under its temporary name), 15 bytes reserved;
+                                 written by the slot's owner, or cleaned by a
+                                 heap-lock holder holding the slot's lock byte
+                                 once the slot is dead
 
 Every attacher maps this segment writable, even a ``readonly=True`` one:
 taking the lock is a write.  Nothing of the heap's data lives here.
@@ -47,18 +63,18 @@ liveness test.  It never touches the semaphore or the heap state.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
+import functools
 import os
 import struct
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import segments
 from .errors import HeapCorruptError, LockTimeoutError, ShmHeapError
-from .names import live_name
+from .names import live_name, temp_arena_name
 
 MAGIC = b"shmlive\0"
 NSLOTS = 1024
@@ -66,7 +82,10 @@ SLOT_SIZE = 32
 SLOTS_OFFSET = 64
 SIZE = SLOTS_OFFSET + NSLOTS * SLOT_SIZE
 OWNER_OFFSET = 8
+LOCK_SEQ_OFFSET = 48
 REPAIR_BYTE = 1
+#: offset of a slot's ``building`` byte within the slot
+BUILDING_OFFSET = 16
 
 _HEADER = struct.Struct("<8sQQQQI")
 _SLOT = struct.Struct("<IIQ")
@@ -80,10 +99,13 @@ class TooManyProcessesError(ShmHeapError, OSError):
     """Every process slot of the heap is held by a live attachment."""
 
 
+def _flock(kind: int, start: int) -> bytes:
+    return _FLOCK.pack(kind, os.SEEK_SET, start, 1, 0)
+
+
 def _ofd(fd: int, cmd: int, kind: int, start: int) -> int:
     """One F_OFD_* call on the byte at ``start``; returns the resulting l_type."""
-    arg = _FLOCK.pack(kind, os.SEEK_SET, start, 1, 0)
-    result = fcntl.fcntl(fd, cmd, arg)
+    result = fcntl.fcntl(fd, cmd, _flock(kind, start))
     return int(_FLOCK.unpack(result)[0])
 
 
@@ -124,11 +146,17 @@ def _live_attachments(buf: memoryview, nslots: int,
                       alive: Callable[[int], bool]) -> list[Attachment]:
     """The stamped slots of ``buf`` whose lock ``alive`` says is held."""
     found = []
-    for slot in range(nslots):
+    for slot in _stamped(buf, nslots):
         pid, _epoch, attached_ns = _SLOT.unpack_from(buf, slot_offset(slot))
-        if pid and alive(slot):
+        if alive(slot):
             found.append(Attachment(slot, pid, attached_ns))
     return found
+
+
+def _stamped(buf: memoryview, nslots: int) -> list[int]:
+    """Slots whose pid is non-zero (attached, or dead and not yet recycled)."""
+    pids = buf[SLOTS_OFFSET:SLOTS_OFFSET + nslots * SLOT_SIZE].cast("I")[::SLOT_SIZE // 4]
+    return [slot for slot, pid in enumerate(pids.tolist()) if pid]
 
 
 def create(name: str, mode: int) -> None:
@@ -173,8 +201,12 @@ class Liveness:
             raise HeapCorruptError(f"/dev/shm/{live_name(self.name)} is not a liveness segment")
         self.nslots = min(_HEADER.unpack_from(buf, 0)[5], (self._seg.size - SLOTS_OFFSET)
                           // SLOT_SIZE)
-        #: the owner word, as a one-element uint64 view (the lock's hot path)
+        #: the owner word and the lock sequence, one-element uint64 views (the lock's hot path)
         self.owner = buf[OWNER_OFFSET:OWNER_OFFSET + 8].cast("Q")
+        self.lock_seq = buf[LOCK_SEQ_OFFSET:LOCK_SEQ_OFFSET + 8].cast("Q")
+        #: the building byte of every slot, a strided view
+        self._building = buf[SLOTS_OFFSET + BUILDING_OFFSET:SLOTS_OFFSET + self.nslots
+                             * SLOT_SIZE][::SLOT_SIZE]
 
     @property
     def fd(self) -> int:
@@ -184,10 +216,14 @@ class Liveness:
         return fd
 
     def _claim(self) -> None:
-        """Lock a slot (preferring never-used or cleanly released ones) and stamp it."""
+        """Lock a slot (never-used or cleanly released ones first) and stamp it.
+
+        A dead process's slot is claimed only when no clean one is left: its
+        stamp is the evidence a waiter needs to adopt a lock it died holding.
+        """
         buf = self._seg.buf
-        order = sorted(range(self.nslots), key=lambda s: _SLOT.unpack_from(
-            buf, slot_offset(s))[0] != 0)
+        stamped = set(_stamped(buf, self.nslots))
+        order = [s for s in range(self.nslots) if s not in stamped] + sorted(stamped)
         for slot in order:
             if try_lock(self.fd, slot_offset(slot)):
                 _pid, epoch, _ = _SLOT.unpack_from(buf, slot_offset(slot))
@@ -195,6 +231,7 @@ class Liveness:
                 _SLOT.pack_into(buf, slot_offset(slot), os.getpid(), epoch, time.time_ns())
                 self.slot = slot
                 self.token = (slot + 1) << 32 | epoch
+                self.set_building(False)
                 return
         raise TooManyProcessesError(
             f"all {self.nslots} process slots of heap {self.name!r} are in use; "
@@ -210,24 +247,31 @@ class Liveness:
         """
         if self._seg.fd is None:
             return
-        self.owner.release()
+        self._release_views()
         self._seg.close()
         self._map()
         self._claim()
         for callback in self.on_reclaim:
             callback()
 
+    def _release_views(self) -> None:
+        self.owner.release()
+        self.lock_seq.release()
+        self._building.release()
+
     def close(self) -> None:
-        """Mark the slot cleanly released and drop its lock."""
+        """Remove our temporary arena, mark the slot cleanly released and drop its lock."""
         _ATTACHED.discard(self)
         if self._seg.fd is None:
             return
+        segments.unlink(temp_arena_name(self.name, self.slot))
         _SLOT.pack_into(self._seg.buf, slot_offset(self.slot), 0,
                         _SLOT.unpack_from(self._seg.buf, slot_offset(self.slot))[1], 0)
+        self.set_building(False)
         # Unlock explicitly: a mapping still referenced elsewhere would keep the
         # open file description, and with it the lock, alive after close.
         unlock(self._seg.fd, slot_offset(self.slot))
-        self.owner.release()
+        self._release_views()
         self._seg.close()
 
     # -- liveness ---------------------------------------------------------------
@@ -248,18 +292,36 @@ class Liveness:
 
     def dead_slots(self) -> list[int]:
         """Slots stamped by a process that died without releasing them."""
-        buf = self._seg.buf
-        return [s for s in range(self.nslots)
-                if _SLOT.unpack_from(buf, slot_offset(s))[0] != 0 and not self.slot_alive(s)]
+        return [s for s in _stamped(self._seg.buf, self.nslots) if not self.slot_alive(s)]
 
-    def clean_dead_slots(self) -> int:
-        """Zero the pid of every dead slot (repair-lock holder only); returns how many."""
-        dead = self.dead_slots()
+    def set_building(self, building: bool) -> None:
+        """Say whether this process has a new arena under its temporary name (grow)."""
+        self._building[self.slot] = int(building)
+
+    def recycle_dead_slots(self, builders_only: bool = False) -> int:
+        """Clean every dead slot (heap-lock holder only); returns how many.
+
+        With ``builders_only``, only those whose building byte is set: a
+        cheap pass for ``grow`` that frees the new arenas of dead growers.
+        """
+        if builders_only:
+            candidates = [s for s, b in enumerate(self._building.tolist()) if b]
+        else:
+            candidates = _stamped(self._seg.buf, self.nslots)
         buf = self._seg.buf
-        for slot in dead:
-            epoch = _SLOT.unpack_from(buf, slot_offset(slot))[1]
-            _SLOT.pack_into(buf, slot_offset(slot), 0, epoch, 0)
-        return len(dead)
+        cleaned = 0
+        for slot in candidates:
+            if slot == self.slot or not try_lock(self.fd, slot_offset(slot)):
+                continue  # alive, or being claimed right now
+            try:
+                epoch = _SLOT.unpack_from(buf, slot_offset(slot))[1]
+                segments.unlink(temp_arena_name(self.name, slot))
+                _SLOT.pack_into(buf, slot_offset(slot), 0, epoch, 0)
+                self._building[slot] = 0
+                cleaned += 1
+            finally:
+                unlock(self.fd, slot_offset(slot))
+        return cleaned
 
     def attachments(self) -> list[Attachment]:
         """The live attachments, this one included."""
@@ -275,30 +337,39 @@ class Liveness:
 
     # -- repair lock and counters -------------------------------------------------
 
-    @contextlib.contextmanager
-    def repair_lock(self, deadline: float | None) -> Iterator[None]:
-        """Hold the repair lock; LockTimeoutError if ``deadline`` (monotonic) passes."""
+    def take_repair_lock(self, deadline: float | None) -> None:
+        """Take the repair lock; LockTimeoutError if ``deadline`` (monotonic) passes first.
+
+        Release it with ``repair_unlocker()``, made *before* this call and
+        called in a ``finally``: unlocking a byte we do not hold is harmless,
+        so no exception at any bytecode can leave it held.
+        """
         while not try_lock(self.fd, REPAIR_BYTE):
             if deadline is not None and time.monotonic() >= deadline:
                 raise LockTimeoutError(
-                    f"heap {self.name!r}: another process is repairing it; try again later"
-                )
+                    f"heap {self.name!r}: another process is repairing it; try again later")
             time.sleep(0.001)
-        try:
-            yield
-        finally:
-            unlock(self.fd, REPAIR_BYTE)
+
+    def repair_unlocker(self) -> Callable[[], object]:
+        """A C-level call that releases the repair lock (no Python frame to interrupt)."""
+        return functools.partial(fcntl.fcntl, self.fd, fcntl.F_OFD_SETLK,
+                                 _flock(fcntl.F_UNLCK, REPAIR_BYTE))
 
     def counters(self) -> tuple[int, int, int]:
         """(recoveries, last_recovery_ns, repairs)."""
         recoveries, last_ns, repairs = _COUNTERS.unpack_from(self._seg.buf, 16)
         return int(recoveries), int(last_ns), int(repairs)
 
-    def count_recovery(self, repaired: bool) -> None:
+    def count_recovery(self) -> None:
         """Record one adopted lock (repair-lock holder only)."""
         recoveries, _last, repairs = self.counters()
-        _COUNTERS.pack_into(self._seg.buf, 16, recoveries + 1, time.time_ns(),
-                            repairs + int(repaired))
+        _COUNTERS.pack_into(self._seg.buf, 16, (recoveries + 1) & (2**64 - 1), time.time_ns(),
+                            repairs)
+
+    def count_repair(self) -> None:
+        """Record one journal repair that changed the heap (heap-lock holder only)."""
+        recoveries, last_ns, repairs = self.counters()
+        _COUNTERS.pack_into(self._seg.buf, 16, recoveries, last_ns, (repairs + 1) & (2**64 - 1))
 
 
 def probe_attachments(name: str) -> list[Attachment]:

@@ -2,45 +2,98 @@
 
 Protocol (every process, readers included)::
 
-    acquire:  sem_trywait, else timed waits of POLL seconds (see below)
-              owner := my token                      (liveness.py)
+    acquire:  sem_trywait, else timed waits of growing slices (see below)
+              owner := my token; seq += 1              (liveness.py)
     ...critical section...
     release:  owner := 0
               sem_post
 
-A waiter whose timed wait expires looks at the owner record:
+Dead holders
+    A waiter whose timed wait expires looks at the owner record:
 
-* ``owner`` names a token whose slot is unlocked, or re-stamped with another
-  epoch: the holder is dead.  The waiter takes the repair lock, re-checks
-  that the owner record and the semaphore are unchanged, *adopts* the lock
-  (writes its own token: the semaphore's count is still 0, so it now holds
-  it), runs the heap's repair, counts a recovery and carries on as holder.
-* ``owner`` is 0 although the semaphore stays taken: a process died in the
-  two-statement windows between ``sem_wait`` and recording itself, or
-  between clearing the record and ``sem_post``.  The waiter adopts only if
-  this state lasts ``UNOWNED_GRACE`` seconds without a change *and* some
-  slot belongs to a dead process.  A live process in that window writes its
-  record within microseconds; only one stopped (SIGSTOP) in exactly that
-  window for longer than the grace period could be robbed.
-* ``owner`` is alive: the waiter keeps waiting.  A slow or stopped holder is
-  never robbed; a caller's ``timeout`` turns into LockTimeoutError.
+    * ``owner`` names a token whose slot is unlocked, or re-stamped with
+      another epoch: the holder is dead.  The waiter takes the repair lock,
+      re-checks that the owner record and the semaphore are unchanged and
+      *adopts* the lock (writes its own token: the semaphore's count is still
+      0, so it now holds it) and counts a recovery.
+    * ``owner`` is 0 although the semaphore stays taken: a process died in
+      the two-statement windows between ``sem_wait`` and recording itself,
+      or between clearing the record and ``sem_post``.  Every acquirer bumps
+      ``seq`` right after recording itself, so "nobody has taken the lock
+      since" is a fact a waiter can see: it adopts only if owner stays 0
+      *and* ``seq`` stays unchanged for ``UNOWNED_GRACE`` seconds *and* some
+      slot belongs to a dead process.  Only a live process stopped (SIGSTOP)
+      for longer than the grace in exactly that window, while another
+      attached process has died, could be robbed; then the semaphore's count
+      can reach 2, which ``fsck`` reports and repair sets right.
+    * ``owner`` is alive: the waiter keeps waiting.  A slow or stopped holder
+      is never robbed; a caller's deadline turns into LockTimeoutError.
+
+    Adoption does not repair anything.  What a dead (or interrupted) holder
+    left half-done is recorded in the control segment's journal (repair.py),
+    and every *writable* lock holder that finds the journal dirty runs the
+    heap's repair before its own critical section, whoever left it dirty.  A
+    read-only holder never repairs: it leaves the journal for the next writer.
+
+Exceptions at any bytecode (Ctrl-C, a signal handler that raises)
+    CPython runs Python signal handlers at "eval breaker" checks: at the
+    entry of a Python function, on backward jumps and after every call.  An
+    exception raised there between ``sem_trywait`` returning and the caller's
+    ``finally`` would leave the semaphore taken by a live process, which no
+    waiter may rob.  So the pure-Python critical section is written so that
+    no check falls where it would matter:
+
+    * ``held[:] = map(sem_trywait, ZERO)`` acquires *and* records that this
+      handle holds the semaphore in one STORE_SLICE instruction (the C call
+      runs inside it; no check comes between the call and the store);
+    * the ``finally`` of ``run`` releases with ``held[:] = releaser``, where
+      ``releaser`` (built before the lock was taken) is a lazy
+      ``filter(None, starmap(sem_post, ((),)))``: posting and forgetting that
+      we hold it are again one instruction.  The ``finally`` makes no call.
+
+    ``held`` (a list: empty or one element) is therefore always the truth,
+    and ``run`` releases whatever it took, however it is left.  Blocking
+    waits go through libc's ``sem_clockwait`` by ctypes rather than
+    posix_ipc, whose wait swallows the exception a signal handler raises on
+    EINTR: here the handler runs at the next check, its exception
+    propagates, and a wait without an exception is retried within the
+    caller's deadline.  ``locked()`` (a ``with`` block for users) is as
+    safe on entry; its ``__exit__`` is Python code, so a signal landing in
+    the instructions right before it can skip it: then the block object's
+    ``__del__`` (run as soon as the exception has unwound it) closes it, and
+    failing that, this handle's next lock operation (or ``close``) releases
+    what ``held`` says is held.  Blocks nest, and operations inside a block
+    run under its hold (the lock is not reentrant otherwise).
 
 This module owns the semaphore and the acquire/adopt/release protocol.  It
-does not know what the lock protects: the heap passes ``repair``, run
-under the adopted lock.
+does not know what the lock protects: the heap passes the journal word and
+the ``repair`` function run by writable holders.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import itertools
+import math
+import operator
 import os
 import time
+import weakref
 from collections.abc import Callable
+from typing import TypeVar
 
 import posix_ipc
 
 from . import crash
-from .errors import HeapExistsError, HeapNotFoundError, LockTimeoutError, ShmHeapError
+from .errors import (
+    HeapExistsError,
+    HeapNotFoundError,
+    InvalidParameterError,
+    LockTimeoutError,
+    ShmHeapError,
+)
 from .liveness import Liveness
 from .names import SHM_DIR
 
@@ -48,141 +101,339 @@ from .names import SHM_DIR
 #: each later one twice as long, up to POLL.
 FIRST_POLL = 0.0005
 POLL = 0.02
-#: Seconds an unowned-but-taken semaphore must stay so before it is adopted.
+#: Seconds an unowned-but-taken semaphore must stay so, untaken by anyone, before it is adopted.
 UNOWNED_GRACE = 0.25
+
+_T = TypeVar("_T")
+_ZERO = (0,)
+_NOARGS = ((),)
+_SEQ_MASK = (1 << 64) - 1
+
+
+def check_timeout(timeout: object) -> float | None:
+    """``timeout`` if it is None or a finite number of seconds >= 0, else InvalidParameterError."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise InvalidParameterError(
+            f"timeout={timeout!r}: give a number of seconds >= 0, or None to wait for ever")
+    if not math.isfinite(timeout) or timeout < 0:
+        raise InvalidParameterError(
+            f"timeout={timeout!r}: give a finite number of seconds >= 0, or None to wait for ever")
+    return float(timeout)
+
+
+def deadline_of(timeout: object) -> float | None:
+    """The monotonic deadline of a (checked) ``timeout`` starting now; None for ever."""
+    seconds = check_timeout(timeout)
+    return None if seconds is None else time.monotonic() + seconds
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _LibcSemaphore:
+    """The same named semaphore opened through libc, for interruptible timed waits."""
+
+    _libc: ctypes.CDLL | None = None
+
+    def __init__(self, name: str) -> None:
+        libc = self._load()
+        self._ptr = libc.sem_open(name.encode(), 0)
+        if not self._ptr:
+            err = ctypes.get_errno()
+            raise ShmHeapError(f"heap lock semaphore {name}: sem_open failed "
+                               f"({os.strerror(err)})")
+        self._clockwait = libc.sem_clockwait
+        self._args = ((self._ptr,), (time.CLOCK_MONOTONIC,))
+        self._timespec = _Timespec()
+        self._timespec_ref = ctypes.byref(self._timespec)
+
+    @classmethod
+    def _load(cls) -> ctypes.CDLL:
+        if cls._libc is None:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.sem_open.argtypes = [ctypes.c_char_p, ctypes.c_int]
+            libc.sem_open.restype = ctypes.c_void_p
+            libc.sem_clockwait.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+            libc.sem_clockwait.restype = ctypes.c_int
+            libc.sem_close.argtypes = [ctypes.c_void_p]
+            libc.sem_close.restype = ctypes.c_int
+            cls._libc = libc
+        return cls._libc
+
+    def wait_into(self, held: list[object], seconds: float) -> int:
+        """Wait up to ``seconds``; on success ``held`` becomes non-empty.  Returns 0 or errno.
+
+        The call and the store into ``held`` are one instruction (see the
+        module docstring), so an exception can never come between them.
+        """
+        when = time.clock_gettime(time.CLOCK_MONOTONIC) + seconds
+        spec = self._timespec
+        spec.tv_sec = int(when)
+        spec.tv_nsec = int((when - int(when)) * 1e9)
+        ptr, clock = self._args
+        held[:] = filter(operator.not_, map(self._clockwait, ptr, clock, (self._timespec_ref,)))
+        return 0 if held else ctypes.get_errno()
+
+    def close(self) -> None:
+        if self._ptr:
+            self._load().sem_close(self._ptr)
+            self._ptr = None
 
 
 class HeapLock:
-    """This process's handle on a heap's lock.  ``acquire``/``release`` are not reentrant."""
+    """This process's handle on a heap's lock.  Not reentrant; one thread at a time."""
 
-    def __init__(self, sem: posix_ipc.Semaphore, live: Liveness, repair: Callable[[], bool],
-                 heap_name: str) -> None:
+    def __init__(self, sem: posix_ipc.Semaphore, live: Liveness, heap_name: str,
+                 journal: memoryview, repair: Callable[[], None]) -> None:
         self._sem = sem
-        self._sem_acquire = sem.acquire
-        self._sem_release = sem.release
+        self._trywait = sem.acquire
+        self._post = sem.release
+        self._waiter = _LibcSemaphore(sem.name)
         self._live = live
         self._bind()
         live.on_reclaim.append(self._bind)
+        #: the control segment's journal word (a one-element uint64 view)
+        self._journal = journal
         self._repair = repair
         self._heap_name = heap_name
+        #: empty, or one element while this handle holds the semaphore (see the docstring)
+        self.held: list[object] = []
+        #: the outermost open ``locked()`` block of this handle (a weak reference):
+        #: while it lives, ``run`` runs bodies under the hold it took
+        self._outer: weakref.ref[LockedBlock] | None = None
         #: how many dead holders' locks this handle has adopted
         self.adoptions = 0
         if crash.ARMED:
-            self.acquire = self._acquire_at_crash_points  # type: ignore[method-assign]
-            self.release = self._release_at_crash_points  # type: ignore[method-assign]
+            self.run = self._run_at_crash_points  # type: ignore[method-assign]
             self.read_word = self._read_word_at_crash_points  # type: ignore[method-assign]
 
     def _bind(self) -> None:
-        """Cache the owner view and our token (again after a fork re-made them)."""
+        """Cache the owner and seq views and our token (again after a fork re-made them)."""
         self._owner = self._live.owner
+        self._seq = self._live.lock_seq
         self._token = self._live.token
 
-    def acquire(self, timeout: float | None = None, role: str = "lock") -> None:
-        """Take the lock; waits for ever (recovering dead holders) or ``timeout`` seconds."""
-        try:
-            self._sem_acquire(0)
-        except posix_ipc.BusyError:
-            self._wait(timeout)
-        self._owner[0] = self._token
+    # -- the critical sections ------------------------------------------------------
 
-    def release(self, role: str = "lock") -> None:
-        self._owner[0] = 0
-        self._sem_release()
+    def run(self, body: Callable[[], _T], deadline: float | None = None,
+            write: bool = False) -> _T:
+        """``body()`` with the lock held; a writer first repairs a dirty journal.
 
-    def read_word(self, view: memoryview, timeout: float | None = None) -> int:
-        """``view[0]`` read under the lock: a reader's whole critical section."""
-        try:
-            self._sem_acquire(0)
-        except posix_ipc.BusyError:
-            self._wait(timeout)
+        Waits for ever (recovering dead holders) or until the monotonic
+        ``deadline``.  Whatever ``body`` raises, the lock is released.
+        """
+        outer = self._outer
+        if outer is not None and outer() is not None:
+            return body()
+        held = self.held
+        releaser = filter(None, itertools.starmap(self._post, _NOARGS))
         owner = self._owner
-        owner[0] = self._token
-        word: int = view[0]
-        owner[0] = 0
-        self._sem_release()
-        return word
-
-    def _read_word_at_crash_points(self, view: memoryview, timeout: float | None = None) -> int:
-        self.acquire(timeout, "snapshot")
-        word: int = view[0]
-        self.release("snapshot")
-        return word
-
-    def _acquire_at_crash_points(self, timeout: float | None = None, role: str = "lock") -> None:
         try:
-            self._sem_acquire(0)
-        except posix_ipc.BusyError:
-            self._wait(timeout)
-        crash.reach(f"{role}.acquired")
-        self._owner[0] = self._token
-        crash.reach(f"{role}.owned")
+            if not held:
+                try:
+                    held[:] = map(self._trywait, _ZERO)
+                except posix_ipc.BusyError:
+                    self._wait(deadline)
+            owner[0] = self._token
+            self._seq[0] = self._seq[0] + 1 & _SEQ_MASK
+            if write and self._journal[0]:
+                self._repair()
+            return body()
+        finally:
+            if held:
+                owner[0] = 0
+                held[:] = releaser
 
-    def _release_at_crash_points(self, role: str = "lock") -> None:
-        self._owner[0] = 0
-        crash.reach(f"{role}.releasing")
-        self._sem_release()
+    def read_word(self, view: memoryview, deadline: float | None = None) -> int:
+        """``view[0]`` read under the lock: a reader's whole critical section."""
+        held = self.held
+        releaser = filter(None, itertools.starmap(self._post, _NOARGS))
+        owner = self._owner
+        try:
+            if not held:
+                try:
+                    held[:] = map(self._trywait, _ZERO)
+                except posix_ipc.BusyError:
+                    self._wait(deadline)
+            owner[0] = self._token
+            self._seq[0] = self._seq[0] + 1 & _SEQ_MASK
+            word: int = view[0]
+            return word
+        finally:
+            if held:
+                owner[0] = 0
+                held[:] = releaser
 
-    def _wait(self, timeout: float | None) -> None:
-        """Slow path: wait in growing slices, adopting the lock of a dead holder."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def enter(self, block: LockedBlock, deadline: float | None, write: bool) -> bool:
+        """Open ``block``: take the lock, unless an open outer block holds it (then False).
+
+        On any exception nothing stays taken (unless an outer block holds it).
+        """
+        outer = self._outer
+        if outer is not None and outer() is not None:
+            return False
+        try:
+            if not self.held:
+                try:
+                    self.held[:] = map(self._trywait, _ZERO)
+                except posix_ipc.BusyError:
+                    self._wait(deadline)
+            self._owner[0] = self._token
+            self._seq[0] = self._seq[0] + 1 & _SEQ_MASK
+            if write and self._journal[0]:
+                self._repair()
+            self._outer = weakref.ref(block)
+        except BaseException:
+            self.release()
+            raise
+        return True
+
+    def leave(self) -> None:
+        """Close the outermost block: release the lock."""
+        self._outer = None
+        self.release()
+
+    def release(self) -> None:
+        """Release the lock if this handle holds it (a no-op otherwise)."""
+        held = self.held
+        if held:
+            releaser = filter(None, itertools.starmap(self._post, _NOARGS))
+            self._owner[0] = 0
+            held[:] = releaser
+
+    # -- the same, with crash points (only when SHMHEAP_CRASH_AT/RAISE_AT is set) ------
+
+    def _run_at_crash_points(self, body: Callable[[], _T], deadline: float | None = None,
+                             write: bool = False, role: str = "lock") -> _T:
+        held = self.held
+        releaser = filter(None, itertools.starmap(self._post, _NOARGS))
+        try:
+            if not held:
+                try:
+                    held[:] = map(self._trywait, _ZERO)
+                except posix_ipc.BusyError:
+                    self._wait(deadline)
+            crash.reach(f"{role}.acquired")
+            self._owner[0] = self._token
+            self._seq[0] = self._seq[0] + 1 & _SEQ_MASK
+            crash.reach(f"{role}.owned")
+            if write and self._journal[0]:
+                self._repair()
+            return body()
+        finally:
+            if held:
+                self._owner[0] = 0
+                try:
+                    crash.reach(f"{role}.releasing")
+                finally:
+                    held[:] = releaser
+
+    def _read_word_at_crash_points(self, view: memoryview, deadline: float | None = None) -> int:
+        return self._run_at_crash_points(lambda: int(view[0]), deadline, False, "snapshot")
+
+    # -- waiting and adopting ---------------------------------------------------------
+
+    def _wait(self, deadline: float | None) -> None:
+        """Slow path: wait in growing slices, adopting the lock of a dead holder.
+
+        Returns holding the semaphore (``held`` non-empty), or raises holding nothing.
+        """
         unowned_since: float | None = None
+        unowned_seq = -1
         slice_ = FIRST_POLL
+        held = self.held
         while True:
             slice_ = wait = min(slice_ * 2, POLL)
             if deadline is not None:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
-                    raise LockTimeoutError(self._timeout_message(timeout))
-            try:
-                self._sem_acquire(wait)
+                    raise LockTimeoutError(self._timeout_message())
+            err = self._waiter.wait_into(held, wait)
+            if held:
                 return
-            except posix_ipc.BusyError:
-                pass
+            if err not in (errno.ETIMEDOUT, errno.EINTR, errno.EAGAIN):
+                raise ShmHeapError(f"heap {self._heap_name!r}: waiting for the lock failed: "
+                                   f"{os.strerror(err)}")
             owner = self._owner[0]
             if owner:
                 unowned_since = None
-                if not self._live.token_alive(owner) and self._adopt(owner, deadline):
+                if not self._live.token_alive(owner) and self._adopt(owner, -1, deadline):
                     return
-            else:
-                now = time.monotonic()
-                if unowned_since is None:
-                    unowned_since = now
-                elif now - unowned_since >= UNOWNED_GRACE and self._adopt(0, deadline):
-                    return
+                continue
+            seq = self._seq[0]
+            now = time.monotonic()
+            if unowned_since is None or seq != unowned_seq:
+                unowned_since, unowned_seq = now, seq
+            elif now - unowned_since >= UNOWNED_GRACE and self._adopt(0, seq, deadline):
+                return
 
-    def _adopt(self, dead_owner: int, deadline: float | None) -> bool:
+    def _adopt(self, dead_owner: int, seq: int, deadline: float | None) -> bool:
         """Under the repair lock, take over a dead holder's lock if nothing changed."""
-        with self._live.repair_lock(deadline):
+        live = self._live
+        unlock = live.repair_unlocker()
+        try:
+            live.take_repair_lock(deadline)
             if self._owner[0] != dead_owner or self.semaphore_value() != 0:
                 return False
-            if dead_owner and self._live.token_alive(dead_owner):
+            if dead_owner and live.token_alive(dead_owner):
                 return False
-            if not dead_owner and not self._live.dead_slots():
+            if not dead_owner and (self._seq[0] != seq or not live.dead_slots()):
                 return False
+            self.held[:] = _ZERO
             self._owner[0] = self._token
-            crash.reach("repair.adopted")
-            self._live.clean_dead_slots()
-            try:
-                repaired = self._repair()
-            except BaseException:
-                self.release()
-                raise
-            self._live.count_recovery(repaired)
-            self.adoptions += 1
+        finally:
+            unlock()
+        live.count_recovery()
+        self.adoptions += 1
+        crash.reach("repair.adopted")
         return True
 
     def semaphore_value(self) -> int:
         return int(self._sem.value)
 
-    def _timeout_message(self, timeout: float | None) -> str:
+    def drain_one(self) -> None:
+        """Take one count off the semaphore while holding the lock (fsck of a count > 1)."""
+        with contextlib.suppress(posix_ipc.BusyError):
+            self._trywait(0)
+
+    def _timeout_message(self) -> str:
         pid = self._live.owner_pid()
         holder = f"process {pid}" if pid else "a process that has not recorded itself yet"
-        return (f"heap {self._heap_name!r}: lock not acquired within {timeout} s; it is held by "
+        return (f"heap {self._heap_name!r}: lock not acquired in time; it is held by "
                 f"{holder}, which is alive (stopped or slow); wait longer or investigate it")
 
     def close(self) -> None:
+        """Release the lock if an interrupted ``locked()`` left it held, then close."""
+        self.leave()
+        self._waiter.close()
         with contextlib.suppress(posix_ipc.ExistentialError):
             self._sem.close()
+
+
+class LockedBlock:
+    """``with heap.locked():`` -- the heap lock held for the body; blocks nest."""
+
+    def __init__(self, lock: HeapLock, deadline: float | None, write: bool) -> None:
+        self._lock = lock
+        self._deadline = deadline
+        self._write = write
+        self._outermost = False
+
+    def __enter__(self) -> None:
+        self._outermost = self._lock.enter(self, self._deadline, self._write)
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._outermost:
+            self._outermost = False
+            self._lock.leave()
+
+    __del__ = close
 
 
 def open_semaphore(name: str, create: bool, mode: int) -> posix_ipc.Semaphore:

@@ -9,6 +9,8 @@ else:
 ``shmheap.NAME.map``           arena map (one bit per arena index, sparse)
 ``shmheap.NAME.i<gen>``        index backing array of generation ``gen``
 ``shmheap.NAME.a<hex index>``  arena ``index``
+``shmheap.NAME.new<hex slot>``  a new arena being built by the process in
+                               liveness slot ``slot``, before it is linked
 ``sem.shmheap.NAME.lock``      the heap lock (a POSIX named semaphore)
 =============================  ==============================================
 
@@ -104,6 +106,11 @@ def index_name(name: str, generation: int) -> str:
 
 def arena_name(name: str, index: int) -> str:
     return f"{PREFIX}{name}.a{index:x}"
+
+
+def temp_arena_name(name: str, slot: int) -> str:
+    """Where the process in liveness slot ``slot`` builds a new arena before linking it."""
+    return f"{PREFIX}{name}.new{slot:x}"
 
 
 def semaphore_name(name: str) -> str:

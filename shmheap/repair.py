@@ -1,25 +1,38 @@
 """Checking and repairing a heap: ``heap.check()``, ``shmheap fsck``, crash recovery.
 
 Every check runs under the heap lock, so the state it looks at is one the
-lock protocol promises to be consistent, except for what a holder killed
-mid-mutation can leave behind.  Because every mutation publishes last (see
-heap.py, index.py, arenas.py), that is at most:
+lock protocol promises to be consistent, except for what a mutation stopped
+half-way can leave behind.  Every mutation publishes last and names itself
+in the control segment's journal first (control.py), so what it can leave
+is known from the journal alone, and ``repair_journal`` mends exactly that,
+in time independent of the heap's size:
 
-* a new arena ``shmheap.NAME.new<slot>`` of a dead process     -> removed
-* an arena linked under its name but not in the index          -> removed
-* an index generation newer than the header's                  -> removed
-* the last published arena's map bit not yet set               -> set
-* dead process slots                                           -> cleaned
-* used pages no span holds (a span half made or freed; the
-  control journal names the arena)                             -> freed
-* spans cached by dead processes (allocator.py)                -> reclaimed
+==============  ===========================================================
+journal op      what may be left, and what repair does
+==============  ===========================================================
+``GROW(i)``     arena i linked but never published -> unlinked (only if its
+                trailer names this heap and index i and the map lacks it);
+                published but its map bit unset -> set; an index generation
+                newer than the header's -> unlinked
+``PAGES(i)``    arena i's page metadata half changed: used pages no span
+                holds, an odd span sequence word -> ``pages.audit`` fixes
+``DISOWN(i,p)`` the span at page p half given up -> audit, then disowned
+anything else  the journal itself is garbage -> a full check with repair
+==============  ===========================================================
 
-``repair_after_crash`` (run by a waiter that adopted a dead holder's lock)
-looks only for those, in time proportional to the number of objects in
-/dev/shm.  ``check(full=True)`` (fsck) also verifies every invariant of
-DESIGN.md: the header's bounds, every generation's size and contents, every
-entry being a real arena of this heap with the right size and trailer, no
-duplicates, the arena map agreeing with the index, the hint's range.
+Every writable lock holder that finds the journal dirty calls
+``repair_journal`` before its own critical section (lock.py), whoever left
+it dirty: a process killed, one whose Ctrl-C interrupted it, one whose
+system call failed, or a read-only process that adopted a dead holder's
+lock and could not write.  ``fsck --repair`` runs the same function.
+
+``check(full=True)`` (fsck) also verifies every invariant: the header's
+bounds, every generation's size and contents, every entry being a real arena
+of this heap with the right size and trailer, no duplicates, the arena map
+agreeing with the index, the hint's range, the page metadata of every arena,
+and the semaphore's count.  On the way it recycles the slots of processes
+that exited without closing and (with repair) returns the spans they cached:
+both are ordinary garbage, never a finding.
 
 A finding that repair cannot fix (a published arena whose segment is gone,
 an impossible header) marks the heap BROKEN: the state word says so and the
@@ -38,9 +51,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import arenas, control, segments
-from .allocator import check_allocator
+from .allocator import audit_arena, check_allocator
+from .control import DISOWN, GROW, MAX_GENERATIONS, PAGES
 from .errors import HeapCorruptError, ShmHeapError
 from .index import BROKEN_GENERATION, ENTRY_SIZE
+from .lock import HeapLock
 from .names import arena_name, control_name, index_name, live_name, map_name, owns
 
 if TYPE_CHECKING:
@@ -89,10 +104,15 @@ class _Checker:
         return not self.heap.readonly
 
     def run(self) -> list[Finding]:
+        live = self.heap._live
+        assert live is not None
+        live.recycle_dead_slots()
+        self.check_semaphore()
         header = self.check_header()
         if header is None:
             return self.findings
-        generation, length = header
+        self.check_journal()
+        generation, length = self.heap._index.check_header(int(self.heap._header[0]))
         self.check_generations(generation, length)
         entries = list(self.heap._index.generation(generation)[:length])
         in_index = self.check_entries(entries)
@@ -100,8 +120,29 @@ class _Checker:
         self.check_foreign_objects(generation, in_index)
         self.check_hint()
         check_allocator(self.heap, self.heap._objects(), self.repair, self.full, self.note)
-        self.check_slots()
         return self.findings
+
+    def check_semaphore(self) -> None:
+        """The lock is held by us, so the semaphore's count must be 0 (2 after a robbery)."""
+        lock = self.heap._lock
+        assert isinstance(lock, HeapLock)
+        extra = lock.semaphore_value()
+        if extra and self.note("semaphore-count", f"the lock's semaphore has count {extra} "
+                               "while held: two processes could hold the lock at once"):
+            for _ in range(extra):
+                lock.drain_one()
+
+    def check_journal(self) -> None:
+        """A mutation left unfinished: repaired with repair (also done on any writer's lock)."""
+        entry = self.heap._journal.read()
+        if entry is None:
+            return
+        if self.repair and self.writable():
+            self.findings.extend(repair_journal(self.heap))
+        else:
+            self.note("journal", f"{_describe(entry)} was left unfinished; the next writable "
+                      "lock holder (or `shmheap fsck --repair`) repairs it", fixable=False,
+                      harmless=True)
 
     def check_header(self) -> tuple[int, int] | None:
         heap = self.heap
@@ -214,7 +255,7 @@ class _Checker:
                 index = int(match.group(2), 16)
                 if index in in_index and arena_name(self.name, index) == entry:
                     continue
-                if self._is_ours(index):
+                if _is_ours(self.heap, index):
                     if self.note("orphan-arena", f"arena {index} was made but never published "
                                  "(its maker died)"):
                         segments.unlink(entry)
@@ -223,28 +264,12 @@ class _Checker:
                               f"{index} but is not this heap's; grow() skips it", fixable=False,
                               harmless=True)
 
-    def _is_ours(self, index: int) -> bool:
-        """True if the segment named for arena ``index`` is a complete arena of this heap."""
-        try:
-            arenas.verify_arena(self.name, self.heap.params.heap_id, index, self.heap.arena_size,
-                                self.heap.params.page_size)
-        except ShmHeapError:
-            return False
-        return True
-
     def check_hint(self) -> None:
         hint = int(self.words[control.HINT_OFFSET // 8])
         if not 1 <= hint <= self.heap.max_arenas and self.note(
                 "hint-range", f"the hint {hint} is outside [1, {self.heap.max_arenas}]",
                 fixable=self.writable()):
             self.words[control.HINT_OFFSET // 8] = 1
-
-    def check_slots(self) -> None:
-        live = self.heap._live
-        assert live is not None
-        dead = live.dead_slots()
-        if dead and self.note("dead-slots", f"{len(dead)} process slot(s) of dead processes"):
-            live.clean_dead_slots()
 
 
 def mark_broken(heap: Heap) -> None:
@@ -265,12 +290,103 @@ def run_checks(heap: Heap, repair: bool, full: bool = True) -> list[Finding]:
     return findings
 
 
-def repair_after_crash(heap: Heap) -> bool:
-    """Run by a waiter that adopted a dead holder's lock; True if anything was fixed."""
-    findings = run_checks(heap, repair=True, full=False)
-    if any(f.fatal for f in findings):
+def _describe(entry: tuple[int, int, int]) -> str:
+    """What the journal entry ``(op, arena, arg)`` says was being done, in words."""
+    op, arena, arg = entry
+    if op == GROW:
+        return f"adding arena {arena}"
+    if op == PAGES:
+        return f"a change to the page metadata of arena {arena}"
+    if op == DISOWN:
+        return f"giving up the cached span at page {arg} of arena {arena}"
+    return f"an unknown mutation (journal op {op}, arena {arena})"
+
+
+def repair_journal(heap: Heap) -> list[Finding]:
+    """Finish or undo the mutation the journal names (writable lock holder); clear it.
+
+    Returns what was fixed.  A heap marked broken is left to ``fsck
+    --repair``, which restores its header first.  An error while fixing
+    (a full /dev/shm) leaves the journal dirty for the next holder; a state
+    that cannot be fixed marks the heap broken and raises HeapCorruptError.
+    """
+    entry = heap._journal.read()
+    if entry is None or heap.readonly or control.read_state(heap._control.buf) == control.BROKEN:
+        return []
+    op, arena, arg = entry
+    fix = _JOURNAL_FIXES.get(op)
+    if fix is None or not 1 <= arena < heap.max_arenas:
+        heap._journal.end()  # it names nothing real: check everything instead
+        findings = _Checker(heap, repair=True, full=True).run()
+    else:
+        findings = fix(heap, arena, arg)
+        heap._journal.end()
+    fatal = [f.message for f in findings if f.fatal]
+    if fatal:
+        mark_broken(heap)
         raise HeapCorruptError(
-            f"heap {heap.name!r} could not be repaired after a process died: "
-            + "; ".join(f.message for f in findings if f.fatal)
-            + f". Run `shmheap fsck --repair {heap.name}` or destroy the heap")
-    return any(f.fixed for f in findings if f.code != "dead-slots")
+            f"heap {heap.name!r} could not be repaired after {_describe(entry)} was left "
+            f"unfinished: {'; '.join(fatal)}. Run `shmheap fsck --repair {heap.name}` or "
+            "destroy the heap")
+    live = heap._live
+    assert live is not None
+    live.count_repair()
+    return [Finding("journal", f"{_describe(entry)} was left unfinished and is repaired",
+                    fixed=True), *findings]
+
+
+def _finish_grow(heap: Heap, index: int, _arg: int) -> list[Finding]:
+    findings = []
+    generation, length = heap._index.header()
+    entries = heap._index.generation(generation)
+    amap = heap._map
+    assert amap is not None
+    if length and entries[length - 1] == index:
+        if index not in amap:
+            amap.add(index)
+            findings.append(Finding("grow-unfinished", f"arena {index} was published but "
+                                    "not yet in the arena map; added", fixed=True))
+    elif index not in amap and _is_ours(heap, index):
+        segments.unlink(arena_name(heap.name, index))
+        findings.append(Finding("grow-unfinished", f"arena {index} was linked but never "
+                                "published; removed", fixed=True))
+    newer = generation + 1
+    if newer < MAX_GENERATIONS and segments.unlink(index_name(heap.name, newer)):
+        findings.append(Finding("grow-unfinished", f"index generation {newer} was made but "
+                                "never published; removed", fixed=True))
+    return findings
+
+
+def _audit_pages(heap: Heap, index: int, _arg: int) -> list[Finding]:
+    findings: list[Finding] = []
+
+    def note(code: str, message: str, fixable: bool = True, harmless: bool = False) -> bool:
+        findings.append(Finding(code, message, fixed=fixable, fatal=not fixable))
+        return fixable
+
+    audit_arena(heap._objects(), index, note)
+    return findings
+
+
+def _finish_disown(heap: Heap, index: int, start: int) -> list[Finding]:
+    findings = _audit_pages(heap, index, start)
+    allocator = heap._objects()
+    pages = allocator.pages_of(index)
+    if 0 <= start < pages.pages and pages.in_use(start) and pages.owner[start]:
+        allocator.disown_locked(pages, start)
+        findings.append(Finding("disown-unfinished", f"the span at page {start} of arena "
+                                f"{index} was being given up; done", fixed=True))
+    return findings
+
+
+_JOURNAL_FIXES = {GROW: _finish_grow, PAGES: _audit_pages, DISOWN: _finish_disown}
+
+
+def _is_ours(heap: Heap, index: int) -> bool:
+    """True if the segment named for arena ``index`` is a complete arena of this heap."""
+    try:
+        arenas.verify_arena(heap.name, heap.params.heap_id, index, heap.arena_size,
+                            heap.params.page_size)
+    except ShmHeapError:
+        return False
+    return True

@@ -19,6 +19,7 @@ import mmap
 import os
 import resource
 import sys
+from collections.abc import Callable
 
 from .errors import (
     HeapCorruptError,
@@ -119,20 +120,25 @@ def _translate(exc: OSError, name: str) -> ShmHeapError:
 
 
 def create(
-    name: str, size: int, mode: int = 0o600, reserve: bool = True, keep_fd: bool = False
+    name: str, size: int, mode: int = 0o600, reserve: bool = True, keep_fd: bool = False,
+    on_open: Callable[[int], None] | None = None,
 ) -> Segment:
     """Create segment ``name`` of ``size`` bytes exclusively and map it writable.
 
     With ``reserve`` the memory is allocated now (``posix_fallocate``), so a full
     /dev/shm raises OutOfSharedMemoryError here instead of SIGBUS at first
     touch.  Without it the file stays sparse.  HeapExistsError if the
-    name is taken.  On any failure the half-made segment is unlinked again.
+    name is taken.  ``on_open(fd)`` runs right after the exclusive open,
+    before anything else.  On any failure the half-made segment is unlinked
+    again.
     """
     try:
         fd = os.open(path_of(name), os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, mode)
     except OSError as exc:
         raise _translate(exc, name) from None
     try:
+        if on_open is not None:
+            on_open(fd)
         os.fchmod(fd, mode)  # the umask must not narrow what the caller asked for
         os.ftruncate(fd, size)
         if reserve:

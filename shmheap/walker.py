@@ -16,10 +16,11 @@ Walk (``heap.walk()``, ``heap.stats()``)
     * every number read is bounds-checked, so a racing reader never reads
       out of bounds.  A span's records are read between two equal, even
       reads of its arena's sequence word (pages.py ``read_span``) and read
-      again if it changed: a span being made, freed or remade while it is
-      read is skipped if its records keep changing (or a holder died
-      mid-change and nobody has repaired it yet), never reported with one
-      span's length and another's size class.
+      again if it changed; if the word keeps changing (other processes
+      making and freeing spans in the same arena) or stays odd (a holder
+      stopped mid-change), the span is read under the heap lock instead.
+      So a span is never reported with one span's length and another's
+      size class, and a busy arena never hides a span that stays in use.
 
 Mark and sweep (Go's mark bits and fast free-page reclaim)
     ``start_cycle()``: under the lock, bump the cycle number, record the
@@ -67,18 +68,22 @@ lock, naming the arena in the journal.
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import crash
-from .control import CYCLE_ARENAS_OFFSET, CYCLE_OFFSET, SWEEP_CURSOR_OFFSET
+from .control import CYCLE_ARENAS_OFFSET, CYCLE_OFFSET, PAGES, SWEEP_CURSOR_OFFSET
+from .index import ArenaSnapshot
 from .pages import RELEASED, RELEASING, ArenaPages, bits_set, positions, runs
 
 if TYPE_CHECKING:
     from .allocator import Allocator
     from .heap import Heap
 
+_WORD = (1 << 64) - 1
 #: Pages a sweeper claims at once (rounded up to whole arenas).
 SWEEP_CHUNK_PAGES = 16384
 #: bytes of ``state | used << 2``: 1 where a page is free and not yet released
@@ -181,17 +186,32 @@ class ScavengeReport:
 # -- walking -------------------------------------------------------------------------------
 
 
-def walk(heap: Heap) -> Iterator[SpanInfo]:
+def walk(heap: Heap, deadline: float | None = None) -> Iterator[SpanInfo]:
     """Every in-use span of every arena of a fresh snapshot, in arena order (no lock)."""
     allocator = heap._objects()
-    for index in heap.snapshot():
-        yield from arena_spans(allocator, allocator.pages_of(index))
+    for index in heap.snapshot(_remaining(deadline)):
+        yield from arena_spans(allocator, allocator.pages_of(index), deadline)
 
 
-def arena_spans(allocator: Allocator, pages: ArenaPages) -> Iterator[SpanInfo]:
+def _remaining(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (a timeout for the public calls), None for ever."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def read_span(allocator: Allocator, pages: ArenaPages, start: int,
+              deadline: float | None) -> tuple[int, int] | None:
+    """(npages, sclass) of the span at ``start``: lock-free if it holds still, else locked."""
+    found = pages.read_span(start)
+    if found is None:
+        found = allocator._lock.run(lambda: pages.span_of(start), deadline)
+    return found
+
+
+def arena_spans(allocator: Allocator, pages: ArenaPages,
+                deadline: float | None = None) -> Iterator[SpanInfo]:
     shift = pages.page_shift
     for start in pages.starts():
-        found = pages.read_span(start)
+        found = read_span(allocator, pages, start, deadline)
         if found is None or not allocator.span_ok(found[1], found[0]):
             continue
         npages, c = found
@@ -210,10 +230,10 @@ def arena_spans(allocator: Allocator, pages: ArenaPages) -> Iterator[SpanInfo]:
                        bool(owner), pages.marked(start))
 
 
-def stats(heap: Heap) -> HeapStats:
+def stats(heap: Heap, deadline: float | None = None) -> HeapStats:
     """Pages, bytes and objects of a fresh snapshot, read with no lock (see ``walk``)."""
     allocator = heap._objects()
-    snap = heap.snapshot()
+    snap = heap.snapshot(_remaining(deadline))
     page_size = allocator.page_size
     per_class: dict[int, list[int]] = {}
     total = in_use = released = objects = live = free_slots = cached = 0
@@ -223,7 +243,7 @@ def stats(heap: Heap) -> HeapStats:
         total += pages.pages
         in_use += used.count(1)
         released += _state_bytes(pages, used).translate(_IS_RELEASED).count(1)
-        for span in arena_spans(allocator, pages):
+        for span in arena_spans(allocator, pages, deadline):
             row = per_class.setdefault(span.size_class, [0, 0, 0, 0])
             row[0] += 1
             row[1] += span.capacity
@@ -254,71 +274,88 @@ def _state_bytes(pages: ArenaPages, used: bytes) -> bytes:
 # -- mark and sweep ------------------------------------------------------------------------
 
 
-def start_cycle(heap: Heap) -> int:
+def start_cycle(heap: Heap, deadline: float | None = None) -> int:
     """Begin a mark/sweep cycle: clear every mark; returns the cycle number."""
     heap._check_writable("start_cycle()")
     allocator = heap._objects()
+    lock = allocator._lock
     words = heap._words
-    with heap.locked():
-        cycle = int(words[CYCLE_OFFSET // 8]) + 1
+
+    def begin() -> tuple[int, ArenaSnapshot]:
+        cycle = (int(words[CYCLE_OFFSET // 8]) + 1) & _WORD
         snap = allocator.snapshot_locked()
         words[CYCLE_OFFSET // 8] = cycle
         words[CYCLE_ARENAS_OFFSET // 8] = len(snap)
         words[SWEEP_CURSOR_OFFSET // 8] = 0
         crash.reach("cycle.started")
+        return cycle, snap
+
+    def clear(pages: ArenaPages) -> None:
+        pages.marks[:] = bytes(len(pages.marks))
+        for start in pages.starts():
+            found = pages.span_of(start)
+            c = found[1] if found is not None else 0
+            if 0 < c < len(allocator.classes):
+                nelems = allocator.classes[c].nelems
+                m0 = (start << pages.page_shift) + nelems
+                pages.data[m0:m0 + nelems] = bytes(nelems)
+
+    cycle, snap = lock.run(begin, deadline, write=True)
     for index in snap:
         pages = allocator.pages_of(index)
         # Arena by arena under the lock: a span freed and remade while its mark
         # bytes are cleared would have bytes of its objects zeroed instead, and a
         # bit of pageMarks set under the lock (a born-marked span) must not be
-        # lost to a concurrent byte store.
-        with heap.locked():
-            pages.marks[:] = bytes(len(pages.marks))
-            for start in pages.starts():
-                found = pages.span_of(start)
-                c = found[1] if found is not None else 0
-                if 0 < c < len(allocator.classes):
-                    nelems = allocator.classes[c].nelems
-                    m0 = (start << pages.page_shift) + nelems
-                    pages.data[m0:m0 + nelems] = bytes(nelems)
+        # lost to a concurrent byte store.  Stopped half-way, some marks stay:
+        # their objects survive one sweep more, nothing is lost.
+        lock.run(functools.partial(clear, pages), deadline, write=True)
     return cycle
 
 
-def mark(heap: Heap, ref: int) -> None:
+def mark(heap: Heap, ref: int, deadline: float | None = None) -> None:
     """Mark the live object at ``ref`` for the current cycle."""
     heap._check_writable("mark()")
     allocator = heap._objects()
-    pages, start, c, slot = allocator.live(ref)
+    pages, start, c, slot = allocator.live(ref, deadline)
     if c:
         pages.data[(start << pages.page_shift) + allocator.classes[c].nelems + slot] = 1
     if not pages.marked(start):
-        with heap.locked():
+        def set_mark() -> None:
             if pages.in_use(start):
                 pages.set_mark(start)
 
+        allocator._lock.run(set_mark, deadline, write=True)
 
-def sweep(heap: Heap) -> SweepReport:
+
+def sweep(heap: Heap, deadline: float | None = None) -> SweepReport:
     """Sweep chunks of the current cycle's pages until none is left; report what was freed."""
     heap._check_writable("sweep()")
     allocator = heap._objects()
+    lock = allocator._lock
     words = heap._words
-    with heap.locked():
+
+    def begin() -> list[int]:
         allocator.reclaim_locked()
-        arenas = allocator.snapshot_locked()[:int(words[CYCLE_ARENAS_OFFSET // 8])]
+        return allocator.snapshot_locked()[:int(words[CYCLE_ARENAS_OFFSET // 8])]
+
+    arenas = lock.run(begin, deadline, write=True)
     per_arena = allocator.pages_per_arena
     chunk = max(per_arena, SWEEP_CHUNK_PAGES)
     total = len(arenas) * per_arena
-    report = SweepReport()
-    while True:
-        with heap.locked():
-            cursor = int(words[SWEEP_CURSOR_OFFSET // 8])
-            if cursor >= total:
-                break
+
+    def claim() -> int:
+        cursor = int(words[SWEEP_CURSOR_OFFSET // 8])
+        if cursor < total:
             words[SWEEP_CURSOR_OFFSET // 8] = cursor + chunk
             crash.reach("sweep.claimed")
+        return cursor
+
+    report = SweepReport()
+    while (cursor := lock.run(claim, deadline, write=True)) < total:
         report += SweepReport(chunks=1)
         for position in range(cursor // per_arena, min(len(arenas), (cursor + chunk) // per_arena)):
-            report += sweep_arena(heap, allocator, allocator.pages_of(arenas[position]))
+            pages = allocator.pages_of(arenas[position])
+            report += sweep_arena(allocator, pages, deadline)
     return report
 
 
@@ -332,14 +369,15 @@ def unmarked_starts(pages: ArenaPages) -> list[int]:
     return bits_set(bits.to_bytes(len(inuse), "little")) if bits else []
 
 
-def sweep_arena(heap: Heap, allocator: Allocator, pages: ArenaPages) -> SweepReport:
+def sweep_arena(allocator: Allocator, pages: ArenaPages,
+                deadline: float | None = None) -> SweepReport:
     """Sweep one arena of a claimed chunk (see the module docstring)."""
     unmarked = set(unmarked_starts(pages))
     whole: list[int] = []
     empty: list[int] = []
     freed_objects = freed_bytes = 0
     for start in pages.starts():
-        found = pages.read_span(start)
+        found = read_span(allocator, pages, start, deadline)
         if found is None:
             continue
         unowned = not pages.owner[start]
@@ -359,7 +397,8 @@ def sweep_arena(heap: Heap, allocator: Allocator, pages: ArenaPages) -> SweepRep
             pages.partial[c] = 1
     report = SweepReport(objects_freed=freed_objects, bytes_freed=freed_bytes)
     if whole or empty:
-        report += _free_spans(heap, allocator, pages, whole, empty)
+        report += allocator._lock.run(lambda: _free_spans(allocator, pages, whole, empty),
+                                      deadline, write=True)
     return report
 
 
@@ -379,24 +418,26 @@ def _sweep_objects(pages: ArenaPages, start: int, nelems: int) -> tuple[int, int
     return len(doomed), live - len(doomed)
 
 
-def _free_spans(heap: Heap, allocator: Allocator, pages: ArenaPages, whole: list[int],
+def _free_spans(allocator: Allocator, pages: ArenaPages, whole: list[int],
                 empty: list[int]) -> SweepReport:
-    """Under the lock: free the unmarked unowned spans and the empty unowned ones."""
+    """Lock holder: free the unmarked unowned spans and the empty unowned ones."""
     spans = npages = 0
-    with heap.locked(), allocator.journal(pages.index):
-        for start in whole:
-            if pages.in_use(start) and not pages.owner[start] and not pages.marked(start):
-                npages += pages.release(start)
-                spans += 1
-        for start in empty:
-            c = pages.sclass[start]
-            if not (pages.in_use(start) and not pages.owner[start]
-                    and 0 < c < len(allocator.classes)):
-                continue
-            a0 = start << pages.page_shift
-            if bytes(pages.data[a0:a0 + allocator.classes[c].nelems]).count(1) == 0:
-                npages += pages.release(start)
-                spans += 1
+    journal = allocator._journal
+    journal.begin(PAGES, pages.index)
+    for start in whole:
+        if pages.in_use(start) and not pages.owner[start] and not pages.marked(start):
+            npages += pages.release(start)
+            spans += 1
+    for start in empty:
+        c = pages.sclass[start]
+        if not (pages.in_use(start) and not pages.owner[start]
+                and 0 < c < len(allocator.classes)):
+            continue
+        a0 = start << pages.page_shift
+        if bytes(pages.data[a0:a0 + allocator.classes[c].nelems]).count(1) == 0:
+            npages += pages.release(start)
+            spans += 1
+    journal.end()
     return SweepReport(spans_freed=spans, pages_freed=npages,
                        bytes_freed=npages * pages.page_size)
 
@@ -404,7 +445,7 @@ def _free_spans(heap: Heap, allocator: Allocator, pages: ArenaPages, whole: list
 # -- scavenging ------------------------------------------------------------------------------
 
 
-def scavenge(heap: Heap) -> ScavengeReport:
+def scavenge(heap: Heap, deadline: float | None = None) -> ScavengeReport:
     """Return the memory of every free, not yet released page to the OS.
 
     Empty unowned spans and spans of dead owners are returned to the free
@@ -412,23 +453,33 @@ def scavenge(heap: Heap) -> ScavengeReport:
     """
     heap._check_writable("scavenge()")
     allocator = heap._objects()
-    with heap.locked():
+    lock = allocator._lock
+    journal = allocator._journal
+
+    def reclaim() -> None:
         allocator.reclaim_locked()
         allocator.release_empty_locked()
+
+    def release(pages: ArenaPages) -> int:
+        released = 0
+        journal.begin(PAGES, pages.index)
+        releasable = _state_bytes(pages, bytes(pages.used)).translate(_RELEASABLE)
+        for start, count in runs(releasable, 1):
+            pages.state[start:start + count] = bytes([RELEASING]) * count
+            crash.reach("scavenge.releasing")
+            pages.punch(start, count)
+            pages.state[start:start + count] = bytes([RELEASED]) * count
+            crash.reach("scavenge.released")
+            released += count
+        journal.end()
+        return released
+
+    lock.run(reclaim, deadline, write=True)
     released = 0
-    for index in heap.snapshot():
+    for index in heap.snapshot(_remaining(deadline)):
         pages = allocator.pages_of(index)
-        if not _state_bytes(pages, bytes(pages.used)).translate(_RELEASABLE).count(1):
-            continue
-        with heap.locked(), allocator.journal(index):
-            releasable = _state_bytes(pages, bytes(pages.used)).translate(_RELEASABLE)
-            for start, count in runs(releasable, 1):
-                pages.state[start:start + count] = bytes([RELEASING]) * count
-                crash.reach("scavenge.releasing")
-                pages.punch(start, count)
-                pages.state[start:start + count] = bytes([RELEASED]) * count
-                crash.reach("scavenge.released")
-                released += count
+        if _state_bytes(pages, bytes(pages.used)).translate(_RELEASABLE).count(1):
+            released += lock.run(functools.partial(release, pages), deadline, write=True)
     return ScavengeReport(released, released * allocator.page_size)
 
 

@@ -16,6 +16,7 @@ import pytest
 
 import shmheap
 from shmheap import names
+from shmheap.control import LAYOUT_VERSION
 from shmheap.pytest_plugin import HeapFactory, shm_leftovers
 
 ARENA = 64 * 1024
@@ -149,7 +150,7 @@ def with_field(data: bytes, offset: int, value: bytes) -> bytes:
 DAMAGE: dict[str, Callable[[bytes], bytes]] = {
     "wrong magic": lambda real: with_field(real, 0, b"notheap\0"),
     "garbage": lambda real: b"\xa5" * len(real),
-    "future version": lambda real: with_field(real, 8, (2).to_bytes(4, "little")),
+    "future version": lambda real: with_field(real, 8, (LAYOUT_VERSION + 1).to_bytes(4, "little")),
     "unknown state": lambda real: with_field(real, 12, (77).to_bytes(4, "little")),
     "impossible arena_size": lambda real: with_field(real, 24, (12345).to_bytes(8, "little")),
     "never initialised": lambda real: bytes(len(real)),
@@ -183,7 +184,7 @@ def test_future_version_is_a_version_error(shm_heap_factory: HeapFactory,
                                            shm_heap_name: str) -> None:
     write_shm(names.control_name(shm_heap_name),
               DAMAGE["future version"](control_bytes(shm_heap_factory())))
-    with pytest.raises(shmheap.HeapVersionError, match="layout version 2"):
+    with pytest.raises(shmheap.HeapVersionError, match=f"layout version {LAYOUT_VERSION + 1}"):
         shmheap.Heap.attach(shm_heap_name)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
@@ -187,43 +188,52 @@ def test_readonly_attacher_recovers_a_dead_holder(heap: shmheap.Heap) -> None:
 
 
 def test_forked_child_does_not_keep_a_dead_parent_alive(heap: shmheap.Heap) -> None:
-    """A child forked from an attached process must not inherit its parent's slot lock."""
+    """A child forked from an attached process must not inherit its parent's slot lock.
+
+    Parent and child report on separate pipes (each line one write), so their
+    reports cannot interleave even with PYTHONUNBUFFERED=1; both run in a
+    session of their own that the test kills whatever happens.
+    """
+    child_r, child_w = os.pipe()
     code = textwrap.dedent(f"""
         import os, signal, sys, shmheap
         h = shmheap.Heap.attach({heap.name!r})
         if os.fork() == 0:
-            print("child", os.getpid(), flush=True)
+            os.write({child_w}, b"child %d\\n" % os.getpid())
             sys.stdin.readline()
-            print("child-snapshot", len(h.snapshot(timeout=30)), flush=True)
+            os.write({child_w}, b"child-snapshot %d\\n" % len(h.snapshot(timeout=30)))
             h.close()
             os._exit(0)
+        os.close({child_w})
         held = h.locked()
         held.__enter__()
-        print("locked", flush=True)
+        os.write(1, b"locked\\n")
         signal.pause()
         """)
     parent = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, pass_fds=(child_w,), start_new_session=True)
+    os.close(child_w)
+    child_out = os.fdopen(child_r, "rb")
     assert parent.stdout is not None and parent.stdin is not None
-    lines = sorted(parent.stdout.readline().split() for _ in range(2))
-    assert lines[0][0] == "child" and lines[1] == ["locked"]
-    child_pid = int(lines[0][1])
-    child_exit = os.pidfd_open(child_pid)
     try:
+        child_line = child_out.readline().split()
+        assert child_line[0] == b"child"
+        assert parent.stdout.readline() == b"locked\n"
+        child_pid = int(child_line[1])
         parent.kill()
         parent.wait(timeout=30)
         assert len(heap.snapshot(timeout=30)) == 0, "the dead parent's lock must be recovered"
         assert heap.info().recoveries == 1
         assert child_pid in {a.pid for a in heap._live.attachments()}  # type: ignore[union-attr]
-        parent.stdin.write("\n")
+        parent.stdin.write(b"\n")
         parent.stdin.flush()
-        assert parent.stdout.readline().split() == ["child-snapshot", "0"]
+        assert child_out.readline().split() == [b"child-snapshot", b"0"]
+        assert child_out.readline() == b"", "the child exits after its snapshot"
     finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)  # the parent and its forked child
+        parent.wait(timeout=30)
         parent.stdin.close()
         parent.stdout.close()
-        select.select([child_exit], [], [], 30)
-        os.close(child_exit)
+        child_out.close()
     assert heap.check() == []

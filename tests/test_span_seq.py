@@ -19,6 +19,7 @@ import shmheap
 from shmheap import pages as pages_mod
 from shmheap import walker
 from shmheap.allocator import Allocator
+from shmheap.control import PAGES
 from shmheap.pages import ArenaPages
 from shmheap.pytest_plugin import HeapFactory
 
@@ -41,8 +42,10 @@ def multi_page_class(allocator: Allocator) -> int:
 def remake(heap: shmheap.Heap, pages: ArenaPages, start: int, npages: int, sclass: int) -> None:
     """Free the span at ``start`` and make one of another geometry there (as a lock holder)."""
     allocator = heap._objects()
-    with heap.locked(), allocator.journal(pages.index):
+    with heap.locked():
+        heap._journal.begin(PAGES, pages.index)
         pages.release(start)
+        heap._journal.end()
         made = allocator.make_span_locked(npages, sclass, 0, zero_now=True)
     assert made is not None and made[0] is pages and made[1] == start
 
@@ -85,7 +88,8 @@ def test_a_sequence_that_keeps_changing_gives_up(heap: shmheap.Heap) -> None:
     assert calls == pages_mod.READ_RETRIES
 
 
-def test_an_odd_sequence_makes_walkers_skip_and_the_allocator_lock(heap: shmheap.Heap) -> None:
+def test_an_odd_sequence_makes_walkers_and_the_allocator_read_under_the_lock(
+        heap: shmheap.Heap) -> None:
     small = heap.alloc(64)
     spare = heap.alloc(64)
     large = heap.alloc(LARGE)
@@ -99,7 +103,8 @@ def test_an_odd_sequence_makes_walkers_skip_and_the_allocator_lock(heap: shmheap
     assert pages.seq[0] % 2 == 0 and pages.seq[0] > 0
     pages.seq[0] += 1  # as if a holder were half-way through changing a span here
     assert [pages.read_span(start) for start in starts] == [None, None]
-    assert list(walker.arena_spans(allocator, pages)) == [], "spans are skipped, not guessed"
+    walked = [s.address for s in walker.arena_spans(allocator, pages)]
+    assert walked == spans, "spans are read under the lock, neither skipped nor guessed"
     assert heap.size_of(large) == 7 * PAGE  # these read the records under the lock
     assert heap.size_of(small) >= 64
     heap.free(small)
@@ -130,9 +135,15 @@ def test_a_holder_killed_mid_change_leaves_seq_odd_until_recovery(heap: shmheap.
         """, point)
     assert_killed(proc)
     assert pages.seq[0] % 2 == 1, "the dead holder's change is still open"
-    assert list(walker.arena_spans(allocator, pages)) == []
-    assert heap.size_of(mine) == 7 * PAGE  # the lock fallback adopts the lock and repairs
+    # The walker reads the records under the lock: it adopts the dead holder's lock and
+    # sees the one span that is whole; a reader repairs nothing.
+    assert [s.address for s in walker.arena_spans(allocator, pages)] == [mine]
     assert heap.info(timeout=RECOVERY_TIMEOUT).recoveries >= 1
+    assert heap.size_of(mine) == 7 * PAGE
+    assert pages.seq[0] % 2 == 1, "readers leave the repair to the next writable holder"
+    assert "journal" in [f.code for f in heap.check()]
+    with heap.locked(timeout=RECOVERY_TIMEOUT):
+        pass  # the next writable lock holder repairs
     assert pages.seq[0] % 2 == 0
     assert heap.check() == []
     assert [s.address for s in heap.walk()] == [mine]
@@ -150,10 +161,12 @@ CHURN = """
     print("ready", flush=True)
     for i in range({rounds}):
         npages, sclass = shapes[i % 2]
-        with h.locked(), a.journal({index}):
+        with h.locked():
             made = a.make_span_locked(npages, sclass, 0, zero_now=True)
             assert made is not None and made[1] == {start}, made
+            h._journal.begin({pages_op}, {index})
             pages.release({start})
+            h._journal.end()
     h.close()
 """
 
@@ -167,7 +180,8 @@ def test_span_reads_racing_a_free_and_remake_loop_never_mismatch(heap: shmheap.H
     pages = allocator.pages_of(index)
     c = multi_page_class(allocator)
     shapes = [(1, 0), (allocator.classes[c].npages, c)]
-    code = CHURN.format(name=heap.name, index=index, shapes=shapes, rounds=3000, start=start)
+    code = CHURN.format(name=heap.name, index=index, shapes=shapes, rounds=3000, start=start,
+                        pages_op=PAGES)
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -233,15 +233,11 @@ def naive_copy(heap: Heap, convert: Callable[[memoryview], T]) -> Callable[[], T
     """A snapshot the naive way: ``convert`` (copy) every entry while holding the heap lock."""
     lock, index = heap._lock, heap._index
 
-    def copy() -> T:
-        lock.acquire()
-        try:
-            generation, length = index.header()
-            return convert(index.generation(generation)[:length])
-        finally:
-            lock.release()
+    def copy_locked() -> T:
+        generation, length = index.header()
+        return convert(index.generation(generation)[:length])
 
-    return copy
+    return lambda: lock.run(copy_locked)
 
 
 def size_figures(heap: Heap, entries: int, plan: Plan, manager: SyncManager) -> dict[str, Any]:
