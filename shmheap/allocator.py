@@ -262,10 +262,10 @@ class Allocator:
     # -- arenas ------------------------------------------------------------------------
 
     def pages_of(self, index: int) -> ArenaPages:
-        """The page view of arena ``index`` (KeyError if the heap has no such arena)."""
+        """The page view of arena ``index``, which a snapshot lists (no map lookup)."""
         pages = self._arenas.get(index)
         if pages is None:
-            pages = ArenaPages(self.heap.name, self.heap.arena(index), self.page_size)
+            pages = ArenaPages(self.heap.name, self.heap.published_arena(index), self.page_size)
             self._arenas[index] = pages
         return pages
 
@@ -465,11 +465,10 @@ class Allocator:
         offset = ref & self.arena_mask
         pages = self._arenas.get(index)
         if pages is None:
-            try:
-                pages = self.pages_of(index)
-            except KeyError:
+            if index not in self.heap:
                 raise InvalidRefError(f"address {ref:#x} is in no arena of heap "
-                                      f"{self.heap.name!r}") from None
+                                      f"{self.heap.name!r}")
+            pages = self.pages_of(index)
         page = offset >> self.page_shift
         record = pages.steady(pages.page_record, page)
         if record is None:

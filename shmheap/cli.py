@@ -182,7 +182,8 @@ def _or_dash(value: int | None, show: Callable[[int], str] = str) -> str:
 
 
 def add_fsck(sub: Subparsers) -> None:
-    parser = sub.add_parser("fsck", help="check a heap's invariants (exit 1 on findings)")
+    parser = sub.add_parser("fsck", help="check a heap's invariants (exit 1 on findings not "
+                            "fixed)")
     parser.add_argument("name")
     parser.add_argument("--repair", action="store_true", help="fix what can be fixed")
     parser.add_argument("--json", action="store_true", help="print JSON")
@@ -204,7 +205,7 @@ def run_fsck(args: argparse.Namespace) -> int:
         for finding in findings:
             status = "fixed" if finding.fixed else ("FATAL" if finding.fatal else "found")
             print(f"{status}: {finding.code}: {finding.message}")
-    return 1 if findings else 0
+    return 0 if all(finding.fixed for finding in findings) else 1
 
 
 def add_gc(sub: Subparsers) -> None:

@@ -6,8 +6,9 @@ group is in:
 
 ================  ============================================================
 ``ready``         a valid heap
-``initialising``  its creator is alive and holds the init lock: never garbage,
-                  however long it takes
+``initialising``  its creator is alive and holds the init lock (or has just
+                  made it and not yet locked it): never garbage, however
+                  long it takes
 ``broken``        marked broken by a repair that failed
 ``corrupt``       ``Heap.attach`` would raise HeapCorruptError/HeapVersionError:
                   an unreadable control segment, another layout version, a
@@ -146,7 +147,7 @@ def _judge(name: str) -> HeapStatus:
     except OSError as exc:
         return HeapStatus(name, "inaccessible", f"{path}: {exc.strerror}")
     try:
-        if liveness.is_locked(fd, control.INIT_LOCK_BYTE):
+        if control.creator_active(fd):
             return HeapStatus(name, "initialising", "its creator is still creating it")
         size = os.fstat(fd).st_size
         if size < control.SIZE:

@@ -78,8 +78,8 @@ STATE_OFFSET = 12
 #: While the state is INITIALISING the creator holds an OFD write lock on this byte,
 #: taken right after the exclusive create.
 INIT_LOCK_BYTE = 0
-#: Seconds after its last change an unlocked, unfinished control segment still counts
-#: as being created (a creator preempted between its open and its lock).
+#: Seconds after its last write (mtime) an unlocked, unfinished control segment still
+#: counts as being created (a creator preempted between its open and its lock).
 CREATOR_GRACE = 2.0
 HEADER_OFFSET = 64
 SAVED_HEADER_OFFSET = 80
@@ -154,7 +154,7 @@ def creator_active(fd: int) -> bool:
     """True if the creator of the (not READY) control segment ``fd`` may still be at work."""
     if liveness.is_locked(fd, INIT_LOCK_BYTE):
         return True
-    return time.time() - os.fstat(fd).st_ctime < CREATOR_GRACE
+    return time.time() - os.fstat(fd).st_mtime < CREATOR_GRACE
 
 
 def read_state(buf: memoryview) -> int:

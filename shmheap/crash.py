@@ -4,7 +4,9 @@ Set ``SHMHEAP_CRASH_AT=NAME`` (or ``NAME:K`` for the K-th time the process
 reaches NAME) before the process imports shmheap, and the process sends itself
 SIGKILL when it reaches crash point NAME.  ``SHMHEAP_RAISE_AT=NAME[:K]`` is its
 twin: the process raises ``KeyboardInterrupt`` there instead, as Ctrl-C would,
-and may catch it and carry on.  ``CRASH_POINTS`` lists every name; the
+and may catch it and carry on.  ``SHMHEAP_STOP_AT=NAME[:K]`` stops it there
+(SIGSTOP to itself), for tests of processes that are merely slow; SIGCONT
+lets it go on.  ``CRASH_POINTS`` lists every name; the
 crash-safety tests run every operation once per point, both ways.
 
 When neither variable is set, ``ARMED`` is False and the callers on hot paths
@@ -56,6 +58,7 @@ CRASH_POINTS: dict[str, str] = {
 
 ENV_VAR = "SHMHEAP_CRASH_AT"
 RAISE_ENV_VAR = "SHMHEAP_RAISE_AT"
+STOP_ENV_VAR = "SHMHEAP_STOP_AT"
 
 
 def _parse(var: str, spec: str) -> tuple[str, int]:
@@ -80,13 +83,18 @@ def _armed(var: str) -> tuple[str, int]:
 
 _KILL_AT, _KILL_LEFT = _armed(ENV_VAR)
 _RAISE_AT, _RAISE_LEFT = _armed(RAISE_ENV_VAR)
-#: True when this process was started with a crash point armed (either way).
-ARMED = bool(_KILL_AT or _RAISE_AT)
+_STOP_AT, _STOP_LEFT = _armed(STOP_ENV_VAR)
+#: True when this process was started with a crash point armed (any way).
+ARMED = bool(_KILL_AT or _RAISE_AT or _STOP_AT)
 
 
 def reach(point: str) -> None:
-    """Die (SIGKILL to self) or raise KeyboardInterrupt if ``point`` is armed for this hit."""
-    global _KILL_LEFT, _RAISE_LEFT
+    """Die (SIGKILL), stop (SIGSTOP) or raise KeyboardInterrupt if ``point`` is armed now."""
+    global _KILL_LEFT, _RAISE_LEFT, _STOP_LEFT
+    if point == _STOP_AT:
+        _STOP_LEFT -= 1
+        if _STOP_LEFT == 0:
+            os.kill(os.getpid(), signal.SIGSTOP)
     if point == _KILL_AT:
         _KILL_LEFT -= 1
         if _KILL_LEFT == 0:

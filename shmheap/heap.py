@@ -187,13 +187,13 @@ class Heap:
     def _recycle_dead_slots(self) -> None:
         """Recycle the slots of processes that died attached, if the lock is free now.
 
-        Slots are recycled only by a lock holder (liveness.py); a writable
-        handle also repairs a dirty journal on the way (HeapLock.run).
+        Slots are recycled only by a lock holder (liveness.py).  Attaching
+        repairs nothing: a dirty journal waits for the first writable call.
         """
         assert self._live is not None
         live = self._live
         with contextlib.suppress(LockTimeoutError):
-            self._lock.run(live.recycle_dead_slots, time.monotonic(), write=not self.readonly)
+            self._lock.run(live.recycle_dead_slots, time.monotonic())
 
     def _repair_journal(self) -> None:
         """Finish or undo the mutation the journal names (HeapLock calls it, lock held)."""
@@ -678,9 +678,10 @@ def _open_ready_control(name: str, readonly: bool,
                     f"the segment was damaged; remove it with `shmheap destroy {name}`")
             creator_seen_gone = True
         if deadline is not None and time.monotonic() >= deadline:
-            raise HeapCorruptError(
-                f"heap {name!r} is still initialising; if its creator is gone, remove it "
-                f"with `shmheap destroy {name}`, else attach with a longer timeout")
+            raise LockTimeoutError(
+                f"heap {name!r} is still being created (its creator holds the init lock); "
+                "attach with a longer timeout, or if its creator is gone, remove it with "
+                f"`shmheap destroy {name}`")
         time.sleep(0.01)
 
 
