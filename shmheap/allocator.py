@@ -77,6 +77,7 @@ from . import crash
 from .control import JOURNAL_OFFSET
 from .errors import (
     AddressSpaceExhaustedError,
+    ArenaNotFoundError,
     DoubleFreeError,
     HeapCorruptError,
     InvalidParameterError,
@@ -245,10 +246,19 @@ class Allocator:
     # -- arenas ------------------------------------------------------------------------
 
     def pages_of(self, index: int) -> ArenaPages:
-        """The page view of arena ``index`` (KeyError if the heap has no such arena)."""
+        """The page view of arena ``index``, an entry of the index.
+
+        HeapCorruptError if the heap has no such arena (the index lies).
+        """
         pages = self._arenas.get(index)
         if pages is None:
-            pages = ArenaPages(self.heap.name, self.heap.arena(index), self.page_size)
+            try:
+                arena = self.heap.arena(index)
+            except ArenaNotFoundError:
+                name = self.heap.name
+                raise HeapCorruptError(f"heap {name!r}: the index lists arena {index}, which "
+                                       f"does not exist; run `shmheap fsck {name}`") from None
+            pages = ArenaPages(self.heap.name, arena, self.page_size)
             self._arenas[index] = pages
         return pages
 
@@ -323,6 +333,7 @@ class Allocator:
         """
         for _ in range(GROW_ATTEMPTS):
             with self.heap.locked():
+                self.heap._check_identity()
                 got = attempt()
                 if got is None and (self.reclaim_locked() + self.release_empty_locked()):
                     got = attempt()
@@ -433,20 +444,19 @@ class Allocator:
         offset = ref & self.arena_mask
         pages = self._arenas.get(index)
         if pages is None:
-            try:
-                pages = self.pages_of(index)
-            except KeyError:
+            if index not in self.heap:
                 raise InvalidRefError(f"address {ref:#x} is in no arena of heap "
-                                      f"{self.heap.name!r}") from None
+                                      f"{self.heap.name!r}")
+            pages = self.pages_of(index)
         page = offset >> self.page_shift
         record = pages.steady(pages.page_record, page)
         if record is None:
             with self.heap.locked():
                 record = pages.page_record(page)
-        used, start, c, _ = record
+        used, start, c, npages = record
         if not used:
             raise self._free_page_error(ref, page, start)
-        if not 0 <= start <= page:
+        if not 0 <= start <= page or not npages:
             raise HeapCorruptError(f"heap {self.heap.name!r}: arena {index} page {page} has an "
                                    f"impossible span entry; run `shmheap fsck {self.heap.name}`")
         span_offset = offset - (start << self.page_shift)
@@ -458,6 +468,10 @@ class Allocator:
             raise HeapCorruptError(f"heap {self.heap.name!r}: arena {index} page {start} has "
                                    f"unknown size class {c}; run `shmheap fsck {self.heap.name}`")
         cls = self.classes[c]
+        if cls.npages != npages:
+            raise HeapCorruptError(f"heap {self.heap.name!r}: arena {index} page {start} has a "
+                                   f"span of {npages} pages of size class {c}; run "
+                                   f"`shmheap fsck {self.heap.name}`")
         slot, rest = divmod(span_offset - cls.objects_at, cls.size)
         if rest or not 0 <= slot < cls.nelems:
             raise self._interior(ref)
@@ -506,6 +520,7 @@ class Allocator:
 
     def _free_large(self, pages: ArenaPages, start: int, ref: int) -> None:
         with self.heap.locked():
+            self.heap._check_identity()
             if not (pages.used[start] and pages.span[start] == start + 1
                     and pages.in_use(start) and pages.sclass[start] == 0):
                 raise DoubleFreeError(f"address {ref:#x} names an object that was already "
@@ -622,11 +637,13 @@ def check_allocator(heap: Heap, allocator: Allocator, repair: bool, full: bool,
     if full:
         arenas = list(allocator.snapshot_locked())
     else:
-        arenas = [journal - 1] if 0 < journal <= heap.max_arenas else []
+        arenas = [journal - 1] if 0 < journal <= heap.max_arenas and journal - 1 in heap else []
+    lost = False
     for index in arenas:
         try:
             pages = allocator.pages_of(index)
-        except (KeyError, HeapCorruptError):
+        except HeapCorruptError:
+            lost = True
             continue  # the index checks report a lost arena
         for problem in pages.audit(allocator.span_ok):
             fixable = problem.fix is not None and not heap.readonly
@@ -636,6 +653,8 @@ def check_allocator(heap: Heap, allocator: Allocator, repair: bool, full: bool,
         return
     if journal:
         words[slot] = 0
+    if lost:
+        return  # the heap gets marked broken; reclaiming would trip on the lost arena
     reclaimed = allocator.reclaim_locked()
     if reclaimed:
         note("abandoned-spans", f"{reclaimed} span(s) cached by dead processes were returned "

@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import arenas, control, liveness, segments
-from .errors import HeapCorruptError, HeapNotFoundError, ShmHeapError
+from .errors import HeapCorruptError, HeapNotFoundError, HeapRemovalError, ShmHeapError
 from .heap import destroy
 from .names import (
     check_name,
@@ -102,10 +103,12 @@ class Collected:
     reason: str
     removed: list[str] = field(default_factory=list)
     shm_bytes: int = 0
+    #: entries it could not remove (a directory, another user's file)
+    left: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "state": self.state, "reason": self.reason,
-                "removed": self.removed, "shm_bytes": self.shm_bytes}
+                "removed": self.removed, "shm_bytes": self.shm_bytes, "left": self.left}
 
 
 def groups(names: Iterable[str] = ()) -> dict[str, list[str]]:
@@ -140,15 +143,20 @@ def _judge(name: str) -> HeapStatus:
     """State, problem and (when readable) the parameters of heap ``name``."""
     path = segments.path_of(control_name(name))
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
+        fd, st = segments.open_fd(control_name(name), readonly=True)
+    except HeapNotFoundError:
         return HeapStatus(name, "no-control", "no control segment")
-    except OSError as exc:
-        return HeapStatus(name, "inaccessible", f"{path}: {exc.strerror}")
+    except segments.ForeignObjectError as exc:
+        # another user's heap is theirs to judge; a FIFO, directory or link is no heap
+        found = segments.lstat(control_name(name))
+        theirs = found is not None and stat.S_ISREG(found.st_mode)
+        return HeapStatus(name, "inaccessible" if theirs else "corrupt", str(exc))
+    except ShmHeapError as exc:
+        return HeapStatus(name, "inaccessible", str(exc))
     try:
         if liveness.is_locked(fd, control.INIT_LOCK_BYTE):
             return HeapStatus(name, "initialising", "its creator is still creating it")
-        size = os.fstat(fd).st_size
+        size = st.st_size
         if size < control.SIZE:
             return HeapStatus(name, "corrupt", f"{path} has {size} bytes; its creator died "
                               "while creating it")
@@ -212,12 +220,14 @@ def collect(dry_run: bool = False, stale: bool = False,
         reason = is_garbage(status, stale)
         if not reason:
             continue  # it changed since the first look: a creator or an attacher is at work
-        removed = list(status.entries)
+        removed, left = list(status.entries), []
         if not dry_run:
             try:
                 removed = destroy(status.name)
             except HeapNotFoundError:
                 continue  # someone else removed it meanwhile
+            except HeapRemovalError as exc:
+                removed, left = exc.removed, exc.remaining
         collected.append(Collected(status.name, status.state, reason, removed,
-                                   status.shm_bytes))
+                                   status.shm_bytes, left))
     return collected

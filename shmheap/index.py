@@ -211,7 +211,7 @@ class ArenaIndex:
         self._generations.pop(generation, None)
         self._readers.pop(generation, None)
         seg_name = index_name(self._heap_name, generation)
-        segments.unlink(seg_name)
+        segments.remove_own(seg_name)
         seg = segments.create(seg_name, self.capacity(generation) * ENTRY_SIZE, self._mode)
         self._segments.append(seg)
         entries = seg.buf.cast("I")

@@ -131,9 +131,10 @@ class _Checker:
             seg_name = index_name(self.name, older)
             size = segments.size_of(seg_name)
             if size != cap * ENTRY_SIZE:
+                replaceable = self.writable() and not self._foreign(seg_name)
                 if self.note("generation-missing",
                              f"index generation {older} is missing or has {size} bytes",
-                             fixable=self.writable()):
+                             fixable=replaceable):
                     segments.unlink(seg_name)
                     seg = segments.create(seg_name, cap * ENTRY_SIZE, self.heap.params.mode)
                     seg.buf.cast("I")[:] = current[:cap]
@@ -195,10 +196,15 @@ class _Checker:
             if not owns(self.name, entry) or entry in known or entry.startswith("sem."):
                 continue
             match = pattern.fullmatch(entry)
-            if match is None:
+            index = int(match.group(2), 16) if match and match.group(2) else -1
+            if index in in_index and arena_name(self.name, index) == entry:
+                continue  # a published arena: check_entries verified it
+            if match is None or (index >= 0 and arena_name(self.name, index) != entry):
                 self.note("foreign-object", f"/dev/shm/{entry} is not an object shmheap "
                           "makes; remove it by hand if it is not yours", fixable=False,
                           harmless=True)
+            elif self._foreign(entry):
+                continue
             elif match.group(4) is not None:
                 slot = int(match.group(4), 16)
                 if slot < live.nslots and live.slot_alive(slot):
@@ -210,18 +216,30 @@ class _Checker:
                 if self.note("unpublished", f"/dev/shm/{entry} is an index generation that "
                              "was never published (its maker died while doubling the index)"):
                     segments.unlink(entry)
-            else:
-                index = int(match.group(2), 16)
-                if index in in_index and arena_name(self.name, index) == entry:
-                    continue
-                if self._is_ours(index):
-                    if self.note("orphan-arena", f"arena {index} was made but never published "
-                                 "(its maker died)"):
-                        segments.unlink(entry)
-                else:
-                    self.note("foreign-object", f"/dev/shm/{entry} occupies the name of arena "
-                              f"{index} but is not this heap's; grow() skips it", fixable=False,
-                              harmless=True)
+            elif not self._is_ours(index):
+                self.note("foreign-object", f"/dev/shm/{entry} occupies the name of arena "
+                          f"{index} but is not this heap's; grow() skips it", fixable=False,
+                          harmless=True)
+            elif index in self.heap or any(f.fatal for f in self.findings):
+                # Published once (its map bit is set), or the index that leaves it out is
+                # not to be trusted: its data may be live.  Never delete it.
+                self.note("arena-unlisted", f"/dev/shm/{entry} is arena {index} of this heap "
+                          "(its trailer says so) but the index does not list it; repair keeps "
+                          "it, with its data, and marks the heap broken. Copy what you need "
+                          f"out of it (its first {self.heap.arena_size} bytes are the arena's "
+                          f"data), then `shmheap destroy {self.name}`", fixable=False)
+            elif self.note("orphan-arena", f"arena {index} was made but never published "
+                           "(its maker died)"):
+                segments.unlink(entry)
+
+    def _foreign(self, entry: str) -> bool:
+        """Note and return True if ``entry`` is nothing this user's shmheap can have made."""
+        try:
+            segments.check_own(entry)
+        except ShmHeapError as exc:
+            self.note("foreign-object", f"{exc}", fixable=False, harmless=True)
+            return True
+        return False
 
     def _is_ours(self, index: int) -> bool:
         """True if the segment named for arena ``index`` is a complete arena of this heap."""
