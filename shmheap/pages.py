@@ -117,6 +117,7 @@ PARTIAL_OFFSET = 64
 CLEAN, DIRTY, RELEASED, RELEASING = 0, 1, 2, 3
 NEEDS_ZERO = (DIRTY, RELEASING)
 NEEDS_RESERVE = (RELEASED, RELEASING)
+_U64 = (1 << 64) - 1
 #: How often a lock-free reader retries while ``seq`` is odd or changes under it.
 READ_RETRIES = 100
 _T = TypeVar("_T")
@@ -379,13 +380,13 @@ class ArenaPages:
 
     def begin_change(self) -> None:
         """Make ``seq`` odd before the first write to span records (``seq + 2`` if it is)."""
-        self.seq[0] = (self.seq[0] + 1) | 1
+        self.seq[0] = ((self.seq[0] + 1) | 1) & _U64  # wraps, as a garbage word may
 
     def end_change(self) -> None:
         """Make ``seq`` even after the last write to span records (no-op if it is)."""
         seq = self.seq[0]
         if seq & 1:
-            self.seq[0] = seq + 1
+            self.seq[0] = (seq + 1) & _U64
 
     def publish(self, start: int, npages: int, sclass: int, owner: int) -> None:
         """Make a span of free pages (prepared and zeroed as needed); publication is last."""

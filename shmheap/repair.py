@@ -21,8 +21,14 @@ DESIGN.md: the header's bounds, every generation's size and contents, every
 entry being a real arena of this heap with the right size and trailer, no
 duplicates, the arena map agreeing with the index, the hint's range.
 
+Repair never acts on evidence it cannot trust: a file under the heap's name
+that is not a regular file of this user is only reported (foreign-object);
+an arena whose trailer names this heap is removed as an unpublished orphan
+only if its map bit is clear and nothing fatal was found, else it is kept,
+data and all (arena-unlisted, fatal).
+
 A finding that repair cannot fix (a published arena whose segment is gone,
-an impossible header) marks the heap BROKEN: the state word says so and the
+an impossible header, an arena the index lost) marks the heap BROKEN: the state word says so and the
 header word is replaced by a poison value (the real one is saved beside it),
 so every later snapshot, grow and attach raises HeapCorruptError until
 ``fsck --repair`` restores it or the heap is destroyed.

@@ -1,8 +1,8 @@
 """Seeded fuzz of a heap's shared metadata, run as ``python fuzz_worker.py SEED ROUNDS``.
 
 Each round makes a small heap with arenas, objects and marks, overwrites a
-few bytes of one metadata region (control words, index entries, liveness,
-an arena trailer, page metadata, span headers) and then calls every public
+few bytes of one metadata region (control words, index entries, the arena
+map, liveness, an arena trailer, page metadata, span headers) and then calls every public
 call, through the damaged handle, a fresh attach, a read-only attach and the
 CLI.  Each call must work or raise a ShmHeapError.  Any other exception
 prints the seed, round and region and exits 1; a signal (SIGBUS) or a hang
@@ -44,7 +44,7 @@ def region_of(rng: random.Random, heap: shmheap.Heap) -> tuple[str, str, int, in
     arena = f".a{rng.choice(list(heap.snapshot())):x}"
     choices: list[tuple[str, str, int, int]] = [
         ("control words", "", 0, 128), ("control words", "", 64, 128),
-        ("index entries", ".i0", 0, 16),
+        ("index entries", ".i0", 0, 16), ("arena map", ".map", 0, 8),
         ("liveness header", ".live", 0, 48), ("liveness slots", ".live", 64, 64 + 32 * 4),
         ("arena trailer", arena, ARENA, ARENA + 32),
         ("span headers", arena, 0, 2 * PAGE),
