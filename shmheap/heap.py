@@ -679,9 +679,8 @@ def destroy(name: str) -> list[str]:
             removed.append(entry)
     if failed:
         raise HeapRemovalError(
-            f"heap {name!r}: removed {len(removed)} objects, could not remove "
-            + "; ".join(failed.values())
-            + ". Remove those by hand (as their owner or root)", removed, list(failed))
+            f"heap {name!r}: removed {len(removed)} objects; could not remove: "
+            + "; ".join(failed.values()), removed, list(failed))
     if not removed:
         raise HeapNotFoundError(f"no heap named {name!r} to destroy")
     return removed
