@@ -335,6 +335,7 @@ class Allocator:
         owners and empty unowned spans go back to the free pages first.
         """
         def locked() -> _T | None:
+            self.heap._check_identity()
             if self._pending:
                 self._settle_pending()
             got = attempt()
@@ -473,10 +474,10 @@ class Allocator:
         record = pages.steady(pages.page_record, page)
         if record is None:
             record = self._lock.run(lambda: pages.page_record(page), deadline)
-        used, start, c, _ = record
+        used, start, c, npages = record
         if not used:
             raise self._free_page_error(ref, page, start)
-        if not 0 <= start <= page:
+        if not 0 <= start <= page or not npages:
             raise HeapCorruptError(f"heap {self.heap.name!r}: arena {index} page {page} has an "
                                    f"impossible span entry; run `shmheap fsck {self.heap.name}`")
         span_offset = offset - (start << self.page_shift)
@@ -488,6 +489,10 @@ class Allocator:
             raise HeapCorruptError(f"heap {self.heap.name!r}: arena {index} page {start} has "
                                    f"unknown size class {c}; run `shmheap fsck {self.heap.name}`")
         cls = self.classes[c]
+        if cls.npages != npages:
+            raise HeapCorruptError(f"heap {self.heap.name!r}: arena {index} page {start} has a "
+                                   f"span of {npages} pages of size class {c}; run "
+                                   f"`shmheap fsck {self.heap.name}`")
         slot, rest = divmod(span_offset - cls.objects_at, cls.size)
         if rest or not 0 <= slot < cls.nelems:
             raise self._interior(ref)
@@ -539,6 +544,7 @@ class Allocator:
     def _free_large(self, pages: ArenaPages, start: int, ref: int,
                     deadline: float | None) -> None:
         def locked() -> None:
+            self.heap._check_identity()
             if not (pages.used[start] and pages.span[start] == start + 1
                     and pages.in_use(start) and pages.sclass[start] == 0):
                 raise DoubleFreeError(f"address {ref:#x} names an object that was already "
@@ -645,16 +651,16 @@ def _as_int(value: object, error: Exception) -> int:
 Note = Callable[[str, str, bool], bool]
 
 
-def audit_arena(allocator: Allocator, index: int, note: Note) -> None:
-    """fsck of arena ``index``'s page metadata (lock holder).
+def audit_arena(allocator: Allocator, index: int, note: Note) -> bool:
+    """fsck of arena ``index``'s page metadata (lock holder); False if the arena is lost.
 
     ``note(code, message, fixable)`` records each problem and says whether to
     fix it now; fixes are made under the journal's ``PAGES(index)``.
     """
     try:
         pages = allocator.pages_of(index)
-    except (KeyError, HeapCorruptError):
-        return  # the index checks report a lost arena
+    except HeapCorruptError:
+        return False  # the index checks report a lost arena
     writable = not allocator.readonly
     for problem in pages.audit(allocator.span_ok):
         fixable = problem.fix is not None and writable
@@ -662,6 +668,7 @@ def audit_arena(allocator: Allocator, index: int, note: Note) -> None:
             allocator._journal.begin(PAGES, index)
             problem.fix()
             allocator._journal.end()
+    return True
 
 
 def check_allocator(heap: Heap, allocator: Allocator, repair: bool, full: bool,
@@ -672,8 +679,10 @@ def check_allocator(heap: Heap, allocator: Allocator, repair: bool, full: bool,
     are returned to the heap on the way: ordinary garbage, not a finding.
     """
     if full:
-        for index in allocator.snapshot_locked():
-            audit_arena(allocator, index, note)
+        lost = [index for index in allocator.snapshot_locked()
+                if not audit_arena(allocator, index, note)]
+        if lost:
+            return  # the heap gets marked broken; reclaiming would trip on the lost arena
     if repair and not heap.readonly:
         allocator.reclaim_locked()
 

@@ -61,15 +61,21 @@ class Arena:
     metadata after the trailer, likewise.
     """
 
-    __slots__ = ("_seg", "base", "buf", "index", "meta", "size")
+    __slots__ = ("_seg", "base", "buf", "identity", "index", "meta", "size")
 
     def __init__(self, index: int, arena_size: int, seg: segments.Segment) -> None:
         self.index = index
         self.size = arena_size
         self.base = index * arena_size
         self._seg = seg
+        #: (st_dev, st_ino) of the segment mapped (segments.Segment.identity)
+        self.identity = seg.identity
         self.buf = seg.buf[:arena_size]
         self.meta = seg.buf[arena_size + TRAILER_SIZE:]
+
+    def punch(self, offset: int, length: int) -> None:
+        """Return the memory of data bytes ``[offset, offset + length)`` to the OS (writers)."""
+        self._seg.punch(offset, length)
 
     def close(self) -> None:
         self.buf.release()
@@ -97,7 +103,7 @@ def build(heap_name: str, slot: int, arena_size: int, mode: int,
     allocated now and SIGBUS at first touch cannot happen.
     """
     tmp = temp_arena_name(heap_name, slot)
-    segments.unlink(tmp)
+    segments.remove_own(tmp)
     if not reserve:
         segments.check_free_space(tmp, segment_size(arena_size, page_size))
     return segments.create(tmp, segment_size(arena_size, page_size), mode, reserve=reserve)
@@ -142,14 +148,11 @@ def verify_arena(heap_name: str, heap_id: int, index: int, arena_size: int,
     """Check published arena ``index``'s segment like ``open_arena``, without mapping it."""
     name = arena_name(heap_name, index)
     try:
-        fd = segments.open_fd(name, readonly=True)
+        fd, _st = segments.open_fd(name, readonly=True,
+                                   expect_size=segment_size(arena_size, page_size))
     except FileNotFoundError:
         raise _missing(heap_name, index) from None
     try:
-        size = os.fstat(fd).st_size
-        if size != segment_size(arena_size, page_size):
-            raise HeapCorruptError(f"/dev/shm/{name} has {size} bytes, expected "
-                                   f"{segment_size(arena_size, page_size)}")
         trailer = TRAILER.unpack(os.pread(fd, TRAILER.size, arena_size))
         _check_trailer(heap_name, heap_id, index, trailer)
     finally:
@@ -179,13 +182,11 @@ class ArenaMap:
         self.max_arenas = max_arenas
         self._name = map_name(heap_name)
         try:
-            self._fd = os.open(segments.path_of(self._name),
-                               (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
-                               | os.O_NOFOLLOW)
+            self._fd, st = segments.open_fd(self._name, readonly)
         except FileNotFoundError:
             raise HeapCorruptError(
                 f"heap {heap_name!r} has no arena map /dev/shm/{self._name}") from None
-        if os.fstat(self._fd).st_size < map_bytes(max_arenas):
+        if st.st_size < map_bytes(max_arenas):
             os.close(self._fd)
             raise HeapCorruptError(f"/dev/shm/{self._name} is shorter than its heap needs")
 

@@ -68,11 +68,15 @@ def add_create(sub: Subparsers) -> None:
     parser.add_argument("--max-arenas", type=int, default=1 << 20,
                         help="arena indices available (default 1048576)")
     parser.add_argument("--no-reserve", action="store_true",
-                        help="leave arenas sparse instead of reserving their memory")
+                        help="leave arenas sparse instead of reserving their memory (a write "
+                        "into one when /dev/shm is full is SIGBUS)")
     parser.set_defaults(run=run_create)
 
 
 def run_create(args: argparse.Namespace) -> int:
+    if args.no_reserve:
+        print("shmheap: warning: --no-reserve: arenas are sparse, so a process that writes "
+              "into one while /dev/shm is full is killed by SIGBUS", file=sys.stderr)
     heap = Heap.create(args.name, arena_size=args.arena_size, max_arenas=args.max_arenas,
                        reserve=not args.no_reserve)
     heap.close()
@@ -231,6 +235,8 @@ def run_gc(args: argparse.Namespace) -> int:
               f"{format_size(item.shm_bytes)}")
         for entry in item.removed:
             print(f"  /dev/shm/{entry}")
+        for entry in item.left:
+            print(f"  could not remove /dev/shm/{entry}")
     if not collected:
         print("nothing to collect")
     return 0

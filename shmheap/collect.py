@@ -40,13 +40,14 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import arenas, control, liveness, segments
-from .errors import HeapCorruptError, HeapNotFoundError, ShmHeapError
+from .errors import HeapCorruptError, HeapNotFoundError, HeapRemovalError, ShmHeapError
 from .heap import destroy
 from .names import (
     check_name,
@@ -103,10 +104,12 @@ class Collected:
     reason: str
     removed: list[str] = field(default_factory=list)
     shm_bytes: int = 0
+    #: entries it could not remove (a directory, another user's file)
+    left: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "state": self.state, "reason": self.reason,
-                "removed": self.removed, "shm_bytes": self.shm_bytes}
+                "removed": self.removed, "shm_bytes": self.shm_bytes, "left": self.left}
 
 
 def groups(names: Iterable[str] = ()) -> dict[str, list[str]]:
@@ -141,18 +144,26 @@ def _judge(name: str) -> HeapStatus:
     """State, problem and (when readable) the parameters of heap ``name``."""
     path = segments.path_of(control_name(name))
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
+        fd, st = segments.open_fd(control_name(name), readonly=True)
+    except HeapNotFoundError:
         return HeapStatus(name, "no-control", "no control segment")
-    except OSError as exc:
-        return HeapStatus(name, "inaccessible", f"{path}: {exc.strerror}")
+    except segments.ForeignObjectError as exc:
+        # another user's heap is theirs to judge; a FIFO, directory or link is no heap
+        found = segments.lstat(control_name(name))
+        theirs = found is not None and stat.S_ISREG(found.st_mode)
+        return HeapStatus(name, "inaccessible" if theirs else "corrupt", str(exc))
+    except ShmHeapError as exc:
+        return HeapStatus(name, "inaccessible", str(exc))
     try:
-        if control.creator_active(fd):
-            return HeapStatus(name, "initialising", "its creator is still creating it")
-        size = os.fstat(fd).st_size
-        if size < control.SIZE:
-            return HeapStatus(name, "corrupt", f"{path} has {size} bytes; its creator died "
-                              "while creating it")
+        state = control.peek_state(os.pread(fd, 16, 0), path)
+        if state not in (control.READY, control.BROKEN):
+            if control.creator_active(fd):
+                return HeapStatus(name, "initialising", "its creator is still creating it")
+            return HeapStatus(name, "corrupt", f"its creator died while creating it ({path} "
+                              f"has {st.st_size} bytes, state {control.STATE_NAMES[state]})")
+        if st.st_size < control.SIZE:
+            return HeapStatus(name, "corrupt", f"{path} has {st.st_size} bytes, expected "
+                              f"{control.SIZE}")
         with mmap.mmap(fd, control.SIZE, mmap.MAP_SHARED, mmap.PROT_READ) as mapping:
             view = memoryview(mapping)
             try:
@@ -168,8 +179,6 @@ def _judge(name: str) -> HeapStatus:
         os.close(fd)
     if state == control.BROKEN:
         return HeapStatus(name, "broken", "marked broken by a repair that failed")
-    if state != control.READY:
-        return HeapStatus(name, "corrupt", "its creator died while creating it")
     missing = _missing_part(name, params.max_arenas, generation)
     if missing:
         return HeapStatus(name, "corrupt", f"/dev/shm/{missing} is missing or too short")
@@ -213,12 +222,14 @@ def collect(dry_run: bool = False, stale: bool = False,
         reason = is_garbage(status, stale)
         if not reason:
             continue  # it changed since the first look: a creator or an attacher is at work
-        removed = list(status.entries)
+        removed, left = list(status.entries), []
         if not dry_run:
             try:
                 removed = destroy(status.name)
             except HeapNotFoundError:
                 continue  # someone else removed it meanwhile
+            except HeapRemovalError as exc:
+                removed, left = exc.removed, exc.remaining
         collected.append(Collected(status.name, status.state, reason, removed,
-                                   status.shm_bytes))
+                                   status.shm_bytes, left))
     return collected

@@ -78,8 +78,8 @@ STATE_OFFSET = 12
 #: While the state is INITIALISING the creator holds an OFD write lock on this byte,
 #: taken right after the exclusive create.
 INIT_LOCK_BYTE = 0
-#: Seconds after its last write (mtime) an unlocked, unfinished control segment still
-#: counts as being created (a creator preempted between its open and its lock).
+#: Seconds after its creation an unlocked, still empty control segment counts as being
+#: created (a creator preempted between its exclusive open and its init lock).
 CREATOR_GRACE = 2.0
 HEADER_OFFSET = 64
 SAVED_HEADER_OFFSET = 80
@@ -151,10 +151,16 @@ def lock_init(fd: int) -> None:
 
 
 def creator_active(fd: int) -> bool:
-    """True if the creator of the (not READY) control segment ``fd`` may still be at work."""
+    """True if the creator of the (not READY) control segment ``fd`` may still be at work.
+
+    It holds the init lock from right after its exclusive open; only a segment
+    still empty (not yet sized) may belong to a creator that has not taken
+    it yet, for ``CREATOR_GRACE`` seconds.
+    """
     if liveness.is_locked(fd, INIT_LOCK_BYTE):
         return True
-    return time.time() - os.fstat(fd).st_mtime < CREATOR_GRACE
+    st = os.fstat(fd)
+    return st.st_size == 0 and time.time() - st.st_mtime < CREATOR_GRACE
 
 
 def read_state(buf: memoryview) -> int:

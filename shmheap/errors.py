@@ -38,12 +38,32 @@ class HeapVersionError(HeapCorruptError):
     """A control segment written by an incompatible layout version of shmheap."""
 
 
+class HeapRemovalError(ShmHeapError):
+    """``destroy`` removed what it could of a heap, but not everything.
+
+    ``removed`` and ``remaining`` list the entries of /dev/shm it removed and
+    those it could not (another user's file, a directory, ...).
+    """
+
+    def __init__(self, message: str, removed: list[str], remaining: list[str]) -> None:
+        super().__init__(message)
+        self.removed = removed
+        self.remaining = remaining
+
+
 class HeapClosedError(ShmHeapError, ValueError):
     """A call on a ``Heap`` after ``close()`` or ``destroy()``."""
 
 
 class ArenaCollisionError(ShmHeapError, FileExistsError):
     """``grow(at=i)`` on an index that is already an arena or whose name is taken."""
+
+
+class ArenaNotFoundError(ShmHeapError, KeyError):
+    """``heap.arena(i)`` for an index that has no arena."""
+
+    # KeyError would print the message quoted, as a key
+    __str__ = Exception.__str__
 
 
 class AddressSpaceExhaustedError(ShmHeapError, MemoryError):

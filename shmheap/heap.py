@@ -52,13 +52,16 @@ from .allocator import Allocator, as_ndarray
 from .errors import (
     AddressSpaceExhaustedError,
     ArenaCollisionError,
+    ArenaNotFoundError,
     HeapClosedError,
     HeapCorruptError,
     HeapExistsError,
     HeapNotFoundError,
+    HeapRemovalError,
     InvalidParameterError,
     LockTimeoutError,
     ReadOnlyError,
+    ShmHeapError,
 )
 from .index import ArenaIndex, ArenaSnapshot
 from .liveness import Liveness
@@ -178,7 +181,9 @@ class Heap:
             self._release_resources()
             raise
         # The slot is ours alone now: a new arena its previous holder left unlinked is dead.
-        segments.unlink(temp_arena_name(name, self._live.slot))
+        # (Something foreign under that name is grow()'s error, not attach's.)
+        with contextlib.suppress(ShmHeapError):
+            segments.remove_own(temp_arena_name(name, self._live.slot))
         journal = control_seg.buf[control.JOURNAL_OFFSET:control.JOURNAL_OFFSET + 8].cast("Q")
         self._journal_word = journal
         self._lock = HeapLock(self._sem, self._live, name, journal, self._repair_journal)
@@ -224,6 +229,12 @@ class Heap:
             seg = segments.create(control_name(name), control.SIZE, mode, keep_fd=True,
                                   on_open=control.lock_init)
         except HeapExistsError:
+            st = segments.lstat(control_name(name))
+            problem = segments.foreign(st) if st is not None else ""
+            if problem:
+                raise HeapExistsError(
+                    f"heap name {name!r} is taken: /dev/shm/{control_name(name)} {problem}; "
+                    "choose another name, or have it removed") from None
             raise HeapExistsError(
                 f"heap {name!r} already exists; attach to it, or remove it with "
                 f"`shmheap destroy {name}`") from None
@@ -249,7 +260,7 @@ class Heap:
             crash.reach("create.initialised")
             control.write_state(seg.buf, control.READY)
         except BaseException:
-            destroy(name)
+            _remove_own_objects(name)
             seg.close()
             raise
         liveness.unlock(seg.fd, control.INIT_LOCK_BYTE)
@@ -334,9 +345,12 @@ class Heap:
         """Unlink every object of this heap, then close this handle.
 
         Processes that have arenas or snapshots mapped keep reading them; new
-        attaches get HeapNotFoundError.
+        attaches get HeapNotFoundError.  ReadOnlyError on a read-only handle;
+        HeapNotFoundError if this heap is gone already (a heap re-created
+        under its name since is another heap, left alone).
         """
-        self._check_open()
+        self._check_writable("destroy() (or the module function shmheap.destroy(name))")
+        self._check_identity()
         self.close()
         destroy(self.name)
 
@@ -364,6 +378,18 @@ class Heap:
         if self.readonly:
             raise ReadOnlyError(f"heap {self.name!r} is attached readonly; {what} needs a "
                                 "writable attach (Heap.attach(name))")
+
+    def _check_identity(self) -> None:
+        """HeapNotFoundError if this handle's heap was destroyed (or replaced) since it attached.
+
+        One ``lstat``: called where a mutation is about to create or change
+        something beyond the memory this handle has mapped, never on the
+        allocator's fast path.
+        """
+        if segments.identity_of(control_name(self.name)) != self._control.identity:
+            raise HeapNotFoundError(
+                f"heap {self.name!r} was destroyed (and maybe re-created as another heap) "
+                "since this handle attached it; close this handle and attach again")
 
     # -- the lock -------------------------------------------------------------------
 
@@ -396,6 +422,7 @@ class Heap:
                 f"grow(at={at!r}): an arena index must be an int in [1, {self.max_arenas})")
         live = self._live
         assert live is not None
+        self._check_identity()
         # Building (and reserving) the segment is the slow part: do it before
         # taking the lock, under this process's own temporary name.
         live.set_building(True)
@@ -410,7 +437,8 @@ class Heap:
                 seg.close()
                 raise
         finally:
-            segments.unlink(temp_arena_name(self.name, live.slot))
+            with contextlib.suppress(ShmHeapError):
+                segments.remove_own(temp_arena_name(self.name, live.slot))
             live.set_building(False)
         arena = arenas.Arena(index, self.arena_size, seg)
         self._arenas[index] = arena
@@ -420,6 +448,7 @@ class Heap:
         """Link, append and map the new arena ``seg`` (lock held); returns its index."""
         assert self._map is not None and self._live is not None
         self._index.header()  # a broken heap fails here, before anything is linked
+        self._check_identity()  # nor is anything linked under a recycled name
         self._live.recycle_dead_slots(builders_only=True)
         index = self._link_new_arena(seg, at)
         crash.reach("grow.segment_linked")
@@ -466,14 +495,19 @@ class Heap:
         return False
 
     def arena(self, index: int) -> arenas.Arena:
-        """The arena at ``index``, mapped on first use; KeyError if there is none."""
+        """The arena at ``index``, mapped on first use; ArenaNotFoundError (a KeyError) if none."""
+        if type(index) is not int:
+            raise InvalidParameterError(
+                f"arena({index!r}): an arena index is an int, not {type(index).__name__}")
         arena = self._arenas.get(index)
         if arena is not None:
             return arena
         self._check_open()
         assert self._map is not None
-        if not isinstance(index, int) or index not in self._map:
-            raise KeyError(index)
+        if index not in self._map:
+            raise ArenaNotFoundError(
+                f"heap {self.name!r} has no arena {index}; its arenas are listed by "
+                "heap.snapshot()")
         return self.published_arena(index)
 
     def published_arena(self, index: int) -> arenas.Arena:
@@ -489,7 +523,7 @@ class Heap:
     def __contains__(self, index: object) -> bool:
         self._check_open()
         assert self._map is not None
-        return isinstance(index, int) and index in self._map
+        return type(index) is int and index in self._map
 
     # -- the index ----------------------------------------------------------------------
 
@@ -523,6 +557,7 @@ class Heap:
         """
         if repair:
             self._check_writable("check(repair=True)")
+            self._check_identity()
         self._check_open()
         deadline = deadline_of(timeout)
         lock = self._lock
@@ -578,7 +613,12 @@ class Heap:
         return self._objects().alloc(nbytes, timeout)
 
     def free(self, ref: int, timeout: float | None = None) -> None:
-        """Free the object at heap address ``ref`` (allocated by any process)."""
+        """Free the object at heap address ``ref`` (allocated by any process).
+
+        A ref carries no heap identity: a ref of another heap (or a stale one)
+        that equals the address of a live object here frees that object, and
+        a ``view()`` kept after a free shows whatever object reuses the memory.
+        """
         self._objects().free(ref, timeout)
 
     def view(self, ref: int, timeout: float | None = None) -> memoryview:
@@ -619,15 +659,33 @@ class Heap:
         return walker.scavenge(self, deadline_of(timeout))
 
 
+def _entries(name: str) -> list[str]:
+    """The entries of /dev/shm under heap ``name``'s names, its control segment last."""
+    entries = [e for e in segments.list_all() if owns(name, e)]
+    return sorted(entries, key=lambda e: e == control_name(name))
+
+
 def _remove_leftovers(name: str) -> None:
     """Unlink every object of ``name`` but its control segment (creator only).
 
-    The creator holds the control segment exclusively, so anything else under
-    the name is left over from a heap whose destroy did not finish.
+    The creator holds the control segment exclusively, so anything else of
+    this user under the name is left over from a heap whose destroy did not
+    finish.  Anything else (another user's file, a FIFO, ...) is not ours to
+    remove: ForeignObjectError, before anything is removed.
     """
-    for entry in segments.list_all():
-        if owns(name, entry) and entry != control_name(name):
-            _unlink_entry(name, entry)
+    leftovers = [e for e in _entries(name) if e != control_name(name)]
+    for entry in leftovers:
+        segments.check_own(entry)
+    for entry in leftovers:
+        _unlink_entry(name, entry)
+
+
+def _remove_own_objects(name: str) -> None:
+    """After a failed create: remove what this user has under ``name``, as far as it can."""
+    for entry in _entries(name):
+        with contextlib.suppress(ShmHeapError):
+            if segments.check_own(entry):
+                _unlink_entry(name, entry)
 
 
 def _unlink_entry(name: str, entry: str) -> None:
@@ -650,13 +708,13 @@ def _open_ready_control(name: str, readonly: bool,
     creator_seen_gone = False
     while True:
         try:
-            fd = segments.open_fd(seg_name, readonly)
+            fd, st = segments.open_fd(seg_name, readonly)
         except HeapNotFoundError:
             raise HeapNotFoundError(
                 f"no heap named {name!r}; create it with Heap.create({name!r}) or "
                 f"`shmheap create {name}`") from None
         try:
-            size = os.fstat(fd).st_size
+            size = st.st_size
             state = control.peek_state(os.pread(fd, control.SIZE, 0), where)
             # A BROKEN heap attaches (so that fsck can repair it); every use of its
             # poisoned header then raises HeapCorruptError.
@@ -665,7 +723,8 @@ def _open_ready_control(name: str, readonly: bool,
                     raise HeapCorruptError(f"{where} has {size} bytes, expected "
                                            f"{control.SIZE}; destroy the heap")
                 owned, fd = fd, -1  # the Segment owns (and on failure closes) it now
-                return segments.Segment(seg_name, owned, size, readonly, keep_fd=False)
+                return segments.Segment(seg_name, owned, size, readonly, keep_fd=False,
+                                        identity=(st.st_dev, st.st_ino))
             creator_alive = control.creator_active(fd)
         finally:
             if fd >= 0:
@@ -690,14 +749,24 @@ def destroy(name: str) -> list[str]:
 
     HeapNotFoundError if there was nothing to remove.  The control segment
     goes last, so nobody can create a new heap of this name while the old
-    one's objects are still being removed.
+    one's objects are still being removed.  What cannot be removed (a
+    directory, another user's file) is skipped; after removing the rest,
+    HeapRemovalError lists it.
     """
     check_name(name)
-    removed = []
-    entries = [e for e in segments.list_all() if owns(name, e)]
-    for entry in sorted(entries, key=lambda e: e == control_name(name)):
-        _unlink_entry(name, entry)
-        removed.append(entry)
+    removed: list[str] = []
+    failed: dict[str, str] = {}
+    for entry in _entries(name):
+        try:
+            _unlink_entry(name, entry)
+        except ShmHeapError as exc:
+            failed[entry] = str(exc)
+        else:
+            removed.append(entry)
+    if failed:
+        raise HeapRemovalError(
+            f"heap {name!r}: removed {len(removed)} objects; could not remove: "
+            + "; ".join(failed.values()), removed, list(failed))
     if not removed:
         raise HeapNotFoundError(f"no heap named {name!r} to destroy")
     return removed

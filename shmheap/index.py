@@ -218,7 +218,7 @@ class ArenaIndex:
         the header to it; it was never published, so no reader has it mapped.
         """
         seg_name = index_name(self._heap_name, generation)
-        segments.unlink(seg_name)
+        segments.remove_own(seg_name)
         return segments.create(seg_name, self.capacity(generation) * ENTRY_SIZE, self._mode)
 
     def create_first(self) -> None:

@@ -63,6 +63,7 @@ liveness test.  It never touches the semaphore or the heap state.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import os
@@ -157,6 +158,12 @@ def _stamped(buf: memoryview, nslots: int) -> list[int]:
     """Slots whose pid is non-zero (attached, or dead and not yet recycled)."""
     pids = buf[SLOTS_OFFSET:SLOTS_OFFSET + nslots * SLOT_SIZE].cast("I")[::SLOT_SIZE // 4]
     return [slot for slot, pid in enumerate(pids.tolist()) if pid]
+
+
+def _remove_temp_arena(name: str, slot: int) -> None:
+    """Remove the new arena slot ``slot`` may have left (never a file this user did not make)."""
+    with contextlib.suppress(ShmHeapError):
+        segments.remove_own(temp_arena_name(name, slot))
 
 
 def create(name: str, mode: int) -> None:
@@ -264,7 +271,7 @@ class Liveness:
         _ATTACHED.discard(self)
         if self._seg.fd is None:
             return
-        segments.unlink(temp_arena_name(self.name, self.slot))
+        _remove_temp_arena(self.name, self.slot)
         _SLOT.pack_into(self._seg.buf, slot_offset(self.slot), 0,
                         _SLOT.unpack_from(self._seg.buf, slot_offset(self.slot))[1], 0)
         self.set_building(False)
@@ -315,7 +322,7 @@ class Liveness:
                 continue  # alive, or being claimed right now
             try:
                 epoch = _SLOT.unpack_from(buf, slot_offset(slot))[1]
-                segments.unlink(temp_arena_name(self.name, slot))
+                _remove_temp_arena(self.name, slot)
                 _SLOT.pack_into(buf, slot_offset(slot), 0, epoch, 0)
                 self._building[slot] = 0
                 cleaned += 1

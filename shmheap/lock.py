@@ -79,6 +79,7 @@ import itertools
 import math
 import operator
 import os
+import struct
 import time
 import weakref
 from collections.abc import Callable
@@ -86,16 +87,16 @@ from typing import TypeVar
 
 import posix_ipc
 
-from . import crash
+from . import crash, segments
 from .errors import (
     HeapExistsError,
     HeapNotFoundError,
     InvalidParameterError,
     LockTimeoutError,
+    OutOfSharedMemoryError,
     ShmHeapError,
 )
 from .liveness import Liveness
-from .names import SHM_DIR
 
 #: Seconds between liveness checks while waiting: the first wait is 2 * FIRST_POLL,
 #: each later one twice as long, up to POLL.
@@ -103,6 +104,8 @@ FIRST_POLL = 0.0005
 POLL = 0.02
 #: Seconds an unowned-but-taken semaphore must stay so, untaken by anyone, before it is adopted.
 UNOWNED_GRACE = 0.25
+#: Bytes of a named semaphore's file in /dev/shm: glibc's sizeof(sem_t), 4 words.
+SEMAPHORE_FILE_SIZE = 4 * struct.calcsize("P")
 
 _T = TypeVar("_T")
 _ZERO = (0,)
@@ -437,24 +440,53 @@ class LockedBlock:
 
 
 def open_semaphore(name: str, create: bool, mode: int) -> posix_ipc.Semaphore:
-    """Open (or exclusively create, with count 1) the named semaphore ``name``."""
+    """Open (or exclusively create, with count 1) the named semaphore ``name``.
+
+    sem_open maps the semaphore's file, so before opening an existing one its
+    file is checked like a segment (segments.open_fd): a FIFO there would
+    hang us, a short file would kill us with SIGBUS, another user's file is
+    not our lock.
+    """
+    file = f"sem.{name.lstrip('/')}"
+    where = segments.path_of(file)
     try:
         if create:
             sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode, 1)
             # sem_open narrows the mode by the umask; the segments get exactly ``mode``
-            os.chmod(f"{SHM_DIR}/sem.{name.lstrip('/')}", mode)
+            os.chmod(where, mode)
             return sem
+        os.close(segments.open_fd(file, readonly=True, expect_size=SEMAPHORE_FILE_SIZE)[0])
         return posix_ipc.Semaphore(name)
+    except ShmHeapError:
+        raise  # from the file's check, already typed (some are OSErrors too)
     except posix_ipc.ExistentialError as exc:
         cls = HeapExistsError if create else HeapNotFoundError
-        raise cls(f"heap lock semaphore {name}: {exc}") from None
+        raise cls(f"heap lock semaphore {where}: {exc}") from None
     except posix_ipc.PermissionsError as exc:
-        raise ShmHeapError(f"heap lock semaphore {name}: permission denied ({exc})") from None
+        raise segments.SegmentPermissionError(
+            f"heap lock semaphore {where}: permission denied ({exc}); it belongs to another "
+            "user or its mode forbids this access") from None
+    except OSError as exc:
+        raise _semaphore_error(where, exc) from None
+
+
+def _semaphore_error(where: str, exc: OSError) -> ShmHeapError:
+    if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+        return OutOfSharedMemoryError(
+            f"no room in /dev/shm for the heap lock semaphore {where}: free space there "
+            "(df -h /dev/shm; `shmheap gc` removes abandoned heaps)")
+    return ShmHeapError(f"heap lock semaphore {where}: {exc.strerror} (errno {exc.errno})")
 
 
 def unlink_semaphore(name: str) -> bool:
+    where = segments.path_of(f"sem.{name.lstrip('/')}")
     try:
         posix_ipc.unlink_semaphore(name)
     except posix_ipc.ExistentialError:
         return False
+    except posix_ipc.PermissionsError:
+        raise segments.SegmentPermissionError(
+            f"permission denied on {where}: it belongs to another user") from None
+    except OSError as exc:
+        raise _semaphore_error(where, exc) from None
     return True

@@ -89,8 +89,6 @@ say "lock holder only", and allocator.py/walker.py call them with it held.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import functools
 import importlib
@@ -119,6 +117,7 @@ PARTIAL_OFFSET = 64
 CLEAN, DIRTY, RELEASED, RELEASING = 0, 1, 2, 3
 NEEDS_ZERO = (DIRTY, RELEASING)
 NEEDS_RESERVE = (RELEASED, RELEASING)
+_U64 = (1 << 64) - 1
 #: How often a lock-free reader retries while ``seq`` is odd or changes under it.
 READ_RETRIES = 100
 _T = TypeVar("_T")
@@ -229,9 +228,9 @@ def runs(data: bytes, value: int) -> Iterator[tuple[int, int]]:
 class ArenaPages:
     """This process's view of one arena's data and page metadata."""
 
-    __slots__ = ("base", "data", "heap_name", "index", "inuse", "marks", "meta", "npages",
-                 "owner", "page_shift", "page_size", "pages", "partial", "sclass", "seq",
-                 "span", "state", "used")
+    __slots__ = ("arena", "base", "data", "heap_name", "index", "inuse", "marks", "meta",
+                 "npages", "owner", "page_shift", "page_size", "pages", "partial", "sclass",
+                 "seq", "span", "state", "used")
 
     def __init__(self, heap_name: str, arena: Arena, page_size: int) -> None:
         lay = layout(arena.size, page_size)
@@ -240,6 +239,7 @@ class ArenaPages:
             raise HeapCorruptError(f"arena {arena.index} of heap {heap_name!r} has no room "
                                    "for its page metadata")
         self.heap_name = heap_name
+        self.arena = arena
         self.index = arena.index
         self.base = arena.base
         self.data = arena.buf
@@ -294,7 +294,8 @@ class ArenaPages:
         The lock holder's read; lock-free readers use ``read_span``.
         """
         npages = self.npages[start]
-        if not self.in_use(start) or not 1 <= npages <= self.pages - start:
+        if (not self.in_use(start) or not 1 <= npages <= self.pages - start
+                or self.span[start] != start + 1 or self.used[start] != 1):
             return None
         return npages, self.sclass[start]
 
@@ -306,13 +307,28 @@ class ArenaPages:
         """(used, span entry - 1, sclass, npages) of ``page``: raw reads for ``steady``.
 
         sclass and npages are those of the span's first page, 0 if the entry
-        names no page at or before ``page``.
+        names no page at or before ``page``; npages is 0 too unless the span
+        it describes holds ``page`` and its last page names the same start.
         """
         used = self.used[page]
         start = self.span[page] - 1
         if not 0 <= start <= page:
             return used, start, 0, 0
-        return used, start, self.sclass[start], self.npages[start]
+        npages = self.npages[start]
+        if not page < start + npages <= self.pages or self.span[start + npages - 1] != start + 1:
+            npages = 0
+        return used, start, self.sclass[start], npages
+
+    def used_pages(self) -> bytes:
+        """The ``used`` bytes; HeapCorruptError if one is neither 0 nor 1."""
+        used = bytes(self.used)
+        if used.translate(None, b"\0\1"):
+            raise self.corrupt("some pages have a used byte that is neither 0 nor 1")
+        return used
+
+    def corrupt(self, what: str) -> HeapCorruptError:
+        return HeapCorruptError(f"heap {self.heap_name!r}: arena {self.index}: {what}; run "
+                                f"`shmheap fsck --repair {self.heap_name}`")
 
     def owned(self) -> bool:
         return bool(self.meta[OWNED_OFFSET])
@@ -364,13 +380,13 @@ class ArenaPages:
 
     def begin_change(self) -> None:
         """Make ``seq`` odd before the first write to span records (``seq + 2`` if it is)."""
-        self.seq[0] = (self.seq[0] + 1) | 1
+        self.seq[0] = ((self.seq[0] + 1) | 1) & _U64  # wraps, as a garbage word may
 
     def end_change(self) -> None:
         """Make ``seq`` even after the last write to span records (no-op if it is)."""
         seq = self.seq[0]
         if seq & 1:
-            self.seq[0] = seq + 1
+            self.seq[0] = (seq + 1) & _U64
 
     def publish(self, start: int, npages: int, sclass: int, owner: int) -> None:
         """Make a span of free pages (prepared and zeroed as needed); publication is last."""
@@ -389,9 +405,26 @@ class ArenaPages:
         self.end_change()
         crash.reach("span.published")
 
+    def check_span(self, start: int) -> int:
+        """The pages of the span published at ``start``, its records checked whole (lock holder).
+
+        HeapCorruptError if they do not describe one span (garbage in the metadata).
+        """
+        found = self.span_of(start)
+        npages, sclass = found if found is not None else (0, 0)
+        end = start + npages
+        if (found is None or self.span[start:end] != _u32_run(start + 1, npages)
+                or bytes(self.used[start:end]).count(1) != npages
+                or bytes(self.sclass[start:end]).count(sclass) != npages):
+            raise self.corrupt(f"the records of the span at page {start} do not describe a span")
+        return npages
+
     def release(self, start: int) -> int:
-        """Free the span at ``start``; returns its pages.  Its data becomes DIRTY."""
-        npages = self.npages[start]
+        """Free the span at ``start``; returns its pages.  Its data becomes DIRTY.
+
+        The records are checked first (``check_span``): garbage is never freed.
+        """
+        npages = self.check_span(start)
         self.begin_change()
         self.state[start:start + npages] = bytes([DIRTY]) * npages
         self.clear_mark(start)
@@ -426,15 +459,20 @@ class ArenaPages:
                 raise
 
     def punch(self, start: int, npages: int) -> None:
-        """Return the memory of pages to the OS; they read zero afterwards."""
+        """Return the memory of pages to the OS; they read zero afterwards.
+
+        Through this process's own mapping of the arena, never by name: a
+        name recycled by a new heap is not touched.
+        """
         shift = self.page_shift
-        with self._file() as fd:
-            punch_hole(fd, start << shift, npages << shift)
+        self.arena.punch(start << shift, npages << shift)
 
     @contextlib.contextmanager
     def _file(self) -> Iterator[int]:
-        fd = os.open(segments.path_of(arena_name(self.heap_name, self.index)),
-                     os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        """The arena's file, opened by name: it must still be the one this process mapped
+        (HeapNotFoundError if its heap was destroyed and re-created since)."""
+        fd, _st = segments.open_fd(arena_name(self.heap_name, self.index), readonly=False,
+                                   identity=self.arena.identity)
         try:
             yield fd
         finally:
@@ -458,15 +496,15 @@ class ArenaPages:
                                         f"page {start} overlaps another", None))
                 continue
             covered[start:start + npages] = b"\1" * npages
-        used = bytes(self.used)
-        for start, count in runs(bytes(u & ~c & 1 for u, c in zip(used, covered,
-                                                                   strict=True)), 1):
+        used = bytes(self.used)  # a garbage byte (neither 0 nor 1) counts as used
+        for start, count in runs(bytes(1 if u and not c else 0 for u, c in zip(used, covered,
+                                                                               strict=True)), 1):
             problems.append(Problem(
                 "pages-orphaned", f"arena {self.index}: pages {start}..{start + count - 1} are "
                 "marked used but no span holds them (a process died making or freeing a span)",
                 functools.partial(self._free_orphans, start, count)))
-        for start, count in runs(bytes(c & ~u & 1 for u, c in zip(used, covered,
-                                                                   strict=True)), 1):
+        for start, count in runs(bytes(1 if c and u != 1 else 0 for u, c in zip(used, covered,
+                                                                                strict=True)), 1):
             problems.append(Problem(
                 "pages-unmarked", f"arena {self.index}: pages {start}..{start + count - 1} of "
                 "a published span are not marked used",
@@ -517,20 +555,3 @@ def _runs_where(states: bytes, wanted: tuple[int, ...]) -> list[tuple[int, int]]
 
 def _u32_run(value: int, count: int) -> memoryview:
     return memoryview(value.to_bytes(4, "little") * count).cast("I")
-
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc: ctypes.CDLL | None = None
-
-
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    """``fallocate(fd, PUNCH_HOLE | KEEP_SIZE, offset, length)`` through libc."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        _libc.fallocate.restype = ctypes.c_int
-    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"fallocate(PUNCH_HOLE) failed: {os.strerror(err)}")

@@ -34,8 +34,14 @@ and the semaphore's count.  On the way it recycles the slots of processes
 that exited without closing and (with repair) returns the spans they cached:
 both are ordinary garbage, never a finding.
 
+Repair never acts on evidence it cannot trust: a file under the heap's name
+that is not a regular file of this user is only reported (foreign-object);
+an arena whose trailer names this heap is removed as an unpublished orphan
+only if its map bit is clear and nothing fatal was found, else it is kept,
+data and all (arena-unlisted, fatal).
+
 A finding that repair cannot fix (a published arena whose segment is gone,
-an impossible header) marks the heap BROKEN: the state word says so and the
+an impossible header, an arena the index lost) marks the heap BROKEN: the state word says so and the
 header word is replaced by a poison value (the real one is saved beside it),
 so every later snapshot, grow and attach raises HeapCorruptError until
 ``fsck --repair`` restores it or the heap is destroyed.
@@ -172,9 +178,10 @@ class _Checker:
             seg_name = index_name(self.name, older)
             size = segments.size_of(seg_name)
             if size != cap * ENTRY_SIZE:
+                replaceable = self.writable() and not self._foreign(seg_name)
                 if self.note("generation-missing",
                              f"index generation {older} is missing or has {size} bytes",
-                             fixable=self.writable()):
+                             fixable=replaceable):
                     segments.unlink(seg_name)
                     seg = segments.create(seg_name, cap * ENTRY_SIZE, self.heap.params.mode)
                     seg.buf.cast("I")[:] = current[:cap]
@@ -236,10 +243,15 @@ class _Checker:
             if not owns(self.name, entry) or entry in known or entry.startswith("sem."):
                 continue
             match = pattern.fullmatch(entry)
-            if match is None:
+            index = int(match.group(2), 16) if match and match.group(2) else -1
+            if index in in_index and arena_name(self.name, index) == entry:
+                continue  # a published arena: check_entries verified it
+            if match is None or (index >= 0 and arena_name(self.name, index) != entry):
                 self.note("foreign-object", f"/dev/shm/{entry} is not an object shmheap "
                           "makes; remove it by hand if it is not yours", fixable=False,
                           harmless=True)
+            elif self._foreign(entry):
+                continue
             elif match.group(4) is not None:
                 slot = int(match.group(4), 16)
                 if slot < live.nslots and live.slot_alive(slot):
@@ -251,18 +263,30 @@ class _Checker:
                 if self.note("unpublished", f"/dev/shm/{entry} is an index generation that "
                              "was never published (its maker died while doubling the index)"):
                     segments.unlink(entry)
-            else:
-                index = int(match.group(2), 16)
-                if index in in_index and arena_name(self.name, index) == entry:
-                    continue
-                if _is_ours(self.heap, index):
-                    if self.note("orphan-arena", f"arena {index} was made but never published "
-                                 "(its maker died)"):
-                        segments.unlink(entry)
-                else:
-                    self.note("foreign-object", f"/dev/shm/{entry} occupies the name of arena "
-                              f"{index} but is not this heap's; grow() skips it", fixable=False,
-                              harmless=True)
+            elif not _is_ours(self.heap, index):
+                self.note("foreign-object", f"/dev/shm/{entry} occupies the name of arena "
+                          f"{index} but is not this heap's; grow() skips it", fixable=False,
+                          harmless=True)
+            elif index in self.heap or any(f.fatal for f in self.findings):
+                # Published once (its map bit is set), or the index that leaves it out is
+                # not to be trusted: its data may be live.  Never delete it.
+                self.note("arena-unlisted", f"/dev/shm/{entry} is arena {index} of this heap "
+                          "(its trailer says so) but the index does not list it; repair keeps "
+                          "it, with its data, and marks the heap broken. Copy what you need "
+                          f"out of it (its first {self.heap.arena_size} bytes are the arena's "
+                          f"data), then `shmheap destroy {self.name}`", fixable=False)
+            elif self.note("orphan-arena", f"arena {index} was made but never published "
+                           "(its maker died)"):
+                segments.unlink(entry)
+
+    def _foreign(self, entry: str) -> bool:
+        """Note and return True if ``entry`` is nothing this user's shmheap can have made."""
+        try:
+            segments.check_own(entry)
+        except ShmHeapError as exc:
+            self.note("foreign-object", f"{exc}", fixable=False, harmless=True)
+            return True
+        return False
 
     def check_hint(self) -> None:
         hint = int(self.words[control.HINT_OFFSET // 8])
@@ -351,7 +375,7 @@ def _finish_grow(heap: Heap, index: int, _arg: int) -> list[Finding]:
         findings.append(Finding("grow-unfinished", f"arena {index} was linked but never "
                                 "published; removed", fixed=True))
     newer = generation + 1
-    if newer < MAX_GENERATIONS and segments.unlink(index_name(heap.name, newer)):
+    if newer < MAX_GENERATIONS and _remove_own(index_name(heap.name, newer)):
         findings.append(Finding("grow-unfinished", f"index generation {newer} was made but "
                                 "never published; removed", fixed=True))
     return findings
@@ -380,6 +404,14 @@ def _finish_disown(heap: Heap, index: int, start: int) -> list[Finding]:
 
 
 _JOURNAL_FIXES = {GROW: _finish_grow, PAGES: _audit_pages, DISOWN: _finish_disown}
+
+
+def _remove_own(name: str) -> bool:
+    """Remove this user's leftover ``name``; a foreign file there is left for fsck to report."""
+    try:
+        return segments.remove_own(name)
+    except ShmHeapError:
+        return False
 
 
 def _is_ours(heap: Heap, index: int) -> bool:

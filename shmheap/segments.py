@@ -7,6 +7,16 @@ that every segment comes with a real file descriptor (for ``fcntl`` OFD locks,
 here into a typed ``ShmHeapError``.  Nothing above this module sees a raw
 ``OSError`` from a segment.
 
+/dev/shm is writable by every local user, so any name may hold a FIFO, a
+directory, a symbolic link or another user's file.  Every existing name is
+opened through ``open_fd``: non-blocking and without following links (so a
+FIFO cannot block us), then ``fstat``-checked: a regular file, of this user
+(or one its owner shared by giving others write access, as a heap created
+with a group or world ``mode`` does), of the expected size.  Anything else is
+a ForeignObjectError.  Each mapping records the file's identity
+(``st_dev``, ``st_ino``), so a name recycled by a new heap is told apart
+from the file a handle mapped.
+
 This module owns single segments only.  It knows nothing of heaps, layouts or
 locks, and never decides on its own to unlink anything.
 """
@@ -18,6 +28,7 @@ import errno
 import mmap
 import os
 import resource
+import stat
 import sys
 from collections.abc import Callable
 
@@ -31,6 +42,8 @@ from .errors import (
 from .names import SHM_DIR
 
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
+#: Mode bits by which a file's owner shares it with other users (group or world write).
+SHARED_BITS = stat.S_IWGRP | stat.S_IWOTH
 #: Python < 3.13 keeps a duplicate descriptor open for every mmap; 3.13 can be told not to.
 _MMAP_EXTRA: dict[str, bool] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 
@@ -56,8 +69,53 @@ class SegmentPermissionError(ShmHeapError, PermissionError):
     """The segment exists but this user may not open it in the requested mode."""
 
 
+class ForeignObjectError(HeapCorruptError):
+    """A name holds something that is not a segment of this user: a FIFO, a
+    directory, a symbolic link, another user's file.  shmheap never uses it."""
+
+
+Identity = tuple[int, int]
+
+
 def path_of(name: str) -> str:
     return f"{SHM_DIR}/{name}"
+
+
+def _kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISLNK, "a symbolic link"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((word for test, word in kinds if test(mode)), "not a regular file")
+
+
+def foreign(st: os.stat_result) -> str:
+    """Why a file of status ``st`` is not a segment this user may use; "" if it is one."""
+    if not stat.S_ISREG(st.st_mode):
+        return f"is {_kind(st.st_mode)}, not a shared-memory segment"
+    if st.st_uid != os.geteuid() and not st.st_mode & SHARED_BITS:
+        return f"belongs to another user (uid {st.st_uid}), who did not share it"
+    return ""
+
+
+def foreign_error(name: str, problem: str) -> ForeignObjectError:
+    return ForeignObjectError(
+        f"{path_of(name)} {problem}: something other than this user's shmheap put it under "
+        "a heap's name; shmheap will not use it: remove it (as its owner or root) or use "
+        "another heap name")
+
+
+def lstat(name: str) -> os.stat_result | None:
+    """The status of entry ``name`` (links not followed), None if there is none."""
+    try:
+        return os.lstat(path_of(name))
+    except FileNotFoundError:
+        return None
+
+
+def identity_of(name: str) -> Identity | None:
+    """(st_dev, st_ino) of the file now at ``name``, None if there is none."""
+    st = lstat(name)
+    return None if st is None else (st.st_dev, st.st_ino)
 
 
 class Segment:
@@ -67,12 +125,15 @@ class Segment:
     a mapping does not need its descriptor.
     """
 
-    __slots__ = ("buf", "fd", "map", "name", "readonly", "size")
+    __slots__ = ("buf", "fd", "identity", "map", "name", "readonly", "size")
 
-    def __init__(self, name: str, fd: int, size: int, readonly: bool, keep_fd: bool) -> None:
+    def __init__(self, name: str, fd: int, size: int, readonly: bool, keep_fd: bool,
+                 identity: Identity) -> None:
         self.name = name
         self.size = size
         self.readonly = readonly
+        #: (st_dev, st_ino) of the file mapped: a later file under ``name`` differs
+        self.identity = identity
         prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
         try:
             self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, prot, **_MMAP_EXTRA)
@@ -85,6 +146,17 @@ class Segment:
         else:
             os.close(fd)
             self.fd = None
+
+    def punch(self, offset: int, length: int) -> None:
+        """Free the memory of ``length`` bytes at ``offset`` of this very file (they read zero).
+
+        ``madvise(MADV_REMOVE)`` on this mapping, not a hole punched by name:
+        if the name now belongs to another file, that file is not touched.
+        """
+        try:
+            self.map.madvise(mmap.MADV_REMOVE, offset, length)
+        except OSError as exc:
+            raise _translate(exc, self.name) from None
 
     def close(self) -> None:
         """Unmap (if no caller still holds a view into it) and close the descriptor."""
@@ -115,7 +187,11 @@ def _translate(exc: OSError, name: str) -> ShmHeapError:
             "forbids this access"
         )
     if exc.errno == errno.ELOOP:
-        return HeapCorruptError(f"{path_of(name)} is a symbolic link, not a segment; remove it")
+        return foreign_error(name, "is a symbolic link, not a shared-memory segment")
+    if exc.errno in (errno.EISDIR, errno.ENOTDIR):
+        return foreign_error(name, "is a directory, not a shared-memory segment")
+    if exc.errno in (errno.ENXIO, errno.ENODEV, errno.ESPIPE):
+        return foreign_error(name, "is not a regular file")
     return ShmHeapError(f"{path_of(name)}: {exc.strerror} (errno {exc.errno})")
 
 
@@ -143,6 +219,7 @@ def create(
         os.ftruncate(fd, size)
         if reserve:
             os.posix_fallocate(fd, 0, size)
+        st = os.fstat(fd)
     except OSError as exc:
         os.close(fd)
         unlink(name)
@@ -152,7 +229,8 @@ def create(
         unlink(name)
         raise
     try:
-        return Segment(name, fd, size, readonly=False, keep_fd=keep_fd)
+        return Segment(name, fd, size, readonly=False, keep_fd=keep_fd,
+                       identity=(st.st_dev, st.st_ino))
     except ShmHeapError:
         unlink(name)
         raise
@@ -165,29 +243,54 @@ def check_free_space(name: str, size: int) -> None:
         raise _translate(OSError(errno.ENOSPC, "no space"), name)
 
 
-def open_fd(name: str, readonly: bool) -> int:
-    """Open segment ``name`` without mapping it.  HeapNotFoundError if absent."""
+def open_fd(name: str, readonly: bool, expect_size: int | None = None,
+            identity: Identity | None = None) -> tuple[int, os.stat_result]:
+    """Open existing segment ``name`` without mapping it; return the descriptor and its status.
+
+    Never blocks (a FIFO is opened O_NONBLOCK, which means nothing to a
+    regular file, so it stays set) and never follows a link.
+    HeapNotFoundError if absent; ForeignObjectError unless it is a regular
+    file of this user (``foreign``); HeapCorruptError unless it has
+    ``expect_size`` bytes (if given); HeapNotFoundError if it is not the file
+    of ``identity`` (if given): the name was recycled since that was mapped.
+    """
+    flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_NONBLOCK | _OPEN_FLAGS
     try:
-        return os.open(path_of(name), (os.O_RDONLY if readonly else os.O_RDWR) | _OPEN_FLAGS)
+        fd = os.open(path_of(name), flags)
     except OSError as exc:
         raise _translate(exc, name) from None
+    try:
+        st = os.fstat(fd)
+        problem = foreign(st)
+        if problem:
+            raise foreign_error(name, problem)
+        if expect_size is not None and st.st_size != expect_size:
+            raise HeapCorruptError(f"{path_of(name)} has {st.st_size} bytes, expected "
+                                   f"{expect_size}")
+        if identity is not None and (st.st_dev, st.st_ino) != identity:
+            raise HeapNotFoundError(
+                f"{path_of(name)} is not the segment this handle mapped: its heap was "
+                "destroyed and re-created since; attach the heap again")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
 
 
 def open_existing(
     name: str, readonly: bool, keep_fd: bool = False, expect_size: int | None = None
 ) -> Segment:
-    """Map existing segment ``name``.  HeapNotFoundError if absent.
+    """Map existing segment ``name`` (checked as ``open_fd`` does).  HeapNotFoundError if absent.
 
     ``expect_size`` (if given) must equal the file's size, else HeapCorruptError;
     without it the file's current size is mapped and must be non-zero.
     """
-    fd = open_fd(name, readonly)
-    size = os.fstat(fd).st_size
-    if (expect_size is not None and size != expect_size) or size == 0:
+    fd, st = open_fd(name, readonly, expect_size)
+    if st.st_size == 0:
         os.close(fd)
-        want = f"{expect_size} bytes" if expect_size is not None else "a non-empty segment"
-        raise HeapCorruptError(f"{path_of(name)} has {size} bytes, expected {want}")
-    return Segment(name, fd, size, readonly=readonly, keep_fd=keep_fd)
+        raise HeapCorruptError(f"{path_of(name)} has 0 bytes, expected a non-empty segment")
+    return Segment(name, fd, st.st_size, readonly=readonly, keep_fd=keep_fd,
+                   identity=(st.st_dev, st.st_ino))
 
 
 def unlink(name: str) -> bool:
@@ -199,6 +302,25 @@ def unlink(name: str) -> bool:
     except OSError as exc:
         raise _translate(exc, name) from None
     return True
+
+
+def check_own(name: str) -> bool:
+    """True if ``name`` holds a regular file of this user, False if nothing.
+
+    ForeignObjectError if it holds anything else: shmheap removes no file it
+    cannot have made (only ``destroy`` removes everything under a heap's names).
+    """
+    st = lstat(name)
+    if st is None:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        raise foreign_error(name, foreign(st) or f"belongs to another user (uid {st.st_uid})")
+    return True
+
+
+def remove_own(name: str) -> bool:
+    """Remove a leftover segment of this user at ``name`` (``check_own``); True if there was one."""
+    return check_own(name) and unlink(name)
 
 
 def exists(name: str) -> bool:

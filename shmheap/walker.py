@@ -57,8 +57,9 @@ Mark and sweep (Go's mark bits and fast free-page reclaim)
 Scavenge (``heap.scavenge()``)
     First, empty unowned spans and dead owners' spans become free pages.
     Then per arena, under the lock: every free page not yet released becomes
-    RELEASING, its memory is returned with ``fallocate(PUNCH_HOLE)`` on the
-    arena's file, and it becomes RELEASED (reads zero, no memory).  Reuse
+    RELEASING, its memory is returned with ``madvise(MADV_REMOVE)`` on this
+    process's mapping of the arena (never by name: a recycled name belongs to
+    another heap), and it becomes RELEASED (reads zero, no memory).  Reuse
     re-reserves it (if the heap reserves) and skips zeroing.
 
 This module owns walking, stats, the mark/sweep cycle and the scavenger.
@@ -83,7 +84,8 @@ if TYPE_CHECKING:
     from .allocator import Allocator
     from .heap import Heap
 
-_WORD = (1 << 64) - 1
+#: Cycle numbers run 1..MAX_CYCLE, then start at 1 again.
+MAX_CYCLE = 1 << 63
 #: Pages a sweeper claims at once (rounded up to whole arenas).
 SWEEP_CHUNK_PAGES = 16384
 #: bytes of ``state | used << 2``: 1 where a page is free and not yet released
@@ -239,7 +241,7 @@ def stats(heap: Heap, deadline: float | None = None) -> HeapStats:
     total = in_use = released = objects = live = free_slots = cached = 0
     for index in snap:
         pages = allocator.pages_of(index)
-        used = bytes(pages.used)
+        used = pages.used_pages()
         total += pages.pages
         in_use += used.count(1)
         released += _state_bytes(pages, used).translate(_IS_RELEASED).count(1)
@@ -277,12 +279,15 @@ def _state_bytes(pages: ArenaPages, used: bytes) -> bytes:
 def start_cycle(heap: Heap, deadline: float | None = None) -> int:
     """Begin a mark/sweep cycle: clear every mark; returns the cycle number."""
     heap._check_writable("start_cycle()")
+    heap._check_identity()
     allocator = heap._objects()
     lock = allocator._lock
     words = heap._words
 
     def begin() -> tuple[int, ArenaSnapshot]:
-        cycle = (int(words[CYCLE_OFFSET // 8]) + 1) & _WORD
+        cycle = int(words[CYCLE_OFFSET // 8]) + 1
+        if cycle > MAX_CYCLE:  # only garbage gets there: start again
+            cycle = 1
         snap = allocator.snapshot_locked()
         words[CYCLE_OFFSET // 8] = cycle
         words[CYCLE_ARENAS_OFFSET // 8] = len(snap)
@@ -330,6 +335,7 @@ def mark(heap: Heap, ref: int, deadline: float | None = None) -> None:
 def sweep(heap: Heap, deadline: float | None = None) -> SweepReport:
     """Sweep chunks of the current cycle's pages until none is left; report what was freed."""
     heap._check_writable("sweep()")
+    heap._check_identity()
     allocator = heap._objects()
     lock = allocator._lock
     words = heap._words
@@ -452,6 +458,7 @@ def scavenge(heap: Heap, deadline: float | None = None) -> ScavengeReport:
     pages first (allocator.py), so their memory goes too.
     """
     heap._check_writable("scavenge()")
+    heap._check_identity()
     allocator = heap._objects()
     lock = allocator._lock
     journal = allocator._journal
@@ -463,7 +470,7 @@ def scavenge(heap: Heap, deadline: float | None = None) -> ScavengeReport:
     def release(pages: ArenaPages) -> int:
         released = 0
         journal.begin(PAGES, pages.index)
-        releasable = _state_bytes(pages, bytes(pages.used)).translate(_RELEASABLE)
+        releasable = _state_bytes(pages, pages.used_pages()).translate(_RELEASABLE)
         for start, count in runs(releasable, 1):
             pages.state[start:start + count] = bytes([RELEASING]) * count
             crash.reach("scavenge.releasing")
@@ -478,7 +485,7 @@ def scavenge(heap: Heap, deadline: float | None = None) -> ScavengeReport:
     released = 0
     for index in heap.snapshot(_remaining(deadline)):
         pages = allocator.pages_of(index)
-        if _state_bytes(pages, bytes(pages.used)).translate(_RELEASABLE).count(1):
+        if _state_bytes(pages, pages.used_pages()).translate(_RELEASABLE).count(1):
             released += lock.run(functools.partial(release, pages), deadline, write=True)
     return ScavengeReport(released, released * allocator.page_size)
 
@@ -492,7 +499,7 @@ def arena_usage(heap: Heap) -> list[dict[str, int]]:
     rows = []
     for index in heap.snapshot():
         pages = allocator.pages_of(index)
-        used = bytes(pages.used)
+        used = pages.used_pages()
         spans = list(arena_spans(allocator, pages))
         rows.append({
             "arena": index, "pages": pages.pages, "pages_in_use": used.count(1),

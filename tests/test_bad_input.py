@@ -8,6 +8,7 @@ objects.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -167,6 +168,9 @@ def test_attach_to_a_damaged_control_segment(shm_heap_factory: HeapFactory, shm_
     real = control_bytes(shm_heap_factory())
     control = names.control_name(shm_heap_name)
     write_shm(control, DAMAGE[damage](real))
+    if damage == "empty":  # an empty one may be a creator's that has not locked it yet
+        stale = time.time() - 60
+        os.utime(f"/dev/shm/{control}", (stale, stale))
     attaches: list[Callable[[], shmheap.Heap]] = [
         lambda: shmheap.Heap.attach(shm_heap_name, timeout=1.0),
         lambda: shmheap.Heap.attach(shm_heap_name, readonly=True, timeout=1.0),

@@ -2,7 +2,10 @@
 
 Hypothesis writes random bytes, truncations and impossible numbers into a heap's
 segments; every public call must then either work or raise a ShmHeapError, and
-must not read out of bounds or allocate without bound.
+must not read out of bounds or allocate without bound.  Then one test per value
+that was found unchecked (issue 9), repair keeping what it cannot prove to be
+garbage, and a seeded fuzz of every segment's metadata in a subprocess with a
+memory limit (fuzz_worker.py), where a signal or a huge allocation fails too.
 """
 
 from __future__ import annotations
@@ -10,13 +13,17 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import subprocess
+import sys
 
 import pytest
+from children import run_child
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import shmheap
-from shmheap import control, liveness
+from shmheap import control, liveness, walker
+from shmheap import pages as pages_module
 from shmheap.pytest_plugin import HeapFactory
 
 FUZZ = settings(max_examples=40, deadline=None,
@@ -142,3 +149,158 @@ def test_arena_with_a_wrong_trailer(shm_heap_factory: HeapFactory) -> None:
         assert [f.code for f in other.check()] == ["arena-lost"]
     finally:
         other.close()
+
+
+# -- values read from shared memory are bounds-checked (issue 9, item 6) -------------------
+
+
+def shmheap_cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["shmheap", *argv], capture_output=True, text=True, timeout=60)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert result.returncode == 1, result
+    assert result.stderr.startswith("shmheap: error: ") and result.stderr.count("\n") == 1, (
+        result.stderr)
+    for word in words:
+        assert word in result.stderr
+
+
+@pytest.mark.parametrize("entry", [0xDEADBEEF, 7])
+def test_an_index_entry_naming_no_arena_is_heap_corrupt(shm_heap_factory: HeapFactory,
+                                                       entry: int) -> None:
+    name = closed_heap(shm_heap_factory)
+    write_at(name, ".i0", 0, struct.pack("<I", entry))
+    with shmheap.Heap.attach(name) as heap:
+        for call in (lambda: heap.alloc(100), lambda: list(heap.walk()), heap.stats,
+                     lambda: list(heap.arenas())):
+            with pytest.raises(shmheap.HeapCorruptError, match=f"arena {entry}.*fsck"):
+                call()
+    assert_one_line_error(shmheap_cli("info", name), "fsck")
+
+
+def test_a_huge_cycle_word_does_not_stop_mark_and_sweep(shm_heap: shmheap.Heap) -> None:
+    ref = shm_heap.alloc(100)
+    shm_heap._words[control.CYCLE_OFFSET // 8] = 2**64 - 1
+    assert shm_heap.start_cycle() == 1
+    shm_heap.mark(ref)
+    assert shm_heap.sweep().objects_freed == 0
+    assert shm_heap.size_of(ref) >= 100
+
+
+def large_object(heap: shmheap.Heap, npages: int) -> tuple[int, pages_module.ArenaPages, int]:
+    """A large object of ``npages`` (> 4) pages: (ref, its arena's pages, its first page)."""
+    ref = heap.alloc(npages * heap.params.page_size)
+    assert heap.size_of(ref) == npages * heap.params.page_size
+    allocator = heap._objects()
+    pages = allocator.pages_of(ref >> allocator.arena_shift)
+    return ref, pages, (ref & allocator.arena_mask) >> allocator.page_shift
+
+
+@pytest.mark.parametrize("npages", [2**31, 0xFFFFFFFF, 7])
+def test_garbage_npages_of_a_large_object(shm_heap: shmheap.Heap, npages: int) -> None:
+    ref, pages, start = large_object(shm_heap, 5)
+    pages.npages[start] = npages
+    with pytest.raises(shmheap.HeapCorruptError, match="fsck"):
+        shm_heap.size_of(ref)
+    with pytest.raises(shmheap.HeapCorruptError, match="fsck"):
+        shm_heap.free(ref)
+    assert pages.seq[0] % 2 == 0  # nothing was changed half-way
+    assert all(pages.used[start:start + 5])
+    pages.npages[start] = 5
+    shm_heap.free(ref)
+    assert shm_heap.check() == []
+
+
+def test_garbage_used_bytes_are_heap_corrupt_until_repaired(shm_heap: shmheap.Heap) -> None:
+    ref, pages, _start = large_object(shm_heap, 5)
+    pages.used[pages.pages - 1] = 0xFF
+    for call in (shm_heap.stats, shm_heap.scavenge, lambda: walker.arena_usage(shm_heap)):
+        with pytest.raises(shmheap.HeapCorruptError, match="fsck"):
+            call()
+    assert [f.code for f in shm_heap.check(repair=True)] == ["pages-orphaned"]
+    assert shm_heap.stats().pages_in_use == 5
+    assert shm_heap.scavenge().pages == pages.pages - 5
+    assert shm_heap.check() == []
+    assert shm_heap.size_of(ref) == 5 * shm_heap.params.page_size
+
+
+def test_sweep_never_frees_spans_described_by_garbage(shm_heap: shmheap.Heap) -> None:
+    ref, pages, start = large_object(shm_heap, 5)
+    shm_heap.view(ref)[:4] = b"live"
+    shm_heap.start_cycle()
+    shm_heap.mark(ref)
+    pages.inuse[0] = 0xFF  # every page of the first eight looks like a span's first page
+    for page in range(1, 8):
+        pages.npages[page] = 1
+    assert shm_heap.sweep().spans_freed == 0
+    assert all(pages.used[start:start + 5])
+    assert bytes(shm_heap.view(ref)[:4]) == b"live"
+    assert {f.code for f in shm_heap.check(repair=True)} == {"span-overlap"}
+
+
+@pytest.mark.parametrize("seq", [2**64 - 1, 2**64 - 2])
+def test_a_sequence_word_at_its_limit_wraps(shm_heap: shmheap.Heap, seq: int) -> None:
+    ref, pages, _start = large_object(shm_heap, 5)
+    pages.seq[0] = seq
+    assert [f.code for f in shm_heap.check(repair=True)] == (["span-seq-odd"] if seq % 2 else [])
+    shm_heap.free(ref)  # one change of the span records: across the wrap
+    assert pages.seq[0] % 2 == 0 and shm_heap.check() == []
+
+
+def test_a_truncated_semaphore_file_is_an_error_not_sigbus(
+        shm_heap_factory: HeapFactory) -> None:
+    name = closed_heap(shm_heap_factory)
+    os.truncate(f"/dev/shm/sem.shmheap.{name}.lock", 0)
+    proc = run_child(f"""
+        import shmheap
+        try:
+            shmheap.Heap.attach({name!r})
+        except shmheap.HeapCorruptError as exc:
+            print(exc)
+        """)
+    assert proc.returncode == 0 and "sem.shmheap" in proc.stdout, proc
+    assert_one_line_error(shmheap_cli("info", name), "sem.shmheap")
+
+
+# -- repair never destroys data on corrupt evidence (item 7) -------------------------------
+
+
+@pytest.mark.parametrize("damage", ["garbage index entry", "deleted arena", "truncated arena"])
+def test_repair_keeps_the_arenas_of_this_heap_and_marks_it_broken(
+        shm_heap_factory: HeapFactory, damage: str) -> None:
+    heap = shm_heap_factory(reserve=False)
+    heap.grow()
+    heap.grow()
+    ref = heap.alloc(100)
+    heap.view(ref)[:4] = b"live"
+    name = heap.name
+    heap.close()
+    if damage == "garbage index entry":
+        write_at(name, ".i0", 0, struct.pack("<I", 0xDEADBEEF))  # was arena 1, holding ref
+    elif damage == "deleted arena":
+        os.unlink(path(name, ".a2"))
+    else:
+        os.truncate(path(name, ".a2"), 100)
+    result = shmheap_cli("fsck", "--repair", name)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result
+    assert "FATAL" in result.stdout, result.stdout
+    assert os.path.exists(path(name, ".a1"))
+    with open(path(name, ".a1"), "rb") as arena:
+        assert b"live" in arena.read(64 * 1024)
+    with shmheap.Heap.attach(name) as other, pytest.raises(shmheap.HeapCorruptError,
+                                                           match="broken"):
+        other.snapshot()
+    if damage == "garbage index entry":
+        assert "arena 1" in result.stdout and "destroy" in result.stdout
+
+
+# -- the seeded fuzz of every segment's metadata -------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_seeded_fuzz_of_shared_metadata(seed: int) -> None:
+    worker = os.path.join(os.path.dirname(__file__), "fuzz_worker.py")
+    proc = subprocess.run([sys.executable, worker, str(seed), "30"], capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stderr[-6000:]}"
