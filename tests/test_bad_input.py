@@ -269,6 +269,59 @@ def test_grow_times_out_while_a_live_process_holds_the_lock(shm_heap: shmheap.He
     assert no_temp_arena(shm_heap)
 
 
+#: an object too big for any size class (whose free takes the lock)
+LARGE = 100_000
+#: every call that can wait for the heap lock, as ``call(heap, large_ref, timeout)``
+WAITING_CALLS: dict[str, Callable[[shmheap.Heap, int, Any], object]] = {
+    "snapshot": lambda h, ref, t: h.snapshot(timeout=t),
+    "arenas": lambda h, ref, t: list(h.arenas(timeout=t)),
+    "grow": lambda h, ref, t: h.grow(timeout=t),
+    "check": lambda h, ref, t: h.check(timeout=t),
+    "info": lambda h, ref, t: h.info(timeout=t),
+    "locked": lambda h, ref, t: h.locked(timeout=t).__enter__(),
+    "alloc": lambda h, ref, t: h.alloc(64, timeout=t),
+    "alloc_large": lambda h, ref, t: h.alloc(LARGE, timeout=t),
+    "free_large": lambda h, ref, t: h.free(ref, timeout=t),
+    "walk": lambda h, ref, t: list(h.walk(timeout=t)),
+    "stats": lambda h, ref, t: h.stats(timeout=t),
+    "start_cycle": lambda h, ref, t: h.start_cycle(timeout=t),
+    "mark": lambda h, ref, t: h.mark(ref, timeout=t),
+    "sweep": lambda h, ref, t: h.sweep(timeout=t),
+    "scavenge": lambda h, ref, t: h.scavenge(timeout=t),
+}
+
+
+@pytest.mark.parametrize("call", sorted(WAITING_CALLS))
+def test_every_waiting_call_honours_its_timeout(shm_heap_factory: HeapFactory,
+                                                 call: str) -> None:
+    heap = shm_heap_factory(arena_size=256 * 1024)
+    ref = heap.alloc(LARGE)
+    heap.start_cycle()  # so that mark() has a pageMarks bit to set
+    with shmheap.Heap.attach(heap.name) as fresh, shmheap.Heap.attach(heap.name) as holder:
+        with holder.locked():
+            with pytest.raises(shmheap.LockTimeoutError, match="alive"):
+                WAITING_CALLS[call](fresh, ref, 0.05)
+        WAITING_CALLS[call](fresh, ref, 5.0)  # and it works once the lock is free
+    assert heap.check() == []
+
+
+@pytest.mark.parametrize("timeout", [-1, -0.5, float("nan"), float("inf"), "1", True, [1]])
+@pytest.mark.parametrize("call", [*sorted(WAITING_CALLS), "attach", "open", "view", "size_of"])
+def test_bad_timeouts_are_invalid_parameters(shm_heap_factory: HeapFactory, call: str,
+                                              timeout: Any) -> None:
+    shm_heap = shm_heap_factory(arena_size=256 * 1024)
+    ref = shm_heap.alloc(100)
+    more: dict[str, Callable[[shmheap.Heap, int, Any], object]] = {
+        "attach": lambda h, r, t: shmheap.Heap.attach(h.name, timeout=t),
+        "open": lambda h, r, t: shmheap.Heap.open(h.name, timeout=t),
+        "view": lambda h, r, t: h.view(r, timeout=t),
+        "size_of": lambda h, r, t: h.size_of(r, timeout=t),
+    }
+    with pytest.raises(shmheap.InvalidParameterError, match="timeout"):
+        {**WAITING_CALLS, **more}[call](shm_heap, ref, timeout)
+    assert shm_heap.size_of(ref) >= 100, "nothing was done"
+
+
 # -- readonly --------------------------------------------------------------------------------
 
 

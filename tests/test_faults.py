@@ -724,3 +724,104 @@ def test_a_waiter_never_adopts_while_the_lock_keeps_changing_hands(heap: shmheap
         sem.release()
         sem.close()
     assert heap.info().recoveries == 0
+
+
+# -- walks and slots under contention --------------------------------------------------------
+
+CHURN_ONE_ARENA = """
+import random, sys, time, shmheap
+h = shmheap.Heap.attach({name!r})
+rng = random.Random({seed})
+print("ready", flush=True)
+sys.stdin.readline()
+held = []
+end = time.monotonic() + {seconds}
+while time.monotonic() < end:
+    if len(held) < 40 and rng.random() < 0.55:
+        held.append(h.alloc(rng.choice((16, 100, 3000, 9000, 40000))))
+    elif held:
+        h.free(held.pop(rng.randrange(len(held))))
+for ref in held:
+    h.free(ref)
+print("done", flush=True)
+"""
+
+WALKER = """
+import json, sys, time, shmheap
+h = shmheap.Heap.attach({name!r}, readonly=True)
+stable = set({stable!r})
+print("ready", flush=True)
+sys.stdin.readline()
+walks = misses = 0
+end = time.monotonic() + {seconds}
+while time.monotonic() < end:
+    live = {{ref for span in h.walk() for ref in span.objects}}
+    walks += 1
+    misses += len(stable - live)
+print(json.dumps(dict(walks=walks, misses=misses)), flush=True)
+"""
+
+
+def test_walks_list_every_object_that_stays_allocated_while_others_churn(
+        heap: shmheap.Heap) -> None:
+    stable = [heap.alloc(n) for n in (16, 16, 100, 3000, 9000, 40000, 70000)]
+    arena = stable[0] // ARENA
+    assert all(ref // ARENA == arena for ref in stable), "all in one busy arena"
+    seconds = 3.0
+    churners = [Child(CHURN_ONE_ARENA.format(name=heap.name, seed=i, seconds=seconds))
+                for i in range(3)]
+    walker = Child(WALKER.format(name=heap.name, stable=stable, seconds=seconds))
+    try:
+        for child in (*churners, walker):
+            assert child.line() == "ready"
+        for child in (*churners, walker):
+            child.send()
+        result = json.loads(walker.line(timeout=120))
+        assert [child.line(timeout=120) for child in churners] == ["done"] * 3
+    finally:
+        for child in (*churners, walker):
+            child.kill()
+    assert result["walks"] > 10
+    assert result["misses"] == 0, f"walks missed objects that stayed allocated: {result}"
+    assert heap.check() == []
+
+
+SLOT_CHURN = """
+import os, sys, time, shmheap
+observer = shmheap.Heap.attach({name!r}, readonly=True)
+print("ready", flush=True)
+sys.stdin.readline()
+rounds = looked_dead = 0
+end = time.monotonic() + {seconds}
+while time.monotonic() < end:
+    pid = os.fork()
+    if pid == 0:                      # a process that attaches and dies without closing
+        shmheap.Heap.attach({name!r})
+        os._exit(0)
+    h = shmheap.Heap.attach({name!r})  # recycles dead slots on the way (a lock holder)
+    live = h._live
+    mine = {{a.pid for a in observer._live.attachments()}}
+    if os.getpid() not in mine or not observer._live.token_alive(live.token):
+        looked_dead += 1
+    h.close()
+    os.waitpid(pid, 0)
+    rounds += 1
+print(rounds, looked_dead, flush=True)
+"""
+
+
+def test_recycling_dead_slots_never_touches_a_live_claim(heap: shmheap.Heap) -> None:
+    """Attachers, dying attachers and recyclers at once: no live attachment looks dead."""
+    children = [Child(SLOT_CHURN.format(name=heap.name, seconds=3.0)) for _ in range(3)]
+    try:
+        for child in children:
+            assert child.line() == "ready"
+        for child in children:
+            child.send()
+        reports = [child.line(timeout=120).split() for child in children]
+    finally:
+        for child in children:
+            child.kill()
+    assert all(int(rounds) > 10 for rounds, _ in reports), reports
+    assert [int(dead) for _, dead in reports] == [0, 0, 0], reports
+    assert heap.check() == []
