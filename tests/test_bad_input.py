@@ -298,9 +298,8 @@ def test_every_waiting_call_honours_its_timeout(shm_heap_factory: HeapFactory,
     ref = heap.alloc(LARGE)
     heap.start_cycle()  # so that mark() has a pageMarks bit to set
     with shmheap.Heap.attach(heap.name) as fresh, shmheap.Heap.attach(heap.name) as holder:
-        with holder.locked():
-            with pytest.raises(shmheap.LockTimeoutError, match="alive"):
-                WAITING_CALLS[call](fresh, ref, 0.05)
+        with holder.locked(), pytest.raises(shmheap.LockTimeoutError, match="alive"):
+            WAITING_CALLS[call](fresh, ref, 0.05)
         WAITING_CALLS[call](fresh, ref, 5.0)  # and it works once the lock is free
     assert heap.check() == []
 

@@ -25,6 +25,7 @@ from children import Child, assert_killed, run_child
 
 import shmheap
 from shmheap import collect
+from shmheap.bench import faults
 from shmheap.names import semaphore_name
 from shmheap.pytest_plugin import HeapFactory
 
@@ -32,38 +33,6 @@ ARENA = 256 * 1024
 PAGE = 8192
 #: generous bound for anything that must not block: a stuck lock fails the test, not the run
 NOT_STUCK = 5.0
-
-#: Child code shared by the tests: checks a process runs on itself after a fault.
-CHILD_TOOLS = """
-import json, os, sys, shmheap
-
-def owned_spans(h):
-    a = h._objects()
-    token = h._live.token
-    return sorted((i, s) for i in h.snapshot() for s in a.pages_of(i).owned_starts()
-                  if a.pages_of(i).owner[s] == token)
-
-def cached_spans(h):
-    return sorted((c.pages.index, c.start) for c in h._objects()._caches if c)
-
-def carry_on(h):
-    '''Use every kind of operation; check that the heap is clean and no span leaked.'''
-    h.snapshot()
-    arena = h.grow()
-    refs = [h.alloc(n) for n in (16, 100, 3000, 20000)]
-    per = h._objects().classes[h._objects().lookup[(3000 + 15) >> 4]].nelems
-    refs += [h.alloc(3000) for _ in range(per + 1)]   # at least one refill: settles _pending
-    for ref in refs:
-        h.view(ref)[:8] = ref.to_bytes(8, "little")
-    for ref in refs:
-        assert bytes(h.view(ref)[:8]) == ref.to_bytes(8, "little"), hex(ref)
-        h.free(ref)
-    h.free(h.alloc(3000))
-    assert owned_spans(h) == cached_spans(h), (owned_spans(h), cached_spans(h))
-    findings = h.check()
-    assert findings == [], findings
-    return arena.index
-"""
 
 #: Allocator steps that pass every span and cache crash point (see test_allocator.py).
 ALLOC_STEPS = """
@@ -133,7 +102,7 @@ def test_keyboard_interrupt_at_every_crash_point(heap: shmheap.Heap, shm_heap_na
     elif setup == "dead-holder":
         kill_a_lock_holder(heap.name)
     published = list(heap.snapshot(timeout=NOT_STUCK) if setup != "dead-holder" else [])
-    code = CHILD_TOOLS + f"""
+    code = faults.CARRY_ON + f"""
 OTHER = {shm_heap_name!r}
 h = shmheap.Heap.attach({heap.name!r})
 try:
@@ -168,132 +137,13 @@ def _indent(code: str) -> str:
 
 # -- a storm of SIGINTs ---------------------------------------------------------------------
 
-STORM_SECONDS = 4.0
-
-STORM = CHILD_TOOLS + """
-import random, signal, time
-ARMED = False
-
-def interrupt(signum, frame):
-    if ARMED:
-        raise KeyboardInterrupt
-
-signal.signal(signal.SIGINT, interrupt)
-h = shmheap.Heap.attach({name!r})
-rng = random.Random({seed})
-held = {{}}                 # ref -> the 8-byte pattern written into it
-counts = dict(interrupts=0, grows=0, snapshots=0, allocs=0, frees=0, uncertain=0)
-
-def pattern(ref):
-    return (ref * 0x9E3779B97F4A7C15 & (1 << 64) - 1).to_bytes(8, "little")
-
-def settle(ref):
-    '''After an interrupted free: the next writable lock holder decides; see what it did.'''
-    with h.locked():
-        pass
-    try:
-        h.size_of(ref)
-    except shmheap.InvalidRefError:
-        del held[ref]
-
-print("ready", flush=True)
-deadline = time.monotonic() + {seconds}
-while time.monotonic() < deadline:
-    op = rng.choice("ggsaaaaffff")
-    ref = 0
-    try:
-        if op == "f" and held:
-            ref = rng.choice(list(held))
-            ARMED = True
-            h.free(ref)
-            ARMED = False
-            del held[ref]
-            counts["frees"] += 1
-        elif op == "a":
-            size = rng.choice((16, 48, 100, 700, 3000, 20000, 70000))
-            ARMED = True
-            new = h.alloc(size)
-            ARMED = False
-            h.view(new)[:8] = pattern(new)
-            held[new] = size
-            counts["allocs"] += 1
-        elif op == "g":
-            ARMED = True
-            h.grow()
-            ARMED = False
-            counts["grows"] += 1
-        else:
-            ARMED = True
-            h.snapshot()
-            ARMED = False
-            counts["snapshots"] += 1
-    except KeyboardInterrupt:
-        ARMED = False
-        counts["interrupts"] += 1
-        if ref:
-            counts["uncertain"] += 1
-            settle(ref)
-ARMED = False
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-with h.locked():
-    pass
-bad = [hex(r) for r in held if bytes(h.view(r)[:8]) != pattern(r)]
-live = {{ref for span in h.walk() for ref in span.objects}}
-counts["held"] = len(held)
-counts["lost_in_flight"] = len(live - set(held))
-counts["missing"] = len(set(held) - live)
-counts["bad_patterns"] = len(bad)
-for ref in held:
-    h.free(ref)
-counts["carry_on"] = carry_on(h)
-print(json.dumps(counts), flush=True)
-h.close()
-"""
-
-OBSERVER = """
-import json, sys, time, shmheap
-h = shmheap.Heap.attach({name!r}, readonly=True)
-worst = 0.0
-stuck = rounds = 0
-print("ready", flush=True)
-while not sys.stdin.readline().strip():
-    for _ in range(200):
-        start = time.monotonic()
-        try:
-            h.snapshot(timeout={limit})
-            with h.locked(timeout={limit}):
-                pass
-        except shmheap.LockTimeoutError:
-            stuck += 1
-        worst = max(worst, time.monotonic() - start)
-        rounds += 1
-    print("more", flush=True)
-print(json.dumps(dict(stuck=stuck, rounds=rounds, worst=worst)), flush=True)
-"""
-
-
 def test_sigint_storm_leaves_nothing_stuck_lost_or_dirty(heap: shmheap.Heap) -> None:
     seed = random.randrange(1 << 30)
-    rng = random.Random(seed)
-    storm = Child(STORM.format(name=heap.name, seed=seed, seconds=STORM_SECONDS))
-    observer = Child(OBSERVER.format(name=heap.name, limit=NOT_STUCK))
-    with storm, observer:
-        assert storm.line() == "ready" and observer.line() == "ready"
-        sent = 0
-        while storm.silent_for(rng.uniform(0.0002, 0.003)):
-            os.kill(storm.pid, signal.SIGINT)
-            sent += 1
-            if sent % 50 == 0:
-                observer.send()      # keep the observer taking the lock meanwhile
-                assert observer.line() == "more"
-        counts = json.loads(storm.line())
-        observer.send("stop")
-        watch = json.loads(observer.line())
-        assert storm.wait() == 0, storm.stderr()
-    print(f"seed {seed}: {sent} SIGINTs sent, {counts}, observer {watch}")
+    counts = faults.storm(heap.name, seconds=4.0, seed=seed)
+    print(f"seed {seed}: {counts}")
     assert counts["interrupts"] > 20, "the storm did not interrupt the heap calls"
     assert counts["missing"] == 0 and counts["bad_patterns"] == 0, "an object was lost"
-    assert watch["stuck"] == 0, "another process waited longer than it should"
+    assert counts["observer"]["stuck"] == 0, "another process waited longer than it should"
     assert heap.check() == []
 
 
@@ -402,19 +252,7 @@ def test_signal_handlers_on_waiters_run_and_the_wait_goes_on(heap: shmheap.Heap)
 
 def test_many_exits_without_close_are_no_finding(heap: shmheap.Heap) -> None:
     """Workers that attach, allocate, grow and exit without close(): fsck exits 0."""
-    code = f"""
-        import os, shmheap
-        h = shmheap.Heap.attach({heap.name!r})
-        for n in range(150):
-            pid = os.fork()
-            if pid == 0:
-                h.alloc(100 + n)
-                if n % 10 == 0:
-                    h.grow()
-                os._exit(0)
-            os.waitpid(pid, 0)
-        os._exit(0)
-        """
+    code = faults.EXITS.format(name=heap.name, count=150)
     for _ in range(2):  # two fresh interpreters, each forking its short-lived workers
         assert run_child(code).returncode == 0
     assert len(heap._live.dead_slots()) > 100  # type: ignore[union-attr]

@@ -1,4 +1,4 @@
-"""``shmheap bench [index|alloc|recovery|all]``: run benchmarks, combine their JSON and plots.
+"""``shmheap bench [index|alloc|recovery|faults|all]``: run benchmarks, combine their output.
 
 Every benchmark is a module of this package with ``main(argv)`` that takes
 ``--quick`` (a short run), ``--json FILE`` (every figure, as JSON) and a
@@ -64,6 +64,7 @@ BENCHES = (
     Bench("index", ("--tiny",)),
     Bench("alloc", ("--tiny",)),
     Bench("recovery", ("--rounds", "2")),
+    Bench("faults", ("--tiny",)),
 )
 BY_NAME = {bench.name: bench for bench in BENCHES}
 
