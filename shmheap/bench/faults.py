@@ -1,8 +1,9 @@
 """Fault figures: what a storm of Ctrl-Cs and a crowd of careless processes leave behind.
 
 ``storm``
-    A child interpreter grows, snapshots, allocates (16 B to 70 KB), fills and
-    frees in a random mix while the parent sends it SIGINT every 0.2-3 ms.
+    A child interpreter grows (up to ``MAX_GROWS`` times), snapshots,
+    allocates (16 B to 70 KB), fills and frees in a random mix while the
+    parent sends it SIGINT every 0.2-3 ms.
     Its handler raises KeyboardInterrupt only while a heap call runs (so the
     interrupts land inside shmheap, at any bytecode there); the child catches
     each one and carries on.  An observer process takes the lock (snapshot
@@ -39,6 +40,8 @@ from .common import BenchError, bench_heap, environment, print_table, write_json
 
 #: Seconds any process may wait for the lock before it counts as stuck.
 STUCK_AFTER = 5.0
+#: The storm grows the heap at most this often (each arena is a mapping of the storm child).
+MAX_GROWS = 1500
 
 #: Checks a child runs on its own heap handle ``h`` after its faults.
 CARRY_ON = """
@@ -119,7 +122,7 @@ while time.monotonic() < deadline:
             h.view(new)[:8] = pattern(new)
             held[new] = size
             counts["allocs"] += 1
-        elif op == "g":
+        elif op == "g" and counts["grows"] < {max_grows}:
             ARMED = True
             h.grow()
             ARMED = False
@@ -137,6 +140,7 @@ while time.monotonic() < deadline:
             settle(ref)
 ARMED = False
 signal.signal(signal.SIGINT, signal.SIG_IGN)
+print("storm over", flush=True)
 with h.locked():
     pass
 bad = [hex(r) for r in held if bytes(h.view(r)[:8]) != pattern(r)]
@@ -191,7 +195,8 @@ os._exit(0)
 def storm(name: str, seconds: float, seed: int) -> dict[str, Any]:
     """The SIGINT storm against heap ``name`` (see the module docstring); its counts."""
     rng = random.Random(seed)
-    with Child(_STORM.format(name=name, seed=seed, seconds=seconds)) as child, \
+    storm_code = _STORM.format(name=name, seed=seed, seconds=seconds, max_grows=MAX_GROWS)
+    with Child(storm_code) as child, \
             Child(_OBSERVER.format(name=name, limit=STUCK_AFTER)) as observer:
         if child.line() != "ready" or observer.line() != "ready":
             raise BenchError("faults bench: the storm's children did not start")
@@ -202,9 +207,12 @@ def storm(name: str, seconds: float, seed: int) -> dict[str, Any]:
             if sent % 50 == 0:  # keep the observer taking the lock meanwhile
                 observer.send()
                 observer.line()
+        if child.line() != "storm over":
+            raise BenchError("faults bench: the storm child did not finish its storm")
+        observer.send("stop")  # before the child's final checks hold the lock for a while
+        observer_counts = json.loads(observer.line())
         counts: dict[str, Any] = json.loads(child.line())
-        observer.send("stop")
-        counts["observer"] = json.loads(observer.line())
+        counts["observer"] = observer_counts
         counts["sigints_sent"] = sent
         if child.wait() != 0:
             raise BenchError(f"faults bench: the storm child failed: {child.stderr()}")
