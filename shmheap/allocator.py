@@ -36,8 +36,10 @@ Per-process caches (Go's mcache, mimalloc's thread-local pages)
     so the list never goes stale.  When the list runs out the owner rescans
     its span; if under a quarter of it is free, it gives the span up and
     refills under the heap lock: adopt an unowned span of the class with free
-    slots (found through the arena's ``partial`` hint), else make a new span
-    from free pages, else grow the heap.  Refill and large objects are the
+    slots (found through the class's partial tree, summary.py), else make a
+    new span from free pages (found through the free tree), else grow the
+    heap.  Neither looks at an arena the summaries do not point to, so a
+    refill costs the same at 100,000 arenas as at 64.  Refill and large objects are the
     only allocation paths that take the lock.
 
     Owning a span is a fact in two places, the span's ``owner`` word and
@@ -52,20 +54,19 @@ Per-process caches (Go's mcache, mimalloc's thread-local pages)
     (Ctrl-C) thus loses at most the spans it holds until its next refill.
 
 ``free`` of a small object, from any process, clears ``alloc[k]`` with one
-store and, if the span has no owner, stores 1 into its arena's
-``partial[class]`` hint; ``free`` of a large object frees its pages under the
-lock.  A hint
-lost in a race only delays reuse of a slot until the next free or sweep
-into that span; it never loses an object.
+store and, if the span has no owner, marks its arena in the class's partial
+tree (byte stores of 1, no lock); ``free`` of a large object frees its pages
+under the lock.
 
 Dead owners (mimalloc's abandoned segments)
     A span whose owner token is no longer alive (the process died or closed
     the heap) is *reclaimed* by the lock holder: its owner is cleared, it
     gets a pageMarks bit if it holds a marked object, and it becomes an
     ordinary unowned span (or free pages, if it is empty).  The reclaim pass
-    runs before the heap grows, every ``RECLAIM_EVERY`` span refills of a
-    process, at the start of every sweep and in crash recovery / fsck repair
-    (``check_allocator``), so a killed allocator leaks nothing permanently.
+    visits only the arenas of the owned tree (summary.py); it runs before
+    the heap grows, every ``RECLAIM_EVERY`` span refills of a process, at the
+    start of every sweep and in fsck repair (``check_allocator``), so a
+    killed allocator leaks nothing permanently.
 
 New memory reads zero: slots are zeroed when they are allocated, pages when
 they are made into a span (only pages whose state says they may hold data).
@@ -95,7 +96,8 @@ from .errors import (
 )
 from .index import ArenaSnapshot
 from .lock import deadline_of
-from .pages import OWNED_OFFSET, ArenaPages, layout, positions
+from .pages import ArenaPages, layout, longest_free_run, positions
+from .summary import CAP
 
 if TYPE_CHECKING:
     from .heap import Heap
@@ -229,7 +231,10 @@ class Allocator:
         self.max_small = self.classes[-1].size
         #: class of a small size n at [(n + 15) >> 4]
         self.lookup = self._lookup_table()
-        self._arenas: dict[int, ArenaPages] = {}
+        #: the heap's mapped arenas (arenas.ArenaCache) and summaries (summary.py)
+        self._mapped = heap._pages
+        assert heap._summaries is not None
+        self._summaries = heap._summaries
         self._caches: list[_Cache | None] = [None] * len(self.classes)
         #: spans whose owner word may hold our token while no cache of ours has them
         self._pending: list[tuple[ArenaPages, int]] = []
@@ -262,12 +267,8 @@ class Allocator:
     # -- arenas ------------------------------------------------------------------------
 
     def pages_of(self, index: int) -> ArenaPages:
-        """The page view of arena ``index``, which a snapshot lists (no map lookup)."""
-        pages = self._arenas.get(index)
-        if pages is None:
-            pages = ArenaPages(self.heap.name, self.heap.published_arena(index), self.page_size)
-            self._arenas[index] = pages
-        return pages
+        """The page view of arena ``index``, which the index lists (no map lookup)."""
+        return self._mapped.get(index)
 
     def snapshot_locked(self) -> ArenaSnapshot:
         """The index as the lock holder sees it now."""
@@ -354,13 +355,18 @@ class Allocator:
             f"{GROW_ATTEMPTS} times; other processes are allocating faster than it grows")
 
     def _adopt_locked(self, c: int) -> _Cache | None:
-        """Take an unowned span of class ``c`` with enough free slots (lock holder)."""
+        """Take an unowned span of class ``c`` with enough free slots (lock holder).
+
+        The arenas to look at come from the class's partial tree (summary.py):
+        a leaf is cleared before its arena is scanned and set again if the
+        arena has more such spans than the one taken.
+        """
         cls = self.classes[c]
-        for index in self.snapshot_locked():
+        hints = self._summaries.partial(c)
+        index = hints.find(1)
+        while index >= 0:
             pages = self.pages_of(index)
-            if not pages.partial[c]:
-                continue
-            pages.partial[c] = 0
+            hints.clear(index)
             chosen = None
             for start in pages.class_starts(c):
                 if pages.owner[start]:
@@ -372,18 +378,19 @@ class Allocator:
                 if chosen is None:
                     chosen = start
                 else:
-                    pages.partial[c] = 1
+                    hints.mark(index)
                     break
             if chosen is not None:
                 cache = _Cache(pages, chosen, cls, fresh=False)
                 token = self._token()
+                self._summaries.owned.mark(index)
                 self._pending.append((pages, chosen))
-                pages.meta[OWNED_OFFSET] = 1
                 pages.owner[chosen] = token
                 self._caches[c] = cache
                 self._pending[:] = ()
                 crash.reach("cache.adopted")
                 return cache
+            index = hints.find(1, index + 1)
         return None
 
     def _make_span_locked(self, c: int) -> _Cache | None:
@@ -404,12 +411,16 @@ class Allocator:
         with ``zero_now`` they are zeroed here, before the span is published.
         A span with an ``owner`` is left in ``_pending`` for the caller to cache.
         """
-        snap = self.snapshot_locked()
-        order = [self._hint, *snap] if self._hint in self._arenas else list(snap)
-        for index in order:
+        free_runs = self._summaries.free
+        index = self._hint if free_runs.get(self._hint) >= min(npages, CAP) else -1
+        if index < 0:
+            index = free_runs.find(npages)
+        while index >= 0:
             pages = self.pages_of(index)
             start = pages.find_free_run(npages)
-            if start < 0:
+            if start < 0:  # a run of CAP+ pages that is too short, or a stale leaf
+                pages.refresh_free()
+                index = free_runs.find(npages, index + 1)
                 continue
             dirty = pages.prepare(start, npages, self.heap.params.reserve)
             if owner:
@@ -464,7 +475,7 @@ class Allocator:
             raise InvalidRefError(f"{ref!r} is not a heap address (a positive int from alloc())")
         index = ref >> self.arena_shift
         offset = ref & self.arena_mask
-        pages = self._arenas.get(index)
+        pages = self._mapped.recent.get(index)
         if pages is None:
             if index not in self.heap:
                 raise InvalidRefError(f"address {ref:#x} is in no arena of heap "
@@ -539,7 +550,7 @@ class Allocator:
             raise DoubleFreeError(f"address {ref:#x} names an object that was already freed")
         data[at] = 0
         if not pages.owner[start]:
-            pages.partial[c] = 1
+            self._summaries.partial(c).mark(pages.index)
 
     def _free_large(self, pages: ArenaPages, start: int, ref: int,
                     deadline: float | None) -> None:
@@ -592,20 +603,24 @@ class Allocator:
         pages.owner[start] = 0
         crash.reach("cache.released")
         if 0 in alloc:
-            pages.partial[c] = 1
+            self._summaries.partial(c).mark(pages.index)
         self._journal.end()
         return False
 
-    def reclaim_locked(self, arenas: list[int] | None = None) -> int:
-        """Disown every span whose owner is dead (lock holder); returns how many."""
+    def reclaim_locked(self) -> int:
+        """Disown every span whose owner is dead (lock holder); returns how many.
+
+        Visits only the arenas the owned tree names, and clears the leaf of
+        each arena left with no owned span.
+        """
         live = self.heap._live
         assert live is not None
+        owned = self._summaries.owned
         alive: dict[int, bool] = {}
         reclaimed = 0
-        for index in self.snapshot_locked() if arenas is None else arenas:
+        index = owned.find(1)
+        while index >= 0:
             pages = self.pages_of(index)
-            if not pages.owned():
-                continue
             still_owned = False
             for start in pages.owned_starts():
                 token = pages.owner[start]
@@ -617,16 +632,22 @@ class Allocator:
                     self.disown_locked(pages, start)
                     reclaimed += 1
             if not still_owned:
-                pages.meta[OWNED_OFFSET] = 0
+                owned.clear(index)
+            index = owned.find(1, index + 1)
         return reclaimed
 
     def release_empty_locked(self) -> int:
-        """Free every empty unowned small span of arenas with a partial hint (lock holder)."""
+        """Free every empty unowned small span of the arenas with partial hints (lock holder)."""
         released = 0
-        for index in self.snapshot_locked():
+        hinted = set()
+        for c in range(1, len(self.classes)):
+            hints = self._summaries.partial(c)
+            index = hints.find(1)
+            while index >= 0:
+                hinted.add(index)
+                index = hints.find(1, index + 1)
+        for index in sorted(hinted):
             pages = self.pages_of(index)
-            if not any(pages.partial):
-                continue
             for start in pages.starts():
                 c = pages.sclass[start]
                 if pages.owner[start] or not 0 < c < len(self.classes):
@@ -662,13 +683,44 @@ def audit_arena(allocator: Allocator, index: int, note: Note) -> bool:
     except HeapCorruptError:
         return False  # the index checks report a lost arena
     writable = not allocator.readonly
+    unfixed = 0
     for problem in pages.audit(allocator.span_ok):
         fixable = problem.fix is not None and writable
         if note(problem.code, problem.message, fixable) and problem.fix is not None:
             allocator._journal.begin(PAGES, index)
             problem.fix()
             allocator._journal.end()
+        else:
+            unfixed += 1
+    if not unfixed:  # the summary is derived from the metadata: check it once that is right
+        check_summary_leaves(allocator, pages, note)
     return True
+
+
+def check_summary_leaves(allocator: Allocator, pages: ArenaPages, note: Note) -> None:
+    """The arena's leaves in the free and owned trees against its metadata (lock holder).
+
+    The free leaf must be the arena's longest free run (capped); the owned
+    leaf must be set if a span of the arena has an owner (a set leaf with none
+    is only a wasted visit, cleared by the next reclaim).
+    """
+    summaries = allocator._summaries
+    index = pages.index
+    writable = not allocator.readonly
+    longest = longest_free_run(bytes(pages.used), CAP)
+    if summaries.free.get(index) != longest and note(
+            "summary-free", f"arena {index}: the free-page summary says "
+            f"{summaries.free.get(index)} pages in a row, the arena has {longest}", writable):
+        summaries.free.set(index, longest)
+    if pages.owned_starts() and not summaries.owned.get(index) and note(
+            "summary-owned", f"arena {index} has spans with owners that the owned summary "
+            "does not list", writable):
+        summaries.owned.mark(index)
+    for name, tree in (("free", summaries.free), ("owned", summaries.owned)):
+        if not tree.path_is_right(index) and note(
+                f"summary-{name}", f"arena {index}: the nodes above its leaf in the {name} "
+                "summary disagree with it (a holder stopped between them)", writable):
+            tree.fix_path(index)
 
 
 def check_allocator(heap: Heap, allocator: Allocator, repair: bool, full: bool,
@@ -679,12 +731,29 @@ def check_allocator(heap: Heap, allocator: Allocator, repair: bool, full: bool,
     are returned to the heap on the way: ordinary garbage, not a finding.
     """
     if full:
-        lost = [index for index in allocator.snapshot_locked()
-                if not audit_arena(allocator, index, note)]
+        snap = allocator.snapshot_locked()
+        lost = [index for index in snap if not audit_arena(allocator, index, note)]
         if lost:
             return  # the heap gets marked broken; reclaiming would trip on the lost arena
+        check_summary_trees(allocator, set(snap), note)
     if repair and not heap.readonly:
         allocator.reclaim_locked()
+
+
+def check_summary_trees(allocator: Allocator, arenas: set[int], note: Note) -> None:
+    """Leaves of indices that are no arena, and every node of every tree (lock holder)."""
+    summaries = allocator._summaries
+    trees = [("free", summaries.free), ("owned", summaries.owned)]
+    trees += [(f"partial({c})", summaries.partial(c)) for c in range(1, len(allocator.classes))]
+    for name, tree in trees:
+        stray = [i for i in tree.nonzero_leaves() if i not in arenas]
+        problems = [f"leaf {i} is set, but {i} is no arena" for i in stray[:3]]
+        problems += tree.check()
+        if problems and note(f"summary-{name.split('(')[0]}", f"the {name} summary: "
+                             + "; ".join(problems[:3]), not allocator.readonly):
+            for i in stray:
+                tree.set(i, 0)
+            tree.rebuild()
 
 
 def as_ndarray(view: memoryview, dtype: Any, shape: int | tuple[int, ...] | None) -> Any:

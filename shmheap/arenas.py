@@ -27,21 +27,36 @@ A bit is set by the heap-lock holder after the arena's index entry is
 published and never cleared while the heap exists (invariant 4); lookups
 need no lock.
 
-This module owns arena segments, trailers and the map.  It does not touch
-the index or the lock.
+Mappings
+    A process maps an arena when it first touches it and keeps at most
+    ``MappingBudget.keep`` of them mapped for reuse (``ArenaCache``, least
+    recently used first out).  An arena dropped from the cache is unmapped at
+    once unless something still holds it: a ``view()``, an ``ndarray``, an
+    ``Arena`` object, a span this process caches.  Such a pinned mapping stays
+    until it is released, and counts against ``MappingBudget.limit``, the
+    most mappings a heap may have at once (half of what ``vm.max_map_count``
+    and, where every mapping holds a descriptor, ``RLIMIT_NOFILE`` leave the
+    process when it attaches).  Past that, ``MappingLimitError``.
+
+This module owns arena segments, trailers, the map and the cache of mapped
+arenas.  It does not touch the index or the lock.
 """
 
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import struct
 import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
 
 from . import segments
-from .errors import HeapCorruptError, OutOfSharedMemoryError, ShmHeapError
+from .errors import HeapCorruptError, MappingLimitError, OutOfSharedMemoryError, ShmHeapError
 from .names import arena_name, map_name, temp_arena_name
-from .pages import DEFAULT_PAGE_SIZE, meta_size
+from .pages import DEFAULT_PAGE_SIZE, ArenaPages, meta_size
 
 TRAILER = struct.Struct("<8sQQQ")
 TRAILER_SIZE = 64
@@ -72,6 +87,11 @@ class Arena:
         self.identity = seg.identity
         self.buf = seg.buf[:arena_size]
         self.meta = seg.buf[arena_size + TRAILER_SIZE:]
+
+    @property
+    def mapping(self) -> mmap.mmap:
+        """The mapping itself (alive while any view of this arena is)."""
+        return self._seg.map
 
     def punch(self, offset: int, length: int) -> None:
         """Return the memory of data bytes ``[offset, offset + length)`` to the OS (writers)."""
@@ -173,6 +193,61 @@ def _check_trailer(heap_name: str, heap_id: int, index: int,
             f"heap {heap_name!r}: /dev/shm/{arena_name(heap_name, index)} is not arena "
             f"{index} of this heap (its trailer says heap {trailer_heap:#x}, index "
             f"{trailer_index})")
+
+
+class ArenaCache:
+    """The arenas this process has mapped, as page views (see "Mappings" above)."""
+
+    def __init__(self, open_pages: Callable[[int], ArenaPages],
+                 budget: segments.MappingBudget) -> None:
+        self._open_pages = open_pages
+        self.budget = budget
+        #: recently used arenas, kept mapped; ``recent.get`` is the fast lookup
+        self.recent: OrderedDict[int, ArenaPages] = OrderedDict()
+        #: every mapping of this cache still alive (kept, or pinned by a holder)
+        self._alive: dict[int, weakref.ref[mmap.mmap]] = {}
+
+    @property
+    def mapped(self) -> int:
+        """Mappings of arenas alive now (kept for reuse or pinned)."""
+        return len(self._alive)
+
+    def get(self, index: int) -> ArenaPages:
+        """Arena ``index`` (published), mapped now if it is not."""
+        pages = self.recent.get(index)
+        if pages is not None:
+            self.recent.move_to_end(index)
+            return pages
+        self._make_room()
+        pages = self._open_pages(index)
+        self.add(pages)
+        return pages
+
+    def add(self, pages: ArenaPages) -> None:
+        """Keep ``pages`` (just mapped) as the most recently used arena."""
+        mapping = pages.arena.mapping
+        key = id(mapping)
+        alive = self._alive
+        alive[key] = weakref.ref(mapping, lambda _: alive.pop(key, None))
+        self.recent[pages.index] = pages
+        while len(self.recent) > self.budget.keep:
+            self.recent.popitem(last=False)
+
+    def _make_room(self) -> None:
+        """Drop kept arenas until one more mapping fits the limit; error if all are pinned."""
+        while len(self._alive) >= self.budget.limit and self.recent:
+            self.recent.popitem(last=False)
+        if len(self._alive) >= self.budget.limit:
+            raise MappingLimitError(
+                f"{len(self._alive)} arenas are mapped and each is held (by a view, an "
+                f"ndarray, an Arena object): the limit of this process is "
+                f"{self.budget.limit}; release views you no longer need, or raise the "
+                f"limit ({segments.MAX_MAPPINGS_VAR}, vm.max_map_count)")
+
+    def close(self) -> None:
+        for pages in self.recent.values():
+            pages.close()
+        self.recent.clear()
 
 
 class ArenaMap:

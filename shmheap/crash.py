@@ -54,6 +54,7 @@ CRASH_POINTS: dict[str, str] = {
     "scavenge.released": "free pages' memory returned and marked released",
     "sweep.claimed": "a sweeper moved the sweep cursor past its chunk, lock still held",
     "cycle.started": "cycle number, cycle arenas and sweep cursor written, lock still held",
+    "summary.leaf_set": "an arena's leaf in a summary tree stored, the nodes above not yet",
 }
 
 ENV_VAR = "SHMHEAP_CRASH_AT"

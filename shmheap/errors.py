@@ -74,6 +74,15 @@ class OutOfSharedMemoryError(ShmHeapError, MemoryError):
     """``/dev/shm`` has no room for a new segment (tmpfs full or over its size limit)."""
 
 
+class MappingLimitError(ShmHeapError, OSError):
+    """The kernel refused another mapping (``vm.max_map_count``), or every mapping this
+    process may keep is pinned by a live view."""
+
+
+class DescriptorLimitError(ShmHeapError, OSError):
+    """This process has no file descriptor left (``RLIMIT_NOFILE``)."""
+
+
 class ReadOnlyError(ShmHeapError, PermissionError):
     """A mutating call on a heap attached with ``readonly=True``."""
 

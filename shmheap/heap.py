@@ -48,7 +48,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from . import arenas, control, crash, liveness, segments, walker
-from .allocator import Allocator, as_ndarray
+from .allocator import Allocator, as_ndarray, size_classes
 from .errors import (
     AddressSpaceExhaustedError,
     ArenaCollisionError,
@@ -83,8 +83,9 @@ from .names import (
     semaphore_name,
     temp_arena_name,
 )
-from .pages import DEFAULT_PAGE_SIZE, check_page_size
+from .pages import DEFAULT_PAGE_SIZE, ArenaPages, check_page_size, layout
 from .repair import Finding, repair_journal, run_checks
+from .summary import Summaries
 
 _T = TypeVar("_T")
 DEFAULT_ARENA_SIZE = 64 << 20
@@ -154,8 +155,11 @@ class Heap:
         self._control = control_seg
         self._words = control_seg.buf[:control.SIZE].cast("Q")
         self._header = control_seg.buf[control.HEADER_OFFSET:control.HEADER_OFFSET + 8].cast("Q")
-        self._arenas: dict[int, arenas.Arena] = {}
         self._live: Liveness | None = None
+        self._summaries: Summaries | None = None
+        self.pages_per_arena = layout(params.arena_size, params.page_size).pages
+        #: the arenas this process has mapped (bounded: arenas.ArenaCache)
+        self._pages = arenas.ArenaCache(self._open_pages, segments.mapping_budget())
         self._map: arenas.ArenaMap | None = None
         self._index = ArenaIndex(name, self._header, params.first_cap, params.mode, readonly)
         self._lock: HeapLock | _ClosedLock = _ClosedLock(name)
@@ -172,6 +176,8 @@ class Heap:
             self._live = Liveness(name)
             part = "arena map"
             self._map = arenas.ArenaMap(name, params.max_arenas, readonly)
+            part = "summary segment"
+            self._summaries = Summaries(name, params.max_arenas, self._class_count(), readonly)
         except HeapNotFoundError:
             self._release_resources()
             raise HeapCorruptError(
@@ -188,6 +194,17 @@ class Heap:
         self._journal_word = journal
         self._lock = HeapLock(self._sem, self._live, name, journal, self._repair_journal)
         self._recycle_dead_slots()
+
+    def _class_count(self) -> int:
+        return len(size_classes(self.params.page_size, self.pages_per_arena))
+
+    def _open_pages(self, index: int) -> ArenaPages:
+        """Map published arena ``index`` with its page views (ArenaCache calls it)."""
+        self._check_open()
+        assert self._summaries is not None
+        arena = arenas.open_arena(self.name, self.params.heap_id, index, self.arena_size,
+                                  self.readonly, self.params.page_size)
+        return ArenaPages(self.name, arena, self.params.page_size, self._summaries)
 
     def _recycle_dead_slots(self) -> None:
         """Recycle the slots of processes that died attached, if the lock is free now.
@@ -252,6 +269,8 @@ class Heap:
             open_semaphore(semaphore_name(name), create=True, mode=mode).close()
             liveness.create(name, mode)
             arenas.create_map(name, max_arenas, mode)
+            Summaries.create(name, max_arenas, len(size_classes(
+                page_size, layout(arena_size, page_size).pages)), mode)
             words[control.HEADER_OFFSET // 8] = control.make_header(0, 0)
             words[control.HINT_OFFSET // 8] = 1
             words.release()
@@ -324,9 +343,9 @@ class Heap:
         self._release_resources()
 
     def _release_resources(self) -> None:
-        for arena in self._arenas.values():
-            arena.close()
-        self._arenas.clear()
+        self._pages.close()
+        if self._summaries is not None:
+            self._summaries.close()
         self._index.close()
         if self._map is not None:
             self._map.close()
@@ -440,8 +459,9 @@ class Heap:
             with contextlib.suppress(ShmHeapError):
                 segments.remove_own(temp_arena_name(self.name, live.slot))
             live.set_building(False)
+        assert self._summaries is not None
         arena = arenas.Arena(index, self.arena_size, seg)
-        self._arenas[index] = arena
+        self._pages.add(ArenaPages(self.name, arena, self.params.page_size, self._summaries))
         return arena
 
     def _publish_arena(self, seg: segments.Segment, at: int | None) -> int:
@@ -454,6 +474,8 @@ class Heap:
         crash.reach("grow.segment_linked")
         self._index.append(index)
         self._map.add(index)
+        assert self._summaries is not None
+        self._summaries.free.set(index, self.pages_per_arena)  # a new arena is all free pages
         crash.reach("grow.map_set")
         if at is None:
             self._words[control.HINT_OFFSET // 8] = index + 1
@@ -487,7 +509,12 @@ class Heap:
             "the heap with a larger max_arenas or arena_size")
 
     def _try_link(self, seg: segments.Segment, index: int) -> bool:
-        """Journal ``GROW(index)`` and link ``seg`` there; on a collision clear the journal."""
+        """Journal ``GROW(index)`` and link ``seg`` there; on a collision clear the journal.
+
+        The summary leaves of ``index`` get their memory first (summary.py).
+        """
+        assert self._summaries is not None
+        self._summaries.reserve_leaves(index)
         self._journal.begin(control.GROW, index)
         if arenas.link(self.name, seg, self.params.heap_id, self.arena_size, index):
             return True
@@ -499,9 +526,9 @@ class Heap:
         if type(index) is not int:
             raise InvalidParameterError(
                 f"arena({index!r}): an arena index is an int, not {type(index).__name__}")
-        arena = self._arenas.get(index)
-        if arena is not None:
-            return arena
+        pages = self._pages.recent.get(index)
+        if pages is not None:
+            return pages.arena
         self._check_open()
         assert self._map is not None
         if index not in self._map:
@@ -511,14 +538,8 @@ class Heap:
         return self.published_arena(index)
 
     def published_arena(self, index: int) -> arenas.Arena:
-        """The arena at ``index``, which a snapshot lists (so no map lookup); mapped once."""
-        arena = self._arenas.get(index)
-        if arena is None:
-            self._check_open()
-            arena = arenas.open_arena(self.name, self.params.heap_id, index, self.arena_size,
-                                      self.readonly, self.params.page_size)
-            self._arenas[index] = arena
-        return arena
+        """The arena at ``index``, which a snapshot lists (so no map lookup); mapped on demand."""
+        return self._pages.get(index).arena
 
     def __contains__(self, index: object) -> bool:
         self._check_open()

@@ -7,6 +7,7 @@ else:
 ``shmheap.NAME``               control segment (parameters, index header)
 ``shmheap.NAME.live``          liveness segment (owner record, process slots)
 ``shmheap.NAME.map``           arena map (one bit per arena index, sparse)
+``shmheap.NAME.sum``           summaries over arena indices (summary.py, sparse)
 ``shmheap.NAME.i<gen>``        index backing array of generation ``gen``
 ``shmheap.NAME.a<hex index>``  arena ``index``
 ``shmheap.NAME.new<hex slot>``  a new arena being built by the process in
@@ -98,6 +99,10 @@ def live_name(name: str) -> str:
 
 def map_name(name: str) -> str:
     return f"{PREFIX}{name}.map"
+
+
+def summary_name(name: str) -> str:
+    return f"{PREFIX}{name}.sum"
 
 
 def index_name(name: str, generation: int) -> str:

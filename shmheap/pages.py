@@ -10,17 +10,12 @@ Metadata layout (offsets from the metadata's start; all zero is a valid empty
 arena, so a new arena needs no initialisation)::
 
     off   size  field    who writes it
-    0        1  owned    lock holder: set to 1 before a span here gets an owner;
-                         cleared by the lock holder's reclaim pass when it finds
-                         none (a hint: 0 means no span of this arena is cached)
+    0        8  (reserved, zero)
     8        8  seq      lock holder: the span records' sequence word (a
                          seqlock), odd while a span is being made or freed;
                          an audit that finds it odd (a holder died mid-way)
                          makes it even after fixing the records
-    64      64  partial  byte [c] for size class c: any process stores 1 after it
-                         frees into an unowned span of class c here (a free, a
-                         sweep, a span given up with free slots); the lock
-                         holder stores 0 before it scans the arena (a hint)
+    16     112  (reserved, zero)
     128      P  used     lock holder: 1 for every page of an in-use span
     .        P  state    lock holder: what a free page holds (CLEAN, DIRTY,
                          RELEASED, RELEASING below); meaningless on used pages
@@ -42,13 +37,18 @@ arena, so a new arena needs no initialisation)::
     .       8P  owner    lock holder: at a span's first page, the liveness token
                          of the process whose cache allocates in it, or 0
 
+Which arenas have free pages, spans with owners, or unowned spans of a
+class with free slots is summarised across the heap in summary.py; every
+change of ``used`` here updates the arena's leaf of the "free" tree (its
+longest free run) in the same journaled mutation.
+
 That is 21.25 bytes per page plus 128: 0.26 % of an 8 KiB page, 0.52 % of a
 4 KiB one (the per-object bytes of small spans live in the spans themselves,
 see allocator.py).  Go keeps pageInUse/pageMarks as bitmaps and sets marks
 with an atomic OR; Python has no atomic read-modify-write on shared memory,
 so a bit is only ever changed under the heap lock, and every field written
-without the lock (``partial``; the per-object bytes) is a whole byte whose
-concurrent writers all store the same value.
+without the lock (the per-object bytes; summary.py's partial hints) is a
+whole byte whose concurrent writers all store the same value.
 
 Publication order (the heap lock held, ``journal`` naming the arena):
 
@@ -101,17 +101,16 @@ from typing import TYPE_CHECKING, NamedTuple, TypeVar
 from . import crash, segments
 from .errors import HeapCorruptError, InvalidParameterError, OutOfSharedMemoryError
 from .names import arena_name
+from .summary import CAP
 
 if TYPE_CHECKING:
     from .arenas import Arena
+    from .summary import Summaries
 
 DEFAULT_PAGE_SIZE = 8192
 MIN_PAGES_PER_ARENA = 8
-MAX_CLASSES = 64
 HEADER_SIZE = 128
-OWNED_OFFSET = 0
 SEQ_OFFSET = 8
-PARTIAL_OFFSET = 64
 
 #: states of a free page
 CLEAN, DIRTY, RELEASED, RELEASING = 0, 1, 2, 3
@@ -229,10 +228,11 @@ class ArenaPages:
     """This process's view of one arena's data and page metadata."""
 
     __slots__ = ("arena", "base", "data", "heap_name", "index", "inuse", "marks", "meta",
-                 "npages", "owner", "page_shift", "page_size", "pages", "partial", "sclass",
-                 "seq", "span", "state", "used")
+                 "npages", "owner", "page_shift", "page_size", "pages", "sclass", "seq", "span",
+                 "state", "summaries", "used")
 
-    def __init__(self, heap_name: str, arena: Arena, page_size: int) -> None:
+    def __init__(self, heap_name: str, arena: Arena, page_size: int,
+                 summaries: Summaries) -> None:
         lay = layout(arena.size, page_size)
         meta = arena.meta
         if len(meta) < lay.size:
@@ -248,7 +248,6 @@ class ArenaPages:
         self.pages = lay.pages
         self.meta = meta
         self.seq = meta[SEQ_OFFSET:SEQ_OFFSET + 8].cast("Q")
-        self.partial = meta[PARTIAL_OFFSET:PARTIAL_OFFSET + MAX_CLASSES]
         self.used = meta[lay.used:lay.used + lay.pages]
         self.state = meta[lay.state:lay.state + lay.pages]
         self.sclass = meta[lay.sclass:lay.sclass + lay.pages]
@@ -257,6 +256,15 @@ class ArenaPages:
         self.span = meta[lay.span:lay.span + 4 * lay.pages].cast("I")
         self.npages = meta[lay.npages:lay.npages + 4 * lay.pages].cast("I")
         self.owner = meta[lay.owner:lay.owner + 8 * lay.pages].cast("Q")
+        #: the heap's summaries: this arena is leaf ``index`` of each tree
+        self.summaries = summaries
+
+    def close(self) -> None:
+        """Release the views into the arena and unmap it (if nothing else holds it)."""
+        for name in ("data", "meta", "seq", "used", "state", "sclass", "inuse", "marks",
+                     "span", "npages", "owner"):
+            getattr(self, name).release()
+        self.arena.close()
 
     # -- reading (any process, no lock) ------------------------------------------------
 
@@ -330,9 +338,6 @@ class ArenaPages:
         return HeapCorruptError(f"heap {self.heap_name!r}: arena {self.index}: {what}; run "
                                 f"`shmheap fsck --repair {self.heap_name}`")
 
-    def owned(self) -> bool:
-        return bool(self.meta[OWNED_OFFSET])
-
     def class_starts(self, sclass: int) -> Iterator[int]:
         """First pages of the in-use spans of size class ``sclass`` (>= 1), ascending."""
         data = bytes(self.sclass)
@@ -395,7 +400,7 @@ class ArenaPages:
         self.npages[start] = npages
         self.sclass[start:start + npages] = bytes([sclass]) * npages
         if owner:
-            self.meta[OWNED_OFFSET] = 1
+            self.summaries.owned.mark(self.index)
         self.owner[start] = owner
         self.set_mark(start)  # born marked: a span made during a cycle survives it
         crash.reach("span.described")
@@ -403,6 +408,7 @@ class ArenaPages:
         crash.reach("span.pages_used")
         self.inuse[start >> 3] |= 1 << (start & 7)
         self.end_change()
+        self._used_a_run()
         crash.reach("span.published")
 
     def check_span(self, start: int) -> int:
@@ -435,7 +441,31 @@ class ArenaPages:
         crash.reach("span.freed")
         self.sclass[start:start + npages] = bytes(npages)
         self.end_change()
+        self._freed_a_run(start, npages)
         return npages
+
+    # -- the arena's leaf in the "free" summary (lock holder) -----------------------------
+
+    def _used_a_run(self) -> None:
+        """After pages became used: the longest free run is as long as before, or shorter."""
+        tree = self.summaries.free
+        longest = tree.get(self.index)
+        if longest and bytes(self.used).find(bytes(longest)) < 0:
+            tree.set(self.index, longest_free_run(bytes(self.used), longest))
+
+    def _freed_a_run(self, start: int, npages: int) -> None:
+        """After pages ``start``.. became free: the run they joined may be the new longest."""
+        used = bytes(self.used)
+        first = used.rfind(1, 0, start) + 1
+        end = used.find(1, start + npages)
+        run = (self.pages if end < 0 else end) - first
+        tree = self.summaries.free
+        if run > tree.get(self.index):
+            tree.set(self.index, run)
+
+    def refresh_free(self) -> None:
+        """Recompute the arena's leaf from ``used`` (repair, fsck, a new arena)."""
+        self.summaries.free.set(self.index, longest_free_run(bytes(self.used), CAP))
 
     def set_mark(self, start: int) -> None:
         """Set the pageMarks bit of ``start`` (lock holder: a read-modify-write)."""
@@ -528,15 +558,32 @@ class ArenaPages:
         self.used[start:start + npages] = bytes(npages)
         self.sclass[start:start + npages] = bytes(npages)
         self.end_change()
+        self._freed_a_run(start, npages)
 
     def _mark_used(self, start: int, npages: int) -> None:
         self.begin_change()
         self.used[start:start + npages] = b"\1" * npages
         self.end_change()
+        self._used_a_run()
 
     def _set_states(self, pages: list[int], state: int) -> None:
         for page in pages:
             self.state[page] = state
+
+
+def longest_free_run(used: bytes, at_most: int) -> int:
+    """The longest run of 0 bytes (free pages) in ``used``, or ``at_most`` if one is that long.
+
+    A binary search over run lengths, each probe one ``bytes.find``.
+    """
+    found, missing = 0, min(at_most, len(used)) + 1
+    while found + 1 < missing:
+        mid = (found + missing) // 2
+        if used.find(bytes(mid)) >= 0:
+            found = mid
+        else:
+            missing = mid
+    return found
 
 
 class Problem(NamedTuple):

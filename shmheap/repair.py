@@ -62,7 +62,15 @@ from .control import DISOWN, GROW, MAX_GENERATIONS, PAGES
 from .errors import HeapCorruptError, ShmHeapError
 from .index import BROKEN_GENERATION, ENTRY_SIZE
 from .lock import HeapLock
-from .names import arena_name, control_name, index_name, live_name, map_name, owns
+from .names import (
+    arena_name,
+    control_name,
+    index_name,
+    live_name,
+    map_name,
+    owns,
+    summary_name,
+)
 
 if TYPE_CHECKING:
     from .heap import Heap
@@ -233,7 +241,8 @@ class _Checker:
 
     def check_foreign_objects(self, generation: int, in_index: set[int]) -> None:
         """Objects under the heap's name that no published state refers to."""
-        known = {control_name(self.name), live_name(self.name), map_name(self.name)}
+        known = {control_name(self.name), live_name(self.name), map_name(self.name),
+                 summary_name(self.name)}
         known.update(index_name(self.name, g) for g in range(generation + 1))
         pattern = re.compile(
             rf"shmheap\.{re.escape(self.name)}\.(a([0-9a-f]+)|i(\d+)|new([0-9a-f]+))")
@@ -370,6 +379,7 @@ def _finish_grow(heap: Heap, index: int, _arg: int) -> list[Finding]:
             amap.add(index)
             findings.append(Finding("grow-unfinished", f"arena {index} was published but "
                                     "not yet in the arena map; added", fixed=True))
+        findings += _audit_pages(heap, index, 0)  # its leaf in the free summary too
     elif index not in amap and _is_ours(heap, index):
         segments.unlink(arena_name(heap.name, index))
         findings.append(Finding("grow-unfinished", f"arena {index} was linked but never "

@@ -31,11 +31,15 @@ import resource
 import stat
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .errors import (
+    DescriptorLimitError,
     HeapCorruptError,
     HeapExistsError,
     HeapNotFoundError,
+    InvalidParameterError,
+    MappingLimitError,
     OutOfSharedMemoryError,
     ShmHeapError,
 )
@@ -46,6 +50,54 @@ _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 SHARED_BITS = stat.S_IWGRP | stat.S_IWOTH
 #: Python < 3.13 keeps a duplicate descriptor open for every mmap; 3.13 can be told not to.
 _MMAP_EXTRA: dict[str, bool] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+
+
+#: True where every mapping keeps a file descriptor open (Python's mmap before 3.13)
+DESCRIPTOR_PER_MAPPING = not _MMAP_EXTRA
+#: Mappings an attached heap keeps for reuse at most (least recently used go first).
+KEEP_MAPPED = 1024
+MAX_MAPPINGS_VAR = "SHMHEAP_MAX_MAPPINGS"
+
+
+def max_map_count() -> int:
+    """The kernel's limit on mappings per process (vm.max_map_count)."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 65530
+
+
+@dataclass(frozen=True)
+class MappingBudget:
+    """How many segment mappings a heap may have: ``keep`` reused, ``limit`` at once."""
+
+    keep: int
+    limit: int
+
+
+def mapping_budget() -> MappingBudget:
+    """Half of what the kernel and the descriptor limit leave this process now.
+
+    ``SHMHEAP_MAX_MAPPINGS=N`` sets the limit (tests, or a process that must
+    leave room for others).
+    """
+    forced = os.environ.get(MAX_MAPPINGS_VAR, "")
+    if forced:
+        if not forced.isdigit() or int(forced) < 8:
+            raise InvalidParameterError(
+                f"{MAX_MAPPINGS_VAR}={forced!r}: give a number of mappings, at least 8")
+        limit = int(forced)
+    else:
+        with open("/proc/self/maps") as f:
+            in_use = sum(1 for _ in f)
+        limit = (max_map_count() - in_use) // 2
+        if DESCRIPTOR_PER_MAPPING:
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            open_now = len(os.listdir("/proc/self/fd"))
+            limit = min(limit, (soft - open_now) // 2)
+        limit = max(limit, 8)
+    return MappingBudget(keep=min(limit, KEEP_MAPPED), limit=limit)
 
 
 def raise_descriptor_limit() -> int:
@@ -139,7 +191,7 @@ class Segment:
             self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, prot, **_MMAP_EXTRA)
         except OSError as exc:
             os.close(fd)
-            raise _translate(exc, name) from None
+            raise _translate(exc, name, mapping=True) from None
         self.buf = memoryview(self.map)
         if keep_fd:
             self.fd: int | None = fd
@@ -170,8 +222,22 @@ class Segment:
             self.map.close()
 
 
-def _translate(exc: OSError, name: str) -> ShmHeapError:
-    """Turn an OSError about segment ``name`` into the matching ShmHeapError."""
+def _translate(exc: OSError, name: str, mapping: bool = False) -> ShmHeapError:
+    """Turn an OSError about segment ``name`` into the matching ShmHeapError.
+
+    ``mapping``: the error came from ``mmap``, where ENOMEM means the kernel's
+    limit on mappings (or the address space), not a full /dev/shm.
+    """
+    if mapping and exc.errno == errno.ENOMEM:
+        return MappingLimitError(
+            f"the kernel refused to map {path_of(name)}: this process has reached "
+            f"vm.max_map_count ({max_map_count()}) mappings or its address space; raise "
+            "it (sysctl vm.max_map_count) or keep fewer arenas mapped (SHMHEAP_MAX_MAPPINGS)")
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return DescriptorLimitError(
+            f"no file descriptor left to open {path_of(name)} (RLIMIT_NOFILE is {soft}): "
+            "raise it (ulimit -n) or keep fewer arenas mapped (SHMHEAP_MAX_MAPPINGS)")
     if exc.errno == errno.ENOENT:
         return HeapNotFoundError(f"shared-memory segment {path_of(name)} does not exist")
     if exc.errno == errno.EEXIST:
@@ -234,6 +300,19 @@ def create(
     except ShmHeapError:
         unlink(name)
         raise
+
+
+def reserve(seg: Segment, offset: int, length: int) -> None:
+    """Allocate the memory of ``length`` bytes at ``offset`` of ``seg`` (opened with its fd).
+
+    OutOfSharedMemoryError if /dev/shm has no room: better now than SIGBUS at
+    the first store into a page with no memory.
+    """
+    assert seg.fd is not None, "reserve() needs a segment opened with keep_fd=True"
+    try:
+        os.posix_fallocate(seg.fd, offset, min(length, seg.size - offset))
+    except OSError as exc:
+        raise _translate(exc, seg.name) from None
 
 
 def check_free_space(name: str, size: int) -> None:

@@ -400,7 +400,7 @@ def sweep_arena(allocator: Allocator, pages: ArenaPages,
         if unowned and not left:
             empty.append(start)
         elif unowned and freed:
-            pages.partial[c] = 1
+            allocator._summaries.partial(c).mark(pages.index)
     report = SweepReport(objects_freed=freed_objects, bytes_freed=freed_bytes)
     if whole or empty:
         report += allocator._lock.run(lambda: _free_spans(allocator, pages, whole, empty),

@@ -57,6 +57,7 @@ OPERATIONS: dict[str, tuple[str, str, int]] = {
     "repair.adopted": ("dead-holder", "h.snapshot()", 1),
     "span": ("", ALLOC_STEPS, 1),
     "cache": ("", ALLOC_STEPS, 1),
+    "summary": ("", ALLOC_STEPS, 2),  # (the first passage is the grow before the first span)
     "scavenge": ("", "h.free(h.alloc(50000)); h.scavenge()", 1),
     "cycle.started": ("", "h.start_cycle()", 1),
     "sweep.claimed": ("", "h.free(h.alloc(100)); h.start_cycle(); h.sweep()", 1),
@@ -165,6 +166,8 @@ def raising(signum, frame):
 for sig in (signal.SIGALRM, signal.SIGCHLD, signal.SIGUSR1):
     signal.signal(sig, counted)
 h = shmheap.Heap.attach({name!r})
+print("ready", flush=True)
+sys.stdin.readline()                                          # the holder holds the lock
 signal.setitimer(signal.ITIMER_REAL, 0.003, 0.003)            # SIGALRM every 3 ms
 children = [subprocess.Popen(["true"]) for _ in range(3)]     # SIGCHLD
 print("waiting", flush=True)
@@ -221,8 +224,10 @@ while sys.stdin.readline().strip() == "hold":
 def test_signal_handlers_on_waiters_run_and_the_wait_goes_on(heap: shmheap.Heap) -> None:
     with Child(HOLDER.format(name=heap.name)) as holder, \
             Child(WAITER.format(name=heap.name)) as waiter:
+        assert waiter.line() == "ready"
         holder.send("hold")
         assert holder.line() == "holding"
+        waiter.send()
         assert waiter.line() == "waiting"
         for _ in range(20):
             os.kill(waiter.pid, signal.SIGUSR1)
@@ -388,6 +393,7 @@ import os, shmheap
 h = shmheap.Heap.create("full", arena_size=65536)
 h.grow()
 far = 8 * 4096 * 20           # an arena whose map bit lives in a page not yet allocated
+h._summaries.reserve_leaves(far)  # (its summary leaves have memory: the map runs out first)
 stat = os.statvfs("/dev/shm")
 need = shmheap.arenas.segment_size(65536)
 filler = os.open("/dev/shm/filler", os.O_CREAT | os.O_RDWR)

@@ -48,7 +48,8 @@ def test_create_makes_an_empty_heap(shm_heap_factory: HeapFactory) -> None:
     assert list(heap.arenas()) == []
     base = names.control_name(heap.name)
     assert shm_leftovers(heap.name) == sorted(
-        [base, f"{base}.live", f"{base}.map", f"{base}.i0", names.semaphore_file(heap.name)])
+        [base, f"{base}.live", f"{base}.map", f"{base}.sum", f"{base}.i0",
+         names.semaphore_file(heap.name)])
 
 
 def test_segments_are_created_mode_0600(shm_heap: shmheap.Heap) -> None:

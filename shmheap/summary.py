@@ -1,0 +1,394 @@
+"""Summaries over every arena index: where to find free pages without looking at every arena.
+
+Go's page allocator keeps a radix tree of summaries over the address space
+(``runtime/mpagealloc.go``) so that finding ``npages`` free pages is a walk of
+a few levels, not a scan.  shmheap's spans never cross an arena, so one number
+per arena is enough at the bottom: its longest run of free pages.  Above it,
+each level holds the maximum of 64 entries of the level below, up to a top
+row of at most 64 entries.  Finding the first arena with a run of ``n`` free
+pages is one 64-entry row per level.
+
+The same shape (``ByteTree``) answers three questions, all in the segment
+``shmheap.NAME.sum`` (a sparse file; only the pages of rows in use take
+memory)::
+
+    off            what
+    0              header: magic b"shmsumm\\0", version, max_arenas, nclasses
+    64             tree "free": leaf i = min(longest free page run of arena i, 255)
+    .              tree "owned": leaf i = 1 if a span of arena i may have an owner
+    .              trees "partial(c)", one per size class c >= 1: leaf i = 1 if an
+                   unowned span of class c in arena i may have free slots
+
+Each tree is its levels back to back, leaves first, every level padded to 64
+entries.  Who writes them:
+
+* ``free`` and ``owned``: the heap-lock holder only, inside the journaled
+  mutation that changes what they summarise (pages.py, allocator.py); repair
+  recomputes the leaf of the journaled arena, fsck every leaf and node.
+* ``partial[c]``: any process, without the lock, raises leaf then ancestors to
+  1 after it frees into an unowned span (``mark``: byte stores of 1 that
+  concurrent writers agree on); the lock holder clears a leaf before it scans
+  the arena (``clear``) and clears an ancestor only after seeing its whole row
+  zero, re-checking the row afterwards, so a concurrent mark is never lost.
+
+Leaves of arena indices that are not (yet) arenas are 0.  Values are bytes:
+a run of 255 pages or more reads 255 and is verified in the arena itself.
+
+The segment is sparse, and a store into a page that has no memory yet would
+be SIGBUS on a full /dev/shm.  So the levels above the leaves are reserved
+when the heap is created (about 1/63 of the leaves), and the leaf pages of an
+arena in every tree before the arena is published (``reserve_leaves``, by the
+grower, before its journal opens: a full /dev/shm is OutOfSharedMemoryError
+then, and the arena is not made).  Stores of 0 into a leaf are skipped when it
+already reads 0, so nothing ever writes into a page nobody reserved.
+
+This module owns the layout of the summary segment and the tree operations.
+It reads no arena: callers pass the values.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import struct
+from collections.abc import Callable
+
+from . import crash, segments
+from .errors import HeapCorruptError
+from .names import PAGE_SIZE, summary_name
+
+MAGIC = b"shmsumm\0"
+VERSION = 1
+HEADER = struct.Struct("<8sIIQI")
+HEADER_SIZE = 64
+FANOUT = 64
+#: leaf and node values are bytes: longer runs than this read as this
+CAP = 255
+_ZERO_ROW = bytes(FANOUT)
+_NONZERO = bytes([0] + [1] * 255)
+#: _AT_LEAST[v]: a 256-byte table that maps every byte >= v to 1, every other to 0
+_AT_LEAST = [bytes(1 if b >= v else 0 for b in range(256)) for v in range(CAP + 1)]
+
+
+def nonzero_positions(data: bytes) -> list[int]:
+    """Positions of the non-zero bytes of ``data``, ascending (C-speed finds)."""
+    flags = data.translate(_NONZERO)
+    found = []
+    pos = flags.find(1)
+    while pos >= 0:
+        found.append(pos)
+        pos = flags.find(1, pos + 1)
+    return found
+
+
+def _row(level: bytes, row: int) -> bytes:
+    return level[row * FANOUT:(row + 1) * FANOUT]
+
+
+def _data_extents(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """(offset, length) of the parts of ``[start, end)`` of file ``fd`` that have memory."""
+    extents = []
+    offset = start
+    while offset < end:
+        try:
+            offset = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after offset
+            break
+        if offset >= end:
+            break
+        hole = min(os.lseek(fd, offset, os.SEEK_HOLE), end)
+        extents.append((offset, hole - offset))
+        offset = hole
+    return extents
+
+
+def _level_sizes(nleaves: int) -> list[int]:
+    """Entries of each level, leaves first, each a multiple of FANOUT; the last one row."""
+    sizes = []
+    n = nleaves
+    while True:
+        padded = -(-n // FANOUT) * FANOUT
+        sizes.append(padded)
+        if padded == FANOUT:
+            return sizes
+        n = padded // FANOUT
+
+
+def tree_bytes(nleaves: int) -> int:
+    return sum(_level_sizes(nleaves))
+
+
+def segment_size(max_arenas: int, nclasses: int) -> int:
+    """Bytes of the summary segment of a heap with ``nclasses`` size classes (class 0 too).
+
+    Trees: free, owned, and one partial tree per class >= 1.
+    """
+    return HEADER_SIZE + (1 + nclasses) * tree_bytes(max_arenas)
+
+
+class ByteTree:
+    """Byte maxima over ``nleaves`` leaves, 64 children per node (see the module docstring).
+
+    ``file`` (descriptor, offset of this tree in it) lets fsck read the leaf
+    level with ``pread`` and skip its holes: through the mapping, even a read
+    of a hole would give the page memory (tmpfs), or SIGBUS on a full
+    /dev/shm.  Without it (a tree in private memory) the mapping is read.
+    """
+
+    __slots__ = ("_file", "_levels", "nleaves")
+
+    def __init__(self, buf: memoryview, nleaves: int,
+                 file: tuple[int, int] | None = None) -> None:
+        self.nleaves = nleaves
+        self._file = file
+        self._levels: list[memoryview] = []
+        at = 0
+        for size in _level_sizes(nleaves):
+            self._levels.append(buf[at:at + size])
+            at += size
+
+    def get(self, leaf: int) -> int:
+        return self._levels[0][leaf]
+
+    def set(self, leaf: int, value: int) -> None:
+        """Store ``value`` (clipped to CAP) at ``leaf`` and fix the nodes above (lock holder)."""
+        value = min(value, CAP)
+        levels = self._levels
+        old = levels[0][leaf]
+        if old == value:
+            return
+        levels[0][leaf] = value
+        crash.reach("summary.leaf_set")
+        index = leaf
+        for level in range(1, len(levels)):
+            row_start = (index // FANOUT) * FANOUT
+            index //= FANOUT
+            node = levels[level][index]
+            if value >= node:
+                new = value  # the child grew past (or to) its parent's maximum
+            elif old < node:
+                return  # the child was not the maximum: the parent is unchanged
+            else:
+                new = max(levels[level - 1][row_start:row_start + FANOUT].tobytes())
+            if new == node:
+                return
+            levels[level][index] = new
+            old, value = node, new
+
+    def path_is_right(self, leaf: int) -> bool:
+        """True if every node above ``leaf`` is the maximum of its row (fsck)."""
+        levels = self._levels
+        index = leaf
+        for level in range(1, len(levels)):
+            row_start = (index // FANOUT) * FANOUT
+            index //= FANOUT
+            if levels[level][index] != max(levels[level - 1][row_start:row_start + FANOUT]
+                                           .tobytes()):
+                return False
+        return True
+
+    def fix_path(self, leaf: int) -> None:
+        """Recompute the nodes above ``leaf`` from their rows, bottom up (repair)."""
+        levels = self._levels
+        index = leaf
+        for level in range(1, len(levels)):
+            row_start = (index // FANOUT) * FANOUT
+            index //= FANOUT
+            want = max(levels[level - 1][row_start:row_start + FANOUT].tobytes())
+            if levels[level][index] != want:
+                levels[level][index] = want
+
+    def mark(self, leaf: int) -> None:
+        """Set a 0/1 tree's leaf and its ancestors to 1, bottom up (any process, no lock)."""
+        index = leaf
+        for level in self._levels:
+            if not level[index]:
+                level[index] = 1
+            index //= FANOUT
+
+    def clear(self, leaf: int) -> None:
+        """Clear a 0/1 tree's leaf, and each ancestor whose row is all zero (lock holder).
+
+        An ancestor is cleared first and its row read after: a ``mark`` that
+        lands meanwhile has stored its leaf before the ancestor, so either the
+        re-read sees it (and the ancestor is set back) or its own store of the
+        ancestor comes after ours.
+        """
+        levels = self._levels
+        if levels[0][leaf]:
+            levels[0][leaf] = 0
+        index = leaf
+        for level in range(1, len(levels)):
+            row_start = (index // FANOUT) * FANOUT
+            index //= FANOUT
+            if not levels[level][index]:
+                return
+            levels[level][index] = 0
+            if levels[level - 1][row_start:row_start + FANOUT].tobytes() != _ZERO_ROW:
+                levels[level][index] = 1
+                return
+
+    def find(self, at_least: int, start: int = 0) -> int:
+        """The first leaf >= ``start`` whose value is >= ``at_least`` (1..CAP), or -1.
+
+        Climbs from ``start`` while the rest of its row has no hit (then looks
+        right of the parent), and descends from the first hit to its leftmost
+        qualifying leaf: at most two rows per level.
+        """
+        table = _AT_LEAST[min(max(at_least, 1), CAP)]
+        levels = self._levels
+        index = start
+        for level, row in enumerate(levels):
+            if index >= len(row):
+                return -1
+            if index % FANOUT == 0 and level + 1 < len(levels):
+                index //= FANOUT  # the whole row: its parent says as much, without reading it
+                continue
+            row_end = (index // FANOUT + 1) * FANOUT
+            hit = row[index:row_end].tobytes().translate(table).find(1)
+            if hit >= 0:
+                return self._descend(level, index + hit, table)
+            index = index // FANOUT + 1
+        return -1
+
+    def _descend(self, level: int, index: int, table: bytes) -> int:
+        levels = self._levels
+        while level > 0:
+            level -= 1
+            first = index * FANOUT
+            hit = levels[level][first:first + FANOUT].tobytes().translate(table).find(1)
+            if hit < 0:
+                return -1  # a node above its children: garbage, which fsck reports
+            index = first + hit
+        return index if index < self.nleaves else -1
+
+    def nonzero_leaves(self) -> list[int]:
+        """The leaves that are not 0 (fsck), reading only the pages that have memory."""
+        if self._file is None:
+            return nonzero_positions(self._levels[0][:self.nleaves].tobytes())
+        fd, base = self._file
+        found = []
+        for start, length in _data_extents(fd, base, base + self.nleaves):
+            chunk = os.pread(fd, length, start)
+            found += [start - base + p for p in nonzero_positions(chunk)]
+        return found
+
+    def _leaf_row(self, row: int) -> bytes:
+        first = row * FANOUT
+        if self._file is None:
+            return self._levels[0][first:first + FANOUT].tobytes()
+        fd, base = self._file
+        return os.pread(fd, FANOUT, base + first)
+
+    def check(self) -> list[str]:
+        """Every node that is not the maximum of its children (fsck); [] when consistent.
+
+        Only rows with a non-zero child or a non-zero node can be wrong, so the
+        work grows with what is set, not with the size of the tree.
+        """
+        return [f"level {level} node {node} is {value}, its children's maximum {want}"
+                for level, node, value, want in self._wrong_nodes()]
+
+    def rebuild(self) -> None:
+        """Set every node to the maximum of its children (lock holder; fsck --repair)."""
+        for level, node, _value, want in self._wrong_nodes():
+            self._levels[level][node] = want
+
+    def _wrong_nodes(self) -> list[tuple[int, int, int, int]]:
+        """(level, node, value, maximum of its children) of each wrong node, bottom up.
+
+        Each level is judged against the level below as fixed, so ``rebuild``
+        may store them in order.  The levels above the leaves have memory
+        from the start (``Summaries.create``); leaf rows are read with pread.
+        """
+        wrong = []
+        below_nonzero = self.nonzero_leaves()
+        row_of: Callable[[int], bytes] = self._leaf_row
+        for level in range(1, len(self._levels)):
+            here = bytearray(self._levels[level].tobytes())
+            rows = {p // FANOUT for p in below_nonzero}
+            rows.update(nonzero_positions(bytes(here)))
+            for node in sorted(rows):
+                want = max(row_of(node), default=0)
+                if here[node] != want:
+                    wrong.append((level, node, here[node], want))
+                    here[node] = want
+            below = bytes(here)
+            below_nonzero = nonzero_positions(below)
+            row_of = functools.partial(_row, below)
+        return wrong
+
+    def release(self) -> None:
+        for level in self._levels:
+            level.release()
+
+
+def _reserve(seg: segments.Segment, offset: int, length: int) -> None:
+    """Allocate the memory of ``length`` bytes at ``offset`` of the summary segment now."""
+    assert seg.fd is not None
+    first = offset // PAGE_SIZE * PAGE_SIZE
+    segments.reserve(seg, first, offset + length - first)
+
+
+class Summaries:
+    """This process's view of a heap's summary segment: the free, owned and partial trees."""
+
+    def __init__(self, heap_name: str, max_arenas: int, nclasses: int, readonly: bool) -> None:
+        name = summary_name(heap_name)
+        size = segment_size(max_arenas, nclasses)
+        self._seg = segments.open_existing(name, readonly=readonly, expect_size=size,
+                                           keep_fd=True)
+        self._span = tree_bytes(max_arenas)
+        #: leaf pages this process has reserved already (reserving is idempotent)
+        self._reserved: set[int] = set()
+        magic, version, _, arenas, classes = HEADER.unpack_from(self._seg.buf, 0)
+        if (magic, version, arenas, classes) != (MAGIC, VERSION, max_arenas, nclasses):
+            self._seg.close()
+            raise HeapCorruptError(f"/dev/shm/{name} is not the summary segment of heap "
+                                   f"{heap_name!r}; destroy the heap")
+        buf = self._seg.buf
+        span = tree_bytes(max_arenas)
+        fd = self._seg.fd
+        assert fd is not None
+        self._trees = [ByteTree(buf[HEADER_SIZE + k * span:HEADER_SIZE + (k + 1) * span],
+                                max_arenas, (fd, HEADER_SIZE + k * span))
+                       for k in range(1 + nclasses)]
+        #: longest free page run of each arena (capped at CAP)
+        self.free = self._trees[0]
+        #: 1 where an arena may have a span with an owner
+        self.owned = self._trees[1]
+
+    @staticmethod
+    def create(heap_name: str, max_arenas: int, nclasses: int, mode: int) -> None:
+        """Create the summary segment of a new heap: zero, sparse but for its upper levels."""
+        seg = segments.create(summary_name(heap_name), segment_size(max_arenas, nclasses), mode,
+                              reserve=False, keep_fd=True)
+        try:
+            assert seg.fd is not None
+            span, leaves = tree_bytes(max_arenas), _level_sizes(max_arenas)[0]
+            _reserve(seg, 0, HEADER_SIZE)
+            for tree in range(1 + nclasses):  # its upper levels, and its first page of leaves
+                _reserve(seg, HEADER_SIZE + tree * span, PAGE_SIZE)
+                _reserve(seg, HEADER_SIZE + tree * span + leaves, span - leaves)
+            HEADER.pack_into(seg.buf, 0, MAGIC, VERSION, 0, max_arenas, nclasses)
+        finally:
+            seg.close()
+
+    def reserve_leaves(self, index: int) -> None:
+        """Give memory to the pages holding arena ``index``'s leaf in every tree (a grower)."""
+        page = index // PAGE_SIZE
+        if page in self._reserved:
+            return
+        for tree in range(len(self._trees)):
+            _reserve(self._seg, HEADER_SIZE + tree * self._span + page * PAGE_SIZE,
+                     PAGE_SIZE)
+        self._reserved.add(page)
+
+    def partial(self, sclass: int) -> ByteTree:
+        """The partial tree of size class ``sclass`` (>= 1)."""
+        return self._trees[1 + sclass]
+
+    def close(self) -> None:
+        for tree in self._trees:
+            tree.release()
+        self._seg.close()
