@@ -312,7 +312,12 @@ class Liveness:
         cheap pass for ``grow`` that frees the new arenas of dead growers.
         """
         if builders_only:
-            candidates = [s for s, b in enumerate(self._building.tolist()) if b]
+            building = bytes(self._building)
+            candidates = []
+            slot = building.find(1)
+            while slot >= 0:
+                candidates.append(slot)
+                slot = building.find(1, slot + 1)
         else:
             candidates = _stamped(self._seg.buf, self.nslots)
         buf = self._seg.buf

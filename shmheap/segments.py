@@ -70,7 +70,11 @@ def max_map_count() -> int:
 
 @dataclass(frozen=True)
 class MappingBudget:
-    """How many segment mappings a heap may have: ``keep`` reused, ``limit`` at once."""
+    """How many segment mappings a heap may have: ``keep`` reused, ``limit`` at once.
+
+    ``keep`` is at most half the limit: the other half is for arenas pinned by
+    views while the kept ones turn over.
+    """
 
     keep: int
     limit: int
@@ -97,7 +101,7 @@ def mapping_budget() -> MappingBudget:
             open_now = len(os.listdir("/proc/self/fd"))
             limit = min(limit, (soft - open_now) // 2)
         limit = max(limit, 8)
-    return MappingBudget(keep=min(limit, KEEP_MAPPED), limit=limit)
+    return MappingBudget(keep=min(limit // 2, KEEP_MAPPED), limit=limit)
 
 
 def raise_descriptor_limit() -> int:

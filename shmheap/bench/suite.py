@@ -1,4 +1,4 @@
-"""``shmheap bench [index|alloc|recovery|faults|all]``: run benchmarks, combine their output.
+"""``shmheap bench [index|alloc|...|all]``: run benchmarks, combine their JSON and plots.
 
 Every benchmark is a module of this package with ``main(argv)`` that takes
 ``--quick`` (a short run), ``--json FILE`` (every figure, as JSON) and a
@@ -65,6 +65,7 @@ BENCHES = (
     Bench("alloc", ("--tiny",)),
     Bench("recovery", ("--rounds", "2")),
     Bench("faults", ("--tiny",)),
+    Bench("scale", ("--tiny",)),
 )
 BY_NAME = {bench.name: bench for bench in BENCHES}
 
