@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
-from . import arenas, control, crash, liveness, segments, walker
+from . import arenas, control, core, crash, liveness, segments, walker
 from .allocator import Allocator, as_ndarray, size_classes
 from .errors import (
     AddressSpaceExhaustedError,
@@ -192,7 +192,12 @@ class Heap:
             segments.remove_own(temp_arena_name(name, self._live.slot))
         journal = control_seg.buf[control.JOURNAL_OFFSET:control.JOURNAL_OFFSET + 8].cast("Q")
         self._journal_word = journal
-        self._lock = HeapLock(self._sem, self._live, name, journal, self._repair_journal)
+        self._lock = HeapLock(self._sem, self._live, name, journal, self._header,
+                              self._repair_journal)
+        if self._lock.native is not None and core.native is not None:
+            # The native core reads the header and builds snapshots in one C call.
+            self.snapshot = core.native.Snapshots(  # type: ignore[method-assign]
+                self._lock.native, self._index.reader, deadline_of)
         self._recycle_dead_slots()
 
     def _class_count(self) -> int:
@@ -339,6 +344,7 @@ class Heap:
         if isinstance(lock, _ClosedLock):
             return
         self._lock = _ClosedLock(self.name)
+        self.__dict__.pop("snapshot", None)  # the native core's, if it was bound
         lock.close()
         self._release_resources()
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import overload
 
-from . import crash, segments
+from . import core, crash, segments
 from .control import MAX_GENERATIONS, make_header, split_header
 from .errors import AddressSpaceExhaustedError, HeapCorruptError
 from .names import index_name
@@ -105,6 +105,12 @@ class ArenaSnapshot(Sequence[int]):
         return f"ArenaSnapshot([{head}{more}], len={len(self)}, generation={self.generation})"
 
 
+if core.native is not None:
+    # The native core's snapshots are the ones this process makes (same interface).
+    Sequence.register(core.native.ArenaSnapshot)
+    ArenaSnapshot = core.native.ArenaSnapshot  # type: ignore[misc]
+
+
 class ArenaIndex:
     """This process's view of a heap's all-arenas index."""
 
@@ -152,6 +158,14 @@ class ArenaIndex:
             entries = self.generation(generation).toreadonly()
             cached = self._readers[generation] = (entries, len(entries))
         return ArenaSnapshot(cached[0][:word & 0xFFFFFFFF], generation)
+
+    def reader(self, word: int) -> tuple[memoryview, int]:
+        """(a read-only view of every entry of ``word``'s generation, its capacity).
+
+        For the native core's snapshots: the view is fresh and theirs alone.
+        """
+        generation, _length = self.check_header(word)
+        return self.generation(generation).toreadonly(), self.capacity(generation)
 
     def generation(self, generation: int) -> memoryview:
         """Map generation ``generation`` (once per process) and return its entries."""

@@ -193,6 +193,8 @@ class Liveness:
         self.name = name
         self.slot = -1
         self.token = 0
+        #: called in a forked child before the inherited mapping goes (drop views into it)
+        self.on_unmap: list[Callable[[], None]] = []
         #: called after a fork has given this process a new slot, token and owner view
         self.on_reclaim: list[Callable[[], None]] = []
         self._map()
@@ -214,6 +216,11 @@ class Liveness:
         #: the building byte of every slot, a strided view
         self._building = buf[SLOTS_OFFSET + BUILDING_OFFSET:SLOTS_OFFSET + self.nslots
                              * SLOT_SIZE][::SLOT_SIZE]
+
+    @property
+    def buffer(self) -> memoryview:
+        """The whole segment (the native lock reads and writes it directly)."""
+        return self._seg.buf
 
     @property
     def fd(self) -> int:
@@ -254,6 +261,8 @@ class Liveness:
         """
         if self._seg.fd is None:
             return
+        for callback in self.on_unmap:
+            callback()
         self._release_views()
         self._seg.close()
         self._map()

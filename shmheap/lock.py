@@ -83,11 +83,11 @@ import struct
 import time
 import weakref
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import posix_ipc
 
-from . import crash, segments
+from . import core, crash, segments
 from .errors import (
     HeapExistsError,
     HeapNotFoundError,
@@ -190,7 +190,7 @@ class HeapLock:
     """This process's handle on a heap's lock.  Not reentrant; one thread at a time."""
 
     def __init__(self, sem: posix_ipc.Semaphore, live: Liveness, heap_name: str,
-                 journal: memoryview, repair: Callable[[], None]) -> None:
+                 journal: memoryview, header: memoryview, repair: Callable[[], None]) -> None:
         self._sem = sem
         self._trywait = sem.acquire
         self._post = sem.release
@@ -207,17 +207,40 @@ class HeapLock:
         #: the outermost open ``locked()`` block of this handle (a weak reference):
         #: while it lives, ``run`` runs bodies under the hold it took
         self._outer: weakref.ref[LockedBlock] | None = None
-        #: how many dead holders' locks this handle has adopted
-        self.adoptions = 0
+        self._adoptions = 0
+        #: the native core's lock (shmheap/_native.c), when it runs this one
+        self.native: Any = None
         if crash.ARMED:
             self.run = self._run_at_crash_points  # type: ignore[method-assign]
             self.read_word = self._read_word_at_crash_points  # type: ignore[method-assign]
+        elif core.native is not None:
+            self.native = core.native.Lock(
+                sem.name, live.buffer, live.fd, live.nslots, live.slot, live.token, journal,
+                header, repair, heap_name, (FIRST_POLL, POLL, UNOWNED_GRACE))
+            for method in ("run", "read_word", "enter", "leave", "release", "semaphore_value",
+                           "drain_one"):
+                setattr(self, method, getattr(self.native, method))
+            live.on_unmap.append(self.native.detach)
+
+    @property
+    def adoptions(self) -> int:
+        """How many dead holders' locks this handle has adopted."""
+        return int(self.native.adoptions) if self.native is not None else self._adoptions
+
+    @property
+    def holding(self) -> bool:
+        """True while this handle holds the semaphore."""
+        return bool(self.native.holding) if self.native is not None else bool(self.held)
 
     def _bind(self) -> None:
         """Cache the owner and seq views and our token (again after a fork re-made them)."""
-        self._owner = self._live.owner
-        self._seq = self._live.lock_seq
-        self._token = self._live.token
+        live = self._live
+        self._owner = live.owner
+        self._seq = live.lock_seq
+        self._token = live.token
+        native = getattr(self, "native", None)
+        if native is not None:
+            native.rebind(live.buffer, live.fd, live.slot, live.token)
 
     # -- the critical sections ------------------------------------------------------
 
@@ -252,6 +275,10 @@ class HeapLock:
 
     def read_word(self, view: memoryview, deadline: float | None = None) -> int:
         """``view[0]`` read under the lock: a reader's whole critical section."""
+        outer = self._outer
+        if outer is not None and outer() is not None:
+            word: int = view[0]  # inside this handle's own locked() block
+            return word
         held = self.held
         releaser = filter(None, itertools.starmap(self._post, _NOARGS))
         owner = self._owner
@@ -263,7 +290,7 @@ class HeapLock:
                     self._wait(deadline)
             owner[0] = self._token
             self._seq[0] = self._seq[0] + 1 & _SEQ_MASK
-            word: int = view[0]
+            word = view[0]
             return word
         finally:
             if held:
@@ -390,7 +417,7 @@ class HeapLock:
         finally:
             unlock()
         live.count_recovery()
-        self.adoptions += 1
+        self._adoptions += 1
         crash.reach("repair.adopted")
         return True
 
@@ -411,6 +438,8 @@ class HeapLock:
     def close(self) -> None:
         """Release the lock if an interrupted ``locked()`` left it held, then close."""
         self.leave()
+        if self.native is not None:
+            self.native.close()
         self._waiter.close()
         with contextlib.suppress(posix_ipc.ExistentialError):
             self._sem.close()

@@ -1,0 +1,32 @@
+/* Shared-memory layouts the native core reads and writes, defined once for C.
+ *
+ * The Python modules define the same numbers (liveness.py, control.py,
+ * pages.py, allocator.py); tests/test_native.py checks that the two agree
+ * byte for byte, through _native.LAYOUT, which exports every one of these.
+ */
+#ifndef SHMHEAP_LAYOUT_H
+#define SHMHEAP_LAYOUT_H
+
+/* liveness.py: the liveness segment shmheap.NAME.live */
+#define LIVE_OWNER_OFFSET 8          /* u64: token of the heap-lock holder, 0 if none */
+#define LIVE_RECOVERIES_OFFSET 16    /* u64: adopted locks */
+#define LIVE_LAST_RECOVERY_OFFSET 24 /* u64: wall clock (ns) of the last adoption */
+#define LIVE_REPAIRS_OFFSET 32       /* u64: journal repairs */
+#define LIVE_LOCK_SEQ_OFFSET 48      /* u64: +1 on every acquisition */
+#define LIVE_SLOTS_OFFSET 64         /* the process slots */
+#define LIVE_SLOT_SIZE 32
+#define LIVE_SLOT_PID 0              /* u32 */
+#define LIVE_SLOT_EPOCH 4            /* u32 */
+#define LIVE_REPAIR_BYTE 1           /* OFD-locked by the one process deciding to adopt */
+
+/* control.py: the control segment shmheap.NAME */
+#define CONTROL_HEADER_OFFSET 64     /* u64: generation << 32 | len of the index */
+#define CONTROL_JOURNAL_OFFSET 120   /* u64: op << 56 | arena + 1 of an unfinished mutation */
+
+/* pages.py: an arena's page metadata, after its data and 64-byte trailer */
+#define META_SEQ_OFFSET 8            /* u64: span records' sequence word (seqlock) */
+
+/* allocator.py: a small span starts with nelems alloc bytes, then nelems mark bytes */
+#define SPAN_ALIGN 16
+
+#endif

@@ -1,0 +1,1239 @@
+/* shmheap._native: the native core, the hot paths of shmheap in C.
+ *
+ * It is the twin of pure-Python code that stays (as CPython keeps heapq beside
+ * _heapq): every protocol here is the one its Python module documents, on
+ * the same shared memory, so native and pure processes share a heap.
+ *
+ *   Lock          lock.py's HeapLock: acquire with the owner record and the
+ *                 lock sequence, release, timed waits that adopt a dead
+ *                 holder's lock, the repair of a dirty journal by writers.
+ *                 Everything between sem_trywait and recording the owner,
+ *                 and between clearing it and sem_post, is C: no Python
+ *                 signal handler can run there.  A wait interrupted by a
+ *                 signal (EINTR) runs the Python handlers; if one raises,
+ *                 the exception propagates and nothing is held.
+ *   ArenaSnapshot index.py's ArenaSnapshot: an immutable sequence of uint32
+ *                 over a generation's mapping (which it keeps alive).
+ *   Snapshots     Heap.snapshot(): the header word read under the lock and
+ *                 the snapshot built from it, cached while the word holds.
+ *   Cache, Alloc, Free   allocator.py's fast paths: a small object from the
+ *                 span this process caches, and the free of a small object,
+ *                 with C11-style atomic loads and stores (acquire/release);
+ *                 anything else goes back to the Python slow path.
+ *
+ * Shared layouts are in _layout.h.  Memory ordering: the semaphore's
+ * operations are full barriers; stores that publish (owner, seq, alloc
+ * bytes, sequence words) are release stores, the loads that read them are
+ * acquire loads.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <semaphore.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "_layout.h"
+
+#define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+
+/* -- errors: the classes of shmheap.errors, looked up when first needed ---------------- */
+
+static PyObject *
+error_class(const char *name)
+{
+    PyObject *module = PyImport_ImportModule("shmheap.errors");
+    if (module == NULL)
+        return NULL;
+    PyObject *cls = PyObject_GetAttrString(module, name);
+    Py_DECREF(module);
+    return cls;
+}
+
+static void
+raise_error(const char *name, PyObject *message)
+{
+    PyObject *cls = error_class(name);
+    if (cls != NULL) {
+        PyErr_SetObject(cls, message);
+        Py_DECREF(cls);
+    }
+    Py_XDECREF(message);
+}
+
+static double
+monotonic(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* A deadline argument: None for ever, else a monotonic time in seconds. */
+static int
+parse_deadline(PyObject *arg, double *deadline, int *has_deadline)
+{
+    if (arg == NULL || arg == Py_None) {
+        *has_deadline = 0;
+        return 0;
+    }
+    *deadline = PyFloat_AsDouble(arg);
+    if (*deadline == -1.0 && PyErr_Occurred())
+        return -1;
+    *has_deadline = 1;
+    return 0;
+}
+
+/* -- OFD locks on the liveness segment (liveness.py) ---------------------------------- */
+
+static int
+ofd_probe_locked(int fd, off_t start)
+{
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = F_RDLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = start;
+    fl.l_len = 1;
+    if (fcntl(fd, F_OFD_GETLK, &fl) != 0)
+        return 1; /* cannot tell: count it alive, never rob */
+    return fl.l_type != F_UNLCK;
+}
+
+static int
+ofd_set(int fd, off_t start, short type)
+{
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = type;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = start;
+    fl.l_len = 1;
+    return fcntl(fd, F_OFD_SETLK, &fl);
+}
+
+/* -- Lock ------------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    sem_t *sem;
+    Py_buffer live;          /* the liveness segment, writable */
+    Py_buffer journal;       /* the control segment's journal word */
+    Py_buffer header;        /* the control segment's index header word */
+    PyObject *header_obj;    /* the view the header buffer came from */
+    int live_fd;
+    long nslots;
+    long slot;
+    uint64_t token;
+    int held;
+    long adoptions;
+    PyObject *outer;         /* weak reference to the outermost open locked() block */
+    PyObject *repair;        /* run by a writable holder that finds the journal dirty */
+    PyObject *heap_name;
+    double first_poll, poll, grace;
+} Lock;
+
+#define LIVE_U64(self, off) ((uint64_t *)((char *)(self)->live.buf + (off)))
+#define SLOT_U32(self, slot, field) \
+    ((uint32_t *)((char *)(self)->live.buf + LIVE_SLOTS_OFFSET + (slot) * LIVE_SLOT_SIZE + (field)))
+
+static int
+lock_slot_alive(Lock *self, long slot)
+{
+    if (slot == self->slot)
+        return 1;
+    return ofd_probe_locked(self->live_fd, LIVE_SLOTS_OFFSET + slot * LIVE_SLOT_SIZE);
+}
+
+static int
+lock_token_alive(Lock *self, uint64_t token)
+{
+    long slot = (long)(token >> 32) - 1;
+    uint32_t epoch = (uint32_t)(token & 0xFFFFFFFFu);
+    if (slot < 0 || slot >= self->nslots)
+        return 0;
+    if (LOAD(SLOT_U32(self, slot, LIVE_SLOT_EPOCH)) != epoch)
+        return 0;
+    return lock_slot_alive(self, slot);
+}
+
+static int
+lock_dead_slot_exists(Lock *self)
+{
+    for (long slot = 0; slot < self->nslots; slot++) {
+        if (LOAD(SLOT_U32(self, slot, LIVE_SLOT_PID)) != 0 && !lock_slot_alive(self, slot))
+            return 1;
+    }
+    return 0;
+}
+
+static void
+lock_record(Lock *self)
+{
+    uint64_t *seq = LIVE_U64(self, LIVE_LOCK_SEQ_OFFSET);
+    STORE(LIVE_U64(self, LIVE_OWNER_OFFSET), self->token);
+    STORE(seq, LOAD(seq) + 1);
+}
+
+static void
+lock_release(Lock *self)
+{
+    if (!self->held)
+        return;
+    STORE(LIVE_U64(self, LIVE_OWNER_OFFSET), (uint64_t)0);
+    sem_post(self->sem);
+    self->held = 0;
+}
+
+static void
+lock_timeout(Lock *self)
+{
+    uint64_t token = LOAD(LIVE_U64(self, LIVE_OWNER_OFFSET));
+    long slot = (long)(token >> 32) - 1;
+    uint32_t pid = 0;
+    if (token && slot >= 0 && slot < self->nslots)
+        pid = LOAD(SLOT_U32(self, slot, LIVE_SLOT_PID));
+    PyObject *holder = pid ? PyUnicode_FromFormat("process %u", (unsigned)pid)
+                           : PyUnicode_FromString("a process that has not recorded itself yet");
+    if (holder == NULL)
+        return;
+    raise_error("LockTimeoutError", PyUnicode_FromFormat(
+        "heap %R: lock not acquired in time; it is held by %U, which is alive (stopped or "
+        "slow); wait longer or investigate it", self->heap_name, holder));
+    Py_DECREF(holder);
+}
+
+/* Sleep ``seconds`` without the GIL; -1 if a signal handler raised meanwhile. */
+static int
+nap(double seconds)
+{
+    struct timespec ts = {0, (long)(seconds * 1e9)};
+    Py_BEGIN_ALLOW_THREADS
+    nanosleep(&ts, NULL);
+    Py_END_ALLOW_THREADS
+    return PyErr_CheckSignals();
+}
+
+/* Take over a dead holder's lock if nothing changed (lock.py _adopt): 1 adopted, 0 not,
+ * -1 exception. */
+static int
+lock_adopt(Lock *self, uint64_t dead_owner, uint64_t seq, int has_deadline, double deadline)
+{
+    while (ofd_set(self->live_fd, LIVE_REPAIR_BYTE, F_WRLCK) != 0) {
+        if (errno != EAGAIN && errno != EACCES) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        if (has_deadline && monotonic() >= deadline) {
+            raise_error("LockTimeoutError", PyUnicode_FromFormat(
+                "heap %R: another process is repairing it; try again later", self->heap_name));
+            return -1;
+        }
+        if (nap(0.001) < 0)
+            return -1;
+    }
+    int value = 1;
+    int adopt = LOAD(LIVE_U64(self, LIVE_OWNER_OFFSET)) == dead_owner
+                && sem_getvalue(self->sem, &value) == 0 && value == 0;
+    if (adopt && dead_owner)
+        adopt = !lock_token_alive(self, dead_owner);
+    if (adopt && !dead_owner)
+        adopt = LOAD(LIVE_U64(self, LIVE_LOCK_SEQ_OFFSET)) == seq && lock_dead_slot_exists(self);
+    if (adopt) {
+        self->held = 1;
+        STORE(LIVE_U64(self, LIVE_OWNER_OFFSET), self->token);
+    }
+    ofd_set(self->live_fd, LIVE_REPAIR_BYTE, F_UNLCK);
+    if (adopt) {
+        struct timespec now;
+        clock_gettime(CLOCK_REALTIME, &now);
+        uint64_t *recoveries = LIVE_U64(self, LIVE_RECOVERIES_OFFSET);
+        STORE(recoveries, LOAD(recoveries) + 1);
+        STORE(LIVE_U64(self, LIVE_LAST_RECOVERY_OFFSET),
+              (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec);
+        self->adoptions++;
+    }
+    return adopt;
+}
+
+/* The slow path of taking the lock (lock.py _wait): 0 holding, -1 exception holding nothing. */
+static int
+lock_wait(Lock *self, int has_deadline, double deadline)
+{
+    double slice = self->first_poll, unowned_since = -1.0;
+    uint64_t unowned_seq = 0;
+    for (;;) {
+        slice = slice * 2 < self->poll ? slice * 2 : self->poll;
+        double wait = slice;
+        if (has_deadline) {
+            double left = deadline - monotonic();
+            if (left < wait)
+                wait = left;
+            if (wait <= 0) {
+                lock_timeout(self);
+                return -1;
+            }
+        }
+        struct timespec until;
+        clock_gettime(CLOCK_MONOTONIC, &until);
+        long ns = until.tv_nsec + (long)(wait * 1e9);
+        until.tv_sec += ns / 1000000000L;
+        until.tv_nsec = ns % 1000000000L;
+        int rc, err;
+        Py_BEGIN_ALLOW_THREADS
+        rc = sem_clockwait(self->sem, CLOCK_MONOTONIC, &until);
+        err = errno;
+        Py_END_ALLOW_THREADS
+        if (rc == 0) {
+            self->held = 1;
+            return 0;
+        }
+        if (err == EINTR) {
+            if (PyErr_CheckSignals() < 0)
+                return -1;
+            continue;
+        }
+        if (err != ETIMEDOUT && err != EAGAIN) {
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        uint64_t owner = LOAD(LIVE_U64(self, LIVE_OWNER_OFFSET));
+        if (owner) {
+            unowned_since = -1.0;
+            if (!lock_token_alive(self, owner)) {
+                int adopted = lock_adopt(self, owner, 0, has_deadline, deadline);
+                if (adopted)
+                    return adopted < 0 ? -1 : 0;
+            }
+            continue;
+        }
+        uint64_t seq = LOAD(LIVE_U64(self, LIVE_LOCK_SEQ_OFFSET));
+        double now = monotonic();
+        if (unowned_since < 0 || seq != unowned_seq) {
+            unowned_since = now;
+            unowned_seq = seq;
+        }
+        else if (now - unowned_since >= self->grace) {
+            int adopted = lock_adopt(self, 0, seq, has_deadline, deadline);
+            if (adopted)
+                return adopted < 0 ? -1 : 0;
+        }
+    }
+}
+
+/* Hold the lock (a leftover hold of this handle counts); 0 holding, -1 exception. */
+static int
+lock_take(Lock *self, int has_deadline, double deadline)
+{
+    if (!self->held) {
+        if (sem_trywait(self->sem) == 0)
+            self->held = 1;
+        else if (errno != EAGAIN) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        else if (lock_wait(self, has_deadline, deadline) < 0)
+            return -1;
+    }
+    lock_record(self);
+    return 0;
+}
+
+/* Take the lock and, for a writer, repair a dirty journal first; release on failure. */
+static int
+lock_enter(Lock *self, int has_deadline, double deadline, int write)
+{
+    if (lock_take(self, has_deadline, deadline) < 0)
+        return -1;
+    if (write && LOAD((uint64_t *)self->journal.buf)) {
+        PyObject *done = PyObject_CallNoArgs(self->repair);
+        if (done == NULL) {
+            lock_release(self);
+            return -1;
+        }
+        Py_DECREF(done);
+    }
+    return 0;
+}
+
+static int
+lock_in_outer_block(Lock *self)
+{
+    if (self->outer == NULL)
+        return 0;
+    PyObject *block = PyWeakref_GetObject(self->outer);
+    return block != NULL && block != Py_None;
+}
+
+static PyObject *
+Lock_run(Lock *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"body", "deadline", "write", NULL};
+    PyObject *body, *deadline_arg = Py_None;
+    int write = 0, has_deadline;
+    double deadline = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|Op", names, &body, &deadline_arg, &write))
+        return NULL;
+    if (lock_in_outer_block(self))
+        return PyObject_CallNoArgs(body);
+    if (parse_deadline(deadline_arg, &deadline, &has_deadline) < 0)
+        return NULL;
+    if (lock_enter(self, has_deadline, deadline, write) < 0)
+        return NULL;
+    PyObject *result = PyObject_CallNoArgs(body);
+    lock_release(self);
+    return result;
+}
+
+static inline int
+lock_read(Lock *self, const uint64_t *word, PyObject *deadline_arg, uint64_t *out)
+{
+    if (self->outer != NULL && lock_in_outer_block(self)) {
+        *out = LOAD(word);  /* inside this handle's own locked() block */
+        return 0;
+    }
+    if (!self->held && sem_trywait(self->sem) == 0)
+        self->held = 1;
+    else {
+        int has_deadline;
+        double deadline = 0;
+        if (parse_deadline(deadline_arg, &deadline, &has_deadline) < 0)
+            return -1;
+        if (lock_take(self, has_deadline, deadline) < 0)
+            return -1;
+        *out = LOAD(word);
+        lock_release(self);
+        return 0;
+    }
+    lock_record(self);
+    *out = LOAD(word);
+    lock_release(self);
+    return 0;
+}
+
+static PyObject *
+Lock_read_word(Lock *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "read_word(view, deadline=None)");
+        return NULL;
+    }
+    uint64_t word;
+    if (args[0] == self->header_obj) {
+        if (lock_read(self, (const uint64_t *)self->header.buf, nargs > 1 ? args[1] : Py_None,
+                      &word) < 0)
+            return NULL;
+        return PyLong_FromUnsignedLongLong(word);
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    int rc = view.len >= 8 ? lock_read(self, (const uint64_t *)view.buf,
+                                       nargs > 1 ? args[1] : Py_None, &word) : -1;
+    if (view.len < 8)
+        PyErr_SetString(PyExc_ValueError, "read_word: the view is shorter than a word");
+    PyBuffer_Release(&view);
+    return rc < 0 ? NULL : PyLong_FromUnsignedLongLong(word);
+}
+
+static PyObject *
+Lock_enter(Lock *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"block", "deadline", "write", NULL};
+    PyObject *block, *deadline_arg = Py_None;
+    int write = 0, has_deadline;
+    double deadline = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|Op", names, &block, &deadline_arg, &write))
+        return NULL;
+    if (lock_in_outer_block(self))
+        Py_RETURN_FALSE;
+    if (parse_deadline(deadline_arg, &deadline, &has_deadline) < 0)
+        return NULL;
+    PyObject *ref = PyWeakref_NewRef(block, NULL);
+    if (ref == NULL)
+        return NULL;
+    if (lock_enter(self, has_deadline, deadline, write) < 0) {
+        Py_DECREF(ref);
+        return NULL;
+    }
+    Py_XSETREF(self->outer, ref);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+Lock_leave(Lock *self, PyObject *Py_UNUSED(ignored))
+{
+    Py_CLEAR(self->outer);
+    lock_release(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Lock_release(Lock *self, PyObject *Py_UNUSED(ignored))
+{
+    lock_release(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Lock_semaphore_value(Lock *self, PyObject *Py_UNUSED(ignored))
+{
+    int value = 0;
+    if (sem_getvalue(self->sem, &value) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(value);
+}
+
+static PyObject *
+Lock_drain_one(Lock *self, PyObject *Py_UNUSED(ignored))
+{
+    sem_trywait(self->sem);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Lock_rebind(Lock *self, PyObject *args)
+{
+    PyObject *live;
+    int fd;
+    long slot;
+    unsigned long long token;
+    if (!PyArg_ParseTuple(args, "OilK", &live, &fd, &slot, &token))
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(live, &view, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (self->live.obj != NULL)
+        PyBuffer_Release(&self->live);
+    self->live = view;
+    self->live_fd = fd;
+    self->slot = slot;
+    self->token = token;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Lock_detach(Lock *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->live.obj != NULL)
+        PyBuffer_Release(&self->live);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Lock_close(Lock *self, PyObject *Py_UNUSED(ignored))
+{
+    Py_CLEAR(self->outer);
+    lock_release(self);
+    if (self->sem != NULL) {
+        sem_close(self->sem);
+        self->sem = NULL;
+    }
+    if (self->live.obj != NULL)
+        PyBuffer_Release(&self->live);
+    if (self->journal.obj != NULL)
+        PyBuffer_Release(&self->journal);
+    if (self->header.obj != NULL)
+        PyBuffer_Release(&self->header);
+    Py_RETURN_NONE;
+}
+
+static int
+Lock_init(Lock *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"semaphore", "live", "live_fd", "nslots", "slot", "token",
+                            "journal", "header", "repair", "heap_name", "timing", NULL};
+    const char *sem_name;
+    PyObject *live, *journal, *header, *repair, *heap_name;
+    int fd;
+    long nslots, slot;
+    unsigned long long token;
+    double first_poll, poll, grace;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sOillKOOOU(ddd)", names, &sem_name, &live,
+                                     &fd, &nslots, &slot, &token, &journal, &header, &repair,
+                                     &heap_name, &first_poll, &poll, &grace))
+        return -1;
+    if (PyObject_GetBuffer(live, &self->live, PyBUF_WRITABLE) < 0)
+        return -1;
+    if (self->live.len < LIVE_SLOTS_OFFSET + nslots * LIVE_SLOT_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "the liveness segment is too short for its slots");
+        return -1;
+    }
+    if (PyObject_GetBuffer(journal, &self->journal, PyBUF_SIMPLE) < 0
+            || PyObject_GetBuffer(header, &self->header, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (self->journal.len < 8 || self->header.len < 8) {
+        PyErr_SetString(PyExc_ValueError, "the journal and header views must hold a word");
+        return -1;
+    }
+    self->sem = sem_open(sem_name, 0);
+    if (self->sem == SEM_FAILED) {
+        self->sem = NULL;
+        PyErr_SetFromErrnoWithFilename(PyExc_OSError, sem_name);
+        return -1;
+    }
+    Py_INCREF(header);
+    self->header_obj = header;
+    self->live_fd = fd;
+    self->nslots = nslots;
+    self->slot = slot;
+    self->token = token;
+    Py_INCREF(repair);
+    self->repair = repair;
+    Py_INCREF(heap_name);
+    self->heap_name = heap_name;
+    self->first_poll = first_poll;
+    self->poll = poll;
+    self->grace = grace;
+    return 0;
+}
+
+static void
+Lock_dealloc(Lock *self)
+{
+    PyObject *ignored = Lock_close(self, NULL);
+    Py_XDECREF(ignored);
+    Py_CLEAR(self->header_obj);
+    Py_CLEAR(self->repair);
+    Py_CLEAR(self->heap_name);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+Lock_get_holding(Lock *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->held);
+}
+
+static PyMethodDef Lock_methods[] = {
+    {"run", (PyCFunction)(void (*)(void))Lock_run, METH_VARARGS | METH_KEYWORDS,
+     "run(body, deadline=None, write=False): body() with the lock held"},
+    {"read_word", (PyCFunction)(void (*)(void))Lock_read_word, METH_FASTCALL,
+     "read_word(view, deadline=None): view's first word read under the lock"},
+    {"enter", (PyCFunction)(void (*)(void))Lock_enter, METH_VARARGS | METH_KEYWORDS,
+     "enter(block, deadline, write): open a locked() block; False if an outer one holds"},
+    {"leave", (PyCFunction)Lock_leave, METH_NOARGS, "close the outermost locked() block"},
+    {"release", (PyCFunction)Lock_release, METH_NOARGS, "release the lock if held"},
+    {"semaphore_value", (PyCFunction)Lock_semaphore_value, METH_NOARGS, NULL},
+    {"drain_one", (PyCFunction)Lock_drain_one, METH_NOARGS, NULL},
+    {"rebind", (PyCFunction)Lock_rebind, METH_VARARGS,
+     "rebind(live, live_fd, slot, token): after a fork re-claimed a slot"},
+    {"detach", (PyCFunction)Lock_detach, METH_NOARGS,
+     "let go of the liveness segment (a forked child, before it maps it again)"},
+    {"close", (PyCFunction)Lock_close, METH_NOARGS, NULL},
+    {NULL}
+};
+
+static PyMemberDef Lock_members[] = {
+    {"adoptions", T_LONG, offsetof(Lock, adoptions), READONLY, "dead holders' locks adopted"},
+    {NULL}
+};
+
+static PyGetSetDef Lock_getset[] = {
+    {"holding", (getter)Lock_get_holding, NULL, "True while this handle holds the semaphore"},
+    {NULL}
+};
+
+static PyTypeObject LockType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmheap._native.Lock",
+    .tp_basicsize = sizeof(Lock),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A heap's lock (lock.py's protocol, in C).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Lock_init,
+    .tp_dealloc = (destructor)Lock_dealloc,
+    .tp_methods = Lock_methods,
+    .tp_members = Lock_members,
+    .tp_getset = Lock_getset,
+};
+
+/* -- Pin: a buffer export held for as long as objects point into it ------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+} Pin;
+
+static void
+Pin_dealloc(Pin *self)
+{
+    if (self->view.obj != NULL)
+        PyBuffer_Release(&self->view);
+    PyObject_Free(self);
+}
+
+static PyTypeObject PinType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmheap._native.Pin",
+    .tp_basicsize = sizeof(Pin),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A buffer export kept while memory it exports is pointed into.",
+    .tp_dealloc = (destructor)Pin_dealloc,
+};
+
+/* A Pin on ``exporter``'s buffer: while it lives, so does the memory (a mapping cannot
+ * be closed under it). */
+static Pin *
+pin_new(PyObject *exporter, int flags)
+{
+    Pin *pin = PyObject_New(Pin, &PinType);
+    if (pin == NULL)
+        return NULL;
+    pin->view.obj = NULL;
+    if (PyObject_GetBuffer(exporter, &pin->view, flags) < 0) {
+        Py_DECREF(pin);
+        return NULL;
+    }
+    return pin;
+}
+
+/* -- ArenaSnapshot ---------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *owner;         /* a Pin: keeps the mapping of the entries alive */
+    const uint32_t *entries;
+    Py_ssize_t len;
+    long generation;
+} Snap;
+
+static PyTypeObject SnapType;
+
+static PyObject *
+snap_new(PyObject *owner, const uint32_t *entries, Py_ssize_t len, long generation)
+{
+    Snap *snap = PyObject_New(Snap, &SnapType);
+    if (snap == NULL)
+        return NULL;
+    Py_INCREF(owner);
+    snap->owner = owner;
+    snap->entries = entries;
+    snap->len = len;
+    snap->generation = generation;
+    return (PyObject *)snap;
+}
+
+static PyObject *
+Snap_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"entries", "generation", NULL};
+    PyObject *entries;
+    long generation;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Ol", names, &entries, &generation))
+        return NULL;
+    Pin *pin = pin_new(entries, PyBUF_C_CONTIGUOUS);
+    if (pin == NULL)
+        return NULL;
+    PyObject *snap = snap_new((PyObject *)pin, (const uint32_t *)pin->view.buf,
+                              pin->view.len / 4, generation);
+    Py_DECREF(pin);
+    return snap;
+}
+
+static void
+Snap_dealloc(Snap *self)
+{
+    Py_CLEAR(self->owner);
+    PyObject_Free(self);
+}
+
+static Py_ssize_t
+Snap_length(Snap *self)
+{
+    return self->len;
+}
+
+static PyObject *
+Snap_item(Snap *self, Py_ssize_t i)
+{
+    if (i < 0 || i >= self->len) {
+        PyErr_SetString(PyExc_IndexError, "ArenaSnapshot index out of range");
+        return NULL;
+    }
+    return PyLong_FromUnsignedLong(self->entries[i]);
+}
+
+static PyObject *
+snap_list(const uint32_t *entries, Py_ssize_t start, Py_ssize_t step, Py_ssize_t count)
+{
+    PyObject *list = PyList_New(count);
+    if (list == NULL)
+        return NULL;
+    for (Py_ssize_t k = 0; k < count; k++) {
+        PyObject *item = PyLong_FromUnsignedLong(entries[start + k * step]);
+        if (item == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, k, item);
+    }
+    return list;
+}
+
+static PyObject *
+Snap_subscript(Snap *self, PyObject *key)
+{
+    if (PySlice_Check(key)) {
+        Py_ssize_t start, stop, step;
+        if (PySlice_Unpack(key, &start, &stop, &step) < 0)
+            return NULL;
+        Py_ssize_t count = PySlice_AdjustIndices(self->len, &start, &stop, step);
+        return snap_list(self->entries, start, step, count);
+    }
+    Py_ssize_t i = PyNumber_AsSsize_t(key, PyExc_IndexError);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    if (i < 0)
+        i += self->len;
+    return Snap_item(self, i);
+}
+
+static int
+Snap_getbuffer(Snap *self, Py_buffer *view, int flags)
+{
+    if (flags & PyBUF_WRITABLE) {
+        PyErr_SetString(PyExc_BufferError, "an ArenaSnapshot is read-only");
+        return -1;
+    }
+    view->obj = (PyObject *)self;
+    Py_INCREF(self);
+    view->buf = (void *)self->entries;
+    view->len = self->len * 4;
+    view->readonly = 1;
+    view->itemsize = 4;
+    view->format = (flags & PyBUF_FORMAT) ? "I" : NULL;
+    view->ndim = 1;
+    view->shape = (flags & PyBUF_ND) ? &self->len : NULL;
+    view->strides = (flags & PyBUF_STRIDES) ? &view->itemsize : NULL;
+    view->suboffsets = NULL;
+    view->internal = NULL;
+    return 0;
+}
+
+/* ``value`` as an entry (0 .. 2**32-1): 1 and *out set, 0 if it cannot be one, -1 error. */
+static int
+snap_entry(PyObject *value, uint32_t *out)
+{
+    if (!PyLong_Check(value))
+        return 0;
+    int overflow;
+    long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow || v < 0 || v > 0xFFFFFFFFLL)
+        return 0;
+    *out = (uint32_t)v;
+    return 1;
+}
+
+static int
+Snap_contains(Snap *self, PyObject *value)
+{
+    uint32_t entry;
+    int ok = snap_entry(value, &entry);
+    if (ok <= 0)
+        return ok;
+    for (Py_ssize_t i = 0; i < self->len; i++)
+        if (self->entries[i] == entry)
+            return 1;
+    return 0;
+}
+
+static PyObject *
+Snap_index(Snap *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t start = 0, stop = self->len;
+    uint32_t entry;
+    if (nargs < 1 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "index(value, start=0, stop=len)");
+        return NULL;
+    }
+    if (nargs > 1 && (start = PyNumber_AsSsize_t(args[1], NULL)) == -1 && PyErr_Occurred())
+        return NULL;
+    if (nargs > 2 && (stop = PyNumber_AsSsize_t(args[2], NULL)) == -1 && PyErr_Occurred())
+        return NULL;
+    PySlice_AdjustIndices(self->len, &start, &stop, 1);
+    int ok = snap_entry(args[0], &entry);
+    if (ok < 0)
+        return NULL;
+    for (Py_ssize_t i = start; ok && i < stop; i++)
+        if (self->entries[i] == entry)
+            return PyLong_FromSsize_t(i);
+    PyErr_Format(PyExc_ValueError, "%R is not in the snapshot", args[0]);
+    return NULL;
+}
+
+static PyObject *
+Snap_count(Snap *self, PyObject *value)
+{
+    uint32_t entry;
+    Py_ssize_t found = 0;
+    int ok = snap_entry(value, &entry);
+    if (ok < 0)
+        return NULL;
+    for (Py_ssize_t i = 0; ok && i < self->len; i++)
+        found += self->entries[i] == entry;
+    return PyLong_FromSsize_t(found);
+}
+
+static PyObject *
+Snap_reversed(Snap *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *list = snap_list(self->entries, self->len - 1, -1, self->len);
+    if (list == NULL)
+        return NULL;
+    PyObject *it = PyObject_GetIter(list);
+    Py_DECREF(list);
+    return it;
+}
+
+static PyObject *
+Snap_view(Snap *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyMemoryView_FromObject((PyObject *)self);
+}
+
+static PyObject *
+Snap_tolist(Snap *self, PyObject *Py_UNUSED(ignored))
+{
+    return snap_list(self->entries, 0, 1, self->len);
+}
+
+static PyObject *
+Snap_richcompare(Snap *self, PyObject *other, int op)
+{
+    if (op != Py_EQ && op != Py_NE)
+        Py_RETURN_NOTIMPLEMENTED;
+    int equal;
+    if (Py_IS_TYPE(other, &SnapType)) {
+        Snap *them = (Snap *)other;
+        equal = self->len == them->len
+                && memcmp(self->entries, them->entries, self->len * 4) == 0;
+    }
+    else if (PySequence_Check(other) && !PyUnicode_Check(other) && !PyBytes_Check(other)
+             && !PyByteArray_Check(other)) {
+        PyObject *mine = Snap_tolist(self, NULL);
+        if (mine == NULL)
+            return NULL;
+        PyObject *theirs = PySequence_List(other);
+        if (theirs == NULL) {
+            Py_DECREF(mine);
+            return NULL;
+        }
+        equal = PyObject_RichCompareBool(mine, theirs, Py_EQ);
+        Py_DECREF(mine);
+        Py_DECREF(theirs);
+        if (equal < 0)
+            return NULL;
+    }
+    else
+        Py_RETURN_NOTIMPLEMENTED;
+    return PyBool_FromLong(op == Py_EQ ? equal : !equal);
+}
+
+static PyObject *
+Snap_repr(Snap *self)
+{
+    PyObject *head = snap_list(self->entries, 0, 1, self->len < 8 ? self->len : 8);
+    if (head == NULL)
+        return NULL;
+    PyObject *text = PyUnicode_FromFormat("ArenaSnapshot(%R%s, len=%zd, generation=%ld)", head,
+                                          self->len > 8 ? " + ..." : "", self->len,
+                                          self->generation);
+    Py_DECREF(head);
+    return text;
+}
+
+typedef struct {
+    PyObject_HEAD
+    Snap *snap;
+    Py_ssize_t next;
+} SnapIter;
+
+static PyTypeObject SnapIterType;
+
+static PyObject *
+Snap_iter(Snap *self)
+{
+    SnapIter *it = PyObject_New(SnapIter, &SnapIterType);
+    if (it == NULL)
+        return NULL;
+    Py_INCREF(self);
+    it->snap = self;
+    it->next = 0;
+    return (PyObject *)it;
+}
+
+static PyObject *
+SnapIter_next(SnapIter *it)
+{
+    if (it->next >= it->snap->len)
+        return NULL;
+    return PyLong_FromUnsignedLong(it->snap->entries[it->next++]);
+}
+
+static void
+SnapIter_dealloc(SnapIter *it)
+{
+    Py_CLEAR(it->snap);
+    PyObject_Free(it);
+}
+
+static PyTypeObject SnapIterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmheap._native.SnapshotIterator",
+    .tp_basicsize = sizeof(SnapIter),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = (destructor)SnapIter_dealloc,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)SnapIter_next,
+};
+
+static PySequenceMethods Snap_as_sequence = {
+    .sq_length = (lenfunc)Snap_length,
+    .sq_item = (ssizeargfunc)Snap_item,
+    .sq_contains = (objobjproc)Snap_contains,
+};
+
+static PyMappingMethods Snap_as_mapping = {
+    .mp_length = (lenfunc)Snap_length,
+    .mp_subscript = (binaryfunc)Snap_subscript,
+};
+
+static PyBufferProcs Snap_as_buffer = {
+    .bf_getbuffer = (getbufferproc)Snap_getbuffer,
+};
+
+static PyMethodDef Snap_methods[] = {
+    {"view", (PyCFunction)Snap_view, METH_NOARGS,
+     "A read-only uint32 memoryview of the entries; no copy."},
+    {"tolist", (PyCFunction)Snap_tolist, METH_NOARGS, NULL},
+    {"index", (PyCFunction)(void (*)(void))Snap_index, METH_FASTCALL, NULL},
+    {"count", (PyCFunction)Snap_count, METH_O, NULL},
+    {"__reversed__", (PyCFunction)Snap_reversed, METH_NOARGS, NULL},
+    {NULL}
+};
+
+static PyMemberDef Snap_members[] = {
+    {"generation", T_LONG, offsetof(Snap, generation), READONLY,
+     "the index generation this snapshot was taken from"},
+    {NULL}
+};
+
+static PyTypeObject SnapType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmheap.ArenaSnapshot",
+    .tp_basicsize = sizeof(Snap),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_SEQUENCE,
+    .tp_doc = "The arena indices of the heap at one instant, in creation order (immutable).",
+    .tp_new = Snap_new,
+    .tp_dealloc = (destructor)Snap_dealloc,
+    .tp_as_sequence = &Snap_as_sequence,
+    .tp_as_mapping = &Snap_as_mapping,
+    .tp_as_buffer = &Snap_as_buffer,
+    .tp_iter = (getiterfunc)Snap_iter,
+    .tp_richcompare = (richcmpfunc)Snap_richcompare,
+    .tp_hash = PyObject_HashNotImplemented,
+    .tp_repr = (reprfunc)Snap_repr,
+    .tp_methods = Snap_methods,
+    .tp_members = Snap_members,
+};
+
+/* -- Snapshots: Heap.snapshot() ------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    Lock *lock;
+    PyObject *reader;        /* reader(word) -> (full view of the word's generation, cap) */
+    PyObject *check_timeout; /* lock.deadline_of */
+    uint64_t word;           /* the header word of ``last`` */
+    PyObject *last;
+    long generation;         /* the generation ``pin`` maps, or -1 */
+    Pin *pin;
+    Py_ssize_t capacity;
+} Snapshots;
+
+static PyObject *
+Snapshots_call(Snapshots *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *timeout = nargs > 0 ? args[0] : Py_None;
+    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0) {
+        if (nargs > 0 || PyTuple_GET_SIZE(kwnames) != 1
+                || PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0),
+                                                    "timeout") != 0) {
+            PyErr_SetString(PyExc_TypeError, "snapshot(timeout=None)");
+            return NULL;
+        }
+        timeout = args[0];
+    }
+    PyObject *deadline = Py_None;
+    if (timeout != Py_None) {
+        deadline = PyObject_CallOneArg(self->check_timeout, timeout);
+        if (deadline == NULL)
+            return NULL;
+    }
+    uint64_t word;
+    int rc = lock_read(self->lock, (const uint64_t *)self->lock->header.buf, deadline, &word);
+    if (deadline != Py_None)
+        Py_DECREF(deadline);
+    if (rc < 0)
+        return NULL;
+    if (self->last != NULL && word == self->word) {
+        Py_INCREF(self->last);
+        return self->last;
+    }
+    long generation = (long)(word >> 32);
+    Py_ssize_t len = (Py_ssize_t)(word & 0xFFFFFFFFu);
+    if (generation != self->generation || len > self->capacity) {
+        PyObject *got = PyObject_CallFunction(self->reader, "K", (unsigned long long)word);
+        if (got == NULL)
+            return NULL;
+        PyObject *view;
+        Py_ssize_t capacity;
+        if (!PyArg_ParseTuple(got, "On", &view, &capacity)) {
+            Py_DECREF(got);
+            return NULL;
+        }
+        Pin *pin = pin_new(view, PyBUF_SIMPLE);
+        Py_DECREF(got);
+        if (pin == NULL)
+            return NULL;
+        if (pin->view.len < capacity * 4) {
+            Py_DECREF(pin);
+            PyErr_SetString(PyExc_ValueError, "snapshot reader: a view shorter than its capacity");
+            return NULL;
+        }
+        Py_XSETREF(self->pin, pin);
+        self->generation = generation;
+        self->capacity = capacity;
+    }
+    PyObject *snap = snap_new((PyObject *)self->pin, (const uint32_t *)self->pin->view.buf, len,
+                              generation);
+    if (snap == NULL)
+        return NULL;
+    Py_XSETREF(self->last, snap);
+    self->word = word;
+    Py_INCREF(snap);
+    return snap;
+}
+
+static int
+Snapshots_init(Snapshots *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"lock", "reader", "check_timeout", NULL};
+    PyObject *lock, *reader, *check_timeout;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OO", names, &LockType, &lock, &reader,
+                                     &check_timeout))
+        return -1;
+    Py_INCREF(lock);
+    self->lock = (Lock *)lock;
+    Py_INCREF(reader);
+    self->reader = reader;
+    Py_INCREF(check_timeout);
+    self->check_timeout = check_timeout;
+    self->generation = -1;
+    self->vectorcall = (vectorcallfunc)Snapshots_call;
+    return 0;
+}
+
+static void
+Snapshots_dealloc(Snapshots *self)
+{
+    Py_CLEAR(self->lock);
+    Py_CLEAR(self->reader);
+    Py_CLEAR(self->check_timeout);
+    Py_CLEAR(self->last);
+    Py_CLEAR(self->pin);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+Snapshots_forget(Snapshots *self, PyObject *Py_UNUSED(ignored))
+{
+    Py_CLEAR(self->last);
+    Py_CLEAR(self->pin);
+    self->generation = -1;
+    self->capacity = 0;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Snapshots_methods[] = {
+    {"forget", (PyCFunction)Snapshots_forget, METH_NOARGS, "drop the cached snapshot"},
+    {NULL}
+};
+
+static PyTypeObject SnapshotsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmheap._native.Snapshots",
+    .tp_basicsize = sizeof(Snapshots),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "Heap.snapshot(): the header word read under the lock, the snapshot cached.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Snapshots_init,
+    .tp_dealloc = (destructor)Snapshots_dealloc,
+    .tp_vectorcall_offset = offsetof(Snapshots, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_methods = Snapshots_methods,
+};
+
+/* -- the module --------------------------------------------------------------------------- */
+
+static int
+add_layout(PyObject *module)
+{
+    PyObject *layout = Py_BuildValue(
+        "{sisisisisisisisisisisisisi}",
+        "LIVE_OWNER_OFFSET", LIVE_OWNER_OFFSET,
+        "LIVE_RECOVERIES_OFFSET", LIVE_RECOVERIES_OFFSET,
+        "LIVE_LAST_RECOVERY_OFFSET", LIVE_LAST_RECOVERY_OFFSET,
+        "LIVE_REPAIRS_OFFSET", LIVE_REPAIRS_OFFSET,
+        "LIVE_LOCK_SEQ_OFFSET", LIVE_LOCK_SEQ_OFFSET,
+        "LIVE_SLOTS_OFFSET", LIVE_SLOTS_OFFSET,
+        "LIVE_SLOT_SIZE", LIVE_SLOT_SIZE,
+        "LIVE_SLOT_PID", LIVE_SLOT_PID,
+        "LIVE_SLOT_EPOCH", LIVE_SLOT_EPOCH,
+        "LIVE_REPAIR_BYTE", LIVE_REPAIR_BYTE,
+        "CONTROL_HEADER_OFFSET", CONTROL_HEADER_OFFSET,
+        "CONTROL_JOURNAL_OFFSET", CONTROL_JOURNAL_OFFSET,
+        "META_SEQ_OFFSET", META_SEQ_OFFSET);
+    if (layout == NULL)
+        return -1;
+    return PyModule_AddObject(module, "LAYOUT", layout);
+}
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "shmheap._native",
+    .m_doc = "shmheap's native core: the lock, snapshots and the allocator's fast paths in C.",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__native(void)
+{
+    PyTypeObject *types[] = {&PinType, &LockType, &SnapType, &SnapIterType, &SnapshotsType};
+    for (size_t i = 0; i < sizeof types / sizeof types[0]; i++)
+        if (PyType_Ready(types[i]) < 0)
+            return NULL;
+    PyObject *module = PyModule_Create(&native_module);
+    if (module == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(module, "Lock", (PyObject *)&LockType) < 0
+            || PyModule_AddObjectRef(module, "ArenaSnapshot", (PyObject *)&SnapType) < 0
+            || PyModule_AddObjectRef(module, "Snapshots", (PyObject *)&SnapshotsType) < 0
+            || add_layout(module) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
