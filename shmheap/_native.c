@@ -1186,6 +1186,547 @@ static PyTypeObject SnapshotsType = {
     .tp_methods = Snapshots_methods,
 };
 
+/* -- Cache: a span this process owns (allocator.py's _Cache) ----------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *pages;         /* the arena's ArenaPages */
+    PyObject *cls;           /* its SizeClass */
+    Pin *pin;                /* the arena's mapping */
+    unsigned char *data;     /* the arena's first data byte */
+    Py_ssize_t start, a0, m0, o0, size, nelems;
+    long long base;          /* heap address of the arena's first byte */
+    int32_t *free;           /* slots seen free, the next one to give out last */
+    Py_ssize_t nfree;
+} Cache;
+
+static PyTypeObject CacheType;
+
+static Py_ssize_t
+attr_ssize(PyObject *obj, const char *name)
+{
+    PyObject *value = PyObject_GetAttrString(obj, name);
+    if (value == NULL)
+        return -1;
+    Py_ssize_t n = PyNumber_AsSsize_t(value, PyExc_OverflowError);
+    Py_DECREF(value);
+    return n;
+}
+
+static void
+cache_rescan(Cache *self)
+{
+    self->nfree = 0;
+    for (Py_ssize_t k = self->nelems - 1; k >= 0; k--)
+        if (LOAD(self->data + self->a0 + k) == 0)
+            self->free[self->nfree++] = (int32_t)k;
+}
+
+static int
+Cache_init(Cache *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"pages", "start", "cls", "fresh", NULL};
+    PyObject *pages, *cls;
+    Py_ssize_t start;
+    int fresh;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OnOp", names, &pages, &start, &cls, &fresh))
+        return -1;
+    Py_ssize_t shift = attr_ssize(pages, "page_shift");
+    Py_ssize_t nelems = attr_ssize(cls, "nelems");
+    Py_ssize_t size = attr_ssize(cls, "size");
+    Py_ssize_t objects_at = attr_ssize(cls, "objects_at");
+    Py_ssize_t base = attr_ssize(pages, "base");
+    if (PyErr_Occurred())
+        return -1;
+    PyObject *arena = PyObject_GetAttrString(pages, "arena");
+    if (arena == NULL)
+        return -1;
+    PyObject *mapping = PyObject_GetAttrString(arena, "mapping");
+    Py_DECREF(arena);
+    if (mapping == NULL)
+        return -1;
+    Pin *pin = pin_new(mapping, PyBUF_SIMPLE);
+    Py_DECREF(mapping);
+    if (pin == NULL)
+        return -1;
+    Py_ssize_t a0 = start << shift;
+    if (nelems <= 0 || a0 + objects_at + nelems * size > pin->view.len) {
+        Py_DECREF(pin);
+        PyErr_SetString(PyExc_ValueError, "Cache: the span does not fit its arena");
+        return -1;
+    }
+    self->free = PyMem_New(int32_t, nelems);
+    if (self->free == NULL) {
+        Py_DECREF(pin);
+        PyErr_NoMemory();
+        return -1;
+    }
+    Py_INCREF(pages);
+    self->pages = pages;
+    Py_INCREF(cls);
+    self->cls = cls;
+    self->pin = pin;
+    self->data = (unsigned char *)pin->view.buf;
+    self->start = start;
+    self->a0 = a0;
+    self->m0 = a0 + nelems;
+    self->o0 = a0 + objects_at;
+    self->size = size;
+    self->nelems = nelems;
+    self->base = base;
+    if (fresh) {
+        for (Py_ssize_t k = 0; k < nelems; k++)
+            self->free[k] = (int32_t)(nelems - 1 - k);
+        self->nfree = nelems;
+    }
+    else
+        cache_rescan(self);
+    return 0;
+}
+
+static void
+Cache_dealloc(Cache *self)
+{
+    Py_CLEAR(self->pages);
+    Py_CLEAR(self->cls);
+    Py_CLEAR(self->pin);
+    PyMem_Free(self->free);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+cache_free_list(Cache *self)
+{
+    PyObject *list = PyList_New(self->nfree);
+    if (list == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < self->nfree; i++) {
+        PyObject *k = PyLong_FromLong(self->free[i]);
+        if (k == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, k);
+    }
+    return list;
+}
+
+static PyObject *
+Cache_rescan(Cache *self, PyObject *Py_UNUSED(ignored))
+{
+    cache_rescan(self);
+    return cache_free_list(self);
+}
+
+static PyObject *
+Cache_get_free(Cache *self, void *Py_UNUSED(closure))
+{
+    return cache_free_list(self);
+}
+
+static int
+Cache_set_free(Cache *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (value == NULL || !PyList_Check(value) || PyList_GET_SIZE(value) > self->nelems) {
+        PyErr_SetString(PyExc_TypeError, "Cache.free must be a list of at most nelems slots");
+        return -1;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(value);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t k = PyNumber_AsSsize_t(PyList_GET_ITEM(value, i), PyExc_OverflowError);
+        if (k == -1 && PyErr_Occurred())
+            return -1;
+        if (k < 0 || k >= self->nelems) {
+            PyErr_SetString(PyExc_ValueError, "Cache.free: a slot out of range");
+            return -1;
+        }
+        self->free[i] = (int32_t)k;
+    }
+    self->nfree = n;
+    return 0;
+}
+
+static PyMethodDef Cache_methods[] = {
+    {"rescan", (PyCFunction)Cache_rescan, METH_NOARGS,
+     "the slots free now (read from the span's alloc bytes), which the cache now gives out"},
+    {NULL}
+};
+
+static PyMemberDef Cache_members[] = {
+    {"pages", T_OBJECT, offsetof(Cache, pages), READONLY, NULL},
+    {"cls", T_OBJECT, offsetof(Cache, cls), READONLY, NULL},
+    {"start", T_PYSSIZET, offsetof(Cache, start), READONLY, NULL},
+    {"a0", T_PYSSIZET, offsetof(Cache, a0), READONLY, NULL},
+    {"m0", T_PYSSIZET, offsetof(Cache, m0), READONLY, NULL},
+    {"o0", T_PYSSIZET, offsetof(Cache, o0), READONLY, NULL},
+    {"size", T_PYSSIZET, offsetof(Cache, size), READONLY, NULL},
+    {"base", T_LONGLONG, offsetof(Cache, base), READONLY, NULL},
+    {NULL}
+};
+
+static PyGetSetDef Cache_getset[] = {
+    {"free", (getter)Cache_get_free, (setter)Cache_set_free,
+     "the slots this cache will give out, the next one last"},
+    {NULL}
+};
+
+static PyTypeObject CacheType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmheap._native.Cache",
+    .tp_basicsize = sizeof(Cache),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Cache(pages, start, cls, fresh): a span this process owns (allocator.py).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Cache_init,
+    .tp_dealloc = (destructor)Cache_dealloc,
+    .tp_methods = Cache_methods,
+    .tp_members = Cache_members,
+    .tp_getset = Cache_getset,
+};
+
+/* -- Alloc: Allocator.alloc's fast path -------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *caches;        /* the allocator's list of Cache or None, one per class */
+    unsigned char *lookup;   /* class of size n at (n + 15) >> 4 */
+    Py_ssize_t lookup_len, max_small;
+    PyObject *slow;          /* slow(nbytes, timeout): refill or large, in Python */
+} Alloc;
+
+static PyObject *
+Alloc_call(Alloc *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs == 1 && kwnames == NULL && PyLong_CheckExact(args[0])) {
+        Py_ssize_t n = PyLong_AsSsize_t(args[0]);
+        if (n > 0 && n <= self->max_small && ((n + 15) >> 4) < self->lookup_len) {
+            Py_ssize_t c = self->lookup[(n + 15) >> 4];
+            PyObject *item = c < PyList_GET_SIZE(self->caches)
+                             ? PyList_GET_ITEM(self->caches, c) : Py_None;
+            if (Py_IS_TYPE(item, &CacheType) && ((Cache *)item)->nfree > 0) {
+                Cache *cache = (Cache *)item;
+                Py_ssize_t k = cache->free[--cache->nfree];
+                Py_ssize_t offset = cache->o0 + k * cache->size;
+                STORE(cache->data + cache->m0 + k, (unsigned char)1); /* born marked */
+                memset(cache->data + offset, 0, cache->size);
+                STORE(cache->data + cache->a0 + k, (unsigned char)1); /* published last */
+                return PyLong_FromLongLong(cache->base + offset);
+            }
+        }
+        else if (n == -1 && PyErr_Occurred())
+            PyErr_Clear();  /* too big for a Py_ssize_t: the slow path says what is wrong */
+    }
+    return PyObject_Vectorcall(self->slow, args, nargsf, kwnames);
+}
+
+static int
+Alloc_init(Alloc *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"caches", "lookup", "max_small", "slow", NULL};
+    PyObject *caches, *slow;
+    Py_buffer lookup;
+    Py_ssize_t max_small;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!y*nO", names, &PyList_Type, &caches,
+                                     &lookup, &max_small, &slow))
+        return -1;
+    self->lookup = PyMem_Malloc(lookup.len ? lookup.len : 1);
+    if (self->lookup == NULL) {
+        PyBuffer_Release(&lookup);
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(self->lookup, lookup.buf, lookup.len);
+    self->lookup_len = lookup.len;
+    PyBuffer_Release(&lookup);
+    Py_INCREF(caches);
+    self->caches = caches;
+    self->max_small = max_small;
+    Py_INCREF(slow);
+    self->slow = slow;
+    self->vectorcall = (vectorcallfunc)Alloc_call;
+    return 0;
+}
+
+static void
+Alloc_dealloc(Alloc *self)
+{
+    Py_CLEAR(self->caches);
+    Py_CLEAR(self->slow);
+    PyMem_Free(self->lookup);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject AllocType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmheap._native.Alloc",
+    .tp_basicsize = sizeof(Alloc),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "Alloc(caches, lookup, max_small, slow): Allocator.alloc's fast path.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Alloc_init,
+    .tp_dealloc = (destructor)Alloc_dealloc,
+    .tp_vectorcall_offset = offsetof(Alloc, vectorcall),
+    .tp_call = PyVectorcall_Call,
+};
+
+/* -- Record: an arena's page metadata as raw pointers (pages.py's layout) ---------------- */
+
+typedef struct {
+    PyObject_HEAD
+    Pin *pin;
+    unsigned char *data, *used, *sclass;
+    uint32_t *span, *npages;
+    uint64_t *owner, *seq;
+    Py_ssize_t pages;
+} Record;
+
+static int
+Record_init(Record *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"mapping", "meta", "pages", "used", "sclass", "span", "npages",
+                            "owner", NULL};
+    PyObject *mapping;
+    Py_ssize_t meta, pages, used, sclass, span, npages, owner;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Onnnnnnn", names, &mapping, &meta, &pages,
+                                     &used, &sclass, &span, &npages, &owner))
+        return -1;
+    Pin *pin = pin_new(mapping, PyBUF_SIMPLE);
+    if (pin == NULL)
+        return -1;
+    if (meta + owner + 8 * pages > pin->view.len || meta + META_SEQ_OFFSET + 8 > pin->view.len) {
+        Py_DECREF(pin);
+        PyErr_SetString(PyExc_ValueError, "Record: the metadata does not fit the mapping");
+        return -1;
+    }
+    unsigned char *base = (unsigned char *)pin->view.buf;
+    self->pin = pin;
+    self->data = base;
+    self->used = base + meta + used;
+    self->sclass = base + meta + sclass;
+    self->span = (uint32_t *)(base + meta + span);
+    self->npages = (uint32_t *)(base + meta + npages);
+    self->owner = (uint64_t *)(base + meta + owner);
+    self->seq = (uint64_t *)(base + meta + META_SEQ_OFFSET);
+    self->pages = pages;
+    return 0;
+}
+
+static void
+Record_dealloc(Record *self)
+{
+    Py_CLEAR(self->pin);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject RecordType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmheap._native.Record",
+    .tp_basicsize = sizeof(Record),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Record(mapping, meta, pages, used, sclass, span, npages, owner): an arena's "
+              "page metadata, for Free.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Record_init,
+    .tp_dealloc = (destructor)Record_dealloc,
+};
+
+/* -- Free: Allocator.free's fast path (a small object, lock-free) ------------------------ */
+
+#define READ_RETRIES 100
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *records;       /* arena index -> Record, of the arenas mapped now */
+    PyObject *slow;          /* slow(ref, timeout): everything else, in Python */
+    Pin *summary;            /* the summary segment's mapping */
+    int arena_shift, page_shift;
+    long long arena_mask;
+    Py_ssize_t nclasses;
+    Py_ssize_t *nelems, *size, *objects_at;     /* per size class */
+    Py_ssize_t *tree_levels;                    /* per class: its first level's index */
+    Py_ssize_t *level_offset, *level_size;      /* every level of every partial tree */
+    Py_ssize_t nlevels;
+} Free;
+
+/* Mark arena ``leaf`` in the partial tree of class ``c`` (summary.py ByteTree.mark). */
+static void
+free_mark_partial(Free *self, Py_ssize_t c, long long leaf)
+{
+    unsigned char *base = (unsigned char *)self->summary->view.buf;
+    Py_ssize_t first = self->tree_levels[c], last = self->tree_levels[c + 1];
+    long long index = leaf;
+    for (Py_ssize_t level = first; level < last; level++) {
+        if (index >= self->level_size[level])
+            return;
+        unsigned char *node = base + self->level_offset[level] + index;
+        if (!LOAD(node))
+            STORE(node, (unsigned char)1);
+        index /= 64;
+    }
+}
+
+static PyObject *
+Free_call(Free *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs != 1 || kwnames != NULL || !PyLong_CheckExact(args[0]))
+        goto slow;
+    long long ref = PyLong_AsLongLong(args[0]);
+    if (ref <= 0) {
+        PyErr_Clear();
+        goto slow;
+    }
+    PyObject *key = PyLong_FromLongLong(ref >> self->arena_shift);
+    if (key == NULL)
+        return NULL;
+    PyObject *found = PyDict_GetItemWithError(self->records, key);
+    Py_DECREF(key);
+    if (found == NULL || !Py_IS_TYPE(found, &RecordType)) {
+        if (PyErr_Occurred())
+            return NULL;
+        goto slow;
+    }
+    Record *rec = (Record *)found;
+    long long offset = ref & self->arena_mask;
+    Py_ssize_t page = (Py_ssize_t)(offset >> self->page_shift);
+    if (page >= rec->pages)
+        goto slow;
+    int steady = 0;
+    unsigned char used = 0, c = 0;
+    Py_ssize_t start = 0;
+    for (int tries = 0; tries < READ_RETRIES && !steady; tries++) {
+        uint64_t before = LOAD(rec->seq);
+        if (before & 1)
+            continue;
+        used = LOAD(rec->used + page);
+        start = (Py_ssize_t)LOAD(rec->span + page) - 1;
+        c = (start >= 0 && start <= page) ? LOAD(rec->sclass + start) : 0;
+        steady = LOAD(rec->seq) == before;
+    }
+    if (!steady || !used || start < 0 || start > page || c == 0 || c >= self->nclasses)
+        goto slow;  /* changing, free pages, a large object, garbage: Python says or does it */
+    long long in_span = offset - ((long long)start << self->page_shift) - self->objects_at[c];
+    if (in_span < 0 || in_span % self->size[c])
+        goto slow;
+    long long slot = in_span / self->size[c];
+    if (slot >= self->nelems[c])
+        goto slow;
+    unsigned char *alloc = rec->data + ((long long)start << self->page_shift) + slot;
+    if (LOAD(alloc) != 1)
+        goto slow;  /* freed already: DoubleFreeError from Python */
+    STORE(alloc, (unsigned char)0);
+    if (LOAD(rec->owner + start) == 0)
+        free_mark_partial(self, c, ref >> self->arena_shift);
+    Py_RETURN_NONE;
+slow:
+    return PyObject_Vectorcall(self->slow, args, nargsf, kwnames);
+}
+
+static Py_ssize_t *
+ssize_array(PyObject *seq, Py_ssize_t *len)
+{
+    PyObject *fast = PySequence_Fast(seq, "expected a sequence of ints");
+    if (fast == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    Py_ssize_t *out = PyMem_New(Py_ssize_t, n ? n : 1);
+    if (out == NULL) {
+        Py_DECREF(fast);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        out[i] = PyNumber_AsSsize_t(PySequence_Fast_GET_ITEM(fast, i), PyExc_OverflowError);
+        if (out[i] == -1 && PyErr_Occurred()) {
+            PyMem_Free(out);
+            Py_DECREF(fast);
+            return NULL;
+        }
+    }
+    Py_DECREF(fast);
+    *len = n;
+    return out;
+}
+
+static int
+Free_init(Free *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"records", "slow", "summary", "arena_shift", "page_shift",
+                            "nelems", "size", "objects_at", "tree_levels", "level_offset",
+                            "level_size", NULL};
+    PyObject *records, *slow, *summary, *nelems, *size, *objects_at, *tree_levels, *offsets,
+             *sizes;
+    int arena_shift, page_shift;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOiiOOOOOO", names, &PyDict_Type,
+                                     &records, &slow, &summary, &arena_shift, &page_shift,
+                                     &nelems, &size, &objects_at, &tree_levels, &offsets,
+                                     &sizes))
+        return -1;
+    Py_ssize_t n1, n2, n3, n4, n5, n6;
+    self->nelems = ssize_array(nelems, &n1);
+    self->size = self->nelems ? ssize_array(size, &n2) : NULL;
+    self->objects_at = self->size ? ssize_array(objects_at, &n3) : NULL;
+    self->tree_levels = self->objects_at ? ssize_array(tree_levels, &n4) : NULL;
+    self->level_offset = self->tree_levels ? ssize_array(offsets, &n5) : NULL;
+    self->level_size = self->level_offset ? ssize_array(sizes, &n6) : NULL;
+    if (self->level_size == NULL)
+        return -1;
+    if (n2 != n1 || n3 != n1 || n4 != n1 + 1 || n6 != n5 || self->tree_levels[n1] > n5) {
+        PyErr_SetString(PyExc_ValueError, "Free: the class and tree tables disagree");
+        return -1;
+    }
+    self->summary = pin_new(summary, PyBUF_WRITABLE);
+    if (self->summary == NULL)
+        return -1;
+    for (Py_ssize_t level = 0; level < n5; level++)
+        if (self->level_offset[level] + self->level_size[level] > self->summary->view.len) {
+            PyErr_SetString(PyExc_ValueError, "Free: a tree level past the summary segment");
+            return -1;
+        }
+    self->nclasses = n1;
+    self->nlevels = n5;
+    Py_INCREF(records);
+    self->records = records;
+    Py_INCREF(slow);
+    self->slow = slow;
+    self->arena_shift = arena_shift;
+    self->page_shift = page_shift;
+    self->arena_mask = (1LL << arena_shift) - 1;
+    self->vectorcall = (vectorcallfunc)Free_call;
+    return 0;
+}
+
+static void
+Free_dealloc(Free *self)
+{
+    Py_CLEAR(self->records);
+    Py_CLEAR(self->slow);
+    Py_CLEAR(self->summary);
+    PyMem_Free(self->nelems);
+    PyMem_Free(self->size);
+    PyMem_Free(self->objects_at);
+    PyMem_Free(self->tree_levels);
+    PyMem_Free(self->level_offset);
+    PyMem_Free(self->level_size);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject FreeType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmheap._native.Free",
+    .tp_basicsize = sizeof(Free),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "Free(...): Allocator.free's fast path for small objects.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Free_init,
+    .tp_dealloc = (destructor)Free_dealloc,
+    .tp_vectorcall_offset = offsetof(Free, vectorcall),
+    .tp_call = PyVectorcall_Call,
+};
+
 /* -- the module --------------------------------------------------------------------------- */
 
 static int
@@ -1221,7 +1762,8 @@ static struct PyModuleDef native_module = {
 PyMODINIT_FUNC
 PyInit__native(void)
 {
-    PyTypeObject *types[] = {&PinType, &LockType, &SnapType, &SnapIterType, &SnapshotsType};
+    PyTypeObject *types[] = {&PinType, &LockType, &SnapType, &SnapIterType, &SnapshotsType,
+                             &CacheType, &AllocType, &RecordType, &FreeType};
     for (size_t i = 0; i < sizeof types / sizeof types[0]; i++)
         if (PyType_Ready(types[i]) < 0)
             return NULL;
@@ -1231,6 +1773,10 @@ PyInit__native(void)
     if (PyModule_AddObjectRef(module, "Lock", (PyObject *)&LockType) < 0
             || PyModule_AddObjectRef(module, "ArenaSnapshot", (PyObject *)&SnapType) < 0
             || PyModule_AddObjectRef(module, "Snapshots", (PyObject *)&SnapshotsType) < 0
+            || PyModule_AddObjectRef(module, "Cache", (PyObject *)&CacheType) < 0
+            || PyModule_AddObjectRef(module, "Alloc", (PyObject *)&AllocType) < 0
+            || PyModule_AddObjectRef(module, "Record", (PyObject *)&RecordType) < 0
+            || PyModule_AddObjectRef(module, "Free", (PyObject *)&FreeType) < 0
             || add_layout(module) < 0) {
         Py_DECREF(module);
         return NULL;
