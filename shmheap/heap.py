@@ -174,6 +174,10 @@ class Heap:
         check_page_size(page_size, arena_size)
         if not isinstance(mode, int) or not 0 <= mode <= 0o777:
             raise InvalidParameterError(f"mode {mode!r} is not a file mode like 0o600")
+        if mode & 0o600 != 0o600:
+            raise InvalidParameterError(
+                f"mode {mode:#o} lacks owner read-write (0o600): the creator could not open "
+                "its own heap; use 0o600, or 0o660 to share it with the group")
         try:
             seg = segments.create(control_name(name), control.SIZE, mode, keep_fd=True)
         except HeapExistsError:
