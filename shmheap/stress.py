@@ -57,6 +57,7 @@ from .errors import (
     ShmHeapError,
 )
 from .heap import Heap, destroy
+from .interrupt import LATENCY, CtrlC
 from .names import check_name, format_size, owns
 from .stress_roles import (
     STAMP_MAGIC,
@@ -148,9 +149,11 @@ class Worker:
 class Fleet:
     """The worker processes of a run: spawn, message, kill, stop."""
 
-    def __init__(self, name: str, seed: int) -> None:
+    def __init__(self, name: str, seed: int, ctrl_c: CtrlC) -> None:
         self.name = name
         self.seed = seed
+        #: takes a Ctrl-C in ``poll``, between messages (interrupt.py)
+        self.ctrl_c = ctrl_c
         self.context = get_context("spawn")
         self.workers: list[Worker] = []
         #: set once the run has started: a worker that becomes ready is sent it
@@ -184,13 +187,19 @@ class Fleet:
         return [w for w in self.workers if w.kind == kind]
 
     def poll(self, timeout: float) -> None:
-        """Handle every message that arrives within ``timeout`` seconds."""
+        """Handle the messages that arrive within ``timeout`` seconds (or less).
+
+        A pending Ctrl-C is raised here, between messages; waits are capped
+        at ``interrupt.LATENCY`` so that one is never kept waiting long.
+        """
+        timeout = min(max(timeout, 0), LATENCY)
         by_conn = {w.conn: w for w in self.live()}
         if not by_conn:
-            time.sleep(max(timeout, 0))
+            self.ctrl_c.sleep(timeout)
             return
-        for conn in wait(list(by_conn), max(timeout, 0)):
+        for conn in wait(list(by_conn), timeout):
             self._receive(by_conn[conn])  # type: ignore[index]
+        self.ctrl_c.check()
 
     def _receive(self, worker: Worker) -> None:
         try:
@@ -375,7 +384,8 @@ class StressRun:
         self.config = config
         self.name = config.name or f"stress-{os.getpid()}-{secrets.token_hex(3)}"
         self.rng = random.Random(config.seed)
-        self.fleet = Fleet(self.name, config.seed)
+        self.ctrl_c = CtrlC()
+        self.fleet = Fleet(self.name, config.seed, self.ctrl_c)
         self.kills = 0
         self.checks = 0
         self.findings: list[dict[str, object]] = []
@@ -388,22 +398,29 @@ class StressRun:
         self.violations.append(text)
 
     def run(self) -> dict[str, Any]:
-        """Do the whole run and return the report; the heap is destroyed in any case."""
+        """Do the whole run and return the report; the heap is destroyed in any case.
+
+        Ctrl-C raises KeyboardInterrupt from ``Fleet.poll`` (or at the end),
+        never in the middle of a message, a lock hold or the cleanup.
+        """
         config = self.config
-        heap = Heap.create(self.name, arena_size=config.arena_size,
-                           max_arenas=config.max_arenas + 1, reserve=config.reserve)
-        try:
-            with _Display(config.progress) as show:
-                self.started = self.fleet.start(config.roles(), config.duration, config.paced)
-                self._run_phase(heap, show)
-                self.elapsed = time.monotonic() - self.started
-                self.fleet.stop()
-            final = self._verify(heap)
-        finally:
-            self.fleet.shutdown()
-            heap.close()
-            with contextlib.suppress(HeapNotFoundError):
-                destroy(self.name)
+        with self.ctrl_c:
+            heap = Heap.create(self.name, arena_size=config.arena_size,
+                               max_arenas=config.max_arenas + 1, reserve=config.reserve)
+            try:
+                with _Display(config.progress) as show:
+                    self.started = self.fleet.start(config.roles(), config.duration,
+                                                    config.paced)
+                    self._run_phase(heap, show)
+                    self.elapsed = time.monotonic() - self.started
+                    self.fleet.stop()
+                final = self._verify(heap)
+            finally:
+                self.fleet.shutdown()
+                heap.close()
+                with contextlib.suppress(HeapNotFoundError):
+                    destroy(self.name)
+            self.ctrl_c.check()
         leaks = [entry for entry in segments.list_all() if owns(self.name, entry)]
         return self._report(final, leaks)
 

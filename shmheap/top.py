@@ -18,7 +18,8 @@ the lock.  Between refreshes it shows the growth of arenas per second.
 
 On a terminal with ``rich`` installed the block is redrawn in place
 (``rich.live``); otherwise one plain block is printed per refresh.  Ctrl-C
-ends top (exit 0).  If the heap is destroyed while top runs (its control
+ends top (exit 0); it is taken between refreshes, never inside one
+(interrupt.py).  If the heap is destroyed while top runs (its control
 segment is gone from /dev/shm, or belongs to a new heap of the same name),
 top prints a last line and exits 0.
 
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from . import segments
 from .errors import HeapNotFoundError, InvalidParameterError, LockTimeoutError
 from .heap import Heap, HeapInfo
+from .interrupt import CtrlC
 from .liveness import Attachment, probe_attachments
 from .lock import HeapLock
 from .names import control_name, format_size
@@ -191,13 +193,17 @@ def control_identity(name: str) -> tuple[int, int] | None:
     return stat.st_dev, stat.st_ino
 
 
-def watch(heap: Heap, interval: float, once: bool) -> None:
-    """Show ``heap`` every ``interval`` seconds (once with ``once``) until it is destroyed."""
+def watch(heap: Heap, interval: float, once: bool, ctrl_c: CtrlC) -> None:
+    """Show ``heap`` every ``interval`` seconds (once with ``once``) until it is destroyed.
+
+    A Ctrl-C is taken between refreshes (KeyboardInterrupt), never inside one.
+    """
     identity = control_identity(heap.name)
     lock_wait = max(interval, MIN_LOCK_WAIT)
     previous = None
     with Screen(live=not once) as screen:
         while control_identity(heap.name) == identity:
+            ctrl_c.check()
             try:
                 sample = take_sample(heap, lock_wait)
             except HeapNotFoundError:
@@ -209,7 +215,7 @@ def watch(heap: Heap, interval: float, once: bool) -> None:
                 previous = sample
             if once:
                 return
-            time.sleep(interval)
+            ctrl_c.sleep(interval)
     print(f"heap {heap.name!r} was destroyed; top stops", flush=True)
 
 
@@ -226,7 +232,7 @@ def run_top(args: argparse.Namespace) -> int:
     if not args.interval > 0:
         raise InvalidParameterError(f"--interval {args.interval}: give a positive number of "
                                     "seconds")
-    with Heap.attach(args.name, readonly=True) as heap, \
+    with Heap.attach(args.name, readonly=True) as heap, CtrlC() as ctrl_c, \
             contextlib.suppress(KeyboardInterrupt):
-        watch(heap, args.interval, args.once)
+        watch(heap, args.interval, args.once, ctrl_c)
     return 0

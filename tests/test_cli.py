@@ -8,12 +8,14 @@ time are none of its business.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,25 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     return subprocess.run([sys.executable, "-m", "shmheap", *args], capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": path, **(env or {})},
                           timeout=300, check=False)
+
+
+def interrupt_until_exit(process: subprocess.Popen[Any],
+                         drain: Callable[[float], None] | None = None) -> int:
+    """SIGINT ``process`` again and again until it exits, as an impatient user would.
+
+    The signals land wherever the process happens to be, its cleanup
+    included, whatever the machine's load: the loop ends on the process's
+    exit, not after a time.  ``drain(seconds)`` reads the process's output
+    between signals.  Returns the exit status.
+    """
+    while process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        if drain is not None:
+            drain(0.05)
+        else:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=0.05)
+    return process.returncode
 
 
 def ok(*args: str) -> str:

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli import ROOT, run_cli
+from test_cli import ROOT, interrupt_until_exit, run_cli
 
+from shmheap.liveness import probe_attachments
 from shmheap.pytest_plugin import HeapFactory, shm_leftovers
 from shmheap.stress_roles import Reservoir, latency_summary, span_problem, stats_problems
 
@@ -155,26 +156,37 @@ def test_an_existing_heap_is_neither_used_nor_destroyed(shm_heap_name: str) -> N
     assert run_cli("info", shm_heap_name).returncode == 0
 
 
-def test_ctrl_c_stops_the_run_and_destroys_the_heap(shm_heap_name: str) -> None:
-    path = str(ROOT)
+def test_ctrl_c_stops_the_run_kills_the_workers_and_destroys_the_heap(
+        shm_heap_name: str) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "shmheap", "stress", "--name", shm_heap_name, "--duration", "60",
          "--max-arenas", "3000"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={"PYTHONPATH": path, "PATH": "/usr/bin:/bin"})
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     try:
         assert process.stdout is not None
         first = process.stdout.readline()  # the first progress line: workers are running
         assert first.startswith(f"stress {shm_heap_name}"), first
-        process.send_signal(signal.SIGINT)
+        attached = {a.pid for a in probe_attachments(shm_heap_name)}
+        assert interrupt_until_exit(process) == 130
         _out, err = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert process.returncode == 130, err
-    assert "interrupted" in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "shmheap: interrupted", err
+    assert "Traceback" not in err
     assert shm_leftovers(shm_heap_name) == []
+    assert len(attached) == 7  # the parent and its six workers
+    assert [pid for pid in attached if alive(pid)] == []
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_reservoir_keeps_an_even_spread_and_the_exact_max() -> None:

@@ -15,7 +15,6 @@ import importlib.util
 import os
 import re
 import select
-import signal
 import struct
 import subprocess
 import sys
@@ -24,10 +23,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from test_cli import ROOT, error_line, run_cli
+from test_cli import ROOT, error_line, interrupt_until_exit, run_cli
 
 from shmheap import Heap
 from shmheap.bench.recovery import owner_recorded_round
+from shmheap.liveness import probe_attachments
 from shmheap.pytest_plugin import unique_heap_name
 
 #: Seconds a test waits for top to print what it expects.
@@ -71,13 +71,24 @@ class Reader:
         while not re.search(pattern, self.text[start:]):
             remaining = deadline - time.monotonic()
             assert remaining > 0, f"top never printed {pattern!r}; it printed:\n{self.text}"
-            if select.select([self.fd], [], [], remaining)[0]:
-                try:
-                    chunk = os.read(self.fd, 65536)
-                except OSError:  # a pty whose other end closed
-                    chunk = b""
-                assert chunk, f"top stopped before printing {pattern!r}:\n{self.text}"
-                self.text += chunk.decode(errors="replace")
+            assert self.read(remaining), f"top stopped before printing {pattern!r}:\n{self.text}"
+
+    def read(self, timeout: float) -> bool:
+        """Add what arrives within ``timeout`` seconds; False once the writer has gone."""
+        if not select.select([self.fd], [], [], timeout)[0]:
+            return True
+        try:
+            chunk = os.read(self.fd, 65536)
+        except OSError:  # a pty whose other end closed
+            chunk = b""
+        self.text += chunk.decode(errors="replace")
+        return bool(chunk)
+
+    def drain(self, timeout: float) -> None:
+        """Read for up to ``timeout`` seconds, so that a writer never blocks on a full pty."""
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0 and self.read(remaining):
+            pass
 
 
 def test_top_in_a_terminal_refreshes_until_ctrl_c(shm_heap: Heap) -> None:
@@ -93,15 +104,20 @@ def test_top_in_a_terminal_refreshes_until_ctrl_c(shm_heap: Heap) -> None:
             reader.until(arenas_row(2))
             shm_heap.grow()
             reader.until(arenas_row(3))
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=PATIENCE) == 0, reader.text
+            top_pid = proc.pid
+            assert top_pid in {a.pid for a in probe_attachments(shm_heap.name)}
+            assert interrupt_until_exit(proc, reader.drain) == 0, reader.text
     finally:
         os.close(master)
         if slave >= 0:
             os.close(slave)
-    assert "Traceback" not in reader.text
+    assert "Traceback" not in reader.text and "interrupted" not in reader.text, reader.text
     if importlib.util.find_spec("rich") is not None:
         assert "\x1b[" in reader.text, "rich did not redraw in place"
+    # top left the heap as it found it: detached, lock free, nothing to repair
+    assert top_pid not in {a.pid for a in probe_attachments(shm_heap.name)}
+    assert shm_heap.info(timeout=PATIENCE).recoveries == 0
+    assert shm_heap.check() == []
 
 
 def test_top_once_shows_the_heap(shm_heap: Heap) -> None:
