@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeAlias
 
-from . import collect, stress, top, walker
+from . import __version__, collect, stress, top, walker
 from .bench import suite
 from .errors import HeapCorruptError, InvalidParameterError, ShmHeapError
 from .heap import Heap, destroy
@@ -256,6 +256,7 @@ COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shmheap", description="Inspect, check and stress shared-memory heaps.")
+    parser.add_argument("--version", action="version", version=f"shmheap {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)

@@ -9,6 +9,7 @@ time are none of its business.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import mmap
 import os
@@ -164,6 +165,11 @@ def test_usage_errors(heap_name: str) -> None:
     assert "arena index" in error_line(fails("grow", heap_name, "--at", "100"))
     ok("grow", heap_name, "--at", "7")
     assert "already taken" in error_line(fails("grow", heap_name, "--at", "7"))
+
+
+def test_version_is_the_package_version() -> None:
+    assert ok("--version") == f"shmheap {shmheap.__version__}\n"
+    assert importlib.metadata.version("shmheap") == shmheap.__version__
 
 
 def test_console_script_is_the_same_tool() -> None:
