@@ -112,7 +112,6 @@ def _rate(text: str) -> float:
 
 #: argparse types shared by the commands (stress.py and top.py use them too).
 heap_name = argument_type(check_name, "heap name")
-size_arg = argument_type(parse_size, "size")
 arena_size_arg = argument_type(lambda text: check_arena_size(parse_size(text)), "arena size")
 seconds_arg = argument_type(_seconds, "seconds")
 rate_arg = argument_type(_rate, "rate")
