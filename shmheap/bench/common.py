@@ -342,9 +342,7 @@ def plot_figures(path: str | Path, figures: Sequence[Figure]) -> None:
         axes.xaxis.set_major_formatter(ticker.FuncFormatter(_tick(panel.x_format)))
         axes.xaxis.set_minor_locator(ticker.NullLocator())
         values = [y for points in panel.series.values() for _, y in points if y > 0]
-        narrow = bool(values) and max(values) < 100 * min(values)  # under two decades
-        axes.yaxis.set_major_locator(
-            ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0) if narrow else (1.0,)))
+        axes.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=_y_steps(values)))
         axes.yaxis.set_major_formatter(ticker.FuncFormatter(_tick(fmt_ns)))
         axes.yaxis.set_minor_formatter(ticker.NullFormatter())
         axes.tick_params(labelsize=11)
@@ -355,6 +353,14 @@ def plot_figures(path: str | Path, figures: Sequence[Figure]) -> None:
         axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=10)
     figure.savefig(path, dpi=110)
     pyplot.close(figure)
+
+
+def _y_steps(values: Sequence[float]) -> tuple[float, ...]:
+    """Labelled steps within a decade: more of them the fewer decades ``values`` span."""
+    decades = math.log10(max(values) / min(values)) if values else 0.0
+    if decades < 1:
+        return tuple(float(step) for step in range(1, 10))
+    return (1.0, 2.0, 5.0) if decades < 2 else (1.0,)
 
 
 def _tick(show: Callable[[float], str]) -> Callable[[float, object], str]:
