@@ -140,7 +140,7 @@ def add_create(sub: Subparsers) -> None:
     parser.add_argument("--arena-size", type=arena_size_arg, default=64 << 20,
                         help="bytes per arena, a power of two >= 64KiB (default 64MiB)")
     parser.add_argument("--max-arenas", type=at_least(2, MAX_ARENAS_LIMIT),
-                        default=DEFAULT_MAX_ARENAS,
+                        default=DEFAULT_MAX_ARENAS, metavar="N",
                         help="bound on arena indices: arenas take indices 1 to N-1, so the heap "
                         f"holds at most N-1 arenas (default {DEFAULT_MAX_ARENAS}: at most "
                         f"{usable_arenas(DEFAULT_MAX_ARENAS):,})")

@@ -864,10 +864,10 @@ def add_stress(sub: Subparsers) -> None:
                         help="seconds to run (default 8)")
     parser.add_argument("--arena-size", type=arena_size_arg, default=DEFAULT_ARENA_SIZE,
                         help=f"bytes per arena (default {format_size(DEFAULT_ARENA_SIZE)})")
-    parser.add_argument("--max-arenas", type=at_least(0), default=0,
+    parser.add_argument("--max-arenas", type=at_least(0), default=0, metavar="N",
                         help="the heap's max_arenas, as for `shmheap create`: it holds at most "
-                        f"N-1 arenas (default: at most {DEFAULT_ARENAS}, or as many as every "
-                        f"process can map if fewer; never more than {ARENAS_CAP})")
+                        f"N-1 arenas (default: at most {DEFAULT_ARENAS} arenas, or as many as "
+                        f"every process can map if fewer; never more than {ARENAS_CAP})")
     parser.add_argument("--reserve", action="store_true",
                         help="reserve each arena's memory (default: sparse arenas)")
     parser.add_argument("--flat-out", action="store_true",
