@@ -85,7 +85,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from . import crash
+from . import core, crash
 from .control import DISOWN, PAGES
 from .errors import (
     AddressSpaceExhaustedError,
@@ -215,6 +215,10 @@ class _Cache:
         return free
 
 
+#: what makes a span cache: the native core's type (same attributes and methods), or _Cache
+CacheType: Callable[..., _Cache] = core.native.Cache if core.native is not None else _Cache
+
+
 class Allocator:
     """The object allocator of one ``Heap`` handle (made lazily by ``Heap``)."""
 
@@ -247,6 +251,8 @@ class Allocator:
         live = heap._live
         assert live is not None
         live.on_reclaim.append(self.forget_caches)
+        if core.native is not None:
+            self._bind_native(core.native)
 
     def _lookup_table(self) -> list[int]:
         table = [1]
@@ -255,7 +261,7 @@ class Allocator:
         return table
 
     def forget_caches(self) -> None:
-        self._caches = [None] * len(self.classes)
+        self._caches[:] = [None] * len(self.classes)  # in place: the native Alloc reads it
         self._pending = []
 
     def span_ok(self, sclass: int, npages: int) -> bool:
@@ -278,10 +284,12 @@ class Allocator:
     # -- alloc -------------------------------------------------------------------------
 
     def alloc(self, nbytes: int, timeout: float | None = None) -> int:
-        """A new zeroed object of at least ``nbytes`` bytes; returns its heap address."""
+        """A new zeroed object of at least ``nbytes`` bytes; returns its heap address.
+
+        (The native core's ``Alloc`` replaces this fast path when it runs.)
+        """
         if type(nbytes) is int and 0 < nbytes <= self.max_small:
-            c = self.lookup[(nbytes + 15) >> 4]
-            cache = self._caches[c]
+            cache = self._caches[self.lookup[(nbytes + 15) >> 4]]
             if cache is not None and cache.free:
                 k = cache.free.pop()
                 data = cache.data
@@ -291,9 +299,33 @@ class Allocator:
                 data[offset:offset + size] = bytes(size)
                 data[cache.a0 + k] = 1
                 return cache.base + offset
-            self._refill(c, deadline_of(timeout))
+        return self._alloc_slow(nbytes, timeout)
+
+    def _alloc_slow(self, nbytes: int, timeout: float | None = None) -> int:
+        """A refill, then the fast path again; or a large object."""
+        if type(nbytes) is int and 0 < nbytes <= self.max_small:
+            self._refill(self.lookup[(nbytes + 15) >> 4], deadline_of(timeout))
             return self.alloc(nbytes)
         return self._alloc_large(nbytes, timeout)
+
+    def _bind_native(self, native: Any) -> None:
+        """Let the native core's fast paths run ``alloc`` and ``free`` (slow paths stay here)."""
+        summaries = self._summaries
+        trees = [summaries.partial(c).levels for c in range(1, len(self.classes))]
+        tree_levels = [0, 0]  # class 0 (large objects) has no partial tree
+        for levels in trees:
+            tree_levels.append(tree_levels[-1] + len(levels))
+        classes = self.classes
+        self.alloc = native.Alloc(self._caches, bytes(self.lookup),  # type: ignore[method-assign]
+                                  self.max_small, self._alloc_slow)
+        if self.readonly:
+            return  # free() raises ReadOnlyError, from Python
+        self.free = native.Free(  # type: ignore[method-assign]
+            self._mapped.records, Allocator.free.__get__(self), summaries.mapping,
+            self.arena_shift, self.page_shift, [c.nelems for c in classes],
+            [c.size for c in classes], [c.objects_at for c in classes], tree_levels,
+            [offset for levels in trees for offset, _size in levels],
+            [size for levels in trees for _offset, size in levels])
 
     def _token(self) -> int:
         live = self.heap._live
@@ -381,7 +413,7 @@ class Allocator:
                     hints.mark(index)
                     break
             if chosen is not None:
-                cache = _Cache(pages, chosen, cls, fresh=False)
+                cache = CacheType(pages, chosen, cls, fresh=False)
                 token = self._token()
                 self._summaries.owned.mark(index)
                 self._pending.append((pages, chosen))
@@ -398,7 +430,7 @@ class Allocator:
         made = self.make_span_locked(cls.npages, c, self._token(), zero_now=True)
         if made is None:
             return None
-        cache = _Cache(made[0], made[1], cls, fresh=True)
+        cache = CacheType(made[0], made[1], cls, fresh=True)
         self._caches[c] = cache
         self._pending[:] = ()
         return cache

@@ -76,7 +76,7 @@ class Arena:
     metadata after the trailer, likewise.
     """
 
-    __slots__ = ("_seg", "base", "buf", "identity", "index", "meta", "size")
+    __slots__ = ("_seg", "base", "buf", "identity", "index", "meta", "meta_offset", "size")
 
     def __init__(self, index: int, arena_size: int, seg: segments.Segment) -> None:
         self.index = index
@@ -86,7 +86,9 @@ class Arena:
         #: (st_dev, st_ino) of the segment mapped (segments.Segment.identity)
         self.identity = seg.identity
         self.buf = seg.buf[:arena_size]
-        self.meta = seg.buf[arena_size + TRAILER_SIZE:]
+        #: where the page metadata starts in the segment (pages.py)
+        self.meta_offset = arena_size + TRAILER_SIZE
+        self.meta = seg.buf[self.meta_offset:]
 
     @property
     def mapping(self) -> mmap.mmap:
@@ -206,6 +208,8 @@ class ArenaCache:
         self.recent: OrderedDict[int, ArenaPages] = OrderedDict()
         #: every mapping of this cache still alive (kept, or pinned by a holder)
         self._alive: dict[int, weakref.ref[mmap.mmap]] = {}
+        #: the native core's records of the arenas in ``recent`` (its free() looks there)
+        self.records: dict[int, object] = {}
 
     @property
     def mapped(self) -> int:
@@ -230,13 +234,16 @@ class ArenaCache:
         alive = self._alive
         alive[key] = weakref.ref(mapping, lambda _: alive.pop(key, None))
         self.recent[pages.index] = pages
+        record = pages.native_record()
+        if record is not None:
+            self.records[pages.index] = record
         while len(self.recent) > self.budget.keep:
-            self.recent.popitem(last=False)
+            self._drop_oldest()
 
     def _make_room(self) -> None:
         """Drop kept arenas until one more mapping fits the limit; error if all are pinned."""
         while len(self._alive) >= self.budget.limit and self.recent:
-            self.recent.popitem(last=False)
+            self._drop_oldest()
         if len(self._alive) >= self.budget.limit:
             raise MappingLimitError(
                 f"{len(self._alive)} arenas are mapped and each is held (by a view, an "
@@ -244,7 +251,12 @@ class ArenaCache:
                 f"{self.budget.limit}; release views you no longer need, or raise the "
                 f"limit ({segments.MAX_MAPPINGS_VAR}, vm.max_map_count)")
 
+    def _drop_oldest(self) -> None:
+        index, _pages = self.recent.popitem(last=False)
+        self.records.pop(index, None)
+
     def close(self) -> None:
+        self.records.clear()
         for pages in self.recent.values():
             pages.close()
         self.recent.clear()

@@ -75,7 +75,7 @@ class HeapStatus:
     problem: str = ""
     #: the group's entries of /dev/shm
     entries: tuple[str, ...] = ()
-    #: bytes those entries occupy in /dev/shm now
+    #: bytes of memory those entries take in /dev/shm now (their allocated blocks)
     shm_bytes: int = 0
     #: pids of the live processes attached to the heap
     pids: tuple[int, ...] = ()
@@ -83,6 +83,9 @@ class HeapStatus:
     arenas: int | None = None
     arena_size: int | None = None
     max_arenas: int | None = None
+    #: whether arenas are reserved (fallocated) when grown, else sparse
+    reserve: bool | None = None
+    #: the size of the arenas' segments (memory only if ``reserve``; see ``shm_bytes``)
     reserved_bytes: int | None = None
     index_generations: int | None = None
     created_ns: int | None = None
@@ -91,7 +94,8 @@ class HeapStatus:
         return {"name": self.name, "state": self.state, "problem": self.problem,
                 "objects": len(self.entries), "shm_bytes": self.shm_bytes,
                 "pids": list(self.pids), "arenas": self.arenas, "arena_size": self.arena_size,
-                "max_arenas": self.max_arenas, "reserved_bytes": self.reserved_bytes,
+                "max_arenas": self.max_arenas, "reserve": self.reserve,
+                "reserved_bytes": self.reserved_bytes,
                 "index_generations": self.index_generations, "created_ns": self.created_ns}
 
 
@@ -123,6 +127,15 @@ def groups(names: Iterable[str] = ()) -> dict[str, list[str]]:
     return found
 
 
+def shm_bytes(name: str) -> int:
+    """Bytes of memory every object of heap ``name`` takes in /dev/shm now."""
+    return _used_bytes(groups([name]).get(name, []))
+
+
+def _used_bytes(entries: Iterable[str]) -> int:
+    return sum(segments.allocated_bytes(entry) for entry in entries)
+
+
 def survey(names: Iterable[str] = ()) -> list[HeapStatus]:
     """The status of every heap in /dev/shm (or of those in ``names``), sorted by name."""
     return [status_of(name, entries) for name, entries in sorted(groups(names).items())]
@@ -137,7 +150,7 @@ def status_of(name: str, entries: list[str]) -> HeapStatus:
         except ShmHeapError:
             pids = ()
     return replace(_judge(name), entries=tuple(entries), pids=pids,
-                   shm_bytes=sum(segments.allocated_bytes(e) for e in entries))
+                   shm_bytes=_used_bytes(entries))
 
 
 def _judge(name: str) -> HeapStatus:
@@ -183,7 +196,7 @@ def _judge(name: str) -> HeapStatus:
     if missing:
         return HeapStatus(name, "corrupt", f"/dev/shm/{missing} is missing or too short")
     return HeapStatus(name, "ready", arenas=length, arena_size=params.arena_size,
-                      max_arenas=params.max_arenas,
+                      max_arenas=params.max_arenas, reserve=params.reserve,
                       reserved_bytes=length * arenas.segment_size(params.arena_size),
                       index_generations=generation + 1, created_ns=params.created_ns)
 

@@ -245,6 +245,10 @@ class Heap:
         check_page_size(page_size, arena_size)
         if not isinstance(mode, int) or not 0 <= mode <= 0o777:
             raise InvalidParameterError(f"mode {mode!r} is not a file mode like 0o600")
+        if mode & 0o600 != 0o600:
+            raise InvalidParameterError(
+                f"mode {mode:#o} lacks owner read-write (0o600): the creator could not open "
+                "its own heap; use 0o600, or 0o660 to share it with the group")
         try:
             # The init lock is taken right after the exclusive create, before the
             # segment is sized: an attacher or `gc` never sees it unlocked while we live.
@@ -344,7 +348,8 @@ class Heap:
         if isinstance(lock, _ClosedLock):
             return
         self._lock = _ClosedLock(self.name)
-        self.__dict__.pop("snapshot", None)  # the native core's, if it was bound
+        for bound in ("snapshot", "alloc", "free"):  # the native core's, if they were bound
+            self.__dict__.pop(bound, None)
         lock.close()
         self._release_resources()
 
@@ -629,6 +634,9 @@ class Heap:
         if allocator is None or type(self._lock) is _ClosedLock:
             self._check_open()
             allocator = self._allocator = Allocator(self)
+            if core.native is not None:  # the native fast paths, called directly
+                self.alloc = allocator.alloc  # type: ignore[method-assign]
+                self.free = allocator.free  # type: ignore[method-assign]
         return allocator
 
     def alloc(self, nbytes: int, timeout: float | None = None) -> int:

@@ -89,6 +89,11 @@ def check_max_arenas(max_arenas: object, arena_size: int) -> int:
     return max_arenas
 
 
+def usable_arenas(max_arenas: int) -> int:
+    """How many arenas a heap of ``max_arenas`` holds: indices 1 to max_arenas - 1 (0 is null)."""
+    return max_arenas - 1
+
+
 def control_name(name: str) -> str:
     return f"{PREFIX}{name}"
 

@@ -98,7 +98,7 @@ from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
-from . import crash, segments
+from . import core, crash, segments
 from .errors import HeapCorruptError, InvalidParameterError, OutOfSharedMemoryError
 from .names import arena_name
 from .summary import CAP
@@ -258,6 +258,16 @@ class ArenaPages:
         self.owner = meta[lay.owner:lay.owner + 8 * lay.pages].cast("Q")
         #: the heap's summaries: this arena is leaf ``index`` of each tree
         self.summaries = summaries
+
+    def native_record(self) -> object | None:
+        """The native core's raw view of this arena's metadata (for its free()), or None."""
+        if core.native is None:
+            return None
+        lay = layout(self.arena.size, self.page_size)
+        record: object = core.native.Record(self.arena.mapping, self.arena.meta_offset,
+                                            lay.pages, lay.used, lay.sclass, lay.span,
+                                            lay.npages, lay.owner)
+        return record
 
     def close(self) -> None:
         """Release the views into the arena and unmap it (if nothing else holds it)."""

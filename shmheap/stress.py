@@ -59,7 +59,8 @@ from .errors import (
     ShmHeapError,
 )
 from .heap import Heap, destroy
-from .names import check_name, format_size, owns
+from .interrupt import LATENCY, CtrlC
+from .names import check_name, format_size, owns, usable_arenas
 from .stress_roles import (
     STAMP_MAGIC,
     Go,
@@ -85,12 +86,13 @@ STOP_TIMEOUT = 30.0
 #: not yet count as received: a pipe holds only some 28 KB, and a churner that stalls must
 #: not block the parent in send().
 MAX_IN_FLIGHT = 1024
-#: Cap on arenas: every reader maps each arena, and a process may have at most
-#: vm.max_map_count (65530) mappings.
-MAX_ARENAS_CAP = 32768
-#: Default cap: a writer's claim and a churner's span refill look for free pages arena
-#: by arena under the heap lock, so the time the lock is held grows with the arenas.
-DEFAULT_MAX_ARENAS = 4096
+#: Cap on the arenas of a run: every reader maps each arena, and a process may have at
+#: most vm.max_map_count (65530) mappings.
+ARENAS_CAP = 32768
+#: Arenas a run holds at most by default (its heap's max_arenas is one more: names.py):
+#: a writer's claim and a churner's span refill look for free pages arena by arena under
+#: the heap lock, so the time the lock is held grows with the arenas.
+DEFAULT_ARENAS = 4096
 #: File descriptors a worker needs besides one per mapped arena (Python's mmap
 #: keeps a duplicate descriptor for every mapping).
 SPARE_FDS = 512
@@ -102,11 +104,11 @@ DEFAULT_ARENA_SIZE = 1 << 20
 
 
 def arena_limit() -> int:
-    """The most arenas a run can map in every process (its default ``max_arenas``)."""
+    """The most arenas a run can map in every process."""
     fds = segments.raise_descriptor_limit()
     if fds == resource.RLIM_INFINITY:
-        return MAX_ARENAS_CAP
-    return max(1, min(MAX_ARENAS_CAP, fds - SPARE_FDS))
+        return ARENAS_CAP
+    return max(1, min(ARENAS_CAP, fds - SPARE_FDS))
 
 
 # -- the parent's side ----------------------------------------------------------------------
@@ -150,9 +152,11 @@ class Worker:
 class Fleet:
     """The worker processes of a run: spawn, message, kill, stop."""
 
-    def __init__(self, name: str, seed: int) -> None:
+    def __init__(self, name: str, seed: int, ctrl_c: CtrlC) -> None:
         self.name = name
         self.seed = seed
+        #: takes a Ctrl-C in ``poll``, between messages (interrupt.py)
+        self.ctrl_c = ctrl_c
         self.context = get_context("spawn")
         self.workers: list[Worker] = []
         #: set once the run has started: a worker that becomes ready is sent it
@@ -161,6 +165,8 @@ class Fleet:
         self.problems: list[str] = []
         #: picks the churner a handoff goes to
         self.rng = random.Random(f"{seed}/handoff")
+        #: objects churners handed on to the parent (each is relayed or undelivered)
+        self.handed_on = 0
         #: objects relayed from one churner to another
         self.relayed = 0
         #: handed-off objects no churner could take (the run was stopping); the parent frees them
@@ -186,13 +192,19 @@ class Fleet:
         return [w for w in self.workers if w.kind == kind]
 
     def poll(self, timeout: float) -> None:
-        """Handle every message that arrives within ``timeout`` seconds."""
+        """Handle the messages that arrive within ``timeout`` seconds (or less).
+
+        A pending Ctrl-C is raised here, between messages; waits are capped
+        at ``interrupt.LATENCY`` so that one is never kept waiting long.
+        """
+        timeout = min(max(timeout, 0), LATENCY)
         by_conn = {w.conn: w for w in self.live()}
         if not by_conn:
-            time.sleep(max(timeout, 0))
+            self.ctrl_c.sleep(timeout)
             return
-        for conn in wait(list(by_conn), max(timeout, 0)):
+        for conn in wait(list(by_conn), timeout):
             self._receive(by_conn[conn])  # type: ignore[index]
+        self.ctrl_c.check()
 
     def _receive(self, worker: Worker) -> None:
         try:
@@ -213,6 +225,7 @@ class Fleet:
             return
         if isinstance(message, Handoff):
             self._taken(worker, message.received)
+            self.handed_on += len(message.refs)
             self._relay(worker, message)
             return
         report = worker.report = message
@@ -333,7 +346,8 @@ class StressConfig:
     readers: int = 2
     duration: float = 8.0
     arena_size: int = DEFAULT_ARENA_SIZE
-    #: 0: DEFAULT_MAX_ARENAS, or as many as every process can map (``arena_limit()``) if fewer
+    #: the heap's max_arenas, as for ``Heap.create`` (at most max_arenas - 1 arenas); 0: room
+    #: for DEFAULT_ARENAS, or for as many as every process can map (``arena_limit()``) if fewer
     max_arenas: int = 0
     reserve: bool = False
     paced: bool = True
@@ -356,13 +370,13 @@ class StressConfig:
             raise InvalidParameterError(f"--kill-rate {self.kill_rate}: give kills per second "
                                         ">= 0")
         limit = arena_limit()
-        if not 0 <= self.max_arenas <= limit:
+        if self.max_arenas and not 2 <= self.max_arenas <= limit + 1:
             raise InvalidParameterError(
                 f"--max-arenas {self.max_arenas}: every process maps every arena, and that "
-                f"needs one file descriptor and one mapping each; use 1 to {limit} (or raise "
-                "`ulimit -n`)")
+                f"needs one file descriptor and one mapping each; use 2 to {limit + 1} (at "
+                f"most {limit} arenas), or raise `ulimit -n`")
         if not self.max_arenas:
-            object.__setattr__(self, "max_arenas", min(limit, DEFAULT_MAX_ARENAS))
+            object.__setattr__(self, "max_arenas", min(limit, DEFAULT_ARENAS) + 1)
         if self.name:
             check_name(self.name)
 
@@ -377,7 +391,8 @@ class StressRun:
         self.config = config
         self.name = config.name or f"stress-{os.getpid()}-{secrets.token_hex(3)}"
         self.rng = random.Random(config.seed)
-        self.fleet = Fleet(self.name, config.seed)
+        self.ctrl_c = CtrlC()
+        self.fleet = Fleet(self.name, config.seed, self.ctrl_c)
         self.kills = 0
         self.checks = 0
         self.findings: list[dict[str, object]] = []
@@ -390,22 +405,29 @@ class StressRun:
         self.violations.append(text)
 
     def run(self) -> dict[str, Any]:
-        """Do the whole run and return the report; the heap is destroyed in any case."""
+        """Do the whole run and return the report; the heap is destroyed in any case.
+
+        Ctrl-C raises KeyboardInterrupt from ``Fleet.poll`` (or at the end),
+        never in the middle of a message, a lock hold or the cleanup.
+        """
         config = self.config
-        heap = Heap.create(self.name, arena_size=config.arena_size,
-                           max_arenas=config.max_arenas + 1, reserve=config.reserve)
-        try:
-            with _Display(config.progress) as show:
-                self.started = self.fleet.start(config.roles(), config.duration, config.paced)
-                self._run_phase(heap, show)
-                self.elapsed = time.monotonic() - self.started
-                self.fleet.stop()
-            final = self._verify(heap)
-        finally:
-            self.fleet.shutdown()
-            heap.close()
-            with contextlib.suppress(HeapNotFoundError):
-                destroy(self.name)
+        with self.ctrl_c:
+            heap = Heap.create(self.name, arena_size=config.arena_size,
+                               max_arenas=config.max_arenas, reserve=config.reserve)
+            try:
+                with _Display(config.progress) as show:
+                    self.started = self.fleet.start(config.roles(), config.duration,
+                                                    config.paced)
+                    self._run_phase(heap, show)
+                    self.elapsed = time.monotonic() - self.started
+                    self.fleet.stop()
+                final = self._verify(heap)
+            finally:
+                self.fleet.shutdown()
+                heap.close()
+                with contextlib.suppress(HeapNotFoundError):
+                    destroy(self.name)
+            self.ctrl_c.check()
         leaks = [entry for entry in segments.list_all() if owns(self.name, entry)]
         return self._report(final, leaks)
 
@@ -466,7 +488,7 @@ class StressRun:
         """The final check: findings, lost arenas, stamps, live objects, counts."""
         self._check(heap)
         final: dict[str, Any] = {
-            "final_arenas": 0, "arenas_lost": 0, "unaccounted_arenas": 0, "stamped_arenas": 0,
+            "final_arenas": 0, "arenas_lost": 0, "arenas_grown_otherwise": 0, "stamped_arenas": 0,
             "unstamped_arenas": 0, "index_generations": 0, "index_bytes": 0, "recoveries": 0,
             "repairs": 0, "objects": {}}
         try:
@@ -502,7 +524,7 @@ class StressRun:
                          f"writers claimed {len(claimed)}")
         info = heap.info()
         return {"final_arenas": len(final), "arenas_lost": len(lost),
-                "unaccounted_arenas": len(in_final - set(reported)),
+                "arenas_grown_otherwise": len(in_final - set(reported)),
                 "stamped_arenas": len(stamped), "unstamped_arenas": len(final) - len(stamped),
                 "index_generations": info.index_generations, "index_bytes": info.index_bytes,
                 "recoveries": info.recoveries, "repairs": info.repairs}
@@ -572,8 +594,7 @@ class StressRun:
                 "held_objects": len(held), "held_bytes": sum(held.values()),
                 "claims": len(by_kind.get("writer", {})),
                 "killed_objects": len(extra), "killed_bytes": extra_bytes,
-                "handoffs_relayed": self.fleet.relayed, "undelivered_freed": freed,
-                "handoffs_lost": self._handoffs_lost(extra)}
+                **self._handoffs(extra, freed)}
 
     def _free_undelivered(self, heap: Heap) -> int:
         """Check and free the handed-off objects no churner took; returns how many."""
@@ -592,14 +613,24 @@ class StressRun:
             freed += 1
         return freed
 
-    def _handoffs_lost(self, unheld: set[int]) -> int:
-        """Objects relayed to churners that were killed before they took them.
+    def _handoffs(self, unheld: set[int], freed: int) -> dict[str, int]:
+        """What became of the objects churners handed on.
 
-        Those are the relayed refs that no report counted as received and
-        that are still allocated with nobody holding them (``unheld``).
+        handed on = relayed + undelivered, and relayed = received + in flight,
+        where received is what the churners said they took (``Handoff``,
+        reports) and in flight what was relayed to a churner killed before it
+        said so.  Lost: the refs in flight still allocated with nobody
+        holding them (``unheld``); the killed churner freed the others.
         """
-        return sum(ref in unheld for w in self.fleet.of_kind("churner")
-                   if w.state in ("killed", "straggler", "died") for ref in w.in_flight)
+        churners = self.fleet.of_kind("churner")
+        in_flight = [ref for worker in churners for ref in worker.in_flight]
+        return {"handoffs_handed_on": self.fleet.handed_on,
+                "handoffs_relayed": self.fleet.relayed,
+                "handoffs_received": sum(w.handed_in - len(w.in_flight) for w in churners),
+                "handoffs_in_flight": len(in_flight),
+                "handoffs_lost": sum(ref in unheld for ref in in_flight),
+                "handoffs_undelivered": len(self.fleet.undelivered),
+                "undelivered_freed": freed}
 
     def _totals(self, kind: str) -> dict[str, Any]:
         workers = self.fleet.of_kind(kind)
@@ -649,6 +680,7 @@ class StressRun:
             "name": self.name, "config": asdict(self.config), "duration_s": self.elapsed,
             "roles": {kind: self._totals(kind) for kind in self.config.roles()},
             "arenas_created": self._arenas_reported(),
+            "grows_per_s": self._arenas_reported() / (self.elapsed or 1.0),
             "heap_full_after_s": min(full_at) - self.started if full_at else None,
             "kills": self.kills,
             "stragglers": sum(w.state == "straggler" for w in self.fleet.workers),
@@ -713,49 +745,58 @@ def _us(latency: dict[str, float | None]) -> str:
 
 
 def summary_rows(report: dict[str, Any]) -> Iterator[tuple[str, object]]:
-    """(metric, value) rows of the summary table."""
+    """(metric, value) rows of the summary table; SUMMARY_HELP defines each one."""
     roles = report["roles"]
     writer, churner, reader = roles["writer"], roles["churner"], roles["reader"]
     config = report["config"]
     objects = report["objects"]
-    yield "heap", (f"{report['name']} (seed {config['seed']}, arenas of "
-                   f"{format_size(config['arena_size'])}, at most {config['max_arenas']})")
+    yield "heap", (f"{report['name']} (seed {config['seed']}; at most "
+                   f"{usable_arenas(config['max_arenas']):,} arenas of "
+                   f"{format_size(config['arena_size'])})")
     yield "duration", f"{report['duration_s']:.2f} s"
     yield "writers", f"{writer['workers']} ({writer['incarnations']} processes)"
-    yield "grows/s", f"{writer['ops_per_s']:.0f}" + (" (paced)" if config["paced"] else "")
+    yield "grows", (f"{report['arenas_created']:,}, {report['grows_per_s']:.0f}/s"
+                    + (" (paced)" if config["paced"] else ""))
     yield "grow latency p50/p99/max", _us(writer["latency"])
     yield "grow collisions (at=)", writer["counters"].get("collisions", 0)
     yield "churners", f"{churner['workers']} ({churner['incarnations']} processes)"
     yield "churn ops/s (allocs + frees)", f"{churner['ops_per_s']:.0f}"
     yield "alloc latency p50/p99/max", _us(churner["latency"])
     counts = churner["counters"]
-    yield "objects allocated / freed", f"{counts.get('allocs', 0)} / {counts.get('frees', 0)}"
+    yield "objects allocated / freed", f"{counts.get('allocs', 0):,} / {counts.get('frees', 0):,}"
     yield "bytes allocated", format_size(counts.get("alloc_bytes", 0))
-    yield "patterns verified", counts.get("verified", 0)
-    yield "handoffs relayed / received / undelivered", (
-        f"{objects.get('handoffs_relayed', 0)} / {counts.get('received', 0)} / "
-        f"{objects.get('undelivered_freed', 0)} (freed by the parent)")
+    yield "patterns verified", f"{counts.get('verified', 0):,}"
+    yield "handoffs handed on", (
+        f"{objects.get('handoffs_handed_on', 0):,} = {objects.get('handoffs_relayed', 0):,} "
+        f"relayed + {objects.get('handoffs_undelivered', 0):,} undelivered (the parent freed "
+        f"{objects.get('undelivered_freed', 0):,})")
+    yield "handoffs relayed", (
+        f"{objects.get('handoffs_relayed', 0):,} = {objects.get('handoffs_received', 0):,} "
+        f"received + {objects.get('handoffs_in_flight', 0):,} in flight to killed churners "
+        f"({objects.get('handoffs_lost', 0):,} of them lost)")
     yield "readers", f"{reader['workers']} ({reader['incarnations']} processes)"
     yield "snapshots/s", f"{reader['ops_per_s']:.0f}"
     yield "snapshot latency p50/p99/max", _us(reader["latency"])
-    yield "snapshots taken", reader["ops"]
-    yield "entries checked", reader["counters"].get("entries", 0)
-    yield "heap walks checked", (f"{reader['counters'].get('walks', 0)} "
-                                 f"({reader['counters'].get('objects_walked', 0)} objects)")
-    yield "arenas created", report["arenas_created"]
-    yield "final snapshot", (f"{report['final_arenas']} arenas, {report['stamped_arenas']} "
-                             "stamped")
+    yield "snapshots taken", f"{reader['ops']:,}"
+    yield "entries checked", f"{reader['counters'].get('entries', 0):,}"
+    yield "heap walks checked", (f"{reader['counters'].get('walks', 0):,} "
+                                 f"({reader['counters'].get('objects_walked', 0):,} objects)")
+    lost = report["arenas_lost"]
+    yield "final snapshot", (f"{report['final_arenas']:,} arenas = {report['arenas_created']:,} "
+                             f"grown by writers + {report['arenas_grown_otherwise']:,} grown "
+                             "otherwise" + (f" - {lost:,} lost" if lost else ""))
+    yield "stamped arenas", (f"{report['stamped_arenas']:,} (claimed and stamped by writers); "
+                             f"{report['unstamped_arenas']:,} not")
     full = report["heap_full_after_s"]
     yield "heap full after", "-" if full is None else f"{full:.2f} s"
     yield "index generations", report["index_generations"]
-    yield "live at the end", (f"{objects.get('live_objects', 0)} objects, "
-                              f"{format_size(objects.get('live_bytes', 0))} (writers hold "
-                              f"{objects.get('claims', 0)} whole arenas)")
+    yield "live at the end", (
+        f"{objects.get('live_objects', 0):,} objects, "
+        f"{format_size(objects.get('live_bytes', 0))} = {objects.get('held_objects', 0):,} "
+        f"held by workers that stopped ({objects.get('claims', 0):,} of them writers' arenas) "
+        f"+ {objects.get('killed_objects', 0):,} left by killed workers "
+        f"({format_size(objects.get('killed_bytes', 0))})")
     yield "kills / stragglers", f"{report['kills']} / {report['stragglers']}"
-    yield "objects of killed workers", (f"{objects.get('killed_objects', 0)} objects, "
-                                        f"{format_size(objects.get('killed_bytes', 0))} "
-                                        "still allocated")
-    yield "handoffs lost in flight", objects.get("handoffs_lost", 0)
     yield "lock recoveries", report["recoveries"]
     yield "checks run", report["checks"]
     yield "violations", report["violations"]
@@ -764,23 +805,73 @@ def summary_rows(report: dict[str, Any]) -> Iterator[tuple[str, object]]:
     yield "result", "OK" if report["ok"] else "FAILED"
 
 
+#: The definitions of the summary's figures (``shmheap stress --help``).
+SUMMARY_HELP = """\
+The summary, figure by figure (--json holds the same numbers):
+  heap                its seed, arena size and at most how many arenas: max_arenas - 1, the
+                      number `shmheap info` says
+  duration            seconds from the start signal to the stop signal
+  writers, churners, readers
+                      processes of that role at a time (in brackets: every process started
+                      for the role, replacements of killed ones included)
+  grows               arenas the writers grew, as each reported right after its grow (a
+                      writer killed inside a grow loses at most that one); per second of the
+                      duration, as on the progress line
+  grow latency, alloc latency, snapshot latency
+                      p50 / p99 / max of the samples in the workers' reports
+  churn ops/s, objects allocated / freed, bytes allocated, patterns verified,
+  snapshots/s, snapshots taken, entries checked, heap walks checked
+                      counted by the workers and sent in their reports every 0.5 s: a killed
+                      worker's last half second is not in them
+  grow collisions     grow(at=i) calls that found index i taken
+  handoffs handed on  objects churners gave up for another churner, as the parent got them,
+                      = relayed to a churner + undelivered (kept by the parent while the run
+                      stopped or every churner was behind; it checks and frees them)
+  handoffs relayed    = received (taken, as the churners said) + in flight (relayed to a
+                      churner killed before it said so); lost: those in flight still
+                      allocated with nobody holding them (the killed churner freed the rest)
+  final snapshot      arenas in the heap at the end = grown by writers + grown otherwise (by
+                      allocations that found no free pages, or by a writer killed before it
+                      reported its grow) - lost
+  stamped arenas      after each grow a writer allocates a whole free arena (usually the one
+                      it grew) and stamps it; the rest were grown by allocations, or their
+                      writer was killed before it stamped them
+  heap full after     seconds until a writer first found no room for another arena
+  index generations   index arrays the heap has made (each doubles the last)
+  live at the end     objects allocated at the end = held by the workers that stopped
+                      normally (their final reports list them) + left by killed workers (a
+                      killed process's objects stay allocated; lost handoffs are among them)
+  kills / stragglers  workers SIGKILLed by --kill-rate / killed because they did not stop
+  lock recoveries     dead holders' locks adopted (info().recoveries)
+  checks run          heap.check() after kills (at most once a second) and at the end
+  violations          failed checks, by the workers and the parent (examples follow the table)
+  arenas lost         arenas a writer reported grown that the final snapshot lacks
+  leaks               objects of the heap left in /dev/shm after it was destroyed
+  result              OK without violations, lost arenas or leaks
+"""
+
+
 def add_stress(sub: Subparsers) -> None:
-    from .cli import size_arg
+    from .cli import arena_size_arg, at_least, heap_name, rate_arg, seconds_arg
 
     parser = sub.add_parser("stress", help="run writers, churners and readers against one "
-                            "heap and check every entry and object")
-    parser.add_argument("--writers", type=int, default=2, help="writer processes (default 2)")
-    parser.add_argument("--churners", type=int, default=2,
+                            "heap and check every entry and object",
+                            epilog=SUMMARY_HELP,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--writers", type=at_least(0), default=2,
+                        help="writer processes (default 2)")
+    parser.add_argument("--churners", type=at_least(0), default=2,
                         help="processes that allocate, hand on and free objects (default 2)")
-    parser.add_argument("--readers", type=int, default=2, help="reader processes (default 2)")
-    parser.add_argument("--duration", type=float, default=8.0,
+    parser.add_argument("--readers", type=at_least(0), default=2,
+                        help="reader processes (default 2)")
+    parser.add_argument("--duration", type=seconds_arg, default=8.0,
                         help="seconds to run (default 8)")
-    parser.add_argument("--arena-size", type=size_arg, default=DEFAULT_ARENA_SIZE,
+    parser.add_argument("--arena-size", type=arena_size_arg, default=DEFAULT_ARENA_SIZE,
                         help=f"bytes per arena (default {format_size(DEFAULT_ARENA_SIZE)})")
-    parser.add_argument("--max-arenas", type=int, default=0,
-                        help=f"stop growing at this many arenas (default {DEFAULT_MAX_ARENAS}, "
-                        "or as many as every process can map if fewer; at most "
-                        f"{MAX_ARENAS_CAP})")
+    parser.add_argument("--max-arenas", type=at_least(0), default=0, metavar="N",
+                        help="the heap's max_arenas, as for `shmheap create`: it holds at most "
+                        f"N-1 arenas (default: at most {DEFAULT_ARENAS} arenas, or as many as "
+                        f"every process can map if fewer; never more than {ARENAS_CAP})")
     parser.add_argument("--reserve", action="store_true",
                         help="reserve each arena's memory (default: sparse arenas)")
     parser.add_argument("--flat-out", action="store_true",
@@ -788,25 +879,29 @@ def add_stress(sub: Subparsers) -> None:
                         "heap evenly over the run, so that growth lasts the whole run)")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed for every random choice (default: random, printed)")
-    parser.add_argument("--kill-rate", type=float, default=0.0,
+    parser.add_argument("--kill-rate", type=rate_arg, default=0.0,
                         help="SIGKILL this many random workers per second (default 0)")
     parser.add_argument("--json", metavar="FILE", default="", help="write the report as JSON")
-    parser.add_argument("--name", default="", help="heap name (default: a unique one)")
+    parser.add_argument("--name", type=heap_name, default=None,
+                        help="heap name (default: a unique one)")
     parser.add_argument("--no-progress", action="store_true", help="no live progress line")
     parser.set_defaults(run=run_stress)
 
 
 def run_stress(args: argparse.Namespace) -> int:
-    from .cli import print_table
+    from .cli import UsageError, print_table
 
-    config = StressConfig(
-        writers=args.writers, churners=args.churners, readers=args.readers,
-        duration=args.duration,
-        arena_size=args.arena_size, max_arenas=args.max_arenas, reserve=args.reserve,
-        paced=not args.flat_out,
-        seed=args.seed if args.seed is not None else secrets.randbits(32),
-        kill_rate=args.kill_rate, name=args.name, json_path=args.json,
-        progress=not args.no_progress)
+    try:
+        config = StressConfig(
+            writers=args.writers, churners=args.churners, readers=args.readers,
+            duration=args.duration,
+            arena_size=args.arena_size, max_arenas=args.max_arenas, reserve=args.reserve,
+            paced=not args.flat_out,
+            seed=args.seed if args.seed is not None else secrets.randbits(32),
+            kill_rate=args.kill_rate, name=args.name or "", json_path=args.json,
+            progress=not args.no_progress)
+    except InvalidParameterError as exc:
+        raise UsageError(str(exc)) from None
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(_open_report(config.json_path)) if config.json_path else None
         report = StressRun(config).run()

@@ -21,7 +21,7 @@ plays one role:
     whole run; ``paced=False`` (``--flat-out``) grows as fast as it can.  The
     cap exists because every reader maps every arena, and each mapping costs a
     file descriptor (Python's mmap keeps one) and one of vm.max_map_count; it
-    is ``DEFAULT_MAX_ARENAS`` unless given, because a claim (and a churner's
+    is ``DEFAULT_ARENAS`` unless given, because a claim (and a churner's
     span refill) looks for free pages arena by arena under the heap lock.
 ``churner``
     loops over the allocator (mimalloc's test-stress): allocates objects of
@@ -94,6 +94,7 @@ from .errors import (
     ShmHeapError,
 )
 from .heap import Heap
+from .names import usable_arenas
 from .walker import HeapStats, SpanInfo
 
 BREAK_ENV = "SHMHEAP_STRESS_BREAK_CHECK"
@@ -357,7 +358,8 @@ class Writer(Role):
         if not go.paced:
             return 0
         due = len(self.heap.snapshot()) + 1
-        return go.started + due * go.duration / (self.heap.max_arenas - 1) - time.monotonic()
+        arenas = usable_arenas(self.heap.max_arenas)
+        return go.started + due * go.duration / arenas - time.monotonic()
 
     def outgoing(self, flush: bool) -> list[object]:
         if not self.created:

@@ -19,8 +19,9 @@ memory)::
     .              trees "partial(c)", one per size class c >= 1: leaf i = 1 if an
                    unowned span of class c in arena i may have free slots
 
-Each tree is its levels back to back, leaves first, every level padded to 64
-entries.  Who writes them:
+Each level is padded to 64 entries; the segment holds the levels level by
+level (every tree's leaves, then every tree's first nodes, ...).  Who writes
+them:
 
 * ``free`` and ``owned``: the heap-lock holder only, inside the journaled
   mutation that changes what they summarise (pages.py, allocator.py); repair
@@ -35,12 +36,13 @@ Leaves of arena indices that are not (yet) arenas are 0.  Values are bytes:
 a run of 255 pages or more reads 255 and is verified in the arena itself.
 
 The segment is sparse, and a store into a page that has no memory yet would
-be SIGBUS on a full /dev/shm.  So the levels above the leaves are reserved
-when the heap is created (about 1/63 of the leaves), and the leaf pages of an
-arena in every tree before the arena is published (``reserve_leaves``, by the
-grower, before its journal opens: a full /dev/shm is OutOfSharedMemoryError
-then, and the arena is not made).  Stores of 0 into a leaf are skipped when it
-already reads 0, so nothing ever writes into a page nobody reserved.
+be SIGBUS on a full /dev/shm.  So levels 2 and up of every tree (a few pages
+in all) are reserved when the heap is created, and the pages of an arena's
+leaves and first-level nodes in every tree before the arena is published
+(``reserve_leaves``, by the grower, before its journal opens: a full
+/dev/shm is OutOfSharedMemoryError then, and the arena is not made).
+Stores of 0 into a leaf are skipped when it already reads 0, so nothing ever
+writes into a page nobody reserved.
 
 This module owns the layout of the summary segment and the tree operations.
 It reads no arena: callers pass the values.
@@ -49,6 +51,7 @@ It reads no arena: callers pass the values.
 from __future__ import annotations
 
 import functools
+import mmap
 import os
 import struct
 from collections.abc import Callable
@@ -58,7 +61,7 @@ from .errors import HeapCorruptError
 from .names import PAGE_SIZE, summary_name
 
 MAGIC = b"shmsumm\0"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("<8sIIQI")
 HEADER_SIZE = 64
 FANOUT = 64
@@ -129,23 +132,33 @@ def segment_size(max_arenas: int, nclasses: int) -> int:
 class ByteTree:
     """Byte maxima over ``nleaves`` leaves, 64 children per node (see the module docstring).
 
-    ``file`` (descriptor, offset of this tree in it) lets fsck read the leaf
-    level with ``pread`` and skip its holes: through the mapping, even a read
-    of a hole would give the page memory (tmpfs), or SIGBUS on a full
-    /dev/shm.  Without it (a tree in private memory) the mapping is read.
+    Level ``L`` is ``level_sizes(nleaves)[L]`` bytes at ``offsets[L]`` of ``buf``.  With
+    ``fd`` (the file ``buf`` maps), fsck reads whole levels with ``pread``, which
+    skips holes: through the mapping, even a read of a hole would give the page
+    memory (tmpfs), or SIGBUS on a full /dev/shm.
     """
 
-    __slots__ = ("_file", "_levels", "nleaves")
+    __slots__ = ("_fd", "_levels", "_offsets", "nleaves")
 
-    def __init__(self, buf: memoryview, nleaves: int,
-                 file: tuple[int, int] | None = None) -> None:
+    def __init__(self, buf: memoryview, offsets: list[int], nleaves: int,
+                 fd: int | None = None) -> None:
         self.nleaves = nleaves
-        self._file = file
-        self._levels: list[memoryview] = []
-        at = 0
-        for size in _level_sizes(nleaves):
-            self._levels.append(buf[at:at + size])
-            at += size
+        self._fd = fd
+        self._offsets = offsets
+        self._levels = [buf[at:at + size] for at, size in zip(offsets, _level_sizes(nleaves),
+                                                               strict=True)]
+
+    @classmethod
+    def in_memory(cls, nleaves: int) -> ByteTree:
+        """A tree in private memory (tests, models)."""
+        sizes = _level_sizes(nleaves)
+        offsets = [sum(sizes[:level]) for level in range(len(sizes))]
+        return cls(memoryview(bytearray(sum(sizes))), offsets, nleaves)
+
+    @property
+    def levels(self) -> list[tuple[int, int]]:
+        """(offset, size) of each level in the buffer, leaves first."""
+        return [(at, len(level)) for at, level in zip(self._offsets, self._levels, strict=True)]
 
     def get(self, leaf: int) -> int:
         return self._levels[0][leaf]
@@ -264,21 +277,20 @@ class ByteTree:
 
     def nonzero_leaves(self) -> list[int]:
         """The leaves that are not 0 (fsck), reading only the pages that have memory."""
-        if self._file is None:
+        if self._fd is None:
             return nonzero_positions(self._levels[0][:self.nleaves].tobytes())
-        fd, base = self._file
+        base = self._offsets[0]
         found = []
-        for start, length in _data_extents(fd, base, base + self.nleaves):
-            chunk = os.pread(fd, length, start)
+        for start, length in _data_extents(self._fd, base, base + self.nleaves):
+            chunk = os.pread(self._fd, length, start)
             found += [start - base + p for p in nonzero_positions(chunk)]
         return found
 
-    def _leaf_row(self, row: int) -> bytes:
-        first = row * FANOUT
-        if self._file is None:
-            return self._levels[0][first:first + FANOUT].tobytes()
-        fd, base = self._file
-        return os.pread(fd, FANOUT, base + first)
+    def _read(self, level: int, first: int, count: int) -> bytes:
+        """``count`` entries of ``level`` from ``first``, holes skipped when file-backed."""
+        if self._fd is None:
+            return self._levels[level][first:first + count].tobytes()
+        return os.pread(self._fd, count, self._offsets[level] + first)
 
     def check(self) -> list[str]:
         """Every node that is not the maximum of its children (fsck); [] when consistent.
@@ -294,6 +306,9 @@ class ByteTree:
         for level, node, _value, want in self._wrong_nodes():
             self._levels[level][node] = want
 
+    def _leaf_row(self, row: int) -> bytes:
+        return self._read(0, row * FANOUT, FANOUT)
+
     def _wrong_nodes(self) -> list[tuple[int, int, int, int]]:
         """(level, node, value, maximum of its children) of each wrong node, bottom up.
 
@@ -305,7 +320,7 @@ class ByteTree:
         below_nonzero = self.nonzero_leaves()
         row_of: Callable[[int], bytes] = self._leaf_row
         for level in range(1, len(self._levels)):
-            here = bytearray(self._levels[level].tobytes())
+            here = bytearray(self._read(level, 0, len(self._levels[level])))
             rows = {p // FANOUT for p in below_nonzero}
             rows.update(nonzero_positions(bytes(here)))
             for node in sorted(rows):
@@ -331,28 +346,28 @@ def _reserve(seg: segments.Segment, offset: int, length: int) -> None:
 
 
 class Summaries:
-    """This process's view of a heap's summary segment: the free, owned and partial trees."""
+    """This process's view of a heap's summary segment: the free, owned and partial trees.
+
+    The trees are laid out level by level: every tree's leaves, then every
+    tree's first level of nodes, and so on, so that the small upper levels of
+    all trees share a few pages, reserved when the heap is created.
+    """
 
     def __init__(self, heap_name: str, max_arenas: int, nclasses: int, readonly: bool) -> None:
         name = summary_name(heap_name)
         size = segment_size(max_arenas, nclasses)
         self._seg = segments.open_existing(name, readonly=readonly, expect_size=size,
                                            keep_fd=True)
-        self._span = tree_bytes(max_arenas)
-        #: leaf pages this process has reserved already (reserving is idempotent)
-        self._reserved: set[int] = set()
         magic, version, _, arenas, classes = HEADER.unpack_from(self._seg.buf, 0)
         if (magic, version, arenas, classes) != (MAGIC, VERSION, max_arenas, nclasses):
             self._seg.close()
             raise HeapCorruptError(f"/dev/shm/{name} is not the summary segment of heap "
                                    f"{heap_name!r}; destroy the heap")
-        buf = self._seg.buf
-        span = tree_bytes(max_arenas)
-        fd = self._seg.fd
-        assert fd is not None
-        self._trees = [ByteTree(buf[HEADER_SIZE + k * span:HEADER_SIZE + (k + 1) * span],
-                                max_arenas, (fd, HEADER_SIZE + k * span))
-                       for k in range(1 + nclasses)]
+        #: pages this process has reserved already (reserving is idempotent)
+        self._reserved: set[int] = set()
+        self._offsets = _tree_offsets(max_arenas, 1 + nclasses)
+        self._trees = [ByteTree(self._seg.buf, offsets, max_arenas, self._seg.fd)
+                       for offsets in self._offsets]
         #: longest free page run of each arena (capped at CAP)
         self.free = self._trees[0]
         #: 1 where an arena may have a span with an owner
@@ -364,31 +379,44 @@ class Summaries:
         seg = segments.create(summary_name(heap_name), segment_size(max_arenas, nclasses), mode,
                               reserve=False, keep_fd=True)
         try:
-            assert seg.fd is not None
-            span, leaves = tree_bytes(max_arenas), _level_sizes(max_arenas)[0]
+            offsets = _tree_offsets(max_arenas, 1 + nclasses)
             _reserve(seg, 0, HEADER_SIZE)
-            for tree in range(1 + nclasses):  # its upper levels, and its first page of leaves
-                _reserve(seg, HEADER_SIZE + tree * span, PAGE_SIZE)
-                _reserve(seg, HEADER_SIZE + tree * span + leaves, span - leaves)
+            upper = offsets[0][2] if len(offsets[0]) > 2 else seg.size
+            _reserve(seg, upper, seg.size - upper)  # levels 2 and up, of every tree
             HEADER.pack_into(seg.buf, 0, MAGIC, VERSION, 0, max_arenas, nclasses)
         finally:
             seg.close()
 
     def reserve_leaves(self, index: int) -> None:
-        """Give memory to the pages holding arena ``index``'s leaf in every tree (a grower)."""
-        page = index // PAGE_SIZE
-        if page in self._reserved:
-            return
-        for tree in range(len(self._trees)):
-            _reserve(self._seg, HEADER_SIZE + tree * self._span + page * PAGE_SIZE,
-                     PAGE_SIZE)
-        self._reserved.add(page)
+        """Give memory to every page on arena ``index``'s paths, in every tree (a grower)."""
+        pages = {(offsets[level] + (index >> 6 * level)) // PAGE_SIZE
+                 for offsets in self._offsets for level in range(min(2, len(offsets)))}
+        for page in sorted(pages - self._reserved):
+            _reserve(self._seg, page * PAGE_SIZE, PAGE_SIZE)
+            self._reserved.add(page)
 
     def partial(self, sclass: int) -> ByteTree:
         """The partial tree of size class ``sclass`` (>= 1)."""
         return self._trees[1 + sclass]
 
+    @property
+    def mapping(self) -> mmap.mmap:
+        """The segment's mapping (the native core's Free marks partial trees through it)."""
+        return self._seg.map
+
     def close(self) -> None:
         for tree in self._trees:
             tree.release()
         self._seg.close()
+
+
+def _tree_offsets(nleaves: int, ntrees: int) -> list[list[int]]:
+    """The offset of each level of each tree in the segment (level by level, see above)."""
+    sizes = _level_sizes(nleaves)
+    offsets = [[0] * len(sizes) for _ in range(ntrees)]
+    at = HEADER_SIZE
+    for level, size in enumerate(sizes):
+        for tree in range(ntrees):
+            offsets[tree][level] = at
+            at += size
+    return offsets

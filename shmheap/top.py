@@ -14,11 +14,15 @@ Each refresh takes one ``Sample``:
 
 top attaches ``readonly=True`` and writes nothing to the heap but what every
 attacher writes: its own liveness slot, and the owner record while it holds
-the lock.  Between refreshes it shows the growth of arenas per second.
+the lock.  It shows the growth of arenas per second between two samples: the
+first refresh says "n/a (one sample)", and ``--once`` takes two samples
+``--interval`` apart and shows the second.  ``shmheap info`` shows the same
+rows (``state_rows``) from one sample.
 
 On a terminal with ``rich`` installed the block is redrawn in place
 (``rich.live``); otherwise one plain block is printed per refresh.  Ctrl-C
-ends top (exit 0).  If the heap is destroyed while top runs (its control
+ends top (exit 0); it is taken between refreshes, never inside one
+(interrupt.py).  If the heap is destroyed while top runs (its control
 segment is gone from /dev/shm, or belongs to a new heap of the same name),
 top prints a last line and exits 0.
 
@@ -36,12 +40,13 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import segments
-from .errors import HeapNotFoundError, InvalidParameterError, LockTimeoutError
+from . import collect, segments
+from .errors import HeapNotFoundError, LockTimeoutError
 from .heap import Heap, HeapInfo
+from .interrupt import CtrlC
 from .liveness import Attachment, probe_attachments
 from .lock import HeapLock
-from .names import control_name, format_size
+from .names import control_name, format_size, usable_arenas
 
 if TYPE_CHECKING:
     from .cli import Subparsers
@@ -67,20 +72,25 @@ class Sample:
     attachments: list[Attachment]
     #: None if the heap has no allocator
     stats: HeapStats | None
+    #: the heap reserves each arena's memory when it grows it (else arenas are sparse)
+    reserve: bool
+    #: bytes of memory the heap's objects take in /dev/shm
+    shm_bytes: int
 
 
 def take_sample(heap: Heap, lock_wait: float) -> Sample:
-    """One look at ``heap``: one ``info()``, the semaphore, the slots and the stats."""
+    """One look at ``heap``: one ``info()``, the semaphore, the slots, the stats, /dev/shm."""
     info = heap.info(timeout=lock_wait)
     lock = heap._lock
     assert isinstance(lock, HeapLock)  # info() succeeded: the heap is open
     lock_free = lock.semaphore_value() > 0
     attachments = probe_attachments(heap.name)
     stats = heap.stats() if hasattr(heap, "stats") else None
-    return Sample(time.monotonic(), info, lock_free, attachments, stats)
+    return Sample(time.monotonic(), info, lock_free, attachments, stats, heap.params.reserve,
+                  collect.shm_bytes(heap.name))
 
 
-# -- rendering ---------------------------------------------------------------------------
+# -- rendering (``shmheap info`` shows the same rows) ------------------------------------
 
 
 def clock(ns: int) -> str:
@@ -88,8 +98,43 @@ def clock(ns: int) -> str:
     return time.strftime("%H:%M:%S", time.localtime(ns / 1e9))
 
 
-def ago(ns: int) -> str:
-    return f"{max(0.0, time.time() - ns / 1e9):.1f} s ago"
+def when(ns: int) -> str:
+    """Wall-clock ``ns`` as local date, time and age: '2025-01-31 14:02:07 (5 min 3 s ago)'."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))
+    return f"{stamp} ({age(time.time() - ns / 1e9)} ago)"
+
+
+def age(seconds: float) -> str:
+    """'4.2 s', '5 min 3 s', '3 h 12 min', '2 d 5 h'."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes = int(seconds // 60)
+    if minutes < 60:
+        return f"{minutes} min {int(seconds % 60)} s"
+    hours = minutes // 60
+    if hours < 48:
+        return f"{hours} h {minutes % 60} min"
+    return f"{hours // 24} d {hours % 24} h"
+
+
+def arenas_line(info: HeapInfo) -> str:
+    return (f"{info.arenas:,} of at most {usable_arenas(info.max_arenas):,}, "
+            f"{format_size(info.arena_size)} each")
+
+
+def index_line(info: HeapInfo) -> str:
+    generations = "generation" if info.index_generations == 1 else "generations"
+    return (f"{info.index_len:,} entries, capacity {info.index_cap:,}; "
+            f"{info.index_generations} {generations}, {format_size(info.index_bytes)} in all")
+
+
+def memory_line(sample: Sample) -> str:
+    """Memory used in /dev/shm beside the arenas' segments, reserved or sparse."""
+    segments_size = format_size(sample.info.reserved_bytes)
+    arenas = (f"{segments_size} reserved for arenas" if sample.reserve else
+              f"arenas are sparse ({segments_size} if every page were touched)")
+    return f"{format_size(sample.shm_bytes)} used in /dev/shm; {arenas}"
 
 
 def lock_line(sample: Sample) -> str:
@@ -102,22 +147,17 @@ def lock_line(sample: Sample) -> str:
 def recoveries_line(info: HeapInfo) -> str:
     if not info.recoveries:
         return f"0; repairs {info.repairs}"
-    return (f"{info.recoveries}, the last at {clock(info.last_recovery_ns)} "
-            f"({ago(info.last_recovery_ns)}); repairs {info.repairs}")
+    return (f"{info.recoveries}, the last at {when(info.last_recovery_ns)}; "
+            f"repairs {info.repairs}")
 
 
 def attached_line(attachments: list[Attachment]) -> str:
+    if not attachments:
+        return "none"
     shown = [f"{a.pid}{' (this top)' if a.pid == os.getpid() else ''} since "
              f"{clock(a.attached_ns)}" for a in attachments[:MAX_PIDS_SHOWN]]
     more = len(attachments) - len(shown)
     return f"{len(attachments)}: " + ", ".join(shown + ([f"and {more} more"] if more else []))
-
-
-def growth(sample: Sample, previous: Sample | None) -> str:
-    """Arenas added per second since the previous sample."""
-    if previous is None or sample.at <= previous.at:
-        return "-"
-    return f"{(sample.info.arenas - previous.info.arenas) / (sample.at - previous.at):+.1f}/s"
 
 
 def objects_line(stats: HeapStats) -> str:
@@ -126,22 +166,33 @@ def objects_line(stats: HeapStats) -> str:
             f"({format_size(stats.live_bytes)})")
 
 
-def render(sample: Sample, previous: Sample | None, interval: float) -> str:
-    """The block of one refresh: a title line, then aligned ``label  value`` rows."""
+def state_rows(sample: Sample, attachments: list[Attachment]) -> list[tuple[str, str]]:
+    """The rows top and ``shmheap info`` share, with ``attachments`` as the attached ones."""
     info = sample.info
     rows = [
-        ("arenas", f"{info.arenas:,} of {info.max_arenas - 1:,}, "
-                   f"{format_size(info.arena_size)} each; growth {growth(sample, previous)}"),
-        ("index", f"{info.index_len:,} entries, cap {info.index_cap:,}; generations "
-                  f"{info.index_generations}, {format_size(info.index_bytes)} in all"),
-        ("reserved", format_size(info.reserved_bytes)),
+        ("index", index_line(info)),
+        ("memory", memory_line(sample)),
         ("lock", lock_line(sample)),
         ("recoveries", recoveries_line(info)),
-        ("attached", attached_line(sample.attachments)),
+        ("attached", attached_line(attachments)),
     ]
     if sample.stats is not None:
         rows.append(("objects", objects_line(sample.stats)))
-    return "\n".join([title(info.name, interval)]
+    return rows
+
+
+def growth(sample: Sample, previous: Sample | None) -> str:
+    """Arenas added per second since the previous sample."""
+    if previous is None or sample.at <= previous.at:
+        return "n/a (one sample)"
+    return f"{(sample.info.arenas - previous.info.arenas) / (sample.at - previous.at):+.1f}/s"
+
+
+def render(sample: Sample, previous: Sample | None, interval: float) -> str:
+    """The block of one refresh: a title line, then aligned ``label  value`` rows."""
+    rows = [("arenas", f"{arenas_line(sample.info)}; growth {growth(sample, previous)}"),
+            *state_rows(sample, sample.attachments)]
+    return "\n".join([title(sample.info.name, interval)]
                      + [f"{label:<11} {value}" for label, value in rows])
 
 
@@ -191,13 +242,21 @@ def control_identity(name: str) -> tuple[int, int] | None:
     return stat.st_dev, stat.st_ino
 
 
-def watch(heap: Heap, interval: float, once: bool) -> None:
-    """Show ``heap`` every ``interval`` seconds (once with ``once``) until it is destroyed."""
+def watch(heap: Heap, interval: float, once: bool, ctrl_c: CtrlC) -> None:
+    """Show ``heap`` every ``interval`` seconds (once with ``once``) until it is destroyed.
+
+    A Ctrl-C is taken between refreshes (KeyboardInterrupt), never inside one.
+    """
     identity = control_identity(heap.name)
     lock_wait = max(interval, MIN_LOCK_WAIT)
     previous = None
+    if once:  # growth needs two samples: one ``interval`` before the one shown
+        with contextlib.suppress(LockTimeoutError):
+            previous = take_sample(heap, lock_wait)
+        ctrl_c.sleep(interval)
     with Screen(live=not once) as screen:
         while control_identity(heap.name) == identity:
+            ctrl_c.check()
             try:
                 sample = take_sample(heap, lock_wait)
             except HeapNotFoundError:
@@ -209,24 +268,24 @@ def watch(heap: Heap, interval: float, once: bool) -> None:
                 previous = sample
             if once:
                 return
-            time.sleep(interval)
+            ctrl_c.sleep(interval)
     print(f"heap {heap.name!r} was destroyed; top stops", flush=True)
 
 
 def add_top(sub: Subparsers) -> None:
+    from .cli import heap_name, seconds_arg
+
     parser = sub.add_parser("top", help="watch a heap: arenas, index, lock, processes")
-    parser.add_argument("name")
-    parser.add_argument("--interval", type=float, default=INTERVAL,
+    parser.add_argument("name", type=heap_name)
+    parser.add_argument("--interval", type=seconds_arg, default=INTERVAL,
                         help=f"seconds between refreshes (default {INTERVAL:g})")
-    parser.add_argument("--once", action="store_true", help="print one block and exit")
+    parser.add_argument("--once", action="store_true",
+                        help="print one block and exit (its growth is measured over --interval)")
     parser.set_defaults(run=run_top)
 
 
 def run_top(args: argparse.Namespace) -> int:
-    if not args.interval > 0:
-        raise InvalidParameterError(f"--interval {args.interval}: give a positive number of "
-                                    "seconds")
-    with Heap.attach(args.name, readonly=True) as heap, \
+    with Heap.attach(args.name, readonly=True) as heap, CtrlC() as ctrl_c, \
             contextlib.suppress(KeyboardInterrupt):
-        watch(heap, args.interval, args.once)
+        watch(heap, args.interval, args.once, ctrl_c)
     return 0

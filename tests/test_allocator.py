@@ -300,7 +300,7 @@ def test_spans_cached_by_a_dead_process_are_reclaimed(heap: shmheap.Heap) -> Non
         h = shmheap.Heap.attach({heap.name!r})
         refs = [h.alloc(n) for n in (16, 16, 100, 1000, 5000)]
         h.free(refs[1])
-        print(json.dumps(refs))
+        print(json.dumps(refs), flush=True)  # a pipe buffers what SIGKILL would lose
         os.kill(os.getpid(), 9)
         """)
     assert_killed(proc)

@@ -109,6 +109,13 @@ def test_bad_mode(shm_heap_name: str, mode: Any) -> None:
     assert shm_leftovers(shm_heap_name) == []
 
 
+@pytest.mark.parametrize("mode", [0o000, 0o400, 0o200, 0o066, 0o177])
+def test_mode_without_owner_read_write_is_refused(shm_heap_name: str, mode: int) -> None:
+    with pytest.raises(shmheap.InvalidParameterError, match="lacks owner read-write"):
+        shmheap.Heap.create(shm_heap_name, arena_size=ARENA, mode=mode)
+    assert shm_leftovers(shm_heap_name) == []
+
+
 def test_smallest_heap_is_accepted(shm_heap_factory: HeapFactory) -> None:
     heap = shm_heap_factory(arena_size=ARENA, max_arenas=2)
     assert heap.grow().index == 1

@@ -17,7 +17,7 @@ import pytest
 from test_bench import check_latency, leaves, my_shm_entries
 
 from shmheap.bench.index import SNAPSHOT_KINDS
-from shmheap.bench.suite import BENCHES
+from shmheap.bench.suite import BENCHES, panels
 from shmheap.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -64,6 +64,10 @@ def test_tiny_run_of_every_benchmark_writes_every_figure(
     for death in ("owner_recorded", "died_before_recording"):
         assert results["recovery"][death]["p50_ms"] > 0
     assert results["recovery"]["findings_after"] == []
+    for panel in panels(list(BENCHES), results):  # one comparison each: peers over one x
+        xs = [sorted(x for x, _y in points) for points in panel.series.values()]
+        assert len(xs) >= 2 and len(xs[0]) >= 3 and all(x == xs[0] for x in xs), panel
+        assert all(y > 0 for points in panel.series.values() for _x, y in points)
     out = capsys.readouterr().out
     assert "=== shmheap bench index --tiny ===" in out
     assert "1. Snapshot latency" in out and "Recovery latency" in out

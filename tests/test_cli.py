@@ -8,12 +8,16 @@ time are none of its business.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import json
 import mmap
 import os
+import re
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,25 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
                           timeout=300, check=False)
 
 
+def interrupt_until_exit(process: subprocess.Popen[Any],
+                         drain: Callable[[float], None] | None = None) -> int:
+    """SIGINT ``process`` again and again until it exits, as an impatient user would.
+
+    The signals land wherever the process happens to be, its cleanup
+    included, whatever the machine's load: the loop ends on the process's
+    exit, not after a time.  ``drain(seconds)`` reads the process's output
+    between signals.  Returns the exit status.
+    """
+    while process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        if drain is not None:
+            drain(0.05)
+        else:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=0.05)
+    return process.returncode
+
+
 def ok(*args: str) -> str:
     """Run the CLI, expect exit 0, return stdout."""
     result = run_cli(*args)
@@ -47,6 +70,15 @@ def fails(*args: str, code: int = 1) -> subprocess.CompletedProcess[str]:
     assert result.returncode == code, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
     return result
+
+
+def usage_error(*args: str) -> str:
+    """Run the CLI, expect a usage error (exit 2, the command's usage); return the error line."""
+    result = fails(*args, code=2)
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("usage: shmheap"), result.stderr
+    assert ": error: " in lines[-1], result.stderr
+    return lines[-1]
 
 
 def error_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -93,7 +125,7 @@ def test_create_info_arenas_grow_destroy_round_trip(shm_heap_name: str) -> None:
     text = ok("arenas", name).splitlines()
     assert text[0].split() == ["position", "index", "base"]
     assert text[4].split() == ["3", "10", "0xa0000"]
-    assert "arena_size" in ok("info", name)
+    assert "64 KiB each" in ok("info", name)
     removed = ok("destroy", name).splitlines()
     assert f"removed /dev/shm/{names.control_name(name)}" == removed[-1]
     assert f"removed /dev/shm/{names.arena_name(name, 10)}" in removed
@@ -108,9 +140,9 @@ def test_create_without_reserve_leaves_arenas_sparse(shm_heap_name: str) -> None
 
 
 @pytest.mark.parametrize("bad", ["a b", "a" * 49, "a.b", "../x"])
-def test_bad_names_are_one_line_errors(bad: str) -> None:
-    for command in ("create", "info", "destroy", "fsck"):
-        assert "invalid heap name" in error_line(fails(command, bad))
+def test_bad_names_are_usage_errors(bad: str) -> None:
+    for command in ("create", "info", "arenas", "grow", "destroy", "fsck", "top", "gc"):
+        assert "invalid heap name" in usage_error(command, bad)
 
 
 def test_missing_heap_is_an_error(shm_heap_name: str) -> None:
@@ -124,25 +156,80 @@ def test_existing_heap_is_an_error(heap_name: str) -> None:
     assert json.loads(ok("info", heap_name, "--json"))["arenas"] == 0
 
 
-def test_bad_sizes(shm_heap_name: str) -> None:
-    unreadable = fails("create", shm_heap_name, "--arena-size", "12XB", code=2)
-    assert "cannot read size '12XB'" in unreadable.stderr
-    assert "not a power of two" in error_line(
-        fails("create", shm_heap_name, "--arena-size", "1000"))
-    assert "max_arenas" in error_line(fails("create", shm_heap_name, "--max-arenas", "1"))
+def test_bad_sizes_are_usage_errors(shm_heap_name: str) -> None:
+    for size, words in (("12XB", "cannot read size '12XB'"), ("-1", "cannot read size '-1'"),
+                        ("0", "arena_size 0 is not a power of two"),
+                        ("1000", "not a power of two")):
+        assert words in usage_error("create", shm_heap_name, "--arena-size", size)
+    assert "from 2 to" in usage_error("create", shm_heap_name, "--max-arenas", "1")
+    assert "63-bit heap address space" in usage_error(
+        "create", shm_heap_name, "--arena-size", "4GiB", "--max-arenas", str((1 << 32) - 1))
     assert shm_leftovers(shm_heap_name) == []
 
 
-def test_usage_errors(heap_name: str) -> None:
+def test_usage_errors_exit_2_and_runtime_errors_exit_1(heap_name: str) -> None:
     assert fails(code=2).stderr.startswith("usage: shmheap")
     fails("frobnicate", code=2)
-    fails("grow", heap_name, "--count", "many", code=2)
-    assert "at least 1" in error_line(fails("grow", heap_name, "--count", "0"))
-    assert "exactly one arena" in error_line(fails("grow", heap_name, "--at", "5", "--count",
-                                                   "2"))
+    assert "'many' is not an integer" in usage_error("grow", heap_name, "--count", "many")
+    assert "give an integer >= 1" in usage_error("grow", heap_name, "--count", "0")
+    assert "give an integer >= 1" in usage_error("grow", heap_name, "--at", "0")
+    assert "exactly one arena" in usage_error("grow", heap_name, "--at", "5", "--count", "2")
+    # what depends on the heap is a runtime error
     assert "arena index" in error_line(fails("grow", heap_name, "--at", "100"))
     ok("grow", heap_name, "--at", "7")
     assert "already taken" in error_line(fails("grow", heap_name, "--at", "7"))
+    assert "no heap named" in error_line(fails("info", unique_heap_name()))
+
+
+def test_grow_says_how_many_it_grew_when_the_heap_fills(shm_heap_name: str) -> None:
+    ok("create", shm_heap_name, "--arena-size", "64KiB", "--max-arenas", "10")
+    ok("grow", shm_heap_name, "--count", "3")
+    result = fails("grow", shm_heap_name, "--count", "20")
+    assert result.stdout.split("\n")[:6] == [f"arena {i} at {i << 16:#x}" for i in range(4, 10)]
+    line = error_line(result)
+    assert "grew 6 of 20 arenas, then: " in line and "all 9 arena indices are taken" in line
+    assert json.loads(ok("info", shm_heap_name, "--json"))["arenas"] == 9
+
+
+def test_every_command_says_the_same_arena_limit(shm_heap_name: str) -> None:
+    assert "at most 99 arenas of 64 KiB" in ok("create", shm_heap_name, "--arena-size", "64KiB",
+                                                "--max-arenas", "100")
+    ok("grow", shm_heap_name)
+    assert "1 of at most 99," in ok("info", shm_heap_name)
+    assert json.loads(ok("info", shm_heap_name, "--json"))["max_arenas"] == 100
+    assert "1 of at most 99," in ok("top", shm_heap_name, "--once", "--interval", "0.1")
+    row = next(line for line in ok("ls").splitlines() if line.startswith(shm_heap_name + " "))
+    assert " 1 of 99 " in row
+    assert "at most N-1 arenas" in ok("create", "--help")
+    assert "at most N-1 arenas" in ok("stress", "--help")
+
+
+def test_info_shows_the_heap_not_its_own_attach(shm_heap_name: str) -> None:
+    ok("create", shm_heap_name, "--arena-size", "1MiB", "--no-reserve")
+    ok("grow", shm_heap_name, "--count", "2")
+    with shmheap.Heap.attach(shm_heap_name) as heap:
+        heap.alloc(1000)
+        text = ok("info", shm_heap_name)
+        raw = json.loads(ok("info", shm_heap_name, "--json"))
+    rows = dict(line.split(None, 1) for line in text.splitlines())
+    assert re.fullmatch(rf"{shm_heap_name}, created \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d "
+                        r"\(\d+\.\d s ago\)", rows["heap"]), rows["heap"]
+    assert rows["arenas"].startswith("2 of at most 1,048,575, 1 MiB each;")
+    assert re.fullmatch(r"\d+(\.\d)? KiB used in /dev/shm; arenas are sparse \(2\.0 MiB if "
+                        r"every page were touched\)", rows["memory"]), rows["memory"]
+    assert rows["attached"].startswith(f"1: {os.getpid()} since ")
+    assert re.match(r"in use \d+ KiB, .*; 1 objects", rows["objects"]), rows["objects"]
+    assert "readonly" not in text and "created_ns" not in text
+    assert "readonly" not in raw
+    assert isinstance(raw["created_ns"], int) and raw["arena_size"] == 1 << 20
+    assert (raw["attached"], raw["attached_pids"]) == (1, [os.getpid()])
+    assert raw["reserve"] is False and 0 < raw["shm_bytes"] < raw["reserved_bytes"]
+    assert raw["allocator"]["live_objects"] == 1
+
+
+def test_version_is_the_package_version() -> None:
+    assert ok("--version") == f"shmheap {shmheap.__version__}\n"
+    assert importlib.metadata.version("shmheap") == shmheap.__version__
 
 
 def test_console_script_is_the_same_tool() -> None:
@@ -163,17 +250,48 @@ def by_name(listing: list[dict[str, Any]], name: str) -> dict[str, Any]:
     return found[0]
 
 
+def ls_row(name: str) -> list[str]:
+    """The columns of heap ``name``'s row in ``shmheap ls`` (a size's unit joined to it)."""
+    for line in ok("ls").splitlines():
+        if line.startswith(name + " "):
+            return re.sub(r" (B|KiB|MiB|GiB)\b", r"_\1", re.sub(r" of ", "_of_", line)).split()
+    raise AssertionError(f"{name} is not listed")
+
+
 def test_ls_lists_a_heap_and_its_live_processes(heap_name: str) -> None:
     ok("grow", heap_name, "--count", "2")
     entry = by_name(json.loads(ok("ls", "--json")), heap_name)
     assert (entry["state"], entry["arenas"], entry["arena_size"], entry["pids"]) == (
         "ready", 2, 64 * 1024, [])
-    assert entry["reserved_bytes"] >= 2 * 64 * 1024
+    assert entry["reserve"] is True and entry["reserved_bytes"] >= 2 * 64 * 1024
+    assert entry["shm_bytes"] >= entry["reserved_bytes"]
     with shmheap.Heap.attach(heap_name, readonly=True):
         entry = by_name(json.loads(ok("ls", "--json")), heap_name)
         assert entry["pids"] == [os.getpid()]
-        row = next(line for line in ok("ls").splitlines() if line.startswith(heap_name + " "))
-        assert row.split()[1:3] == ["ready", "2"] and row.split()[-1] == str(os.getpid())
+        assert ls_row(heap_name)[1:3] == ["ready", "2_of_99"]
+        assert ls_row(heap_name)[-1] == str(os.getpid())
+
+
+def test_ls_shows_used_memory_beside_reserved(shm_heap_name: str, more_names: list[str]) -> None:
+    ok("create", shm_heap_name, "--arena-size", "64MiB", "--no-reserve")
+    ok("grow", shm_heap_name, "--count", "4")
+    reserved = unique_heap_name()
+    more_names.append(reserved)
+    ok("create", reserved, "--arena-size", "64KiB")
+    ok("grow", reserved, "--count", "2")
+    listing = json.loads(ok("ls", "--json"))
+    sparse, full = by_name(listing, shm_heap_name), by_name(listing, reserved)
+    assert sparse["reserve"] is False and sparse["shm_bytes"] < 1 << 20
+    assert sparse["reserved_bytes"] > 4 * (64 << 20)
+    assert ls_row(shm_heap_name)[3:6] == ["64_MiB", names_size(sparse["shm_bytes"]), "sparse"]
+    assert ls_row(reserved)[3:6] == ["64_KiB", names_size(full["shm_bytes"]),
+                                     names_size(full["reserved_bytes"])]
+    assert ok("ls").splitlines()[0].split() == ["name", "state", "arenas", "arena", "size",
+                                                 "used", "reserved", "pids"]
+
+
+def names_size(nbytes: int) -> str:
+    return names.format_size(nbytes).replace(" ", "_")
 
 
 def test_ls_shows_a_damaged_heap(shm_heap_name: str) -> None:

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli import ROOT, run_cli
+from test_cli import ROOT, interrupt_until_exit, run_cli
 
+from shmheap.liveness import probe_attachments
 from shmheap.pytest_plugin import HeapFactory, shm_leftovers
 from shmheap.stress_roles import Reservoir, latency_summary, span_problem, stats_problems
 
@@ -55,7 +56,7 @@ def test_a_clean_run_reports_no_violation_and_its_counts_add_up(shm_heap_name: s
     assert created == sum(w["ops"] for w in writers) == report["arenas_created"] > 0
     assert report["roles"]["writer"]["ops"] == created
     # every arena a writer made is in the final snapshot; churners' allocs grew the rest
-    assert created + report["unaccounted_arenas"] == report["final_arenas"]
+    assert created + report["arenas_grown_otherwise"] == report["final_arenas"]
     claims = report["roles"]["writer"]["counters"]["claims"]
     assert claims == report["stamped_arenas"] == sum(w["live_objects"] for w in writers) > 0
 
@@ -64,7 +65,11 @@ def test_a_clean_run_reports_no_violation_and_its_counts_add_up(shm_heap_name: s
     held = sum(w["live_objects"] for w in churners)
     assert churn["allocs"] - churn["frees"] - objects["undelivered_freed"] == held > 0
     assert churn["frees"] > 0 and churn["verified"] >= churn["frees"]
-    assert churn["received"] == objects["handoffs_relayed"] > 0
+    assert churn["received"] == objects["handoffs_received"] == objects["handoffs_relayed"] > 0
+    assert objects["handoffs_handed_on"] == (objects["handoffs_relayed"]
+                                             + objects["handoffs_undelivered"])
+    assert objects["handoffs_undelivered"] == objects["undelivered_freed"]
+    assert objects["handoffs_in_flight"] == 0
     assert objects["live_objects"] == objects["held_objects"] == claims + held
     assert objects["live_bytes"] == objects["held_bytes"]
     assert objects["killed_objects"] == objects["killed_bytes"] == objects["handoffs_lost"] == 0
@@ -100,12 +105,59 @@ def test_killed_workers_lose_no_arena_and_leave_only_their_objects(shm_heap_name
     assert (report["violations"], report["arenas_lost"], report["leaks"]) == (0, 0, []), \
         report["violation_examples"]
     assert status == 0
-    assert report["final_arenas"] >= report["arenas_created"]
     assert report["checks"] >= 2
+    assert_summary_identities(report)
+
+
+def assert_summary_identities(report: dict[str, Any]) -> None:
+    """The identities the summary's definitions (``shmheap stress --help``) promise."""
     objects = report["objects"]
+    assert report["final_arenas"] == (report["arenas_created"] - report["arenas_lost"]
+                                      + report["arenas_grown_otherwise"])
+    assert report["final_arenas"] == report["stamped_arenas"] + report["unstamped_arenas"]
+    assert report["grows_per_s"] * report["duration_s"] == pytest.approx(
+        report["arenas_created"])
     assert objects["live_objects"] == objects["held_objects"] + objects["killed_objects"]
     assert objects["live_bytes"] == objects["held_bytes"] + objects["killed_bytes"]
-    assert objects["handoffs_lost"] <= objects["killed_objects"]
+    assert objects["handoffs_handed_on"] == (objects["handoffs_relayed"]
+                                             + objects["handoffs_undelivered"])
+    assert objects["handoffs_relayed"] == (objects["handoffs_received"]
+                                           + objects["handoffs_in_flight"])
+    assert objects["handoffs_lost"] <= min(objects["handoffs_in_flight"],
+                                           objects["killed_objects"])
+    assert objects["undelivered_freed"] <= objects["handoffs_undelivered"]
+    assert report["kills"] == sum(w["state"] == "killed" for w in report["workers"])
+    for kind, totals in report["roles"].items():
+        assert totals["incarnations"] == len(workers_of(report, kind))
+
+
+def test_the_summary_says_what_the_report_holds(shm_heap_name: str, tmp_path: Path) -> None:
+    result = run_cli("stress", "--name", shm_heap_name, "--json", str(tmp_path / "r.json"),
+                     "--max-arenas", "3000", "--duration", "1", "--kill-rate", "2",
+                     "--seed", "7", "--no-progress")
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert result.returncode == (0 if report["ok"] else 1), result.stderr
+    assert_summary_identities(report)
+    lines = result.stdout.splitlines()
+    column = lines[0].index("value")
+    rows = {line[:column].strip(): line[column:] for line in lines[1:]
+            if not line.startswith("violation: ")}
+    objects = report["objects"]
+    assert f"at most {report['config']['max_arenas'] - 1:,} arenas" in rows["heap"]
+    assert rows["grows"].startswith(f"{report['arenas_created']:,}, "
+                                    f"{report['grows_per_s']:.0f}/s")
+    assert rows["handoffs handed on"].startswith(
+        f"{objects['handoffs_handed_on']:,} = {objects['handoffs_relayed']:,} relayed + "
+        f"{objects['handoffs_undelivered']:,} undelivered")
+    assert rows["handoffs relayed"].startswith(
+        f"{objects['handoffs_relayed']:,} = {objects['handoffs_received']:,} received + "
+        f"{objects['handoffs_in_flight']:,} in flight")
+    assert rows["final snapshot"].startswith(
+        f"{report['final_arenas']:,} arenas = {report['arenas_created']:,} grown by writers + "
+        f"{report['arenas_grown_otherwise']:,} grown otherwise")
+    help_text = run_cli("stress", "--help").stdout
+    for label in rows:  # every figure has its definition in --help
+        assert label.split(" p50")[0].split(" (")[0] in help_text, label
 
 
 def test_walk_checks_pass_a_real_heap_and_catch_bad_spans(shm_heap_factory: HeapFactory) -> None:
@@ -135,17 +187,26 @@ def test_walk_checks_pass_a_real_heap_and_catch_bad_spans(shm_heap_factory: Heap
                           heap.arena_size, len(arenas), len(arenas))
 
 
-def test_bad_parameters_are_one_line_errors(shm_heap_name: str) -> None:
+def test_bad_parameters_are_usage_errors(shm_heap_name: str) -> None:
     for args, words in ((["--writers", "0", "--churners", "0", "--readers", "0"],
                          "at least one worker"),
-                        (["--churners", "-1"], "counts must be >= 0"),
+                        (["--churners", "-1"], "give an integer >= 0"),
                         (["--duration", "0"], "positive number"),
+                        (["--duration", "nan"], "positive number"),
+                        (["--kill-rate", "-1"], ">= 0 per second"),
+                        (["--arena-size", "0"], "not a power of two"),
+                        (["--arena-size", "-1"], "cannot read size"),
+                        (["--max-arenas", "1"], "use 2 to"),
                         (["--max-arenas", str(10**9)], "file descriptor"),
-                        (["--name", "bad name"], "invalid heap name"),
-                        (["--json", "/nonexistent/dir/r.json"], "cannot write it")):
+                        (["--name", "bad name"], "invalid heap name")):
         result = run_cli("stress", *args)
-        assert result.returncode == 1, result.stderr
-        assert result.stderr.startswith("shmheap: error: ") and words in result.stderr
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.startswith("usage: shmheap stress"), result.stderr
+        assert words in result.stderr.splitlines()[-1], result.stderr
+        assert "Traceback" not in result.stderr
+    result = run_cli("stress", "--json", "/nonexistent/dir/r.json")
+    assert result.returncode == 1
+    assert result.stderr.startswith("shmheap: error: ") and "cannot write it" in result.stderr
 
 
 def test_an_existing_heap_is_neither_used_nor_destroyed(shm_heap_name: str) -> None:
@@ -155,26 +216,37 @@ def test_an_existing_heap_is_neither_used_nor_destroyed(shm_heap_name: str) -> N
     assert run_cli("info", shm_heap_name).returncode == 0
 
 
-def test_ctrl_c_stops_the_run_and_destroys_the_heap(shm_heap_name: str) -> None:
-    path = str(ROOT)
+def test_ctrl_c_stops_the_run_kills_the_workers_and_destroys_the_heap(
+        shm_heap_name: str) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "shmheap", "stress", "--name", shm_heap_name, "--duration", "60",
          "--max-arenas", "3000"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={"PYTHONPATH": path, "PATH": "/usr/bin:/bin"})
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     try:
         assert process.stdout is not None
         first = process.stdout.readline()  # the first progress line: workers are running
         assert first.startswith(f"stress {shm_heap_name}"), first
-        process.send_signal(signal.SIGINT)
+        attached = {a.pid for a in probe_attachments(shm_heap_name)}
+        assert interrupt_until_exit(process) == 130
         _out, err = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert process.returncode == 130, err
-    assert "interrupted" in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "shmheap: interrupted", err
+    assert "Traceback" not in err
     assert shm_leftovers(shm_heap_name) == []
+    assert len(attached) == 7  # the parent and its six workers
+    assert [pid for pid in attached if alive(pid)] == []
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_reservoir_keeps_an_even_spread_and_the_exact_max() -> None:

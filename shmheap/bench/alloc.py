@@ -3,8 +3,9 @@
 One run measures, and prints each figure next to its target:
 
 1. small-object ``alloc`` + ``free`` pair latency (p50/p99) at 16 .. 1024 bytes,
-   against ``multiprocessing.heap.BufferWrapper(64)`` (its alloc, and its
-   free when the wrapper is dropped), interleaved so load hits both alike;
+   against ``multiprocessing.heap.BufferWrapper`` of the same sizes (its alloc,
+   and its free when the wrapper is dropped), interleaved so load hits both
+   alike;
 2. throughput of batches of mixed small allocations followed by their frees,
    in one process and in two processes (spawned) allocating at once;
 3. the walker: ``heap.walk()`` over a heap of many small objects;
@@ -74,9 +75,10 @@ WORKER_POLL_S = 0.5
 METHOD = (
     "Latency per call = the mean of a batch of back-to-back calls (time.perf_counter_ns); "
     "p50/p99 over batches, Python loop and call overhead included (loop_overhead_ns).",
-    "pair = heap.free(heap.alloc(n)): the owner's cached span, no lock. BufferWrapper(64) = "
-    "multiprocessing.heap.BufferWrapper(64) created and dropped (its free runs when the "
-    "wrapper goes away); ratio = BufferWrapper p50 / shmheap 64-byte pair p50.",
+    "pair = heap.free(heap.alloc(n)): the owner's cached span, no lock. BufferWrapper(n) = "
+    "multiprocessing.heap.BufferWrapper(n) created and dropped (its free runs when the "
+    "wrapper goes away), at the same sizes; ratio = BufferWrapper(64) p50 / shmheap 64-byte "
+    "pair p50.",
     "throughput = batches of 1000 allocations of 16-1000 bytes, then their frees, for a fixed "
     "time; 2 processes = two spawned processes doing the same at once on one heap, and (the "
     "machine's own limit) on a heap each.",
@@ -147,7 +149,7 @@ def run(quick: bool = False, *, tiny: bool = False,
 def pair_figures(plan: Plan) -> dict[str, Any]:
     with bench_heap("balloc", arena_size=64 * MIB) as heap:
         fns = {f"shmheap_{size}": pair(heap, size) for size in PAIR_SIZES}
-        fns["buffer_wrapper_64"] = lambda: BufferWrapper(64)
+        fns.update({f"buffer_wrapper_{size}": buffer_wrapper(size) for size in PAIR_SIZES})
         measured = measure_interleaved(fns, plan.pair_s * len(fns), rounds=3)
     ours = measured["shmheap_64"].p50_ns
     theirs = measured["buffer_wrapper_64"].p50_ns
@@ -158,6 +160,11 @@ def pair_figures(plan: Plan) -> dict[str, Any]:
 def pair(heap: Heap, size: int) -> Callable[[], object]:
     alloc, free = heap.alloc, heap.free
     return lambda: free(alloc(size))
+
+
+def buffer_wrapper(size: int) -> Callable[[], object]:
+    """The peer's pair: a BufferWrapper of ``size`` bytes, freed when it is dropped."""
+    return lambda: BufferWrapper(size)
 
 
 # -- 2. throughput ------------------------------------------------------------------------------
@@ -391,8 +398,9 @@ def checked(checks: dict[str, Any], name: str) -> str:
 def report_pairs(pairs: dict[str, Any], checks: dict[str, Any], out: TextIO | None) -> None:
     rows = []
     for key, figure in pairs["latency"].items():
-        label = ("BufferWrapper(64)" if key == "buffer_wrapper_64"
-                 else f"shmheap alloc+free {key.split('_')[1]} B")
+        size = key.rsplit("_", 1)[1]
+        label = (f"BufferWrapper({size})" if key.startswith("buffer_wrapper_")
+                 else f"shmheap alloc+free {size} B")
         target = checked(checks, "alloc+free pair, 64 bytes, p50") if key == "shmheap_64" else ""
         rows.append([label, fmt_ns(figure["p50_ns"]), fmt_ns(figure["p99_ns"]), target])
     rows.append(["BufferWrapper / shmheap (64 B)", fmt_ratio(pairs["ratio"]), "",
@@ -434,12 +442,13 @@ def report_rest(results: dict[str, Any], checks: dict[str, Any], out: TextIO | N
 
 
 def figures(results: dict[str, Any]) -> list[Figure]:
-    """Pair latency (p50) against object size, shmheap and BufferWrapper(64)."""
+    """alloc+free pair latency (p50) against object size: shmheap beside BufferWrapper."""
     latency = results["pairs"]["latency"]
-    ours = [(size, latency[f"shmheap_{size}"]["p50_ns"] / 1e3) for size in PAIR_SIZES]
-    theirs = [(64, latency["buffer_wrapper_64"]["p50_ns"] / 1e3)]
-    return [Figure("shmheap alloc: alloc+free pair latency (p50)", "object bytes",
-                   "p50 per pair (µs)", {"shmheap": ours, "BufferWrapper": theirs})]
+    series = {label: [(size, latency[f"{key}_{size}"]["p50_ns"]) for size in PAIR_SIZES]
+              for key, label in (("shmheap", "shmheap alloc + free"),
+                                 ("buffer_wrapper", "multiprocessing.heap.BufferWrapper"))}
+    return [Figure("Objects: an allocation and its free (p50 per pair)", "object size",
+                   "latency per pair", series, x_format=lambda size: format_size(int(size)))]
 
 
 def main(argv: list[str] | None = None) -> int:

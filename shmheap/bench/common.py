@@ -17,8 +17,9 @@ Heaps
 
 Output
     Plain-text tables, JSON files and (with the ``plot`` extra, matplotlib)
-    log-log plots.  A missing extra is a ``MissingExtraError`` that says what
-    to install.
+    log-log plots: one panel (``Figure``) per comparison, shmheap and its
+    peers as lines over the same x values, ticks labelled with units.  A
+    missing extra is a ``MissingExtraError`` that says what to install.
 
 This module owns no heap: it creates and destroys only the heaps it names.
 """
@@ -300,14 +301,29 @@ def require_plotting() -> None:
     import_extra("matplotlib", "plot", "--plot")
 
 
+def fmt_count(count: float) -> str:
+    """1e3 -> '1k', 1e6 -> '1M', 10 -> '10'."""
+    for prefix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.3g}{prefix}"
+    return f"{count:.3g}"
+
+
 @dataclass(frozen=True)
 class Figure:
-    """One log-log panel of a plot: ``series`` maps a label to its (x, y) points."""
+    """One log-log panel: a comparison of shmheap and its peers over the same x values.
+
+    ``series`` maps a label to its (x, y) points; x values are shown with
+    ``x_format`` (the panel's ticks are exactly the measured x values), y
+    values with ``y_format`` (nanoseconds, with units, unless a panel says).
+    """
 
     title: str
     xlabel: str
     ylabel: str
     series: Mapping[str, Sequence[tuple[float, float]]]
+    x_format: Callable[[float], str] = fmt_count
+    y_format: Callable[[float], str] = fmt_ns
 
 
 def plot_figures(path: str | Path, figures: Sequence[Figure]) -> None:
@@ -315,20 +331,42 @@ def plot_figures(path: str | Path, figures: Sequence[Figure]) -> None:
     matplotlib = import_extra("matplotlib", "plot", "--plot")
     matplotlib.use("Agg")
     pyplot = importlib.import_module("matplotlib.pyplot")
-    figure, panels = pyplot.subplots(len(figures), 1, figsize=(11, 5.5 * len(figures)),
-                                     squeeze=False)
+    ticker = importlib.import_module("matplotlib.ticker")
+    figure, panels = pyplot.subplots(len(figures), 1, figsize=(11, 5 * len(figures)),
+                                     squeeze=False, layout="constrained")
     for axes, panel in zip(panels[:, 0], figures, strict=True):
         for label, points in panel.series.items():
             if points:
-                xs, ys = zip(*points, strict=True)
+                xs, ys = zip(*sorted(points), strict=True)
                 axes.loglog(xs, ys, marker="o", label=label)
-        axes.set_title(panel.title)
-        axes.set_xlabel(panel.xlabel)
-        axes.set_ylabel(panel.ylabel)
-        axes.grid(True, which="both", alpha=0.3)
-        axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
-    figure.savefig(path, dpi=120, bbox_inches="tight")
+        axes.set_xticks(sorted({x for points in panel.series.values() for x, _ in points}))
+        axes.xaxis.set_major_formatter(ticker.FuncFormatter(_tick(panel.x_format)))
+        axes.xaxis.set_minor_locator(ticker.NullLocator())
+        values = [y for points in panel.series.values() for _, y in points if y > 0]
+        axes.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=_y_steps(values)))
+        axes.yaxis.set_major_formatter(ticker.FuncFormatter(_tick(panel.y_format)))
+        axes.yaxis.set_minor_formatter(ticker.NullFormatter())
+        axes.tick_params(labelsize=11)
+        axes.set_title(panel.title, fontsize=13)
+        axes.set_xlabel(panel.xlabel, fontsize=11)
+        axes.set_ylabel(panel.ylabel, fontsize=11)
+        axes.grid(True, which="major", alpha=0.3)
+        axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=10)
+    figure.savefig(path, dpi=110)
     pyplot.close(figure)
+
+
+def _y_steps(values: Sequence[float]) -> tuple[float, ...]:
+    """Labelled steps within a decade: more of them the fewer decades ``values`` span."""
+    decades = math.log10(max(values) / min(values)) if values else 0.0
+    if decades < 1:
+        return tuple(float(step) for step in range(1, 10))
+    return (1.0, 2.0, 5.0) if decades < 2 else (1.0,)
+
+
+def _tick(show: Callable[[float], str]) -> Callable[[float, object], str]:
+    """A matplotlib FuncFormatter function that labels a tick value with ``show``."""
+    return lambda value, _position: show(value)
 
 
 class BenchModule(Protocol):

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from ..heap import Heap
+from ..names import format_size
 from .common import (
     BenchError,
     Figure,
@@ -48,7 +49,7 @@ from .common import (
 ARENA = 64 * 1024
 PAGE = 8192
 SIZES = {"full": (64, 1000, 10_000, 100_000), "quick": (64, 1000, 10_000, 30_000),
-         "tiny": (64, 500)}
+         "tiny": (64, 200, 500)}
 #: the size the ratios are taken against
 BASE = 1000
 SMALL, SMALL_ROUND = 4000, 64
@@ -185,24 +186,28 @@ def report(results: dict[str, Any], out: TextIO | None = None) -> None:
 
 
 def figures(results: dict[str, Any]) -> list[Figure]:
+    """Each figure against the arena count: times in ns, the walker's RSS in bytes."""
     rows = results["rows"]
 
-    def series(key: str, scale: float = 1.0) -> list[tuple[float, float]]:
-        return [(row["arenas"], row[key] * scale) for row in rows]
+    def series(value: Callable[[dict[str, Any]], float]) -> list[tuple[float, float]]:
+        return [(row["arenas"], value(row)) for row in rows]
 
-    per_arena = [(row["arenas"], row["walk_s"] / row["arenas"] * 1e6) for row in rows]
-    fsck = [(row["arenas"], row["fsck_s"] / row["arenas"] * 1e6) for row in rows]
     return [
-        Figure("scale: alloc+free while ~90% full", "arenas", "per pair (µs)",
-               {"small (refills)": series("small_pair_ns", 1e-3),
-                "large (5 pages)": series("large_pair_ns", 1e-3)}),
-        Figure("scale: a new process", "arenas", "ms",
-               {"attach": series("attach_ms"), "first alloc": series("first_alloc_ms")}),
-        Figure("scale: grow, walk and fsck", "arenas", "µs",
-               {"grow p50": series("grow_p50_us"), "walk per arena": per_arena,
-                "fsck per arena": fsck}),
-        Figure("scale: the walking process's peak RSS", "arenas", "MiB",
-               {"peak RSS": series("rss_kb", 1 / 1024)}),
+        Figure("scale: alloc+free while the heap is ~90% full", "arenas", "per pair",
+               {"small objects (refills)": series(lambda r: r["small_pair_ns"]),
+                "large objects (5 pages)": series(lambda r: r["large_pair_ns"])}),
+        Figure("scale: a new process", "arenas", "time",
+               {"attach": series(lambda r: r["attach_ms"] * 1e6),
+                "first alloc": series(lambda r: r["first_alloc_ms"] * 1e6)}),
+        Figure("scale: grow, and walk and fsck per arena", "arenas", "time",
+               {"grow p50": series(lambda r: r["grow_p50_us"] * 1e3),
+                "walk per arena": series(lambda r: r["walk_s"] / r["arenas"] * 1e9),
+                "fsck per arena": series(lambda r: r["fsck_s"] / r["arenas"] * 1e9)}),
+        Figure("scale: the walking process's RSS", "arenas", "bytes",
+               {"peak RSS": series(lambda r: r["rss_kb"] * 1024.0),
+                "grown while walking and checking": series(
+                    lambda r: max(r["rss_growth_kb"], 1) * 1024.0)},
+               y_format=lambda nbytes: format_size(int(nbytes))),
     ]
 
 
