@@ -1161,14 +1161,12 @@ static PyObject *
 Snapshots_forget(Snapshots *self, PyObject *Py_UNUSED(ignored))
 {
     Py_CLEAR(self->last);
-    Py_CLEAR(self->pin);
-    self->generation = -1;
-    self->capacity = 0;
     Py_RETURN_NONE;
 }
 
 static PyMethodDef Snapshots_methods[] = {
-    {"forget", (PyCFunction)Snapshots_forget, METH_NOARGS, "drop the cached snapshot"},
+    {"forget", (PyCFunction)Snapshots_forget, METH_NOARGS,
+     "drop the cached snapshot: the next call builds one as if the header had changed"},
     {NULL}
 };
 
@@ -1398,8 +1396,10 @@ typedef struct {
 static PyObject *
 Alloc_call(Alloc *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
+    /* (nbytes) or (nbytes, timeout): the fast path never waits, so it ignores the timeout */
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    if (nargs == 1 && kwnames == NULL && PyLong_CheckExact(args[0])) {
+    Py_ssize_t given = nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0);
+    if (nargs >= 1 && given <= 2 && PyLong_CheckExact(args[0])) {
         Py_ssize_t n = PyLong_AsSsize_t(args[0]);
         if (n > 0 && n <= self->max_small && ((n + 15) >> 4) < self->lookup_len) {
             Py_ssize_t c = self->lookup[(n + 15) >> 4];
@@ -1571,8 +1571,10 @@ free_mark_partial(Free *self, Py_ssize_t c, long long leaf)
 static PyObject *
 Free_call(Free *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
+    /* (ref) or (ref, timeout): the fast path never waits, so it ignores the timeout */
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    if (nargs != 1 || kwnames != NULL || !PyLong_CheckExact(args[0]))
+    Py_ssize_t given = nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0);
+    if (nargs < 1 || given > 2 || !PyLong_CheckExact(args[0]))
         goto slow;
     long long ref = PyLong_AsLongLong(args[0]);
     if (ref <= 0) {

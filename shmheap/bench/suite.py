@@ -66,6 +66,7 @@ BENCHES = (
     Bench("recovery", ("--rounds", "2")),
     Bench("faults", ("--tiny",)),
     Bench("scale", ("--tiny",)),
+    Bench("cores", ("--tiny",)),
 )
 BY_NAME = {bench.name: bench for bench in BENCHES}
 

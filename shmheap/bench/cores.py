@@ -1,0 +1,184 @@
+"""The cores benchmark (``shmheap bench cores``): the native core beside its pure-Python twin.
+
+Each hot path is measured in two fresh interpreters on the same machine in the
+same run, one with the native core (``shmheap._native``) and one with
+``SHMHEAP_PURE_PYTHON=1``, beside the peers the targets name:
+
+* a bare ``posix_ipc`` acquire + release (the floor of any lock round trip);
+* the heap lock's round trip with the owner record (``read_word``);
+* ``snapshot()`` when the header is unchanged (cached), and when it changed
+  (the native core measured with ``forget()`` before each call, so its figure
+  includes one more C call);
+* a 64-byte ``alloc`` + ``free`` pair, and ``multiprocessing.heap``'s
+  ``BufferWrapper(64)`` made and dropped;
+* ``shmheap stress`` operations per second (writers, churners and readers,
+  flat out), once per core.
+
+Targets, as ratios in this run: alloc+free >= 5x faster than the twin and
+>= 20x faster than BufferWrapper; snapshot (cached and changed) >= 3x faster
+than the twin, the changed one <= 100 ns; the lock round trip no slower than
+the bare posix_ipc pair; stress operations per second >= 3x the twin's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from ..core import PURE_VAR
+from .common import (
+    BenchError,
+    Target,
+    bench_main,
+    environment,
+    fmt_ns,
+    fmt_ratio,
+    print_table,
+    verdict,
+)
+
+CORES = ("native", "pure")
+FIGURES = ("bare_posix_ipc", "lock_round_trip", "snapshot_cached", "snapshot_changed",
+           "alloc_free_64", "buffer_wrapper_64")
+LABELS = {"bare_posix_ipc": "bare posix_ipc acquire + release",
+          "lock_round_trip": "heap lock round trip (owner record)",
+          "snapshot_cached": "snapshot(), header unchanged",
+          "snapshot_changed": "snapshot(), header changed",
+          "alloc_free_64": "alloc(64) + free",
+          "buffer_wrapper_64": "multiprocessing BufferWrapper(64)"}
+
+_CHILD = textwrap.dedent("""
+    import json, sys
+    from multiprocessing.heap import BufferWrapper
+    import posix_ipc
+    import shmheap
+    from shmheap import core
+    from shmheap.bench.common import bench_heap, measure
+    budget = float(sys.argv[1])
+    figures = {"native": core.NATIVE}
+    sem = posix_ipc.Semaphore(None, posix_ipc.O_CREX, initial_value=1)
+    try:
+        def bare():
+            sem.acquire(0)
+            sem.release()
+        figures["bare_posix_ipc"] = measure(bare, budget).p50_ns
+    finally:
+        sem.unlink()
+        sem.close()
+    with bench_heap("benchcores", arena_size=1 << 20, reserve=False) as heap:
+        heap.grow()
+        read_word, header = heap._lock.read_word, heap._header
+        figures["lock_round_trip"] = measure(lambda: read_word(header), budget).p50_ns
+        figures["snapshot_cached"] = measure(heap.snapshot, budget).p50_ns
+        if core.NATIVE:
+            forget, snapshot = heap.snapshot.forget, heap.snapshot
+            def changed():
+                forget()
+                return snapshot()
+        else:
+            snapshot_of = heap._index.snapshot_of
+            def changed():
+                return snapshot_of(read_word(header))
+        figures["snapshot_changed"] = measure(changed, budget).p50_ns
+        heap.free(heap.alloc(64))  # (the first call binds the native fast paths)
+        alloc, free = heap.alloc, heap.free
+        figures["alloc_free_64"] = measure(lambda: free(alloc(64)), budget).p50_ns
+    figures["buffer_wrapper_64"] = measure(lambda: BufferWrapper(64), budget).p50_ns
+    print(json.dumps(figures))
+    """)
+
+
+def run(quick: bool = False, *, tiny: bool = False,
+        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    say = log or (lambda message: None)
+    budget = 0.05 if tiny else 0.5 if quick else 2.0
+    stress_s = 1.5 if tiny else 4.0 if quick else 10.0
+    results: dict[str, Any] = {"environment": environment(), "cores": {}}
+    for name in CORES:
+        say(f"hot paths, {name} core")
+        figures = _child(name, [sys.executable, "-c", _CHILD, str(budget)])
+        if figures.pop("native") != (name == "native"):
+            raise BenchError(f"cores bench: the {name} core did not run (is shmheap._native "
+                             "built? `pip install .` builds it where a C compiler is)")
+        say(f"shmheap stress, {name} core")
+        figures["stress_ops_per_s"] = _stress(name, stress_s)
+        results["cores"][name] = figures
+    return results
+
+
+def _env(core: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHMHEAP_")}
+    if core == "pure":
+        env[PURE_VAR] = "1"
+    return env
+
+
+def _child(core: str, argv: list[str]) -> dict[str, Any]:
+    proc = subprocess.run(argv, env=_env(core), capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise BenchError(f"cores bench: the {core} child failed: {proc.stderr.strip()}")
+    figures: dict[str, Any] = json.loads(proc.stdout)
+    return figures
+
+
+def _stress(core: str, seconds: float) -> float:
+    """Operations per second of every role of a flat-out ``shmheap stress`` run."""
+    with tempfile.TemporaryDirectory(prefix="shmheap-bench-cores-") as tmp:
+        report = os.path.join(tmp, "stress.json")
+        proc = subprocess.run(
+            [sys.executable, "-m", "shmheap", "stress", "--flat-out", "--no-progress",
+             "--duration", str(seconds), "--json", report],
+            env=_env(core), capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            raise BenchError(f"cores bench: shmheap stress failed on the {core} core: "
+                             f"{proc.stdout[-500:]} {proc.stderr[-500:]}")
+        with open(report) as f:
+            data = json.load(f)
+    return float(sum(role["ops"] for role in data["roles"].values()) / data["duration_s"])
+
+
+def targets(results: dict[str, Any]) -> list[Target]:
+    native, pure = results["cores"]["native"], results["cores"]["pure"]
+
+    def faster(key: str) -> float:
+        return float(pure[key] / native[key])
+
+    return [
+        Target.of("alloc+free pair: twin / native", faster("alloc_free_64"), ">=", 5, fmt_ratio),
+        Target.of("alloc+free pair: BufferWrapper(64) / native",
+                  native["buffer_wrapper_64"] / native["alloc_free_64"], ">=", 20, fmt_ratio),
+        Target.of("snapshot, header unchanged: twin / native", faster("snapshot_cached"), ">=",
+                  3, fmt_ratio),
+        Target.of("snapshot, header changed: twin / native", faster("snapshot_changed"), ">=",
+                  3, fmt_ratio),
+        Target.of("snapshot, header changed, native", native["snapshot_changed"], "<=", 100,
+                  fmt_ns),
+        Target.of("lock round trip: native / bare posix_ipc",
+                  native["lock_round_trip"] / native["bare_posix_ipc"], "<=", 1, fmt_ratio),
+        Target.of("stress operations per second: native / twin",
+                  native["stress_ops_per_s"] / pure["stress_ops_per_s"], ">=", 3, fmt_ratio),
+    ]
+
+
+def report(results: dict[str, Any], out: TextIO | None = None) -> None:
+    native, pure = results["cores"]["native"], results["cores"]["pure"]
+    rows = [[LABELS[key], fmt_ns(native[key]), fmt_ns(pure[key]),
+             fmt_ratio(pure[key] / native[key])] for key in FIGURES]
+    rows.append(["shmheap stress, operations per second", f"{native['stress_ops_per_s']:,.0f}",
+                 f"{pure['stress_ops_per_s']:,.0f}",
+                 fmt_ratio(native["stress_ops_per_s"] / pure["stress_ops_per_s"])])
+    print_table("shmheap bench cores: p50 per call, in one run", ["figure", "native",
+                "pure-Python twin", "twin / native"], rows, out=out)
+    print_table("Targets", ["figure", "measured", "target", "met"],
+                [[t.name, t.shown, t.rule, verdict(t.ok)] for t in targets(results)], out=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bench_main(argv, "cores", __doc__ or "",
+                      "draw each hot path for both cores", sys.modules[__name__])
