@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeAlias
 
-from . import collect, stress, top, walker
+from . import collect, roots, stress, top, walker
 from .bench import suite
 from .errors import HeapCorruptError, InvalidParameterError, ShmHeapError
 from .heap import Heap, destroy
@@ -257,6 +257,7 @@ COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     walker.add_walk_command,
     suite.add_bench,
     top.add_top,
+    roots.add_roots_command,
 )
 
 

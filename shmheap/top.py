@@ -138,6 +138,7 @@ def render(sample: Sample, previous: Sample | None, interval: float) -> str:
         ("lock", lock_line(sample)),
         ("recoveries", recoveries_line(info)),
         ("attached", attached_line(sample.attachments)),
+        ("roots", f"{info.roots:,} bound"),
     ]
     if sample.stats is not None:
         rows.append(("objects", objects_line(sample.stats)))
