@@ -102,6 +102,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import mmap
+import operator
 import os
 import zlib
 from collections.abc import Callable, ItemsView, Iterator, MutableMapping, ValuesView
@@ -379,7 +380,8 @@ class RootTable:
             raise self.garbage() from None
 
     def garbage(self) -> HeapCorruptError:
-        return self.corrupt("holds a key that points outside its names")
+        return self.corrupt("holds a number out of bounds (a key that points outside its "
+                            "names, or a count larger than the table)")
 
     def lookup(self, data: bytes, h: int, locked: Locked[int]) -> int:
         """The ref bound to name ``data`` (crc32 ``h``), 0 if none: ``read`` made fast."""
@@ -425,6 +427,12 @@ class RootTable:
     def rebuild(self, extra: int) -> Region:
         """Copy the bound roots into the other region of the capacity they need with a name
         of ``extra`` bytes more, and publish it.  RootsFullError if none is large enough."""
+        try:
+            return self._rebuild(extra)
+        except _Garbage:
+            raise self.garbage() from None
+
+    def _rebuild(self, extra: int) -> Region:
         old = self.current()
         bound = old.bound()
         names = [old.name_at(key) for _slot, key, _value in bound]
@@ -456,6 +464,14 @@ class RootTable:
 
     def intent(self) -> dict[str, int]:
         return {field: int(self.head[_INTENT + offset]) for offset, field in enumerate(_FIELDS)}
+
+
+def _live(region: Region) -> int:
+    """The region's count of bound roots, bounds-checked (it sizes lists: ``list(roots)``)."""
+    live = int(region.head[_LIVE])
+    if live > region.cap // 2:
+        raise _Garbage
+    return live
 
 
 def _stamp() -> bytes:
@@ -566,7 +582,7 @@ class Roots(MutableMapping[str, int]):
         return self.snapshot().values()
 
     def __len__(self) -> int:
-        return int(self.table().read(lambda region: region.head[_LIVE], self._locked))
+        return self.table().read(_live, self._locked)
 
     def names_of(self, ref: int) -> list[str]:
         """The names bound to the object at ``ref``, sorted (a scan of the table)."""
@@ -598,17 +614,18 @@ class Roots(MutableMapping[str, int]):
         heap = self._heap
         heap._check_writable("unbinding a root")
         table = self.table()
-        if not heap._lock.run(lambda: _bind_locked(heap, table, data, 0),
+        if not heap._lock.run(lambda: _bind_locked(heap, table, data, None),
                               deadline_of(timeout), write=True):
             raise RootNotFoundError(f"no root named {name!r} in heap {heap.name!r} to unbind")
 
 
-def _bind_locked(heap: Heap, table: RootTable, data: bytes, ref: int) -> bool:
-    """Bind name ``data`` to ``ref`` (0: unbind it) as "Binding" in the module docstring
-    says (writable lock holder); False if there was nothing to unbind."""
+def _bind_locked(heap: Heap, table: RootTable, data: bytes, given: object) -> bool:
+    """Bind name ``data`` to the object at ``given`` (None: unbind it) as "Binding" in the
+    module docstring says (writable lock holder); False if there was nothing to unbind."""
     heap._check_identity()
     allocator = heap._objects()
-    new = allocator.live(ref, held=True) if ref else None
+    new = None if given is None else allocator.live(given, held=True)
+    ref = 0 if given is None else operator.index(given)  # type: ignore[arg-type]
     new_count = allocator.root_count(*new) if new else 0
     if new_count >= MAX_ROOTS_PER_OBJECT:
         raise InvalidParameterError(
