@@ -16,7 +16,11 @@ space (so of every process's mapping), zeroed as every new object is::
                             numpy's own dtype description
                             (``numpy.lib.format.dtype_to_descr``, as .npy
                             files store it), read back with
-                            ``ast.literal_eval`` and ``descr_to_dtype``
+                            ``ast.literal_eval`` and ``descr_to_dtype``.
+                            Fields out of order or overlapping, which that
+                            description cannot express, are described as
+                            the dict ``numpy.dtype`` takes (names, formats,
+                            offsets, itemsize, titles), formats in turn
 
 The header is written by the allocating process before ``new_array`` returns
 the ref, so nobody else can see it half-written; it is never changed after.
@@ -96,11 +100,9 @@ def _normalised(dt: Any, dims: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
 def new_array(heap: Heap, shape: object, dtype: object, timeout: float | None) -> int:
     """A zeroed typed array object in ``heap`` (see the module docstring); its ref."""
     numpy = numpy_module("Heap.new_array")
-    from numpy.lib.format import dtype_to_descr
-
     what = "new_array"
     dt, dims = _normalised(_dtype(numpy, dtype, what), _dims(shape, what))
-    text = repr({"descr": dtype_to_descr(dt), "shape": dims}).encode("ascii")
+    text = repr({"descr": _describe(dt), "shape": dims}).encode("ascii")
     if len(text) > MAX_TEXT:
         raise InvalidParameterError(f"{what}: dtype {dt} takes {len(text)} bytes to describe, "
                                     f"more than {MAX_TEXT}; use fewer fields")
@@ -114,6 +116,34 @@ def new_array(heap: Heap, shape: object, dtype: object, timeout: float | None) -
     crc = zlib.crc32(text, zlib.crc32(fields[8:32]))
     view[:HEADER.size] = HEADER.pack(MAGIC, ref, len(text), offset, nbytes, crc)
     return ref
+
+
+def _describe(dt: Any) -> object:
+    """numpy's description of ``dt`` (as in .npy files), or the dict form where it has none."""
+    from numpy.lib.format import dtype_to_descr
+
+    if dt.subdtype is not None:  # a field's subarray
+        base, dims = dt.subdtype
+        return (_describe(base), dims)
+    try:
+        return dtype_to_descr(dt)
+    except ValueError:  # fields out of order or overlapping
+        names = list(dt.names)
+        fields = [dt.fields[name] for name in names]
+        return {"names": names, "formats": [_describe(field[0]) for field in fields],
+                "offsets": [field[1] for field in fields], "itemsize": dt.itemsize,
+                "titles": [field[2] if len(field) > 2 else None for field in fields]}
+
+
+def _dtype_of(numpy: Any, descr: Any) -> Any:
+    """The dtype ``_describe`` described."""
+    from numpy.lib.format import descr_to_dtype
+
+    if isinstance(descr, dict):
+        return numpy.dtype({**descr, "formats": [_dtype_of(numpy, f) for f in descr["formats"]]})
+    if isinstance(descr, tuple):
+        return numpy.dtype((_dtype_of(numpy, descr[0]), descr[1]))
+    return descr_to_dtype(descr)
 
 
 def typed(view: memoryview, ref: int) -> tuple[str, int, int] | None:
@@ -134,11 +164,9 @@ def typed(view: memoryview, ref: int) -> tuple[str, int, int] | None:
 
 def _described(numpy: Any, text: str, nbytes: int, ref: int) -> tuple[Any, tuple[int, ...]]:
     """The dtype and shape a header's description gives; HeapCorruptError if impossible."""
-    from numpy.lib.format import descr_to_dtype
-
     try:
         found = ast.literal_eval(text)
-        dt = descr_to_dtype(found["descr"])
+        dt = _dtype_of(numpy, found["descr"])
         dims = _dims(found["shape"], "header")
     except Exception as exc:  # literal_eval, descr_to_dtype: anything malformed text can raise
         raise HeapCorruptError(f"the typed array at {ref:#x} has an unreadable description "

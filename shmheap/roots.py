@@ -102,7 +102,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import mmap
-import operator
 import os
 import zlib
 from collections.abc import Callable, ItemsView, Iterator, MutableMapping, ValuesView
@@ -625,7 +624,7 @@ def _bind_locked(heap: Heap, table: RootTable, data: bytes, given: object) -> bo
     heap._check_identity()
     allocator = heap._objects()
     new = None if given is None else allocator.live(given, held=True)
-    ref = 0 if given is None else operator.index(given)  # type: ignore[arg-type]
+    ref = new[0].base + allocator.object_bytes(*new)[0] if new else 0  # an int, as located
     new_count = allocator.root_count(*new) if new else 0
     if new_count >= MAX_ROOTS_PER_OBJECT:
         raise InvalidParameterError(
