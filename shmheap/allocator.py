@@ -86,6 +86,7 @@ pages.py; walking, marking, sweeping and scavenging in walker.py.
 
 from __future__ import annotations
 
+import functools
 import operator
 import time
 from collections.abc import Callable
@@ -167,8 +168,10 @@ def _class_sizes(max_small: int) -> list[int]:
     return [s for s in sizes if s <= max_small]
 
 
+@functools.cache
 def size_classes(page_size: int, pages_per_arena: int) -> tuple[SizeClass, ...]:
-    """The size classes of a heap; entry 0 stands for large objects.
+    """The size classes of a heap; entry 0 stands for large objects (computed once per process
+    for each page size and arena).
 
     Each class gets the shortest span (1..8 pages, at most half an arena) that
     holds ``MIN_SPAN_OBJECTS`` slots (or as many as the longest span can) and

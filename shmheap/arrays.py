@@ -39,6 +39,7 @@ it touches the heap only through ``heap.alloc`` and the views it is given.
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import struct
 import zlib
@@ -162,19 +163,30 @@ def typed(view: memoryview, ref: int) -> tuple[str, int, int] | None:
     return text.decode("ascii", "replace"), offset, nbytes
 
 
-def _described(numpy: Any, text: str, nbytes: int, ref: int) -> tuple[Any, tuple[int, ...]]:
+def _described(text: str, nbytes: int, ref: int) -> tuple[Any, tuple[int, ...]]:
     """The dtype and shape a header's description gives; HeapCorruptError if impossible."""
+    found = _parsed(text)
+    if found is None:
+        raise HeapCorruptError(f"the typed array at {ref:#x} has an unreadable description; "
+                               "the object was overwritten")
+    dt, dims = found
+    if math.prod(dims) * dt.itemsize != nbytes:
+        raise HeapCorruptError(f"the typed array at {ref:#x} describes {dt} x {dims}, which "
+                               f"is not its {nbytes} bytes of data")
+    return dt, dims
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed(text: str) -> tuple[Any, tuple[int, ...]] | None:
+    """(dtype, shape) of a description, None if it is not one (cached: dtypes are immutable)."""
+    numpy = numpy_module("Heap.ndarray")
     try:
         found = ast.literal_eval(text)
         dt = _dtype_of(numpy, found["descr"])
         dims = _dims(found["shape"], "header")
-    except Exception as exc:  # literal_eval, descr_to_dtype: anything malformed text can raise
-        raise HeapCorruptError(f"the typed array at {ref:#x} has an unreadable description "
-                               f"({type(exc).__name__}); the object was overwritten") from None
-    if dt.hasobject or math.prod(dims) * dt.itemsize != nbytes:
-        raise HeapCorruptError(f"the typed array at {ref:#x} describes {dt} x {dims}, which "
-                               f"is not its {nbytes} bytes of data")
-    return dt, dims
+    except Exception:  # literal_eval, descr_to_dtype: anything malformed text can raise
+        return None
+    return None if dt.hasobject else (dt, dims)
 
 
 def ndarray(view: memoryview, ref: int, dtype: object, shape: object) -> Any:
@@ -188,7 +200,7 @@ def ndarray(view: memoryview, ref: int, dtype: object, shape: object) -> Any:
                 "new_array); pass the dtype (and shape) to view it as")
         return as_ndarray(view, dtype, shape)
     text, offset, nbytes = header
-    dt, dims = _described(numpy, text, nbytes, ref)
+    dt, dims = _described(text, nbytes, ref)
     what = f"ndarray({ref:#x})"
     if dtype is not None:
         given, _ = _normalised(_dtype(numpy, dtype, what), ())

@@ -252,7 +252,7 @@ class Region:
     def value_of(self, data: bytes, h: int) -> int:
         """The value in name ``data``'s slot, 0 if it has none."""
         i = self.find(data, h)
-        return self.slots[(i << 1) + 1] if i >= 0 else 0
+        return self.slots[(i << 1) | 1] if i >= 0 else 0
 
     def name_at(self, key: int) -> bytes:
         """The name a key points to; _Garbage if out of bounds."""
@@ -395,7 +395,8 @@ class RootTable:
             if seq & 1:
                 continue
             try:
-                value = region.value_of(data, h)
+                i = region.find(data, h)
+                value = region.slots[(i << 1) | 1] if i >= 0 else 0
             except _Garbage:
                 if region.head[_SEQ] == seq:
                     raise self.garbage() from None
