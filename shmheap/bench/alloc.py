@@ -395,29 +395,35 @@ def scavenge_figures(plan: Plan) -> dict[str, Any]:
 
 
 def roots_figures(plan: Plan) -> dict[str, Any]:
-    """Lookup and bind+unbind latency at FEW_ROOTS and ``plan.roots`` roots, and the peer's."""
-    rows: dict[str, Any] = {}
-    with bench_heap("broots", arena_size=64 * MIB, reserve=False) as heap:
-        objects = [heap.alloc(16) for _ in range(ROOT_OBJECTS)]
-        bound = 0
-        for count in (FEW_ROOTS, plan.roots):
-            for i in range(bound, count):
+    """Lookup and bind+unbind latency at FEW_ROOTS and ``plan.roots`` roots, and the peer's.
+
+    Two heaps hold the two tables, and the sizes are timed interleaved, so that a change
+    of the machine's load does not pass for a difference between them.
+    """
+    counts = (FEW_ROOTS, plan.roots)
+    with bench_heap("broots", arena_size=64 * MIB, reserve=False) as few, \
+            bench_heap("broots", arena_size=64 * MIB, reserve=False) as many:
+        fns: dict[str, Callable[[], object]] = {}
+        for count, heap in zip(counts, (few, many), strict=True):
+            objects = [heap.alloc(16) for _ in range(ROOT_OBJECTS)]
+            for i in range(count):
                 heap.roots[f"root-{i}"] = objects[i % ROOT_OBJECTS]
-            bound = count
-            rows[str(count)] = {"lookup": measure(lookup_of(heap.roots, count), plan.pair_s,
-                                                  min_batches=5).as_dict(),
-                                "bind_unbind": measure(bind_unbind(heap.roots, objects[0]),
-                                                       plan.pair_s).as_dict()}
-        rows["segment_bytes"] = os.stat(f"/dev/shm/shmheap.{heap.name}.roots").st_blocks * 512
+            fns[f"lookup_{count}"] = lookup_of(heap.roots, count)
+            fns[f"bind_unbind_{count}"] = bind_unbind(heap.roots, objects[0])
+        measured = measure_interleaved(fns, plan.pair_s * len(fns), rounds=3)
+        segment_bytes = os.stat(f"/dev/shm/shmheap.{many.name}.roots").st_blocks * 512
     with multiprocessing.Manager() as manager:
-        table = manager.dict()
-        for count in (FEW_ROOTS, plan.roots):
-            table.update({f"root-{i}": i for i in range(count)})
-            rows[str(count)]["manager_lookup"] = measure(lookup_of(table, count),
-                                                         plan.pair_s).as_dict()
-    few, many = rows[str(FEW_ROOTS)], rows[str(plan.roots)]
-    return {"few": FEW_ROOTS, "many": plan.roots, "rows": rows,
-            "ratio": many["lookup"]["p50_ns"] / few["lookup"]["p50_ns"]}
+        tables = [manager.dict({f"root-{i}": i for i in range(count)}) for count in counts]
+        peers = measure_interleaved(
+            {f"manager_lookup_{count}": lookup_of(table, count)
+             for count, table in zip(counts, tables, strict=True)}, plan.pair_s, rounds=3)
+    measured.update(peers)
+    rows = {str(count): {figure: measured[f"{figure}_{count}"].as_dict()
+                         for figure in ("lookup", "bind_unbind", "manager_lookup")}
+            for count in counts}
+    return {"few": FEW_ROOTS, "many": plan.roots, "rows": rows, "segment_bytes": segment_bytes,
+            "ratio": rows[str(plan.roots)]["lookup"]["p50_ns"]
+            / rows[str(FEW_ROOTS)]["lookup"]["p50_ns"]}
 
 
 def lookup_of(table: Roots | Any, count: int) -> Callable[[], object]:
@@ -691,7 +697,7 @@ def report_roots(results: dict[str, Any], checks: dict[str, Any], out: TextIO | 
                      fmt_ns(row["manager_lookup"]["p50_ns"])])
     name = (f"root lookup p50, {roots['many']:,} roots / {roots['few']} roots")
     rows.append(["ratio", fmt_ratio(roots["ratio"]), "", checked(checks, name), ""])
-    print_table(f"6. Roots (the table takes {format_size(roots['rows']['segment_bytes'])} "
+    print_table(f"6. Roots (the table takes {format_size(roots['segment_bytes'])} "
                 f"of /dev/shm at {roots['many']:,})",
                 ["roots", "lookup p50", "lookup p99", "bind+unbind p50",
                  "Manager().dict() lookup p50"], rows, out)
