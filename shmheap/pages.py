@@ -18,7 +18,9 @@ arena, so a new arena needs no initialisation)::
     16     112  (reserved, zero)
     128      P  used     lock holder: 1 for every page of an in-use span
     .        P  state    lock holder: what a free page holds (CLEAN, DIRTY,
-                         RELEASED, RELEASING below); meaningless on used pages
+                         RELEASED, RELEASING below); on a used page, meaningless but
+                         at a large object's first page: above RELEASING, it counts
+                         the roots bound to the object (roots.py)
     .        P  sclass   lock holder: for every page of an in-use span, 0 for a
                          large object or the size class of its slots; 0 on free
                          pages (so ``find`` on it finds the spans of a class)

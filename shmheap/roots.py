@@ -49,6 +49,14 @@ The table (``shmheap.NAME.roots``)
     in one aligned store.  Tombstones and dead names go when the table is
     rebuilt; the table never shrinks.
 
+    Why two regions of each capacity rather than the index's generations, each
+    used once: binds and unbinds of ever new names fill a table with
+    tombstones, so it must be rebuilt at the same capacity again and again; one
+    region per rebuild would grow without bound.  A region is never freed,
+    truncated or unmapped, so a reader holding an old one reads memory that is
+    there; the rebuild that overwrites it makes its ``seq`` odd first, so the
+    reader sees that and starts again.
+
 Lookups take no lock
     Read ``table``; read the region's ``seq`` (odd: start again); probe from
     ``crc32(name) & (cap - 1)`` to the name's key or an empty slot; read the
@@ -82,7 +90,14 @@ Binding (``roots[name] = ref``, ``del roots[name]``): the writable heap-lock hol
        journal is cleared.
 
     An object counts its roots so that ``free`` can refuse a bound object
-    by the byte it reads anyway, and sweep keeps it (walker.py).  Stopped
+    by the byte it reads anyway, and sweep keeps it (walker.py).  The count
+    lives in the alloc byte rather than the mark byte: ``mark()`` and
+    ``start_cycle`` store mark bytes with no lock and no care for what they
+    held, while no lock-free writer ever stores into an alloc byte above 1
+    (allocator.py), and ``free``'s fast path reads the alloc byte already
+    (a C twin of it mirrors the rule: 1 frees, 0 is a double free, more is
+    BoundObjectError).  A large object counts in its first page's ``state``
+    byte, which means nothing else on a used page (pages.py).  Stopped
     anywhere (SIGKILL, an exception at any bytecode), the journal says
     ``ROOTS`` and the next writable lock holder runs ``finish``: if the slot
     holds what the intent says it holds when the change is done, the counters
