@@ -209,7 +209,7 @@ def test_binding_during_a_cycle_keeps_the_object_through_its_sweep(heap: shmheap
 
 
 def test_thousands_of_roots_across_table_rebuilds_in_every_process(heap: shmheap.Heap) -> None:
-    """3,000 roots: the table is rebuilt into larger regions 5 times; all are found."""
+    """3,000 roots: the table is rebuilt into larger regions three times; all are found."""
     refs = [heap.alloc(16) for _ in range(300)]
     expected = {f"root-{i}": refs[i % 300] for i in range(3000)}
     for name, ref in expected.items():
