@@ -12,6 +12,7 @@ from .errors import (
     AddressSpaceExhaustedError,
     ArenaCollisionError,
     ArenaNotFoundError,
+    BoundObjectError,
     DescriptorLimitError,
     DoubleFreeError,
     HeapClosedError,
@@ -27,11 +28,14 @@ from .errors import (
     MappingLimitError,
     OutOfSharedMemoryError,
     ReadOnlyError,
+    RootNotFoundError,
+    RootsFullError,
     ShmHeapError,
 )
 from .heap import Heap, HeapInfo, destroy
 from .index import ArenaSnapshot
 from .repair import Finding
+from .roots import Roots
 
 __version__ = "0.1.0"
 
@@ -42,6 +46,7 @@ __all__ = [
     "ArenaCollisionError",
     "ArenaNotFoundError",
     "ArenaSnapshot",
+    "BoundObjectError",
     "DescriptorLimitError",
     "DoubleFreeError",
     "Finding",
@@ -60,6 +65,9 @@ __all__ = [
     "MappingLimitError",
     "OutOfSharedMemoryError",
     "ReadOnlyError",
+    "RootNotFoundError",
+    "Roots",
+    "RootsFullError",
     "ShmHeapError",
     "destroy",
 ]

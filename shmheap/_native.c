@@ -368,8 +368,17 @@ lock_in_outer_block(Lock *self)
 {
     if (self->outer == NULL)
         return 0;
+#if PY_VERSION_HEX >= 0x030D0000
+    PyObject *block;
+    int alive = PyWeakref_GetRef(self->outer, &block);
+    if (alive < 0)
+        PyErr_Clear();
+    Py_XDECREF(block);
+    return alive == 1;
+#else
     PyObject *block = PyWeakref_GetObject(self->outer);
     return block != NULL && block != Py_None;
+#endif
 }
 
 static PyObject *
@@ -1382,6 +1391,34 @@ static PyTypeObject CacheType = {
     .tp_getset = Cache_getset,
 };
 
+/* The timeout argument of a fast path (positional after the first, or the keyword): 1 if
+ * absent, None or a finite number >= 0; else 0, and the slow path says what is wrong. */
+static int
+timeout_ok(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *timeout = nargs > 1 ? args[1] : NULL;
+    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) == 1) {
+        if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "timeout") != 0)
+            return 0;
+        timeout = args[nargs];
+    }
+    if (timeout == NULL || timeout == Py_None)
+        return 1;
+    if (PyFloat_CheckExact(timeout)) {
+        double t = PyFloat_AS_DOUBLE(timeout);
+        return t >= 0 && t <= 1e300;
+    }
+    if (PyLong_CheckExact(timeout)) {
+        double t = PyLong_AsDouble(timeout);
+        if (t == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return 0;
+        }
+        return t >= 0;
+    }
+    return 0;
+}
+
 /* -- Alloc: Allocator.alloc's fast path -------------------------------------------------- */
 
 typedef struct {
@@ -1399,7 +1436,8 @@ Alloc_call(Alloc *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
     /* (nbytes) or (nbytes, timeout): the fast path never waits, so it ignores the timeout */
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     Py_ssize_t given = nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0);
-    if (nargs >= 1 && given <= 2 && PyLong_CheckExact(args[0])) {
+    if (nargs >= 1 && given <= 2 && PyLong_CheckExact(args[0])
+            && timeout_ok(args, nargs, kwnames)) {
         Py_ssize_t n = PyLong_AsSsize_t(args[0]);
         if (n > 0 && n <= self->max_small && ((n + 15) >> 4) < self->lookup_len) {
             Py_ssize_t c = self->lookup[(n + 15) >> 4];
@@ -1574,7 +1612,8 @@ Free_call(Free *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
     /* (ref) or (ref, timeout): the fast path never waits, so it ignores the timeout */
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     Py_ssize_t given = nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0);
-    if (nargs < 1 || given > 2 || !PyLong_CheckExact(args[0]))
+    if (nargs < 1 || given > 2 || !PyLong_CheckExact(args[0])
+            || !timeout_ok(args, nargs, kwnames))
         goto slow;
     long long ref = PyLong_AsLongLong(args[0]);
     if (ref <= 0) {

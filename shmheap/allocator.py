@@ -15,15 +15,19 @@ byte arrays, then the slots::
 
     [alloc: nelems bytes][mark: nelems bytes][pad to 16][slot 0][slot 1]...
 
-``alloc[k]`` is 1 while slot k holds an object, ``mark[k]`` is 1 when it is
-marked (walker.py).  These are bytes, not Go's ``allocBits`` bitmaps,
+``alloc[k]`` is 0 while slot k is free and ``1 + r`` while it holds an object
+that ``r`` roots are bound to (roots.py), ``mark[k]`` is 1 when it is marked
+(walker.py).  These are bytes, not Go's ``allocBits`` bitmaps,
 because Python has no atomic read-modify-write on shared memory: two
 processes doing ``b |= bit`` on one byte lose updates.  With a byte per slot
 every store is a whole byte, and the writers never conflict:
 
 * ``alloc[k]`` 0 -> 1 only by the span's owner (below), and only while it is 0;
   1 -> 0 only by whoever frees the object (one holder of a live ref, or the
-  sweeper of an unmarked one): nobody else may touch a slot in that state.
+  sweeper of an unmarked one): nobody else may touch a slot in that state;
+  1 <-> 2 and up only by the heap-lock holder binding or unbinding a root
+  (``set_root_count``).  No lock-free writer stores into a byte above 1, so
+  ``free`` refuses a bound object by the byte it already reads.
 * ``mark[k]`` is written 1 by the owner before it sets ``alloc[k]`` (born
   marked), 1 by ``mark()``, 0 by ``start_cycle`` (walker.py); all idempotent.
 
@@ -56,7 +60,9 @@ Per-process caches (Go's mcache, mimalloc's thread-local pages)
 ``free`` of a small object, from any process, clears ``alloc[k]`` with one
 store and, if the span has no owner, marks its arena in the class's partial
 tree (byte stores of 1, no lock); ``free`` of a large object frees its pages
-under the lock.
+under the lock.  An object that roots are bound to is not freed (BoundObjectError):
+``alloc[k]`` above 1, or for a large object its first page's ``state`` byte
+above RELEASING (pages.py: that byte means nothing else on a used page).
 
 Dead owners (mimalloc's abandoned segments)
     A span whose owner token is no longer alive (the process died or closed
@@ -80,6 +86,7 @@ pages.py; walking, marking, sweeping and scavenging in walker.py.
 
 from __future__ import annotations
 
+import functools
 import operator
 import time
 from collections.abc import Callable
@@ -89,6 +96,7 @@ from . import core, crash
 from .control import DISOWN, PAGES
 from .errors import (
     AddressSpaceExhaustedError,
+    BoundObjectError,
     DoubleFreeError,
     HeapCorruptError,
     InvalidParameterError,
@@ -96,7 +104,7 @@ from .errors import (
 )
 from .index import ArenaSnapshot
 from .lock import deadline_of
-from .pages import ArenaPages, layout, longest_free_run, positions
+from .pages import DIRTY, RELEASING, ArenaPages, layout, longest_free_run, positions
 from .summary import CAP
 
 if TYPE_CHECKING:
@@ -115,6 +123,11 @@ ADOPT_FRACTION = 8
 RECLAIM_EVERY = 64
 #: How often an allocation grows the heap and retries before giving up.
 GROW_ATTEMPTS = 100
+#: Most roots one object may be bound to: a small object counts them in its alloc
+#: byte (1 + roots), a large one in its first page's state byte (RELEASING + roots).
+MAX_ROOTS_PER_OBJECT = 0xFF - RELEASING
+#: bytes an alloc array may hold without a bound object: 0 (free) and 1
+_UNBOUND = b"\0\1"
 ALIGN = 16
 _T = TypeVar("_T")
 
@@ -155,8 +168,10 @@ def _class_sizes(max_small: int) -> list[int]:
     return [s for s in sizes if s <= max_small]
 
 
+@functools.cache
 def size_classes(page_size: int, pages_per_arena: int) -> tuple[SizeClass, ...]:
-    """The size classes of a heap; entry 0 stands for large objects.
+    """The size classes of a heap; entry 0 stands for large objects (computed once per process
+    for each page size and arena).
 
     Each class gets the shortest span (1..8 pages, at most half an arena) that
     holds ``MIN_SPAN_OBJECTS`` slots (or as many as the longest span can) and
@@ -490,19 +505,20 @@ class Allocator:
 
     # -- finding an object -------------------------------------------------------------
 
-    def locate(self, ref: object,
-               deadline: float | None = None) -> tuple[ArenaPages, int, int, int]:
+    def locate(self, ref: object, deadline: float | None = None,
+               held: bool = False) -> tuple[ArenaPages, int, int, int]:
         """(arena pages, span's first page, size class, slot) of the object at ``ref``.
 
         Checks everything but whether the slot is allocated: the alloc byte of
         a small object is at ``data[(start << page_shift) + slot]``.  The span
         records are read with no lock between two equal reads of the arena's
         sequence word (pages.py); if a holder keeps changing them (or died
-        doing so), under the heap lock.
+        doing so), under the heap lock.  A caller that ``held`` the lock
+        already reads them directly (the lock is not reentrant).
         """
         if type(ref) is not int:
             return self.locate(_as_int(ref, InvalidRefError(
-                f"{ref!r} is not a heap address (a positive int from alloc())")), deadline)
+                f"{ref!r} is not a heap address (a positive int from alloc())")), deadline, held)
         if ref <= 0:
             raise InvalidRefError(f"{ref!r} is not a heap address (a positive int from alloc())")
         index = ref >> self.arena_shift
@@ -514,7 +530,7 @@ class Allocator:
                                       f"{self.heap.name!r}")
             pages = self.pages_of(index)
         page = offset >> self.page_shift
-        record = pages.steady(pages.page_record, page)
+        record = pages.page_record(page) if held else pages.steady(pages.page_record, page)
         if record is None:
             record = self._lock.run(lambda: pages.page_record(page), deadline)
         used, start, c, npages = record
@@ -551,11 +567,11 @@ class Allocator:
         return InvalidRefError(f"address {ref:#x} is not the start of an object of heap "
                                f"{self.heap.name!r} (inside one, or in a span header)")
 
-    def live(self, ref: object,
-             deadline: float | None = None) -> tuple[ArenaPages, int, int, int]:
+    def live(self, ref: object, deadline: float | None = None,
+             held: bool = False) -> tuple[ArenaPages, int, int, int]:
         """``locate``, and InvalidRefError unless the object is allocated now."""
-        pages, start, c, slot = self.locate(ref, deadline)
-        if c and pages.data[(start << self.page_shift) + slot] != 1:
+        pages, start, c, slot = self.locate(ref, deadline, held)
+        if c and not pages.data[(start << self.page_shift) + slot]:
             raise InvalidRefError(f"address {ref:#x} names a freed object")
         return pages, start, c, slot
 
@@ -579,6 +595,8 @@ class Allocator:
         at = (start << self.page_shift) + slot
         data = pages.data
         if data[at] != 1:
+            if data[at]:
+                raise self._bound_error(ref)
             raise DoubleFreeError(f"address {ref:#x} names an object that was already freed")
         data[at] = 0
         if not pages.owner[start]:
@@ -586,17 +604,30 @@ class Allocator:
 
     def _free_large(self, pages: ArenaPages, start: int, ref: int,
                     deadline: float | None) -> None:
-        def locked() -> None:
+        def locked() -> bool:
             self.heap._check_identity()
             if not (pages.used[start] and pages.span[start] == start + 1
                     and pages.in_use(start) and pages.sclass[start] == 0):
                 raise DoubleFreeError(f"address {ref:#x} names an object that was already "
                                       "freed (by another process, just now)")
+            if pages.state[start] > RELEASING:
+                return False
             self._journal.begin(PAGES, pages.index)
             pages.release(start)
             self._journal.end()
+            return True
 
-        self._lock.run(locked, deadline, write=True)
+        if not self._lock.run(locked, deadline, write=True):
+            raise self._bound_error(ref)
+
+    def _bound_error(self, ref: int) -> BoundObjectError:
+        """The error of ``free(ref)`` for a bound object, naming its roots (looked up now)."""
+        names = self.heap.roots.names_of(ref)
+        shown = ", ".join(repr(name) for name in names[:3]) + (", ..." if len(names) > 3 else "")
+        first = repr(names[0]) if names else "NAME"
+        return BoundObjectError(
+            f"free({ref:#x}): the object is bound to root {shown or '(being bound right now)'} "
+            f"of heap {self.heap.name!r}; unbind it first (del heap.roots[{first}])")
 
     def view(self, ref: int, timeout: float | None = None) -> memoryview:
         """The object's bytes (read-only when the heap is attached readonly)."""
@@ -608,6 +639,41 @@ class Allocator:
         """The object's size: its size class, or its pages for a large object."""
         pages, start, c, slot = self.live(ref, None if timeout is None else deadline_of(timeout))
         return self.object_bytes(pages, start, c, slot)[1]
+
+    # -- roots bound to an object (roots.py; lock holder) --------------------------------
+
+    def root_count(self, pages: ArenaPages, start: int, c: int, slot: int) -> int:
+        """How many roots are bound to a located object (-1 if a small one is free)."""
+        if c:
+            return pages.data[(start << self.page_shift) + slot] - 1
+        state = pages.state[start]
+        return state - RELEASING if state > RELEASING else 0
+
+    def set_root_count(self, pages: ArenaPages, start: int, c: int, slot: int,
+                       count: int) -> None:
+        """Record ``count`` roots bound to a located, allocated object; mark it (lock holder).
+
+        The object is marked for the current cycle (its mark byte, its span's
+        pageMarks bit) whatever the count: an object bound now is live, one
+        unbound now was live until now, and a span holding a bound object
+        must keep its pageMarks bit (a sweep frees unmarked unowned spans whole).
+        """
+        if c:
+            a0 = start << self.page_shift
+            pages.data[a0 + self.classes[c].nelems + slot] = 1
+            pages.data[a0 + slot] = 1 + count
+        else:
+            pages.state[start] = RELEASING + count if count else DIRTY
+        pages.set_mark(start)
+
+    def holds_roots(self, pages: ArenaPages, start: int, c: int) -> bool:
+        """True if the span at ``start`` (of class ``c``) holds an object roots are bound to."""
+        if not c:
+            return pages.state[start] > RELEASING
+        if c >= len(self.classes):
+            return False
+        a0 = start << self.page_shift
+        return bool(bytes(pages.data[a0:a0 + self.classes[c].nelems]).translate(None, _UNBOUND))
 
     # -- ownership (lock holder) ---------------------------------------------------------
 
@@ -630,8 +696,9 @@ class Allocator:
             self._journal.end()
             return True
         marks = bytes(pages.data[a0 + cls.nelems:a0 + 2 * cls.nelems])
-        if int.from_bytes(alloc, "little") & int.from_bytes(marks, "little"):
-            pages.set_mark(start)
+        if (int.from_bytes(alloc, "little") & int.from_bytes(marks, "little")
+                or alloc.translate(None, _UNBOUND)):
+            pages.set_mark(start)  # a marked object, or one that roots are bound to
         pages.owner[start] = 0
         crash.reach("cache.released")
         if 0 in alloc:
@@ -685,7 +752,8 @@ class Allocator:
                 if pages.owner[start] or not 0 < c < len(self.classes):
                     continue
                 a0 = start << self.page_shift
-                if 1 not in bytes(pages.data[a0:a0 + self.classes[c].nelems]):
+                nelems = self.classes[c].nelems
+                if bytes(pages.data[a0:a0 + nelems]).count(0) == nelems:
                     self._journal.begin(PAGES, index)
                     pages.release(start)
                     self._journal.end()
@@ -786,29 +854,3 @@ def check_summary_trees(allocator: Allocator, arenas: set[int], note: Note) -> N
             for i in stray:
                 tree.set(i, 0)
             tree.rebuild()
-
-
-def as_ndarray(view: memoryview, dtype: Any, shape: int | tuple[int, ...] | None) -> Any:
-    """A numpy array over ``view`` with no copy: all of it, or the first ``shape`` items."""
-    try:
-        import numpy
-    except ImportError:
-        raise ModuleNotFoundError("Heap.ndarray needs numpy; install it with "
-                                  "`pip install 'shmheap[numpy]'`") from None
-    try:
-        itemsize = numpy.dtype(dtype).itemsize
-    except TypeError as exc:
-        raise InvalidParameterError(f"ndarray: {dtype!r} is not a numpy dtype ({exc})") from None
-    if shape is None:
-        return numpy.frombuffer(view, dtype, len(view) // itemsize)
-    dims = (shape,) if isinstance(shape, int) else tuple(shape)
-    count = 1
-    for dim in dims:
-        if not isinstance(dim, int) or dim < 0:
-            raise InvalidParameterError(f"ndarray: shape {shape!r} must hold ints >= 0")
-        count *= dim
-    if count * itemsize > len(view):
-        raise InvalidParameterError(
-            f"ndarray: shape {shape!r} of {dtype!r} needs {count * itemsize} bytes, the object "
-            f"has {len(view)}")
-    return numpy.frombuffer(view, dtype, count).reshape(dims)

@@ -35,7 +35,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeAlias, TypeVar
 
-from . import __version__, collect, stress, top, walker
+from . import __version__, collect, roots, stress, top, walker
 from .bench import suite
 from .errors import HeapCorruptError, InvalidParameterError, ShmHeapError
 from .heap import Heap, destroy
@@ -380,6 +380,7 @@ COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     walker.add_walk_command,
     suite.add_bench,
     top.add_top,
+    roots.add_roots_command,
 )
 
 

@@ -46,7 +46,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import arenas, control, liveness, segments
+from . import arenas, control, liveness, roots, segments
 from .errors import HeapCorruptError, HeapNotFoundError, HeapRemovalError, ShmHeapError
 from .heap import destroy
 from .names import (
@@ -56,6 +56,7 @@ from .names import (
     index_name,
     live_name,
     map_name,
+    roots_name,
     semaphore_file,
 )
 
@@ -204,7 +205,8 @@ def _judge(name: str) -> HeapStatus:
 def _missing_part(name: str, max_arenas: int, generation: int) -> str:
     """The first object a ready heap needs that is absent or too short, else ""."""
     needs = ((live_name(name), liveness.SIZE), (map_name(name), arenas.map_bytes(max_arenas)),
-             (index_name(name, generation), 1), (semaphore_file(name), 1))
+             (index_name(name, generation), 1), (semaphore_file(name), 1),
+             (roots_name(name), roots.MIN_SIZE))
     for entry, least in needs:
         if (segments.size_of(entry) or 0) < least:
             return entry

@@ -45,6 +45,8 @@ The journal
     ``PAGES`` (arena i)    changing arena i's page metadata (pages.py)
     ``DISOWN`` (arena i,   giving up the cached span at page ``arg`` of arena i
     start page)            (allocator.py)
+    ``ROOTS`` (none)       binding, rebinding or unbinding a root; what and how
+                           far is in the roots segment's intent record (roots.py)
 
 A heap attached ``readonly=True`` maps this segment read-only.  Nothing a
 reader must write lives here (see liveness.py).
@@ -66,7 +68,7 @@ from .names import MAX_ARENAS_LIMIT, PAGE_SIZE, check_arena_size, check_max_aren
 from .pages import DEFAULT_PAGE_SIZE, check_page_size
 
 MAGIC = b"shmheap\0"
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 SIZE = PAGE_SIZE
 
 UNINIT, INITIALISING, READY, BROKEN = 0, 1, 2, 3
@@ -91,7 +93,9 @@ CYCLE_ARENAS_OFFSET = 112
 JOURNAL_OFFSET = 120
 JOURNAL_ARG_OFFSET = 128
 #: journal ops (see the module docstring)
-GROW, PAGES, DISOWN = 1, 2, 3
+GROW, PAGES, DISOWN, ROOTS = 1, 2, 3, 4
+#: the ops whose arena field names an arena (ROOTS names none)
+ARENA_OPS = frozenset({GROW, PAGES, DISOWN})
 #: Generations are numbered 0..MAX_GENERATIONS-1; cap doubles with each.
 MAX_GENERATIONS = 32
 

@@ -55,6 +55,14 @@ CRASH_POINTS: dict[str, str] = {
     "sweep.claimed": "a sweeper moved the sweep cursor past its chunk, lock still held",
     "cycle.started": "cycle number, cycle arenas and sweep cursor written, lock still held",
     "summary.leaf_set": "an arena's leaf in a summary tree stored, the nodes above not yet",
+    "roots.rehashed": "the roots copied into a rebuilt table region, the table word not yet "
+                      "switched to it",
+    "roots.counted": "the newly bound object counts one root more, the table not yet changed",
+    "roots.entry_written": "a new root's name and value written, its key not yet published",
+    "roots.published": "a root's key or new value published, the counters and the object it "
+                       "was bound to before not yet updated",
+    "roots.removed": "an unbound root's value cleared, the counters and its object's root "
+                     "count not yet updated",
 }
 
 ENV_VAR = "SHMHEAP_CRASH_AT"

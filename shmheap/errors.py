@@ -97,3 +97,17 @@ class InvalidRefError(ShmHeapError, ValueError):
 
 class DoubleFreeError(InvalidRefError):
     """``free`` of an object that is already free."""
+
+
+class RootNotFoundError(ShmHeapError, KeyError):
+    """``heap.roots[name]`` (or its deletion) for a name that no root is bound under."""
+
+    __str__ = Exception.__str__
+
+
+class BoundObjectError(ShmHeapError):
+    """``free`` of an object that a root is bound to: unbind it first."""
+
+
+class RootsFullError(ShmHeapError, MemoryError):
+    """The roots table of a heap cannot take another root (or one more name's bytes)."""

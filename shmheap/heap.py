@@ -11,6 +11,8 @@ protocol lives in its own module:
 * arenas.py    -- arena segments and the arena map
 * repair.py    -- checks and repairs (fsck), run after a dead holder
 * allocator.py, walker.py -- objects inside arenas; walking, mark/sweep, scavenging
+* roots.py     -- ``heap.roots``: objects found by name
+* arrays.py    -- typed arrays: ``new_array`` and ``ndarray``
 
 Creation is crash-safe: the creator makes the control segment exclusively
 (the one creator wins), holds an OFD lock on its first byte while it is
@@ -47,8 +49,8 @@ from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
-from . import arenas, control, core, crash, liveness, segments, walker
-from .allocator import Allocator, as_ndarray, size_classes
+from . import arenas, arrays, control, core, crash, liveness, segments, walker
+from .allocator import Allocator, size_classes
 from .errors import (
     AddressSpaceExhaustedError,
     ArenaCollisionError,
@@ -85,6 +87,7 @@ from .names import (
 )
 from .pages import DEFAULT_PAGE_SIZE, ArenaPages, check_page_size, layout
 from .repair import Finding, repair_journal, run_checks
+from .roots import Roots, RootTable
 from .summary import Summaries
 
 _T = TypeVar("_T")
@@ -115,6 +118,8 @@ class HeapInfo:
     last_recovery_ns: int
     repairs: int
     created_ns: int
+    #: roots bound (``len(heap.roots)``)
+    roots: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,6 +162,7 @@ class Heap:
         self._header = control_seg.buf[control.HEADER_OFFSET:control.HEADER_OFFSET + 8].cast("Q")
         self._live: Liveness | None = None
         self._summaries: Summaries | None = None
+        self._roots: RootTable | None = None
         self.pages_per_arena = layout(params.arena_size, params.page_size).pages
         #: the arenas this process has mapped (bounded: arenas.ArenaCache)
         self._pages = arenas.ArenaCache(self._open_pages, segments.mapping_budget())
@@ -178,6 +184,8 @@ class Heap:
             self._map = arenas.ArenaMap(name, params.max_arenas, readonly)
             part = "summary segment"
             self._summaries = Summaries(name, params.max_arenas, self._class_count(), readonly)
+            part = "roots segment"
+            self._roots = RootTable(name, readonly)
         except HeapNotFoundError:
             self._release_resources()
             raise HeapCorruptError(
@@ -186,6 +194,9 @@ class Heap:
         except BaseException:
             self._release_resources()
             raise
+        assert self._roots is not None
+        #: objects found by name (roots.py)
+        self.roots = Roots(self, self._roots)
         # The slot is ours alone now: a new arena its previous holder left unlinked is dead.
         # (Something foreign under that name is grow()'s error, not attach's.)
         with contextlib.suppress(ShmHeapError):
@@ -280,6 +291,7 @@ class Heap:
             arenas.create_map(name, max_arenas, mode)
             Summaries.create(name, max_arenas, len(size_classes(
                 page_size, layout(arena_size, page_size).pages)), mode)
+            RootTable.create(name, mode)
             words[control.HEADER_OFFSET // 8] = control.make_header(0, 0)
             words[control.HINT_OFFSET // 8] = 1
             words.release()
@@ -354,6 +366,10 @@ class Heap:
         self._release_resources()
 
     def _release_resources(self) -> None:
+        if hasattr(self, "roots"):
+            self.roots.forget()
+        if self._roots is not None:
+            self._roots.close()
         self._pages.close()
         if self._summaries is not None:
             self._summaries.close()
@@ -613,6 +629,7 @@ class Heap:
             deadline_of(timeout))
         assert self._live is not None
         recoveries, last_ns, repairs = self._live.counters()
+        roots = len(self.roots)
         return HeapInfo(
             name=self.name, arenas=length, index_len=length,
             index_cap=self._index.capacity(generation), index_generations=generation + 1,
@@ -622,7 +639,8 @@ class Heap:
             hint=hint,
             readonly=self.readonly, attached=len(self._live.attachments()),
             lock_owner_pid=self._live.owner_pid(), recoveries=recoveries,
-            last_recovery_ns=last_ns, repairs=repairs, created_ns=self.params.created_ns)
+            last_recovery_ns=last_ns, repairs=repairs, created_ns=self.params.created_ns,
+            roots=roots)
 
     # -- objects (allocator.py) and heap walking (walker.py) ----------------------------
 
@@ -664,10 +682,24 @@ class Heap:
         """Bytes of the object at ``ref``: ``alloc(n)`` rounded up to its size class or pages."""
         return self._objects().size_of(ref, timeout)
 
-    def ndarray(self, ref: int, dtype: Any, shape: int | tuple[int, ...] | None = None,
+    def new_array(self, shape: int | tuple[int, ...], dtype: Any = "float64",
+                  timeout: float | None = None) -> int:
+        """A new zeroed array object that records its ``shape`` and ``dtype`` (numpy extra).
+
+        Any numpy dtype without Python objects, structured ones included;
+        ``ndarray(ref)`` returns it in any process.  Returns its heap address.
+        """
+        return arrays.new_array(self, shape, dtype, timeout)
+
+    def ndarray(self, ref: int, dtype: Any = None, shape: int | tuple[int, ...] | None = None,
                 timeout: float | None = None) -> Any:
-        """A zero-copy numpy array over the object at ``ref`` (needs the numpy extra)."""
-        return as_ndarray(self.view(ref, timeout), dtype, shape)
+        """A zero-copy numpy array over the object at ``ref`` (needs the numpy extra).
+
+        An object made by ``new_array`` comes with its own shape and dtype
+        (passing others is InvalidParameterError); any other object needs
+        ``dtype`` (and is all of it, or its first ``shape`` items).
+        """
+        return arrays.ndarray(self.view(ref, timeout), ref, dtype, shape)
 
     def walk(self, timeout: float | None = None) -> Iterator[walker.SpanInfo]:
         """Every in-use span and its live objects, read with no lock (see walker.py)."""

@@ -8,6 +8,7 @@ else:
 ``shmheap.NAME.live``          liveness segment (owner record, process slots)
 ``shmheap.NAME.map``           arena map (one bit per arena index, sparse)
 ``shmheap.NAME.sum``           summaries over arena indices (summary.py, sparse)
+``shmheap.NAME.roots``         the roots table: objects found by name (roots.py, sparse)
 ``shmheap.NAME.i<gen>``        index backing array of generation ``gen``
 ``shmheap.NAME.a<hex index>``  arena ``index``
 ``shmheap.NAME.new<hex slot>``  a new arena being built by the process in
@@ -108,6 +109,10 @@ def map_name(name: str) -> str:
 
 def summary_name(name: str) -> str:
     return f"{PREFIX}{name}.sum"
+
+
+def roots_name(name: str) -> str:
+    return f"{PREFIX}{name}.roots"
 
 
 def index_name(name: str, generation: int) -> str:

@@ -18,7 +18,9 @@ arena, so a new arena needs no initialisation)::
     16     112  (reserved, zero)
     128      P  used     lock holder: 1 for every page of an in-use span
     .        P  state    lock holder: what a free page holds (CLEAN, DIRTY,
-                         RELEASED, RELEASING below); meaningless on used pages
+                         RELEASED, RELEASING below); on a used page, meaningless but
+                         at a large object's first page: above RELEASING, it counts
+                         the roots bound to the object (roots.py)
     .        P  sclass   lock holder: for every page of an in-use span, 0 for a
                          large object or the size class of its slots; 0 on free
                          pages (so ``find`` on it finds the spans of a class)
@@ -606,8 +608,13 @@ class Problem(NamedTuple):
 
 def _runs_where(states: bytes, wanted: tuple[int, ...]) -> list[tuple[int, int]]:
     """(start, length) runs of ``states`` whose bytes are in ``wanted``."""
-    flags = bytes(1 if s in wanted else 0 for s in states)
-    return list(runs(flags, 1))
+    return list(runs(states.translate(_flags(wanted)), 1))
+
+
+@functools.cache
+def _flags(wanted: tuple[int, ...]) -> bytes:
+    """A ``bytes.translate`` table: 1 for the byte values in ``wanted``, 0 for the others."""
+    return bytes(1 if value in wanted else 0 for value in range(256))
 
 
 def _u32_run(value: int, count: int) -> memoryview:

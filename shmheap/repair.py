@@ -17,6 +17,8 @@ journal op      what may be left, and what repair does
 ``PAGES(i)``    arena i's page metadata half changed: used pages no span
                 holds, an odd span sequence word -> ``pages.audit`` fixes
 ``DISOWN(i,p)`` the span at page p half given up -> audit, then disowned
+``ROOTS``       a root half bound or unbound -> finished or undone from the
+                roots segment's intent record (roots.py)
 anything else  the journal itself is garbage -> a full check with repair
 ==============  ===========================================================
 
@@ -30,7 +32,8 @@ lock and could not write.  ``fsck --repair`` runs the same function.
 bounds, every generation's size and contents, every entry being a real arena
 of this heap with the right size and trailer, no duplicates, the arena map
 agreeing with the index, the hint's range, the page metadata of every arena,
-and the semaphore's count.  On the way it recycles the slots of processes
+the roots table and the root counts of objects (roots.py), and the
+semaphore's count.  On the way it recycles the slots of processes
 that exited without closing and (with repair) returns the spans they cached:
 both are ordinary garbage, never a finding.
 
@@ -56,9 +59,9 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import arenas, control, segments
-from .allocator import audit_arena, check_allocator
-from .control import DISOWN, GROW, MAX_GENERATIONS, PAGES
+from . import arenas, control, roots, segments
+from .allocator import Note, audit_arena, check_allocator
+from .control import ARENA_OPS, DISOWN, GROW, MAX_GENERATIONS, PAGES, ROOTS
 from .errors import HeapCorruptError, ShmHeapError
 from .index import BROKEN_GENERATION, ENTRY_SIZE
 from .lock import HeapLock
@@ -69,6 +72,7 @@ from .names import (
     live_name,
     map_name,
     owns,
+    roots_name,
     summary_name,
 )
 
@@ -134,6 +138,7 @@ class _Checker:
         self.check_foreign_objects(generation, in_index)
         self.check_hint()
         check_allocator(self.heap, self.heap._objects(), self.repair, self.full, self.note)
+        roots.check(self.heap, self.heap._objects(), self.repair, self.full, self.note)
         return self.findings
 
     def check_semaphore(self) -> None:
@@ -242,7 +247,7 @@ class _Checker:
     def check_foreign_objects(self, generation: int, in_index: set[int]) -> None:
         """Objects under the heap's name that no published state refers to."""
         known = {control_name(self.name), live_name(self.name), map_name(self.name),
-                 summary_name(self.name)}
+                 summary_name(self.name), roots_name(self.name)}
         known.update(index_name(self.name, g) for g in range(generation + 1))
         pattern = re.compile(
             rf"shmheap\.{re.escape(self.name)}\.(a([0-9a-f]+)|i(\d+)|new([0-9a-f]+))")
@@ -332,6 +337,8 @@ def _describe(entry: tuple[int, int, int]) -> str:
         return f"a change to the page metadata of arena {arena}"
     if op == DISOWN:
         return f"giving up the cached span at page {arg} of arena {arena}"
+    if op == ROOTS:
+        return "binding or unbinding a root"
     return f"an unknown mutation (journal op {op}, arena {arena})"
 
 
@@ -348,7 +355,7 @@ def repair_journal(heap: Heap) -> list[Finding]:
         return []
     op, arena, arg = entry
     fix = _JOURNAL_FIXES.get(op)
-    if fix is None or not 1 <= arena < heap.max_arenas:
+    if fix is None or (op in ARENA_OPS and not 1 <= arena < heap.max_arenas):
         heap._journal.end()  # it names nothing real: check everything instead
         findings = _Checker(heap, repair=True, full=True).run()
     else:
@@ -391,13 +398,19 @@ def _finish_grow(heap: Heap, index: int, _arg: int) -> list[Finding]:
     return findings
 
 
-def _audit_pages(heap: Heap, index: int, _arg: int) -> list[Finding]:
+def _fixing() -> tuple[list[Finding], Note]:
+    """A list of findings and the ``note`` of a repair that fixes what it can, into it."""
     findings: list[Finding] = []
 
-    def note(code: str, message: str, fixable: bool = True, harmless: bool = False) -> bool:
+    def note(code: str, message: str, fixable: bool = True) -> bool:
         findings.append(Finding(code, message, fixed=fixable, fatal=not fixable))
         return fixable
 
+    return findings, note
+
+
+def _audit_pages(heap: Heap, index: int, _arg: int) -> list[Finding]:
+    findings, note = _fixing()
     audit_arena(heap._objects(), index, note)
     return findings
 
@@ -413,7 +426,14 @@ def _finish_disown(heap: Heap, index: int, start: int) -> list[Finding]:
     return findings
 
 
-_JOURNAL_FIXES = {GROW: _finish_grow, PAGES: _audit_pages, DISOWN: _finish_disown}
+def _finish_roots(heap: Heap, _arena: int, _arg: int) -> list[Finding]:
+    findings, note = _fixing()
+    roots.finish(heap, note)
+    return findings
+
+
+_JOURNAL_FIXES = {GROW: _finish_grow, PAGES: _audit_pages, DISOWN: _finish_disown,
+                  ROOTS: _finish_roots}
 
 
 def _remove_own(name: str) -> bool:

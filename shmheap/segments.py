@@ -306,15 +306,49 @@ def create(
         raise
 
 
+def map_range(seg: Segment, offset: int, length: int) -> mmap.mmap:
+    """Map ``length`` bytes at ``offset`` (a multiple of the page size) of ``seg``'s file.
+
+    Through the descriptor ``seg`` keeps (opened with ``keep_fd=True``), so it is
+    the very file ``seg`` mapped, whatever its name holds now.  A file grown
+    shorter than the range is HeapCorruptError.
+    """
+    assert seg.fd is not None, "map_range() needs a segment opened with keep_fd=True"
+    prot = mmap.PROT_READ if seg.readonly else mmap.PROT_READ | mmap.PROT_WRITE
+    try:
+        return mmap.mmap(seg.fd, length, mmap.MAP_SHARED, prot, offset=offset, **_MMAP_EXTRA)
+    except ValueError:
+        raise HeapCorruptError(f"{path_of(seg.name)} is shorter than {offset + length} "
+                               "bytes: it was truncated") from None
+    except OSError as exc:
+        raise _translate(exc, seg.name, mapping=True) from None
+
+
+def extend(seg: Segment, size: int) -> None:
+    """Make ``seg``'s file (opened with its fd) at least ``size`` bytes long; sparse, never shorter.
+
+    Its mapping keeps its own length: use ``map_range`` for the new bytes.
+    """
+    assert seg.fd is not None, "extend() needs a segment opened with keep_fd=True"
+    try:
+        if os.fstat(seg.fd).st_size < size:
+            os.ftruncate(seg.fd, size)
+    except OSError as exc:
+        raise _translate(exc, seg.name) from None
+
+
 def reserve(seg: Segment, offset: int, length: int) -> None:
     """Allocate the memory of ``length`` bytes at ``offset`` of ``seg`` (opened with its fd).
 
+    Never past the end of the file (which ``seg`` may map only part of).
     OutOfSharedMemoryError if /dev/shm has no room: better now than SIGBUS at
     the first store into a page with no memory.
     """
     assert seg.fd is not None, "reserve() needs a segment opened with keep_fd=True"
     try:
-        os.posix_fallocate(seg.fd, offset, min(length, seg.size - offset))
+        size = os.fstat(seg.fd).st_size
+        if offset < size and length > 0:
+            os.posix_fallocate(seg.fd, offset, min(length, size - offset))
     except OSError as exc:
         raise _translate(exc, seg.name) from None
 

@@ -175,6 +175,7 @@ def state_rows(sample: Sample, attachments: list[Attachment]) -> list[tuple[str,
         ("lock", lock_line(sample)),
         ("recoveries", recoveries_line(info)),
         ("attached", attached_line(attachments)),
+        ("roots", f"{info.roots:,} bound"),
     ]
     if sample.stats is not None:
         rows.append(("objects", objects_line(sample.stats)))

@@ -28,7 +28,10 @@ Mark and sweep (Go's mark bits and fast free-page reclaim)
     clear every arena's pageMarks and every small span's mark bytes (Go's
     ``gcResetMarkState``), one arena per brief lock hold: Go clears with no
     lock because no span is freed in that phase, while here any process may
-    free and remake a span at any time.  ``mark(ref)`` stores 1 into the
+    free and remake a span at any time.  A span holding an object that roots
+    are bound to (roots.py: its alloc byte above 1, or a large object's state
+    byte above RELEASING) gets its pageMarks bit back in the same hold: bound
+    objects are the roots of every cycle.  ``mark(ref)`` stores 1 into the
     object's mark byte and, if its span's pageMarks bit is not yet set, sets
     it under the lock (a bit is a read-modify-write, see pages.py).
     Objects allocated after ``start_cycle()`` returns are born marked (the
@@ -43,7 +46,8 @@ Mark and sweep (Go's mark bits and fast free-page reclaim)
     * in every other small span, frees each object whose alloc byte is 1
       and mark byte 0 (alloc read before mark, so an object the owner is
       allocating right now is seen marked), with one store per object, and
-      frees the span itself if it is unowned and left empty.
+      frees the span itself if it is unowned and left empty.  An alloc byte
+      above 1 is a bound object: never freed.
 
     Spans cached by dead processes are reclaimed (allocator.py) before the
     first chunk, so they are swept like any unowned span.
@@ -79,6 +83,7 @@ from . import crash
 from .control import CYCLE_ARENAS_OFFSET, CYCLE_OFFSET, PAGES, SWEEP_CURSOR_OFFSET
 from .index import ArenaSnapshot
 from .pages import RELEASED, RELEASING, ArenaPages, bits_set, positions, runs
+from .summary import nonzero_positions
 
 if TYPE_CHECKING:
     from .allocator import Allocator
@@ -227,7 +232,7 @@ def arena_spans(allocator: Allocator, pages: ArenaPages,
         a0 = start << shift
         first = address + cls.objects_at
         objects = tuple(first + k * cls.size
-                        for k in positions(bytes(pages.data[a0:a0 + cls.nelems]), 1))
+                        for k in nonzero_positions(bytes(pages.data[a0:a0 + cls.nelems])))
         yield SpanInfo(pages.index, address, npages, c, cls.size, cls.nelems, objects,
                        bool(owner), pages.marked(start))
 
@@ -299,11 +304,15 @@ def start_cycle(heap: Heap, deadline: float | None = None) -> int:
         pages.marks[:] = bytes(len(pages.marks))
         for start in pages.starts():
             found = pages.span_of(start)
-            c = found[1] if found is not None else 0
+            if found is None:
+                continue
+            c = found[1]
             if 0 < c < len(allocator.classes):
                 nelems = allocator.classes[c].nelems
                 m0 = (start << pages.page_shift) + nelems
                 pages.data[m0:m0 + nelems] = bytes(nelems)
+            if allocator.holds_roots(pages, start, c):
+                pages.set_mark(start)
 
     cycle, snap = lock.run(begin, deadline, write=True)
     for index in snap:
@@ -414,8 +423,9 @@ def _sweep_objects(pages: ArenaPages, start: int, nelems: int) -> tuple[int, int
     a0 = start << pages.page_shift
     alloc = bytes(data[a0:a0 + nelems])  # before the marks: see the module docstring
     marks = bytes(data[a0 + nelems:a0 + 2 * nelems])
+    # bytewise alloc & ~mark is 1 only for alloc 1, mark 0 (a bound object's byte is >= 2)
     garbage = int.from_bytes(alloc, "little") & ~int.from_bytes(marks, "little")
-    live = alloc.count(1)
+    live = nelems - alloc.count(0)
     if not garbage:
         return 0, live
     doomed = positions(garbage.to_bytes(nelems, "little"), 1)
@@ -431,7 +441,8 @@ def _free_spans(allocator: Allocator, pages: ArenaPages, whole: list[int],
     journal = allocator._journal
     journal.begin(PAGES, pages.index)
     for start in whole:
-        if pages.in_use(start) and not pages.owner[start] and not pages.marked(start):
+        if (pages.in_use(start) and not pages.owner[start] and not pages.marked(start)
+                and not allocator.holds_roots(pages, start, pages.sclass[start])):
             npages += pages.release(start)
             spans += 1
     for start in empty:
@@ -440,7 +451,8 @@ def _free_spans(allocator: Allocator, pages: ArenaPages, whole: list[int],
                 and 0 < c < len(allocator.classes)):
             continue
         a0 = start << pages.page_shift
-        if bytes(pages.data[a0:a0 + allocator.classes[c].nelems]).count(1) == 0:
+        nelems = allocator.classes[c].nelems
+        if bytes(pages.data[a0:a0 + nelems]).count(0) == nelems:
             npages += pages.release(start)
             spans += 1
     journal.end()

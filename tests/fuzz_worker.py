@@ -1,8 +1,9 @@
 """Seeded fuzz of a heap's shared metadata, run as ``python fuzz_worker.py SEED ROUNDS``.
 
-Each round makes a small heap with arenas, objects and marks, overwrites a
+Each round makes a small heap with arenas, objects, marks and roots, overwrites a
 few bytes of one metadata region (control words, index entries, the arena
-map, liveness, an arena trailer, page metadata, span headers) and then calls every public
+map, liveness, an arena trailer, page metadata, span headers, the roots
+table) and then calls every public
 call, through the damaged handle, a fresh attach, a read-only attach and the
 CLI.  Each call must work or raise a ShmHeapError.  Any other exception
 prints the seed, round and region and exits 1; a signal (SIGBUS) or a hang
@@ -23,7 +24,7 @@ import traceback
 from collections.abc import Callable
 
 import shmheap
-from shmheap import cli, pages
+from shmheap import cli, pages, roots
 from shmheap.arenas import TRAILER_SIZE
 from shmheap.pytest_plugin import unique_heap_name
 
@@ -48,6 +49,9 @@ def region_of(rng: random.Random, heap: shmheap.Heap) -> tuple[str, str, int, in
         ("liveness header", ".live", 0, 48), ("liveness slots", ".live", 64, 64 + 32 * 4),
         ("arena trailer", arena, ARENA, ARENA + 32),
         ("span headers", arena, 0, 2 * PAGE),
+        ("roots header", ".roots", 0, 160),
+        ("roots table", ".roots", roots.region_offset(0), roots.region_offset(0) + 64 + 16 * 256),
+        ("roots names", ".roots", roots.region_offset(0) + 64 + 16 * 256, roots.MIN_SIZE),
     ]
     choices += [(f"page metadata {field}", arena, meta + lo, meta + hi)
                 for field, (lo, hi) in fields.items()]
@@ -78,6 +82,8 @@ def populate(rng: random.Random, heap: shmheap.Heap) -> list[int]:
     for ref in refs[::3]:
         heap.free(ref)
     live = [r for i, r in enumerate(refs) if i % 3]
+    for number, ref in enumerate(live[:4] + live[-2:]):
+        heap.roots[f"root{number}"] = ref
     heap.start_cycle()
     for ref in live[::2]:
         heap.mark(ref)
@@ -93,6 +99,8 @@ def calls(heap: shmheap.Heap, refs: list[int]) -> list[tuple[str, Callable[[], o
         ("arena", lambda: [heap.arena(i) for i in range(4) if i in heap]),
         ("info", lambda: heap.info(timeout=2)), ("stats", heap.stats),
         ("walk", lambda: list(heap.walk())), ("check", lambda: heap.check(timeout=2)),
+        ("roots", lambda: (dict(heap.roots), len(heap.roots), heap.roots.get("root1"))),
+        ("ndarray", lambda: [heap.ndarray(ref) for ref in refs[:3]]),
     ]
     for ref in refs[:6]:
         got += [("view", functools.partial(heap.view, ref)),
@@ -100,6 +108,9 @@ def calls(heap: shmheap.Heap, refs: list[int]) -> list[tuple[str, Callable[[], o
     if heap.readonly:
         return got
     got += [("alloc", lambda: [heap.alloc(n) for n in (16, 100, 3000, 5 * PAGE)])]
+    got += [("bind", lambda: heap.roots.bind("new", heap.alloc(16), timeout=2)),
+            ("unbind", lambda: heap.roots.unbind("root2", timeout=2)),
+            ("new_array", lambda: heap.ndarray(heap.new_array((4, 3), "f4")))]
     got += [("free", functools.partial(heap.free, ref)) for ref in refs[:6]]
     got += [("mark", lambda: [*map(heap.mark, refs[6:10])]), ("sweep", heap.sweep),
             ("scavenge", heap.scavenge), ("start_cycle", heap.start_cycle),
@@ -118,6 +129,7 @@ def cli_calls(name: str) -> list[tuple[str, Callable[[], object]]]:
         return call
     return [(f"cli {' '.join(argv)}", run(*argv)) for argv in (
         ("info", name), ("arenas", name), ("walk", name), ("fsck", name), ("ls",),
+        ("roots", name),
         ("fsck", "--repair", name))]
 
 

@@ -451,13 +451,26 @@ def test_alloc_benchmark_tiny_run_reports_its_figures(tmp_path: Any,
     from shmheap.bench.alloc import main
 
     path = tmp_path / "alloc.json"
+    segments_before = set(os.listdir("/dev/shm"))
     assert main(["--tiny", "--json", str(path)]) == 0
     results = json.loads(path.read_text())
-    assert {t["name"] for t in results["targets"]} >= {"alloc+free pair, 64 bytes, p50"}
+    assert {t["name"] for t in results["targets"]} >= {"alloc+free pair, 64 bytes, p50",
+                                                       "root lookup p50, 2,000 roots / 10 roots"}
     assert results["pairs"]["latency"]["shmheap_64"]["p50_ns"] > 0
     assert results["scan"]["all_marked"]["gb_per_ms"] > 0
     assert results["scavenge"]["released_bytes"] > 0
-    assert "Targets:" in capsys.readouterr().out
+    roots = results["roots"]
+    for count in ("10", "2000"):
+        for figure in ("lookup", "bind_unbind", "manager_lookup"):
+            assert roots["rows"][count][figure]["p50_ns"] > 0, (count, figure)
+    handover = results["handover"]
+    assert set(handover["median_s"]) == {"shmheap_attach", "shmheap_attached", "shared_memory"}
+    assert all(seconds > 0 for seconds in handover["median_s"].values())
+    assert handover["consumers"] == 4 and handover["bytes"] == 8 << 20
+    left = {e for e in set(os.listdir("/dev/shm")) - segments_before if e.startswith("psm_")}
+    assert not left, f"the hand-over left shared_memory segments: {left}"
+    out = capsys.readouterr().out
+    assert "Targets:" in out and "6. Roots" in out and "7. Hand-over" in out
 
 
 def test_forked_child_forgets_the_parents_span_caches(heap: shmheap.Heap) -> None:

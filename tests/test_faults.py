@@ -44,6 +44,17 @@ h.free(h.alloc(50000))
 b = [h.alloc(3000) for _ in range(per)]
 """
 
+#: Root steps that pass every roots crash point: bind a new name, rebind it to a large
+#: object, unbind it, then bind names past the first table's half (a rebuild).
+ROOT_STEPS = """
+small, large = h.alloc(100), h.alloc(50000)
+h.roots["x"] = small
+h.roots["x"] = large
+del h.roots["x"]
+for i in range(140):
+    h.roots[f"n{i}"] = small
+"""
+
 #: crash point prefix or name -> (parent setup, child operation, K: the passage to raise at)
 OPERATIONS: dict[str, tuple[str, str, int]] = {
     "lock": ("", "h.grow()", 2),                     # attach itself passes once
@@ -61,6 +72,7 @@ OPERATIONS: dict[str, tuple[str, str, int]] = {
     "scavenge": ("", "h.free(h.alloc(50000)); h.scavenge()", 1),
     "cycle.started": ("", "h.start_cycle()", 1),
     "sweep.claimed": ("", "h.free(h.alloc(100)); h.start_cycle(); h.sweep()", 1),
+    "roots": ("", ROOT_STEPS, 1),
 }
 
 

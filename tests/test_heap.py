@@ -47,7 +47,7 @@ def test_create_makes_an_empty_heap(shm_heap_factory: HeapFactory) -> None:
     assert list(heap.arenas()) == []
     base = names.control_name(heap.name)
     assert shm_leftovers(heap.name) == sorted(
-        [base, f"{base}.live", f"{base}.map", f"{base}.sum", f"{base}.i0",
+        [base, f"{base}.live", f"{base}.map", f"{base}.sum", f"{base}.roots", f"{base}.i0",
          names.semaphore_file(heap.name)])
 
 
@@ -63,7 +63,7 @@ def test_mode_is_applied_to_every_segment(shm_heap_factory: HeapFactory) -> None
     for _ in range(FIRST_CAP + 1):  # one index doubling: generation 1 too
         heap.grow()
     entries = [e for e in shm_leftovers(heap.name) if not e.startswith("sem.")]
-    assert {f".i{g}" for g in (0, 1)} | {".a1", ".live", ".map"} <= {
+    assert {f".i{g}" for g in (0, 1)} | {".a1", ".live", ".map", ".sum", ".roots"} <= {
         e[e.rfind("."):] for e in entries}
     assert {e: file_mode(e) for e in entries} == {e: 0o660 for e in entries}
 

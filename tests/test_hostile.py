@@ -11,10 +11,12 @@ memory limit (fuzz_worker.py), where a signal or a huge allocation fails too.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 from children import run_child
@@ -22,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import shmheap
-from shmheap import control, liveness, walker
+from shmheap import control, liveness, roots, walker
 from shmheap import pages as pages_module
 from shmheap.pytest_plugin import HeapFactory
 
@@ -59,7 +61,7 @@ def exercise(name: str) -> None:
     try:
         for call in (lambda: list(heap.snapshot(timeout=2)), lambda: heap.info(timeout=2),
                      lambda: heap.check(timeout=2), lambda: heap.grow(timeout=2),
-                     lambda: list(heap.arenas(timeout=2))):
+                     lambda: list(heap.arenas(timeout=2)), lambda: dict(heap.roots)):
             with contextlib.suppress(shmheap.ShmHeapError):
                 call()
     finally:
@@ -121,7 +123,7 @@ def test_index_generation_of_the_wrong_size(shm_heap_factory: HeapFactory, size:
         other.close()
 
 
-@pytest.mark.parametrize("suffix", [".live", ".map", ".i0"])
+@pytest.mark.parametrize("suffix", [".live", ".map", ".i0", ".roots"])
 def test_missing_or_truncated_segments(shm_heap_factory: HeapFactory, suffix: str) -> None:
     name = closed_heap(shm_heap_factory)
     os.truncate(path(name, suffix), 1)
@@ -137,6 +139,66 @@ def test_random_bytes_in_the_liveness_segment(shm_heap_factory: HeapFactory, dat
     name = closed_heap(shm_heap_factory)
     write_at(name, ".live", at, data)
     exercise(name)
+
+
+ROOT_NAMES = ["w", "weights", "é" * 20, "x" * 255]
+
+
+def rooted_heap(factory: HeapFactory) -> str:
+    """A closed heap with roots bound to a small and a large object, and one unbound."""
+    heap = factory(reserve=False)
+    small, large = heap.alloc(100), heap.alloc(20000)
+    for number, name in enumerate(ROOT_NAMES):
+        heap.roots[name] = (small, large)[number % 2]
+    del heap.roots["w"]
+    heap.close()
+    return heap.name
+
+
+def exercise_roots(name: str) -> None:
+    """Every roots call on a heap whose roots table may be damaged: works or ShmHeapError."""
+    try:
+        heap = shmheap.Heap.attach(name, timeout=0.5)
+    except shmheap.ShmHeapError:
+        return
+    def bind_many() -> None:
+        for i in range(150):  # past a rebuild
+            heap.roots.bind(f"n{i}", heap.alloc(16), timeout=2)
+
+    try:
+        calls: list[Callable[[], object]] = [
+            functools.partial(heap.roots.get, n) for n in ROOT_NAMES]
+        calls += [lambda: dict(heap.roots), lambda: len(heap.roots), lambda: list(heap.roots),
+                  lambda: heap.info(timeout=2), lambda: heap.check(timeout=2),
+                  lambda: heap.roots.bind("new", heap.alloc(16), timeout=2),
+                  lambda: heap.roots.unbind("weights", timeout=2),
+                  lambda: heap.check(repair=True, timeout=2), bind_many,
+                  lambda: dict(heap.roots), lambda: heap.check(timeout=2)]
+        for call in calls:
+            with contextlib.suppress(shmheap.ShmHeapError):
+                call()
+    finally:
+        heap.close()
+
+
+@FUZZ
+@given(data=st.binary(min_size=1, max_size=64),
+       at=st.one_of(st.integers(0, 256),
+                    st.integers(roots.region_offset(0), roots.MIN_SIZE - 1)))
+def test_random_bytes_in_the_roots_table(shm_heap_factory: HeapFactory, data: bytes,
+                                         at: int) -> None:
+    name = rooted_heap(shm_heap_factory)
+    write_at(name, ".roots", at, data)
+    exercise_roots(name)
+
+
+@pytest.mark.parametrize("size", [0, 100, 4096, roots.MIN_SIZE - 1, roots.MAX_SIZE + 4096])
+def test_a_roots_segment_of_the_wrong_size_is_heap_corrupt(shm_heap_factory: HeapFactory,
+                                                           size: int) -> None:
+    name = rooted_heap(shm_heap_factory)
+    os.truncate(path(name, ".roots"), size)
+    with pytest.raises(shmheap.HeapCorruptError, match="roots segment"):
+        shmheap.Heap.attach(name)
 
 
 def test_arena_with_a_wrong_trailer(shm_heap_factory: HeapFactory) -> None:

@@ -267,7 +267,7 @@ def test_a_directory_under_an_arena_name_does_not_stop_destroy(
             shmheap.destroy(name)
         assert caught.value.remaining == [planted]
         assert "is a directory" in str(caught.value) and shm(planted) in str(caught.value)
-        assert len(caught.value.removed) == 7
+        assert len(caught.value.removed) == 8
         assert shm_leftovers(name) == [planted]
         result = subprocess.run(["shmheap", "gc", name], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
@@ -465,7 +465,7 @@ def test_a_readonly_handle_cannot_destroy_the_heap(shm_heap: shmheap.Heap) -> No
           pytest.raises(shmheap.ReadOnlyError, match=r"shmheap\.destroy")):
         reader.destroy()
     assert shm_heap.snapshot() == []
-    assert len(shm_leftovers(shm_heap.name)) == 6
+    assert len(shm_leftovers(shm_heap.name)) == 7
 
 
 def test_a_missing_arena_is_a_typed_key_error(shm_heap: shmheap.Heap) -> None:

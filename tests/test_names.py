@@ -40,6 +40,7 @@ def test_object_names() -> None:
     assert names.control_name("h") == "shmheap.h"
     assert names.live_name("h") == "shmheap.h.live"
     assert names.map_name("h") == "shmheap.h.map"
+    assert names.roots_name("h") == "shmheap.h.roots"
     assert names.index_name("h", 3) == "shmheap.h.i3"
     assert names.semaphore_name("h") == "/shmheap.h.lock"
     assert names.semaphore_file("h") == "sem.shmheap.h.lock"
@@ -53,7 +54,7 @@ def test_arena_names_are_lowercase_hex(index: int, suffix: str) -> None:
 
 def test_owns_every_object_of_the_heap_and_nothing_else() -> None:
     mine = ["shmheap.h", "shmheap.h.live", "shmheap.h.map", "shmheap.h.sum", "shmheap.h.i0",
-            "shmheap.h.a1",
+            "shmheap.h.roots", "shmheap.h.a1",
             "shmheap.h.new", "sem.shmheap.h.lock"]
     others = ["shmheap.hh", "shmheap.h2.a1", "shmheap.", "sem.shmheap.h.lockx",
               "sem.shmheap.hh.lock", "xshmheap.h", "h", "psm_1234"]
@@ -76,7 +77,7 @@ def test_real_heap_objects_are_all_owned(shm_heap: shmheap.Heap) -> None:
     entries = sorted(e for e in os.listdir(names.SHM_DIR) if names.owns(shm_heap.name, e))
     base = names.control_name(shm_heap.name)
     assert entries == sorted([base, f"{base}.live", f"{base}.map", f"{base}.sum", f"{base}.i0",
-                              f"{base}.a1",
+                              f"{base}.roots", f"{base}.a1",
                               f"{base}.a3e8", names.semaphore_file(shm_heap.name)])
     assert {names.heap_of(e) for e in entries} == {shm_heap.name}
 

@@ -69,10 +69,10 @@ def test_factory_defaults_to_small_arenas(shm_heap_factory: HeapFactory,
 def test_leftover_check_lists_every_object(shm_heap: shmheap.Heap) -> None:
     shm_heap.grow()
     left = shm_leftovers(shm_heap.name)
-    assert len(left) == 7
+    assert len(left) == 8
     with pytest.raises(AssertionError) as caught:
         assert_no_shm_leftovers(shm_heap.name)
     message = str(caught.value)
-    assert f"heap {shm_heap.name!r} left 7 object(s)" in message
+    assert f"heap {shm_heap.name!r} left 8 object(s)" in message
     assert all(f"/dev/shm/{entry}" in message for entry in left)
     assert f"shmheap destroy {shm_heap.name}" in message

@@ -14,7 +14,13 @@ One run measures, and prints each figure next to its target:
    (the common case: one 1 KiB comparison per 64 MiB arena), with none marked
    (every span start found), and per arena with numpy for comparison; and a
    whole ``start_cycle`` + ``sweep`` of small objects, per object;
-5. the scavenger: ``heap.scavenge()`` of freed, touched pages.
+5. the scavenger: ``heap.scavenge()`` of freed, touched pages;
+6. roots: lock-free lookup latency at 10 and 100,000 roots (flat in the number
+   of roots), and a bind + unbind pair, against ``multiprocessing.Manager().dict()``;
+7. handing an array over by name: one process allocates a float64 array
+   (``new_array`` + a root) and 4 spawned processes attach, look it up and
+   read it, against ``multiprocessing.shared_memory`` (create + attach by
+   name) in the same run, rounds interleaved.
 
 Every heap has a unique name and is destroyed in ``finally``.  The scan
 figures call ``walker.unmarked_starts`` (what ``sweep`` calls per arena)
@@ -24,18 +30,23 @@ directly, to time the scan apart from the sweeping it leads to.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import multiprocessing
 import os
 import queue
+import random
+import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing import resource_tracker, shared_memory
 from multiprocessing.heap import BufferWrapper
 from typing import Any, TextIO
 
 from ..heap import Heap
 from ..names import format_size
+from ..roots import Roots
 from ..walker import unmarked_starts
 from .common import (
     BenchError,
@@ -48,6 +59,7 @@ from .common import (
     fmt_ns,
     fmt_rate,
     fmt_ratio,
+    import_extra,
     loop_overhead_ns,
     measure,
     measure_interleaved,
@@ -63,6 +75,8 @@ GIB = 1 << 30
 PAIR_P50_NS = 3000.0
 BUFFER_WRAPPER_RATIO = 4.0
 SCAN_GB_PER_MS = 100.0
+#: root lookup p50 with many roots / with 10: flat
+ROOT_LOOKUP_RATIO = 1.5
 
 PAIR_SIZES = (16, 64, 256, 1024)
 #: sizes of the throughput batches, cycled
@@ -71,6 +85,12 @@ BATCH_SIZES = (16, 32, 64, 100, 200, 500, 1000)
 SCAN_SPAN_PAGES = 128
 WORKER_TIMEOUT_S = 120.0
 WORKER_POLL_S = 0.5
+#: the few roots a lookup is timed at; the many are the plan's
+FEW_ROOTS = 10
+#: objects the roots are bound to (a root count per object is at most 252)
+ROOT_OBJECTS = 1000
+#: processes an array is handed over to
+CONSUMERS = 4
 
 METHOD = (
     "Latency per call = the mean of a batch of back-to-back calls (time.perf_counter_ns); "
@@ -89,6 +109,17 @@ METHOD = (
     "numpy = np.any(inuse & ~marks) per arena on cached arrays.",
     "sweep = start_cycle() + mark half of the objects + sweep() of small objects.",
     "scavenge = heap.scavenge() of freed pages that were written (fallocate PUNCH_HOLE).",
+    "roots = heap.roots[name] of 1000 names chosen at random among those bound, cycled; "
+    "bind+unbind = heap.roots[new] = ref; del heap.roots[new] at that size; Manager().dict() "
+    "= d[name] on a multiprocessing manager's dict of as many entries.",
+    "hand-over = wall time from before the allocation until all 4 spawned processes (started "
+    "before) have the array and have read its first and last items, which the allocating "
+    "process wrote: shmheap = new_array(shape, float64) + a root, the consumers attach the "
+    "heap, look the root up and call ndarray; shared_memory = SharedMemory(create=True) + an "
+    "ndarray over it, the consumers attach it by name. The heap is new each round, with sparse "
+    "arenas (reserve=False, as shared_memory's segment is sparse): its arena is grown within "
+    "the time; the consumers attach the heap within the time, or attached it before. A first "
+    "round of each way warms the processes up; median of the other rounds.",
 )
 
 
@@ -103,15 +134,23 @@ class Plan:
     scan_arenas: int
     sweep_objects: int
     scavenge_bytes: int
+    #: the many roots a lookup is timed at
+    roots: int
+    #: bytes of the array handed over, and rounds of each way
+    handover_bytes: int
+    handover_rounds: int
 
 
 PLANS = {
     "full": Plan("full", pair_s=1.0, throughput_s=2.0, walk_objects=200_000, scan_arenas=64,
-                 sweep_objects=100_000, scavenge_bytes=512 * MIB),
+                 sweep_objects=100_000, scavenge_bytes=512 * MIB, roots=100_000,
+                 handover_bytes=256 * MIB, handover_rounds=5),
     "quick": Plan("quick", pair_s=0.3, throughput_s=0.7, walk_objects=50_000, scan_arenas=16,
-                  sweep_objects=30_000, scavenge_bytes=128 * MIB),
+                  sweep_objects=30_000, scavenge_bytes=128 * MIB, roots=100_000,
+                  handover_bytes=64 * MIB, handover_rounds=3),
     "tiny": Plan("tiny", pair_s=0.02, throughput_s=0.05, walk_objects=2_000, scan_arenas=2,
-                 sweep_objects=1_000, scavenge_bytes=4 * MIB),
+                 sweep_objects=1_000, scavenge_bytes=4 * MIB, roots=2_000,
+                 handover_bytes=8 * MIB, handover_rounds=1),
 }
 
 
@@ -137,6 +176,10 @@ def run(quick: bool = False, *, tiny: bool = False,
     results["sweep"] = sweep_figures(plan)
     say("scavenge")
     results["scavenge"] = scavenge_figures(plan)
+    say("roots")
+    results["roots"] = roots_figures(plan)
+    say("hand-over of an array")
+    results["handover"] = handover_figures(plan)
     results["targets"] = [target.as_dict() for target in targets(results)]
     results["environment"]["loadavg_after"] = list(os.getloadavg())
     results["seconds"] = time.monotonic() - started
@@ -355,6 +398,213 @@ def scavenge_figures(plan: Plan) -> dict[str, Any]:
             "seconds": seconds, "gb_per_s": report.released_bytes / 1e9 / seconds}
 
 
+# -- 6. roots ----------------------------------------------------------------------------------
+
+
+def roots_figures(plan: Plan) -> dict[str, Any]:
+    """Lookup and bind+unbind latency at FEW_ROOTS and ``plan.roots`` roots, and the peer's.
+
+    Two heaps hold the two tables, and the sizes are timed interleaved, so that a change
+    of the machine's load does not pass for a difference between them.
+    """
+    counts = (FEW_ROOTS, plan.roots)
+    with bench_heap("broots", arena_size=64 * MIB, reserve=False) as few, \
+            bench_heap("broots", arena_size=64 * MIB, reserve=False) as many:
+        fns: dict[str, Callable[[], object]] = {}
+        for count, heap in zip(counts, (few, many), strict=True):
+            objects = [heap.alloc(16) for _ in range(ROOT_OBJECTS)]
+            for i in range(count):
+                heap.roots[f"root-{i}"] = objects[i % ROOT_OBJECTS]
+            fns[f"lookup_{count}"] = lookup_of(heap.roots, count)
+            fns[f"bind_unbind_{count}"] = bind_unbind(heap.roots, objects[0])
+        measured = measure_interleaved(fns, plan.pair_s * len(fns), rounds=3)
+        segment_bytes = os.stat(f"/dev/shm/shmheap.{many.name}.roots").st_blocks * 512
+    with multiprocessing.Manager() as manager:
+        tables = [manager.dict({f"root-{i}": i for i in range(count)}) for count in counts]
+        peers = measure_interleaved(
+            {f"manager_lookup_{count}": lookup_of(table, count)
+             for count, table in zip(counts, tables, strict=True)}, plan.pair_s, rounds=3)
+    measured.update(peers)
+    rows = {str(count): {figure: measured[f"{figure}_{count}"].as_dict()
+                         for figure in ("lookup", "bind_unbind", "manager_lookup")}
+            for count in counts}
+    return {"few": FEW_ROOTS, "many": plan.roots, "rows": rows, "segment_bytes": segment_bytes,
+            "ratio": rows[str(plan.roots)]["lookup"]["p50_ns"]
+            / rows[str(FEW_ROOTS)]["lookup"]["p50_ns"]}
+
+
+def lookup_of(table: Roots | Any, count: int) -> Callable[[], object]:
+    """``table[name]`` of 1000 bound names chosen at random, cycled."""
+    names = [f"root-{i}" for i in random.Random(count).sample(range(count), min(count, 1000))]
+    following = itertools.cycle(names).__next__
+    get = table.__getitem__
+    return lambda: get(following())
+
+
+def bind_unbind(roots: Roots, ref: int) -> Callable[[], object]:
+    bind, unbind = roots.__setitem__, roots.__delitem__
+
+    def pair() -> None:
+        bind("bench-new", ref)
+        unbind("bench-new")
+
+    return pair
+
+
+# -- 7. handing an array over by name --------------------------------------------------------
+
+
+def handover_worker(tasks: Any, results: Any) -> None:
+    """A spawned consumer.  Tasks: ("attach", heap) and ("detach",) keep a heap attached
+    between tasks; (way, name, key, count) gets an array by name and reports its first and
+    last items; None ends it.  Every task is answered with ("done", first, last)."""
+    numpy = import_extra("numpy", "numpy", "the hand-over benchmark")
+    kept: Heap | None = None
+    results.put(("done", 0.0, 0.0))  # started
+    while (task := tasks.get()) is not None:
+        try:
+            got = (0.0, 0.0)
+            if task[0] == "attach":
+                kept = Heap.attach(task[1])
+            elif task[0] == "detach" and kept is not None:
+                kept.close()
+                kept = None
+            elif task[0] == "shared_memory":
+                segment = shared_memory.SharedMemory(task[1])
+                # the creator unlinks it; this process's tracker must not (Python < 3.13)
+                resource_tracker.unregister(segment._name, "shared_memory")  # type: ignore[attr-defined]
+                array = numpy.ndarray((task[3],), numpy.float64, buffer=segment.buf)
+                got = (float(array[0]), float(array[-1]))
+                del array
+                segment.close()
+            elif task[0] == "shmheap":
+                with contextlib.ExitStack() as stack:
+                    heap = kept or stack.enter_context(Heap.attach(task[1]))
+                    array = heap.ndarray(heap.roots[task[2]])
+                    got = (float(array[0]), float(array[-1]))
+                    del array
+            results.put(("done", *got))
+        except BaseException as exc:
+            results.put(("error", repr(exc)))
+            raise
+
+
+def handover_figures(plan: Plan) -> dict[str, Any]:
+    """Seconds to allocate an array and hand it to CONSUMERS processes, each way (medians)."""
+    import_extra("numpy", "numpy", "the hand-over benchmark")
+    count = plan.handover_bytes // 8
+    arena = 1 << (plan.handover_bytes + MIB).bit_length()
+    context = multiprocessing.get_context("spawn")
+    consumers = Consumers([context.Queue() for _ in range(CONSUMERS)], context.Queue(), [])
+    consumers.workers += [
+        context.Process(target=handover_worker, args=(task, consumers.results), daemon=True)
+        for task in consumers.tasks]
+    for worker in consumers.workers:
+        worker.start()
+    ways: dict[str, Callable[[], float]] = {
+        "shmheap_attach": lambda: hand_over_heap(count, arena, consumers, attached=False),
+        "shmheap_attached": lambda: hand_over_heap(count, arena, consumers, attached=True),
+        "shared_memory": lambda: hand_over_shm(count, consumers)}
+    seconds: dict[str, list[float]] = {way: [] for way in ways}
+    try:
+        consumers.wait()  # started: spawning and imports are not timed
+        for round_ in range(plan.handover_rounds + 1):
+            for way, once in ways.items():
+                took = once()
+                if round_:  # round 0 warms every process up (first attach, first mapping)
+                    seconds[way].append(took)
+    finally:
+        consumers.stop()
+    medians = {way: statistics.median(values) for way, values in seconds.items()}
+    return {"bytes": plan.handover_bytes, "arena_size": arena, "consumers": CONSUMERS,
+            "rounds": plan.handover_rounds, "seconds": seconds, "median_s": medians,
+            "ratio": medians["shmheap_attach"] / medians["shared_memory"]}
+
+
+@dataclass
+class Consumers:
+    """The spawned consumers: a task queue each, one result queue."""
+
+    tasks: list[Any]
+    results: Any
+    workers: list[Any]
+
+    def send(self, *task: object) -> list[tuple[float, float]]:
+        """Send ``task`` to every consumer; their (first, last) items once all answered."""
+        for queue_ in self.tasks:
+            queue_.put(task)
+        return self.wait()
+
+    def wait(self) -> list[tuple[float, float]]:
+        return [expect_items(self.results, self.workers) for _ in self.tasks]
+
+    def stop(self) -> None:
+        for queue_ in self.tasks:
+            queue_.put(None)
+        for worker in self.workers:
+            worker.join(WORKER_TIMEOUT_S)
+            if worker.is_alive():
+                worker.terminate()
+                worker.join()
+
+
+def check_items(items: list[tuple[float, float]]) -> None:
+    if any(pair != (1.0, 2.0) for pair in items):
+        raise BenchError(f"the consumers read {items} instead of the items 1.0 ... 2.0")
+
+
+def hand_over_heap(count: int, arena: int, consumers: Consumers, attached: bool) -> float:
+    """New heap (sparse arenas); time new_array + a root until every consumer has read it."""
+    with bench_heap("bhand", arena_size=arena, reserve=False) as heap:
+        if attached:
+            consumers.send("attach", heap.name)
+        began = time.perf_counter()
+        ref = heap.new_array(count, "float64")
+        heap.roots["array"] = ref
+        array = heap.ndarray(ref)
+        array[0], array[-1] = 1.0, 2.0
+        check_items(consumers.send("shmheap", heap.name, "array", count))
+        took = time.perf_counter() - began
+        del array
+        if attached:
+            consumers.send("detach")
+    return took
+
+
+def hand_over_shm(count: int, consumers: Consumers) -> float:
+    numpy = import_extra("numpy", "numpy", "the hand-over benchmark")
+    began = time.perf_counter()
+    segment = shared_memory.SharedMemory(create=True, size=count * 8)
+    try:
+        array = numpy.ndarray((count,), numpy.float64, buffer=segment.buf)
+        array[0], array[-1] = 1.0, 2.0
+        check_items(consumers.send("shared_memory", segment.name, "", count))
+        took = time.perf_counter() - began
+        del array
+    finally:
+        segment.close()
+        segment.unlink()
+    return took
+
+
+def expect_items(results: Any, workers: list[Any]) -> tuple[float, float]:
+    """The next consumer's (first, last) items; BenchError if one failed, died or went quiet."""
+    deadline = time.monotonic() + WORKER_TIMEOUT_S
+    while True:
+        try:
+            message = results.get(timeout=WORKER_POLL_S)
+            break
+        except queue.Empty:
+            if any(w.exitcode is not None for w in workers):
+                raise BenchError("a hand-over consumer exited") from None
+            if time.monotonic() > deadline:
+                raise BenchError(f"a hand-over consumer did not report within "
+                                 f"{WORKER_TIMEOUT_S} s") from None
+    if message[0] != "done":
+        raise BenchError(f"a hand-over consumer failed: {message[1]}")
+    return float(message[1]), float(message[2])
+
+
 # -- targets, report, plot, command line -------------------------------------------------------
 
 
@@ -368,6 +618,9 @@ def targets(results: dict[str, Any]) -> list[Target]:
         Target.of("sweep scan, all spans marked (GB of heap per ms)",
                   results["scan"]["all_marked"]["gb_per_ms"], ">=", SCAN_GB_PER_MS,
                   lambda v: f"{v:.3g} GB/ms"),
+        Target.of(f"root lookup p50, {results['roots']['many']:,} roots / "
+                  f"{results['roots']['few']} roots", results["roots"]["ratio"], "<=",
+                  ROOT_LOOKUP_RATIO, fmt_ratio),
     ]
 
 
@@ -439,6 +692,34 @@ def report_rest(results: dict[str, Any], checks: dict[str, Any], out: TextIO | N
     print_table("5. Scavenge", ["released", "time", "rate"], [[
         format_size(scav["released_bytes"]), fmt_ns(scav["seconds"] * 1e9),
         f"{scav['gb_per_s']:.3g} GB/s"]], out)
+    report_roots(results, checks, out)
+
+
+def report_roots(results: dict[str, Any], checks: dict[str, Any], out: TextIO | None) -> None:
+    roots = results["roots"]
+    rows = []
+    for count in (roots["few"], roots["many"]):
+        row = roots["rows"][str(count)]
+        rows.append([f"{count:,}", fmt_ns(row["lookup"]["p50_ns"]),
+                     fmt_ns(row["lookup"]["p99_ns"]), fmt_ns(row["bind_unbind"]["p50_ns"]),
+                     fmt_ns(row["manager_lookup"]["p50_ns"])])
+    name = (f"root lookup p50, {roots['many']:,} roots / {roots['few']} roots")
+    rows.append(["ratio", fmt_ratio(roots["ratio"]), "", checked(checks, name), ""])
+    print_table(f"6. Roots (the table takes {format_size(roots['segment_bytes'])} "
+                f"of /dev/shm at {roots['many']:,})",
+                ["roots", "lookup p50", "lookup p99", "bind+unbind p50",
+                 "Manager().dict() lookup p50"], rows, out)
+    hand = results["handover"]
+    medians = hand["median_s"]
+    print_table(f"7. Hand-over of a {format_size(hand['bytes'])} float64 array to "
+                f"{hand['consumers']} processes by name (median of {hand['rounds']})",
+                ["way", "time"], [
+                    ["shmheap, the consumers attach the heap by name",
+                     fmt_ns(medians["shmheap_attach"] * 1e9)],
+                    ["shmheap, the consumers attached the heap before",
+                     fmt_ns(medians["shmheap_attached"] * 1e9)],
+                    ["multiprocessing.shared_memory", fmt_ns(medians["shared_memory"] * 1e9)],
+                    ["shmheap (attach) / shared_memory", fmt_ratio(hand["ratio"])]], out)
 
 
 def figures(results: dict[str, Any]) -> list[Figure]:
