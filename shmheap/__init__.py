@@ -7,6 +7,7 @@ See README.md for a tour and DESIGN.md for the invariants.
 """
 
 from .arenas import Arena
+from .core import NATIVE
 from .crash import CRASH_POINTS
 from .errors import (
     AddressSpaceExhaustedError,
@@ -41,6 +42,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CRASH_POINTS",
+    "NATIVE",
     "AddressSpaceExhaustedError",
     "Arena",
     "ArenaCollisionError",

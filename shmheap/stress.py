@@ -39,7 +39,6 @@ import json
 import math
 import os
 import random
-import resource
 import secrets
 import signal
 import sys
@@ -52,7 +51,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any, TextIO
 
-from . import segments
+from . import core, segments
 from .errors import (
     HeapNotFoundError,
     InvalidParameterError,
@@ -60,7 +59,7 @@ from .errors import (
 )
 from .heap import Heap, destroy
 from .interrupt import LATENCY, CtrlC
-from .names import check_name, format_size, owns, usable_arenas
+from .names import check_max_arenas, check_name, format_size, owns, usable_arenas
 from .stress_roles import (
     STAMP_MAGIC,
     Go,
@@ -86,29 +85,16 @@ STOP_TIMEOUT = 30.0
 #: not yet count as received: a pipe holds only some 28 KB, and a churner that stalls must
 #: not block the parent in send().
 MAX_IN_FLIGHT = 1024
-#: Cap on the arenas of a run: every reader maps each arena, and a process may have at
-#: most vm.max_map_count (65530) mappings.
-ARENAS_CAP = 32768
-#: Arenas a run holds at most by default (its heap's max_arenas is one more: names.py):
-#: a writer's claim and a churner's span refill look for free pages arena by arena under
-#: the heap lock, so the time the lock is held grows with the arenas.
+#: Arenas a run holds at most unless --max-arenas says otherwise (its heap's max_arenas is
+#: one more: names.py).  Any number works (processes map arenas on demand, a bounded set at
+#: a time, and find free pages through summaries): this only keeps a default run's /dev/shm
+#: directory small.
 DEFAULT_ARENAS = 4096
-#: File descriptors a worker needs besides one per mapped arena (Python's mmap
-#: keeps a duplicate descriptor for every mapping).
-SPARE_FDS = 512
 #: Findings that a SIGKILL legitimately leaves behind until the next repair ("dead-owner":
 #: the check itself adopted a dead holder's lock and repaired).
 TOLERATED_AFTER_KILL = frozenset({"dead-owner"})
 #: Arenas of 1 MiB (sparse: only touched pages take memory) hold a churner's large objects.
 DEFAULT_ARENA_SIZE = 1 << 20
-
-
-def arena_limit() -> int:
-    """The most arenas a run can map in every process."""
-    fds = segments.raise_descriptor_limit()
-    if fds == resource.RLIM_INFINITY:
-        return ARENAS_CAP
-    return max(1, min(ARENAS_CAP, fds - SPARE_FDS))
 
 
 # -- the parent's side ----------------------------------------------------------------------
@@ -146,15 +132,36 @@ class Worker:
                 "live_objects": len(report.live) if report else 0,
                 "handed_in": self.handed_in,
                 "violations": report.violations if report else 0,
+                "native": report.native if report else None,
                 "error": report.error if report else ""}
+
+
+@contextlib.contextmanager
+def _core_of_worker(pure: bool) -> Iterator[None]:
+    """A worker started meanwhile runs the pure-Python core if ``pure`` (spawn copies the
+    environment); the parent's own is as it was afterwards."""
+    if not pure:
+        yield
+        return
+    before = os.environ.get(core.PURE_VAR)
+    os.environ[core.PURE_VAR] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[core.PURE_VAR]
+        else:
+            os.environ[core.PURE_VAR] = before
 
 
 class Fleet:
     """The worker processes of a run: spawn, message, kill, stop."""
 
-    def __init__(self, name: str, seed: int, ctrl_c: CtrlC) -> None:
+    def __init__(self, name: str, seed: int, ctrl_c: CtrlC, mix: bool = False) -> None:
         self.name = name
         self.seed = seed
+        #: every other worker (by number) runs the pure-Python core
+        self.mix = mix
         #: takes a Ctrl-C in ``poll``, between messages (interrupt.py)
         self.ctrl_c = ctrl_c
         self.context = get_context("spawn")
@@ -178,7 +185,8 @@ class Fleet:
         parent_end, child_end = self.context.Pipe()
         process = self.context.Process(target=worker_main, name=f"shmheap-stress-{kind}-{wid}",
                                        args=(kind, self.name, wid, seed, child_end), daemon=True)
-        process.start()
+        with _core_of_worker(pure=self.mix and wid % 2 == 1):
+            process.start()
         child_end.close()
         assert process.pid is not None
         worker = Worker(kind, wid, process, parent_end, process.pid)
@@ -347,8 +355,10 @@ class StressConfig:
     duration: float = 8.0
     arena_size: int = DEFAULT_ARENA_SIZE
     #: the heap's max_arenas, as for ``Heap.create`` (at most max_arenas - 1 arenas); 0: room
-    #: for DEFAULT_ARENAS, or for as many as every process can map (``arena_limit()``) if fewer
+    #: for DEFAULT_ARENAS
     max_arenas: int = 0
+    #: every other worker runs the pure-Python core (native and pure processes on one heap)
+    mix: bool = False
     reserve: bool = False
     paced: bool = True
     seed: int = 0
@@ -369,14 +379,10 @@ class StressConfig:
         if not 0 <= self.kill_rate < math.inf:
             raise InvalidParameterError(f"--kill-rate {self.kill_rate}: give kills per second "
                                         ">= 0")
-        limit = arena_limit()
-        if self.max_arenas and not 2 <= self.max_arenas <= limit + 1:
-            raise InvalidParameterError(
-                f"--max-arenas {self.max_arenas}: every process maps every arena, and that "
-                f"needs one file descriptor and one mapping each; use 2 to {limit + 1} (at "
-                f"most {limit} arenas), or raise `ulimit -n`")
-        if not self.max_arenas:
-            object.__setattr__(self, "max_arenas", min(limit, DEFAULT_ARENAS) + 1)
+        if self.max_arenas:
+            check_max_arenas(self.max_arenas, self.arena_size)
+        else:
+            object.__setattr__(self, "max_arenas", DEFAULT_ARENAS + 1)
         if self.name:
             check_name(self.name)
 
@@ -392,7 +398,7 @@ class StressRun:
         self.name = config.name or f"stress-{os.getpid()}-{secrets.token_hex(3)}"
         self.rng = random.Random(config.seed)
         self.ctrl_c = CtrlC()
-        self.fleet = Fleet(self.name, config.seed, self.ctrl_c)
+        self.fleet = Fleet(self.name, config.seed, self.ctrl_c, config.mix)
         self.kills = 0
         self.checks = 0
         self.findings: list[dict[str, object]] = []
@@ -670,6 +676,12 @@ class StressRun:
                 f"({readers['counters'].get('entries', 0)} entries)  kills {self.kills}  "
                 f"violations {violations}")
 
+    def _cores(self) -> dict[str, int]:
+        """Processes that reported, by the core they ran."""
+        reports = [w.report for w in self.fleet.workers if w.report is not None]
+        native = sum(report.native for report in reports)
+        return {"native": native, "pure": len(reports) - native}
+
     def _report(self, final: dict[str, Any], leaks: list[str]) -> dict[str, Any]:
         worker_count, worker_examples = self._worker_violations()
         problems = self.fleet.problems
@@ -688,6 +700,7 @@ class StressRun:
             "violations": violations,
             "violation_examples": (problems + self.violations + worker_examples)[:20],
             "leaks": leaks, "workers": [w.summary() for w in self.fleet.workers],
+            "cores": self._cores(),
             **final,
         }
         report["ok"] = not violations and not final["arenas_lost"] and not leaks
@@ -754,6 +767,8 @@ def summary_rows(report: dict[str, Any]) -> Iterator[tuple[str, object]]:
                    f"{usable_arenas(config['max_arenas']):,} arenas of "
                    f"{format_size(config['arena_size'])})")
     yield "duration", f"{report['duration_s']:.2f} s"
+    cores = report["cores"]
+    yield "cores", f"{cores['native']} native, {cores['pure']} pure-Python processes"
     yield "writers", f"{writer['workers']} ({writer['incarnations']} processes)"
     yield "grows", (f"{report['arenas_created']:,}, {report['grows_per_s']:.0f}/s"
                     + (" (paced)" if config["paced"] else ""))
@@ -811,6 +826,8 @@ The summary, figure by figure (--json holds the same numbers):
   heap                its seed, arena size and at most how many arenas: max_arenas - 1, the
                       number `shmheap info` says
   duration            seconds from the start signal to the stop signal
+  cores               the processes that reported, by the core they ran: native (shmheap's
+                      C core) or pure-Python (--mix makes every other worker one)
   writers, churners, readers
                       processes of that role at a time (in brackets: every process started
                       for the role, replacements of killed ones included)
@@ -870,8 +887,7 @@ def add_stress(sub: Subparsers) -> None:
                         help=f"bytes per arena (default {format_size(DEFAULT_ARENA_SIZE)})")
     parser.add_argument("--max-arenas", type=at_least(0), default=0, metavar="N",
                         help="the heap's max_arenas, as for `shmheap create`: it holds at most "
-                        f"N-1 arenas (default: at most {DEFAULT_ARENAS} arenas, or as many as "
-                        f"every process can map if fewer; never more than {ARENAS_CAP})")
+                        f"N-1 arenas (default: at most {DEFAULT_ARENAS} arenas)")
     parser.add_argument("--reserve", action="store_true",
                         help="reserve each arena's memory (default: sparse arenas)")
     parser.add_argument("--flat-out", action="store_true",
@@ -881,6 +897,9 @@ def add_stress(sub: Subparsers) -> None:
                         help="seed for every random choice (default: random, printed)")
     parser.add_argument("--kill-rate", type=rate_arg, default=0.0,
                         help="SIGKILL this many random workers per second (default 0)")
+    parser.add_argument("--mix", action="store_true",
+                        help="every other worker runs the pure-Python core, the rest the "
+                        "native one: both kinds of process on one heap")
     parser.add_argument("--json", metavar="FILE", default="", help="write the report as JSON")
     parser.add_argument("--name", type=heap_name, default=None,
                         help="heap name (default: a unique one)")
@@ -898,7 +917,7 @@ def run_stress(args: argparse.Namespace) -> int:
             arena_size=args.arena_size, max_arenas=args.max_arenas, reserve=args.reserve,
             paced=not args.flat_out,
             seed=args.seed if args.seed is not None else secrets.randbits(32),
-            kill_rate=args.kill_rate, name=args.name or "", json_path=args.json,
+            kill_rate=args.kill_rate, name=args.name or "", json_path=args.json, mix=args.mix,
             progress=not args.no_progress)
     except InvalidParameterError as exc:
         raise UsageError(str(exc)) from None

@@ -85,7 +85,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import ClassVar
 
-from . import segments
+from . import core, segments
 from .allocator import ALIGN
 from .errors import (
     AddressSpaceExhaustedError,
@@ -195,6 +195,8 @@ class WorkerReport:
     #: the exception that ended the worker, "" if none
     error: str = ""
     final: bool = False
+    #: the worker ran the native core (else the pure-Python twin)
+    native: bool = False
 
     def count(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n
@@ -634,7 +636,7 @@ def worker_main(kind: str, name: str, wid: int, seed: int, conn: Connection) -> 
     """A worker process: attach, say ready, wait for go, step until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     segments.raise_descriptor_limit()
-    report = WorkerReport(kind, wid, os.getpid())
+    report = WorkerReport(kind, wid, os.getpid(), native=core.NATIVE)
     try:
         role_class = ROLES[kind]
         with Heap.attach(name, readonly=role_class.readonly) as heap:
