@@ -3,7 +3,7 @@
 Arenas are mmap'ed POSIX shared-memory segments; an append-only index of all
 arenas lives in shared memory, so a reader in any process copies the index
 header under the heap lock and then walks the arenas with no lock held.
-See README.md for a tour and DESIGN.md for the invariants.
+See README.md for a tour and docs/design.md for the invariants and layouts.
 """
 
 from .arenas import Arena
