@@ -709,6 +709,10 @@ class Heap:
         """Bytes in use, free, reserved and released; objects per size class."""
         return walker.stats(self, deadline_of(timeout))
 
+    def arena_usage(self, timeout: float | None = None) -> list[dict[str, int]]:
+        """Per arena, in index order: pages in use and released, spans, objects, live bytes."""
+        return walker.arena_usage(self, deadline_of(timeout))
+
     def start_cycle(self, timeout: float | None = None) -> int:
         """Begin a mark/sweep cycle (clear every mark); returns the cycle number."""
         return walker.start_cycle(self, deadline_of(timeout))

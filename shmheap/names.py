@@ -158,25 +158,3 @@ def heap_of(filename: str) -> str | None:
         return None
     name = filename[len(PREFIX):].split(".", 1)[0]
     return name if _NAME_RE.fullmatch(name) else None
-
-
-def parse_size(text: str) -> int:
-    """Parse '64KiB', '1MiB', '65536', '2G' into bytes (binary units)."""
-    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
-    if not match:
-        raise InvalidParameterError(
-            f"cannot read size {text!r}: write a number with an optional unit, e.g. 64KiB or 1MiB"
-        )
-    return int(match.group(1)) * units[match.group(2).lower()]
-
-
-def format_size(nbytes: int) -> str:
-    """Format bytes with a binary unit: 65536 -> '64 KiB', 1536 -> '1.5 KiB'."""
-    value = float(nbytes)
-    unit = "B"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            break
-        value /= 1024
-    return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"

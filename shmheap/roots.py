@@ -107,14 +107,13 @@ Binding (``roots[name] = ref``, ``del roots[name]``): the writable heap-lock hol
     bind of its object is the caller's use-after-free, not repair's business.
 
 This module owns the roots segment's layout and protocol, the ``Roots``
-mapping, their fsck checks and ``shmheap roots``.  It changes objects only
+mapping and their fsck checks.  It changes objects only
 through the allocator's root counts, and takes the heap lock only through
 ``HeapLock.run`` (``Roots``); the lock holder's functions say so.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import mmap
 import os
@@ -138,7 +137,6 @@ from .lock import deadline_of
 from .names import PAGE_SIZE, roots_name
 
 if TYPE_CHECKING:
-    from .cli import Subparsers
     from .heap import Heap
     from .pages import ArenaPages
 
@@ -898,37 +896,3 @@ def _check_unbound_counts(allocator: Allocator, bound: set[int], note: Note,
                         f"{allocator.root_count(pages, start, c, slot)} roots, none is bound "
                         "to it", writable):
                     allocator.set_root_count(pages, start, c, slot, 0)
-
-
-# -- ``shmheap roots NAME`` -------------------------------------------------------------------
-
-
-def add_roots_command(subparsers: Subparsers) -> None:
-    """Declare ``shmheap roots NAME [--json]`` on cli.py's subparsers."""
-    parser = subparsers.add_parser("roots", help="list a heap's roots: names and their objects")
-    parser.add_argument("name")
-    parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.set_defaults(run=run_roots)
-
-
-def run_roots(args: argparse.Namespace) -> int:
-    from .cli import print_json, print_table
-    from .heap import Heap
-
-    with Heap.attach(args.name, readonly=True) as heap:
-        rows = [{"name": name, "ref": ref, "bytes": _size_or_none(heap, ref)}
-                for name, ref in sorted(heap.roots.snapshot().items())]
-    if args.json:
-        print_json(rows)
-    else:
-        print_table(("name", "ref", "bytes"),
-                    ([row["name"], f"{row['ref']:#x}", "-" if row["bytes"] is None
-                      else row["bytes"]] for row in rows))
-    return 0
-
-
-def _size_or_none(heap: Heap, ref: int) -> int | None:
-    try:
-        return heap.size_of(ref)
-    except InvalidRefError:
-        return None

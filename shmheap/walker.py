@@ -505,11 +505,11 @@ def scavenge(heap: Heap, deadline: float | None = None) -> ScavengeReport:
 # -- usage per arena (``shmheap walk``) --------------------------------------------------
 
 
-def arena_usage(heap: Heap) -> list[dict[str, int]]:
+def arena_usage(heap: Heap, deadline: float | None) -> list[dict[str, int]]:
     """Per arena of a fresh snapshot: pages used/free/released, spans, live objects and bytes."""
     allocator = heap._objects()
     rows = []
-    for index in heap.snapshot():
+    for index in heap.snapshot(_remaining(deadline)):
         pages = allocator.pages_of(index)
         used = pages.used_pages()
         spans = list(arena_spans(allocator, pages))
@@ -520,29 +520,3 @@ def arena_usage(heap: Heap) -> list[dict[str, int]]:
             "live_bytes": sum(s.live_bytes for s in spans),
         })
     return rows
-
-
-#: the columns of ``shmheap walk``
-USAGE_FIELDS = ("arena", "pages", "pages_in_use", "pages_released", "spans", "objects",
-                "live_bytes")
-
-
-def add_walk_command(subparsers: Any) -> None:
-    """Declare ``shmheap walk NAME [--json]`` (per-arena usage) on cli.py's subparsers."""
-    parser = subparsers.add_parser("walk", help="per-arena usage of a heap's pages and objects")
-    parser.add_argument("name")
-    parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.set_defaults(run=run_walk)
-
-
-def run_walk(args: Any) -> int:
-    from .cli import print_json, print_table
-    from .heap import Heap
-
-    with Heap.attach(args.name, readonly=True) as heap:
-        rows = arena_usage(heap)
-    if args.json:
-        print_json(rows)
-    else:
-        print_table(USAGE_FIELDS, ([row[field] for field in USAGE_FIELDS] for row in rows))
-    return 0

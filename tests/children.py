@@ -1,7 +1,7 @@
 """Fresh child interpreters for crash and fault tests.
 
 ``run_child`` runs code to completion, optionally armed at a crash point
-(``SHMHEAP_CRASH_AT``); ``Child`` (shmheap/bench/children.py) starts one that
+(``SHMHEAP_CRASH_AT``); ``Child`` (shmheap/tools/bench/children.py) starts one that
 talks to the test over its stdin/stdout, in a session of its own that the test
 kills (with everything the child started) however the test ends.
 """
@@ -13,7 +13,7 @@ import subprocess
 import sys
 import textwrap
 
-from shmheap.bench.children import Child, child_env
+from shmheap.tools.bench.children import Child, child_env
 
 __all__ = ["Child", "assert_killed", "child_env", "run_child"]
 

@@ -24,9 +24,10 @@ import traceback
 from collections.abc import Callable
 
 import shmheap
-from shmheap import cli, pages, roots
+from shmheap import pages, roots
 from shmheap.arenas import TRAILER_SIZE
 from shmheap.pytest_plugin import unique_heap_name
+from shmheap.tools import cli
 
 ARENA = 64 * 1024
 PAGE = 4096

@@ -448,7 +448,7 @@ TestAllocatorMachine = AllocatorMachine.TestCase
 
 def test_alloc_benchmark_tiny_run_reports_its_figures(tmp_path: Any,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    from shmheap.bench.alloc import main
+    from shmheap.tools.bench.alloc import main
 
     path = tmp_path / "alloc.json"
     segments_before = set(os.listdir("/dev/shm"))

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from shmheap.bench.common import Target, percentile
-from shmheap.bench.index import GROW_CASES, NAIVE_KINDS, SNAPSHOT_KINDS, WRITER_DESIGNS, main
 from shmheap.names import SHM_DIR
+from shmheap.tools.bench.common import Target, percentile
+from shmheap.tools.bench.index import GROW_CASES, NAIVE_KINDS, SNAPSHOT_KINDS, WRITER_DESIGNS, main
 
 #: Figures that may be zero or negative: the machine's load, and differences.
 NOT_POSITIVE = {"loadavg", "loadavg_after", "above_floor_ns"}

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from test_bench import check_latency, leaves, my_shm_entries
 
-from shmheap.bench.index import SNAPSHOT_KINDS
-from shmheap.bench.suite import BENCHES, panels
-from shmheap.cli import main
+from shmheap.tools.bench.index import SNAPSHOT_KINDS
+from shmheap.tools.bench.suite import BENCHES, panels
+from shmheap.tools.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: Benchmarks whose every figure must be positive (the others: some figure must be).

@@ -26,6 +26,8 @@ import pytest
 import shmheap
 from shmheap import control, liveness, names
 from shmheap.pytest_plugin import discard, shm_leftovers, unique_heap_name
+from shmheap.tools.args import parse_size
+from shmheap.tools.display import format_size
 
 ROOT = Path(shmheap.__file__).resolve().parent.parent
 
@@ -291,7 +293,7 @@ def test_ls_shows_used_memory_beside_reserved(shm_heap_name: str, more_names: li
 
 
 def names_size(nbytes: int) -> str:
-    return names.format_size(nbytes).replace(" ", "_")
+    return format_size(nbytes).replace(" ", "_")
 
 
 def test_ls_shows_a_damaged_heap(shm_heap_name: str) -> None:
@@ -426,3 +428,25 @@ def test_gc_stale_removes_only_heaps_nobody_has_attached(heap_name: str,
     assert shm_leftovers(other) != []
     ok("gc", "--stale", other)
     assert shm_leftovers(other) == []
+
+
+@pytest.mark.parametrize(("text", "nbytes"), [
+    ("65536", 65536), ("64KiB", 64 << 10), ("64k", 64 << 10), ("1MiB", 1 << 20),
+    ("1M", 1 << 20), ("2G", 2 << 30), ("2GB", 2 << 30), (" 3 kib ", 3 << 10), ("1T", 1 << 40),
+])
+def test_parse_size(text: str, nbytes: int) -> None:
+    assert parse_size(text) == nbytes
+
+
+@pytest.mark.parametrize("text", ["", "k", "1.5M", "-1", "1X", "1 MiB MiB", "0x10"])
+def test_parse_size_rejects_garbage(text: str) -> None:
+    with pytest.raises(shmheap.InvalidParameterError, match="cannot read size"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(("nbytes", "text"), [
+    (0, "0 B"), (1023, "1023 B"), (1024, "1 KiB"), (1536, "1.5 KiB"), (64 << 10, "64 KiB"),
+    (1 << 20, "1 MiB"), (3 << 30, "3 GiB"), (5 << 40, "5 TiB"), (2048 << 40, "2048 TiB"),
+])
+def test_format_size(nbytes: int, text: str) -> None:
+    assert format_size(nbytes) == text

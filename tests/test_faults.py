@@ -24,10 +24,10 @@ import pytest
 from children import Child, assert_killed, run_child
 
 import shmheap
-from shmheap import collect
-from shmheap.bench import faults
 from shmheap.names import semaphore_name
 from shmheap.pytest_plugin import HeapFactory
+from shmheap.tools import collect
+from shmheap.tools.bench import faults
 
 ARENA = 256 * 1024
 PAGE = 8192

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import shmheap
-from shmheap import control, liveness, roots, walker
+from shmheap import control, liveness, roots
 from shmheap import pages as pages_module
 from shmheap.pytest_plugin import HeapFactory
 
@@ -278,7 +278,7 @@ def test_garbage_npages_of_a_large_object(shm_heap: shmheap.Heap, npages: int) -
 def test_garbage_used_bytes_are_heap_corrupt_until_repaired(shm_heap: shmheap.Heap) -> None:
     ref, pages, _start = large_object(shm_heap, 5)
     pages.used[pages.pages - 1] = 0xFF
-    for call in (shm_heap.stats, shm_heap.scavenge, lambda: walker.arena_usage(shm_heap)):
+    for call in (shm_heap.stats, shm_heap.scavenge, shm_heap.arena_usage):
         with pytest.raises(shmheap.HeapCorruptError, match="fsck"):
             call()
     assert [f.code for f in shm_heap.check(repair=True)] == ["pages-orphaned"]

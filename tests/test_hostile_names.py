@@ -27,9 +27,10 @@ import pytest
 from children import run_child
 
 import shmheap
-from shmheap import arenas, collect, names
+from shmheap import arenas, names
 from shmheap.pytest_plugin import HeapFactory, shm_leftovers
 from shmheap.segments import ForeignObjectError
+from shmheap.tools import collect
 
 ARENA = 64 * 1024
 NOBODY = 65534
@@ -80,7 +81,8 @@ def as_nobody(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str
 
 
 def shmheap_cli_as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
-    return as_nobody(f"import sys; from shmheap.cli import main; sys.exit(main({list(argv)!r}))")
+    return as_nobody("import sys; from shmheap.tools.cli import main; "
+                     f"sys.exit(main({list(argv)!r}))")
 
 
 def remove_planted(path: str) -> None:

@@ -82,27 +82,6 @@ def test_real_heap_objects_are_all_owned(shm_heap: shmheap.Heap) -> None:
     assert {names.heap_of(e) for e in entries} == {shm_heap.name}
 
 
-@pytest.mark.parametrize(("text", "nbytes"), [
-    ("65536", 65536), ("64KiB", 64 << 10), ("64k", 64 << 10), ("1MiB", 1 << 20),
-    ("1M", 1 << 20), ("2G", 2 << 30), ("2GB", 2 << 30), (" 3 kib ", 3 << 10), ("1T", 1 << 40),
-])
-def test_parse_size(text: str, nbytes: int) -> None:
-    assert names.parse_size(text) == nbytes
-
-
-@pytest.mark.parametrize("text", ["", "k", "1.5M", "-1", "1X", "1 MiB MiB", "0x10"])
-def test_parse_size_rejects_garbage(text: str) -> None:
-    with pytest.raises(shmheap.InvalidParameterError, match="cannot read size"):
-        names.parse_size(text)
-
-
-@pytest.mark.parametrize(("nbytes", "text"), [
-    (0, "0 B"), (1023, "1023 B"), (1024, "1 KiB"), (1536, "1.5 KiB"), (64 << 10, "64 KiB"),
-    (1 << 20, "1 MiB"), (3 << 30, "3 GiB"), (5 << 40, "5 TiB"), (2048 << 40, "2048 TiB"),
-])
-def test_format_size(nbytes: int, text: str) -> None:
-    assert names.format_size(nbytes) == text
-
 
 def test_unique_heap_names_are_valid_distinct_and_carry_the_pid() -> None:
     made = {unique_heap_name() for _ in range(1000)}

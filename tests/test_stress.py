@@ -22,7 +22,7 @@ from test_cli import ROOT, interrupt_until_exit, run_cli
 
 from shmheap.liveness import probe_attachments
 from shmheap.pytest_plugin import HeapFactory, shm_leftovers
-from shmheap.stress_roles import Reservoir, latency_summary, span_problem, stats_problems
+from shmheap.tools.stress_roles import Reservoir, latency_summary, span_problem, stats_problems
 
 
 def stress(name: str, report: Path, *args: str,

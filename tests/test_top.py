@@ -27,10 +27,10 @@ import pytest
 from test_cli import ROOT, error_line, interrupt_until_exit, run_cli
 
 from shmheap import Heap
-from shmheap.bench.recovery import owner_recorded_round
 from shmheap.liveness import probe_attachments
 from shmheap.pytest_plugin import unique_heap_name
-from shmheap.top import growth, render, take_sample
+from shmheap.tools.bench.recovery import owner_recorded_round
+from shmheap.tools.top import growth, render, take_sample
 
 #: Seconds a test waits for top to print what it expects.
 PATIENCE = 60.0

@@ -19,11 +19,12 @@ import pytest
 from children import assert_killed, run_child
 
 import shmheap
-from shmheap import cli, walker
 from shmheap import pages as pages_mod
+from shmheap import walker
 from shmheap.names import arena_name
 from shmheap.pytest_plugin import HeapFactory
 from shmheap.segments import allocated_bytes
+from shmheap.tools import cli
 
 ARENA = 256 * 1024
 PAGE = 8192

@@ -35,8 +35,9 @@ import sys
 import time
 from typing import Any
 
+from ..display import print_table
 from .children import Child
-from .common import BenchError, bench_heap, environment, print_table, write_json
+from .common import BenchError, bench_heap, environment, write_json
 
 #: Seconds any process may wait for the lock before it counts as stuck.
 STUCK_AFTER = 5.0
@@ -277,7 +278,7 @@ def report(results: dict[str, Any]) -> None:
          f"{e['exits']:,}, fsck exit {e['fsck_exit']}"],
         ["processes attached afterwards", str(e["attached_after"])],
     ]
-    print_table(f"Faults (seed {results['seed']})", ["figure", "value"], rows)
+    print_table(["figure", "value"], rows, title=f"Faults (seed {results['seed']})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,11 +31,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidParameterError
-from .common import BenchError, Figure, plot_figures, print_table, require_plotting, write_json
+from ...errors import InvalidParameterError
+from ..display import print_table
+from .common import BenchError, Figure, plot_figures, require_plotting, write_json
 
 if TYPE_CHECKING:
-    from ..cli import Subparsers
+    from ..args import Subparsers
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def run_benches(benches: list[Bench], quick: bool,
             worst = max(worst, status)
             rows.append([bench.name, f"{time.monotonic() - started:.1f} s", str(status),
                          "yes" if figures is not None else "no"])
-    print_table("shmheap bench: summary", ["benchmark", "time", "exit", "figures"], rows)
+    print_table(["benchmark", "time", "exit", "figures"], rows, title="shmheap bench: summary")
     return results, worst
 
 

@@ -46,10 +46,11 @@ from typing import Any, TextIO, TypeVar
 
 import posix_ipc
 
-from .. import segments
-from ..arenas import segment_size
-from ..heap import Heap
-from ..names import PAGE_SIZE, PREFIX, format_size, index_name
+from ... import segments
+from ...arenas import segment_size
+from ...heap import Heap
+from ...names import PAGE_SIZE, PREFIX, index_name
+from ..display import fmt_ns, fmt_rate, fmt_ratio, format_size, print_table
 from .common import (
     BenchError,
     Figure,
@@ -58,15 +59,11 @@ from .common import (
     bench_heap,
     bench_main,
     environment,
-    fmt_ns,
-    fmt_rate,
-    fmt_ratio,
     latency,
     loop_overhead_ns,
     measure,
     measure_interleaved,
     optional_numpy,
-    print_table,
     unique_name,
     verdict,
 )
@@ -630,9 +627,11 @@ def report_snapshots(sizes: list[dict[str, Any]], checks: dict[str, Any],
                 f"p50({small['entries']:,})")
         flat += [fmt_ratio(checks[name]["value"]), "", checked(checks, name)]
     rows.append(flat)
-    print_table("1. Snapshot latency per call (p50/p99 over batches of up to 100 calls)",
-                ["entries", "unchanged p50", "p99", "target", "changed p50", "p99", "target"],
-                rows, out)
+    print_table(
+        ["entries", "unchanged p50", "p99", "target", "changed p50", "p99", "target"],
+        rows,
+        title="1. Snapshot latency per call (p50/p99 over batches of up to 100 calls)",
+        out=out)
 
 
 def report_naive(sizes: list[dict[str, Any]], checks: dict[str, Any],
@@ -646,9 +645,12 @@ def report_naive(sizes: list[dict[str, Any]], checks: dict[str, Any],
                                      "entries") if row is sizes[-1] else ""
             cells += [fmt_ns(times and times["p50_ns"]), f"{fmt_ratio(ratio)} {target}".strip()]
         rows.append(cells)
-    print_table("2. Naive snapshots: p50 per call, and p50 / shmheap (header changed) p50",
-                ["entries", "bytes copy", "ratio", "list copy", "ratio", "Manager proxy[:]",
-                 "ratio", "Manager list(proxy)", "ratio"], rows, out)
+    print_table(
+        ["entries", "bytes copy", "ratio", "list copy", "ratio", "Manager proxy[:]",
+                 "ratio", "Manager list(proxy)", "ratio"],
+        rows,
+        title="2. Naive snapshots: p50 per call, and p50 / shmheap (header changed) p50",
+        out=out)
 
 
 def report_iteration(iteration: dict[str, Any], checks: dict[str, Any],
@@ -658,8 +660,11 @@ def report_iteration(iteration: dict[str, Any], checks: dict[str, Any],
              checked(checks, f"iterate in Python, {entries}")],
             ["numpy.asarray(snap.view()).sum()", fmt_rate(iteration["numpy_per_s"]),
              checked(checks, f"iterate with numpy, {entries}") or "numpy not installed"]]
-    print_table(f"3. Iterating a snapshot of {entries} (entries/s)",
-                ["how", "entries/s", "target"], rows, out)
+    print_table(
+        ["how", "entries/s", "target"],
+        rows,
+        title=f"3. Iterating a snapshot of {entries} (entries/s)",
+        out=out)
 
 
 def report_grow(rows: list[dict[str, Any]], checks: dict[str, Any],
@@ -672,9 +677,12 @@ def report_grow(rows: list[dict[str, Any]], checks: dict[str, Any],
                       fmt_ns(row["floor"]["p99_ns"]), fmt_ns(row["above_floor_ns"]),
                       "(kernel zeroing)" if row["reserve"]
                       else checked(checks, grow_target_name(row))])
-    print_table("4. grow() latency per call; floor = bare create+ftruncate(+fallocate)+mmap+close",
-                ["arena", "reserve", "calls", "grow p50", "p99", "floor p50", "p99",
-                 "above floor", "target"], table, out)
+    print_table(
+        ["arena", "reserve", "calls", "grow p50", "p99", "floor p50", "p99",
+                 "above floor", "target"],
+        table,
+        title="4. grow() latency per call; floor = bare create+ftruncate(+fallocate)+mmap+close",
+        out=out)
 
 
 def report_writer(writer: dict[str, Any], checks: dict[str, Any],
@@ -685,10 +693,13 @@ def report_writer(writer: dict[str, Any], checks: dict[str, Any],
         rows.append([f"{writer['observers']} {label}", fmt_rate(figures["per_s"]),
                      fmt_ratio(figures["ratio"]), fmt_rate(figures["observer_looks_per_s"]),
                      checked(checks, WRITER_TARGET) if design == "shmheap" else ""])
-    print_table(f"5. Writer grow() rate ({writer['grows']:,} grows on an index of "
+    print_table(
+        ["observers", "grows/s", "vs none", "observer looks/s", "target"],
+        rows,
+        title=f"5. Writer grow() rate ({writer['grows']:,} grows on an index of "
                 f"{writer['prefill']:,} entries, median of {writer['rounds']} rounds; observers "
                 f"sum every entry with {writer['observer_reads']}, then sleep 1 ms)",
-                ["observers", "grows/s", "vs none", "observer looks/s", "target"], rows, out)
+        out=out)
 
 
 def report_memory(sizes: list[dict[str, Any]], checks: dict[str, Any],
@@ -702,9 +713,12 @@ def report_memory(sizes: list[dict[str, Any]], checks: dict[str, Any],
                      f"{memory['per_cap']:.3g}",
                      checked(checks, f"index bytes, {row['entries']:,} entries "
                                      "(2 x cap x 4 + page)")])
-    print_table("6. Index memory (all generations; allocated = tmpfs blocks)",
-                ["entries", "cap", "generations", "index_bytes", "allocated", "/ (len x 4)",
-                 "/ (cap x 4)", "target"], rows, out)
+    print_table(
+        ["entries", "cap", "generations", "index_bytes", "allocated", "/ (len x 4)",
+                 "/ (cap x 4)", "target"],
+        rows,
+        title="6. Index memory (all generations; allocated = tmpfs blocks)",
+        out=out)
 
 
 def report_liveness(liveness: dict[str, Any], checks: dict[str, Any],
@@ -712,9 +726,12 @@ def report_liveness(liveness: dict[str, Any], checks: dict[str, Any],
     rows = [[fmt_ns(liveness["read_word"]["p50_ns"]), fmt_ns(liveness["baseline"]["p50_ns"]),
              fmt_ratio(liveness["ratio"]),
              checked(checks, "liveness: read_word / bare semaphore p50")]]
-    print_table("7. Liveness cost on the uncontended snapshot path: HeapLock.read_word vs "
+    print_table(
+        ["read_word p50", "bare p50", "ratio", "target"],
+        rows,
+        title="7. Liveness cost on the uncontended snapshot path: HeapLock.read_word vs "
                 "sem.acquire(0); header[0]; sem.release()",
-                ["read_word p50", "bare p50", "ratio", "target"], rows, out)
+        out=out)
 
 
 def figures(results: dict[str, Any]) -> list[Figure]:

@@ -30,8 +30,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from ..heap import Heap
-from ..names import format_size
+from ...heap import Heap
+from ..display import fmt_ns, fmt_ratio, format_size, print_table
 from .common import (
     BenchError,
     Figure,
@@ -39,10 +39,7 @@ from .common import (
     bench_heap,
     bench_main,
     environment,
-    fmt_ns,
-    fmt_ratio,
     percentile,
-    print_table,
     verdict,
 )
 
@@ -177,12 +174,17 @@ def report(results: dict[str, Any], out: TextIO | None = None) -> None:
              f"{row['fsck_s'] / row['arenas'] * 1e6:.0f} µs",
              f"{row['rss_kb'] / 1024:.0f} MiB ({row['mapped']:,} mapped)"]
             for row in results["rows"]]
-    print_table("shmheap bench scale: heaps of 64 KiB arenas, ~90% full",
-                ["arenas", "grow p50", "small alloc+free", "large alloc+free", "attach",
-                 "first alloc", "walk / arena", "fsck / arena", "walker peak RSS"], rows,
-                out=out)
-    print_table("Targets", ["figure", "measured", "target", "met"],
-                [[t.name, t.shown, t.rule, verdict(t.ok)] for t in targets(results)], out=out)
+    print_table(
+        ["arenas", "grow p50", "small alloc+free", "large alloc+free", "attach",
+                 "first alloc", "walk / arena", "fsck / arena", "walker peak RSS"],
+        rows,
+        title="shmheap bench scale: heaps of 64 KiB arenas, ~90% full",
+        out=out)
+    print_table(
+        ["figure", "measured", "target", "met"],
+        [[t.name, t.shown, t.rule, verdict(t.ok)] for t in targets(results)],
+        title="Targets",
+        out=out)
 
 
 def figures(results: dict[str, Any]) -> list[Figure]:

@@ -41,7 +41,6 @@ import os
 import random
 import secrets
 import signal
-import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -49,17 +48,19 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
-from . import core, segments
-from .errors import (
+from .. import core, segments
+from ..errors import (
     HeapNotFoundError,
     InvalidParameterError,
     ShmHeapError,
 )
-from .heap import Heap, destroy
+from ..heap import Heap, destroy
+from ..names import check_max_arenas, check_name, owns, usable_arenas
+from .args import Subparsers, UsageError, arena_size_arg, at_least, heap_name, rate_arg, seconds_arg
+from .display import Live, format_size, print_table
 from .interrupt import LATENCY, CtrlC
-from .names import check_max_arenas, check_name, format_size, owns, usable_arenas
 from .stress_roles import (
     STAMP_MAGIC,
     Go,
@@ -69,9 +70,6 @@ from .stress_roles import (
     latency_summary,
     worker_main,
 )
-
-if TYPE_CHECKING:
-    from .cli import Subparsers
 
 #: Seconds between refreshes of the live display (a plain line every PLAIN_EVERY).
 REFRESH = 0.25
@@ -421,7 +419,8 @@ class StressRun:
             heap = Heap.create(self.name, arena_size=config.arena_size,
                                max_arenas=config.max_arenas, reserve=config.reserve)
             try:
-                with _Display(config.progress) as show:
+                with Live(config.progress, line=True, plain_every=PLAIN_EVERY,
+                          refresh=REFRESH) as show:
                     self.started = self.fleet.start(config.roles(), config.duration,
                                                     config.paced)
                     self._run_phase(heap, show)
@@ -437,7 +436,7 @@ class StressRun:
         leaks = [entry for entry in segments.list_all() if owns(self.name, entry)]
         return self._report(final, leaks)
 
-    def _run_phase(self, heap: Heap, show: _Display) -> None:
+    def _run_phase(self, heap: Heap, show: Live) -> None:
         config = self.config
         end = self.started + config.duration
         next_kill = self._next_kill(self.started)
@@ -707,48 +706,6 @@ class StressRun:
         return report
 
 
-# -- display ----------------------------------------------------------------------------------
-
-
-class _Display:
-    """``with _Display(enabled) as show: show(line)``: the live progress line.
-
-    On a terminal with rich installed the line is redrawn in place; otherwise
-    a plain line is printed every PLAIN_EVERY seconds.
-    """
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.live: Any = None
-        self.text: Any = None
-        self.last_plain = -math.inf
-        if enabled and sys.stdout.isatty():
-            try:
-                from rich.live import Live
-                from rich.text import Text
-            except ImportError:
-                return
-            self.live = Live("", refresh_per_second=1 / REFRESH, transient=True)
-            self.text = Text
-            self.live.start()
-
-    def __call__(self, line: str) -> None:
-        if not self.enabled:
-            return
-        if self.live is not None:
-            self.live.update(self.text(line, no_wrap=True, overflow="ellipsis"))
-        elif time.monotonic() - self.last_plain >= PLAIN_EVERY:
-            self.last_plain = time.monotonic()
-            print(line, flush=True)
-
-    def __enter__(self) -> _Display:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.live is not None:
-            self.live.stop()
-
-
 # -- the summary and the command --------------------------------------------------------------
 
 
@@ -869,7 +826,6 @@ The summary, figure by figure (--json holds the same numbers):
 
 
 def add_stress(sub: Subparsers) -> None:
-    from .cli import arena_size_arg, at_least, heap_name, rate_arg, seconds_arg
 
     parser = sub.add_parser("stress", help="run writers, churners and readers against one "
                             "heap and check every entry and object",
@@ -908,7 +864,6 @@ def add_stress(sub: Subparsers) -> None:
 
 
 def run_stress(args: argparse.Namespace) -> int:
-    from .cli import UsageError, print_table
 
     try:
         config = StressConfig(

@@ -31,17 +31,9 @@ import textwrap
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from ..core import PURE_VAR
-from .common import (
-    BenchError,
-    Target,
-    bench_main,
-    environment,
-    fmt_ns,
-    fmt_ratio,
-    print_table,
-    verdict,
-)
+from ...core import PURE_VAR
+from ..display import fmt_ns, fmt_ratio, print_table
+from .common import BenchError, Target, bench_main, environment, verdict
 
 CORES = ("native", "pure")
 FIGURES = ("bare_posix_ipc", "lock_round_trip", "snapshot_cached", "snapshot_changed",
@@ -59,7 +51,7 @@ _CHILD = textwrap.dedent("""
     import posix_ipc
     import shmheap
     from shmheap import core
-    from shmheap.bench.common import bench_heap, measure
+    from shmheap.tools.bench.common import bench_heap, measure
     budget = float(sys.argv[1])
     figures = {"native": core.NATIVE}
     sem = posix_ipc.Semaphore(None, posix_ipc.O_CREX, initial_value=1)
@@ -173,10 +165,17 @@ def report(results: dict[str, Any], out: TextIO | None = None) -> None:
     rows.append(["shmheap stress, operations per second", f"{native['stress_ops_per_s']:,.0f}",
                  f"{pure['stress_ops_per_s']:,.0f}",
                  fmt_ratio(native["stress_ops_per_s"] / pure["stress_ops_per_s"])])
-    print_table("shmheap bench cores: p50 per call, in one run", ["figure", "native",
-                "pure-Python twin", "twin / native"], rows, out=out)
-    print_table("Targets", ["figure", "measured", "target", "met"],
-                [[t.name, t.shown, t.rule, verdict(t.ok)] for t in targets(results)], out=out)
+    print_table(
+        ["figure", "native",
+                "pure-Python twin", "twin / native"],
+        rows,
+        title="shmheap bench cores: p50 per call, in one run",
+        out=out)
+    print_table(
+        ["figure", "measured", "target", "met"],
+        [[t.name, t.shown, t.rule, verdict(t.ok)] for t in targets(results)],
+        title="Targets",
+        out=out)
 
 
 def main(argv: list[str] | None = None) -> int:

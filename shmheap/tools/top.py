@@ -35,22 +35,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from . import collect, segments
-from .errors import HeapNotFoundError, LockTimeoutError
-from .heap import Heap, HeapInfo
+from .. import segments
+from ..errors import HeapNotFoundError, LockTimeoutError
+from ..heap import Heap, HeapInfo
+from ..liveness import Attachment, probe_attachments
+from ..lock import HeapLock
+from ..names import control_name, usable_arenas
+from . import collect
+from .args import Subparsers, heap_name, seconds_arg
+from .display import Live, clock, format_size, when
 from .interrupt import CtrlC
-from .liveness import Attachment, probe_attachments
-from .lock import HeapLock
-from .names import control_name, format_size, usable_arenas
 
 if TYPE_CHECKING:
-    from .cli import Subparsers
-    from .walker import HeapStats
+    from ..walker import HeapStats
 
 #: Default seconds between refreshes.
 INTERVAL = 1.0
@@ -91,31 +92,6 @@ def take_sample(heap: Heap, lock_wait: float) -> Sample:
 
 
 # -- rendering (``shmheap info`` shows the same rows) ------------------------------------
-
-
-def clock(ns: int) -> str:
-    """Wall-clock ``ns`` as local HH:MM:SS."""
-    return time.strftime("%H:%M:%S", time.localtime(ns / 1e9))
-
-
-def when(ns: int) -> str:
-    """Wall-clock ``ns`` as local date, time and age: '2025-01-31 14:02:07 (5 min 3 s ago)'."""
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))
-    return f"{stamp} ({age(time.time() - ns / 1e9)} ago)"
-
-
-def age(seconds: float) -> str:
-    """'4.2 s', '5 min 3 s', '3 h 12 min', '2 d 5 h'."""
-    seconds = max(0.0, seconds)
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes = int(seconds // 60)
-    if minutes < 60:
-        return f"{minutes} min {int(seconds % 60)} s"
-    hours = minutes // 60
-    if hours < 48:
-        return f"{hours} h {minutes % 60} min"
-    return f"{hours // 24} d {hours % 24} h"
 
 
 def arenas_line(info: HeapInfo) -> str:
@@ -204,36 +180,6 @@ def title(name: str, interval: float) -> str:
 # -- the screen and the command ----------------------------------------------------------
 
 
-class Screen:
-    """``show(block)`` redraws ``block`` in place (rich on a terminal) or prints it."""
-
-    def __init__(self, live: bool) -> None:
-        self.live: Any = None
-        self.text: Any = None
-        if live and sys.stdout.isatty():
-            try:
-                from rich.live import Live
-                from rich.text import Text
-            except ImportError:
-                return
-            self.live = Live("", auto_refresh=False)
-            self.text = Text
-            self.live.start()
-
-    def show(self, block: str) -> None:
-        if self.live is not None:
-            self.live.update(self.text(block), refresh=True)
-        else:
-            print(block + "\n", flush=True)
-
-    def __enter__(self) -> Screen:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.live is not None:
-            self.live.stop()
-
-
 def control_identity(name: str) -> tuple[int, int] | None:
     """(device, inode) of heap ``name``'s control segment, None if it is gone."""
     try:
@@ -255,7 +201,7 @@ def watch(heap: Heap, interval: float, once: bool, ctrl_c: CtrlC) -> None:
         with contextlib.suppress(LockTimeoutError):
             previous = take_sample(heap, lock_wait)
         ctrl_c.sleep(interval)
-    with Screen(live=not once) as screen:
+    with Live(True, line=False, redraw=not once) as show:
         while control_identity(heap.name) == identity:
             ctrl_c.check()
             try:
@@ -263,9 +209,9 @@ def watch(heap: Heap, interval: float, once: bool, ctrl_c: CtrlC) -> None:
             except HeapNotFoundError:
                 break
             except LockTimeoutError as exc:
-                screen.show(f"{title(heap.name, interval)}\nlock        {exc}")
+                show(f"{title(heap.name, interval)}\nlock        {exc}")
             else:
-                screen.show(render(sample, previous, interval))
+                show(render(sample, previous, interval))
                 previous = sample
             if once:
                 return
@@ -274,7 +220,6 @@ def watch(heap: Heap, interval: float, once: bool, ctrl_c: CtrlC) -> None:
 
 
 def add_top(sub: Subparsers) -> None:
-    from .cli import heap_name, seconds_arg
 
     parser = sub.add_parser("top", help="watch a heap: arenas, index, lock, processes")
     parser.add_argument("name", type=heap_name)

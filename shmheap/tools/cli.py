@@ -9,7 +9,7 @@ one line in ``COMMANDS``.
 Exit status: 0 success, 1 a ``ShmHeapError`` (printed as one line
 ``shmheap: error: <message>`` on stderr) or a check that found problems,
 2 a usage error, 130 interrupted.  A usage error is a command line that no
-state of the heaps could make work: a value the argparse types below
+state of the heaps could make work: a value the argparse types (args.py)
 refuse (a bad size, name, count or number of seconds), or a combination a
 command refuses with ``UsageError``; argparse prints it with the
 command's usage.  Everything that depends on the heaps, /dev/shm or the
@@ -20,115 +20,32 @@ A heap's ``max_arenas`` bounds its arena indices: arenas take indices 1 to
 ``max_arenas - 1`` (0 is never used), so it holds at most ``max_arenas - 1``
 arenas.  Every command says that number (``names.usable_arenas``).
 
-This module owns argument parsing and output formatting.  It does its work
-through the public ``Heap`` API, ``shmheap.destroy``, ``collect.py``,
-``stress.py``, ``top.py`` and ``bench/suite.py``; it keeps no state.
+This module owns the commands that look at or change one heap and the
+parser.  It does its work through the public ``Heap`` API,
+``shmheap.destroy``, ``collect.py``, ``stress.py``, ``top.py`` and
+``bench/suite.py``, and prints through display.py; it keeps no state.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeAlias, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from . import __version__, collect, roots, stress, top, walker
+from .. import __version__
+from ..errors import HeapCorruptError, InvalidParameterError, InvalidRefError, ShmHeapError
+from ..heap import Heap, destroy
+from ..names import MAX_ARENAS_LIMIT, check_max_arenas, usable_arenas
+from ..repair import Finding
+from . import collect, stress, top
+from .args import LOCK_TIMEOUT, Subparsers, UsageError, arena_size_arg, at_least, heap_name
 from .bench import suite
-from .errors import HeapCorruptError, InvalidParameterError, ShmHeapError
-from .heap import Heap, destroy
-from .names import (
-    MAX_ARENAS_LIMIT,
-    check_arena_size,
-    check_max_arenas,
-    check_name,
-    format_size,
-    parse_size,
-    usable_arenas,
-)
-from .repair import Finding
+from .display import format_size, print_json, print_table, when
 
-Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
-#: Seconds a command waits for the heap lock before it reports who holds it.
-LOCK_TIMEOUT = 10.0
 #: The default max_arenas of ``shmheap create``: at most 1,048,575 arenas.
 DEFAULT_MAX_ARENAS = 1 << 20
-
-T = TypeVar("T")
-
-
-class UsageError(InvalidParameterError):
-    """A combination of arguments that no heap could make work: exit 2 with the usage."""
-
-
-def argument_type(check: Callable[[str], T], name: str) -> Callable[[str], T]:
-    """An argparse type that runs ``check``; its ShmHeapError becomes a usage error."""
-
-    def convert(text: str) -> T:
-        try:
-            return check(text)
-        except ShmHeapError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    convert.__name__ = name
-    return convert
-
-
-def _number(text: str, kind: Callable[[str], T], what: str) -> T:
-    try:
-        return kind(text)
-    except ValueError:
-        raise InvalidParameterError(f"{text!r} is not {what}") from None
-
-
-def at_least(minimum: int, most: int | None = None) -> Callable[[str], int]:
-    """argparse type: an integer >= ``minimum`` (and <= ``most``)."""
-
-    def check(text: str) -> int:
-        value = _number(text, int, "an integer")
-        if value < minimum or (most is not None and value > most):
-            bound = f"from {minimum} to {most:,}" if most is not None else f">= {minimum}"
-            raise InvalidParameterError(f"{value} is out of range: give an integer {bound}")
-        return value
-
-    return argument_type(check, "integer")
-
-
-def _seconds(text: str) -> float:
-    value = _number(text, float, "a number of seconds")
-    if not 0 < value < math.inf:
-        raise InvalidParameterError(f"{text}: give a positive number of seconds")
-    return value
-
-
-def _rate(text: str) -> float:
-    value = _number(text, float, "a rate")
-    if not 0 <= value < math.inf:
-        raise InvalidParameterError(f"{text}: give a number >= 0 per second")
-    return value
-
-
-#: argparse types shared by the commands (stress.py and top.py use them too).
-heap_name = argument_type(check_name, "heap name")
-arena_size_arg = argument_type(lambda text: check_arena_size(parse_size(text)), "arena size")
-seconds_arg = argument_type(_seconds, "seconds")
-rate_arg = argument_type(_rate, "rate")
-
-
-def print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True))
-
-
-def print_table(header: Sequence[str], rows: Iterable[Sequence[object]],
-                show_header: bool = True) -> None:
-    """Print rows in left-aligned columns under ``header`` (shown if ``show_header``)."""
-    cells = [list(header)] + [[str(cell) for cell in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    for row in cells[0 if show_header else 1:]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-              .rstrip())
 
 
 # -- create / info / arenas / grow / destroy ---------------------------------------------
@@ -188,7 +105,7 @@ def run_info(args: argparse.Namespace) -> int:
         return 0
     info = sample.info
     rows = [
-        ("heap", f"{info.name}, created {top.when(info.created_ns)}"),
+        ("heap", f"{info.name}, created {when(info.created_ns)}"),
         ("arenas", f"{top.arenas_line(info)}; indices 1 to {usable_arenas(info.max_arenas):,}, "
                    f"the next grow tries {info.hint:,}"),
         *top.state_rows(sample, others),
@@ -365,6 +282,59 @@ def run_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- walk / roots ------------------------------------------------------------------------
+
+
+#: the columns of ``shmheap walk``
+USAGE_FIELDS = ("arena", "pages", "pages_in_use", "pages_released", "spans", "objects",
+                "live_bytes")
+
+
+def add_walk(sub: Subparsers) -> None:
+    parser = sub.add_parser("walk", help="per-arena usage of a heap's pages and objects")
+    parser.add_argument("name", type=heap_name)
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.set_defaults(run=run_walk)
+
+
+def run_walk(args: argparse.Namespace) -> int:
+    with Heap.attach(args.name, readonly=True) as heap:
+        rows = heap.arena_usage(timeout=LOCK_TIMEOUT)
+    if args.json:
+        print_json(rows)
+    else:
+        print_table(USAGE_FIELDS, ([row[field] for field in USAGE_FIELDS] for row in rows))
+    return 0
+
+
+def add_roots(sub: Subparsers) -> None:
+    parser = sub.add_parser("roots", help="list a heap's roots: names and their objects")
+    parser.add_argument("name", type=heap_name)
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.set_defaults(run=run_roots)
+
+
+def run_roots(args: argparse.Namespace) -> int:
+    with Heap.attach(args.name, readonly=True) as heap:
+        rows = [{"name": name, "ref": ref, "bytes": _size_or_none(heap, ref)}
+                for name, ref in sorted(heap.roots.snapshot().items())]
+    if args.json:
+        print_json(rows)
+    else:
+        print_table(("name", "ref", "bytes"),
+                    ([row["name"], f"{row['ref']:#x}", "-" if row["bytes"] is None
+                      else row["bytes"]] for row in rows))
+    return 0
+
+
+def _size_or_none(heap: Heap, ref: int) -> int | None:
+    """The object's size; None if the root names no live object (a bug of its binder)."""
+    try:
+        return heap.size_of(ref, timeout=LOCK_TIMEOUT)
+    except InvalidRefError:
+        return None
+
+
 # -- the parser -----------------------------------------------------------------------------
 
 COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
@@ -377,10 +347,10 @@ COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     add_fsck,
     add_gc,
     stress.add_stress,
-    walker.add_walk_command,
+    add_walk,
     suite.add_bench,
     top.add_top,
-    roots.add_roots_command,
+    add_roots,
 )
 
 

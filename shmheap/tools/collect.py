@@ -46,10 +46,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import arenas, control, liveness, roots, segments
-from .errors import HeapCorruptError, HeapNotFoundError, HeapRemovalError, ShmHeapError
-from .heap import destroy
-from .names import (
+from .. import arenas, control, liveness, roots, segments
+from ..errors import HeapCorruptError, HeapNotFoundError, HeapRemovalError, ShmHeapError
+from ..heap import destroy
+from ..names import (
     check_name,
     control_name,
     heap_of,

@@ -27,9 +27,10 @@ import textwrap
 import time
 from typing import Any
 
-from .. import lock
-from ..heap import Heap
-from .common import BenchError, bench_heap, environment, percentile, print_table, write_json
+from ... import lock
+from ...heap import Heap
+from ..display import print_table
+from .common import BenchError, bench_heap, environment, percentile, write_json
 
 _HOLD = textwrap.dedent("""
     import sys, shmheap
@@ -117,9 +118,12 @@ def report(results: dict[str, Any]) -> None:
     rows = [[label.replace("_", " "), f"{results[label]['p50_ms']:.1f} ms",
              f"{results[label]['max_ms']:.1f} ms"]
             for label in ("owner_recorded", "died_before_recording")]
-    print_table(f"Recovery latency, kill -> next successful snapshot ({results['rounds']} rounds "
+    print_table(
+        ["holder died", "p50", "max"],
+        rows,
+        title=f"Recovery latency, kill -> next successful snapshot ({results['rounds']} rounds "
                 f"each; poll {results['poll_s'] * 1e3:.0f} ms, unowned grace "
-                f"{results['unowned_grace_s'] * 1e3:.0f} ms)", ["holder died", "p50", "max"], rows)
+                f"{results['unowned_grace_s'] * 1e3:.0f} ms)")
     print(f"recoveries counted: {results['recoveries']}; findings after: "
           f"{len(results['findings_after'])}")
 

@@ -85,17 +85,17 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import ClassVar
 
-from . import core, segments
-from .allocator import ALIGN
-from .errors import (
+from .. import core, segments
+from ..allocator import ALIGN
+from ..errors import (
     AddressSpaceExhaustedError,
     ArenaCollisionError,
     OutOfSharedMemoryError,
     ShmHeapError,
 )
-from .heap import Heap
-from .names import usable_arenas
-from .walker import HeapStats, SpanInfo
+from ..heap import Heap
+from ..names import usable_arenas
+from ..walker import HeapStats, SpanInfo
 
 BREAK_ENV = "SHMHEAP_STRESS_BREAK_CHECK"
 #: Seconds between a worker's reports.

@@ -43,8 +43,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol, TextIO
 
-from ..errors import HeapNotFoundError, ShmHeapError
-from ..heap import Heap, destroy
+from ...errors import HeapNotFoundError, ShmHeapError
+from ...heap import Heap, destroy
+from ..display import fmt_count, fmt_ns
 
 #: A batch of calls lasts about this long (ns), with at most ``max_per_batch`` calls.
 BATCH_NS = 50_000
@@ -212,32 +213,6 @@ def environment() -> dict[str, Any]:
 # -- output ------------------------------------------------------------------------
 
 
-def fmt_ns(ns: float | None) -> str:
-    """1.5e3 -> '1.5 µs'; three significant digits, unit from ns to s."""
-    if ns is None:
-        return "-"
-    for unit, scale in (("ns", 1.0), ("µs", 1e3), ("ms", 1e6)):
-        if abs(ns) < 1000 * scale:
-            return f"{ns / scale:.3g} {unit}"
-    return f"{ns / 1e9:.3g} s"
-
-
-def fmt_rate(per_s: float | None, unit: str = "/s") -> str:
-    """2.5e7 -> '25.0 M/s'."""
-    if per_s is None:
-        return "-"
-    for prefix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if per_s >= scale:
-            return f"{per_s / scale:.3g} {prefix}{unit}"
-    return f"{per_s:.3g} {unit}"
-
-
-def fmt_ratio(ratio: float | None) -> str:
-    if ratio is None:
-        return "-"
-    return f"{ratio:,.0f}x" if ratio >= 100 else f"{ratio:.3g}x"
-
-
 @dataclass(frozen=True)
 class Target:
     """A figure with its target: ``value op limit`` must hold (``op`` is "<=" or ">=")."""
@@ -272,22 +247,6 @@ def verdict(ok: bool | None) -> str:
     return "pass" if ok else "MISS"
 
 
-def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]],
-                out: TextIO | None = None) -> None:
-    """Print a plain-text table: a title line, then left-aligned columns."""
-    widths = [max(len(str(row[col])) for row in [headers, *rows]) for col in range(len(headers))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(str(cell).ljust(width) for cell, width in zip(cells, widths,
-                                                                        strict=True)).rstrip()
-
-    print(f"\n{title}", file=out)
-    print(line(headers), file=out)
-    print(line(["-" * width for width in widths]), file=out)
-    for row in rows:
-        print(line(row), file=out)
-
-
 def write_json(path: str | Path, data: Mapping[str, Any]) -> None:
     """Write ``data`` as indented JSON, replacing ``path`` in one rename."""
     target = Path(path)
@@ -299,14 +258,6 @@ def write_json(path: str | Path, data: Mapping[str, Any]) -> None:
 def require_plotting() -> None:
     """Raise MissingExtraError now (before a long run) if matplotlib is missing."""
     import_extra("matplotlib", "plot", "--plot")
-
-
-def fmt_count(count: float) -> str:
-    """1e3 -> '1k', 1e6 -> '1M', 10 -> '10'."""
-    for prefix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if count >= scale:
-            return f"{count / scale:.3g}{prefix}"
-    return f"{count:.3g}"
 
 
 @dataclass(frozen=True)

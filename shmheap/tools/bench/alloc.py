@@ -44,10 +44,10 @@ from multiprocessing import resource_tracker, shared_memory
 from multiprocessing.heap import BufferWrapper
 from typing import Any, TextIO
 
-from ..heap import Heap
-from ..names import format_size
-from ..roots import Roots
-from ..walker import unmarked_starts
+from ...heap import Heap
+from ...roots import Roots
+from ...walker import unmarked_starts
+from ..display import fmt_ns, fmt_rate, fmt_ratio, format_size, print_table
 from .common import (
     BenchError,
     Figure,
@@ -56,15 +56,11 @@ from .common import (
     bench_heap,
     bench_main,
     environment,
-    fmt_ns,
-    fmt_rate,
-    fmt_ratio,
     import_extra,
     loop_overhead_ns,
     measure,
     measure_interleaved,
     optional_numpy,
-    print_table,
     verdict,
 )
 
@@ -658,21 +654,29 @@ def report_pairs(pairs: dict[str, Any], checks: dict[str, Any], out: TextIO | No
         rows.append([label, fmt_ns(figure["p50_ns"]), fmt_ns(figure["p99_ns"]), target])
     rows.append(["BufferWrapper / shmheap (64 B)", fmt_ratio(pairs["ratio"]), "",
                  checked(checks, "BufferWrapper(64) / shmheap pair p50")])
-    print_table("1. alloc + free pair latency", ["what", "p50", "p99", "target"], rows, out)
+    print_table(
+        ["what", "p50", "p99", "target"],
+        rows,
+        title="1. alloc + free pair latency",
+        out=out)
 
 
 def report_rest(results: dict[str, Any], checks: dict[str, Any], out: TextIO | None) -> None:
     thru = results["throughput"]
-    print_table("2. Throughput (alloc+free pairs of 16-1000 bytes)", ["processes", "pairs/s"], [
+    print_table(["processes", "pairs/s"], [
         ["1", fmt_rate(thru["one_process_pairs_per_s"])],
         ["2 at once (sum)", fmt_rate(thru["two_processes_pairs_per_s"])],
         ["2 at once (each)", ", ".join(fmt_rate(r) for r in thru["per_process_pairs_per_s"])],
         ["2 at once, a heap each (sum)", fmt_rate(thru["two_separate_heaps_pairs_per_s"])],
-    ], out)
+    ], title="2. Throughput (alloc+free pairs of 16-1000 bytes)", out=out)
     walk = results["walk"]
-    print_table("3. Walker", ["objects", "spans", "walk p50", "objects/s", "spans/s"], [[
+    print_table(
+        ["objects", "spans", "walk p50", "objects/s", "spans/s"],
+        [[
         f"{walk['objects']:,}", f"{walk['spans']:,}", fmt_ns(walk["latency"]["p50_ns"]),
-        fmt_rate(walk["objects_per_s"]), fmt_rate(walk["spans_per_s"])]], out)
+        fmt_rate(walk["objects_per_s"]), fmt_rate(walk["spans_per_s"])]],
+        title="3. Walker",
+        out=out)
     scan = results["scan"]
     name = "sweep scan, all spans marked (GB of heap per ms)"
     rows = [[label, fmt_ns(row["latency"]["p50_ns"]), f"{row['gb_per_ms']:.3g}",
@@ -680,18 +684,24 @@ def report_rest(results: dict[str, Any], checks: dict[str, Any], out: TextIO | N
             for key, label in (("all_marked", "all marked"), ("none_marked", "none marked"),
                                ("numpy_all_marked", "numpy per arena, all marked"))
             if (row := scan[key]) is not None]
-    print_table(f"4. Sweep scan of pageInUse &^ pageMarks: {scan['arenas']} arenas of "
+    print_table(
+        ["case", "p50", "GB/ms", "target"],
+        rows,
+        title=f"4. Sweep scan of pageInUse &^ pageMarks: {scan['arenas']} arenas of "
                 f"{format_size(scan['arena_size'])} ({format_size(scan['heap_bytes'])})",
-                ["case", "p50", "GB/ms", "target"], rows, out)
+        out=out)
     sweep = results["sweep"]
-    print_table("   Sweep of small objects (half marked)",
-                ["objects", "start_cycle", "sweep", "objects/s"], [[
+    print_table(
+        ["objects", "start_cycle", "sweep", "objects/s"],
+        [[
                     f"{sweep['objects']:,}", fmt_ns(sweep["start_cycle_ns"]),
-                    fmt_ns(sweep["sweep_ns"]), fmt_rate(sweep["objects_per_s"])]], out)
+                    fmt_ns(sweep["sweep_ns"]), fmt_rate(sweep["objects_per_s"])]],
+        title="   Sweep of small objects (half marked)",
+        out=out)
     scav = results["scavenge"]
-    print_table("5. Scavenge", ["released", "time", "rate"], [[
+    print_table(["released", "time", "rate"], [[
         format_size(scav["released_bytes"]), fmt_ns(scav["seconds"] * 1e9),
-        f"{scav['gb_per_s']:.3g} GB/s"]], out)
+        f"{scav['gb_per_s']:.3g} GB/s"]], title="5. Scavenge", out=out)
     report_roots(results, checks, out)
 
 
@@ -705,21 +715,27 @@ def report_roots(results: dict[str, Any], checks: dict[str, Any], out: TextIO | 
                      fmt_ns(row["manager_lookup"]["p50_ns"])])
     name = (f"root lookup p50, {roots['many']:,} roots / {roots['few']} roots")
     rows.append(["ratio", fmt_ratio(roots["ratio"]), "", checked(checks, name), ""])
-    print_table(f"6. Roots (the table takes {format_size(roots['segment_bytes'])} "
+    print_table(
+        ["roots", "lookup p50", "lookup p99", "bind+unbind p50",
+                 "Manager().dict() lookup p50"],
+        rows,
+        title=f"6. Roots (the table takes {format_size(roots['segment_bytes'])} "
                 f"of /dev/shm at {roots['many']:,})",
-                ["roots", "lookup p50", "lookup p99", "bind+unbind p50",
-                 "Manager().dict() lookup p50"], rows, out)
+        out=out)
     hand = results["handover"]
     medians = hand["median_s"]
-    print_table(f"7. Hand-over of a {format_size(hand['bytes'])} float64 array to "
-                f"{hand['consumers']} processes by name (median of {hand['rounds']})",
-                ["way", "time"], [
+    print_table(
+        ["way", "time"],
+        [
                     ["shmheap, the consumers attach the heap by name",
                      fmt_ns(medians["shmheap_attach"] * 1e9)],
                     ["shmheap, the consumers attached the heap before",
                      fmt_ns(medians["shmheap_attached"] * 1e9)],
                     ["multiprocessing.shared_memory", fmt_ns(medians["shared_memory"] * 1e9)],
-                    ["shmheap (attach) / shared_memory", fmt_ratio(hand["ratio"])]], out)
+                    ["shmheap (attach) / shared_memory", fmt_ratio(hand["ratio"])]],
+        title=f"7. Hand-over of a {format_size(hand['bytes'])} float64 array to "
+                f"{hand['consumers']} processes by name (median of {hand['rounds']})",
+        out=out)
 
 
 def figures(results: dict[str, Any]) -> list[Figure]:
