@@ -79,7 +79,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import crash
+from . import crash, giant
 from .control import CYCLE_ARENAS_OFFSET, CYCLE_OFFSET, PAGES, SWEEP_CURSOR_OFFSET
 from .index import ArenaSnapshot
 from .pages import RELEASED, RELEASING, ArenaPages, bits_set, positions, runs
@@ -225,6 +225,11 @@ def arena_spans(allocator: Allocator, pages: ArenaPages,
         address = pages.base + (start << shift)
         owner = pages.owner[start]
         if c == 0:
+            if not start and pages.giant_ids[0]:  # a part of a giant object (giant.py)
+                made = pages.giant()
+                if made is None or made.part or owner:
+                    continue  # listed with its first part; or not made yet
+                npages = made.total
             yield SpanInfo(pages.index, address, npages, 0, npages << shift, 1, (address,),
                            bool(owner), pages.marked(start))
             continue
@@ -396,6 +401,10 @@ def sweep_arena(allocator: Allocator, pages: ArenaPages,
         if found is None:
             continue
         unowned = not pages.owner[start]
+        if not start and not found[1] and pages.giant_ids[0]:  # a part of a giant object
+            if start in unmarked and unowned and pages.giant_ids[0] == 1:
+                whole.append(start)  # its first part: the object (its other parts: skipped)
+            continue
         if start in unmarked and unowned:
             whole.append(start)
             continue
@@ -439,6 +448,12 @@ def _free_spans(allocator: Allocator, pages: ArenaPages, whole: list[int],
     """Lock holder: free the unmarked unowned spans and the empty unowned ones."""
     spans = npages = 0
     journal = allocator._journal
+    if whole[:1] == [0] and pages.giant_ids[0]:  # a giant object: its own journaled change
+        whole = whole[1:]
+        if (giant.made(pages) is not None and not pages.marked(0)
+                and not allocator.holds_roots(pages, 0, 0)):
+            npages += giant.free_locked(allocator, pages)
+            spans += 1
     journal.begin(PAGES, pages.index)
     for start in whole:
         if (pages.in_use(start) and not pages.owner[start] and not pages.marked(start)
