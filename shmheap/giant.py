@@ -80,9 +80,10 @@ from .errors import (
     AddressSpaceExhaustedError,
     HeapCorruptError,
     InvalidParameterError,
+    MappingLimitError,
     ShmHeapError,
 )
-from .names import temp_arena_name
+from .names import arena_name
 from .pages import ArenaPages, Giant
 from .summary import CAP
 
@@ -121,6 +122,11 @@ def alloc(allocator: Allocator, npages: int, deadline: float | None) -> int:
             f"{heap.arena_size} bytes; heap {heap.name!r} holds at most {heap.max_arenas - 1}: "
             "create it with a larger max_arenas or arena_size")
     heap._check_writable("alloc()")
+    if parts >= allocator._mapped.budget.limit:
+        raise MappingLimitError(
+            f"alloc: an object over {parts} arenas needs {parts} mappings at once; this "
+            f"process may have {allocator._mapped.budget.limit}: raise the limit "
+            f"({segments.MAX_MAPPINGS_VAR}, vm.max_map_count) or use larger arenas")
     taken: set[int] = set()
     for _ in range(ATTEMPTS):
         ref = _attempt(allocator, Giant(0, parts, npages), taken, deadline)
@@ -147,7 +153,7 @@ def _attempt(allocator: Allocator, giant: Giant, taken: set[int],
             for start, count in page_runs:
                 pages.zero(start, count)
         if missing:
-            segments.check_free_space(temp_arena_name(heap.name, 0), len(missing) * (
+            segments.check_free_space(arena_name(heap.name, missing[0]), len(missing) * (
                 arenas.segment_size(heap.arena_size, heap.params.page_size)))
         for index in missing:
             grow = functools.partial(_grow_locked, allocator, index=index,

@@ -11,6 +11,7 @@ protocol lives in its own module:
 * arenas.py    -- arena segments and the arena map
 * repair.py    -- checks and repairs (fsck), run after a dead holder
 * allocator.py, walker.py -- objects inside arenas; walking, mark/sweep, scavenging
+* giant.py     -- objects larger than an arena, over consecutive arenas
 * roots.py     -- ``heap.roots``: objects found by name
 * arrays.py    -- typed arrays: ``new_array`` and ``ndarray``
 
@@ -703,7 +704,11 @@ class Heap:
         self._objects().free(ref, timeout)
 
     def view(self, ref: int, timeout: float | None = None) -> memoryview:
-        """A memoryview of exactly the object's ``size_of(ref)`` bytes (read-only if readonly)."""
+        """A memoryview of exactly the object's ``size_of(ref)`` bytes (read-only if readonly).
+
+        An object larger than an arena is one contiguous view too: its arenas
+        mapped back to back, for as long as a view of them lives (giant.py).
+        """
         return self._objects().view(ref, timeout)
 
     def size_of(self, ref: int, timeout: float | None = None) -> int:

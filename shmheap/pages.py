@@ -353,9 +353,19 @@ class ArenaPages:
             return None
         return npages, self.sclass[start]
 
-    def read_span(self, start: int) -> tuple[int, int] | None:
-        """``span_of`` for a lock-free reader; None also if the span is changing meanwhile."""
-        return self.steady(self.span_of, start)
+    def span_record(self, start: int) -> tuple[int, int, Giant | None] | None:
+        """``span_of`` and, for a span of class 0 at page 0, the giant record (or None)."""
+        found = self.span_of(start)
+        if found is None:
+            return None
+        return *found, None if start or found[1] else self.giant()
+
+    def read_span(self, start: int) -> tuple[int, int, Giant | None] | None:
+        """``span_record`` for a lock-free reader; None also if the span is changing meanwhile.
+
+        (A giant record is written and cleared between stores of ``seq`` too.)
+        """
+        return self.steady(self.span_record, start)
 
     def page_record(self, page: int) -> tuple[int, int, int, int, int]:
         """(used, span entry - 1, sclass, npages, part) of ``page``: raw reads for ``steady``.

@@ -426,7 +426,7 @@ while time.monotonic() < end:
     view = h.view(ref)
     mark = ref.to_bytes(8, "little") * (len(view) // 8)
     view[:] = mark
-    h.alloc(rng.choice((64, 3000, 40000)))  # small and large objects between them
+    h.alloc(rng.choice((64, 3000)))  # small objects between them, in their last arenas
     bad += bytes(view) != mark
     del view
     h.free(ref)
@@ -434,22 +434,44 @@ while time.monotonic() < end:
 print(json.dumps(dict(made=made, bad=bad)), flush=True)
 """
 
+#: Only the makers' giant objects are of class 0: a walk that lists a class-0 span of an
+#: arena or less saw a part of a giant object as an object.
+GIANT_WALKER = """
+import json, sys, time, shmheap
+h = shmheap.Heap.attach({name!r}, readonly=True)
+print("ready", flush=True)
+sys.stdin.readline()
+walks = seen = phantoms = 0
+end = time.monotonic() + {seconds}
+while time.monotonic() < end:
+    for span in h.walk():
+        if span.size_class == 0:
+            seen += 1
+            phantoms += span.npages <= {per} or span.address % {arena} != 0
+    walks += 1
+print(json.dumps(dict(walks=walks, seen=seen, phantoms=phantoms)), flush=True)
+"""
+
 
 def test_processes_making_giant_objects_at_once_never_share_an_arena(
         heap: shmheap.Heap) -> None:
-    children = [Child(MAKER.format(name=heap.name, seed=i, seconds=3.0, arena=ARENA))
-                for i in range(3)]
+    makers = [Child(MAKER.format(name=heap.name, seed=i, seconds=3.0, arena=ARENA))
+              for i in range(3)]
+    walker = Child(GIANT_WALKER.format(name=heap.name, seconds=3.0, arena=ARENA, per=PER))
+    children = [*makers, walker]
     try:
         for child in children:
             assert child.line() == "ready"
         for child in children:
             child.send()
-        results = [json.loads(child.line(timeout=120)) for child in children]
+        results = [json.loads(child.line(timeout=120)) for child in makers]
+        walked = json.loads(walker.line(timeout=120))
     finally:
         for child in children:
             child.kill()
     assert all(r["made"] > 3 for r in results), results
     assert sum(r["bad"] for r in results) == 0, "two objects shared memory"
+    assert walked["walks"] > 3 and walked["seen"] > 0 and walked["phantoms"] == 0, walked
     assert heap.check() == []
     assert giants(heap) == []
 
