@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
 import weakref
 from typing import TYPE_CHECKING
 
@@ -135,10 +134,6 @@ def alloc(allocator: Allocator, npages: int, deadline: float | None) -> int:
     raise AddressSpaceExhaustedError(
         f"heap {heap.name!r}: other processes kept taking the arena indices chosen for an "
         f"object over {parts} arenas ({ATTEMPTS} times)")
-
-
-def _remaining(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def _attempt(allocator: Allocator, giant: Giant, taken: set[int],
