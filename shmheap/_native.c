@@ -20,6 +20,9 @@
  *                 span this process caches, and the free of a small object,
  *                 with C11-style atomic loads and stores (acquire/release);
  *                 anything else goes back to the Python slow path.
+ *   Mapping       arenas.py's map_run: a run of arenas mapped back to back
+ *                 into one reserved range, a buffer that unmaps it in its
+ *                 dealloc (views of a giant object, giant.py).
  *
  * Shared layouts are in _layout.h.  Memory ordering: the semaphore's
  * operations are full barriers; stores that publish (owner, seq, alloc
@@ -34,6 +37,7 @@
 #include <fcntl.h>
 #include <semaphore.h>
 #include <stdint.h>
+#include <sys/mman.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -1768,6 +1772,129 @@ static PyTypeObject FreeType = {
     .tp_call = PyVectorcall_Call,
 };
 
+/* -- Mapping: a run of arenas mapped as one buffer (arenas.py map_run) ------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    unsigned char *addr;     /* the reserved range, every byte of it mapped; NULL until init */
+    Py_ssize_t size;
+    int writable;
+    PyObject *weakrefs;
+} Mapping;
+
+static int
+Mapping_init(Mapping *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"size", "parts", "writable", NULL};
+    Py_ssize_t size;
+    PyObject *parts;
+    int writable;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "nOp", names, &size, &parts, &writable))
+        return -1;
+    if (self->addr != NULL) {
+        PyErr_SetString(PyExc_TypeError, "Mapping: already mapped");
+        return -1;
+    }
+    PyObject *fast = PySequence_Fast(parts, "Mapping: parts must be a sequence of (fd, length)");
+    if (fast == NULL)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast), total = 0;
+    int *fds = PyMem_New(int, n ? n : 1);
+    Py_ssize_t *lengths = PyMem_New(Py_ssize_t, n ? n : 1);
+    int ok = fds != NULL && lengths != NULL;
+    if (!ok)
+        PyErr_NoMemory();
+    for (Py_ssize_t i = 0; ok && i < n; i++) {
+        ok = PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "in", &fds[i], &lengths[i]);
+        if (ok && (lengths[i] <= 0 || lengths[i] % sysconf(_SC_PAGESIZE)
+                   || lengths[i] > PY_SSIZE_T_MAX - total)) {
+            PyErr_SetString(PyExc_ValueError, "Mapping: a part's length is not a positive "
+                            "multiple of the page size");
+            ok = 0;
+        }
+        if (ok)
+            total += lengths[i];
+    }
+    Py_DECREF(fast);
+    if (ok && (size <= 0 || total != size)) {
+        PyErr_SetString(PyExc_ValueError, "Mapping: the parts' lengths do not add up to size");
+        ok = 0;
+    }
+    unsigned char *base = MAP_FAILED;
+    if (ok) {
+        base = mmap(NULL, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        ok = base != MAP_FAILED;
+        if (!ok)
+            PyErr_SetFromErrno(PyExc_OSError);
+    }
+    int prot = PROT_READ | (writable ? PROT_WRITE : 0);
+    for (Py_ssize_t i = 0, offset = 0; ok && i < n; offset += lengths[i++]) {
+        if (mmap(base + offset, lengths[i], prot, MAP_SHARED | MAP_FIXED, fds[i], 0)
+                == MAP_FAILED) {
+            int err = errno;
+            munmap(base, size);
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+            ok = 0;
+        }
+    }
+    PyMem_Free(fds);
+    PyMem_Free(lengths);
+    if (!ok)
+        return -1;
+    self->addr = base;
+    self->size = size;
+    self->writable = writable;
+    return 0;
+}
+
+static int
+Mapping_getbuffer(Mapping *self, Py_buffer *view, int flags)
+{
+    if (self->addr == NULL) {
+        PyErr_SetString(PyExc_BufferError, "Mapping: nothing is mapped");
+        view->obj = NULL;
+        return -1;
+    }
+    return PyBuffer_FillInfo(view, (PyObject *)self, self->addr, self->size, !self->writable,
+                             flags);
+}
+
+static void
+Mapping_dealloc(Mapping *self)
+{
+    if (self->weakrefs != NULL)
+        PyObject_ClearWeakRefs((PyObject *)self);
+    if (self->addr != NULL)
+        munmap(self->addr, self->size);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyBufferProcs Mapping_as_buffer = {
+    .bf_getbuffer = (getbufferproc)Mapping_getbuffer,
+};
+
+static PyMemberDef Mapping_members[] = {
+    {"size", T_PYSSIZET, offsetof(Mapping, size), READONLY, "bytes mapped"},
+    {NULL}
+};
+
+static PyTypeObject MappingType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmheap._native.Mapping",
+    .tp_basicsize = sizeof(Mapping),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Mapping(size, parts, writable): ``size`` bytes of address space reserved and "
+              "filled with each (fd, length) of ``parts`` mapped (MAP_SHARED, from offset 0) "
+              "back to back; a buffer of them all, unmapped when the last view of it goes.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Mapping_init,
+    .tp_dealloc = (destructor)Mapping_dealloc,
+    .tp_as_buffer = &Mapping_as_buffer,
+    .tp_members = Mapping_members,
+    .tp_weaklistoffset = offsetof(Mapping, weakrefs),
+};
+
 /* -- the module --------------------------------------------------------------------------- */
 
 static int
@@ -1804,7 +1931,7 @@ PyMODINIT_FUNC
 PyInit__native(void)
 {
     PyTypeObject *types[] = {&PinType, &LockType, &SnapType, &SnapIterType, &SnapshotsType,
-                             &CacheType, &AllocType, &RecordType, &FreeType};
+                             &CacheType, &AllocType, &RecordType, &FreeType, &MappingType};
     for (size_t i = 0; i < sizeof types / sizeof types[0]; i++)
         if (PyType_Ready(types[i]) < 0)
             return NULL;
@@ -1818,6 +1945,7 @@ PyInit__native(void)
             || PyModule_AddObjectRef(module, "Alloc", (PyObject *)&AllocType) < 0
             || PyModule_AddObjectRef(module, "Record", (PyObject *)&RecordType) < 0
             || PyModule_AddObjectRef(module, "Free", (PyObject *)&FreeType) < 0
+            || PyModule_AddObjectRef(module, "Mapping", (PyObject *)&MappingType) < 0
             || add_layout(module) < 0) {
         Py_DECREF(module);
         return NULL;

@@ -6,8 +6,13 @@ carries no heap identity: one from another heap is rejected only when it does
 not name the start of a live object of this heap.
 
 Large objects (over ``max_small`` bytes) take a span of whole pages of their
-own, made under the heap lock.  An object must fit in one arena: objects
-spanning arenas are not supported (a typed error says to use larger arenas).
+own, made under the heap lock.  Giant objects (over an arena) take
+consecutive arenas, wholly but for the last (giant.py): existing arenas
+whose pages are all free are reused first where they lie in a run, and the
+run's missing indices are grown, each as ``grow(at=i)`` would; the heap
+grows for a giant object only when no run of free arenas is there.  Every
+process sees one as one contiguous buffer.  They take the slow paths: the
+native core's ``free`` sends every large object here.
 
 Small objects live in spans of one size class (like Go's: 16 bytes up to
 about 32 KiB, a span of 1-8 pages; ``size_classes``).  A small span starts with a header of two
@@ -92,7 +97,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from . import core, crash
+from . import core, crash, giant
 from .control import DISOWN, PAGES
 from .errors import (
     AddressSpaceExhaustedError,
@@ -259,6 +264,8 @@ class Allocator:
         self._pending: list[tuple[ArenaPages, int]] = []
         self._journal = heap._journal
         self._lock = heap._lock
+        #: giant objects' runs of arenas this process has mapped, while a view holds one
+        self._runs = giant.runs()
         self._hint = 0
         self._refills = 0
         # In a forked child the parent's spans are not ours: forget them once the
@@ -492,9 +499,7 @@ class Allocator:
                 f"alloc({nbytes!r}): the size must be a positive int number of bytes")
         npages = -(-nbytes >> self.page_shift)
         if npages > self.pages_per_arena:
-            raise InvalidParameterError(
-                f"alloc({nbytes}): larger than an arena ({self.arena_size} bytes); objects "
-                "cannot span arenas, so create the heap with a larger arena_size")
+            return giant.alloc(self, npages, deadline_of(timeout))
         self.heap._check_writable("alloc()")
         pages, start, dirty = self._with_room(
             lambda: self.make_span_locked(npages, 0, 0, zero_now=False), npages,
@@ -533,7 +538,7 @@ class Allocator:
         record = pages.page_record(page) if held else pages.steady(pages.page_record, page)
         if record is None:
             record = self._lock.run(lambda: pages.page_record(page), deadline)
-        used, start, c, npages = record
+        used, start, c, npages, part = record
         if not used:
             raise self._free_page_error(ref, page, start)
         if not 0 <= start <= page or not npages:
@@ -541,7 +546,7 @@ class Allocator:
                                    f"impossible span entry; run `shmheap fsck {self.heap.name}`")
         span_offset = offset - (start << self.page_shift)
         if c == 0:
-            if span_offset:
+            if span_offset or part > 1:  # (a later part of a giant object: inside it)
                 raise self._interior(ref)
             return pages, start, 0, 0
         if c >= len(self.classes):
@@ -573,12 +578,16 @@ class Allocator:
         pages, start, c, slot = self.locate(ref, deadline, held)
         if c and not pages.data[(start << self.page_shift) + slot]:
             raise InvalidRefError(f"address {ref:#x} names a freed object")
+        if not c and pages.owner[start]:  # only a giant object's parts have owners
+            raise InvalidRefError(f"address {ref:#x} names an object that is still being made")
         return pages, start, c, slot
 
     def object_bytes(self, pages: ArenaPages, start: int, c: int, slot: int) -> tuple[int, int]:
-        """(offset in the arena, size) of a located object."""
+        """(offset in the arena, size) of a located object (past the arena for a giant one)."""
         if c == 0:
-            return start << self.page_shift, pages.npages[start] << self.page_shift
+            made = None if start else pages.giant()
+            npages = made.total if made is not None else pages.npages[start]
+            return start << self.page_shift, npages << self.page_shift
         cls = self.classes[c]
         return (start << self.page_shift) + cls.objects_at + slot * cls.size, cls.size
 
@@ -612,6 +621,12 @@ class Allocator:
                                       "freed (by another process, just now)")
             if pages.state[start] > RELEASING:
                 return False
+            if not start and pages.giant_ids[0]:  # a part of a giant object
+                if giant.made(pages) is None:
+                    raise InvalidRefError(f"address {ref:#x} names no object now (a giant "
+                                          "object is being made or freed there)")
+                giant.free_locked(self, pages)
+                return True
             self._journal.begin(PAGES, pages.index)
             pages.release(start)
             self._journal.end()
@@ -633,6 +648,8 @@ class Allocator:
         """The object's bytes (read-only when the heap is attached readonly)."""
         pages, start, c, slot = self.live(ref, None if timeout is None else deadline_of(timeout))
         offset, size = self.object_bytes(pages, start, c, slot)
+        if offset + size > self.arena_size:
+            return giant.view(self, pages, size)
         return pages.data[offset:offset + size]
 
     def size_of(self, ref: int, timeout: float | None = None) -> int:
@@ -684,6 +701,8 @@ class Allocator:
         that looks only at pageMarks cannot take it for garbage.
         """
         c = pages.sclass[start]
+        if not c and not start and pages.giant_ids[0] and pages.owner[0]:
+            return giant.drop_part_locked(self, pages)  # a giant object's part, never made
         found = pages.span_of(start)
         if found is None or found[1] != c or not 0 < c < len(self.classes):
             return False
@@ -772,11 +791,12 @@ def _as_int(value: object, error: Exception) -> int:
 Note = Callable[[str, str, bool], bool]
 
 
-def audit_arena(allocator: Allocator, index: int, note: Note) -> bool:
+def audit_arena(allocator: Allocator, index: int, note: Note, journaled: bool = True) -> bool:
     """fsck of arena ``index``'s page metadata (lock holder); False if the arena is lost.
 
     ``note(code, message, fixable)`` records each problem and says whether to
-    fix it now; fixes are made under the journal's ``PAGES(index)``.
+    fix it now; fixes are made under the journal's ``PAGES(index)``, unless
+    the caller's repair of another journal entry keeps it (``journaled=False``).
     """
     try:
         pages = allocator.pages_of(index)
@@ -787,9 +807,11 @@ def audit_arena(allocator: Allocator, index: int, note: Note) -> bool:
     for problem in pages.audit(allocator.span_ok):
         fixable = problem.fix is not None and writable
         if note(problem.code, problem.message, fixable) and problem.fix is not None:
-            allocator._journal.begin(PAGES, index)
+            if journaled:
+                allocator._journal.begin(PAGES, index)
             problem.fix()
-            allocator._journal.end()
+            if journaled:
+                allocator._journal.end()
         else:
             unfixed += 1
     if not unfixed:  # the summary is derived from the metadata: check it once that is right
@@ -836,6 +858,7 @@ def check_allocator(heap: Heap, allocator: Allocator, repair: bool, full: bool,
         if lost:
             return  # the heap gets marked broken; reclaiming would trip on the lost arena
         check_summary_trees(allocator, set(snap), note)
+        giant.check(allocator, snap, note)
     if repair and not heap.readonly:
         allocator.reclaim_locked()
 

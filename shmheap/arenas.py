@@ -38,13 +38,26 @@ Mappings
     and, where every mapping holds a descriptor, ``RLIMIT_NOFILE`` leave the
     process when it attaches).  Past that, ``MappingLimitError``.
 
+Runs of arenas mapped as one
+    A giant object (giant.py) lies in consecutive arenas, and every process
+    sees it as one contiguous buffer: ``map_run`` reserves its length of
+    address space (an anonymous ``PROT_NONE`` mapping) and maps the data of
+    each arena into it back to back with ``MAP_FIXED``.  The buffer's owner
+    (``_native.Mapping``, or its pure-Python twin here, a ctypes array over
+    the reservation) unmaps the whole range when the last view of it goes,
+    not before: views outlive ``Heap.close()``.  Each arena of a run is a
+    mapping of its own for the kernel, so a run counts that many against
+    the limit for as long as its owner lives (``ArenaCache.track``).
+
 This module owns arena segments, trailers, the map and the cache of mapped
 arenas.  It does not touch the index or the lock.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import mmap
 import os
 import struct
@@ -53,7 +66,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
-from . import segments
+from . import core, segments
 from .errors import HeapCorruptError, MappingLimitError, OutOfSharedMemoryError, ShmHeapError
 from .names import arena_name, map_name, temp_arena_name
 from .pages import DEFAULT_PAGE_SIZE, ArenaPages, meta_size
@@ -168,17 +181,103 @@ def open_arena(heap_name: str, heap_id: int, index: int, arena_size: int,
 def verify_arena(heap_name: str, heap_id: int, index: int, arena_size: int,
                  page_size: int = DEFAULT_PAGE_SIZE) -> None:
     """Check published arena ``index``'s segment like ``open_arena``, without mapping it."""
+    os.close(open_checked(heap_name, heap_id, index, arena_size, True, page_size))
+
+
+def open_checked(heap_name: str, heap_id: int, index: int, arena_size: int, readonly: bool,
+                 page_size: int = DEFAULT_PAGE_SIZE) -> int:
+    """A descriptor of published arena ``index``'s segment, checked like ``open_arena``."""
     name = arena_name(heap_name, index)
     try:
-        fd, _st = segments.open_fd(name, readonly=True,
+        fd, _st = segments.open_fd(name, readonly=readonly,
                                    expect_size=segment_size(arena_size, page_size))
     except FileNotFoundError:
         raise _missing(heap_name, index) from None
     try:
         trailer = TRAILER.unpack(os.pread(fd, TRAILER.size, arena_size))
         _check_trailer(heap_name, heap_id, index, trailer)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
+
+
+def map_run(heap_name: str, heap_id: int, first: int, size: int, arena_size: int,
+            readonly: bool, page_size: int = DEFAULT_PAGE_SIZE) -> object:
+    """The data of arenas ``first``, ``first + 1``, ... (``size`` bytes in all, the last
+    arena's first bytes) mapped back to back as one buffer; returns the buffer's owner.
+
+    Each arena is opened by name and checked like ``open_arena``.  MappingLimitError
+    if the kernel refuses a mapping.
+    """
+    fds: list[int] = []
+    try:
+        parts = []
+        for offset in range(0, size, arena_size):
+            fds.append(open_checked(heap_name, heap_id, first + offset // arena_size, arena_size,
+                                    readonly, page_size))
+            parts.append((fds[-1], min(arena_size, size - offset)))
+        try:
+            if core.native is not None:
+                run: object = core.native.Mapping(size, parts, not readonly)
+            else:
+                run = _mapped_run(size, parts, not readonly)
+        except OSError as exc:
+            raise segments.mapping_error(exc, arena_name(heap_name, first)) from None
+        return run
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+# -- the pure-Python twin of _native.Mapping: libc's mmap and munmap through ctypes ----------
+
+_MAP_FIXED = 0x10  # Linux, every architecture
+_PROT_NONE = 0
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.mmap.restype = ctypes.c_void_p
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.munmap.restype = ctypes.c_int
+    return libc
+
+
+def _unmap(region: ctypes.Array[ctypes.c_ubyte]) -> None:
+    """Unmap a run's whole range (its owner's ``__del__``: the last view of it is gone)."""
+    _libc().munmap(ctypes.addressof(region), ctypes.sizeof(region))
+
+
+@functools.lru_cache(maxsize=64)
+def _run_type(size: int) -> type[ctypes.Array[ctypes.c_ubyte]]:
+    """A ctypes array type of ``size`` bytes that unmaps itself when it goes."""
+    return type("ArenaRun", (ctypes.c_ubyte * size,), {"__del__": _unmap})
+
+
+def _mapped_run(size: int, parts: list[tuple[int, int]], writable: bool) -> object:
+    """``_native.Mapping(size, parts, writable)`` in Python: reserve, map each part, own it."""
+    libc = _libc()
+    base = libc.mmap(None, size, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    if base is None or base == ctypes.c_void_p(-1).value:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    try:
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        offset = 0
+        for fd, length in parts:
+            if libc.mmap(base + offset, length, prot, mmap.MAP_SHARED | _MAP_FIXED, fd,
+                         0) != base + offset:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            offset += length
+        return _run_type(size).from_address(base)
+    except BaseException:
+        libc.munmap(base, size)
+        raise
 
 
 def _missing(heap_name: str, index: int) -> HeapCorruptError:
@@ -206,15 +305,18 @@ class ArenaCache:
         self.budget = budget
         #: recently used arenas, kept mapped; ``recent.get`` is the fast lookup
         self.recent: OrderedDict[int, ArenaPages] = OrderedDict()
-        #: every mapping of this cache still alive (kept, or pinned by a holder)
-        self._alive: dict[int, weakref.ref[mmap.mmap]] = {}
+        #: every holder of mappings of this cache still alive (an arena's mapping, kept or
+        #: pinned; a run of arenas mapped as one, see ``map_run``): id -> (weak ref, mappings)
+        self._alive: dict[int, tuple[weakref.ref[object], int]] = {}
+        #: the mappings those holders have (one element: the weak refs' callbacks change it)
+        self._count = [0]
         #: the native core's records of the arenas in ``recent`` (its free() looks there)
         self.records: dict[int, object] = {}
 
     @property
     def mapped(self) -> int:
-        """Mappings of arenas alive now (kept for reuse or pinned)."""
-        return len(self._alive)
+        """Mappings of arenas alive now (kept for reuse, pinned, or in runs)."""
+        return self._count[0]
 
     def get(self, index: int) -> ArenaPages:
         """Arena ``index`` (published), mapped now if it is not."""
@@ -222,17 +324,14 @@ class ArenaCache:
         if pages is not None:
             self.recent.move_to_end(index)
             return pages
-        self._make_room()
+        self.make_room()
         pages = self._open_pages(index)
         self.add(pages)
         return pages
 
     def add(self, pages: ArenaPages) -> None:
         """Keep ``pages`` (just mapped) as the most recently used arena."""
-        mapping = pages.arena.mapping
-        key = id(mapping)
-        alive = self._alive
-        alive[key] = weakref.ref(mapping, lambda _: alive.pop(key, None))
+        self.track(pages.arena.mapping, 1)
         self.recent[pages.index] = pages
         record = pages.native_record()
         if record is not None:
@@ -240,16 +339,30 @@ class ArenaCache:
         while len(self.recent) > self.budget.keep:
             self._drop_oldest()
 
-    def _make_room(self) -> None:
-        """Drop kept arenas until one more mapping fits the limit; error if all are pinned."""
-        while len(self._alive) >= self.budget.limit and self.recent:
+    def track(self, holder: object, count: int) -> None:
+        """Count ``count`` mappings against the limit for as long as ``holder`` lives."""
+        key = id(holder)
+        alive, tally = self._alive, self._count
+
+        def gone(_ref: object) -> None:
+            entry = alive.pop(key, None)
+            if entry is not None:
+                tally[0] -= entry[1]
+
+        alive[key] = (weakref.ref(holder, gone), count)
+        tally[0] += count
+
+    def make_room(self, count: int = 1) -> None:
+        """Drop kept arenas until ``count`` more mappings fit the limit; error if they cannot."""
+        limit = self.budget.limit
+        while self._count[0] + count > limit and self.recent:
             self._drop_oldest()
-        if len(self._alive) >= self.budget.limit:
+        if self._count[0] + count > limit:
             raise MappingLimitError(
-                f"{len(self._alive)} arenas are mapped and each is held (by a view, an "
-                f"ndarray, an Arena object): the limit of this process is "
-                f"{self.budget.limit}; release views you no longer need, or raise the "
-                f"limit ({segments.MAX_MAPPINGS_VAR}, vm.max_map_count)")
+                f"{self._count[0]} arena mappings are held (by views, ndarrays, Arena "
+                f"objects) and {count} more are needed: the limit of this process is "
+                f"{limit}; release views you no longer need, or raise the limit "
+                f"({segments.MAX_MAPPINGS_VAR}, vm.max_map_count)")
 
     def _drop_oldest(self) -> None:
         index, _pages = self.recent.popitem(last=False)

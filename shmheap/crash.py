@@ -63,6 +63,21 @@ CRASH_POINTS: dict[str, str] = {
                        "was bound to before not yet updated",
     "roots.removed": "an unbound root's value cleared, the counters and its object's root "
                      "count not yet updated",
+    "giant.claimed": "free arenas claimed as parts of a new giant object (owned by its "
+                     "maker), lock still held",
+    "giant.segment_created": "a giant object's new arena made under its temporary name, not "
+                             "yet linked (between two lock holds of its maker)",
+    "giant.segment_linked": "a giant object's new arena linked under its final name, not yet "
+                            "in the index",
+    "giant.part_grown": "a giant object's new arena published and claimed as one of its parts, "
+                        "lock still held",
+    "giant.tail_disowned": "every part of a giant object but the first given up by its maker; "
+                           "the object is not made yet",
+    "giant.made": "the first part of a giant object given up by its maker: the object exists, "
+                  "journal not yet cleared",
+    "giant.unpublished": "a giant object's first part freed (it is gone), its other parts not "
+                         "yet",
+    "giant.freed": "every part of a giant object freed, journal not yet cleared",
 }
 
 ENV_VAR = "SHMHEAP_CRASH_AT"

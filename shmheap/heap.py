@@ -11,6 +11,7 @@ protocol lives in its own module:
 * arenas.py    -- arena segments and the arena map
 * repair.py    -- checks and repairs (fsck), run after a dead holder
 * allocator.py, walker.py -- objects inside arenas; walking, mark/sweep, scavenging
+* giant.py     -- objects larger than an arena, over consecutive arenas
 * roots.py     -- ``heap.roots``: objects found by name
 * arrays.py    -- typed arrays: ``new_array`` and ``ndarray``
 
@@ -466,19 +467,28 @@ class Heap:
                                or not 1 <= at < self.max_arenas):
             raise InvalidParameterError(
                 f"grow(at={at!r}): an arena index must be an int in [1, {self.max_arenas})")
+        return self.build_arena(lambda seg: self._publish_arena(seg, at), deadline,
+                                "grow.segment_created")
+
+    def build_arena(self, publish: Callable[[segments.Segment], int], deadline: float | None,
+                    built: str) -> arenas.Arena:
+        """Make a new arena and ``publish(segment)`` it under the lock; return it, mapped.
+
+        Building (and reserving) the segment is the slow part: it is done
+        before taking the lock, under this process's own temporary name, and
+        crash point ``built`` is reached between the two.  ``publish`` links,
+        appends and maps it (journaled) and returns its index.
+        """
         live = self._live
         assert live is not None
         self._check_identity()
-        # Building (and reserving) the segment is the slow part: do it before
-        # taking the lock, under this process's own temporary name.
         live.set_building(True)
         try:
             seg = arenas.build(self.name, live.slot, self.arena_size, self.params.mode,
                                self.params.reserve, self.params.page_size)
             try:
-                crash.reach("grow.segment_created")
-                index = self._lock.run(lambda: self._publish_arena(seg, at), deadline,
-                                       write=True)
+                crash.reach(built)
+                index = self._lock.run(lambda: publish(seg), deadline, write=True)
             except BaseException:
                 seg.close()
                 raise
@@ -486,29 +496,46 @@ class Heap:
             with contextlib.suppress(ShmHeapError):
                 segments.remove_own(temp_arena_name(self.name, live.slot))
             live.set_building(False)
-        assert self._summaries is not None
-        arena = arenas.Arena(index, self.arena_size, seg)
-        self._pages.add(ArenaPages(self.name, arena, self.params.page_size, self._summaries))
-        return arena
+        return self.cache_new_arena(seg, index).arena
+
+    def cache_new_arena(self, seg: segments.Segment, index: int) -> ArenaPages:
+        """The page view of new arena ``seg``, published at ``index``, kept by this process's
+        arena cache (once: ``publish`` may have called this already)."""
+        pages = self._pages.recent.get(index)
+        if pages is None or pages.arena.mapping is not seg.map:
+            assert self._summaries is not None
+            pages = ArenaPages(self.name, arenas.Arena(index, self.arena_size, seg),
+                               self.params.page_size, self._summaries)
+            self._pages.add(pages)
+        return pages
 
     def _publish_arena(self, seg: segments.Segment, at: int | None) -> int:
         """Link, append and map the new arena ``seg`` (lock held); returns its index."""
-        assert self._map is not None and self._live is not None
-        self._index.header()  # a broken heap fails here, before anything is linked
-        self._check_identity()  # nor is anything linked under a recycled name
-        self._live.recycle_dead_slots(builders_only=True)
+        self.before_link()
         index = self._link_new_arena(seg, at)
         crash.reach("grow.segment_linked")
-        self._index.append(index)
-        self._map.add(index)
-        assert self._summaries is not None
-        self._summaries.free.set(index, self.pages_per_arena)  # a new arena is all free pages
+        self.add_arena(index)
         crash.reach("grow.map_set")
         if at is None:
             self._words[control.HINT_OFFSET // 8] = index + 1
         crash.reach("grow.hint_moved")
         self._journal.end()
         return index
+
+    def before_link(self) -> None:
+        """The checks before a new arena is linked (lock held); dead growers' arenas go."""
+        assert self._live is not None
+        self._index.header()  # a broken heap fails here, before anything is linked
+        self._check_identity()  # nor is anything linked under a recycled name
+        self._live.recycle_dead_slots(builders_only=True)
+
+    def add_arena(self, index: int) -> None:
+        """Append arena ``index``, linked under its final name, to the index and set its map
+        bit (lock held, the journal naming it): it is published, all free pages."""
+        assert self._map is not None and self._summaries is not None
+        self._index.append(index)
+        self._map.add(index)
+        self._summaries.free.set(index, self.pages_per_arena)
 
     def _link_new_arena(self, seg: segments.Segment, at: int | None) -> int:
         """Link ``seg`` at ``at`` or at the next free index; return the index.
@@ -518,7 +545,7 @@ class Heap:
         """
         assert self._map is not None
         if at is not None:
-            if at in self._map or not self._try_link(seg, at):
+            if at in self._map or not self.try_link(seg, at):
                 raise ArenaCollisionError(
                     f"heap {self.name!r}: arena index {at} is already taken; choose another "
                     "index or call grow() without at=")
@@ -528,21 +555,23 @@ class Heap:
         for lo, hi in ((start, self.max_arenas), (1, start)):
             index = self._map.next_free(lo, hi)
             while index is not None:
-                if self._try_link(seg, index):
+                if self.try_link(seg, index):
                     return index
                 index = self._map.next_free(index + 1, hi)
         raise AddressSpaceExhaustedError(
             f"heap {self.name!r}: all {self.max_arenas - 1} arena indices are taken; create "
             "the heap with a larger max_arenas or arena_size")
 
-    def _try_link(self, seg: segments.Segment, index: int) -> bool:
-        """Journal ``GROW(index)`` and link ``seg`` there; on a collision clear the journal.
+    def try_link(self, seg: segments.Segment, index: int,
+                 journal: tuple[int, int, int] | None = None) -> bool:
+        """Journal ``GROW(index)`` (or ``journal``: op, arena, arg) and link ``seg`` at
+        ``index``; on a collision clear the journal and return False.
 
         The summary leaves of ``index`` get their memory first (summary.py).
         """
         assert self._summaries is not None
         self._summaries.reserve_leaves(index)
-        self._journal.begin(control.GROW, index)
+        self._journal.begin(*(journal or (control.GROW, index, 0)))
         if arenas.link(self.name, seg, self.params.heap_id, self.arena_size, index):
             return True
         self._journal.end()
@@ -675,7 +704,11 @@ class Heap:
         self._objects().free(ref, timeout)
 
     def view(self, ref: int, timeout: float | None = None) -> memoryview:
-        """A memoryview of exactly the object's ``size_of(ref)`` bytes (read-only if readonly)."""
+        """A memoryview of exactly the object's ``size_of(ref)`` bytes (read-only if readonly).
+
+        An object larger than an arena is one contiguous view too: its arenas
+        mapped back to back, for as long as a view of them lives (giant.py).
+        """
         return self._objects().view(ref, timeout)
 
     def size_of(self, ref: int, timeout: float | None = None) -> int:

@@ -15,7 +15,12 @@ arena, so a new arena needs no initialisation)::
                          seqlock), odd while a span is being made or freed;
                          an audit that finds it odd (a holder died mid-way)
                          makes it even after fixing the records
-    16     112  (reserved, zero)
+    16       4  part     lock holder: 1 + this arena's place in a giant
+                         object (an object over several arenas, giant.py), 0
+                         if it holds no part of one; written last, cleared first
+    20       4  parts    lock holder: how many arenas that object spans
+    24       8  total    lock holder: how many pages that object has
+    32      96  (reserved, zero)
     128      P  used     lock holder: 1 for every page of an in-use span
     .        P  state    lock holder: what a free page holds (CLEAN, DIRTY,
                          RELEASED, RELEASING below); on a used page, meaningless but
@@ -43,6 +48,12 @@ Which arenas have free pages, spans with owners, or unowned spans of a
 class with free slots is summarised across the heap in summary.py; every
 change of ``used`` here updates the arena's leaf of the "free" tree (its
 longest free run) in the same journaled mutation.
+
+A giant object's part (``part``, ``parts``, ``total``: the *giant record*)
+is a span at page 0 of class 0, like a large object's; the record is
+written before that span is made and cleared after it is freed, each
+between two stores of ``seq``, so a record on an arena whose page 0 is free
+was left by a holder stopped half-way, and the audit clears it.
 
 That is 21.25 bytes per page plus 128: 0.26 % of an 8 KiB page, 0.52 % of a
 4 KiB one (the per-object bytes of small spans live in the spans themselves,
@@ -113,6 +124,7 @@ DEFAULT_PAGE_SIZE = 8192
 MIN_PAGES_PER_ARENA = 8
 HEADER_SIZE = 128
 SEQ_OFFSET = 8
+GIANT_OFFSET = 16
 
 #: states of a free page
 CLEAN, DIRTY, RELEASED, RELEASING = 0, 1, 2, 3
@@ -226,12 +238,31 @@ def runs(data: bytes, value: int) -> Iterator[tuple[int, int]]:
         pos = data.find(value, end)
 
 
+class Giant(NamedTuple):
+    """An arena's giant record: its part of an object over ``parts`` arenas (giant.py)."""
+
+    #: this arena's place in the object, 0 for the first (whose heap address is the ref)
+    part: int
+    #: arenas of the object
+    parts: int
+    #: pages of the object: every page of each arena but the last, some of the last
+    total: int
+
+    def first(self, index: int) -> int:
+        """The index of the object's first arena, if this record is arena ``index``'s."""
+        return index - self.part
+
+    def part_pages(self, pages_per_arena: int) -> int:
+        """Pages of this part: all of its arena's, or what is left of ``total`` for the last."""
+        return min(pages_per_arena, self.total - self.part * pages_per_arena)
+
+
 class ArenaPages:
     """This process's view of one arena's data and page metadata."""
 
-    __slots__ = ("arena", "base", "data", "heap_name", "index", "inuse", "marks", "meta",
-                 "npages", "owner", "page_shift", "page_size", "pages", "sclass", "seq", "span",
-                 "state", "summaries", "used")
+    __slots__ = ("arena", "base", "data", "giant_ids", "giant_total", "heap_name", "index",
+                 "inuse", "marks", "meta", "npages", "owner", "page_shift", "page_size", "pages",
+                 "sclass", "seq", "span", "state", "summaries", "used")
 
     def __init__(self, heap_name: str, arena: Arena, page_size: int,
                  summaries: Summaries) -> None:
@@ -250,6 +281,9 @@ class ArenaPages:
         self.pages = lay.pages
         self.meta = meta
         self.seq = meta[SEQ_OFFSET:SEQ_OFFSET + 8].cast("Q")
+        #: the giant record: part + 1 and parts (uint32), then total (uint64)
+        self.giant_ids = meta[GIANT_OFFSET:GIANT_OFFSET + 8].cast("I")
+        self.giant_total = meta[GIANT_OFFSET + 8:GIANT_OFFSET + 16].cast("Q")
         self.used = meta[lay.used:lay.used + lay.pages]
         self.state = meta[lay.state:lay.state + lay.pages]
         self.sclass = meta[lay.sclass:lay.sclass + lay.pages]
@@ -273,8 +307,8 @@ class ArenaPages:
 
     def close(self) -> None:
         """Release the views into the arena and unmap it (if nothing else holds it)."""
-        for name in ("data", "meta", "seq", "used", "state", "sclass", "inuse", "marks",
-                     "span", "npages", "owner"):
+        for name in ("data", "meta", "seq", "giant_ids", "giant_total", "used", "state",
+                     "sclass", "inuse", "marks", "span", "npages", "owner"):
             getattr(self, name).release()
         self.arena.close()
 
@@ -319,25 +353,64 @@ class ArenaPages:
             return None
         return npages, self.sclass[start]
 
-    def read_span(self, start: int) -> tuple[int, int] | None:
-        """``span_of`` for a lock-free reader; None also if the span is changing meanwhile."""
-        return self.steady(self.span_of, start)
+    def span_record(self, start: int) -> tuple[int, int, Giant | None] | None:
+        """``span_of`` and, for a span of class 0 at page 0, the giant record (or None)."""
+        found = self.span_of(start)
+        if found is None:
+            return None
+        return *found, None if start or found[1] else self.giant()
 
-    def page_record(self, page: int) -> tuple[int, int, int, int]:
-        """(used, span entry - 1, sclass, npages) of ``page``: raw reads for ``steady``.
+    def read_span(self, start: int) -> tuple[int, int, Giant | None] | None:
+        """``span_record`` for a lock-free reader; None also if the span is changing meanwhile.
+
+        (A giant record is written and cleared between stores of ``seq`` too.)
+        """
+        return self.steady(self.span_record, start)
+
+    def page_record(self, page: int) -> tuple[int, int, int, int, int]:
+        """(used, span entry - 1, sclass, npages, part) of ``page``: raw reads for ``steady``.
 
         sclass and npages are those of the span's first page, 0 if the entry
         names no page at or before ``page``; npages is 0 too unless the span
         it describes holds ``page`` and its last page names the same start.
+        ``part`` is the giant record's ``part`` field (1 + the arena's place
+        in a giant object, 0 for none) if the span starts at page 0, else 0.
         """
         used = self.used[page]
         start = self.span[page] - 1
         if not 0 <= start <= page:
-            return used, start, 0, 0
+            return used, start, 0, 0, 0
         npages = self.npages[start]
         if not page < start + npages <= self.pages or self.span[start + npages - 1] != start + 1:
             npages = 0
-        return used, start, self.sclass[start], npages
+        return used, start, self.sclass[start], npages, 0 if start else self.giant_ids[0]
+
+    def giant(self) -> Giant | None:
+        """This arena's giant record if it has one that could be true, else None (no lock:
+        what a reader gets is a snapshot; the lock holder's is the truth)."""
+        part, parts = self.giant_ids[0] - 1, self.giant_ids[1]
+        total = self.giant_total[0]
+        if (not 0 <= part < min(parts, self.index) or parts < 2
+                or not (parts - 1) * self.pages < total <= parts * self.pages):
+            return None
+        return Giant(part, parts, total)
+
+    def set_giant(self, giant: Giant | None) -> None:
+        """Write this arena's giant record, or clear it (lock holder), between ``seq`` stores.
+
+        Written before the part's span is made, cleared after it is freed.
+        """
+        self.begin_change()
+        ids = self.giant_ids
+        if giant is None:
+            ids[0] = 0
+            ids[1] = 0
+            self.giant_total[0] = 0
+        else:
+            self.giant_total[0] = giant.total
+            ids[1] = giant.parts
+            ids[0] = giant.part + 1
+        self.end_change()
 
     def used_pages(self) -> bytes:
         """The ``used`` bytes; HeapCorruptError if one is neither 0 nor 1."""
@@ -556,12 +629,31 @@ class ArenaPages:
             problems.append(Problem(
                 "page-state", f"arena {self.index}: {len(bad)} free pages have an unknown "
                 "state", lambda: self._set_states(bad, RELEASING)))
+        problems += self._audit_giant()
         if self.seq[0] & 1:  # last: its fix runs after the record fixes above
             problems.append(Problem(
                 "span-seq-odd", f"arena {self.index}: its span sequence word is odd (a process "
                 "died making or freeing a span); lock-free readers wait for it to be even",
                 self.end_change))
         return problems
+
+    def _audit_giant(self) -> list[Problem]:
+        """The giant record against the span at page 0 (see the module docstring)."""
+        part = self.giant_ids[0]
+        if not (part or self.giant_ids[1] or self.giant_total[0]):
+            return []
+        if not part or not self.in_use(0):
+            return [Problem("giant-record", f"arena {self.index}: a giant object's record "
+                            "stayed on it, but its page 0 holds no part of one (a process died "
+                            "making or freeing a giant object)",
+                            functools.partial(self.set_giant, None))]
+        giant = self.giant()
+        if (giant is None or self.sclass[0] or self.span[0] != 1
+                or self.npages[0] != giant.part_pages(self.pages)):
+            return [Problem("giant-record", f"arena {self.index}: its giant record (part "
+                            f"{part - 1} of {self.giant_ids[1]}, {self.giant_total[0]} pages) "
+                            "does not describe the span at its page 0", None)]
+        return []
 
     def _free_orphans(self, start: int, npages: int) -> None:
         self.begin_change()

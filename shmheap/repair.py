@@ -19,6 +19,10 @@ journal op      what may be left, and what repair does
 ``DISOWN(i,p)`` the span at page p half given up -> audit, then disowned
 ``ROOTS``       a root half bound or unbound -> finished or undone from the
                 roots segment's intent record (roots.py)
+``GIANT(s,k)``  a giant object over arenas s..s+k-1 half claimed, grown, made
+                or freed -> its arenas as for ``GROW``, their page metadata
+                audited, then the object finished if its first part is made,
+                else every part of it freed (giant.py)
 anything else  the journal itself is garbage -> a full check with repair
 ==============  ===========================================================
 
@@ -59,9 +63,9 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import arenas, control, roots, segments
+from . import arenas, control, giant, roots, segments
 from .allocator import Note, audit_arena, check_allocator
-from .control import ARENA_OPS, DISOWN, GROW, MAX_GENERATIONS, PAGES, ROOTS
+from .control import ARENA_OPS, DISOWN, GIANT, GROW, MAX_GENERATIONS, PAGES, ROOTS
 from .errors import HeapCorruptError, ShmHeapError
 from .index import BROKEN_GENERATION, ENTRY_SIZE
 from .lock import HeapLock
@@ -77,6 +81,8 @@ from .names import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .heap import Heap
 
 
@@ -339,6 +345,8 @@ def _describe(entry: tuple[int, int, int]) -> str:
         return f"giving up the cached span at page {arg} of arena {arena}"
     if op == ROOTS:
         return "binding or unbinding a root"
+    if op == GIANT:
+        return f"a change to the giant object over arenas {arena}..{arena + arg - 1}"
     return f"an unknown mutation (journal op {op}, arena {arena})"
 
 
@@ -355,7 +363,8 @@ def repair_journal(heap: Heap) -> list[Finding]:
         return []
     op, arena, arg = entry
     fix = _JOURNAL_FIXES.get(op)
-    if fix is None or (op in ARENA_OPS and not 1 <= arena < heap.max_arenas):
+    if fix is None or (op in ARENA_OPS and not 1 <= arena < heap.max_arenas) or (
+            op == GIANT and not 2 <= arg <= heap.max_arenas - arena):
         heap._journal.end()  # it names nothing real: check everything instead
         findings = _Checker(heap, repair=True, full=True).run()
     else:
@@ -375,7 +384,7 @@ def repair_journal(heap: Heap) -> list[Finding]:
                     fixed=True), *findings]
 
 
-def _finish_grow(heap: Heap, index: int, _arg: int) -> list[Finding]:
+def _finish_grow(heap: Heap, index: int, _arg: int, journaled: bool = True) -> list[Finding]:
     findings = []
     generation, length = heap._index.header()
     entries = heap._index.generation(generation)
@@ -386,7 +395,7 @@ def _finish_grow(heap: Heap, index: int, _arg: int) -> list[Finding]:
             amap.add(index)
             findings.append(Finding("grow-unfinished", f"arena {index} was published but "
                                     "not yet in the arena map; added", fixed=True))
-        findings += _audit_pages(heap, index, 0)  # its leaf in the free summary too
+        findings += _audit_pages(heap, index, 0, journaled)  # its leaf in the free summary too
     elif index not in amap and _is_ours(heap, index):
         segments.unlink(arena_name(heap.name, index))
         findings.append(Finding("grow-unfinished", f"arena {index} was linked but never "
@@ -409,9 +418,23 @@ def _fixing() -> tuple[list[Finding], Note]:
     return findings, note
 
 
-def _audit_pages(heap: Heap, index: int, _arg: int) -> list[Finding]:
+def _audit_pages(heap: Heap, index: int, _arg: int, journaled: bool = True) -> list[Finding]:
     findings, note = _fixing()
-    audit_arena(heap._objects(), index, note)
+    audit_arena(heap._objects(), index, note, journaled)
+    return findings
+
+
+def _finish_giant(heap: Heap, first: int, parts: int) -> list[Finding]:
+    """The journal still says ``GIANT`` until this is done (a repair stopped is run again)."""
+    findings = []
+    for index in range(first, first + parts):
+        if index in heap:
+            findings += _audit_pages(heap, index, 0, journaled=False)
+        else:  # grown in the step stopped, or never: as GROW's repair (audited if published)
+            findings += _finish_grow(heap, index, 0, journaled=False)
+    done = giant.settle(heap._objects(), first, parts)
+    if done:
+        findings.append(Finding("giant-unfinished", done, fixed=True))
     return findings
 
 
@@ -432,8 +455,9 @@ def _finish_roots(heap: Heap, _arena: int, _arg: int) -> list[Finding]:
     return findings
 
 
-_JOURNAL_FIXES = {GROW: _finish_grow, PAGES: _audit_pages, DISOWN: _finish_disown,
-                  ROOTS: _finish_roots}
+_JOURNAL_FIXES: dict[int, Callable[[Heap, int, int], list[Finding]]] = {
+    GROW: _finish_grow, PAGES: _audit_pages, DISOWN: _finish_disown,
+    ROOTS: _finish_roots, GIANT: _finish_giant}
 
 
 def _remove_own(name: str) -> bool:

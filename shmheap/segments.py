@@ -226,6 +226,11 @@ class Segment:
             self.map.close()
 
 
+def mapping_error(exc: OSError, name: str) -> ShmHeapError:
+    """The ShmHeapError of a failed mapping of segment ``name`` (ENOMEM: the mapping limit)."""
+    return _translate(exc, name, mapping=True)
+
+
 def _translate(exc: OSError, name: str, mapping: bool = False) -> ShmHeapError:
     """Turn an OSError about segment ``name`` into the matching ShmHeapError.
 

@@ -21,6 +21,10 @@ Walk (``heap.walk()``, ``heap.stats()``)
       stopped mid-change), the span is read under the heap lock instead.
       So a span is never reported with one span's length and another's
       size class, and a busy arena never hides a span that stays in use.
+    * a giant object (giant.py) is reported once, with its size, as its
+      first arena's span; its other arenas' parts, and the parts of one
+      still being made, are not objects (their giant records are read in
+      the same steady read as their spans).
 
 Mark and sweep (Go's mark bits and fast free-page reclaim)
     ``start_cycle()``: under the lock, bump the cycle number, record the
@@ -42,7 +46,9 @@ Mark and sweep (Go's mark bits and fast free-page reclaim)
 
     * frees under the lock every unowned span found through
       ``pageInUse &^ pageMarks`` (compared as bytes first: one memcmp per
-      arena when every span is marked), without reading its objects;
+      arena when every span is marked), without reading its objects; an
+      unmarked giant object, found by its first part, is freed whole (its
+      other parts' marks mean nothing);
     * in every other small span, frees each object whose alloc byte is 1
       and mark byte 0 (alloc read before mark, so an object the owner is
       allocating right now is seen marked), with one store per object, and
@@ -79,10 +85,10 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import crash
+from . import crash, giant
 from .control import CYCLE_ARENAS_OFFSET, CYCLE_OFFSET, PAGES, SWEEP_CURSOR_OFFSET
 from .index import ArenaSnapshot
-from .pages import RELEASED, RELEASING, ArenaPages, bits_set, positions, runs
+from .pages import RELEASED, RELEASING, ArenaPages, Giant, bits_set, positions, runs
 from .summary import nonzero_positions
 
 if TYPE_CHECKING:
@@ -206,11 +212,12 @@ def _remaining(deadline: float | None) -> float | None:
 
 
 def read_span(allocator: Allocator, pages: ArenaPages, start: int,
-              deadline: float | None) -> tuple[int, int] | None:
-    """(npages, sclass) of the span at ``start``: lock-free if it holds still, else locked."""
+              deadline: float | None) -> tuple[int, int, Giant | None] | None:
+    """(npages, sclass, giant record) of the span at ``start`` (pages.py ``span_record``):
+    lock-free if it holds still, else locked."""
     found = pages.read_span(start)
     if found is None:
-        found = allocator._lock.run(lambda: pages.span_of(start), deadline)
+        found = allocator._lock.run(lambda: pages.span_record(start), deadline)
     return found
 
 
@@ -221,10 +228,14 @@ def arena_spans(allocator: Allocator, pages: ArenaPages,
         found = read_span(allocator, pages, start, deadline)
         if found is None or not allocator.span_ok(found[1], found[0]):
             continue
-        npages, c = found
+        npages, c, part = found
         address = pages.base + (start << shift)
         owner = pages.owner[start]
         if c == 0:
+            if part is not None:  # a part of a giant object (giant.py)
+                if part.part or owner:
+                    continue  # listed with its first part; or not made yet
+                npages = part.total
             yield SpanInfo(pages.index, address, npages, 0, npages << shift, 1, (address,),
                            bool(owner), pages.marked(start))
             continue
@@ -396,6 +407,10 @@ def sweep_arena(allocator: Allocator, pages: ArenaPages,
         if found is None:
             continue
         unowned = not pages.owner[start]
+        if found[2] is not None:  # a part of a giant object
+            if start in unmarked and unowned and not found[2].part:
+                whole.append(start)  # its first part: the object (its other parts: skipped)
+            continue
         if start in unmarked and unowned:
             whole.append(start)
             continue
@@ -439,6 +454,12 @@ def _free_spans(allocator: Allocator, pages: ArenaPages, whole: list[int],
     """Lock holder: free the unmarked unowned spans and the empty unowned ones."""
     spans = npages = 0
     journal = allocator._journal
+    if whole[:1] == [0] and pages.giant() is not None:  # a giant object: its own journal
+        whole = whole[1:]
+        if (giant.made(pages) is not None and not pages.marked(0)
+                and not allocator.holds_roots(pages, 0, 0)):
+            npages += giant.free_locked(allocator, pages)
+            spans += 1
     journal.begin(PAGES, pages.index)
     for start in whole:
         if (pages.in_use(start) and not pages.owner[start] and not pages.marked(start)

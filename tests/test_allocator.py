@@ -198,7 +198,8 @@ def test_ndarray_is_a_zero_copy_view(heap: shmheap.Heap) -> None:
 # -- bad input ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("nbytes", [0, -1, 1.5, "64", None, True, 10**30, ARENA + 1])
+@pytest.mark.parametrize("nbytes", [0, -1, 1.5, "64", None, True, 10**30,
+                                    shmheap.heap.DEFAULT_MAX_ARENAS * ARENA])  # one arena too many
 def test_bad_sizes_are_typed_errors(heap: shmheap.Heap, nbytes: object) -> None:
     with pytest.raises(shmheap.InvalidParameterError):
         heap.alloc(nbytes)  # type: ignore[arg-type]
@@ -385,7 +386,8 @@ def test_orphaned_pages_are_found_by_fsck(heap: shmheap.Heap) -> None:
 
 
 class AllocatorMachine(RuleBasedStateMachine):
-    """alloc/free/write/read against a dict model of the live objects' contents."""
+    """alloc/free/write/read against a dict model of the live objects' contents, objects of
+    every kind: small, large, and giant (over up to four arenas)."""
 
     refs = Bundle("refs")
 
@@ -396,7 +398,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.model: dict[int, bytearray] = {}
 
     @rule(target=refs, nbytes=st.one_of(st.integers(1, 600), st.integers(601, 40000),
-                                         st.integers(40001, ARENA)))
+                                         st.integers(40001, ARENA),
+                                         st.integers(ARENA + 1, 7 * ARENA // 2)))  # giant
     def alloc(self, nbytes: int) -> int:
         ref = self.heap.alloc(nbytes)
         assert ref not in self.model
@@ -467,10 +470,14 @@ def test_alloc_benchmark_tiny_run_reports_its_figures(tmp_path: Any,
     assert set(handover["median_s"]) == {"shmheap_attach", "shmheap_attached", "shared_memory"}
     assert all(seconds > 0 for seconds in handover["median_s"].values())
     assert handover["consumers"] == 4 and handover["bytes"] == 8 << 20
+    big = results["giant"]
+    assert big["bytes"] == 4 << 20 and big["arenas"] == 4, "every round reused the 4 arenas"
+    assert all(seconds > 0 for seconds in big["median_s"].values())
     left = {e for e in set(os.listdir("/dev/shm")) - segments_before if e.startswith("psm_")}
     assert not left, f"the hand-over left shared_memory segments: {left}"
     out = capsys.readouterr().out
     assert "Targets:" in out and "6. Roots" in out and "7. Hand-over" in out
+    assert "8. A giant object" in out
 
 
 def test_forked_child_forgets_the_parents_span_caches(heap: shmheap.Heap) -> None:

@@ -126,9 +126,17 @@ def test_bad_shapes_are_refused(heap: shmheap.Heap, shape: object) -> None:
         heap.new_array(shape, "f8")  # type: ignore[arg-type]
 
 
-def test_an_array_larger_than_an_arena_says_to_use_larger_arenas(heap: shmheap.Heap) -> None:
-    with pytest.raises(shmheap.InvalidParameterError, match="larger arena_size"):
-        heap.new_array((ARENA // 8,), "f8")
+def test_an_array_larger_than_an_arena_is_one_array_over_consecutive_arenas(
+        heap: shmheap.Heap) -> None:
+    count = 3 * ARENA // 8 + 1000                 # its data alone takes more than 3 arenas
+    ref = heap.new_array((count // 4, 4), "f8")
+    array = heap.ndarray(ref)
+    assert array.shape == (count // 4, 4) and array.flags.c_contiguous
+    assert heap.size_of(ref) > 3 * ARENA and ref % ARENA == 0
+    array.reshape(-1)[:] = numpy.arange(count)
+    again = heap.ndarray(ref).reshape(-1)
+    assert again[ARENA // 8 - 1] == ARENA // 8 - 1 and again[-1] == count - 1
+    assert array.ctypes.data % arrays.ALIGN == 0
 
 
 def test_a_damaged_description_is_heap_corrupt(heap: shmheap.Heap) -> None:

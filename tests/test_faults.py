@@ -55,6 +55,13 @@ for i in range(140):
     h.roots[f"n{i}"] = small
 """
 
+#: Giant steps that pass every giant crash point: an object over a free arena and two new
+#: ones (claimed, grown, made), then freed.
+GIANT_STEPS = """
+h.grow()
+h.free(h.alloc(2 * h.arena_size + 5000))
+"""
+
 #: crash point prefix or name -> (parent setup, child operation, K: the passage to raise at)
 OPERATIONS: dict[str, tuple[str, str, int]] = {
     "lock": ("", "h.grow()", 2),                     # attach itself passes once
@@ -73,6 +80,7 @@ OPERATIONS: dict[str, tuple[str, str, int]] = {
     "cycle.started": ("", "h.start_cycle()", 1),
     "sweep.claimed": ("", "h.free(h.alloc(100)); h.start_cycle(); h.sweep()", 1),
     "roots": ("", ROOT_STEPS, 1),
+    "giant": ("", GIANT_STEPS, 1),
 }
 
 

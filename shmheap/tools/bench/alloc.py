@@ -20,7 +20,11 @@ One run measures, and prints each figure next to its target:
 7. handing an array over by name: one process allocates a float64 array
    (``new_array`` + a root) and 4 spawned processes attach, look it up and
    read it, against ``multiprocessing.shared_memory`` (create + attach by
-   name) in the same run, rounds interleaved.
+   name) in the same run, rounds interleaved;
+8. a giant object: allocate, fill and free an object over 4 arenas (after a
+   first one grew them, each allocation reuses their free pages), against
+   ``multiprocessing.shared_memory`` (create, fill, close + unlink) of the
+   same size, rounds interleaved.
 
 Every heap has a unique name and is destroyed in ``finally``.  The scan
 figures call ``walker.unmarked_starts`` (what ``sweep`` calls per arena)
@@ -116,6 +120,10 @@ METHOD = (
     "arenas (reserve=False, as shared_memory's segment is sparse): its arena is grown within "
     "the time; the consumers attach the heap within the time, or attached it before. A first "
     "round of each way warms the processes up; median of the other rounds.",
+    "giant = heap.alloc(4 * arena_size) (the 4 free arenas of the first such object reused: "
+    "their dirty pages zeroed), heap.view(ref)[:] = a byte pattern (the view maps the 4 arenas "
+    "back to back first), heap.free(ref); sparse arenas; shared_memory = SharedMemory(create="
+    "True, size=same) + the same fill + close() + unlink(); median of the rounds.",
 )
 
 
@@ -135,18 +143,24 @@ class Plan:
     #: bytes of the array handed over, and rounds of each way
     handover_bytes: int
     handover_rounds: int
+    #: arena size of the giant objects (each is 4 arenas), and rounds of each way
+    giant_arena: int
+    giant_rounds: int
 
 
 PLANS = {
     "full": Plan("full", pair_s=1.0, throughput_s=2.0, walk_objects=200_000, scan_arenas=64,
                  sweep_objects=100_000, scavenge_bytes=512 * MIB, roots=100_000,
-                 handover_bytes=256 * MIB, handover_rounds=5),
+                 handover_bytes=256 * MIB, handover_rounds=5, giant_arena=64 * MIB,
+                 giant_rounds=5),
     "quick": Plan("quick", pair_s=0.3, throughput_s=0.7, walk_objects=50_000, scan_arenas=16,
                   sweep_objects=30_000, scavenge_bytes=128 * MIB, roots=100_000,
-                  handover_bytes=64 * MIB, handover_rounds=3),
+                  handover_bytes=64 * MIB, handover_rounds=3, giant_arena=16 * MIB,
+                  giant_rounds=5),
     "tiny": Plan("tiny", pair_s=0.02, throughput_s=0.05, walk_objects=2_000, scan_arenas=2,
                  sweep_objects=1_000, scavenge_bytes=4 * MIB, roots=2_000,
-                 handover_bytes=8 * MIB, handover_rounds=1),
+                 handover_bytes=8 * MIB, handover_rounds=1, giant_arena=1 * MIB,
+                 giant_rounds=2),
 }
 
 
@@ -176,6 +190,8 @@ def run(quick: bool = False, *, tiny: bool = False,
     results["roots"] = roots_figures(plan)
     say("hand-over of an array")
     results["handover"] = handover_figures(plan)
+    say("a giant object")
+    results["giant"] = giant_figures(plan)
     results["targets"] = [target.as_dict() for target in targets(results)]
     results["environment"]["loadavg_after"] = list(os.getloadavg())
     results["seconds"] = time.monotonic() - started
@@ -601,6 +617,55 @@ def expect_items(results: Any, workers: list[Any]) -> tuple[float, float]:
     return float(message[1]), float(message[2])
 
 
+# -- 8. a giant object -------------------------------------------------------------------------
+
+#: arenas of the giant object
+GIANT_ARENAS = 4
+
+
+def giant_figures(plan: Plan) -> dict[str, Any]:
+    """Median seconds to allocate, fill and free a 4-arena object, beside shared_memory."""
+    size = GIANT_ARENAS * plan.giant_arena
+    pattern = b"\x5a" * size
+    times: dict[str, list[float]] = {"alloc": [], "fill": [], "free": [], "shared_memory": []}
+    with bench_heap("bgiant", arena_size=plan.giant_arena, reserve=False) as heap:
+        began = time.perf_counter()
+        heap.free(heap.alloc(size))  # grows the 4 arenas that every round then reuses
+        first = time.perf_counter() - began
+        for _ in range(plan.giant_rounds):
+            began = time.perf_counter()
+            ref = heap.alloc(size)
+            allocated = time.perf_counter()
+            heap.view(ref)[:] = pattern
+            filled = time.perf_counter()
+            heap.free(ref)
+            freed = time.perf_counter()
+            times["alloc"].append(allocated - began)
+            times["fill"].append(filled - allocated)
+            times["free"].append(freed - filled)
+            times["shared_memory"].append(shared_memory_round(pattern))
+        arenas = len(heap.snapshot())
+    medians = {key: statistics.median(values) for key, values in times.items()}
+    ours = medians["alloc"] + medians["fill"] + medians["free"]
+    return {"bytes": size, "arena_size": plan.giant_arena, "rounds": plan.giant_rounds,
+            "arenas": arenas, "first_s": first, "median_s": medians, "total_s": ours,
+            "ratio": ours / medians["shared_memory"]}
+
+
+def shared_memory_round(pattern: bytes) -> float:
+    """Seconds to create a SharedMemory of ``len(pattern)`` bytes, fill it, close and unlink it."""
+    began = time.perf_counter()
+    segment = shared_memory.SharedMemory(create=True, size=len(pattern))
+    try:
+        buf = segment.buf
+        assert buf is not None
+        buf[:len(pattern)] = pattern
+    finally:
+        segment.close()
+        segment.unlink()
+    return time.perf_counter() - began
+
+
 # -- targets, report, plot, command line -------------------------------------------------------
 
 
@@ -654,11 +719,8 @@ def report_pairs(pairs: dict[str, Any], checks: dict[str, Any], out: TextIO | No
         rows.append([label, fmt_ns(figure["p50_ns"]), fmt_ns(figure["p99_ns"]), target])
     rows.append(["BufferWrapper / shmheap (64 B)", fmt_ratio(pairs["ratio"]), "",
                  checked(checks, "BufferWrapper(64) / shmheap pair p50")])
-    print_table(
-        ["what", "p50", "p99", "target"],
-        rows,
-        title="1. alloc + free pair latency",
-        out=out)
+    print_table(["what", "p50", "p99", "target"], rows, title="1. alloc + free pair latency",
+                out=out)
 
 
 def report_rest(results: dict[str, Any], checks: dict[str, Any], out: TextIO | None) -> None:
@@ -670,13 +732,10 @@ def report_rest(results: dict[str, Any], checks: dict[str, Any], out: TextIO | N
         ["2 at once, a heap each (sum)", fmt_rate(thru["two_separate_heaps_pairs_per_s"])],
     ], title="2. Throughput (alloc+free pairs of 16-1000 bytes)", out=out)
     walk = results["walk"]
-    print_table(
-        ["objects", "spans", "walk p50", "objects/s", "spans/s"],
-        [[
+    print_table(["objects", "spans", "walk p50", "objects/s", "spans/s"], [[
         f"{walk['objects']:,}", f"{walk['spans']:,}", fmt_ns(walk["latency"]["p50_ns"]),
         fmt_rate(walk["objects_per_s"]), fmt_rate(walk["spans_per_s"])]],
-        title="3. Walker",
-        out=out)
+        title="3. Walker", out=out)
     scan = results["scan"]
     name = "sweep scan, all spans marked (GB of heap per ms)"
     rows = [[label, fmt_ns(row["latency"]["p50_ns"]), f"{row['gb_per_ms']:.3g}",
@@ -684,20 +743,15 @@ def report_rest(results: dict[str, Any], checks: dict[str, Any], out: TextIO | N
             for key, label in (("all_marked", "all marked"), ("none_marked", "none marked"),
                                ("numpy_all_marked", "numpy per arena, all marked"))
             if (row := scan[key]) is not None]
-    print_table(
-        ["case", "p50", "GB/ms", "target"],
-        rows,
-        title=f"4. Sweep scan of pageInUse &^ pageMarks: {scan['arenas']} arenas of "
+    print_table(["case", "p50", "GB/ms", "target"], rows,
+                title=f"4. Sweep scan of pageInUse &^ pageMarks: {scan['arenas']} arenas of "
                 f"{format_size(scan['arena_size'])} ({format_size(scan['heap_bytes'])})",
-        out=out)
+                out=out)
     sweep = results["sweep"]
-    print_table(
-        ["objects", "start_cycle", "sweep", "objects/s"],
-        [[
-                    f"{sweep['objects']:,}", fmt_ns(sweep["start_cycle_ns"]),
-                    fmt_ns(sweep["sweep_ns"]), fmt_rate(sweep["objects_per_s"])]],
-        title="   Sweep of small objects (half marked)",
-        out=out)
+    print_table(["objects", "start_cycle", "sweep", "objects/s"], [[
+        f"{sweep['objects']:,}", fmt_ns(sweep["start_cycle_ns"]),
+        fmt_ns(sweep["sweep_ns"]), fmt_rate(sweep["objects_per_s"])]],
+        title="   Sweep of small objects (half marked)", out=out)
     scav = results["scavenge"]
     print_table(["released", "time", "rate"], [[
         format_size(scav["released_bytes"]), fmt_ns(scav["seconds"] * 1e9),
@@ -715,27 +769,34 @@ def report_roots(results: dict[str, Any], checks: dict[str, Any], out: TextIO | 
                      fmt_ns(row["manager_lookup"]["p50_ns"])])
     name = (f"root lookup p50, {roots['many']:,} roots / {roots['few']} roots")
     rows.append(["ratio", fmt_ratio(roots["ratio"]), "", checked(checks, name), ""])
-    print_table(
-        ["roots", "lookup p50", "lookup p99", "bind+unbind p50",
-                 "Manager().dict() lookup p50"],
-        rows,
-        title=f"6. Roots (the table takes {format_size(roots['segment_bytes'])} "
-                f"of /dev/shm at {roots['many']:,})",
-        out=out)
+    print_table(["roots", "lookup p50", "lookup p99", "bind+unbind p50",
+                 "Manager().dict() lookup p50"], rows,
+                title=f"6. Roots (the table takes {format_size(roots['segment_bytes'])} "
+                f"of /dev/shm at {roots['many']:,})", out=out)
     hand = results["handover"]
     medians = hand["median_s"]
-    print_table(
-        ["way", "time"],
-        [
-                    ["shmheap, the consumers attach the heap by name",
-                     fmt_ns(medians["shmheap_attach"] * 1e9)],
-                    ["shmheap, the consumers attached the heap before",
-                     fmt_ns(medians["shmheap_attached"] * 1e9)],
-                    ["multiprocessing.shared_memory", fmt_ns(medians["shared_memory"] * 1e9)],
-                    ["shmheap (attach) / shared_memory", fmt_ratio(hand["ratio"])]],
-        title=f"7. Hand-over of a {format_size(hand['bytes'])} float64 array to "
-                f"{hand['consumers']} processes by name (median of {hand['rounds']})",
-        out=out)
+    print_table(["way", "time"], [
+        ["shmheap, the consumers attach the heap by name",
+         fmt_ns(medians["shmheap_attach"] * 1e9)],
+        ["shmheap, the consumers attached the heap before",
+         fmt_ns(medians["shmheap_attached"] * 1e9)],
+        ["multiprocessing.shared_memory", fmt_ns(medians["shared_memory"] * 1e9)],
+        ["shmheap (attach) / shared_memory", fmt_ratio(hand["ratio"])],
+    ], title=f"7. Hand-over of a {format_size(hand['bytes'])} float64 array to "
+       f"{hand['consumers']} processes by name (median of {hand['rounds']})", out=out)
+    big = results["giant"]
+    times = big["median_s"]
+    print_table(["step", "time"], [
+        ["first alloc + free (grows the arenas)", fmt_ns(big["first_s"] * 1e9)],
+        ["alloc (reuses them, zeroes their pages)", fmt_ns(times["alloc"] * 1e9)],
+        ["view + fill", fmt_ns(times["fill"] * 1e9)],
+        ["free", fmt_ns(times["free"] * 1e9)],
+        ["alloc + fill + free", fmt_ns(big["total_s"] * 1e9)],
+        ["shared_memory create + fill + close + unlink", fmt_ns(times["shared_memory"] * 1e9)],
+        ["shmheap / shared_memory", fmt_ratio(big["ratio"])],
+    ], title=f"8. A giant object of {format_size(big['bytes'])} ({GIANT_ARENAS} arenas of "
+       f"{format_size(big['arena_size'])}; median of {big['rounds']}; the heap has "
+       f"{big['arenas']} arenas after)", out=out)
 
 
 def figures(results: dict[str, Any]) -> list[Figure]:

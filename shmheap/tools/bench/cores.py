@@ -167,7 +167,7 @@ def report(results: dict[str, Any], out: TextIO | None = None) -> None:
                  fmt_ratio(native["stress_ops_per_s"] / pure["stress_ops_per_s"])])
     print_table(
         ["figure", "native",
-                "pure-Python twin", "twin / native"],
+         "pure-Python twin", "twin / native"],
         rows,
         title="shmheap bench cores: p50 per call, in one run",
         out=out)

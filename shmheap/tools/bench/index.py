@@ -647,7 +647,7 @@ def report_naive(sizes: list[dict[str, Any]], checks: dict[str, Any],
         rows.append(cells)
     print_table(
         ["entries", "bytes copy", "ratio", "list copy", "ratio", "Manager proxy[:]",
-                 "ratio", "Manager list(proxy)", "ratio"],
+         "ratio", "Manager list(proxy)", "ratio"],
         rows,
         title="2. Naive snapshots: p50 per call, and p50 / shmheap (header changed) p50",
         out=out)
@@ -679,7 +679,7 @@ def report_grow(rows: list[dict[str, Any]], checks: dict[str, Any],
                       else checked(checks, grow_target_name(row))])
     print_table(
         ["arena", "reserve", "calls", "grow p50", "p99", "floor p50", "p99",
-                 "above floor", "target"],
+         "above floor", "target"],
         table,
         title="4. grow() latency per call; floor = bare create+ftruncate(+fallocate)+mmap+close",
         out=out)
@@ -697,8 +697,8 @@ def report_writer(writer: dict[str, Any], checks: dict[str, Any],
         ["observers", "grows/s", "vs none", "observer looks/s", "target"],
         rows,
         title=f"5. Writer grow() rate ({writer['grows']:,} grows on an index of "
-                f"{writer['prefill']:,} entries, median of {writer['rounds']} rounds; observers "
-                f"sum every entry with {writer['observer_reads']}, then sleep 1 ms)",
+              f"{writer['prefill']:,} entries, median of {writer['rounds']} rounds; observers "
+              f"sum every entry with {writer['observer_reads']}, then sleep 1 ms)",
         out=out)
 
 
@@ -715,7 +715,7 @@ def report_memory(sizes: list[dict[str, Any]], checks: dict[str, Any],
                                      "(2 x cap x 4 + page)")])
     print_table(
         ["entries", "cap", "generations", "index_bytes", "allocated", "/ (len x 4)",
-                 "/ (cap x 4)", "target"],
+         "/ (cap x 4)", "target"],
         rows,
         title="6. Index memory (all generations; allocated = tmpfs blocks)",
         out=out)
@@ -730,7 +730,7 @@ def report_liveness(liveness: dict[str, Any], checks: dict[str, Any],
         ["read_word p50", "bare p50", "ratio", "target"],
         rows,
         title="7. Liveness cost on the uncontended snapshot path: HeapLock.read_word vs "
-                "sem.acquire(0); header[0]; sem.release()",
+              "sem.acquire(0); header[0]; sem.release()",
         out=out)
 
 

@@ -122,8 +122,8 @@ def report(results: dict[str, Any]) -> None:
         ["holder died", "p50", "max"],
         rows,
         title=f"Recovery latency, kill -> next successful snapshot ({results['rounds']} rounds "
-                f"each; poll {results['poll_s'] * 1e3:.0f} ms, unowned grace "
-                f"{results['unowned_grace_s'] * 1e3:.0f} ms)")
+              f"each; poll {results['poll_s'] * 1e3:.0f} ms, unowned grace "
+              f"{results['unowned_grace_s'] * 1e3:.0f} ms)")
     print(f"recoveries counted: {results['recoveries']}; findings after: "
           f"{len(results['findings_after'])}")
 

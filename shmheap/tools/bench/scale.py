@@ -176,7 +176,7 @@ def report(results: dict[str, Any], out: TextIO | None = None) -> None:
             for row in results["rows"]]
     print_table(
         ["arenas", "grow p50", "small alloc+free", "large alloc+free", "attach",
-                 "first alloc", "walk / arena", "fsck / arena", "walker peak RSS"],
+         "first alloc", "walk / arena", "fsck / arena", "walker peak RSS"],
         rows,
         title="shmheap bench scale: heaps of 64 KiB arenas, ~90% full",
         out=out)
