@@ -12,7 +12,9 @@ Layout
     ``N``.  Every process sees the object as one contiguous buffer: the data
     of its arenas mapped back to back into one reserved range
     (arenas.map_run), one per object and size in a process, shared by its
-    views while any lives.
+    views while any lives and counted against the process's mapping budget
+    (``k`` mappings: an object over more arenas than the budget allows is a
+    MappingLimitError before anything is made).
 
 Which arenas
     The lowest run of ``k`` indices each of which is either an arena whose
@@ -38,6 +40,9 @@ Making one takes several lock holds, each journaled ``GIANT(s, k)``
        part, the last first and the first last (marking it first: born
        marked).  The first part's owner becoming 0 is the object's
        publication.
+    Why several holds: a new arena is built (and reserved, milliseconds for
+    a big one) without the lock, and one at a time, since a process has one
+    temporary name (the one liveness.py removes when its holder dies).
     Between the holds the parts are the maker's, as the spans a process
     caches are: nobody else allocates in them, walkers skip them, ``free``
     and ``view`` of the ref say it is being made.  If the maker dies, each

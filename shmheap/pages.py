@@ -42,7 +42,8 @@ arena, so a new arena needs no initialisation)::
                          started here" (double-free diagnosis only)
     .       4P  npages   lock holder: at a span's first page, its length in pages
     .       8P  owner    lock holder: at a span's first page, the liveness token
-                         of the process whose cache allocates in it, or 0
+                         of the process whose cache allocates in it (or that is
+                         making the giant object it is a part of), or 0
 
 Which arenas have free pages, spans with owners, or unowned spans of a
 class with free slots is summarised across the heap in summary.py; every
