@@ -6,19 +6,24 @@ recycled names and stale handles.
 these tests plant a FIFO, a directory, a symbolic link, a file of another user
 and a file of the wrong size.  No call may hang (an alarm turns a hang into a
 failure), raise anything but a ShmHeapError, or quietly use what was planted.
-Another user is real: a child that drops to uid 65534 (``setpriv``), or a file
-chowned to it; those tests skip where that is impossible (not root).
+Another user is real: a forked child that drops to uid 65534, or a file chowned to
+it; those tests skip where that is impossible (not root).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
+import pkgutil
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
+import traceback
 from collections.abc import Callable, Iterator
 from types import FrameType
 
@@ -37,8 +42,7 @@ NOBODY = 65534
 #: Seconds any one planted-name case may take before it counts as a hang.
 HANG = 10
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                                reason="needs root and setpriv to act as another user")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
 
 
 def shm(entry: str) -> str:
@@ -73,11 +77,59 @@ def typed_or_works(call: Callable[[], object]) -> BaseException | None:
 
 
 def as_nobody(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run Python ``code`` (dedented) as uid/gid 65534 in a fresh interpreter."""
-    return subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, timeout=timeout, cwd="/")
+    """Run Python ``code`` (dedented) in a child process that is uid/gid 65534.
+
+    The child is forked and drops root's identity itself rather than exec'ing a fresh
+    interpreter as that user: the interpreter may live where another user cannot read it
+    (pyenv under a 0700 home), and what matters here is the kernel's owner checks on a real
+    process of another user.  Its stdout and stderr are captured through files.
+    """
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(run_as_nobody(textwrap.dedent(code), out.fileno(), err.fileno()))
+        deadline = time.monotonic() + timeout
+        while (waited := os.waitpid(pid, os.WNOHANG)) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise subprocess.TimeoutExpired(["as_nobody", code], timeout)
+            time.sleep(0.01)
+        out.seek(0)
+        err.seek(0)
+        status = os.waitstatus_to_exitcode(waited[1])
+        return subprocess.CompletedProcess(["as_nobody", code], status, out.read(), err.read())
+
+
+def import_all_of_shmheap() -> None:
+    """Import every module of shmheap and what it imports, while still root: 65534 may be
+    unable to read the interpreter's standard library (pyenv under a 0700 home)."""
+    for module in pkgutil.walk_packages(shmheap.__path__, "shmheap."):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module.name)
+
+
+def run_as_nobody(code: str, out: int, err: int) -> int:
+    """In the forked child: become uid/gid 65534, run ``code``, return its exit status."""
+    try:
+        import_all_of_shmheap()
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 (lives until os._exit)
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+        os.setgroups([])
+        os.setresgid(NOBODY, NOBODY, NOBODY)
+        os.setresuid(NOBODY, NOBODY, NOBODY)
+        exec(compile(code, "<as_nobody>", "exec"), {"__name__": "__main__"})
+        status = 0
+    except SystemExit as stop:
+        status = stop.code if isinstance(stop.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return status
 
 
 def shmheap_cli_as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
