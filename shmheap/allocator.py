@@ -108,12 +108,13 @@ from .errors import (
     InvalidRefError,
 )
 from .index import ArenaSnapshot
+from .layout import layout
 from .lock import deadline_of
-from .pages import DIRTY, RELEASING, ArenaPages, layout, longest_free_run, positions
+from .pages import DIRTY, RELEASING, ArenaPages, longest_free_run, positions
 from .summary import CAP
 
 if TYPE_CHECKING:
-    from .heap import Heap
+    from .attached import AttachedHeap
 
 #: Largest small object; bigger ones take pages of their own.
 MAX_SMALL = 32 * 1024
@@ -240,10 +241,15 @@ CacheType: Callable[..., _Cache] = core.native.Cache if core.native is not None 
 
 
 class Allocator:
-    """The object allocator of one ``Heap`` handle (made lazily by ``Heap``)."""
+    """The object allocator of one heap handle (made lazily by ``Heap``).
 
-    def __init__(self, heap: Heap) -> None:
+    ``root_names(ref)`` names the roots bound to the object at ``ref``
+    (roots.py), for the error of freeing a bound object.
+    """
+
+    def __init__(self, heap: AttachedHeap, root_names: Callable[[int], list[str]]) -> None:
         self.heap = heap
+        self.root_names = root_names
         self.readonly = heap.readonly
         self.page_size = heap.params.page_size
         self.page_shift = self.page_size.bit_length() - 1
@@ -637,7 +643,7 @@ class Allocator:
 
     def _bound_error(self, ref: int) -> BoundObjectError:
         """The error of ``free(ref)`` for a bound object, naming its roots (looked up now)."""
-        names = self.heap.roots.names_of(ref)
+        names = self.root_names(ref)
         shown = ", ".join(repr(name) for name in names[:3]) + (", ..." if len(names) > 3 else "")
         first = repr(names[0]) if names else "NAME"
         return BoundObjectError(
@@ -845,8 +851,7 @@ def check_summary_leaves(allocator: Allocator, pages: ArenaPages, note: Note) ->
             tree.fix_path(index)
 
 
-def check_allocator(heap: Heap, allocator: Allocator, repair: bool, full: bool,
-                    note: Note) -> None:
+def check_allocator(allocator: Allocator, repair: bool, full: bool, note: Note) -> None:
     """fsck of the page metadata (lock holder): every arena's with ``full``.
 
     With ``repair`` on a writable heap, the spans cached by dead processes
@@ -859,7 +864,7 @@ def check_allocator(heap: Heap, allocator: Allocator, repair: bool, full: bool,
             return  # the heap gets marked broken; reclaiming would trip on the lost arena
         check_summary_trees(allocator, set(snap), note)
         giant.check(allocator, snap, note)
-    if repair and not heap.readonly:
+    if repair and not allocator.readonly:
         allocator.reclaim_locked()
 
 

@@ -9,7 +9,7 @@ followed by a trailer that names its heap and index::
     +8              8  heap_id (the control segment's)
     +16             8  index
     +24             8  created_ns
-    +64                page metadata (pages.py), ``pages.meta_size`` bytes
+    +64                page metadata (layout.py), ``layout.meta_size`` bytes
 
 A new arena is made whole under a temporary name (``shmheap.NAME.new<slot>``,
 one per liveness slot, made without the heap lock), reserved, stamped with
@@ -65,11 +65,12 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
 
 from . import core, segments
 from .errors import HeapCorruptError, MappingLimitError, OutOfSharedMemoryError, ShmHeapError
+from .layout import DEFAULT_PAGE_SIZE, meta_size
 from .names import arena_name, map_name, temp_arena_name
-from .pages import DEFAULT_PAGE_SIZE, ArenaPages, meta_size
 
 TRAILER = struct.Struct("<8sQQQ")
 TRAILER_SIZE = 64
@@ -296,15 +297,29 @@ def _check_trailer(heap_name: str, heap_id: int, index: int,
             f"{trailer_index})")
 
 
-class ArenaCache:
+class MappedArena(Protocol):
+    """What ArenaCache keeps of a mapped arena: its page views (pages.ArenaPages)."""
+
+    index: int
+    arena: Arena
+
+    def native_record(self) -> object | None: ...
+
+    def close(self) -> None: ...
+
+
+_Mapped = TypeVar("_Mapped", bound=MappedArena)
+
+
+class ArenaCache(Generic[_Mapped]):
     """The arenas this process has mapped, as page views (see "Mappings" above)."""
 
-    def __init__(self, open_pages: Callable[[int], ArenaPages],
+    def __init__(self, open_pages: Callable[[int], _Mapped],
                  budget: segments.MappingBudget) -> None:
         self._open_pages = open_pages
         self.budget = budget
         #: recently used arenas, kept mapped; ``recent.get`` is the fast lookup
-        self.recent: OrderedDict[int, ArenaPages] = OrderedDict()
+        self.recent: OrderedDict[int, _Mapped] = OrderedDict()
         #: every holder of mappings of this cache still alive (an arena's mapping, kept or
         #: pinned; a run of arenas mapped as one, see ``map_run``): id -> (weak ref, mappings)
         self._alive: dict[int, tuple[weakref.ref[object], int]] = {}
@@ -318,7 +333,7 @@ class ArenaCache:
         """Mappings of arenas alive now (kept for reuse, pinned, or in runs)."""
         return self._count[0]
 
-    def get(self, index: int) -> ArenaPages:
+    def get(self, index: int) -> _Mapped:
         """Arena ``index`` (published), mapped now if it is not."""
         pages = self.recent.get(index)
         if pages is not None:
@@ -329,7 +344,7 @@ class ArenaCache:
         self.add(pages)
         return pages
 
-    def add(self, pages: ArenaPages) -> None:
+    def add(self, pages: _Mapped) -> None:
         """Keep ``pages`` (just mapped) as the most recently used arena."""
         self.track(pages.arena.mapping, 1)
         self.recent[pages.index] = pages

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import HeapCorruptError, InvalidParameterError
 
 if TYPE_CHECKING:
-    from .heap import Heap
+    from .allocator import Allocator
 
 MAGIC = b"shmarray"
 HEADER = struct.Struct("<8sQIIQI4x")
@@ -98,8 +98,9 @@ def _normalised(dt: Any, dims: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
     return dt, dims
 
 
-def new_array(heap: Heap, shape: object, dtype: object, timeout: float | None) -> int:
-    """A zeroed typed array object in ``heap`` (see the module docstring); its ref."""
+def new_array(allocator: Allocator, shape: object, dtype: object,
+              timeout: float | None) -> int:
+    """A zeroed typed array object from ``allocator``'s heap (see the module docstring); its ref."""
     numpy = numpy_module("Heap.new_array")
     what = "new_array"
     dt, dims = _normalised(_dtype(numpy, dtype, what), _dims(shape, what))
@@ -108,10 +109,10 @@ def new_array(heap: Heap, shape: object, dtype: object, timeout: float | None) -
         raise InvalidParameterError(f"{what}: dtype {dt} takes {len(text)} bytes to describe, "
                                     f"more than {MAX_TEXT}; use fewer fields")
     nbytes = math.prod(dims) * dt.itemsize
-    ref = heap.alloc(HEADER.size + len(text) + ALIGN - 1 + nbytes, timeout)
+    ref = allocator.alloc(HEADER.size + len(text) + ALIGN - 1 + nbytes, timeout)
     offset = HEADER.size + len(text)
     offset += -(ref + offset) % ALIGN
-    view = heap.view(ref)
+    view = allocator.view(ref)
     view[HEADER.size:HEADER.size + len(text)] = text
     fields = HEADER.pack(MAGIC, ref, len(text), offset, nbytes, 0)
     crc = zlib.crc32(text, zlib.crc32(fields[8:32]))

@@ -66,8 +66,8 @@ from dataclasses import dataclass
 
 from . import liveness
 from .errors import HeapCorruptError, HeapVersionError
+from .layout import DEFAULT_PAGE_SIZE, check_page_size
 from .names import MAX_ARENAS_LIMIT, PAGE_SIZE, check_arena_size, check_max_arenas
-from .pages import DEFAULT_PAGE_SIZE, check_page_size
 
 MAGIC = b"shmheap\0"
 LAYOUT_VERSION = 3

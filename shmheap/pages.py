@@ -6,44 +6,7 @@ An arena's segment is ``arena_size`` data bytes, the 64-byte trailer
 8 KiB by default).  A *span* is a run of pages holding either one large
 object or the slots of one small size class (allocator.py).
 
-Metadata layout (offsets from the metadata's start; all zero is a valid empty
-arena, so a new arena needs no initialisation)::
-
-    off   size  field    who writes it
-    0        8  (reserved, zero)
-    8        8  seq      lock holder: the span records' sequence word (a
-                         seqlock), odd while a span is being made or freed;
-                         an audit that finds it odd (a holder died mid-way)
-                         makes it even after fixing the records
-    16       4  part     lock holder: 1 + this arena's place in a giant
-                         object (an object over several arenas, giant.py), 0
-                         if it holds no part of one; written last, cleared first
-    20       4  parts    lock holder: how many arenas that object spans
-    24       8  total    lock holder: how many pages that object has
-    32      96  (reserved, zero)
-    128      P  used     lock holder: 1 for every page of an in-use span
-    .        P  state    lock holder: what a free page holds (CLEAN, DIRTY,
-                         RELEASED, RELEASING below); on a used page, meaningless but
-                         at a large object's first page: above RELEASING, it counts
-                         the roots bound to the object (roots.py)
-    .        P  sclass   lock holder: for every page of an in-use span, 0 for a
-                         large object or the size class of its slots; 0 on free
-                         pages (so ``find`` on it finds the spans of a class)
-    .      P/8  inuse    pageInUse bitmap, lock holder: the bit of a span's first
-                         page, set last when the span is made, cleared first
-                         when it is freed
-    .      P/8  marks    pageMarks bitmap: the bit of a span's first page once it
-                         holds a marked object.  Set under the lock (only the
-                         first mark of a span in a cycle writes, see walker.py);
-                         cleared by start_cycle, which runs alone by contract
-    (8-al)  4P  span     lock holder: 1 + the span's first page, for every page of
-                         an in-use span; a free page keeps its last value, so
-                         ``span[p] == p + 1`` on a free page says "a span
-                         started here" (double-free diagnosis only)
-    .       4P  npages   lock holder: at a span's first page, its length in pages
-    .       8P  owner    lock holder: at a span's first page, the liveness token
-                         of the process whose cache allocates in it (or that is
-                         making the giant object it is a part of), or 0
+The metadata's layout (offsets, sizes, who writes each field) is in layout.py.
 
 Which arenas have free pages, spans with owners, or unowned spans of a
 class with free slots is summarised across the heap in summary.py; every
@@ -106,14 +69,14 @@ import contextlib
 import errno
 import functools
 import importlib
-import mmap
 import os
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from . import core, crash, segments
-from .errors import HeapCorruptError, InvalidParameterError, OutOfSharedMemoryError
+from .errors import HeapCorruptError, OutOfSharedMemoryError
+from .layout import GIANT_OFFSET, SEQ_OFFSET, layout
 from .names import arena_name
 from .summary import CAP
 
@@ -121,11 +84,6 @@ if TYPE_CHECKING:
     from .arenas import Arena
     from .summary import Summaries
 
-DEFAULT_PAGE_SIZE = 8192
-MIN_PAGES_PER_ARENA = 8
-HEADER_SIZE = 128
-SEQ_OFFSET = 8
-GIANT_OFFSET = 16
 
 #: states of a free page
 CLEAN, DIRTY, RELEASED, RELEASING = 0, 1, 2, 3
@@ -151,55 +109,6 @@ def numpy_or_none() -> ModuleType | None:
         if USE_NUMPY:
             raise
         return None
-
-
-def check_page_size(page_size: object, arena_size: int) -> int:
-    """Return ``page_size`` if it is a power of two, an OS-page multiple, <= arena_size / 8."""
-    if not isinstance(page_size, int) or isinstance(page_size, bool):
-        raise InvalidParameterError(f"page_size must be an int, not {type(page_size).__name__}")
-    if page_size < mmap.PAGESIZE or page_size & (page_size - 1):
-        raise InvalidParameterError(
-            f"page_size {page_size} is not a power of two of at least the OS page size "
-            f"{mmap.PAGESIZE}; use e.g. 8192")
-    if page_size * MIN_PAGES_PER_ARENA > arena_size:
-        raise InvalidParameterError(
-            f"page_size {page_size} leaves fewer than {MIN_PAGES_PER_ARENA} pages in an arena "
-            f"of {arena_size} bytes; use a smaller page_size or a larger arena_size")
-    return page_size
-
-
-class Layout(NamedTuple):
-    """Offsets of the metadata fields for one (arena_size, page_size)."""
-
-    pages: int
-    used: int
-    state: int
-    sclass: int
-    inuse: int
-    marks: int
-    span: int
-    npages: int
-    owner: int
-    size: int
-
-
-def layout(arena_size: int, page_size: int) -> Layout:
-    pages = arena_size // page_size
-    used = HEADER_SIZE
-    state = used + pages
-    sclass = state + pages
-    inuse = sclass + pages
-    marks = inuse + pages // 8
-    span = (marks + pages // 8 + 7) & ~7
-    npages = span + 4 * pages
-    owner = npages + 4 * pages
-    size = owner + 8 * pages
-    return Layout(pages, used, state, sclass, inuse, marks, span, npages, owner, size)
-
-
-def meta_size(arena_size: int, page_size: int) -> int:
-    """Bytes of metadata after an arena's trailer."""
-    return layout(arena_size, page_size).size
 
 
 def bits_set(data: bytes) -> list[int]:

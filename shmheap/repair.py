@@ -83,7 +83,9 @@ from .names import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from .heap import Heap
+    from .allocator import Allocator
+    from .attached import AttachedHeap
+    from .roots import RootTable
 
 
 
@@ -101,11 +103,25 @@ class Finding:
                 "fatal": self.fatal}
 
 
+@dataclass(frozen=True)
+class HeapParts:
+    """What checks and repairs work on: a heap handle's allocator, which carries the
+    attached heap (attached.py), and its roots table (roots.py)."""
+
+    allocator: Allocator
+    roots: RootTable
+
+    @property
+    def heap(self) -> AttachedHeap:
+        return self.allocator.heap
+
+
 class _Checker:
     """One pass of checks over a heap whose lock the caller holds."""
 
-    def __init__(self, heap: Heap, repair: bool, full: bool) -> None:
-        self.heap = heap
+    def __init__(self, parts: HeapParts, repair: bool, full: bool) -> None:
+        self.parts = parts
+        self.heap = heap = parts.heap
         self.name = heap.name
         self.repair = repair
         self.full = full
@@ -143,8 +159,8 @@ class _Checker:
         self.check_map(entries, in_index)
         self.check_foreign_objects(generation, in_index)
         self.check_hint()
-        check_allocator(self.heap, self.heap._objects(), self.repair, self.full, self.note)
-        roots.check(self.heap, self.heap._objects(), self.repair, self.full, self.note)
+        check_allocator(self.parts.allocator, self.repair, self.full, self.note)
+        roots.check(self.parts.roots, self.parts.allocator, self.repair, self.full, self.note)
         return self.findings
 
     def check_semaphore(self) -> None:
@@ -163,7 +179,7 @@ class _Checker:
         if entry is None:
             return
         if self.repair and self.writable():
-            self.findings.extend(repair_journal(self.heap))
+            self.findings.extend(repair_journal(self.parts))
         else:
             self.note("journal", f"{_describe(entry)} was left unfinished; the next writable "
                       "lock holder (or `shmheap fsck --repair`) repairs it", fixable=False,
@@ -316,7 +332,7 @@ class _Checker:
             self.words[control.HINT_OFFSET // 8] = 1
 
 
-def mark_broken(heap: Heap) -> None:
+def mark_broken(heap: AttachedHeap) -> None:
     """Poison the header (saving it) and set state BROKEN; lock holder, writable heap."""
     if heap.readonly:
         return
@@ -326,11 +342,11 @@ def mark_broken(heap: Heap) -> None:
     heap._header[0] = control.make_header(BROKEN_GENERATION, 0)
 
 
-def run_checks(heap: Heap, repair: bool, full: bool = True) -> list[Finding]:
+def run_checks(parts: HeapParts, repair: bool, full: bool = True) -> list[Finding]:
     """Check (and with ``repair`` fix) the heap; the caller holds the lock."""
-    findings = _Checker(heap, repair, full).run()
+    findings = _Checker(parts, repair, full).run()
     if repair and any(f.fatal for f in findings):
-        mark_broken(heap)
+        mark_broken(parts.heap)
     return findings
 
 
@@ -350,7 +366,7 @@ def _describe(entry: tuple[int, int, int]) -> str:
     return f"an unknown mutation (journal op {op}, arena {arena})"
 
 
-def repair_journal(heap: Heap) -> list[Finding]:
+def repair_journal(parts: HeapParts) -> list[Finding]:
     """Finish or undo the mutation the journal names (writable lock holder); clear it.
 
     Returns what was fixed.  A heap marked broken is left to ``fsck
@@ -358,6 +374,7 @@ def repair_journal(heap: Heap) -> list[Finding]:
     (a full /dev/shm) leaves the journal dirty for the next holder; a state
     that cannot be fixed marks the heap broken and raises HeapCorruptError.
     """
+    heap = parts.heap
     entry = heap._journal.read()
     if entry is None or heap.readonly or control.read_state(heap._control.buf) == control.BROKEN:
         return []
@@ -366,9 +383,9 @@ def repair_journal(heap: Heap) -> list[Finding]:
     if fix is None or (op in ARENA_OPS and not 1 <= arena < heap.max_arenas) or (
             op == GIANT and not 2 <= arg <= heap.max_arenas - arena):
         heap._journal.end()  # it names nothing real: check everything instead
-        findings = _Checker(heap, repair=True, full=True).run()
+        findings = _Checker(parts, repair=True, full=True).run()
     else:
-        findings = fix(heap, arena, arg)
+        findings = fix(parts, arena, arg)
         heap._journal.end()
     fatal = [f.message for f in findings if f.fatal]
     if fatal:
@@ -384,7 +401,9 @@ def repair_journal(heap: Heap) -> list[Finding]:
                     fixed=True), *findings]
 
 
-def _finish_grow(heap: Heap, index: int, _arg: int, journaled: bool = True) -> list[Finding]:
+def _finish_grow(parts: HeapParts, index: int, _arg: int,
+                 journaled: bool = True) -> list[Finding]:
+    heap = parts.heap
     findings = []
     generation, length = heap._index.header()
     entries = heap._index.generation(generation)
@@ -395,7 +414,7 @@ def _finish_grow(heap: Heap, index: int, _arg: int, journaled: bool = True) -> l
             amap.add(index)
             findings.append(Finding("grow-unfinished", f"arena {index} was published but "
                                     "not yet in the arena map; added", fixed=True))
-        findings += _audit_pages(heap, index, 0, journaled)  # its leaf in the free summary too
+        findings += _audit_pages(parts, index, 0, journaled)  # its leaf in the free summary too
     elif index not in amap and _is_ours(heap, index):
         segments.unlink(arena_name(heap.name, index))
         findings.append(Finding("grow-unfinished", f"arena {index} was linked but never "
@@ -418,29 +437,30 @@ def _fixing() -> tuple[list[Finding], Note]:
     return findings, note
 
 
-def _audit_pages(heap: Heap, index: int, _arg: int, journaled: bool = True) -> list[Finding]:
+def _audit_pages(parts: HeapParts, index: int, _arg: int,
+                 journaled: bool = True) -> list[Finding]:
     findings, note = _fixing()
-    audit_arena(heap._objects(), index, note, journaled)
+    audit_arena(parts.allocator, index, note, journaled)
     return findings
 
 
-def _finish_giant(heap: Heap, first: int, parts: int) -> list[Finding]:
+def _finish_giant(parts: HeapParts, first: int, count: int) -> list[Finding]:
     """The journal still says ``GIANT`` until this is done (a repair stopped is run again)."""
     findings = []
-    for index in range(first, first + parts):
-        if index in heap:
-            findings += _audit_pages(heap, index, 0, journaled=False)
+    for index in range(first, first + count):
+        if index in parts.heap:
+            findings += _audit_pages(parts, index, 0, journaled=False)
         else:  # grown in the step stopped, or never: as GROW's repair (audited if published)
-            findings += _finish_grow(heap, index, 0, journaled=False)
-    done = giant.settle(heap._objects(), first, parts)
+            findings += _finish_grow(parts, index, 0, journaled=False)
+    done = giant.settle(parts.allocator, first, count)
     if done:
         findings.append(Finding("giant-unfinished", done, fixed=True))
     return findings
 
 
-def _finish_disown(heap: Heap, index: int, start: int) -> list[Finding]:
-    findings = _audit_pages(heap, index, start)
-    allocator = heap._objects()
+def _finish_disown(parts: HeapParts, index: int, start: int) -> list[Finding]:
+    findings = _audit_pages(parts, index, start)
+    allocator = parts.allocator
     pages = allocator.pages_of(index)
     if 0 <= start < pages.pages and pages.in_use(start) and pages.owner[start]:
         allocator.disown_locked(pages, start)
@@ -449,13 +469,13 @@ def _finish_disown(heap: Heap, index: int, start: int) -> list[Finding]:
     return findings
 
 
-def _finish_roots(heap: Heap, _arena: int, _arg: int) -> list[Finding]:
+def _finish_roots(parts: HeapParts, _arena: int, _arg: int) -> list[Finding]:
     findings, note = _fixing()
-    roots.finish(heap, note)
+    roots.finish(parts.roots, parts.allocator, note)
     return findings
 
 
-_JOURNAL_FIXES: dict[int, Callable[[Heap, int, int], list[Finding]]] = {
+_JOURNAL_FIXES: dict[int, Callable[[HeapParts, int, int], list[Finding]]] = {
     GROW: _finish_grow, PAGES: _audit_pages, DISOWN: _finish_disown,
     ROOTS: _finish_roots, GIANT: _finish_giant}
 
@@ -468,7 +488,7 @@ def _remove_own(name: str) -> bool:
         return False
 
 
-def _is_ours(heap: Heap, index: int) -> bool:
+def _is_ours(heap: AttachedHeap, index: int) -> bool:
     """True if the segment named for arena ``index`` is a complete arena of this heap."""
     try:
         arenas.verify_arena(heap.name, heap.params.heap_id, index, heap.arena_size,

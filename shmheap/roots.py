@@ -137,7 +137,7 @@ from .lock import deadline_of
 from .names import PAGE_SIZE, roots_name
 
 if TYPE_CHECKING:
-    from .heap import Heap
+    from .attached import AttachedHeap
     from .pages import ArenaPages
 
 MAGIC = b"shmroots"
@@ -541,9 +541,12 @@ class Roots(MutableMapping[str, int]):
     lock.  Iteration, ``items()`` and ``values()`` read one snapshot.
     """
 
-    def __init__(self, heap: Heap, table: RootTable) -> None:
+    def __init__(self, heap: AttachedHeap, table: RootTable,
+                 objects: Callable[[], Allocator]) -> None:
         self._heap = heap
         self._table: RootTable | None = table
+        #: the heap handle's allocator, made on first use
+        self._objects = objects
 
     def forget(self) -> None:
         """The heap is closing (it closes the table): every later use is HeapClosedError."""
@@ -615,28 +618,28 @@ class Roots(MutableMapping[str, int]):
     def bind(self, name: str, ref: int, timeout: float | None = None) -> None:
         """Bind ``name`` to the live object at ``ref``, rebinding it if it was bound."""
         data = encode_name(name)
-        heap = self._heap
-        heap._check_writable("binding a root")
+        self._heap._check_writable("binding a root")
         table = self.table()
-        heap._lock.run(lambda: _bind_locked(heap, table, data, ref), deadline_of(timeout),
-                       write=True)
+        allocator = self._objects()
+        allocator._lock.run(lambda: _bind_locked(allocator, table, data, ref),
+                            deadline_of(timeout), write=True)
 
     def unbind(self, name: str, timeout: float | None = None) -> None:
         """Unbind ``name``; RootNotFoundError if nothing is bound to it."""
         data = encode_name(name)
-        heap = self._heap
-        heap._check_writable("unbinding a root")
+        self._heap._check_writable("unbinding a root")
         table = self.table()
-        if not heap._lock.run(lambda: _bind_locked(heap, table, data, None),
-                              deadline_of(timeout), write=True):
-            raise RootNotFoundError(f"no root named {name!r} in heap {heap.name!r} to unbind")
+        allocator = self._objects()
+        if not allocator._lock.run(lambda: _bind_locked(allocator, table, data, None),
+                                   deadline_of(timeout), write=True):
+            raise RootNotFoundError(f"no root named {name!r} in heap {self._heap.name!r} to "
+                                    "unbind")
 
 
-def _bind_locked(heap: Heap, table: RootTable, data: bytes, given: object) -> bool:
+def _bind_locked(allocator: Allocator, table: RootTable, data: bytes, given: object) -> bool:
     """Bind name ``data`` to the object at ``given`` (None: unbind it) as "Binding" in the
     module docstring says (writable lock holder); False if there was nothing to unbind."""
-    heap._check_identity()
-    allocator = heap._objects()
+    allocator.heap._check_identity()
     new = None if given is None else allocator.live(given, held=True)
     ref = new[0].base + allocator.object_bytes(*new)[0] if new else 0  # an int, as located
     new_count = allocator.root_count(*new) if new else 0
@@ -664,7 +667,7 @@ def _bind_locked(heap: Heap, table: RootTable, data: bytes, given: object) -> bo
                        old=old, live=region.head[_LIVE], used=region.head[_USED],
                        names_end=region.head[_NAMES_END], new_count=new_count,
                        old_count=old_count)
-    heap._journal.begin(ROOTS, 0)
+    allocator._journal.begin(ROOTS, 0)
     if new:
         allocator.set_root_count(*new, new_count + 1)
         crash.reach("roots.counted")
@@ -680,7 +683,7 @@ def _bind_locked(heap: Heap, table: RootTable, data: bytes, given: object) -> bo
     region.head[_LIVE] += (1 if ref else 0) - (1 if old else 0)
     if old_obj:
         allocator.set_root_count(*old_obj, max(old_count - 1, 0))
-    heap._journal.end()
+    allocator._journal.end()
     return True
 
 
@@ -697,17 +700,15 @@ def _located(allocator: Allocator, ref: int) -> tuple[ArenaPages, int, int, int]
 # -- repair and fsck (lock holder) -----------------------------------------------------------
 
 
-def finish(heap: Heap, note: Note) -> None:
+def finish(table: RootTable, allocator: Allocator, note: Note) -> None:
     """The journal says ROOTS: finish or undo the change of the intent record (writable
     lock holder; see "Binding" in the module docstring)."""
-    table = heap.roots.table()
-    allocator = heap._objects()
     intent = table.intent()
     region = _intent_region(table, intent)
     if region is None:
         note("roots-intent", "a root was being bound or unbound, but the intent record is "
              "garbage; the roots table is checked whole instead", True)
-        check(heap, allocator, True, False, note)
+        check(table, allocator, True, False, note)
         return
     i, key, new, old = intent["slot"], intent["key"], intent["new"], intent["old"]
     try:
@@ -762,11 +763,11 @@ def _settle(allocator: Allocator, ref: int, before: int, change: int) -> None:
         allocator.set_root_count(*obj, target)
 
 
-def check(heap: Heap, allocator: Allocator, repair: bool, full: bool, note: Note) -> None:
+def check(table: RootTable, allocator: Allocator, repair: bool, full: bool,
+          note: Note) -> None:
     """fsck of the roots table (lock holder): its keys, names and counters, and the root
     counts of the objects it names; with ``full``, every object's root count in the heap."""
-    table = heap.roots.table()
-    writable = repair and not heap.readonly
+    writable = repair and not allocator.readonly
     number = table.head[_TABLE]
     if number >= REGIONS or not table.head[_BUILT] >> number & 1:
         note("roots-table", f"the roots table's table word is {number}, which names no "

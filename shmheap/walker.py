@@ -93,7 +93,6 @@ from .summary import nonzero_positions
 
 if TYPE_CHECKING:
     from .allocator import Allocator
-    from .heap import Heap
 
 #: Cycle numbers run 1..MAX_CYCLE, then start at 1 again.
 MAX_CYCLE = 1 << 63
@@ -199,9 +198,9 @@ class ScavengeReport:
 # -- walking -------------------------------------------------------------------------------
 
 
-def walk(heap: Heap, deadline: float | None = None) -> Iterator[SpanInfo]:
+def walk(allocator: Allocator, deadline: float | None = None) -> Iterator[SpanInfo]:
     """Every in-use span of every arena of a fresh snapshot, in arena order (no lock)."""
-    allocator = heap._objects()
+    heap = allocator.heap
     for index in heap.snapshot(_remaining(deadline)):
         yield from arena_spans(allocator, allocator.pages_of(index), deadline)
 
@@ -248,9 +247,9 @@ def arena_spans(allocator: Allocator, pages: ArenaPages,
                        bool(owner), pages.marked(start))
 
 
-def stats(heap: Heap, deadline: float | None = None) -> HeapStats:
+def stats(allocator: Allocator, deadline: float | None = None) -> HeapStats:
     """Pages, bytes and objects of a fresh snapshot, read with no lock (see ``walk``)."""
-    allocator = heap._objects()
+    heap = allocator.heap
     snap = heap.snapshot(_remaining(deadline))
     page_size = allocator.page_size
     per_class: dict[int, list[int]] = {}
@@ -292,11 +291,11 @@ def _state_bytes(pages: ArenaPages, used: bytes) -> bytes:
 # -- mark and sweep ------------------------------------------------------------------------
 
 
-def start_cycle(heap: Heap, deadline: float | None = None) -> int:
+def start_cycle(allocator: Allocator, deadline: float | None = None) -> int:
     """Begin a mark/sweep cycle: clear every mark; returns the cycle number."""
+    heap = allocator.heap
     heap._check_writable("start_cycle()")
     heap._check_identity()
-    allocator = heap._objects()
     lock = allocator._lock
     words = heap._words
 
@@ -337,10 +336,10 @@ def start_cycle(heap: Heap, deadline: float | None = None) -> int:
     return cycle
 
 
-def mark(heap: Heap, ref: int, deadline: float | None = None) -> None:
+def mark(allocator: Allocator, ref: int, deadline: float | None = None) -> None:
     """Mark the live object at ``ref`` for the current cycle."""
+    heap = allocator.heap
     heap._check_writable("mark()")
-    allocator = heap._objects()
     pages, start, c, slot = allocator.live(ref, deadline)
     if c:
         pages.data[(start << pages.page_shift) + allocator.classes[c].nelems + slot] = 1
@@ -352,11 +351,11 @@ def mark(heap: Heap, ref: int, deadline: float | None = None) -> None:
         allocator._lock.run(set_mark, deadline, write=True)
 
 
-def sweep(heap: Heap, deadline: float | None = None) -> SweepReport:
+def sweep(allocator: Allocator, deadline: float | None = None) -> SweepReport:
     """Sweep chunks of the current cycle's pages until none is left; report what was freed."""
+    heap = allocator.heap
     heap._check_writable("sweep()")
     heap._check_identity()
-    allocator = heap._objects()
     lock = allocator._lock
     words = heap._words
 
@@ -484,15 +483,15 @@ def _free_spans(allocator: Allocator, pages: ArenaPages, whole: list[int],
 # -- scavenging ------------------------------------------------------------------------------
 
 
-def scavenge(heap: Heap, deadline: float | None = None) -> ScavengeReport:
+def scavenge(allocator: Allocator, deadline: float | None = None) -> ScavengeReport:
     """Return the memory of every free, not yet released page to the OS.
 
     Empty unowned spans and spans of dead owners are returned to the free
     pages first (allocator.py), so their memory goes too.
     """
+    heap = allocator.heap
     heap._check_writable("scavenge()")
     heap._check_identity()
-    allocator = heap._objects()
     lock = allocator._lock
     journal = allocator._journal
 
@@ -526,9 +525,9 @@ def scavenge(heap: Heap, deadline: float | None = None) -> ScavengeReport:
 # -- usage per arena (``shmheap walk``) --------------------------------------------------
 
 
-def arena_usage(heap: Heap, deadline: float | None) -> list[dict[str, int]]:
+def arena_usage(allocator: Allocator, deadline: float | None) -> list[dict[str, int]]:
     """Per arena of a fresh snapshot: pages used/free/released, spans, live objects and bytes."""
-    allocator = heap._objects()
+    heap = allocator.heap
     rows = []
     for index in heap.snapshot(_remaining(deadline)):
         pages = allocator.pages_of(index)

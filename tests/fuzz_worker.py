@@ -24,7 +24,7 @@ import traceback
 from collections.abc import Callable
 
 import shmheap
-from shmheap import pages, roots
+from shmheap import layout, roots
 from shmheap.arenas import TRAILER_SIZE
 from shmheap.pytest_plugin import unique_heap_name
 from shmheap.tools import cli
@@ -37,7 +37,7 @@ HEADROOM = 768 << 20
 
 def region_of(rng: random.Random, heap: shmheap.Heap) -> tuple[str, str, int, int]:
     """(label, segment suffix, first offset, end offset) of one metadata region."""
-    lay = pages.layout(ARENA, PAGE)
+    lay = layout.layout(ARENA, PAGE)
     meta = ARENA + TRAILER_SIZE
     fields = {"owned+seq": (0, 16), "partial": (64, 128), "used": (lay.used, lay.state),
               "state": (lay.state, lay.sclass), "sclass": (lay.sclass, lay.inuse),

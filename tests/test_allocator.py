@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
 import shmheap
-from shmheap import pages as pages_mod
+from shmheap import layout
 from shmheap.allocator import size_classes
 from shmheap.pytest_plugin import HeapFactory, discard, unique_heap_name
 
@@ -144,7 +144,7 @@ def test_size_classes_cover_every_small_size_with_little_waste() -> None:
 @pytest.mark.parametrize(("arena_size", "page_size"), [(64 << 10, 8192), (256 << 10, 4096),
                                                        (64 << 20, 8192), (1 << 20, 65536)])
 def test_page_metadata_is_at_most_one_percent(arena_size: int, page_size: int) -> None:
-    assert pages_mod.meta_size(arena_size, page_size) <= arena_size / 100
+    assert layout.meta_size(arena_size, page_size) <= arena_size / 100
 
 
 def test_page_size_is_a_heap_parameter(shm_heap_factory: HeapFactory) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from shmheap import control, core, liveness, pages
+from shmheap import control, core, layout, liveness
 from shmheap.pytest_plugin import HeapFactory
 
 needs_native = pytest.mark.skipif(core.native is None,
@@ -42,7 +42,7 @@ def test_the_c_layout_is_the_python_layout() -> None:
         "LIVE_SLOT_PID": 0, "LIVE_SLOT_EPOCH": 4, "LIVE_REPAIR_BYTE": liveness.REPAIR_BYTE,
         "CONTROL_HEADER_OFFSET": control.HEADER_OFFSET,
         "CONTROL_JOURNAL_OFFSET": control.JOURNAL_OFFSET,
-        "META_SEQ_OFFSET": pages.SEQ_OFFSET,
+        "META_SEQ_OFFSET": layout.SEQ_OFFSET,
     }
     assert python == core.native.LAYOUT
     # the counters and the slot fields as liveness.py packs them

@@ -1,0 +1,385 @@
+"""``AttachedHeap``: one process's attachment of a heap, and how the heap grows.
+
+A heap is a set of objects in /dev/shm (see names.py) that any process on the
+host can attach by name.  An ``AttachedHeap`` holds this process's part of
+each: the control segment (control.py), its liveness slot (liveness.py), the
+lock (lock.py), the index (index.py), the arena map and the arenas it has
+mapped (arenas.py, bounded), the summaries (summary.py).  It grows the heap
+by one arena and takes snapshots of the index.  It is everything the parts
+of the heap (allocator.py, giant.py, walker.py, roots.py, repair.py) need of
+a heap, and they get only this; ``Heap`` (heap.py) is an ``AttachedHeap``
+with the public calls on top, and the only module that knows them all.
+
+``grow``: build and reserve the arena under this process's temporary name
+(no lock: only the holder of our liveness slot uses that name; the slot's
+``building`` byte says so, so the arena of a grower that dies is removed by
+the next ``grow`` or attach); then, under the heap lock and in this order
+(invariant 4): journal ``GROW(i)`` -> link it under its final name (a taken
+name is a collision: clear the journal, try the next free index) -> append
+its index (publication) -> set its map bit -> move the hint -> clear the
+journal.  Stopped anywhere in between, the journal tells the next writable
+lock holder what to finish or undo (repair.py, through the ``repair``
+callable this handle's lock is given).
+
+Every lock hold goes through ``HeapLock.run`` (lock.py), which releases the
+lock however the body is left; every call that can wait takes ``timeout=``
+(seconds, None for ever).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+from . import arenas, control, core, crash, segments
+from .errors import (
+    AddressSpaceExhaustedError,
+    ArenaCollisionError,
+    ArenaNotFoundError,
+    HeapClosedError,
+    HeapCorruptError,
+    HeapNotFoundError,
+    InvalidParameterError,
+    LockTimeoutError,
+    ReadOnlyError,
+    ShmHeapError,
+)
+from .index import ArenaIndex, ArenaSnapshot
+from .layout import layout
+from .liveness import Liveness
+from .lock import HeapLock, LockedBlock, deadline_of, open_semaphore
+from .names import control_name, semaphore_name, temp_arena_name
+from .pages import ArenaPages
+from .summary import Summaries
+
+_T = TypeVar("_T")
+
+
+class _ClosedLock:
+    """Stands in for the lock of a closed heap: every use raises HeapClosedError."""
+
+    adoptions = 0
+
+    def __init__(self, name: str) -> None:
+        self._message = f"heap {name!r} is closed; attach it again to use it"
+
+    def run(self, body: Callable[[], _T], deadline: float | None = None,
+            write: bool = False) -> _T:
+        raise HeapClosedError(self._message)
+
+    def read_word(self, view: memoryview, deadline: float | None = None) -> int:
+        raise HeapClosedError(self._message)
+
+    def enter(self, block: LockedBlock, deadline: float | None, write: bool) -> bool:
+        raise HeapClosedError(self._message)
+
+    def leave(self) -> None:
+        raise HeapClosedError(self._message)
+
+
+class AttachedHeap:
+    """This process's attachment of a heap: its segments, lock, index and arenas."""
+
+    def __init__(self, name: str, control_seg: segments.Segment, params: control.Params,
+                 readonly: bool, class_count: int, repair: Callable[[], None]) -> None:
+        self.name = name
+        self.readonly = readonly
+        self.params = params
+        self.arena_size = params.arena_size
+        self.max_arenas = params.max_arenas
+        self._control = control_seg
+        self._words = control_seg.buf[:control.SIZE].cast("Q")
+        self._header = control_seg.buf[control.HEADER_OFFSET:control.HEADER_OFFSET + 8].cast("Q")
+        self._live: Liveness | None = None
+        self._summaries: Summaries | None = None
+        self.pages_per_arena = layout(params.arena_size, params.page_size).pages
+        #: the arenas this process has mapped (bounded: arenas.ArenaCache)
+        self._pages: arenas.ArenaCache[ArenaPages] = arenas.ArenaCache(
+            self._open_pages, segments.mapping_budget())
+        self._map: arenas.ArenaMap | None = None
+        self._index = ArenaIndex(name, self._header, params.first_cap, params.mode, readonly)
+        self._lock: HeapLock | _ClosedLock = _ClosedLock(name)
+        self._journal = control.Journal(self._words)
+        #: (header word, snapshot) of this process's last snapshot
+        self._last_snapshot: tuple[int, ArenaSnapshot] = (-1, ArenaSnapshot(memoryview(b""), 0))
+        self._sem = None
+        try:
+            self._sem = self.open_part("lock semaphore", lambda: open_semaphore(
+                semaphore_name(name), create=False, mode=params.mode))
+            self._live = self.open_part("liveness segment", lambda: Liveness(name))
+            self._map = self.open_part("arena map", lambda: arenas.ArenaMap(
+                name, params.max_arenas, readonly))
+            self._summaries = self.open_part("summary segment", lambda: Summaries(
+                name, params.max_arenas, class_count, readonly))
+        except BaseException:
+            self._release_resources()
+            raise
+        # The slot is ours alone now: a new arena its previous holder left unlinked is dead.
+        # (Something foreign under that name is grow()'s error, not attach's.)
+        with contextlib.suppress(ShmHeapError):
+            segments.remove_own(temp_arena_name(name, self._live.slot))
+        journal = control_seg.buf[control.JOURNAL_OFFSET:control.JOURNAL_OFFSET + 8].cast("Q")
+        self._journal_word = journal
+        self._lock = HeapLock(self._sem, self._live, name, journal, self._header, repair)
+        if self._lock.native is not None and core.native is not None:
+            # The native core reads the header and builds snapshots in one C call.
+            self.snapshot = core.native.Snapshots(  # type: ignore[method-assign]
+                self._lock.native, self._index.reader, deadline_of)
+        self._recycle_dead_slots()
+
+    def open_part(self, part: str, opener: Callable[[], _T]) -> _T:
+        """``opener()``: open one of the heap's objects; a missing one is a damaged heap."""
+        try:
+            return opener()
+        except HeapNotFoundError:
+            raise HeapCorruptError(
+                f"heap {self.name!r} is damaged: its {part} is missing; remove the heap with "
+                f"`shmheap destroy {self.name}`") from None
+
+    def _open_pages(self, index: int) -> ArenaPages:
+        """Map published arena ``index`` with its page views (ArenaCache calls it)."""
+        self._check_open()
+        assert self._summaries is not None
+        arena = arenas.open_arena(self.name, self.params.heap_id, index, self.arena_size,
+                                  self.readonly, self.params.page_size)
+        return ArenaPages(self.name, arena, self.params.page_size, self._summaries)
+
+    def _recycle_dead_slots(self) -> None:
+        """Recycle the slots of processes that died attached, if the lock is free now.
+
+        Slots are recycled only by a lock holder (liveness.py).  Attaching
+        repairs nothing: a dirty journal waits for the first writable call.
+        """
+        assert self._live is not None
+        live = self._live
+        with contextlib.suppress(LockTimeoutError):
+            self._lock.run(live.recycle_dead_slots, time.monotonic())
+
+    def close(self) -> None:
+        """Unmap this process's view and release its slot.  The heap lives on."""
+        lock = self._lock
+        if isinstance(lock, _ClosedLock):
+            return
+        self._lock = _ClosedLock(self.name)
+        self.__dict__.pop("snapshot", None)  # the native core's, if it was bound
+        lock.close()
+        self._release_resources()
+
+    def _release_resources(self) -> None:
+        self._pages.close()
+        if self._summaries is not None:
+            self._summaries.close()
+        self._index.close()
+        if self._map is not None:
+            self._map.close()
+        if self._live is not None:
+            self._live.close()
+        if self._sem is not None:
+            with contextlib.suppress(Exception):
+                self._sem.close()
+        self._header.release()
+        if hasattr(self, "_journal_word"):
+            self._journal_word.release()
+        self._words.release()
+        self._control.close()
+
+    @property
+    def closed(self) -> bool:
+        return isinstance(self._lock, _ClosedLock)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise HeapClosedError(f"heap {self.name!r} is closed; attach it again to use it")
+
+    def _check_writable(self, what: str) -> None:
+        self._check_open()
+        if self.readonly:
+            raise ReadOnlyError(f"heap {self.name!r} is attached readonly; {what} needs a "
+                                "writable attach (Heap.attach(name))")
+
+    def _check_identity(self) -> None:
+        """HeapNotFoundError if this handle's heap was destroyed (or replaced) since it attached.
+
+        One ``lstat``: called where a mutation is about to create or change
+        something beyond the memory this handle has mapped, never on the
+        allocator's fast path.
+        """
+        if segments.identity_of(control_name(self.name)) != self._control.identity:
+            raise HeapNotFoundError(
+                f"heap {self.name!r} was destroyed (and maybe re-created as another heap) "
+                "since this handle attached it; close this handle and attach again")
+
+    # -- arenas -----------------------------------------------------------------------
+
+    def grow(self, at: int | None = None, timeout: float | None = None) -> arenas.Arena:
+        """Create one arena and record it in the index.
+
+        Without ``at``: at the lowest free index at or above the hint (wrapping
+        to 1 past ``max_arenas``), moving the hint past it.  With ``at``: at
+        exactly that index, ArenaCollisionError if it is taken.
+        """
+        self._check_writable("grow()")
+        deadline = deadline_of(timeout)
+        if at is not None and (not isinstance(at, int) or isinstance(at, bool)
+                               or not 1 <= at < self.max_arenas):
+            raise InvalidParameterError(
+                f"grow(at={at!r}): an arena index must be an int in [1, {self.max_arenas})")
+        return self.build_arena(lambda seg: self._publish_arena(seg, at), deadline,
+                                "grow.segment_created")
+
+    def build_arena(self, publish: Callable[[segments.Segment], int], deadline: float | None,
+                    built: str) -> arenas.Arena:
+        """Make a new arena and ``publish(segment)`` it under the lock; return it, mapped.
+
+        Building (and reserving) the segment is the slow part: it is done
+        before taking the lock, under this process's own temporary name, and
+        crash point ``built`` is reached between the two.  ``publish`` links,
+        appends and maps it (journaled) and returns its index.
+        """
+        live = self._live
+        assert live is not None
+        self._check_identity()
+        live.set_building(True)
+        try:
+            seg = arenas.build(self.name, live.slot, self.arena_size, self.params.mode,
+                               self.params.reserve, self.params.page_size)
+            try:
+                crash.reach(built)
+                index = self._lock.run(lambda: publish(seg), deadline, write=True)
+            except BaseException:
+                seg.close()
+                raise
+        finally:
+            with contextlib.suppress(ShmHeapError):
+                segments.remove_own(temp_arena_name(self.name, live.slot))
+            live.set_building(False)
+        return self.cache_new_arena(seg, index).arena
+
+    def cache_new_arena(self, seg: segments.Segment, index: int) -> ArenaPages:
+        """The page view of new arena ``seg``, published at ``index``, kept by this process's
+        arena cache (once: ``publish`` may have called this already)."""
+        pages = self._pages.recent.get(index)
+        if pages is None or pages.arena.mapping is not seg.map:
+            assert self._summaries is not None
+            pages = ArenaPages(self.name, arenas.Arena(index, self.arena_size, seg),
+                               self.params.page_size, self._summaries)
+            self._pages.add(pages)
+        return pages
+
+    def _publish_arena(self, seg: segments.Segment, at: int | None) -> int:
+        """Link, append and map the new arena ``seg`` (lock held); returns its index."""
+        self.before_link()
+        index = self._link_new_arena(seg, at)
+        crash.reach("grow.segment_linked")
+        self.add_arena(index)
+        crash.reach("grow.map_set")
+        if at is None:
+            self._words[control.HINT_OFFSET // 8] = index + 1
+        crash.reach("grow.hint_moved")
+        self._journal.end()
+        return index
+
+    def before_link(self) -> None:
+        """The checks before a new arena is linked (lock held); dead growers' arenas go."""
+        assert self._live is not None
+        self._index.header()  # a broken heap fails here, before anything is linked
+        self._check_identity()  # nor is anything linked under a recycled name
+        self._live.recycle_dead_slots(builders_only=True)
+
+    def add_arena(self, index: int) -> None:
+        """Append arena ``index``, linked under its final name, to the index and set its map
+        bit (lock held, the journal naming it): it is published, all free pages."""
+        assert self._map is not None and self._summaries is not None
+        self._index.append(index)
+        self._map.add(index)
+        self._summaries.free.set(index, self.pages_per_arena)
+
+    def _link_new_arena(self, seg: segments.Segment, at: int | None) -> int:
+        """Link ``seg`` at ``at`` or at the next free index; return the index.
+
+        Leaves the journal saying ``GROW(index)``: from the link on, the arena
+        exists under its final name.
+        """
+        assert self._map is not None
+        if at is not None:
+            if at in self._map or not self.try_link(seg, at):
+                raise ArenaCollisionError(
+                    f"heap {self.name!r}: arena index {at} is already taken; choose another "
+                    "index or call grow() without at=")
+            return at
+        hint = self._words[control.HINT_OFFSET // 8]
+        start = hint if 1 <= hint < self.max_arenas else 1
+        for lo, hi in ((start, self.max_arenas), (1, start)):
+            index = self._map.next_free(lo, hi)
+            while index is not None:
+                if self.try_link(seg, index):
+                    return index
+                index = self._map.next_free(index + 1, hi)
+        raise AddressSpaceExhaustedError(
+            f"heap {self.name!r}: all {self.max_arenas - 1} arena indices are taken; create "
+            "the heap with a larger max_arenas or arena_size")
+
+    def try_link(self, seg: segments.Segment, index: int,
+                 journal: tuple[int, int, int] | None = None) -> bool:
+        """Journal ``GROW(index)`` (or ``journal``: op, arena, arg) and link ``seg`` at
+        ``index``; on a collision clear the journal and return False.
+
+        The summary leaves of ``index`` get their memory first (summary.py).
+        """
+        assert self._summaries is not None
+        self._summaries.reserve_leaves(index)
+        self._journal.begin(*(journal or (control.GROW, index, 0)))
+        if arenas.link(self.name, seg, self.params.heap_id, self.arena_size, index):
+            return True
+        self._journal.end()
+        return False
+
+    def arena(self, index: int) -> arenas.Arena:
+        """The arena at ``index``, mapped on first use; ArenaNotFoundError (a KeyError) if none."""
+        if type(index) is not int:
+            raise InvalidParameterError(
+                f"arena({index!r}): an arena index is an int, not {type(index).__name__}")
+        pages = self._pages.recent.get(index)
+        if pages is not None:
+            return pages.arena
+        self._check_open()
+        assert self._map is not None
+        if index not in self._map:
+            raise ArenaNotFoundError(
+                f"heap {self.name!r} has no arena {index}; its arenas are listed by "
+                "heap.snapshot()")
+        return self.published_arena(index)
+
+    def published_arena(self, index: int) -> arenas.Arena:
+        """The arena at ``index``, which a snapshot lists (so no map lookup); mapped on demand."""
+        return self._pages.get(index).arena
+
+    def __contains__(self, index: object) -> bool:
+        self._check_open()
+        assert self._map is not None
+        return type(index) is int and index in self._map
+
+    # -- the index ----------------------------------------------------------------------
+
+    def snapshot(self, timeout: float | None = None) -> ArenaSnapshot:
+        """Copy the index header under the lock; the snapshot is read with no lock.
+
+        Snapshots are immutable, so while the header word is unchanged the
+        previous snapshot object is returned again.
+        """
+        word = self._lock.read_word(self._header, None if timeout is None
+                                    else deadline_of(timeout))
+        last = self._last_snapshot
+        if last[0] == word:
+            return last[1]
+        snap = self._index.snapshot_of(word)
+        self._last_snapshot = (word, snap)
+        return snap
+
+    def arenas(self, timeout: float | None = None) -> Iterator[arenas.Arena]:
+        """The arenas of a fresh snapshot, in creation order; no lock held while iterating."""
+        arena = self.published_arena
+        for index in self.snapshot(timeout):
+            yield arena(index)
