@@ -49,34 +49,12 @@ from .errors import (
 from .index import ArenaIndex, ArenaSnapshot
 from .layout import layout
 from .liveness import Liveness
-from .lock import HeapLock, LockedBlock, deadline_of, open_semaphore
+from .lock import ClosedLock, HeapLock, deadline_of, open_semaphore
 from .names import control_name, semaphore_name, temp_arena_name
 from .pages import ArenaPages
 from .summary import Summaries
 
 _T = TypeVar("_T")
-
-
-class _ClosedLock:
-    """Stands in for the lock of a closed heap: every use raises HeapClosedError."""
-
-    adoptions = 0
-
-    def __init__(self, name: str) -> None:
-        self._message = f"heap {name!r} is closed; attach it again to use it"
-
-    def run(self, body: Callable[[], _T], deadline: float | None = None,
-            write: bool = False) -> _T:
-        raise HeapClosedError(self._message)
-
-    def read_word(self, view: memoryview, deadline: float | None = None) -> int:
-        raise HeapClosedError(self._message)
-
-    def enter(self, block: LockedBlock, deadline: float | None, write: bool) -> bool:
-        raise HeapClosedError(self._message)
-
-    def leave(self) -> None:
-        raise HeapClosedError(self._message)
 
 
 class AttachedHeap:
@@ -100,7 +78,7 @@ class AttachedHeap:
             self._open_pages, segments.mapping_budget())
         self._map: arenas.ArenaMap | None = None
         self._index = ArenaIndex(name, self._header, params.first_cap, params.mode, readonly)
-        self._lock: HeapLock | _ClosedLock = _ClosedLock(name)
+        self._lock: HeapLock | ClosedLock = ClosedLock(name)
         self._journal = control.Journal(self._words)
         #: (header word, snapshot) of this process's last snapshot
         self._last_snapshot: tuple[int, ArenaSnapshot] = (-1, ArenaSnapshot(memoryview(b""), 0))
@@ -160,9 +138,9 @@ class AttachedHeap:
     def close(self) -> None:
         """Unmap this process's view and release its slot.  The heap lives on."""
         lock = self._lock
-        if isinstance(lock, _ClosedLock):
+        if isinstance(lock, ClosedLock):
             return
-        self._lock = _ClosedLock(self.name)
+        self._lock = ClosedLock(self.name)
         self.__dict__.pop("snapshot", None)  # the native core's, if it was bound
         lock.close()
         self._release_resources()
@@ -187,7 +165,7 @@ class AttachedHeap:
 
     @property
     def closed(self) -> bool:
-        return isinstance(self._lock, _ClosedLock)
+        return isinstance(self._lock, ClosedLock)
 
     def _check_open(self) -> None:
         if self.closed:

@@ -67,7 +67,7 @@ fsck (``check``): the parts of every made object are all there and agree,
 and no part of an object that is not made is left without a maker.
 
 This module owns the giant objects' protocol.  It changes page metadata only
-through pages.py, grows arenas only through ``Heap.build_arena``, and is
+through pages.py, grows arenas only through ``AttachedHeap.build_arena``, and is
 called by allocator.py with or without the lock as each function says.
 """
 
@@ -76,7 +76,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from . import arenas, control, crash, segments
 from .control import DISOWN, GIANT
@@ -94,7 +94,42 @@ from .summary import CAP
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
-    from .allocator import Allocator
+    from .attached import AttachedHeap
+    from .lock import ClosedLock, HeapLock
+    from .summary import Summaries
+
+class PageHeap(Protocol):
+    """What this module needs of the allocator (``allocator.Allocator`` is one): the heap,
+    its journal and lock, the arenas' page views, and the spans this process has claimed.
+
+    The allocator calls this module and this module calls the allocator back;
+    the protocol keeps the import one way (allocator.py imports giant.py).
+    """
+
+    heap: AttachedHeap
+    readonly: bool
+    arena_size: int
+    page_shift: int
+    pages_per_arena: int
+    _journal: control.Journal
+    _lock: HeapLock | ClosedLock
+    _mapped: arenas.ArenaCache[ArenaPages]
+    _summaries: Summaries
+    #: spans whose owner word may hold our token while no cache of ours has them
+    _pending: list[tuple[ArenaPages, int]]
+    #: the runs of arenas this process has mapped, while a view holds one (``runs()``)
+    _runs: weakref.WeakValueDictionary[tuple[int, int], object]
+
+    def pages_of(self, index: int) -> ArenaPages: ...
+
+    def _token(self) -> int: ...
+
+    def _settle_pending(self) -> None: ...
+
+    def reclaim_locked(self) -> int: ...
+
+    def release_empty_locked(self) -> int: ...
+
 
 #: How often an allocation starts over after other processes took an index of its run.
 ATTEMPTS = 100
@@ -116,7 +151,7 @@ def runs() -> weakref.WeakValueDictionary[tuple[int, int], object]:
 # -- making ---------------------------------------------------------------------------------
 
 
-def alloc(allocator: Allocator, npages: int, deadline: float | None) -> int:
+def alloc(allocator: PageHeap, npages: int, deadline: float | None) -> int:
     """A new zeroed giant object of ``npages`` pages (more than an arena); its ref."""
     heap = allocator.heap
     parts = -(-npages // allocator.pages_per_arena)
@@ -141,7 +176,7 @@ def alloc(allocator: Allocator, npages: int, deadline: float | None) -> int:
         f"object over {parts} arenas ({ATTEMPTS} times)")
 
 
-def _attempt(allocator: Allocator, giant: Giant, taken: set[int],
+def _attempt(allocator: PageHeap, giant: Giant, taken: set[int],
              deadline: float | None) -> int | None:
     """Claim, grow and make the object (see the module docstring); None to start over."""
     heap = allocator.heap
@@ -171,7 +206,7 @@ def _attempt(allocator: Allocator, giant: Giant, taken: set[int],
     return None
 
 
-def _claim_locked(allocator: Allocator, giant: Giant, taken: set[int]
+def _claim_locked(allocator: PageHeap, giant: Giant, taken: set[int]
                   ) -> tuple[int, list[int], list[tuple[ArenaPages, list[tuple[int, int]]]]]:
     """Step 1 (lock holder): find a run and claim its arenas; (first, missing, dirty runs)."""
     heap = allocator.heap
@@ -206,7 +241,7 @@ def _claim_locked(allocator: Allocator, giant: Giant, taken: set[int]
     return first, missing, dirty
 
 
-def _find_run(allocator: Allocator, giant: Giant, taken: set[int]
+def _find_run(allocator: PageHeap, giant: Giant, taken: set[int]
               ) -> tuple[int, list[int]] | None:
     """The lowest run of ``giant.parts`` indices the object fits; (first, missing indices).
 
@@ -247,14 +282,14 @@ def _find_run(allocator: Allocator, giant: Giant, taken: set[int]
     return None
 
 
-def _claim(allocator: Allocator, pages: ArenaPages, part: Giant, token: int) -> None:
+def _claim(allocator: PageHeap, pages: ArenaPages, part: Giant, token: int) -> None:
     """Make ``part`` (its pages free and prepared) this process's (lock holder, journaled)."""
     allocator._pending.append((pages, 0))
     pages.set_giant(part)
     pages.publish(0, part.part_pages(pages.pages), 0, token)
 
 
-def _grow_locked(allocator: Allocator, seg: segments.Segment, index: int, part: Giant) -> int:
+def _grow_locked(allocator: PageHeap, seg: segments.Segment, index: int, part: Giant) -> int:
     """Step 2 (lock holder): link, publish and claim new arena ``seg`` at ``index``."""
     heap = allocator.heap
     assert heap._map is not None
@@ -270,7 +305,7 @@ def _grow_locked(allocator: Allocator, seg: segments.Segment, index: int, part: 
     return index
 
 
-def _make_locked(allocator: Allocator, first: int, giant: Giant) -> bool:
+def _make_locked(allocator: PageHeap, first: int, giant: Giant) -> bool:
     """Step 3 (lock holder): disown every part, the first last; False if one is not ours."""
     allocator.heap._check_identity()
     token = allocator._token()
@@ -291,7 +326,7 @@ def _make_locked(allocator: Allocator, first: int, giant: Giant) -> bool:
     return True
 
 
-def drop_part_locked(allocator: Allocator, pages: ArenaPages) -> bool:
+def drop_part_locked(allocator: PageHeap, pages: ArenaPages) -> bool:
     """Free a part whose maker gave it up or died (lock holder): it never was an object."""
     allocator._journal.begin(DISOWN, pages.index, 0)
     _free_part(pages)
@@ -314,7 +349,7 @@ def made(pages: ArenaPages) -> Giant | None:
     return giant
 
 
-def free_locked(allocator: Allocator, head: ArenaPages) -> int:
+def free_locked(allocator: PageHeap, head: ArenaPages) -> int:
     """Free the made giant object whose first part is ``head`` (lock holder); its pages."""
     giant = made(head)
     assert giant is not None, "free_locked of no made giant object"
@@ -334,7 +369,7 @@ def free_locked(allocator: Allocator, head: ArenaPages) -> int:
     return giant.total
 
 
-def view(allocator: Allocator, head: ArenaPages, size: int) -> memoryview:
+def view(allocator: PageHeap, head: ArenaPages, size: int) -> memoryview:
     """The ``size`` bytes from arena ``head``'s start, its run of arenas mapped as one."""
     heap = allocator.heap
     key = (head.index, size)
@@ -353,7 +388,7 @@ def view(allocator: Allocator, head: ArenaPages, size: int) -> memoryview:
 # -- repair and fsck (lock holder) -------------------------------------------------------------
 
 
-def settle(allocator: Allocator, first: int, parts: int) -> str:
+def settle(allocator: PageHeap, first: int, parts: int) -> str:
     """Finish or undo the giant object over arenas ``first``.. (repair of ``GIANT``, its
     arenas published and audited); what was done, "" if nothing."""
     heap = allocator.heap
@@ -380,7 +415,7 @@ def settle(allocator: Allocator, first: int, parts: int) -> str:
     return f"{changed} parts of a giant object over {where} were left half made or freed; freed"
 
 
-def check(allocator: Allocator, indices: Iterable[int],
+def check(allocator: PageHeap, indices: Iterable[int],
           note: Callable[[str, str, bool], bool]) -> None:
     """fsck of the giant objects in arenas ``indices`` (lock holder; see the module docstring).
 
@@ -433,7 +468,7 @@ def _disown(pages: ArenaPages) -> None:
     pages.owner[0] = 0
 
 
-def _change(allocator: Allocator, first: int, parts: int, members: list[ArenaPages],
+def _change(allocator: PageHeap, first: int, parts: int, members: list[ArenaPages],
             change: Callable[[ArenaPages], None]) -> None:
     """``change`` each of ``members``, parts of the object over ``first``.. (journaled)."""
     allocator._journal.begin(GIANT, first, parts)

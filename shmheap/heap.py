@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 from . import arenas, arrays, control, core, crash, liveness, segments, walker
 from .allocator import Allocator, size_classes
@@ -70,7 +70,6 @@ from .repair import Finding, HeapParts, repair_journal, run_checks
 from .roots import Roots, RootTable
 from .summary import Summaries
 
-_T = TypeVar("_T")
 DEFAULT_ARENA_SIZE = 64 << 20
 DEFAULT_MAX_ARENAS = 1 << 20
 #: Seconds an attacher waits for a creator to finish initialising.
@@ -118,7 +117,7 @@ class Heap(AttachedHeap):
         try:
             self._roots = self.open_part("roots segment", lambda: RootTable(name, readonly))
         except BaseException:
-            self._release_resources()
+            self.close()
             raise
         #: objects found by name (roots.py)
         self.roots = Roots(self, self._roots, self._objects)

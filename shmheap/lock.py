@@ -89,6 +89,7 @@ import posix_ipc
 
 from . import core, crash, segments
 from .errors import (
+    HeapClosedError,
     HeapExistsError,
     HeapNotFoundError,
     InvalidParameterError,
@@ -519,3 +520,25 @@ def unlink_semaphore(name: str) -> bool:
     except OSError as exc:
         raise _semaphore_error(where, exc) from None
     return True
+
+
+class ClosedLock:
+    """Stands in for the lock of a closed heap: every use raises HeapClosedError."""
+
+    adoptions = 0
+
+    def __init__(self, name: str) -> None:
+        self._message = f"heap {name!r} is closed; attach it again to use it"
+
+    def run(self, body: Callable[[], _T], deadline: float | None = None,
+            write: bool = False) -> _T:
+        raise HeapClosedError(self._message)
+
+    def read_word(self, view: memoryview, deadline: float | None = None) -> int:
+        raise HeapClosedError(self._message)
+
+    def enter(self, block: LockedBlock, deadline: float | None, write: bool) -> bool:
+        raise HeapClosedError(self._message)
+
+    def leave(self) -> None:
+        raise HeapClosedError(self._message)

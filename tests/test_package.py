@@ -1,0 +1,141 @@
+"""The shape of the package: no import circle anywhere, and the library never imports the toolkit.
+
+The graph is built from the source (every ``import`` and ``from ... import``
+statement of every module, at any depth: inside functions and under
+``if TYPE_CHECKING`` too, since a circle a type checker needs is still a
+circle a reader must untangle).  An edge goes to the deepest module a
+statement names: ``from . import lock`` is an edge to ``shmheap.lock``, not
+to the package.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import shmheap
+
+PACKAGE = Path(shmheap.__file__).parent
+DESIGN = PACKAGE.parent / "docs" / "design.md"
+#: The toolkit, and the entry points that start it (``python -m shmheap``).
+TOOLKIT = ("shmheap.tools", "shmheap.__main__")
+
+
+def module_names() -> dict[str, Path]:
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        modules[".".join(parts)] = path
+    return modules
+
+
+def imported(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The modules of the package that ``module`` imports."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            submodules = {f"{source}.{alias.name}" for alias in node.names} & modules.keys()
+            found.update(submodules or {source})
+    return {name for name in found if name in modules and name != module}
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = module_names()
+    return {module: imported(module, path, modules) for module, path in modules.items()}
+
+
+def is_toolkit(module: str) -> bool:
+    return any(module == t or module.startswith(t + ".") for t in TOOLKIT)
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected group of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return groups
+
+
+def test_the_graph_sees_the_imports_it_should() -> None:
+    graph = import_graph()
+    assert "shmheap.lock" in graph["shmheap.heap"]
+    assert "shmheap.tools.cli" in graph["shmheap.__main__"]
+    assert "shmheap.tools.display" in graph["shmheap.tools.cli"]
+    assert "shmheap.heap" in graph["shmheap.tools.bench.common"]
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_circle() -> None:
+    assert cycles(import_graph()) == []
+
+
+def test_the_library_never_imports_the_toolkit() -> None:
+    graph = import_graph()
+    wrong = {module: sorted(t for t in targets if is_toolkit(t))
+             for module, targets in graph.items() if not is_toolkit(module)}
+    assert {module: targets for module, targets in wrong.items() if targets} == {}
+
+
+def test_public_names_stay_where_users_import_them() -> None:
+    for name in ("Heap", "destroy", "ShmHeapError", "HeapNotFoundError", "CRASH_POINTS", "NATIVE"):
+        assert hasattr(shmheap, name), name
+    from shmheap import pytest_plugin
+    assert callable(pytest_plugin.unique_heap_name)
+
+
+def documented_layers() -> dict[str, int]:
+    """The library's modules in the order of docs/design.md's package map: module -> row."""
+    text = DESIGN.read_text(encoding="utf-8")
+    section = text.split("## Package map", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    return {"shmheap" if name == "__init__" else f"shmheap.{name}": row
+            for row, line in enumerate(rows)
+            for name in re.findall(r"`(\w+)\.py`", line.split("|")[1])}
+
+
+def test_the_design_documents_the_layers_the_imports_keep() -> None:
+    layers = documented_layers()
+    graph = import_graph()
+    library = {module for module in graph if not is_toolkit(module)}
+    assert library == layers.keys()
+    upward = sorted(f"{module} -> {target}" for module in library for target in graph[module]
+                    if layers[target] > layers[module])
+    assert upward == []
