@@ -41,7 +41,7 @@ The journal
     writable lock holder that finds it non-zero runs the repair for that op
     (repair.py) before anything else, whoever left it.  The ops:
 
-    ``GROW`` (arena i)     linking, appending and mapping arena i (heap.py, index.py)
+    ``GROW`` (arena i)     linking, appending and mapping arena i (attached.py, index.py)
     ``PAGES`` (arena i)    changing arena i's page metadata (pages.py)
     ``DISOWN`` (arena i,   giving up the cached span at page ``arg`` of arena i
     start page)            (allocator.py)
