@@ -844,7 +844,11 @@ def check_summary_leaves(allocator: Allocator, pages: ArenaPages, note: Note) ->
             "summary-owned", f"arena {index} has spans with owners that the owned summary "
             "does not list", writable):
         summaries.owned.mark(index)
-    for name, tree in (("free", summaries.free), ("owned", summaries.owned)):
+    trees = [("free", summaries.free), ("owned", summaries.owned)]
+    # A partial tree's path can lag only under a set leaf (a marker stopped between them).
+    trees += [("partial", tree) for tree in map(summaries.partial, range(1, len(allocator.classes)))
+              if tree.get(index)]
+    for name, tree in trees:
         if not tree.path_is_right(index) and note(
                 f"summary-{name}", f"arena {index}: the nodes above its leaf in the {name} "
                 "summary disagree with it (a holder stopped between them)", writable):

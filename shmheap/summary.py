@@ -50,7 +50,9 @@ It reads no arena: callers pass the values.
 
 from __future__ import annotations
 
+import collections
 import functools
+import itertools
 import mmap
 import os
 import struct
@@ -212,12 +214,17 @@ class ByteTree:
                 levels[level][index] = want
 
     def mark(self, leaf: int) -> None:
-        """Set a 0/1 tree's leaf and its ancestors to 1, bottom up (any process, no lock)."""
-        index = leaf
-        for level in self._levels:
-            if not level[index]:
-                level[index] = 1
-            index //= FANOUT
+        """Set a 0/1 tree's leaf and its ancestors to 1, bottom up (any process, no lock).
+
+        The stores are one run of C calls with no Python bytecode between them,
+        so an exception from a signal handler (Ctrl-C) cannot stop a mark
+        between the leaf and its ancestors.  Only death can: the hint is then
+        lost until the next mark of that leaf, and an audit of the arena (the
+        journal's repair, fsck) recomputes the path.
+        """
+        path = [leaf // FANOUT ** level for level in range(len(self._levels))]
+        collections.deque(map(memoryview.__setitem__, self._levels, path, itertools.repeat(1)),
+                          maxlen=0)
 
     def clear(self, leaf: int) -> None:
         """Clear a 0/1 tree's leaf, and each ancestor whose row is all zero (lock holder).

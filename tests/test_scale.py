@@ -14,14 +14,17 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import CodeType, FrameType
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import shmheap
+from shmheap.control import PAGES
 from shmheap.pages import longest_free_run
 from shmheap.pytest_plugin import HeapFactory
-from shmheap.summary import CAP
+from shmheap.summary import CAP, ByteTree
 
 ARENA = 64 * 1024
 PAGE = 8192
@@ -94,6 +97,70 @@ def test_fsck_finds_and_repairs_a_damaged_summary(shm_heap_factory: HeapFactory)
     assert {(f.code, f.fixed) for f in heap.check(repair=True)} == {("summary-free", True)}
     assert heap.check() == []
     assert_summaries_agree(heap)
+
+
+class Interrupted(Exception):
+    """Raised by a trace function at one line, as a signal handler's exception would be."""
+
+
+def interrupted_at(code: CodeType, line: int) -> Any:
+    """A trace function that raises Interrupted before the ``line``-th line run in ``code``
+    (lines, not opcodes: Python 3.12's trace hooks miss opcode events set from a call event)."""
+    seen = 0
+
+    def local(_frame: FrameType, event: str, _arg: Any) -> Any:
+        nonlocal seen
+        if event == "line":
+            seen += 1
+            if seen == line:
+                raise Interrupted
+        return local
+
+    def tracer(frame: FrameType, _event: str, _arg: Any) -> Any:
+        return local if frame.f_code is code else None
+
+    return tracer
+
+
+def test_an_exception_at_any_line_never_stops_a_partial_mark_half_way(
+        shm_heap: shmheap.Heap) -> None:
+    """A lock-free mark of a partial tree (after a free into an unowned span) interrupted at
+    each of its lines in turn: its leaf is never left set below a clear ancestor."""
+    summaries = shm_heap._summaries
+    assert summaries is not None
+    tree = summaries.partial(1)
+    leaf = shm_heap.grow().index
+    interrupted = 0
+    for line in range(1, 1000):
+        sys.settrace(interrupted_at(ByteTree.mark.__code__, line))
+        try:
+            tree.mark(leaf)
+        except Interrupted:
+            interrupted += 1
+        else:
+            break  # the mark ran to its end: it has been interrupted at every line once
+        finally:
+            sys.settrace(None)
+        assert not tree.get(leaf) or tree.path_is_right(leaf), f"interrupted at line {line}"
+        tree.clear(leaf)
+    assert interrupted > 1
+    assert tree.get(leaf) and tree.path_is_right(leaf)
+
+
+def test_the_journal_repair_of_an_arena_recomputes_its_partial_paths(
+        shm_heap_factory: HeapFactory) -> None:
+    heap = shm_heap_factory(arena_size=ARENA, page_size=PAGE, reserve=False)
+    index = heap.grow().index
+    summaries = heap._summaries
+    assert summaries is not None
+    tree = summaries.partial(1)
+    tree._levels[0][index] = 1  # as if a marker died after the leaf, before its ancestors
+    assert {f.code for f in heap.check()} == {"summary-partial"}
+    heap._journal.begin(PAGES, index)  # and as if a holder stopped changing that arena
+    with heap.locked():  # the next writable holder repairs the arena, its summaries too
+        pass
+    assert tree.path_is_right(index)
+    assert heap.check() == []
 
 
 BIG_HEAP_WORKER = """

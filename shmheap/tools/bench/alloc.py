@@ -44,7 +44,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 from multiprocessing.heap import BufferWrapper
 from typing import Any, TextIO
 
@@ -213,6 +213,7 @@ def pair_figures(plan: Plan) -> dict[str, Any]:
 
 
 def pair(heap: Heap, size: int) -> Callable[[], object]:
+    heap.free(heap.alloc(size))  # the first call binds the native core's fast paths, if any
     alloc, free = heap.alloc, heap.free
     return lambda: free(alloc(size))
 
@@ -482,9 +483,10 @@ def handover_worker(tasks: Any, results: Any) -> None:
                 kept.close()
                 kept = None
             elif task[0] == "shared_memory":
+                # Spawned, this process shares its parent's resource tracker, which this
+                # attach registers the segment with again (a set: no second entry); the
+                # creator's unlink unregisters it once.
                 segment = shared_memory.SharedMemory(task[1])
-                # the creator unlinks it; this process's tracker must not (Python < 3.13)
-                resource_tracker.unregister(segment._name, "shared_memory")  # type: ignore[attr-defined]
                 array = numpy.ndarray((task[3],), numpy.float64, buffer=segment.buf)
                 got = (float(array[0]), float(array[-1]))
                 del array

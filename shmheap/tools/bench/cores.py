@@ -23,6 +23,7 @@ the bare posix_ipc pair; stress operations per second >= 3x the twin's.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from typing import Any, TextIO
 
 from ...core import PURE_VAR
 from ..display import fmt_ns, fmt_ratio, print_table
-from .common import BenchError, Target, bench_main, environment, verdict
+from .common import BenchError, Figure, Target, bench_main, environment, verdict
 
 CORES = ("native", "pure")
 FIGURES = ("bare_posix_ipc", "lock_round_trip", "snapshot_cached", "snapshot_changed",
@@ -176,6 +177,21 @@ def report(results: dict[str, Any], out: TextIO | None = None) -> None:
         [[t.name, t.shown, t.rule, verdict(t.ok)] for t in targets(results)],
         title="Targets",
         out=out)
+
+
+#: Short names of the hot paths on the plot's x axis, in FIGURES order.
+TICKS = ("posix_ipc", "lock", "snapshot", "snapshot*", "alloc+free", "BufferWrapper")
+
+
+def figures(results: dict[str, Any]) -> list[Figure]:
+    """One panel: each hot path's p50 in both cores (x: the paths, spaced a decade apart;
+    snapshot* is the one after the header changed; posix_ipc and BufferWrapper are peers)."""
+    cores = results["cores"]
+    series = {label: [(10.0 ** i, float(cores[core][key])) for i, key in enumerate(FIGURES)]
+              for core, label in (("native", "native core"), ("pure", "pure-Python twin"))}
+    return [Figure("cores: each hot path, the native core beside its pure-Python twin (p50)",
+                   "hot path", "per call", series,
+                   x_format=lambda x: TICKS[min(round(math.log10(x)), len(TICKS) - 1)])]
 
 
 def main(argv: list[str] | None = None) -> int:

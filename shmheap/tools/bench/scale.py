@@ -65,17 +65,24 @@ _NEW_PROCESS = textwrap.dedent("""
                           first_alloc_ms=(done - attached) * 1e3)))
     """)
 
+# Peak RSS is VmHWM, the peak of this process's own memory: ru_maxrss would report the
+# parent's peak, which Linux carries over fork and exec.
 _WALKER = textwrap.dedent("""
-    import json, resource, sys, time
+    import json, sys, time
     import shmheap
+
+    def peak_rss_kb():
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
     h = shmheap.Heap.attach(sys.argv[1], readonly=True)
-    base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base_kb = peak_rss_kb()
     start = time.perf_counter()
     spans = sum(1 for _ in h.walk())
     walked = time.perf_counter()
     findings = h.check()
     checked = time.perf_counter()
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_kb = peak_rss_kb()
     print(json.dumps(dict(spans=spans, walk_s=walked - start, fsck_s=checked - walked,
                           findings=[f.code for f in findings], rss_kb=rss_kb,
                           rss_growth_kb=rss_kb - base_kb, mapped=h._pages.mapped)))
