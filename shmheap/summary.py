@@ -372,6 +372,8 @@ class Summaries:
                                    f"{heap_name!r}; destroy the heap")
         #: pages this process has reserved already (reserving is idempotent)
         self._reserved: set[int] = set()
+        #: leaf rows (index >> 6) whose paths' pages this process has reserved
+        self._reserved_rows: set[int] = set()
         self._offsets = _tree_offsets(max_arenas, 1 + nclasses)
         self._trees = [ByteTree(self._seg.buf, offsets, max_arenas, self._seg.fd)
                        for offsets in self._offsets]
@@ -395,12 +397,20 @@ class Summaries:
             seg.close()
 
     def reserve_leaves(self, index: int) -> None:
-        """Give memory to every page on arena ``index``'s paths, in every tree (a grower)."""
+        """Give memory to every page on arena ``index``'s paths, in every tree (a grower).
+
+        Levels are padded to 64 entries, so the 64 indices of one leaf row share
+        their pages: a row already done here needs nothing (most grows).
+        """
+        row = index >> 6
+        if row in self._reserved_rows:
+            return
         pages = {(offsets[level] + (index >> 6 * level)) // PAGE_SIZE
                  for offsets in self._offsets for level in range(min(2, len(offsets)))}
         for page in sorted(pages - self._reserved):
             _reserve(self._seg, page * PAGE_SIZE, PAGE_SIZE)
             self._reserved.add(page)
+        self._reserved_rows.add(row)
 
     def partial(self, sclass: int) -> ByteTree:
         """The partial tree of size class ``sclass`` (>= 1)."""
