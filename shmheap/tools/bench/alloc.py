@@ -59,13 +59,14 @@ from .common import (
     Target,
     bench_heap,
     bench_main,
-    environment,
+    checked,
     import_extra,
-    loop_overhead_ns,
     measure,
     measure_interleaved,
     optional_numpy,
-    verdict,
+    print_heading,
+    print_missed,
+    recorded,
 )
 
 MIB = 1 << 20
@@ -169,33 +170,24 @@ def run(quick: bool = False, *, tiny: bool = False,
     """Run the benchmark (``tiny``: seconds, for tests) and return every figure."""
     plan = PLANS["tiny" if tiny else "quick" if quick else "full"]
     say = log or (lambda _message: None)
-    started = time.monotonic()
-    results: dict[str, Any] = {
-        "benchmark": "alloc", "mode": plan.mode, "environment": environment(),
-        "method": list(METHOD), "loop_overhead_ns": loop_overhead_ns(),
-    }
-    say("alloc + free pair latency")
-    results["pairs"] = pair_figures(plan)
-    say("throughput, 1 and 2 processes")
-    results["throughput"] = throughput_figures(plan)
-    say("walker")
-    results["walk"] = walk_figures(plan)
-    say("sweep scan")
-    results["scan"] = scan_figures(plan)
-    say("sweep")
-    results["sweep"] = sweep_figures(plan)
-    say("scavenge")
-    results["scavenge"] = scavenge_figures(plan)
-    say("roots")
-    results["roots"] = roots_figures(plan)
-    say("hand-over of an array")
-    results["handover"] = handover_figures(plan)
-    say("a giant object")
-    results["giant"] = giant_figures(plan)
-    results["targets"] = [target.as_dict() for target in targets(results)]
-    results["environment"]["loadavg_after"] = list(os.getloadavg())
-    results["seconds"] = time.monotonic() - started
-    return results
+    steps: tuple[tuple[str, str, Callable[[Plan], dict[str, Any]]], ...] = (
+        ("alloc + free pair latency", "pairs", pair_figures),
+        ("throughput, 1 and 2 processes", "throughput", throughput_figures),
+        ("walker", "walk", walk_figures),
+        ("sweep scan", "scan", scan_figures),
+        ("sweep", "sweep", sweep_figures),
+        ("scavenge", "scavenge", scavenge_figures),
+        ("roots", "roots", roots_figures),
+        ("hand-over of an array", "handover", handover_figures),
+        ("a giant object", "giant", giant_figures),
+    )
+
+    def measure_into(results: dict[str, Any]) -> None:
+        for message, key, figures_of in steps:
+            say(message)
+            results[key] = figures_of(plan)
+
+    return recorded("alloc", plan.mode, METHOD, measure_into, targets)
 
 
 # -- 1. pair latency -------------------------------------------------------------------------
@@ -690,25 +682,10 @@ def targets(results: dict[str, Any]) -> list[Target]:
 def report(results: dict[str, Any], out: TextIO | None = None) -> None:
     """Print every figure of ``results`` as tables, each target next to its figure."""
     checks = {target["name"]: target for target in results["targets"]}
-    env = results["environment"]
-    print(f"shmheap alloc benchmark ({results['mode']}): {env['cpus']} cpus, load "
-          f"{' '.join(f'{x:.2f}' for x in env['loadavg'])}, Python {env['python']}, "
-          f"{results['seconds']:.1f} s; loop overhead {fmt_ns(results['loop_overhead_ns'])}",
-          file=out)
-    for line in results["method"]:
-        print(f"  * {line}", file=out)
+    print_heading(results, out)
     report_pairs(results["pairs"], checks, out)
     report_rest(results, checks, out)
-    missed = [target for target in results["targets"] if not target["ok"]]
-    print(f"\nTargets: {len(results['targets']) - len(missed)} of {len(results['targets'])} "
-          "met" + ("; missed:" if missed else "."), file=out)
-    for target in missed:
-        print(f"  MISS  {target['name']}: {target['shown']} (target {target['rule']})", file=out)
-
-
-def checked(checks: dict[str, Any], name: str) -> str:
-    target = checks.get(name)
-    return f"{target['rule']} {verdict(target['ok'])}" if target else ""
+    print_missed(results, out)
 
 
 def report_pairs(pairs: dict[str, Any], checks: dict[str, Any], out: TextIO | None) -> None:

@@ -45,7 +45,7 @@ from typing import Any, Protocol, TextIO
 
 from ...errors import HeapNotFoundError, ShmHeapError
 from ...heap import Heap, destroy
-from ..display import fmt_count, fmt_ns
+from ..display import fmt_count, fmt_ns, print_table
 
 #: A batch of calls lasts about this long (ns), with at most ``max_per_batch`` calls.
 BATCH_NS = 50_000
@@ -245,6 +245,57 @@ def verdict(ok: bool | None) -> str:
     if ok is None:
         return ""
     return "pass" if ok else "MISS"
+
+
+def recorded(name: str, mode: str, method: Sequence[str],
+             measure_into: Callable[[dict[str, Any]], None],
+             targets: Callable[[dict[str, Any]], list[Target]]) -> dict[str, Any]:
+    """The results of benchmark ``name``: where it ran, its method and loop overhead, what
+    ``measure_into`` adds to them, its targets, the load after it and the seconds it took."""
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "benchmark": name, "mode": mode, "environment": environment(),
+        "method": list(method), "loop_overhead_ns": loop_overhead_ns(),
+    }
+    measure_into(results)
+    results["targets"] = [target.as_dict() for target in targets(results)]
+    results["environment"]["loadavg_after"] = list(os.getloadavg())
+    results["seconds"] = time.monotonic() - started
+    return results
+
+
+def print_heading(results: Mapping[str, Any], out: TextIO | None) -> None:
+    """The first lines of a report of ``recorded`` results: where it ran, and its method."""
+    env = results["environment"]
+    print(f"shmheap {results['benchmark']} benchmark ({results['mode']}): {env['cpus']} cpus, "
+          f"load {' '.join(f'{x:.2f}' for x in env['loadavg'])}, Python {env['python']}, "
+          f"{results['seconds']:.1f} s; loop overhead {fmt_ns(results['loop_overhead_ns'])}",
+          file=out)
+    for line in results["method"]:
+        print(f"  * {line}", file=out)
+
+
+def print_missed(results: Mapping[str, Any], out: TextIO | None) -> None:
+    """The last lines of a report of ``recorded`` results: how many targets were met, and
+    each one missed."""
+    missed = [target for target in results["targets"] if not target["ok"]]
+    print(f"\nTargets: {len(results['targets']) - len(missed)} of {len(results['targets'])} "
+          "met" + ("; missed:" if missed else "."), file=out)
+    for target in missed:
+        print(f"  MISS  {target['name']}: {target['shown']} (target {target['rule']})", file=out)
+
+
+def checked(checks: Mapping[str, Any], name: str) -> str:
+    """'<rule> <verdict>' of target ``name`` (of the recorded targets), '' if it has none."""
+    target = checks.get(name)
+    return "" if target is None else f"{target['rule']} {verdict(target['ok'])}"
+
+
+def print_targets(targets: Sequence[Target], out: TextIO | None) -> None:
+    """A table of ``targets``: each figure, its value, its rule and whether it was met."""
+    print_table(["figure", "measured", "target", "met"],
+                [[t.name, t.shown, t.rule, verdict(t.ok)] for t in targets],
+                title="Targets", out=out)
 
 
 def write_json(path: str | Path, data: Mapping[str, Any]) -> None:

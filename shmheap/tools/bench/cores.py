@@ -34,7 +34,7 @@ from typing import Any, TextIO
 
 from ...core import PURE_VAR
 from ..display import fmt_ns, fmt_ratio, print_table
-from .common import BenchError, Figure, Target, bench_main, environment, verdict
+from .common import BenchError, Figure, Target, bench_main, environment, print_targets
 
 CORES = ("native", "pure")
 FIGURES = ("bare_posix_ipc", "lock_round_trip", "snapshot_cached", "snapshot_changed",
@@ -172,11 +172,7 @@ def report(results: dict[str, Any], out: TextIO | None = None) -> None:
         rows,
         title="shmheap bench cores: p50 per call, in one run",
         out=out)
-    print_table(
-        ["figure", "measured", "target", "met"],
-        [[t.name, t.shown, t.rule, verdict(t.ok)] for t in targets(results)],
-        title="Targets",
-        out=out)
+    print_targets(targets(results), out)
 
 
 #: Short names of the hot paths on the plot's x axis, in FIGURES order.

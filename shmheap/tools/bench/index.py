@@ -58,14 +58,15 @@ from .common import (
     Target,
     bench_heap,
     bench_main,
-    environment,
+    checked,
     latency,
-    loop_overhead_ns,
     measure,
     measure_interleaved,
     optional_numpy,
+    print_heading,
+    print_missed,
+    recorded,
     unique_name,
-    verdict,
 )
 
 T = TypeVar("T")
@@ -177,20 +178,15 @@ def run(quick: bool = False, *, tiny: bool = False,
     """Run the benchmark (``tiny``: seconds, for tests) and return every figure."""
     plan = PLANS["tiny" if tiny else "quick" if quick else "full"]
     say = log or (lambda _message: None)
-    started = time.monotonic()
-    results: dict[str, Any] = {
-        "benchmark": "index", "mode": plan.mode, "environment": environment(),
-        "method": list(METHOD), "loop_overhead_ns": loop_overhead_ns(),
-    }
-    results.update(index_figures(plan, say))
-    say("grow() latency")
-    results["grow"] = grow_figures(plan)
-    say(f"writer grow() rate with {plan.observers} observers")
-    results["writer"] = writer_figures(plan)
-    results["targets"] = [target.as_dict() for target in targets(results)]
-    results["environment"]["loadavg_after"] = list(os.getloadavg())
-    results["seconds"] = time.monotonic() - started
-    return results
+
+    def measure_into(results: dict[str, Any]) -> None:
+        results.update(index_figures(plan, say))
+        say("grow() latency")
+        results["grow"] = grow_figures(plan)
+        say(f"writer grow() rate with {plan.observers} observers")
+        results["writer"] = writer_figures(plan)
+
+    return recorded("index", plan.mode, METHOD, measure_into, targets)
 
 
 # -- snapshots, naive copies, iteration, memory, liveness (one heap) ---------------------
@@ -583,13 +579,7 @@ def grow_target_name(row: dict[str, Any]) -> str:
 def report(results: dict[str, Any], out: TextIO | None = None) -> None:
     """Print every figure of ``results`` as tables, each target next to its figure."""
     checks = {target["name"]: target for target in results["targets"]}
-    environment_ = results["environment"]
-    print(f"shmheap index benchmark ({results['mode']}): {environment_['cpus']} cpus, "
-          f"load {' '.join(f'{x:.2f}' for x in environment_['loadavg'])}, Python "
-          f"{environment_['python']}, {results['seconds']:.1f} s; loop overhead "
-          f"{fmt_ns(results['loop_overhead_ns'])}", file=out)
-    for line in results["method"]:
-        print(f"  * {line}", file=out)
+    print_heading(results, out)
     report_snapshots(results["sizes"], checks, out)
     report_naive(results["sizes"], checks, out)
     report_iteration(results["iteration"], checks, out)
@@ -597,17 +587,7 @@ def report(results: dict[str, Any], out: TextIO | None = None) -> None:
     report_writer(results["writer"], checks, out)
     report_memory(results["sizes"], checks, out)
     report_liveness(results["liveness"], checks, out)
-    missed = [target for target in results["targets"] if not target["ok"]]
-    print(f"\nTargets: {len(results['targets']) - len(missed)} of {len(results['targets'])} "
-          "met" + ("; missed:" if missed else "."), file=out)
-    for target in missed:
-        print(f"  MISS  {target['name']}: {target['shown']} (target {target['rule']})", file=out)
-
-
-def checked(checks: dict[str, Any], name: str) -> str:
-    """'<rule> <verdict>' of target ``name``, '' if it has none."""
-    target = checks.get(name)
-    return "" if target is None else f"{target['rule']} {verdict(target['ok'])}"
+    print_missed(results, out)
 
 
 def report_snapshots(sizes: list[dict[str, Any]], checks: dict[str, Any],

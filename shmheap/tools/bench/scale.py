@@ -40,7 +40,7 @@ from .common import (
     bench_main,
     environment,
     percentile,
-    verdict,
+    print_targets,
 )
 
 ARENA = 64 * 1024
@@ -187,11 +187,7 @@ def report(results: dict[str, Any], out: TextIO | None = None) -> None:
         rows,
         title="shmheap bench scale: heaps of 64 KiB arenas, ~90% full",
         out=out)
-    print_table(
-        ["figure", "measured", "target", "met"],
-        [[t.name, t.shown, t.rule, verdict(t.ok)] for t in targets(results)],
-        title="Targets",
-        out=out)
+    print_targets(targets(results), out)
 
 
 def figures(results: dict[str, Any]) -> list[Figure]:
