@@ -56,7 +56,7 @@ import itertools
 import mmap
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from . import crash, segments
 from .errors import HeapCorruptError
@@ -192,26 +192,25 @@ class ByteTree:
 
     def path_is_right(self, leaf: int) -> bool:
         """True if every node above ``leaf`` is the maximum of its row (fsck)."""
-        levels = self._levels
-        index = leaf
-        for level in range(1, len(levels)):
-            row_start = (index // FANOUT) * FANOUT
-            index //= FANOUT
-            if levels[level][index] != max(levels[level - 1][row_start:row_start + FANOUT]
-                                           .tobytes()):
-                return False
-        return True
+        return all(level[index] == want for level, index, want in self._path_maxima(leaf))
 
     def fix_path(self, leaf: int) -> None:
         """Recompute the nodes above ``leaf`` from their rows, bottom up (repair)."""
+        for level, index, want in self._path_maxima(leaf):
+            if level[index] != want:
+                level[index] = want
+
+    def _path_maxima(self, leaf: int) -> Iterator[tuple[memoryview, int, int]]:
+        """For each level above ``leaf``, bottom up: (the level, the index of ``leaf``'s
+        ancestor in it, the maximum of that ancestor's row below), each maximum read once
+        the caller is done with the level below."""
         levels = self._levels
         index = leaf
         for level in range(1, len(levels)):
             row_start = (index // FANOUT) * FANOUT
             index //= FANOUT
-            want = max(levels[level - 1][row_start:row_start + FANOUT].tobytes())
-            if levels[level][index] != want:
-                levels[level][index] = want
+            yield levels[level], index, max(levels[level - 1][row_start:row_start + FANOUT]
+                                            .tobytes())
 
     def mark(self, leaf: int) -> None:
         """Set a 0/1 tree's leaf and its ancestors to 1, bottom up (any process, no lock).
