@@ -16,13 +16,13 @@ import contextlib
 import importlib
 import os
 import pkgutil
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 import traceback
 from collections.abc import Callable, Iterator
 from types import FrameType
@@ -88,16 +88,17 @@ def as_nobody(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str
         pid = os.fork()
         if pid == 0:
             os._exit(run_as_nobody(textwrap.dedent(code), out.fileno(), err.fileno()))
-        deadline = time.monotonic() + timeout
-        while (waited := os.waitpid(pid, os.WNOHANG)) == (0, 0):
-            if time.monotonic() > deadline:
+        exited = os.pidfd_open(pid)  # readable once the child has exited
+        try:
+            if not select.select([exited], [], [], timeout)[0]:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
                 raise subprocess.TimeoutExpired(["as_nobody", code], timeout)
-            time.sleep(0.01)
+        finally:
+            os.close(exited)
         out.seek(0)
         err.seek(0)
-        status = os.waitstatus_to_exitcode(waited[1])
+        status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         return subprocess.CompletedProcess(["as_nobody", code], status, out.read(), err.read())
 
 
