@@ -109,9 +109,8 @@ class Heap(AttachedHeap):
 
     def __init__(self, name: str, control_seg: segments.Segment, params: control.Params,
                  readonly: bool) -> None:
-        classes = len(size_classes(params.page_size,
-                                   layout(params.arena_size, params.page_size).pages))
-        super().__init__(name, control_seg, params, readonly, classes, self._repair_journal)
+        super().__init__(name, control_seg, params, readonly,
+                         _class_count(params.arena_size, params.page_size), self._repair_journal)
         #: what the last journal repair of this handle fixed (for ``check``)
         self._journal_findings: list[Finding] = []
         try:
@@ -178,8 +177,7 @@ class Heap(AttachedHeap):
             open_semaphore(semaphore_name(name), create=True, mode=mode).close()
             liveness.create(name, mode)
             arenas.create_map(name, max_arenas, mode)
-            Summaries.create(name, max_arenas, len(size_classes(
-                page_size, layout(arena_size, page_size).pages)), mode)
+            Summaries.create(name, max_arenas, _class_count(arena_size, page_size), mode)
             RootTable.create(name, mode)
             words[control.HEADER_OFFSET // 8] = control.make_header(0, 0)
             words[control.HINT_OFFSET // 8] = 1
@@ -436,6 +434,11 @@ class Heap(AttachedHeap):
     def scavenge(self, timeout: float | None = None) -> walker.ScavengeReport:
         """Return the memory of free pages to the OS."""
         return walker.scavenge(self._objects(), deadline_of(timeout))
+
+
+def _class_count(arena_size: int, page_size: int) -> int:
+    """How many size classes (the summaries' partial trees) a heap of these sizes has."""
+    return len(size_classes(page_size, layout(arena_size, page_size).pages))
 
 
 def _entries(name: str) -> list[str]:
