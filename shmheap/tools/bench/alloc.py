@@ -287,22 +287,34 @@ def in_processes(name: str | None, count: int, seconds: float) -> list[float]:
 
 
 def expect(results: Any, kind: str, workers: list[Any]) -> float:
-    """The next report of ``kind``; BenchError if a worker failed, died or went quiet."""
+    """The next throughput report of ``kind``; BenchError if a worker failed, died or went
+    quiet (a worker that reported exits 0)."""
+    message = next_message(results, workers, "throughput worker", kind,
+                           lambda exitcode: exitcode != 0)
+    return float(message[1])
+
+
+def next_message(results: Any, workers: list[Any], who: str, kind: str,
+                 failed: Callable[[int], bool]) -> Any:
+    """The next message of spawned ``workers`` on queue ``results``, which must be of ``kind``.
+
+    BenchError if one reported an error, if one exited with an exit code that ``failed``,
+    or if none reported within WORKER_TIMEOUT_S.
+    """
     deadline = time.monotonic() + WORKER_TIMEOUT_S
     while True:
         try:
             message = results.get(timeout=WORKER_POLL_S)
             break
         except queue.Empty:
-            dead = [w.exitcode for w in workers if w.exitcode is not None and w.exitcode != 0]
+            dead = [w.exitcode for w in workers if w.exitcode is not None and failed(w.exitcode)]
             if dead:
-                raise BenchError(f"a throughput worker exited with code {dead[0]}") from None
+                raise BenchError(f"a {who} exited with code {dead[0]}") from None
             if time.monotonic() > deadline:
-                raise BenchError(f"a throughput worker did not report within "
-                                 f"{WORKER_TIMEOUT_S} s") from None
+                raise BenchError(f"a {who} did not report within {WORKER_TIMEOUT_S} s") from None
     if message[0] != kind:
-        raise BenchError(f"a throughput worker failed: {message[1]}")
-    return float(message[1])
+        raise BenchError(f"a {who} failed: {message[1]}")
+    return message
 
 
 # -- 3. walker ---------------------------------------------------------------------------------
@@ -594,20 +606,9 @@ def hand_over_shm(count: int, consumers: Consumers) -> float:
 
 
 def expect_items(results: Any, workers: list[Any]) -> tuple[float, float]:
-    """The next consumer's (first, last) items; BenchError if one failed, died or went quiet."""
-    deadline = time.monotonic() + WORKER_TIMEOUT_S
-    while True:
-        try:
-            message = results.get(timeout=WORKER_POLL_S)
-            break
-        except queue.Empty:
-            if any(w.exitcode is not None for w in workers):
-                raise BenchError("a hand-over consumer exited") from None
-            if time.monotonic() > deadline:
-                raise BenchError(f"a hand-over consumer did not report within "
-                                 f"{WORKER_TIMEOUT_S} s") from None
-    if message[0] != "done":
-        raise BenchError(f"a hand-over consumer failed: {message[1]}")
+    """The next consumer's (first, last) items; BenchError if one failed, died or went quiet
+    (a consumer exits only when it is told to)."""
+    message = next_message(results, workers, "hand-over consumer", "done", lambda _code: True)
     return float(message[1]), float(message[2])
 
 
