@@ -420,10 +420,12 @@ def check(allocator: PageHeap, indices: Iterable[int],
     """fsck of the giant objects in arenas ``indices`` (lock holder; see the module docstring).
 
     Parts whose maker is alive are being made; those of a dead maker are
-    garbage that the reclaim pass frees (allocator.check_allocator).
+    garbage that the reclaim pass frees (allocator.check_allocator).  Arenas
+    are remembered by index, never held, so a heap of giant objects is
+    checked within this process's mapping budget (arenas.py).
     """
-    records: dict[int, tuple[ArenaPages, Giant]] = {}
-    objects: dict[Giant, list[ArenaPages]] = {}
+    records: dict[int, Giant] = {}
+    objects: dict[Giant, list[int]] = {}
     for index in indices:
         try:
             pages = allocator.pages_of(index)
@@ -431,29 +433,27 @@ def check(allocator: PageHeap, indices: Iterable[int],
             continue  # a lost arena: the index checks report it
         giant = pages.giant()
         if giant is not None and pages.in_use(0):
-            records[index] = pages, giant
+            records[index] = giant
             whole = Giant(giant.first(index), giant.parts, giant.total)  # part: its first arena
-            objects.setdefault(whole, []).append(pages)
+            objects.setdefault(whole, []).append(index)
     writable = not allocator.readonly
     for whole, members in objects.items():
         first = whole.part
         giant = whole._replace(part=0)
         where = (f"the giant object at {first * allocator.arena_size:#x} (arenas {first}.."
                  f"{first + giant.parts - 1})")
-        head = records.get(first)
-        if head is None or made(head[0]) != giant:
-            unowned = [pages for pages in members if not pages.owner[0]]
+        if first not in records or made(allocator.pages_of(first)) != giant:
+            unowned = [i for i in members if not allocator.pages_of(i).owner[0]]
             if unowned and note("giant-orphaned", f"{len(unowned)} parts of {where} are left "
                                 "without a maker, and its first part is not made (a holder "
                                 "stopped making or freeing it)", writable):
                 _change(allocator, first, giant.parts, unowned, _free_part)
             continue
         lacking = [part for part in range(giant.parts)
-                   if first + part not in records
-                   or records[first + part][1] != giant._replace(part=part)]
+                   if records.get(first + part) != giant._replace(part=part)]
         if lacking:
             note("giant-broken", f"{where} lacks its parts {lacking[:5]}", False)
-        owned = [pages for pages in members if pages.owner[0]]
+        owned = [i for i in members if allocator.pages_of(i).owner[0]]
         if owned and note("giant-unfinished", f"{where} is made, but {len(owned)} of its "
                           "parts are still owned by its maker", writable):
             _change(allocator, first, giant.parts, owned, _disown)
@@ -468,10 +468,10 @@ def _disown(pages: ArenaPages) -> None:
     pages.owner[0] = 0
 
 
-def _change(allocator: PageHeap, first: int, parts: int, members: list[ArenaPages],
+def _change(allocator: PageHeap, first: int, parts: int, members: list[int],
             change: Callable[[ArenaPages], None]) -> None:
-    """``change`` each of ``members``, parts of the object over ``first``.. (journaled)."""
+    """``change`` the arenas ``members``, parts of the object over ``first``.. (journaled)."""
     allocator._journal.begin(GIANT, first, parts)
-    for pages in members:
-        change(pages)
+    for index in members:
+        change(allocator.pages_of(index))
     allocator._journal.end()

@@ -1,8 +1,26 @@
 """Checking and repairing a heap: ``heap.check()``, ``shmheap fsck``, crash recovery.
 
-Every check runs under the heap lock, so the state it looks at is one the
-lock protocol promises to be consistent, except for what a mutation stopped
-half-way can leave behind.  Every mutation publishes last and names itself
+``check()`` never holds the heap lock for long (``check_heap``).  It runs in
+pieces: the heap's head (the semaphore, header, journal, generations, map
+and hint: a few words and one list copy) under one short hold; then each
+arena, the objects under the heap's name, each summary tree, the giant
+objects, the roots table and each arena's root counts as a piece of its own.
+Such a piece first runs with no lock at all, as a *trial*: published arenas
+never go away, so the worst a trial can meet is a change in progress, which
+looks like a finding (or an exception).  A clean trial is the answer; a
+suspect one runs again under the lock, and that answer counts.  So on a
+healthy heap a check takes the lock once, for microseconds, and a piece
+that must be confirmed holds it for one arena's audit (or one tree, or the
+roots table).  Before every hold the checker yields to a waiting writer
+(lock.py, fairness), so a looping ``check()`` cannot starve writers.  With
+``repair`` every piece runs under the lock (it may write), one hold each.
+
+A finding is the state now: a lock adopted from a dead holder is a recovery
+made (``info().recoveries``), not a finding, and hints that heal themselves
+(a stale node of the owned or partial summaries, summary.py) are not
+reported either.
+
+Every mutation under the lock publishes last and names itself
 in the control segment's journal first (control.py), so what it can leave
 is known from the journal alone, and ``repair_journal`` mends exactly that,
 in time independent of the heap's size:
@@ -53,18 +71,21 @@ header word is replaced by a poison value (the real one is saved beside it),
 so every later snapshot, grow and attach raises HeapCorruptError until
 ``fsck --repair`` restores it or the heap is destroyed.
 
-This module owns the checks and fixes.  It is called with the lock held and
-never takes or releases it itself.
+This module owns the checks and fixes.  Its functions are called with the
+lock held, except ``check_heap``, which takes it piece by piece through the
+heap's ``HeapLock``.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import arenas, control, giant, roots, segments
-from .allocator import Note, audit_arena, check_allocator
+from .allocator import Note, audit_arena, check_summary_tree, summary_trees
 from .control import ARENA_OPS, DISOWN, GIANT, GROW, MAX_GENERATIONS, PAGES, ROOTS
 from .errors import HeapCorruptError, ShmHeapError
 from .index import BROKEN_GENERATION, ENTRY_SIZE
@@ -81,11 +102,10 @@ from .names import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from .allocator import Allocator
     from .attached import AttachedHeap
     from .roots import RootTable
+    from .summary import ByteTree
 
 
 
@@ -116,8 +136,16 @@ class HeapParts:
         return self.allocator.heap
 
 
+#: What a lock-free trial of a piece may raise when it meets a change in progress.
+_TRIAL_ERRORS = (ShmHeapError, IndexError, ValueError, OverflowError)
+#: How often the roots piece's trial runs again when the table changed under it.
+ROOTS_TRIALS = 3
+
+_Step = Callable[[], object]
+
+
 class _Checker:
-    """One pass of checks over a heap whose lock the caller holds."""
+    """One check of a heap: ``run`` with the lock held, or ``run_in_pieces``."""
 
     def __init__(self, parts: HeapParts, repair: bool, full: bool) -> None:
         self.parts = parts
@@ -127,6 +155,12 @@ class _Checker:
         self.full = full
         self.findings: list[Finding] = []
         self.words = heap._words
+        #: the index as the head piece found it: (generation, entries); None if unusable
+        self.head: tuple[int, list[int]] | None = None
+        #: set while a piece runs under the lock (a confirmation, or any repair)
+        self.confirming = True
+        #: the refs roots are bound to, as the roots piece read them (by trial or locked)
+        self._bound: set[int] | None = None
 
     def note(self, code: str, message: str, fixable: bool = True, harmless: bool = False) -> bool:
         """Record a finding; True if the caller should fix it now.
@@ -144,24 +178,133 @@ class _Checker:
         return not self.heap.readonly
 
     def run(self) -> list[Finding]:
+        """Every check at once; the caller holds the lock."""
+        for _locked_only, step in self.steps():
+            step()
+        return self.findings
+
+    def run_in_pieces(self, lock: HeapLock, deadline: float | None) -> list[Finding]:
+        """Every check, piece by piece: a trial with no lock, confirmed under it if suspect."""
+        def locked(step: _Step) -> None:
+            lock.yield_to_waiters()
+            self.confirming = True
+            lock.run(step, deadline, write=self.repair)
+
+        for locked_only, step in self.steps():
+            if locked_only or self.repair or self._trial(step):
+                locked(step)
+        if self.repair and any(f.fatal for f in self.findings):
+            locked(functools.partial(mark_broken, self.heap))
+        return self.findings
+
+    def _trial(self, step: _Step) -> bool:
+        """Run ``step`` with no lock; True if it is suspect (a finding, or an exception)."""
+        kept, self.findings = self.findings, []
+        self.confirming = False
+        try:
+            step()
+        except _TRIAL_ERRORS:
+            return True
+        finally:
+            suspect, self.findings = self.findings, kept
+        return bool(suspect)
+
+    def steps(self) -> Iterator[tuple[bool, _Step]]:
+        """The pieces of a check, in order: (needs the lock even to look, the piece).
+
+        The consumer runs each piece before it asks for the next: later
+        pieces depend on what the head piece found.
+        """
+        yield True, self.check_head
+        if self.head is None:
+            return
+        _generation, entries = self.head
+        for index in entries:
+            yield False, functools.partial(self.check_arena, index)
+        yield False, self.check_foreign_objects
+        allocator = self.parts.allocator
+        lost = any(f.code == "arena-lost" for f in self.findings)
+        if self.full and not lost:
+            for tree_name, tree in summary_trees(allocator):
+                yield False, functools.partial(self.check_tree, tree_name, tree)
+            yield False, self.check_giants
+        yield False, self.check_roots
+        if self.full:
+            for index in entries:
+                yield False, functools.partial(self.check_root_counts, index)
+        if self.repair and self.writable() and not lost:
+            yield True, allocator.reclaim_locked
+
+    # -- the pieces -------------------------------------------------------------------
+
+    def check_head(self) -> None:
+        """Semaphore, header, journal, generations, map and hint; dead slots recycled."""
         live = self.heap._live
         assert live is not None
         live.recycle_dead_slots()
         self.check_semaphore()
-        header = self.check_header()
-        if header is None:
-            return self.findings
+        if self.check_header() is None:
+            self.head = None
+            return
         self.check_journal()
         generation, length = self.heap._index.check_header(int(self.heap._header[0]))
         self.check_generations(generation, length)
         entries = list(self.heap._index.generation(generation)[:length])
         in_index = self.check_entries(entries)
         self.check_map(entries, in_index)
-        self.check_foreign_objects(generation, in_index)
         self.check_hint()
-        check_allocator(self.parts.allocator, self.repair, self.full, self.note)
-        roots.check(self.parts.roots, self.parts.allocator, self.repair, self.full, self.note)
-        return self.findings
+        self.head = generation, entries
+
+    def check_arena(self, index: int) -> None:
+        """A published arena: its segment and trailer, then its page metadata."""
+        heap = self.heap
+        if self.full:
+            if not 1 <= index < heap.max_arenas:
+                return  # check_entries reported it
+            try:
+                arenas.verify_arena(self.name, heap.params.heap_id, index, heap.arena_size,
+                                    heap.params.page_size)
+            except ShmHeapError as exc:
+                self.note("arena-lost", f"published arena {index}: {exc}", fixable=False)
+                return
+        audit_arena(self.parts.allocator, index, self.note, heal=self.repair)
+
+    def check_tree(self, tree_name: str, tree: ByteTree) -> None:
+        allocator = self.parts.allocator
+        check_summary_tree(allocator, set(allocator.snapshot_locked()), tree_name, tree,
+                           self.note, self.repair)
+
+    def check_giants(self) -> None:
+        allocator = self.parts.allocator
+        giant.check(allocator, allocator.snapshot_locked(), self.note)
+
+    def check_roots(self) -> None:
+        """The roots table, its counters, and the root counts of the objects it names.
+
+        A trial runs again while the table changed under it (every bind and
+        unbind moves its region's sequence word, roots.py).
+        """
+        table = self.parts.roots
+        allocator = self.parts.allocator
+        if self.confirming:
+            self._bound = roots.check(table, allocator, self.repair, False, self.note)
+            return
+        for _ in range(ROOTS_TRIALS):
+            kept = len(self.findings)
+            seq = roots.sequence(table)
+            self._bound = roots.check(table, allocator, False, False, self.note)
+            if len(self.findings) == kept or seq % 2 == 0 and roots.sequence(table) == seq:
+                return
+            del self.findings[kept:]
+        raise HeapCorruptError("the roots table kept changing")  # a suspect trial
+
+    def check_root_counts(self, index: int) -> None:
+        """Objects of arena ``index`` that count roots although none is bound to them."""
+        bound = self._bound
+        if bound is None or self.confirming:
+            bound = self._bound = roots.bound_refs(self.parts.roots)
+        roots.check_unbound_counts(self.parts.allocator, bound, self.note,
+                                   self.repair and self.writable(), [index])
 
     def check_semaphore(self) -> None:
         """The lock is held by us, so the semaphore's count must be 0 (2 after a robbery)."""
@@ -229,6 +372,7 @@ class _Checker:
                               f"{generation} on published entries", fixable=False)
 
     def check_entries(self, entries: list[int]) -> set[int]:
+        """Duplicates and ranges of the index's entries (each arena is ``check_arena``'s)."""
         in_index = set(entries)
         if not self.full:
             return in_index
@@ -236,17 +380,10 @@ class _Checker:
             self.note("duplicate-entries",
                       f"the index lists {len(entries) - len(in_index)} arenas twice",
                       fixable=False)
-        heap = self.heap
         for position, index in enumerate(entries):
-            if not 1 <= index < heap.max_arenas:
+            if not 1 <= index < self.heap.max_arenas:
                 self.note("entry-range", f"index entry {position} is {index}, outside "
-                          f"[1, {heap.max_arenas})", fixable=False)
-                continue
-            try:
-                arenas.verify_arena(self.name, heap.params.heap_id, index, heap.arena_size,
-                                    heap.params.page_size)
-            except ShmHeapError as exc:
-                self.note("arena-lost", f"published arena {index}: {exc}", fixable=False)
+                          f"[1, {self.heap.max_arenas})", fixable=False)
         return in_index
 
     def check_map(self, entries: list[int], in_index: set[int]) -> None:
@@ -266,8 +403,14 @@ class _Checker:
         finally:
             amap.close()
 
-    def check_foreign_objects(self, generation: int, in_index: set[int]) -> None:
-        """Objects under the heap's name that no published state refers to."""
+    def check_foreign_objects(self) -> None:
+        """Objects under the heap's name that no published state refers to.
+
+        The index is read afresh, so that under the lock (a confirmation) an
+        arena a live grower published since the trial is no orphan.
+        """
+        generation, length = self.heap._index.header()
+        in_index = set(self.heap._index.generation(generation)[:length])
         known = {control_name(self.name), live_name(self.name), map_name(self.name),
                  summary_name(self.name), roots_name(self.name)}
         known.update(index_name(self.name, g) for g in range(generation + 1))
@@ -342,12 +485,10 @@ def mark_broken(heap: AttachedHeap) -> None:
     heap._header[0] = control.make_header(BROKEN_GENERATION, 0)
 
 
-def run_checks(parts: HeapParts, repair: bool, full: bool = True) -> list[Finding]:
-    """Check (and with ``repair`` fix) the heap; the caller holds the lock."""
-    findings = _Checker(parts, repair, full).run()
-    if repair and any(f.fatal for f in findings):
-        mark_broken(parts.heap)
-    return findings
+def check_heap(parts: HeapParts, repair: bool, lock: HeapLock,
+               deadline: float | None) -> list[Finding]:
+    """Check (and with ``repair`` fix) the heap in pieces, taking ``lock`` only briefly."""
+    return _Checker(parts, repair, True).run_in_pieces(lock, deadline)
 
 
 def _describe(entry: tuple[int, int, int]) -> str:
@@ -440,7 +581,7 @@ def _fixing() -> tuple[list[Finding], Note]:
 def _audit_pages(parts: HeapParts, index: int, _arg: int,
                  journaled: bool = True) -> list[Finding]:
     findings, note = _fixing()
-    audit_arena(parts.allocator, index, note, journaled)
+    audit_arena(parts.allocator, index, note, journaled, heal=True)
     return findings
 
 

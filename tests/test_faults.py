@@ -76,6 +76,7 @@ OPERATIONS: dict[str, tuple[str, str, int]] = {
     "span": ("", ALLOC_STEPS, 1),
     "cache": ("", ALLOC_STEPS, 1),
     "summary": ("", ALLOC_STEPS, 2),  # (the first passage is the grow before the first span)
+    "summary.leaf_cleared": ("", ALLOC_STEPS, 1),
     "scavenge": ("", "h.free(h.alloc(50000)); h.scavenge()", 1),
     "cycle.started": ("", "h.start_cycle()", 1),
     "sweep.claimed": ("", "h.free(h.alloc(100)); h.start_cycle(); h.sweep()", 1),
