@@ -192,14 +192,21 @@ class ByteTree:
             levels[level][index] = new
             old, value = node, new
 
-    def path_is_right(self, leaf: int) -> bool:
-        """True if every node above ``leaf`` is the maximum of its row (fsck)."""
-        return all(level[index] == want for level, index, want in self._path_maxima(leaf))
+    def path_is_right(self, leaf: int, hint: bool = False) -> bool:
+        """True if every node above ``leaf`` is the maximum of its row (fsck).
+
+        With ``hint`` (a 0/1 tree of hints) a node above its row passes: it
+        only costs ``find`` a look, and ``find`` lowers it.
+        """
+        return all(level[index] == want or hint and level[index] > want
+                   for level, index, want in self._path_maxima(leaf))
 
     def fix_path(self, leaf: int) -> None:
         """Recompute the nodes above ``leaf`` from their rows, bottom up (repair)."""
-        for level, index, want in self._path_maxima(leaf):
-            if level[index] != want:
+        for number, (level, index, want) in enumerate(self._path_maxima(leaf), 1):
+            if level[index] > want:
+                self._lower(number, index)
+            elif level[index] < want:
                 level[index] = want
 
     def _path_maxima(self, leaf: int) -> Iterator[tuple[memoryview, int, int]]:
