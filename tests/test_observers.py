@@ -106,6 +106,50 @@ def test_a_writer_beside_a_looping_observer_gets_its_work_done(heap: shmheap.Hea
     assert heap.check() == []
 
 
+GROWER = """
+import sys, shmheap
+h = shmheap.Heap.attach({name!r})
+print(h._live.token, flush=True)
+sys.stdin.readline()
+print(h.grow().index, flush=True)
+"""
+
+
+def test_a_waiter_announces_itself_and_an_observer_lets_it_go_first(
+        heap: shmheap.Heap) -> None:
+    live = heap._live
+    assert live is not None
+    with shmheap.Heap.attach(heap.name, readonly=True) as observer, \
+            Child(GROWER.format(name=heap.name)) as writer:
+        token = int(writer.line())
+        with heap.locked():
+            writer.send()
+            while live.waiter[0] != token:  # the writer waits for the lock we hold
+                assert writer.proc.poll() is None, writer.line()
+                os.sched_yield()
+        observer.snapshot(timeout=NOT_STUCK)  # yields to the waiter, if it still waits
+        grown = int(writer.line())
+        assert live.waiter[0] == 0, "the waiter cleared its word once it held the lock"
+        assert grown in observer.snapshot()
+
+
+def test_a_dead_or_stale_waiter_wedges_no_observer(heap: shmheap.Heap) -> None:
+    live = heap._live
+    assert live is not None
+    proc = run_child(f"""
+        import shmheap
+        print(shmheap.Heap.attach({heap.name!r})._live.token)
+        """)
+    assert proc.returncode == 0, proc.stderr
+    live.waiter[0] = int(proc.stdout)  # a waiter that died waiting
+    with shmheap.Heap.attach(heap.name, readonly=True) as observer:
+        observer.snapshot(timeout=NOT_STUCK)
+        assert live.waiter[0] == 0, "a dead waiter's word is cleared at once"
+        live.waiter[0] = live.token  # a live process that is not waiting (its word left)
+        assert observer.check(timeout=NOT_STUCK) == []
+        assert live.waiter[0] == 0, "a stale word is cleared after one yield"
+
+
 def kill_a_lock_holder(name: str) -> None:
     """A process dies holding the heap lock, with nothing half done."""
     assert_killed(run_child(f"""
@@ -205,13 +249,13 @@ while True:                      # at every moment "a" or "b" (or both) is bound
 
 
 def test_a_roots_snapshot_is_one_instant(heap: shmheap.Heap) -> None:
-    for i in range(50):
-        heap.roots[f"other{i}"] = heap.alloc(32)
+    for i in range(1500):  # a snapshot reads them all: binds land while it reads
+        heap.roots[f"other{i}"] = heap.alloc(16)
     table = heap._roots
     with Child(TOGGLER.format(name=heap.name)) as writer:
         assert writer.line() == "ready"
         seen = set()
-        for _ in range(400):
+        for _ in range(120):
             names = heap.roots.snapshot().keys() & {"a", "b"}
             assert names, "a snapshot showed neither name: it was not one instant"
             seen.add(frozenset(names))
