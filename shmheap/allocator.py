@@ -111,7 +111,7 @@ from .index import ArenaSnapshot
 from .layout import layout
 from .lock import deadline_of
 from .pages import DIRTY, RELEASING, ArenaPages, longest_free_run, positions
-from .summary import CAP
+from .summary import CAP, ByteTree
 
 if TYPE_CHECKING:
     from .attached import AttachedHeap
@@ -903,8 +903,8 @@ def check_summary_tree(allocator: Allocator, arenas: set[int], name: str, tree: 
     wrong = [w for w in tree.wrong_nodes() if not (hint and w[2] > w[3])]
     problems += [f"level {level} node {node} is {value}, its children's maximum {want}"
                  for level, node, value, want in wrong]
-    if problems and note(f"summary-{name.split('(')[0]}", f"the {name} summary: "
-                         + "; ".join(problems[:3]), not allocator.readonly) or (
+    if (problems and note(f"summary-{name.split('(')[0]}", f"the {name} summary: "
+                         + "; ".join(problems[:3]), not allocator.readonly)) or (
                              repair and not allocator.readonly and hint):
         for i in stray:
             tree.set(i, 0)

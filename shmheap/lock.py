@@ -240,7 +240,8 @@ class HeapLock:
         elif core.native is not None:
             self.native = core.native.Lock(
                 sem.name, live.buffer, live.fd, live.nslots, live.slot, live.token, journal,
-                header, repair, heap_name, (FIRST_POLL, POLL, UNOWNED_GRACE, YIELD_LIMIT, YIELD_NAP))
+                header, repair, heap_name,
+                (FIRST_POLL, POLL, UNOWNED_GRACE, YIELD_LIMIT, YIELD_NAP))
             for method in ("run", "read_word", "enter", "leave", "release", "semaphore_value",
                            "drain_one"):
                 setattr(self, method, getattr(self.native, method))

@@ -293,7 +293,7 @@ class _Checker:
             kept = len(self.findings)
             seq = roots.sequence(table)
             self._bound = roots.check(table, allocator, False, False, self.note)
-            if len(self.findings) == kept or seq % 2 == 0 and roots.sequence(table) == seq:
+            if len(self.findings) == kept or (seq % 2 == 0 and roots.sequence(table) == seq):
                 return
             del self.findings[kept:]
         raise HeapCorruptError("the roots table kept changing")  # a suspect trial

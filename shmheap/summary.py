@@ -198,7 +198,7 @@ class ByteTree:
         With ``hint`` (a 0/1 tree of hints) a node above its row passes: it
         only costs ``find`` a look, and ``find`` lowers it.
         """
-        return all(level[index] == want or hint and level[index] > want
+        return all(level[index] == want or (hint and level[index] > want)
                    for level, index, want in self._path_maxima(leaf))
 
     def fix_path(self, leaf: int) -> None:
