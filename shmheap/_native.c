@@ -408,6 +408,35 @@ lock_repair(Lock *self)
     return 0;
 }
 
+/* A snapshot's repair (lock.py read_word): as lock_repair, but a repair that fails with a
+ * ShmHeapError (a full /dev/shm) leaves the journal to the next holder and the read goes on. */
+static int
+lock_repair_for_read(Lock *self)
+{
+    if (!LOAD((uint64_t *)self->journal.buf))
+        return 0;
+    PyObject *done = PyObject_CallNoArgs(self->repair);
+    if (done != NULL) {
+        Py_DECREF(done);
+        return 0;
+    }
+    PyObject *type, *value, *trace;
+    PyErr_Fetch(&type, &value, &trace);
+    PyObject *cls = error_class("ShmHeapError");
+    int ours = cls != NULL && type != NULL && PyErr_GivenExceptionMatches(type, cls);
+    Py_XDECREF(cls);
+    if (ours) {
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(trace);
+        PyErr_Clear();
+        return 0;
+    }
+    PyErr_Restore(type, value, trace);
+    lock_release(self);
+    return -1;
+}
+
 /* Take the lock and, for a writer, repair a dirty journal first; release on failure. */
 static int
 lock_enter(Lock *self, int has_deadline, double deadline, int write)
@@ -471,14 +500,14 @@ lock_read(Lock *self, const uint64_t *word, PyObject *deadline_arg, uint64_t *ou
         double deadline = 0;
         if (parse_deadline(deadline_arg, &deadline, &has_deadline) < 0)
             return -1;
-        if (lock_take(self, has_deadline, deadline) < 0 || lock_repair(self) < 0)
+        if (lock_take(self, has_deadline, deadline) < 0 || lock_repair_for_read(self) < 0)
             return -1;
         *out = LOAD(word);
         lock_release(self);
         return 0;
     }
     lock_record(self);
-    if (lock_repair(self) < 0)
+    if (lock_repair_for_read(self) < 0)
         return -1;
     *out = LOAD(word);
     lock_release(self);
@@ -1717,9 +1746,12 @@ Free_call(Free *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
     if (slot >= self->nelems[c])
         goto slow;
     unsigned char *alloc = rec->data + ((long long)start << self->page_shift) + slot;
-    if (LOAD(alloc) != 1)
-        goto slow;  /* freed already: DoubleFreeError from Python */
-    STORE(alloc, (unsigned char)0);
+    unsigned char one = 1;
+    /* 1 -> 0 in one atomic step: a root bound meanwhile (1 -> 2, by the lock holder) makes
+     * it fail, and Python says BoundObjectError; 0 is a double free (design.md) */
+    if (!__atomic_compare_exchange_n(alloc, &one, (unsigned char)0, 0, __ATOMIC_ACQ_REL,
+                                     __ATOMIC_ACQUIRE))
+        goto slow;
     if (LOAD(rec->owner + start) == 0)
         free_mark_partial(self, c, ref >> self->arena_shift);
     Py_RETURN_NONE;

@@ -305,7 +305,8 @@ class HeapLock:
         An observer: it yields to a waiting writer first.  Like every writer,
         a writable handle repairs a dirty journal before it reads (``repair``
         does nothing for a read-only one), so the first writable holder after
-        a crash leaves the journal clean whatever it came for.
+        a crash leaves the journal clean whatever it came for; a repair that
+        fails (a full /dev/shm) is left to the next holder, the read goes on.
         """
         outer = self._outer
         if outer is not None and outer() is not None:
@@ -325,13 +326,18 @@ class HeapLock:
             owner[0] = self._token
             self._seq[0] = self._seq[0] + 1 & _SEQ_MASK
             if self._journal[0]:
-                self._repair()
+                self._repair_for_read()
             word = view[0]
             return word
         finally:
             if held:
                 owner[0] = 0
                 held[:] = releaser
+
+    def _repair_for_read(self) -> None:
+        """A snapshot's repair: one that fails (a full /dev/shm) is left to the next holder."""
+        with contextlib.suppress(ShmHeapError):
+            self._repair()
 
     def enter(self, block: LockedBlock, deadline: float | None, write: bool) -> bool:
         """Open ``block``: take the lock, unless an open outer block holds it (then False).
@@ -398,7 +404,12 @@ class HeapLock:
                     held[:] = releaser
 
     def _read_word_at_crash_points(self, view: memoryview, deadline: float | None = None) -> int:
-        return self._run_at_crash_points(lambda: int(view[0]), deadline, True, "snapshot")
+        def body() -> int:
+            if self._journal[0]:
+                self._repair_for_read()
+            return int(view[0])
+
+        return self._run_at_crash_points(body, deadline, False, "snapshot")
 
     # -- fairness (see the module docstring) ----------------------------------------------
 
