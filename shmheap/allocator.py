@@ -890,22 +890,25 @@ def summary_trees(allocator: Allocator) -> list[tuple[str, ByteTree]]:
 
 
 def check_summary_tree(allocator: Allocator, arenas: set[int], name: str, tree: ByteTree,
-                       note: Note, repair: bool) -> None:
+                       note: Note, repair: bool) -> bool:
     """Leaves of indices that are no arena, and every node of the tree (lock holder).
 
     The owned and partial trees are hints: a node set over a row of zeros
     (a holder stopped inside ``clear``) only costs a look, and ``find``
-    heals it where it meets it; it is no finding, and a repair heals it.
+    heals it where it meets it; it is no finding, and a ``repair`` heals it.
+    Returns True if the tree has such nodes.
     """
     hint = name != "free"
     stray = [i for i in tree.nonzero_leaves() if i not in arenas]
     problems = [f"leaf {i} is set, but {i} is no arena" for i in stray[:3]]
-    wrong = [w for w in tree.wrong_nodes() if not (hint and w[2] > w[3])]
+    wrong = tree.wrong_nodes()
+    stale = hint and any(value > want for _level, _node, value, want in wrong)
     problems += [f"level {level} node {node} is {value}, its children's maximum {want}"
-                 for level, node, value, want in wrong]
-    if (problems and note(f"summary-{name.split('(')[0]}", f"the {name} summary: "
-                         + "; ".join(problems[:3]), not allocator.readonly)) or (
-                             repair and not allocator.readonly and hint):
+                 for level, node, value, want in wrong if not (hint and value > want)]
+    reported = bool(problems) and note(f"summary-{name.split('(')[0]}", f"the {name} summary: "
+                                       + "; ".join(problems[:3]), not allocator.readonly)
+    if reported or (repair and not allocator.readonly and stale):
         for i in stray:
             tree.set(i, 0)
         tree.rebuild()
+    return stale

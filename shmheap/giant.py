@@ -416,8 +416,12 @@ def settle(allocator: PageHeap, first: int, parts: int) -> str:
 
 
 def check(allocator: PageHeap, indices: Iterable[int],
-          note: Callable[[str, str, bool], bool]) -> None:
+          note: Callable[[str, str, bool], bool]) -> list[tuple[int, int]]:
     """fsck of the giant objects in arenas ``indices`` (lock holder; see the module docstring).
+
+    Returns (first arena, parts) of each object it noted something about, so
+    that a check of ``indices`` made without the lock (a trial, repair.py) is
+    confirmed under it for those arenas only.
 
     Parts whose maker is alive are being made; those of a dead maker are
     garbage that the reclaim pass frees (allocator.check_allocator).  Arenas
@@ -437,6 +441,7 @@ def check(allocator: PageHeap, indices: Iterable[int],
             whole = Giant(giant.first(index), giant.parts, giant.total)  # part: its first arena
             objects.setdefault(whole, []).append(index)
     writable = not allocator.readonly
+    noted: list[tuple[int, int]] = []
     for whole, members in objects.items():
         first = whole.part
         giant = whole._replace(part=0)
@@ -444,19 +449,25 @@ def check(allocator: PageHeap, indices: Iterable[int],
                  f"{first + giant.parts - 1})")
         if first not in records or made(allocator.pages_of(first)) != giant:
             unowned = [i for i in members if not allocator.pages_of(i).owner[0]]
-            if unowned and note("giant-orphaned", f"{len(unowned)} parts of {where} are left "
-                                "without a maker, and its first part is not made (a holder "
-                                "stopped making or freeing it)", writable):
-                _change(allocator, first, giant.parts, unowned, _free_part)
+            if unowned:
+                noted.append((first, giant.parts))
+                if note("giant-orphaned", f"{len(unowned)} parts of {where} are left without a "
+                        "maker, and its first part is not made (a holder stopped making or "
+                        "freeing it)", writable):
+                    _change(allocator, first, giant.parts, unowned, _free_part)
             continue
         lacking = [part for part in range(giant.parts)
                    if records.get(first + part) != giant._replace(part=part)]
         if lacking:
+            noted.append((first, giant.parts))
             note("giant-broken", f"{where} lacks its parts {lacking[:5]}", False)
         owned = [i for i in members if allocator.pages_of(i).owner[0]]
-        if owned and note("giant-unfinished", f"{where} is made, but {len(owned)} of its "
-                          "parts are still owned by its maker", writable):
-            _change(allocator, first, giant.parts, owned, _disown)
+        if owned:
+            noted.append((first, giant.parts))
+            if note("giant-unfinished", f"{where} is made, but {len(owned)} of its parts are "
+                    "still owned by its maker", writable):
+                _change(allocator, first, giant.parts, owned, _disown)
+    return noted
 
 
 def _free_part(pages: ArenaPages) -> None:
