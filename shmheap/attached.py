@@ -75,7 +75,7 @@ class AttachedHeap:
         self.pages_per_arena = layout(params.arena_size, params.page_size).pages
         #: the arenas this process has mapped (bounded: arenas.ArenaCache)
         self._pages: arenas.ArenaCache[ArenaPages] = arenas.ArenaCache(
-            self._open_pages, segments.mapping_budget())
+            self._open_pages)
         self._map: arenas.ArenaMap | None = None
         self._index = ArenaIndex(name, self._header, params.first_cap, params.mode, readonly)
         self._lock: HeapLock | ClosedLock = ClosedLock(name)
@@ -132,6 +132,8 @@ class AttachedHeap:
         """
         assert self._live is not None
         live = self._live
+        if not live.dead_slots():  # one fcntl per other stamped slot: the lock only if needed
+            return
         with contextlib.suppress(LockTimeoutError):
             self._lock.run(live.recycle_dead_slots, time.monotonic())
 

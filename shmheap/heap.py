@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -165,9 +164,9 @@ class Heap(AttachedHeap):
                 f"`shmheap destroy {name}`") from None
         assert seg.fd is not None
         params = control.Params(
-            heap_id=secrets.randbits(63) | 1, arena_size=arena_size, max_arenas=max_arenas,
-            first_cap=PAGE_SIZE // 4, mode=mode, reserve=reserve, created_ns=time.time_ns(),
-            page_size=page_size)
+            heap_id=int.from_bytes(os.urandom(8)) >> 1 | 1, arena_size=arena_size,
+            max_arenas=max_arenas, first_cap=PAGE_SIZE // 4, mode=mode, reserve=reserve,
+            created_ns=time.time_ns(), page_size=page_size)
         try:
             control.write_params(seg.buf, params)
             words = seg.buf.cast("Q")

@@ -66,6 +66,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import itertools
 import os
 import struct
 import time
@@ -130,6 +131,10 @@ def is_locked(fd: int, start: int) -> bool:
     return _ofd(fd, fcntl.F_OFD_GETLK, fcntl.F_RDLCK, start) != fcntl.F_UNLCK
 
 
+#: maps every non-zero byte to 1 (bytes.translate)
+_NONZERO = bytes([0] + [1] * 255)
+
+
 def slot_offset(slot: int) -> int:
     return SLOTS_OFFSET + slot * SLOT_SIZE
 
@@ -157,7 +162,13 @@ def _live_attachments(buf: memoryview, nslots: int,
 def _stamped(buf: memoryview, nslots: int) -> list[int]:
     """Slots whose pid is non-zero (attached, or dead and not yet recycled)."""
     pids = buf[SLOTS_OFFSET:SLOTS_OFFSET + nslots * SLOT_SIZE].cast("I")[::SLOT_SIZE // 4]
-    return [slot for slot, pid in enumerate(pids.tolist()) if pid]
+    flags = pids.tobytes().translate(_NONZERO)  # one flag per pid byte: C-speed finds
+    found: list[int] = []
+    at = flags.find(1)
+    while at >= 0:
+        found.append(at >> 2)
+        at = flags.find(1, at - (at & 3) + 4)  # the next pid
+    return found
 
 
 def _remove_temp_arena(name: str, slot: int) -> None:
@@ -236,9 +247,10 @@ class Liveness:
         stamp is the evidence a waiter needs to adopt a lock it died holding.
         """
         buf = self._seg.buf
-        stamped = set(_stamped(buf, self.nslots))
-        order = [s for s in range(self.nslots) if s not in stamped] + sorted(stamped)
-        for slot in order:
+        stamped = _stamped(buf, self.nslots)
+        taken = set(stamped)
+        clean = (s for s in range(self.nslots) if s not in taken)
+        for slot in itertools.chain(clean, stamped):
             if try_lock(self.fd, slot_offset(slot)):
                 _pid, epoch, _ = _SLOT.unpack_from(buf, slot_offset(slot))
                 epoch = (epoch + 1) & 0xFFFFFFFF or 1
