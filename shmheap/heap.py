@@ -112,13 +112,18 @@ class Heap(AttachedHeap):
                          _class_count(params.arena_size, params.page_size), self._repair_journal)
         #: what the last journal repair of this handle fixed (for ``check``)
         self._journal_findings: list[Finding] = []
-        try:
-            self._roots = self.open_part("roots segment", lambda: RootTable(name, readonly))
-        except BaseException:
-            self.close()
-            raise
+        #: the roots segment, opened on first use (``_root_table``)
+        self._roots: RootTable | None = None
         #: objects found by name (roots.py)
-        self.roots = Roots(self, self._roots, self._objects)
+        self.roots = Roots(self, self._root_table, self._objects)
+
+    def _root_table(self) -> RootTable:
+        """The roots segment, opened on first use: most workers never name an object."""
+        if self._roots is None:
+            self._check_open()
+            self._roots = self.open_part(
+                "roots segment", lambda: RootTable(self.name, self.readonly))
+        return self._roots
 
     def _repair_journal(self) -> None:
         """Finish or undo the mutation the journal names (HeapLock calls it, lock held)."""
@@ -356,7 +361,7 @@ class Heap(AttachedHeap):
 
     def _parts(self) -> HeapParts:
         """What repair.py checks and repairs: the allocator and the roots table."""
-        return HeapParts(self._objects(), self._roots)
+        return HeapParts(self._objects(), self._root_table())
 
     def alloc(self, nbytes: int, timeout: float | None = None) -> int:
         """A new zeroed object of at least ``nbytes`` bytes; returns its heap address.
