@@ -67,7 +67,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from . import core, segments
-from .errors import HeapCorruptError, MappingLimitError, OutOfSharedMemoryError, ShmHeapError
+from .errors import (
+    HeapCorruptError,
+    HeapExistsError,
+    MappingLimitError,
+    OutOfSharedMemoryError,
+    ShmHeapError,
+)
 from .layout import DEFAULT_PAGE_SIZE, meta_size
 from .names import arena_name, map_name, temp_arena_name
 
@@ -141,10 +147,14 @@ def build(heap_name: str, slot: int, arena_size: int, mode: int,
     allocated now and SIGBUS at first touch cannot happen.
     """
     tmp = temp_arena_name(heap_name, slot)
-    segments.remove_own(tmp)
+    size = segment_size(arena_size, page_size)
     if not reserve:
-        segments.check_free_space(tmp, segment_size(arena_size, page_size))
-    return segments.create(tmp, segment_size(arena_size, page_size), mode, reserve=reserve)
+        segments.check_free_space(tmp, size)
+    try:
+        return segments.create(tmp, size, mode, reserve=reserve)
+    except HeapExistsError:  # left by this slot's holder that died building one
+        segments.remove_own(tmp)
+        return segments.create(tmp, size, mode, reserve=reserve)
 
 
 def link(heap_name: str, seg: segments.Segment, heap_id: int, arena_size: int,

@@ -231,8 +231,8 @@ class AttachedHeap:
         """
         live = self._live
         assert live is not None
-        self._check_identity()
         live.set_building(True)
+        seg = None
         try:
             seg = arenas.build(self.name, live.slot, self.arena_size, self.params.mode,
                                self.params.reserve, self.params.page_size)
@@ -243,8 +243,12 @@ class AttachedHeap:
                 seg.close()
                 raise
         finally:
+            # (the heap's identity is checked under the lock, before the link: ``before_link``)
             with contextlib.suppress(ShmHeapError):
-                segments.remove_own(temp_arena_name(self.name, live.slot))
+                if seg is not None:
+                    segments.unlink(seg.name)  # the file this call made, linked or not
+                else:  # stopped before or right after making it
+                    segments.remove_own(temp_arena_name(self.name, live.slot))
             live.set_building(False)
         return self.cache_new_arena(seg, index).arena
 
