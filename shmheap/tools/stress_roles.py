@@ -533,9 +533,9 @@ class Reader(Role):
                                 f"previous one of {len(previous)}")
         if len(set(entries)) != len(entries):
             self.violate(f"a snapshot of {len(entries)} entries has duplicates")
+        self.count("entries", len(entries))
         self.check_stamps(entries)
         self.previous = entries
-        self.count("entries", len(entries))
         if time.monotonic() >= self.next_walk:
             self.check_walk()
             self.next_walk = time.monotonic() + WALK_INTERVAL
