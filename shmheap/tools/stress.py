@@ -1,34 +1,54 @@
 """``shmheap stress``: many processes grow, allocate in and read one heap at once, checking it all.
 
-A run creates a fresh heap and starts worker processes (fresh interpreters,
-``multiprocessing`` spawn context): writers, churners and readers, whose
-roles and checks are in stress_roles.py.
+A run creates a fresh heap and starts worker processes: writers, churners
+and readers, whose roles and checks are in stress_roles.py.  Workers fork
+from a warm ``multiprocessing`` forkserver that has imported shmheap
+(``warm_forkserver``), so a worker's start to its first operation takes
+milliseconds where a spawned interpreter takes over 100 ms (``--mix``'s
+pure-Python workers are still spawned: the forkserver has imported the
+parent's core).  Each worker counts its operations and checks in its slot of
+a shared tally (stress_tally.py) as it does them, so a worker killed after a
+few operations still counts what it did.
 
-With ``kill_rate`` the parent SIGKILLs a random worker that often and starts
-a replacement; the heap lock adopts a dead holder's lock on its own, and a
-dead churner's cached spans are reclaimed by the allocator.  After a kill the
-parent takes the heap lock as a writer (which repairs whatever the journal
-says a killed worker left unfinished, as any worker's next lock would) and
-then runs ``heap.check()`` (at most once per ``CHECK_INTERVAL``, and always
-at the end), counting every finding but the adoption of a dead holder's lock
-(``TOLERATED_AFTER_KILL``) as a violation.  A check holds the
-heap lock while it opens every arena, which shows in the maximum latencies
-of such runs.
+With ``kill_rate`` kills fall due at the times of a Poisson process of that
+rate; each SIGKILLs a random worker that has begun its first operation and
+starts a replacement at once (the killed one is reaped, its last messages
+read and its slot freed, when its process is gone).  A kill due while no
+worker is working waits, and a late kill is made as soon as it can be, so a
+run kills at the asked rate or its summary says how far short and why.  The
+heap lock adopts a dead holder's lock on its own, and a dead churner's
+cached spans are reclaimed by the allocator.  After kills the parent takes
+the heap lock as a writer (which repairs whatever the journal says a killed
+worker left unfinished, as any worker's next lock would) and then runs
+``heap.check()`` (at most once per ``CHECK_INTERVAL`` and for at most
+``CHECK_SHARE`` of the time, and always at the end), counting every finding
+but those a kill legitimately leaves (``TOLERATED_AFTER_KILL``) as a
+violation.  A check holds the heap lock while it opens every arena, which
+shows in the maximum latencies of such runs.
 
 At the end the parent stops the workers, checks the heap once more, verifies
-that the final snapshot holds every arena the writers reported (none lost),
-that every stamp is right and that the objects live in the heap are exactly
-those the workers that stopped normally hold (their final reports list
-them), each with its pattern; objects that only killed workers could hold
-are counted (a killed process's objects stay allocated by design), not
-blamed.  Then it destroys the heap (always, in a ``finally``, even on
-Ctrl-C), verifies that nothing of it is left in /dev/shm, and reports.  The
-run fails (exit 1) on any violation, lost arena or leak.
+that the final snapshot holds every arena the writers reported and that
+each still has its segment (none lost), that every stamp is right and that
+the objects live in the heap are exactly those the workers that stopped
+normally hold (their final reports list them), each with its pattern;
+objects that only killed workers could hold are counted (a killed process's
+objects stay allocated by design), not blamed.  Then it destroys the heap
+(always, in a ``finally``, even on Ctrl-C), verifies that nothing of it is
+left in /dev/shm, and reports.
+
+The verdict is earned: the run FAILS (exit 1) on any violation, lost arena
+or leak; else a run that did less than a coverage floor (``FLOORS``: grows,
+objects verified, snapshots and entries checked, per second of the run;
+with ``kill_rate`` also ``KILL_FLOOR`` of the kills due) is INCONCLUSIVE
+(exit ``EXIT_INCONCLUSIVE``); else it is OK.  Ctrl-C stops the run, kills
+the workers, destroys the heap and prints the figures counted so far
+(INTERRUPTED, exit 130).
 
 This module owns the run: the parent's fleet of workers and its relay of
-handoffs, the kill/respawn loop, the final verification, the live display,
-the summary and the ``shmheap stress`` command.  It uses the heap only
-through the public API (``Heap``, ``walk``, ``check()``, ``shmheap.destroy``).
+handoffs, the kill/respawn loop, the final verification, the verdict, the
+live display, the summary and the ``shmheap stress`` command.  It uses the
+heap only through the public API (``Heap``, ``walk``, ``check()``,
+``shmheap.destroy``).
 """
 
 from __future__ import annotations
@@ -120,8 +140,10 @@ MAX_IN_FLIGHT = 1024
 #: directory small.
 DEFAULT_ARENAS = 4096
 #: Findings that a SIGKILL legitimately leaves behind until the next repair ("dead-owner":
-#: the check itself adopted a dead holder's lock and repaired).
-TOLERATED_AFTER_KILL = frozenset({"dead-owner"})
+#: the check itself adopted a dead holder's lock and repaired; "unpublished": a writer killed
+#: while growing left its new arena or index generation under its temporary name, which
+#: repair, or the next process in its liveness slot, removes).
+TOLERATED_AFTER_KILL = frozenset({"dead-owner", "unpublished"})
 #: Arenas of 1 MiB (sparse: only touched pages take memory) hold a churner's large objects.
 DEFAULT_ARENA_SIZE = 1 << 20
 #: The final figures of a run that did not get to verify them (interrupted, or failed).
