@@ -519,7 +519,7 @@ class Reader(Role):
         #: arena index -> a two-element u64 view of its first 16 bytes (magic, index)
         self.stamps: dict[int, memoryview] = {}
         self.offset = break_offset()
-        self.next_walk = go.started + WALK_INTERVAL * rng.random()
+        self.next_walk = time.monotonic() + WALK_INTERVAL * rng.random()  # a replacement too
 
     def step(self) -> float:
         start = time.perf_counter_ns()
