@@ -163,8 +163,9 @@ class _Checker:
         self.confirming = True
         #: set by a trial that found nothing to report but something a repair heals
         self.suspect = False
-        #: the refs roots are bound to, and the roots table's seq word they were read under
-        self._bound: tuple[set[int], int] | None = None
+        #: the refs roots are bound to (None: the table is unusable, a fatal finding), and the
+        #: roots table's seq word they were read under
+        self._bound: tuple[set[int] | None, int] | None = None
         #: what the last trial of a piece suspected: entries of /dev/shm, giant objects
         self._suspect_entries: set[str] = set()
         self._suspect_giants: list[tuple[int, int]] = []
@@ -319,8 +320,10 @@ class _Checker:
         seq = roots.sequence(table)
         if self._bound is None or self._bound[1] != seq:  # read again once it changed
             self._bound = roots.bound_refs(table), seq
-        roots.check_unbound_counts(self.parts.allocator, self._bound[0], self.note,
-                                   self.repair and self.writable(), [index])
+        bound = self._bound[0]
+        if bound is not None:  # (an unusable table is the roots piece's finding)
+            roots.check_unbound_counts(self.parts.allocator, bound, self.note,
+                                       self.repair and self.writable(), [index])
 
     def check_semaphore(self) -> None:
         """The lock is held by us, so the semaphore's count must be 0 (2 after a robbery)."""

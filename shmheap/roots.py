@@ -794,23 +794,23 @@ def bound_refs(table: RootTable) -> set[int]:
 
 
 def check(table: RootTable, allocator: Allocator, repair: bool, full: bool,
-          note: Note) -> set[int]:
+          note: Note) -> set[int] | None:
     """fsck of the roots table (lock holder): its keys, names and counters, and the root
     counts of the objects it names; with ``full``, every object's root count in the heap.
-    Returns the refs bound to live objects."""
+    Returns the refs bound to live objects, None if the table is unusable (a fatal finding)."""
     writable = repair and not allocator.readonly
     number = table.head[_TABLE]
     if number >= REGIONS or not table.head[_BUILT] >> number & 1:
         note("roots-table", f"the roots table's table word is {number}, which names no "
              "built region", False)
-        return set()
+        return None
     region = table.current()
     if region.head[_SEQ] & 1 and note("roots-seq", "the roots table's sequence word is odd "
                                       "(lookups retry, then take the lock)", writable):
         region.end()
     bound = _check_entries(region, note)
     if bound is None:
-        return set()
+        return None
     _check_counters(region, note, writable)
     counts: dict[int, int] = {}
     for slot, ref in bound:

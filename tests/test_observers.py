@@ -251,6 +251,7 @@ def test_a_roots_snapshot_is_one_instant(heap: shmheap.Heap) -> None:
     for i in range(1500):  # a snapshot reads them all: binds land while it reads
         heap.roots[f"other{i}"] = heap.alloc(16)
     table = heap._roots
+    assert table is not None
     with Child(TOGGLER.format(name=heap.name)) as writer:
         assert writer.line() == "ready"
         seen = set()

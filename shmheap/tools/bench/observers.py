@@ -136,6 +136,7 @@ def run(mode: str, log: Any = print) -> dict[str, Any]:
         with bench_heap("benchobs", arena_size=ARENA_SIZE, max_arenas=2 * arenas + 64,
                         reserve=False) as heap:
             _populate(heap, arenas)
+            _writer_run(heap, seconds / 3, None)  # warm-up: the heap's first refills and grows
             alone = _writer_run(heap, seconds, None)
             row: dict[str, Any] = {"arenas": arenas, "roots": len(heap.roots), "alone": alone}
             for observer in OBSERVERS:
