@@ -123,6 +123,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from . import crash, segments
 from .allocator import MAX_ROOTS_PER_OBJECT, Allocator, Note
+from .attached import serialised
 from .control import ROOTS
 from .errors import (
     HeapClosedError,
@@ -544,6 +545,8 @@ class Roots(MutableMapping[str, int]):
     def __init__(self, heap: AttachedHeap, table: RootTable,
                  objects: Callable[[], Allocator]) -> None:
         self._heap = heap
+        #: the handle's thread lock (attached.py): the table's mapped regions are per handle
+        self._mutex = heap._mutex
         self._table: RootTable | None = table
         #: the heap handle's allocator, made on first use
         self._objects = objects
@@ -555,6 +558,7 @@ class Roots(MutableMapping[str, int]):
     def table(self) -> RootTable:
         table = self._table
         if table is None:
+            self._heap._check_open()  # HeapNotFoundError for a child's handle of a gone heap
             raise HeapClosedError(f"heap {self._heap.name!r} is closed; attach it again to "
                                   "use it")
         return table
@@ -564,6 +568,7 @@ class Roots(MutableMapping[str, int]):
 
     # -- reading (no lock) --------------------------------------------------------------
 
+    @serialised
     def __getitem__(self, name: str) -> int:
         data = encode_name(name)
         table = self._table
@@ -575,10 +580,12 @@ class Roots(MutableMapping[str, int]):
                                     "bind one with heap.roots[name] = ref")
         return ref
 
+    @serialised
     def __contains__(self, name: object) -> bool:
         data = encode_name(name)
         return bool(self.table().lookup(data, zlib.crc32(data), self._locked))
 
+    @serialised
     def snapshot(self) -> dict[str, int]:
         """Every root and its ref, as the table held them at one instant."""
         table = self.table()
@@ -597,9 +604,11 @@ class Roots(MutableMapping[str, int]):
     def values(self) -> ValuesView[int]:
         return self.snapshot().values()
 
+    @serialised
     def __len__(self) -> int:
         return self.table().read(_live, self._locked)
 
+    @serialised
     def names_of(self, ref: int) -> list[str]:
         """The names bound to the object at ``ref``, sorted (a scan of the table)."""
         return self.table().names_of(ref, self._locked)
@@ -615,6 +624,7 @@ class Roots(MutableMapping[str, int]):
     def __delitem__(self, name: str) -> None:
         self.unbind(name)
 
+    @serialised
     def bind(self, name: str, ref: int, timeout: float | None = None) -> None:
         """Bind ``name`` to the live object at ``ref``, rebinding it if it was bound."""
         data = encode_name(name)
@@ -624,6 +634,7 @@ class Roots(MutableMapping[str, int]):
         allocator._lock.run(lambda: _bind_locked(allocator, table, data, ref),
                             deadline_of(timeout), write=True)
 
+    @serialised
     def unbind(self, name: str, timeout: float | None = None) -> None:
         """Unbind ``name``; RootNotFoundError if nothing is bound to it."""
         data = encode_name(name)
