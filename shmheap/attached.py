@@ -98,10 +98,10 @@ def new_mutex() -> Any:
 
 def serialised(method: Callable[Concatenate[_H, _P], _T]) -> Callable[Concatenate[_H, _P], _T]:
     """``method`` run with the handle's mutex held (one thread of the handle at a time)."""
-    @functools.wraps(method)
-    def call(self: _H, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    def call(self: _H, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         with self._mutex:
             return method(self, *args, **kwargs)
+    functools.update_wrapper(call, method)
     return call
 
 
@@ -112,7 +112,7 @@ def serialised_iter(mutex: Any, items: Iterator[_T]) -> Iterator[_T]:
             item = next(items, _END)
         if item is _END:
             return
-        yield item  # type: ignore[misc]
+        yield item
 
 
 _END: Any = object()

@@ -59,7 +59,7 @@ def run_threads(body: Callable[[int], object], count: int = THREADS) -> list[obj
         try:
             start.wait()
             results[i] = body(i)
-        except BaseException as exc:  # noqa: BLE001 (re-raised in the test's thread)
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
@@ -201,7 +201,7 @@ def in_child(body: Callable[[], bytes], wait_for_parent: bool = False,
             os.close(verdict_r)
             try:
                 verdict = body()
-            except BaseException as exc:  # noqa: BLE001 (reported to the parent)
+            except BaseException as exc:
                 verdict = f"raised {type(exc).__name__}: {exc}".encode()
             os.write(verdict_w, verdict + b"\n")
             if go_r >= 0:
@@ -329,7 +329,7 @@ def test_fork_after_destroy_child_gets_heap_not_found(shm_heap_name: str) -> Non
                     outcomes.append("worked")
                 except shmheap.HeapNotFoundError:
                     outcomes.append("not-found")
-                except Exception as exc:  # noqa: BLE001 (reported)
+                except Exception as exc:
                     outcomes.append(type(exc).__name__)
             return ",".join(outcomes).encode()
 
