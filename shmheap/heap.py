@@ -12,6 +12,7 @@ its protocol.  Nothing below imports this module:
 * walker.py    -- walking, stats, mark/sweep, scavenging
 * roots.py     -- ``heap.roots``: objects found by name
 * arrays.py    -- typed arrays: ``new_array`` and ``ndarray``
+* coord.py     -- queues, events, counters and barriers found by name
 * repair.py    -- checks and repairs (fsck); ``Heap`` gives it to the lock as the
                   journal's repair, run by the next writable holder
 
@@ -36,7 +37,7 @@ from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any
 
-from . import arenas, arrays, control, core, crash, liveness, segments, walker
+from . import arenas, arrays, control, coord, core, crash, liveness, segments, walker
 from .allocator import Allocator, size_classes
 from .attached import AttachedHeap
 from .errors import (
@@ -179,6 +180,7 @@ class Heap(AttachedHeap):
             arenas.create_map(name, max_arenas, mode)
             Summaries.create(name, max_arenas, _class_count(arena_size, page_size), mode)
             RootTable.create(name, mode)
+            coord.create(name, mode)
             words[control.HEADER_OFFSET // 8] = control.make_header(0, 0)
             words[control.HINT_OFFSET // 8] = 1
             words.release()
@@ -248,6 +250,9 @@ class Heap(AttachedHeap):
         super().close()
 
     def _release_resources(self) -> None:
+        table = self.__dict__.pop("_coord", None)
+        if table is not None:
+            table.close()
         roots = self.__dict__.get("roots")
         if roots is not None:
             roots.forget()
@@ -357,7 +362,45 @@ class Heap(AttachedHeap):
 
     def _parts(self) -> HeapParts:
         """What repair.py checks and repairs: the allocator and the roots table."""
-        return HeapParts(self._objects(), self._roots)
+        return HeapParts(self._objects(), self._roots,
+                         None if self.readonly else self._coordination)
+
+    # -- coordination (coord.py) ----------------------------------------------------------
+
+    def _coordination(self) -> coord.CoordTable:
+        """This handle's view of the coordination segment, opened on first use."""
+        table: coord.CoordTable | None = self.__dict__.get("_coord")
+        if table is None:
+            self._check_open()
+            table = self._coord = coord.CoordTable(self, self._objects())
+        return table
+
+    def queue(self, name: str, capacity: int | None = None) -> coord.Queue:
+        """The kill-safe FIFO ``name`` of this heap, made on first use (see coord.py).
+
+        ``put(item, timeout)``, ``get(timeout)`` (``queue.Full``/``queue.Empty``
+        as the stdlib's), ``len()``, ``close()``, and ``with q.lease() as item:``
+        (the item goes back to the head if the block raises or the process
+        dies).  ``capacity`` bounds the queued items (None: no bound; an
+        existing queue's capacity must match, or pass None).
+        """
+        return coord.Queue(self._coordination(), name, capacity)
+
+    def event(self, name: str) -> coord.Event:
+        """The event ``name`` of this heap (``set``, ``clear``, ``is_set``, ``wait``)."""
+        return coord.Event(self._coordination(), name)
+
+    def counter(self, name: str) -> coord.Counter:
+        """The 64-bit counter ``name`` of this heap: ``add(k=1)`` returns the new value."""
+        return coord.Counter(self._coordination(), name)
+
+    def barrier(self, name: str, parties: int) -> coord.Barrier:
+        """The barrier ``name`` of ``parties`` processes; a party that dies breaks it."""
+        return coord.Barrier(self._coordination(), name, parties)
+
+    def structures(self) -> list[coord.StructureInfo]:
+        """Every queue, event, counter and barrier of this heap (read with no lock)."""
+        return self._coordination().structures()
 
     def alloc(self, nbytes: int, timeout: float | None = None) -> int:
         """A new zeroed object of at least ``nbytes`` bytes; returns its heap address.
