@@ -38,7 +38,8 @@ record's six state words and the ``next`` word of at most two nodes it will
 change into the intent record, then writes the journal (control.py, op
 ``COORD``).  A holder stopped anywhere before the journal is cleared leaves
 the journal dirty; the next writable lock holder (repair.py) restores the
-saved words and frees the node a half-done ``put`` was linking.  So a
+saved words and frees the node a half-done ``put`` was linking if its putter
+is dead (a live putter frees it as its exception leaves ``put``).  So a
 half-done put never happened (the putter got no answer), a half-done get or
 lease leaves the item at the head, a half-done acknowledgement leaves the
 lease in place (redelivered when its leaser is gone).  Nodes are freed only
@@ -69,6 +70,7 @@ its own journal op (``undo``, called by repair.py under the lock).
 
 from __future__ import annotations
 
+import os
 import pickle
 import queue as queue_module
 import re
@@ -88,7 +90,7 @@ from .errors import (
     QueueClosedError,
     ShmHeapError,
 )
-from .lock import LockedBlock, check_timeout, deadline_of
+from .lock import LockedBlock, deadline_of
 from .names import PAGE_SIZE, coord_name
 
 if TYPE_CHECKING:
@@ -113,6 +115,7 @@ MAX_PARTIES = 1024
 
 QUEUE, EVENT, COUNTER, BARRIER = 1, 2, 3, 4
 KIND_NAMES = {QUEUE: "queue", EVENT: "event", COUNTER: "counter", BARRIER: "barrier"}
+_A = {QUEUE: "a queue", EVENT: "an event", COUNTER: "a counter", BARRIER: "a barrier"}
 _NAME_RE = re.compile(r"[A-Za-z0-9_.:-]{1,48}")
 
 # record words
@@ -124,9 +127,9 @@ _BASE, _PURE, _CELLS = 10, 11, 12
 _ARRIVED, _GENERATION, _BROKEN, _TOKENS = 10, 11, 12, 13
 
 # intent words (header): which record, which op, its saved state words, two nodes'
-# saved next words, and the node an undo frees
+# saved next words, the node a put was linking and the token of the process doing it
 _I_RECORD, _I_OP, _I_SAVED = 8, 9, slice(10, 16)
-_I_NODE_A, _I_NEXT_A, _I_NODE_B, _I_NEXT_B, _I_FREE = 16, 17, 18, 19, 20
+_I_NODE_A, _I_NEXT_A, _I_NODE_B, _I_NEXT_B, _I_FREE, _I_OWNER = 16, 17, 18, 19, 20, 21
 OP_PUT, OP_TAKE, OP_LEASE, OP_ACK, OP_RETURN, OP_BARRIER, OP_MAKE = 1, 2, 3, 4, 5, 6, 7
 OP_NAMES = {OP_PUT: "putting an item on", OP_TAKE: "taking an item from",
             OP_LEASE: "leasing an item of", OP_ACK: "acknowledging a lease of",
@@ -158,6 +161,21 @@ def check_structure_name(name: object) -> str:
     return name
 
 
+def count_in(heap_name: str) -> int | None:
+    """How many structures heap ``heap_name`` has, read from its segment with no attach."""
+    try:
+        fd, _st = segments.open_fd(coord_name(heap_name), readonly=True, expect_size=SIZE)
+    except ShmHeapError:
+        return None
+    try:
+        for record in range(RECORDS):
+            if not os.pread(fd, 8, HEADER_SIZE + record * RECORD_SIZE).strip(b"\0"):
+                return record
+        return RECORDS
+    finally:
+        os.close(fd)
+
+
 def create(heap_name: str, mode: int) -> None:
     """Create the coordination segment of a new heap: stamped, every record free."""
     seg = segments.create(coord_name(heap_name), SIZE, mode)
@@ -186,12 +204,11 @@ class CoordTable:
     """This handle's view of the coordination segment; the structures' shared steps."""
 
     def __init__(self, heap: AttachedHeap, allocator: Allocator) -> None:
-        heap._check_writable("a queue, event, counter or barrier")
         self.heap = heap
         self.allocator = allocator
         name = coord_name(heap.name)
         self._seg = heap.open_part("coordination segment", lambda: segments.open_existing(
-            name, readonly=False, expect_size=SIZE))
+            name, readonly=heap.readonly, expect_size=SIZE))
         if bytes(self._seg.buf[:8]) != MAGIC:
             self._seg.close()
             raise HeapCorruptError(f"/dev/shm/{name} is not the coordination segment of heap "
@@ -216,6 +233,11 @@ class CoordTable:
 
     def base(self, record: int) -> int:
         return (HEADER_SIZE + record * RECORD_SIZE) // 8
+
+    def writable(self) -> CoordTable:
+        """This table, if its heap is attached writable (else ReadOnlyError)."""
+        self.heap._check_writable("a queue, event, counter or barrier")
+        return self
 
     def futex(self, record: int) -> ctypes.c_uint32:
         word = self._futexes.get(record)
@@ -271,8 +293,8 @@ class CoordTable:
         words = self.words
         if words[b + _KIND] != kind:
             raise InvalidParameterError(
-                f"{name!r} is a {KIND_NAMES.get(int(words[b + _KIND]), 'structure')} of heap "
-                f"{self.heap.name!r}, not a {KIND_NAMES[kind]}; choose another name")
+                f"{name!r} is {_A.get(int(words[b + _KIND]), 'a structure')} of heap "
+                f"{self.heap.name!r}, not {_A[kind]}; choose another name")
         if param >= 0 and words[b + _PARAM] != param:
             what = "capacity" if kind == QUEUE else "parties"
             raise InvalidParameterError(
@@ -349,6 +371,7 @@ class CoordTable:
         words[_I_NODE_B] = node_b
         words[_I_NEXT_B] = self.node(node_b)[_NEXT] if node_b else 0
         words[_I_FREE] = free
+        words[_I_OWNER] = self.heap._live.token  # type: ignore[union-attr]
         self.heap._journal.begin(control.COORD, record, op)
 
     def end(self, record: int) -> None:
@@ -375,8 +398,11 @@ class CoordTable:
             if words[node]:
                 self.node(int(words[node]))[_NEXT] = words[saved]
         orphan = int(words[_I_FREE])
-        words[_I_FREE] = 0  # cleared before the free: a repair stopped now leaks, never frees twice
-        if orphan:
+        live = self.heap._live
+        assert live is not None
+        if orphan and not live.token_alive(int(words[_I_OWNER])):
+            # (a live putter frees its node itself, when its exception passes put())
+            words[_I_FREE] = 0  # cleared first: a repair stopped now leaks, never frees twice
             self.allocator.free(orphan)
         self.bump(record)
         self.wake(record)
@@ -512,12 +538,10 @@ class Queue:
         table.wake(self._record)
 
     def _forget(self, node: int) -> None:
-        """Free ``node`` unless the queue or an unfinished put holds it."""
+        """Free ``node`` unless the queue holds it (a put that raised; its undo is done)."""
         table = self._table
         words = table.words
         with table.locked(None):
-            if words[_I_FREE] == node and table.heap._journal.read() is not None:
-                return  # the journal's undo frees it
             ref = int(words[self._b + _HEAD])
             for _ in range(int(words[self._b + _COUNT]) + 1):
                 if not ref or ref == node:
@@ -576,7 +600,11 @@ class Queue:
         except BaseException:
             self._give_back(node)
             raise
-        self._done(node)
+        try:
+            self._done(node)
+        except BaseException:
+            self._give_back(node)  # not done after all: delivered again
+            raise
 
     def _take(self, timeout: float | None, lease: bool) -> tuple[int, object]:
         deadline = deadline_of(timeout)
@@ -976,13 +1004,13 @@ def _check_list(table: CoordTable, what: str, head: int, count: int, tail: int |
                 table.node(cut)[_NEXT] = 0
             else:
                 words[head] = 0
-    elif ref:
-        if note("coord-list", f"{what} hold more nodes than the {expected} counted; the list "
-                f"is cut after {expected}", True):
-            table.node(last)[_NEXT] = 0
+    elif ref and note("coord-list", f"{what} hold more nodes than the {expected} counted; "
+                      f"the list is cut after {expected}", True):
+        table.node(last)[_NEXT] = 0
     if length != expected and note("coord-count", f"{what} count {expected}, the list holds "
                                    f"{length}", True):
         words[count] = length
     if tail is not None and words[tail] != last and note(
-            "coord-tail", f"{what} end at {last:#x}, the tail word says {int(words[tail]):#x}", True):
+            "coord-tail", f"{what} end at {last:#x}, the tail word says {int(words[tail]):#x}",
+            True):
         words[tail] = last

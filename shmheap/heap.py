@@ -362,8 +362,7 @@ class Heap(AttachedHeap):
 
     def _parts(self) -> HeapParts:
         """What repair.py checks and repairs: the allocator and the roots table."""
-        return HeapParts(self._objects(), self._roots,
-                         None if self.readonly else self._coordination)
+        return HeapParts(self._objects(), self._roots, self._coordination)
 
     # -- coordination (coord.py) ----------------------------------------------------------
 
@@ -384,19 +383,19 @@ class Heap(AttachedHeap):
         dies).  ``capacity`` bounds the queued items (None: no bound; an
         existing queue's capacity must match, or pass None).
         """
-        return coord.Queue(self._coordination(), name, capacity)
+        return coord.Queue(self._coordination().writable(), name, capacity)
 
     def event(self, name: str) -> coord.Event:
         """The event ``name`` of this heap (``set``, ``clear``, ``is_set``, ``wait``)."""
-        return coord.Event(self._coordination(), name)
+        return coord.Event(self._coordination().writable(), name)
 
     def counter(self, name: str) -> coord.Counter:
         """The 64-bit counter ``name`` of this heap: ``add(k=1)`` returns the new value."""
-        return coord.Counter(self._coordination(), name)
+        return coord.Counter(self._coordination().writable(), name)
 
     def barrier(self, name: str, parties: int) -> coord.Barrier:
         """The barrier ``name`` of ``parties`` processes; a party that dies breaks it."""
-        return coord.Barrier(self._coordination(), name, parties)
+        return coord.Barrier(self._coordination().writable(), name, parties)
 
     def structures(self) -> list[coord.StructureInfo]:
         """Every queue, event, counter and barrier of this heap (read with no lock)."""

@@ -114,7 +114,7 @@ class HeapParts:
 
     allocator: Allocator
     roots: RootTable
-    #: the coordination segment (coord.py), opened on first use; None on a read-only handle
+    #: the coordination segment (coord.py), opened on first use
     coordination: Callable[[], coord.CoordTable] | None = None
 
     @property
