@@ -7,7 +7,8 @@ use.  Any process attached to the heap may use it; one that is killed or
 interrupted at any instruction never blocks the others for longer than the
 heap lock's dead-holder recovery, and loses or duplicates no queued item.
 
-The segment (made with the heap, all zero but its stamp; a zero record is free)::
+The segment (made under the heap lock by the first process that needs it, stamped
+last; all zero but its stamp when new, and a zero record is free)::
 
     header page   0 magic b"shmcoord", 8 version
                   64 the intent record (below), written by the lock holder
@@ -85,6 +86,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from . import control, core, crash, segments, waits
 from .errors import (
     HeapCorruptError,
+    HeapNotFoundError,
     InvalidNameError,
     InvalidParameterError,
     QueueClosedError,
@@ -176,14 +178,43 @@ def count_in(heap_name: str) -> int | None:
         os.close(fd)
 
 
-def create(heap_name: str, mode: int) -> None:
-    """Create the coordination segment of a new heap: stamped, every record free."""
-    seg = segments.create(coord_name(heap_name), SIZE, mode)
+def _open_or_create(heap: AttachedHeap) -> segments.Segment:
+    """Map the coordination segment of ``heap``, creating it on first use (under the lock).
+
+    The creator holds the heap lock, so a segment without its stamp found
+    under the lock was left by a creator that died: it is made again.
+    """
+    name = coord_name(heap.name)
     try:
-        seg.buf[:8] = MAGIC
-        seg.buf[8:12] = VERSION.to_bytes(4, "little")
-    finally:
+        seg = segments.open_existing(name, readonly=heap.readonly, expect_size=SIZE)
+    except (HeapNotFoundError, HeapCorruptError) as exc:
+        if heap.readonly or isinstance(exc, segments.ForeignObjectError):
+            raise
+    else:
+        if bytes(seg.buf[:8]) == MAGIC:
+            return seg
         seg.close()
+        if heap.readonly:
+            raise HeapCorruptError(f"/dev/shm/{name} is not the coordination segment of heap "
+                                   f"{heap.name!r}; run `shmheap fsck --repair {heap.name}`")
+
+    def made() -> segments.Segment:
+        try:
+            seg = segments.open_existing(name, readonly=False, expect_size=SIZE)
+        except (HeapNotFoundError, HeapCorruptError) as exc:
+            if isinstance(exc, segments.ForeignObjectError):
+                raise
+            segments.remove_own(name)  # absent, or left short by a creator that died
+            seg = segments.create(name, SIZE, heap.params.mode)
+        if bytes(seg.buf[:8]) != MAGIC:
+            seg.buf[HEADER_SIZE:] = bytes(SIZE - HEADER_SIZE)
+            seg.buf[8:12] = VERSION.to_bytes(4, "little")
+            crash.reach("coord.created")
+            seg.buf[:8] = MAGIC
+        return seg
+
+    lock = heap._lock
+    return lock.run(made, None, write=True)
 
 
 @dataclass(frozen=True)
@@ -206,13 +237,7 @@ class CoordTable:
     def __init__(self, heap: AttachedHeap, allocator: Allocator) -> None:
         self.heap = heap
         self.allocator = allocator
-        name = coord_name(heap.name)
-        self._seg = heap.open_part("coordination segment", lambda: segments.open_existing(
-            name, readonly=heap.readonly, expect_size=SIZE))
-        if bytes(self._seg.buf[:8]) != MAGIC:
-            self._seg.close()
-            raise HeapCorruptError(f"/dev/shm/{name} is not the coordination segment of heap "
-                                   f"{heap.name!r}; destroy the heap")
+        self._seg = _open_or_create(heap)
         self.words = self._seg.buf.cast("Q")
         self._futexes: dict[int, ctypes.c_uint32] = {}
         self._natives: list[Any] = []
@@ -233,11 +258,6 @@ class CoordTable:
 
     def base(self, record: int) -> int:
         return (HEADER_SIZE + record * RECORD_SIZE) // 8
-
-    def writable(self) -> CoordTable:
-        """This table, if its heap is attached writable (else ReadOnlyError)."""
-        self.heap._check_writable("a queue, event, counter or barrier")
-        return self
 
     def futex(self, record: int) -> ctypes.c_uint32:
         word = self._futexes.get(record)

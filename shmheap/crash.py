@@ -78,6 +78,7 @@ CRASH_POINTS: dict[str, str] = {
     "giant.unpublished": "a giant object's first part freed (it is gone), its other parts not "
                          "yet",
     "giant.freed": "every part of a giant object freed, journal not yet cleared",
+    "coord.created": "the coordination segment created and cleared, its stamp not yet written",
     "coord.described": "a new queue/event/counter/barrier record's name and state written, "
                        "its kind (which publishes it) not yet",
     "coord.linked": "a put's node linked after the queue's tail, tail and count not yet "

@@ -63,6 +63,7 @@ from .names import (
     check_max_arenas,
     check_name,
     control_name,
+    coord_name,
     owns,
     semaphore_name,
 )
@@ -184,7 +185,6 @@ class Heap(AttachedHeap):
             arenas.create_map(name, max_arenas, mode)
             Summaries.create(name, max_arenas, _class_count(arena_size, page_size), mode)
             RootTable.create(name, mode)
-            coord.create(name, mode)
             words[control.HEADER_OFFSET // 8] = control.make_header(0, 0)
             words[control.HINT_OFFSET // 8] = 1
             words.release()
@@ -256,7 +256,7 @@ class Heap(AttachedHeap):
     def _release_resources(self) -> None:
         table = self.__dict__.pop("_coord", None)
         if table is not None:
-            table.close()
+            table.close()  # (the class attribute None shows through again)
         roots = self.__dict__.get("roots")
         if roots is not None:
             roots.forget()
@@ -366,13 +366,22 @@ class Heap(AttachedHeap):
 
     def _parts(self) -> HeapParts:
         """What repair.py checks and repairs: the allocator and the roots table."""
-        return HeapParts(self._objects(), self._root_table(), self._coordination)
+        # (a heap none of whose processes used a queue, event, counter or barrier has no
+        # coordination segment, and nothing in it to check or repair)
+        coordination = None if self._coord is None and not segments.exists(
+            coord_name(self.name)) else self._coordination
+        return HeapParts(self._objects(), self._root_table(), coordination)
 
     # -- coordination (coord.py) ----------------------------------------------------------
 
-    def _coordination(self) -> coord.CoordTable:
-        """This handle's view of the coordination segment, opened on first use."""
-        table: coord.CoordTable | None = self.__dict__.get("_coord")
+    #: the coordination segment, opened (or made) on first use
+    _coord: coord.CoordTable | None = None
+
+    def _coordination(self, write: bool = False) -> coord.CoordTable:
+        """This handle's view of the coordination segment; ``write``: ReadOnlyError if read-only."""
+        if write:
+            self._check_writable("a queue, event, counter or barrier")
+        table = self._coord
         if table is None:
             self._check_open()
             table = self._coord = coord.CoordTable(self, self._objects())
@@ -387,22 +396,24 @@ class Heap(AttachedHeap):
         dies).  ``capacity`` bounds the queued items (None: no bound; an
         existing queue's capacity must match, or pass None).
         """
-        return coord.Queue(self._coordination().writable(), name, capacity)
+        return coord.Queue(self._coordination(write=True), name, capacity)
 
     def event(self, name: str) -> coord.Event:
         """The event ``name`` of this heap (``set``, ``clear``, ``is_set``, ``wait``)."""
-        return coord.Event(self._coordination().writable(), name)
+        return coord.Event(self._coordination(write=True), name)
 
     def counter(self, name: str) -> coord.Counter:
         """The 64-bit counter ``name`` of this heap: ``add(k=1)`` returns the new value."""
-        return coord.Counter(self._coordination().writable(), name)
+        return coord.Counter(self._coordination(write=True), name)
 
     def barrier(self, name: str, parties: int) -> coord.Barrier:
         """The barrier ``name`` of ``parties`` processes; a party that dies breaks it."""
-        return coord.Barrier(self._coordination().writable(), name, parties)
+        return coord.Barrier(self._coordination(write=True), name, parties)
 
     def structures(self) -> list[coord.StructureInfo]:
         """Every queue, event, counter and barrier of this heap (read with no lock)."""
+        if self._coord is None and not segments.exists(coord_name(self.name)):
+            return []
         return self._coordination().structures()
 
     def alloc(self, nbytes: int, timeout: float | None = None) -> int:

@@ -327,6 +327,8 @@ def test_a_lock_holder_killed_inside_a_queue_op_blocks_nobody(heap: shmheap.Heap
 
 #: point -> (what the parent sets up, what the child does, what the parent then sees)
 KILLS = {
+    "coord.created": ("", "h.queue('new')",
+                      "h.queue('new').put(1); assert h.queue('new').get() == 1"),
     "coord.described": ("", "h.queue('new')",
                         "h.queue('new').put(1); assert h.queue('new').get() == 1"),
     "coord.linked": ("q.put('a')", "q.put('b')", "assert drain(q) == ['a']"),
@@ -347,13 +349,14 @@ def test_every_coordination_point_is_killed_here() -> None:
 @pytest.mark.parametrize("point", sorted(KILLS))
 def test_a_kill_at_a_coordination_point_is_undone(heap: shmheap.Heap, point: str) -> None:
     setup, op, then = KILLS[point]
-    h, q = heap, heap.queue("q")
+    h = heap
+    q = heap.queue("q") if point != "coord.created" else None  # (the child makes the segment)
     exec(setup)
     child_op = "\n".join("    " + line for line in op.splitlines())
     assert_killed(run_child(f"""
 import shmheap
 h = shmheap.Heap.attach({heap.name!r})
-q = h.queue("q")
+q = h.queue("q") if {point != "coord.created"!r} else None
 try:
 {child_op}
 except ValueError:
@@ -362,5 +365,5 @@ raise SystemExit("crash point {point} was never reached")
 """, point))
     with heap.locked(timeout=PATIENCE):
         pass  # adopts the dead holder's lock, undoes what the journal names
-    exec(then, {"h": h, "q": q, "drain": drain, "PATIENCE": PATIENCE})
+    exec(then, {"h": h, "q": q or heap.queue("q"), "drain": drain, "PATIENCE": PATIENCE})
     assert heap.check() == []

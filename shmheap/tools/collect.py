@@ -52,7 +52,6 @@ from ..heap import destroy
 from ..names import (
     check_name,
     control_name,
-    coord_name,
     heap_of,
     index_name,
     live_name,
@@ -210,7 +209,7 @@ def _missing_part(name: str, max_arenas: int, generation: int) -> str:
     """The first object a ready heap needs that is absent or too short, else ""."""
     needs = ((live_name(name), liveness.SIZE), (map_name(name), arenas.map_bytes(max_arenas)),
              (index_name(name, generation), 1), (semaphore_file(name), 1),
-             (roots_name(name), roots.MIN_SIZE), (coord_name(name), coord.SIZE))
+             (roots_name(name), roots.MIN_SIZE))
     for entry, least in needs:
         if (segments.size_of(entry) or 0) < least:
             return entry
