@@ -1135,14 +1135,26 @@ Snapshots_call(Snapshots *self, PyObject *const *args, size_t nargsf, PyObject *
         self->generation = generation;
         self->capacity = capacity;
     }
-    PyObject *snap = snap_new((PyObject *)self->pin, (const uint32_t *)self->pin->view.buf, len,
-                              generation);
-    if (snap == NULL)
-        return NULL;
-    Py_XSETREF(self->last, snap);
+    const uint32_t *entries = (const uint32_t *)self->pin->view.buf;
+    if (self->last != NULL && Py_REFCNT(self->last) == 1) {
+        /* Nobody but us holds the last snapshot: it becomes the new one (no allocation). */
+        Snap *reused = (Snap *)self->last;
+        if (reused->owner != (PyObject *)self->pin) {
+            Py_INCREF(self->pin);
+            Py_SETREF(reused->owner, (PyObject *)self->pin);
+        }
+        reused->entries = entries;
+        reused->len = len;
+        reused->generation = generation;
+    } else {
+        PyObject *snap = snap_new((PyObject *)self->pin, entries, len, generation);
+        if (snap == NULL)
+            return NULL;
+        Py_XSETREF(self->last, snap);
+    }
     self->word = word;
-    Py_INCREF(snap);
-    return snap;
+    Py_INCREF(self->last);
+    return self->last;
 }
 
 static int
@@ -1178,7 +1190,9 @@ Snapshots_dealloc(Snapshots *self)
 static PyObject *
 Snapshots_forget(Snapshots *self, PyObject *Py_UNUSED(ignored))
 {
-    Py_CLEAR(self->last);
+    /* No header word is all ones (a generation is < 32): the next call builds a snapshot,
+       in the last one's object if nobody else holds it. */
+    self->word = UINT64_MAX;
     Py_RETURN_NONE;
 }
 
