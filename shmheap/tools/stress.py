@@ -1156,14 +1156,17 @@ The summary, figure by figure (--json holds the same numbers):
                       segment is gone from /dev/shm (the heap was destroyed under the run)
   leaks               segments of the heap left in /dev/shm after it was destroyed
   coverage            the floors a run must reach to earn a verdict, each a rate per second
-                      of --duration times --floor: writers' grows (or the heap filled),
-                      churners' objects verified, readers' snapshots and entries checked,
-                      and with --kill-rate 80% of the kills due
+                      of --duration times --floor (writers' grows are met once the heap is
+                      full; with --kill-rate also {kill_floor:.0%} of the kills due):
+                      {floors}
   result              FAILED (exit 1) on any violation, lost arena or leak; else
                       INCONCLUSIVE (exit 3) below any coverage floor; else OK (exit 0).
                       Ctrl-C stops the run, prints the figures so far (INTERRUPTED) and
                       exits 130
-"""
+""".format(
+    floors=", ".join(f"{figure} {rate:,g}" for floors in FLOORS.values()
+                     for figure, _, rate in floors),
+    kill_floor=KILL_FLOOR)
 
 
 def add_stress(sub: Subparsers) -> None:

@@ -680,21 +680,24 @@ def worker_main(kind: str, name: str, wid: int, seed: int, conn: Connection, tal
 
 
 def _work(role: Role, report: WorkerReport, conn: Connection) -> None:
-    """Step until the parent says stop, reporting every REPORT_INTERVAL.
+    """Step until the parent says stop, reporting every REPORT_INTERVAL (and at once after
+    a violation with an example, so that a worker killed right after one says what it was).
 
     A role's messages are sent after every step (new arenas as a list of
     indices, so a SIGKILL can lose at most the arena made in the step it
     interrupts); handoffs from the parent are taken between steps.
     """
     next_report = time.monotonic() + REPORT_INTERVAL
+    examples = 0
     while True:
         pause = role.step()
         now = time.monotonic()
         due = now >= next_report or pause == math.inf
         for message in role.outgoing(flush=due):
             conn.send(message)
-        if due:
+        if due or len(report.examples) > examples:  # a new violation's example goes at once
             conn.send(report)
+            examples = len(report.examples)
             next_report = now + REPORT_INTERVAL
         if _inbox(role, conn, None if pause == math.inf else max(pause, 0)):
             return
