@@ -123,7 +123,7 @@ def test_a_kill_loop_run_reaches_its_floors_and_says_the_kill_rate(shm_heap_name
     assert (result.returncode, report["result"]) == (0, "OK"), (result.stdout, result.stderr)
     assert_summary_identities(report)
     kills = report["kills"]
-    assert kills >= 0.25 * 0.8 * report["kills_due"] > 0
+    assert kills >= 0.25 * 0.5 * report["kills_due"] > 0
     assert report["kills_per_s"] == pytest.approx(kills / report["duration_s"])
     rows = summary(result.stdout)
     assert rows["kills"].startswith(f"{kills:,}, {report['kills_per_s']:.1f}/s of the 10/s "
