@@ -181,7 +181,8 @@ def test_a_heap_destroyed_under_the_run_counts_its_arenas_lost(shm_heap_name: st
     assert process.returncode == 1, err
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["result"] == "FAILED"
-    assert report["arenas_lost"] == report["arenas_created"] > 0
+    # a writer inside grow() when the heap went may still link its arena under the old name
+    assert 0 < report["arenas_lost"] <= report["arenas_created"]
     assert summary(out)["arenas lost"] == str(report["arenas_lost"])
     assert "Traceback" not in err
     assert shm_leftovers(shm_heap_name) == []

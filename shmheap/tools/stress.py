@@ -1053,8 +1053,9 @@ def _rows(report: dict[str, Any]) -> Iterator[tuple[str, object]]:
     yield "snapshot latency p50/p99/max", _us(reader["latency"])
     yield "snapshots taken", f"{reader['ops']:,}"
     yield "entries checked", f"{reader['counters'].get('entries', 0):,}"
-    yield "heap walks checked", (f"{reader['counters'].get('walks', 0):,} "
-                                 f"({reader['counters'].get('objects_walked', 0):,} objects)")
+    yield "heap walks checked", (f"{reader['counters'].get('walks', 0):,} whole walks; "
+                                 f"{reader['counters'].get('spans_walked', 0):,} spans, "
+                                 f"{reader['counters'].get('objects_walked', 0):,} objects")
     lost = report["arenas_lost"]
     yield "final snapshot", (f"{report['final_arenas']:,} arenas = {report['arenas_created']:,} "
                              f"grown by writers + {report['arenas_grown_otherwise']:,} grown "
@@ -1131,6 +1132,9 @@ The summary, figure by figure (--json holds the same numbers):
                       operation: a killed worker's count is whole (the latency samples come
                       in reports every 0.5 s, so a killed worker's last half second is not
                       in those)
+  heap walks checked  walks of the whole heap a reader finished (after heap.stats()), and
+                      the spans and objects checked as walked (those of walks a kill cut
+                      short too)
   grow collisions     grow(at=i) calls that found index i taken
   handoffs handed on  objects churners gave up for another churner, as the parent got them,
                       = relayed to a churner + undelivered (kept by the parent while the run
