@@ -12,6 +12,7 @@ its protocol.  Nothing below imports this module:
 * walker.py    -- walking, stats, mark/sweep, scavenging
 * roots.py     -- ``heap.roots``: objects found by name
 * arrays.py    -- typed arrays: ``new_array`` and ``ndarray``
+* coord.py     -- queues, events, counters and barriers found by name
 * repair.py    -- checks and repairs (fsck); ``Heap`` gives it to the lock as the
                   journal's repair, run by the next writable holder
 
@@ -35,7 +36,7 @@ from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any
 
-from . import arenas, arrays, control, core, crash, liveness, segments, walker
+from . import arenas, arrays, control, coord, core, crash, liveness, segments, walker
 from .allocator import Allocator, size_classes
 from .attached import AttachedHeap
 from .errors import (
@@ -62,6 +63,7 @@ from .names import (
     check_max_arenas,
     check_name,
     control_name,
+    coord_name,
     owns,
     semaphore_name,
 )
@@ -252,6 +254,9 @@ class Heap(AttachedHeap):
         super().close()
 
     def _release_resources(self) -> None:
+        table = self.__dict__.pop("_coord", None)
+        if table is not None:
+            table.close()  # (the class attribute None shows through again)
         roots = self.__dict__.get("roots")
         if roots is not None:
             roots.forget()
@@ -361,7 +366,55 @@ class Heap(AttachedHeap):
 
     def _parts(self) -> HeapParts:
         """What repair.py checks and repairs: the allocator and the roots table."""
-        return HeapParts(self._objects(), self._root_table())
+        # (a heap none of whose processes used a queue, event, counter or barrier has no
+        # coordination segment, and nothing in it to check or repair)
+        coordination = None if self._coord is None and not segments.exists(
+            coord_name(self.name)) else self._coordination
+        return HeapParts(self._objects(), self._root_table(), coordination)
+
+    # -- coordination (coord.py) ----------------------------------------------------------
+
+    #: the coordination segment, opened (or made) on first use
+    _coord: coord.CoordTable | None = None
+
+    def _coordination(self, write: bool = False) -> coord.CoordTable:
+        """This handle's view of the coordination segment; ``write``: ReadOnlyError if read-only."""
+        if write:
+            self._check_writable("a queue, event, counter or barrier")
+        table = self._coord
+        if table is None:
+            self._check_open()
+            table = self._coord = coord.CoordTable(self, self._objects())
+        return table
+
+    def queue(self, name: str, capacity: int | None = None) -> coord.Queue:
+        """The kill-safe FIFO ``name`` of this heap, made on first use (see coord.py).
+
+        ``put(item, timeout)``, ``get(timeout)`` (``queue.Full``/``queue.Empty``
+        as the stdlib's), ``len()``, ``close()``, and ``with q.lease() as item:``
+        (the item goes back to the head if the block raises or the process
+        dies).  ``capacity`` bounds the queued items (None: no bound; an
+        existing queue's capacity must match, or pass None).
+        """
+        return coord.Queue(self._coordination(write=True), name, capacity)
+
+    def event(self, name: str) -> coord.Event:
+        """The event ``name`` of this heap (``set``, ``clear``, ``is_set``, ``wait``)."""
+        return coord.Event(self._coordination(write=True), name)
+
+    def counter(self, name: str) -> coord.Counter:
+        """The 64-bit counter ``name`` of this heap: ``add(k=1)`` returns the new value."""
+        return coord.Counter(self._coordination(write=True), name)
+
+    def barrier(self, name: str, parties: int) -> coord.Barrier:
+        """The barrier ``name`` of ``parties`` processes; a party that dies breaks it."""
+        return coord.Barrier(self._coordination(write=True), name, parties)
+
+    def structures(self) -> list[coord.StructureInfo]:
+        """Every queue, event, counter and barrier of this heap (read with no lock)."""
+        if self._coord is None and not segments.exists(coord_name(self.name)):
+            return []
+        return self._coordination().structures()
 
     def alloc(self, nbytes: int, timeout: float | None = None) -> int:
         """A new zeroed object of at least ``nbytes`` bytes; returns its heap address.
