@@ -43,6 +43,9 @@ journal op      what may be left, and what repair does
                 or freed -> its arenas as for ``GROW``, their page metadata
                 audited, then the object finished if its first part is made,
                 else every part of it freed (giant.py)
+``COORD(r)``    queue, event, counter or barrier r half changed -> the words
+                it saved in the coordination intent restored, the node a
+                half-done put was linking freed (coord.py)
 anything else  the journal itself is garbage -> a full check with repair
 ==============  ===========================================================
 
@@ -86,15 +89,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import arenas, control, giant, roots, segments
+from . import arenas, control, coord, giant, roots, segments
 from .allocator import Note, audit_arena, check_summary_tree, summary_trees
-from .control import ARENA_OPS, DISOWN, GIANT, GROW, MAX_GENERATIONS, PAGES, ROOTS
+from .control import ARENA_OPS, COORD, DISOWN, GIANT, GROW, MAX_GENERATIONS, PAGES, ROOTS
 from .errors import HeapCorruptError, ShmHeapError
 from .index import BROKEN_GENERATION, ENTRY_SIZE
 from .lock import HeapLock
 from .names import (
     arena_name,
     control_name,
+    coord_name,
     index_name,
     live_name,
     map_name,
@@ -132,6 +136,8 @@ class HeapParts:
 
     allocator: Allocator
     roots: RootTable
+    #: the coordination segment (coord.py), opened on first use
+    coordination: Callable[[], coord.CoordTable] | None = None
 
     @property
     def heap(self) -> AttachedHeap:
@@ -243,6 +249,8 @@ class _Checker:
         if self.full:
             for index in entries:
                 yield False, functools.partial(self.check_root_counts, index)
+        if self.parts.coordination is not None:
+            yield True, self.check_coordination
         if self.repair and self.writable() and not lost:
             yield True, allocator.reclaim_locked
 
@@ -324,6 +332,12 @@ class _Checker:
         if bound is not None:  # (an unusable table is the roots piece's finding)
             roots.check_unbound_counts(self.parts.allocator, bound, self.note,
                                        self.repair and self.writable(), [index])
+
+    def check_coordination(self) -> None:
+        """The queues, events, counters and barriers (coord.py): 256 records, one hold."""
+        coordination = self.parts.coordination
+        if coordination is not None:
+            coord.check(coordination(), self.repair, self.note)
 
     def check_semaphore(self) -> None:
         """The lock is held by us, so the semaphore's count must be 0 (2 after a robbery)."""
@@ -445,7 +459,7 @@ class _Checker:
             listed = segments.list_all()
         suspects: set[str] = set()
         known = {control_name(self.name), live_name(self.name), map_name(self.name),
-                 summary_name(self.name), roots_name(self.name)}
+                 summary_name(self.name), roots_name(self.name), coord_name(self.name)}
         known.update(index_name(self.name, g) for g in range(generation + 1))
         pattern = re.compile(
             rf"shmheap\.{re.escape(self.name)}\.(a([0-9a-f]+)|i(\d+)|new([0-9a-f]+))")
@@ -546,6 +560,8 @@ def _describe(entry: tuple[int, int, int]) -> str:
         return "binding or unbinding a root"
     if op == GIANT:
         return f"a change to the giant object over arenas {arena}..{arena + arg - 1}"
+    if op == COORD:
+        return f"{coord.OP_NAMES.get(arg, 'changing')} coordination record {arena}"
     return f"an unknown mutation (journal op {op}, arena {arena})"
 
 
@@ -658,9 +674,16 @@ def _finish_roots(parts: HeapParts, _arena: int, _arg: int) -> list[Finding]:
     return findings
 
 
+def _undo_coord(parts: HeapParts, _record: int, _op: int) -> list[Finding]:
+    if parts.coordination is None:
+        return [Finding("coord-unfinished", "a change to a queue, event, counter or barrier "
+                        "was left unfinished; a writable handle undoes it", fatal=True)]
+    return [Finding("coord-unfinished", parts.coordination().undo(), fixed=True)]
+
+
 _JOURNAL_FIXES: dict[int, Callable[[HeapParts, int, int], list[Finding]]] = {
     GROW: _finish_grow, PAGES: _audit_pages, DISOWN: _finish_disown,
-    ROOTS: _finish_roots, GIANT: _finish_giant}
+    ROOTS: _finish_roots, GIANT: _finish_giant, COORD: _undo_coord}
 
 
 def _remove_own(name: str) -> bool:

@@ -62,6 +62,25 @@ h.grow()
 h.free(h.alloc(2 * h.arena_size + 5000))
 """
 
+#: Coordination steps that pass every coordination crash point: make a queue, put, get,
+#: lease and finish, lease and raise (the item goes back), set an event, pass a barrier.
+COORD_STEPS = """
+q = h.queue("faults")
+q.put(1)
+q.get()
+q.put(2)
+with q.lease():
+    pass
+q.put(3)
+try:
+    with q.lease():
+        raise ValueError
+except ValueError:
+    pass
+h.event("faults-event").set()
+h.barrier("faults-barrier", 1).wait()
+"""
+
 #: crash point prefix or name -> (parent setup, child operation, K: the passage to raise at)
 OPERATIONS: dict[str, tuple[str, str, int]] = {
     "lock": ("", "h.grow()", 1),      # (attach takes the lock only to recycle dead slots)
@@ -82,6 +101,7 @@ OPERATIONS: dict[str, tuple[str, str, int]] = {
     "sweep.claimed": ("", "h.free(h.alloc(100)); h.start_cycle(); h.sweep()", 1),
     "roots": ("", ROOT_STEPS, 1),
     "giant": ("", GIANT_STEPS, 1),
+    "coord": ("", COORD_STEPS, 1),
 }
 
 
