@@ -423,7 +423,7 @@ class CoordTable:
         if orphan and not live.token_alive(int(words[_I_OWNER])):
             # (a live putter frees its node itself, when its exception passes put())
             words[_I_FREE] = 0  # cleared first: a repair stopped now leaks, never frees twice
-            self.allocator.free(orphan)
+            self.allocator.free_locked(orphan)
         self.bump(record)
         self.wake(record)
         name = self.name_of(record) or f"record {record}"
