@@ -20,33 +20,39 @@ unmaps.  This module owns the system calls and touches no word itself.
 
 from __future__ import annotations
 
-import ctypes
 import errno
+import functools
 import os
-import platform
 import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import ctypes
 
 _FUTEX_WAIT = 0
 _FUTEX_WAKE = 1
 #: SYS_futex per machine (asm/unistd.h)
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "riscv64": 98, "ppc64le": 221, "s390x": 238}
-_NUMBER = _SYS_FUTEX.get(platform.machine())
+_NUMBER = _SYS_FUTEX.get(os.uname().machine)
 #: Seconds of one sleep where no futex is known (the fallback polls).
 FALLBACK_SLICE = 0.001
 _WAKE_ALL = 0x7FFFFFFF
 
 
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+@functools.cache
+def _syscall() -> Any:
+    """libc's syscall(), loaded on first use: ctypes costs milliseconds of ``import shmheap``."""
+    import ctypes
 
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
+    syscall = ctypes.CDLL(None, use_errno=True).syscall
+    syscall.restype = ctypes.c_long
+    return syscall
 
 
 def address_of(buffer: object, offset: int) -> ctypes.c_uint32:
     """A ctypes word at ``offset`` of a writable ``buffer`` (a mapping); it pins the mapping."""
+    import ctypes
+
     return ctypes.c_uint32.from_buffer(buffer, offset)  # type: ignore[arg-type]
 
 
@@ -62,8 +68,10 @@ def wait(word: ctypes.c_uint32, seen: int, seconds: float) -> bool:
     if _NUMBER is None:
         time.sleep(min(seconds, FALLBACK_SLICE))
         return word.value != seen
-    spec = _Timespec(int(seconds), int((seconds - int(seconds)) * 1e9))
-    result = _syscall(_NUMBER, ctypes.byref(word), _FUTEX_WAIT, ctypes.c_uint32(seen),
+    import ctypes
+
+    spec = (ctypes.c_long * 2)(int(seconds), int((seconds - int(seconds)) * 1e9))  # timespec
+    result = _syscall()(_NUMBER, ctypes.byref(word), _FUTEX_WAIT, ctypes.c_uint32(seen),
                       ctypes.byref(spec), None, 0)
     if result == 0:
         return True
@@ -78,4 +86,6 @@ def wait(word: ctypes.c_uint32, seen: int, seconds: float) -> bool:
 def wake(word: ctypes.c_uint32) -> None:
     """Wake every process sleeping on ``word``."""
     if _NUMBER is not None:
-        _syscall(_NUMBER, ctypes.byref(word), _FUTEX_WAKE, _WAKE_ALL, None, None, 0)
+        import ctypes
+
+        _syscall()(_NUMBER, ctypes.byref(word), _FUTEX_WAKE, _WAKE_ALL, None, None, 0)
