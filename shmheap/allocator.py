@@ -610,16 +610,14 @@ class Allocator:
     def free(self, ref: int, timeout: float | None = None) -> None:
         """Free the object at ``ref``, allocated by any process."""
         with self._mutex:
-            self._free(ref, timeout)
-
-    def _free(self, ref: int, timeout: float | None) -> None:
-        self.heap._check_writable("free()")
-        self._free(ref, None if timeout is None else deadline_of(timeout), held=False)
+            self.heap._check_writable("free()")
+            self._free(ref, None if timeout is None else deadline_of(timeout), held=False)
 
     def free_locked(self, ref: int) -> None:
         """``free(ref)`` for a caller that holds the lock already (a journal repair)."""
-        self.heap._check_writable("free()")
-        self._free(ref, None, held=True)
+        with self._mutex:
+            self.heap._check_writable("free()")
+            self._free(ref, None, held=True)
 
     def _free(self, ref: int, deadline: float | None, held: bool) -> None:
         pages, start, c, slot = self.locate(ref, deadline, held)
