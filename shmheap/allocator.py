@@ -280,11 +280,11 @@ class Allocator:
         self._runs = giant.runs()
         self._hint = 0
         self._refills = 0
-        # In a forked child the parent's spans are not ours: forget them once the
-        # child has its own liveness slot and token.
+        # In a forked child the parent's spans are not ours: forget them as the child lets
+        # go of the parent's slot (whether or not it claims one of its own).
         live = heap._live
         assert live is not None
-        live.on_reclaim.append(self.forget_caches)
+        live.on_unmap.append(self.forget_caches)
         if core.native is not None:
             self._bind_native(core.native)
 
