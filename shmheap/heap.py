@@ -38,7 +38,7 @@ from typing import Any
 
 from . import arenas, arrays, control, coord, core, crash, liveness, segments, walker
 from .allocator import Allocator, size_classes
-from .attached import AttachedHeap
+from .attached import AttachedHeap, serialised, serialised_iter
 from .errors import (
     HeapCorruptError,
     HeapExistsError,
@@ -119,6 +119,7 @@ class Heap(AttachedHeap):
         #: objects found by name (roots.py)
         self.roots = Roots(self, self._root_table, self._objects)
 
+    @serialised
     def _root_table(self) -> RootTable:
         """The roots segment, opened on first use: most workers never name an object."""
         if self._roots is None:
@@ -265,6 +266,7 @@ class Heap(AttachedHeap):
             table.close()
         super()._release_resources()
 
+    @serialised
     def destroy(self) -> None:
         """Unlink every object of this heap, then close this handle.
 
@@ -295,14 +297,16 @@ class Heap(AttachedHeap):
         """``with heap.locked():`` holds the heap lock for the body (recovering a dead holder).
 
         A writable handle first repairs what a holder stopped half-way left
-        (the journal).  Blocks nest, and heap calls inside one run under its
-        hold.
+        (the journal).  Blocks nest per thread, and this thread's heap calls
+        inside one run under its hold; other threads' calls on this handle
+        wait until it closes.
         """
         self._check_open()
         lock = self._lock
         assert isinstance(lock, HeapLock)
         return LockedBlock(lock, deadline_of(timeout), write=not self.readonly)
 
+    @serialised
     def check(self, repair: bool = False, timeout: float | None = None) -> list[Finding]:
         """Check every invariant (``shmheap fsck``); with ``repair``, fix what can be fixed.
 
@@ -327,6 +331,7 @@ class Heap(AttachedHeap):
                 "(any process's next lock would have done the same)", fixed=True))
         return findings
 
+    @serialised
     def info(self, timeout: float | None = None) -> HeapInfo:
         """Parameters, index, lock and liveness counters (the lock held to read the header)."""
         self._check_open()
@@ -353,6 +358,7 @@ class Heap(AttachedHeap):
 
     _allocator: Allocator | None = None
 
+    @serialised
     def _objects(self) -> Allocator:
         """This handle's allocator, made on first use."""
         allocator = self._allocator
@@ -377,6 +383,7 @@ class Heap(AttachedHeap):
     #: the coordination segment, opened (or made) on first use
     _coord: coord.CoordTable | None = None
 
+    @serialised
     def _coordination(self, write: bool = False) -> coord.CoordTable:
         """This handle's view of the coordination segment; ``write``: ReadOnlyError if read-only."""
         if write:
@@ -445,6 +452,7 @@ class Heap(AttachedHeap):
         """Bytes of the object at ``ref``: ``alloc(n)`` rounded up to its size class or pages."""
         return self._objects().size_of(ref, timeout)
 
+    @serialised
     def new_array(self, shape: int | tuple[int, ...], dtype: Any = "float64",
                   timeout: float | None = None) -> int:
         """A new zeroed array object that records its ``shape`` and ``dtype`` (numpy extra).
@@ -466,28 +474,34 @@ class Heap(AttachedHeap):
 
     def walk(self, timeout: float | None = None) -> Iterator[walker.SpanInfo]:
         """Every in-use span and its live objects, read with no lock (see walker.py)."""
-        return walker.walk(self._objects(), deadline_of(timeout))
+        return serialised_iter(self._mutex, walker.walk(self._objects(), deadline_of(timeout)))
 
+    @serialised
     def stats(self, timeout: float | None = None) -> walker.HeapStats:
         """Bytes in use, free, reserved and released; objects per size class."""
         return walker.stats(self._objects(), deadline_of(timeout))
 
+    @serialised
     def arena_usage(self, timeout: float | None = None) -> list[dict[str, int]]:
         """Per arena, in index order: pages in use and released, spans, objects, live bytes."""
         return walker.arena_usage(self._objects(), deadline_of(timeout))
 
+    @serialised
     def start_cycle(self, timeout: float | None = None) -> int:
         """Begin a mark/sweep cycle (clear every mark); returns the cycle number."""
         return walker.start_cycle(self._objects(), deadline_of(timeout))
 
+    @serialised
     def mark(self, ref: int, timeout: float | None = None) -> None:
         """Mark the object at ``ref`` as live for the current cycle."""
         walker.mark(self._objects(), ref, deadline_of(timeout))
 
+    @serialised
     def sweep(self, timeout: float | None = None) -> walker.SweepReport:
         """Free what the current cycle left unmarked; several processes may sweep at once."""
         return walker.sweep(self._objects(), deadline_of(timeout))
 
+    @serialised
     def scavenge(self, timeout: float | None = None) -> walker.ScavengeReport:
         """Return the memory of free pages to the OS."""
         return walker.scavenge(self._objects(), deadline_of(timeout))
