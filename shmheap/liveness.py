@@ -201,7 +201,8 @@ class Liveness:
         self.name = name
         self.slot = -1
         self.token = 0
-        #: called in a forked child before the inherited mapping goes (drop views into it)
+        #: called in a forked child before the inherited mapping goes (drop views into it,
+        #: forget what was the parent's)
         self.on_unmap: list[Callable[[], None]] = []
         #: called after a fork has given this process a new slot, token and owner view
         self.on_reclaim: list[Callable[[], None]] = []
