@@ -29,6 +29,7 @@ the allocator, which carries the ``AttachedHeap``, never the ``Heap``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Iterator
@@ -513,6 +514,7 @@ class Heap(AttachedHeap):
         return walker.scavenge(self._objects(), deadline_of(timeout))
 
 
+@functools.cache
 def _class_count(arena_size: int, page_size: int) -> int:
     """How many size classes (the summaries' partial trees) a heap of these sizes has."""
     return len(size_classes(page_size, layout(arena_size, page_size).pages))

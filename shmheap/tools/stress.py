@@ -116,13 +116,14 @@ CHECK_INTERVAL = 1.0
 CHECK_SHARE = 0.2
 #: Coverage floors: what each role must at least have done per second of the run (times
 #: --floor) for the run to earn a verdict, as (figure, counter, rate); below any of them
-#: the run is INCONCLUSIVE.  Set about ten times below what a 2-core machine shared with
-#: other work does under --kill-rate 25.
+#: the run is INCONCLUSIVE.  Set several times below what `--kill-rate 25` does on a 2-core
+#: machine loaded with other work (load average 10-14), where readers' snapshots often wait
+#: out the lock's 0.25 s grace for a holder killed before it recorded itself.
 FLOORS: dict[str, tuple[tuple[str, str, float], ...]] = {
-    "writer": (("grows", "ops", 5.0),),
-    "churner": (("objects verified", "verified", 100.0),),
-    "reader": (("snapshots", "ops", 10.0), ("entries checked", "entries", 1000.0)),
-    "mover": (("items moved", "moved", 20.0),),
+    "writer": (("grows", "ops", 2.0),),
+    "churner": (("objects verified", "verified", 50.0),),
+    "reader": (("snapshots", "ops", 3.0), ("entries checked", "entries", 500.0)),
+    "mover": (("items moved", "moved", 10.0),),
 }
 #: With --kill-rate, the run must make this share of the kills its schedule made due (the
 #: summary says the rate achieved beside the rate asked).

@@ -35,8 +35,10 @@ attaches the run's heap and plays one role:
     attached ``readonly=True``, loops ``heap.snapshot()`` and walks every
     entry: each snapshot must extend the previous one (published entries never
     change) and hold no duplicate, and an arena that carries the stamp's magic
-    must carry its own index.  An arena without the magic is not checked (no
-    writer claimed it, or its writer has not stamped it yet).  It also walks
+    must carry its own index (it maps ``MAP_STEP`` new arenas per step, so a
+    new reader of a big heap checks their stamps over its first steps).  An
+    arena without the magic is not checked (no writer claimed it, or its
+    writer has not stamped it yet).  It also walks
     the heap, ``WALK_STEP`` spans per step (a whole walk of a big heap takes
     longer than a reader lives under a kill loop), and after each whole walk
     runs ``heap.stats()``; it checks what concurrent churn cannot break: every
@@ -130,6 +132,8 @@ STAMP_MAGIC = int.from_bytes(b"shmstamp", "little")
 #: Seconds from the start of a reader's walk of the heap to the next; spans it walks per step.
 WALK_INTERVAL = 1.0
 WALK_STEP = 64
+#: Arenas a reader maps per step to check their stamps.
+MAP_STEP = 64
 #: A churner holds at most this many objects; a step allocates with probability
 #: ALLOC_SHARE (always when it holds none), else gives up a random object, handing
 #: it to another churner with probability HANDOFF_SHARE and freeing it otherwise.
@@ -561,12 +565,21 @@ class Reader(Role):
         return 0
 
     def check_stamps(self, entries: memoryview) -> None:
+        """Check the stamp of every entry whose arena it has mapped; map MAP_STEP more.
+
+        A new reader of a big heap maps its arenas over its first steps
+        rather than all in its first one, so its snapshots go on meanwhile.
+        """
         stamps = self.stamps
         offset = self.offset
         stamped = 0
+        budget = MAP_STEP
         for index in entries:
             stamp = stamps.get(index)
             if stamp is None:
+                if not budget:
+                    continue
+                budget -= 1
                 stamp = self.map_stamp(index)
                 if stamp is None:
                     continue
