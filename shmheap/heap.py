@@ -12,6 +12,7 @@ its protocol.  Nothing below imports this module:
 * walker.py    -- walking, stats, mark/sweep, scavenging
 * roots.py     -- ``heap.roots``: objects found by name
 * arrays.py    -- typed arrays: ``new_array`` and ``ndarray``
+* objects.py   -- Python values: ``put`` and ``get``
 * repair.py    -- checks and repairs (fsck); ``Heap`` gives it to the lock as the
                   journal's repair, run by the next writable holder
 
@@ -36,7 +37,7 @@ from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any
 
-from . import arenas, arrays, control, core, crash, liveness, segments, walker
+from . import arenas, arrays, control, core, crash, liveness, objects, segments, walker
 from .allocator import Allocator, size_classes
 from .attached import AttachedHeap
 from .errors import (
@@ -359,8 +360,27 @@ class Heap(AttachedHeap):
         """What repair.py checks and repairs: the allocator and the roots table."""
         return HeapParts(self._objects(), self._roots)
 
+    def put(self, obj: object, *, timeout: float | None = None) -> int:
+        """Store any picklable value in one new object; returns its heap address.
+
+        Pickled with protocol 5; numpy arrays, ``bytearray``, ``memoryview``
+        and other out-of-band buffers (and a whole ``bytes`` value) are
+        written once into the object, not copied into the pickle.
+        ``free(ref)`` frees the value with its buffers (objects.py).
+        """
+        return objects.put(self._objects(), obj, timeout)
+
+    def get(self, ref: int, *, writable: bool = False, timeout: float | None = None) -> Any:
+        """The value ``put`` stored at ``ref``, in any process.
+
+        Its numpy arrays and memoryviews are zero-copy views of the heap,
+        read-only unless ``writable``; they keep the memory mapped, and after
+        ``free(ref)`` show whatever reuses it.
+        """
+        return objects.get(self._objects(), ref, writable, timeout)
+
     def alloc(self, nbytes: int, timeout: float | None = None) -> int:
-        """A new zeroed object of at least ``nbytes`` bytes; returns its heap address.
+        """A new zeroed object of ``nbytes`` bytes (0 or more); returns its heap address.
 
         The address is a plain non-zero int, valid in every attached process.
         ``timeout`` bounds the wait for the heap lock (most calls take none).
@@ -377,7 +397,7 @@ class Heap(AttachedHeap):
         self._objects().free(ref, timeout)
 
     def view(self, ref: int, timeout: float | None = None) -> memoryview:
-        """A memoryview of exactly the object's ``size_of(ref)`` bytes (read-only if readonly).
+        """A memoryview of exactly the object's ``nbytes(ref)`` bytes (read-only if readonly).
 
         An object larger than an arena is one contiguous view too: its arenas
         mapped back to back, for as long as a view of them lives (giant.py).
@@ -385,8 +405,12 @@ class Heap(AttachedHeap):
         return self._objects().view(ref, timeout)
 
     def size_of(self, ref: int, timeout: float | None = None) -> int:
-        """Bytes of the object at ``ref``: ``alloc(n)`` rounded up to its size class or pages."""
+        """Capacity of the object at ``ref``: ``alloc(n)`` rounded up to its size class or pages."""
         return self._objects().size_of(ref, timeout)
+
+    def nbytes(self, ref: int, timeout: float | None = None) -> int:
+        """Length of the object at ``ref``: the ``n`` of the ``alloc(n)`` that made it."""
+        return self._objects().nbytes(ref, timeout)
 
     def new_array(self, shape: int | tuple[int, ...], dtype: Any = "float64",
                   timeout: float | None = None) -> int:
