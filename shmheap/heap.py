@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -114,13 +113,18 @@ class Heap(AttachedHeap):
                          _class_count(params.arena_size, params.page_size), self._repair_journal)
         #: what the last journal repair of this handle fixed (for ``check``)
         self._journal_findings: list[Finding] = []
-        try:
-            self._roots = self.open_part("roots segment", lambda: RootTable(name, readonly))
-        except BaseException:
-            self.close()
-            raise
+        #: the roots segment, opened on first use (``_root_table``)
+        self._roots: RootTable | None = None
         #: objects found by name (roots.py)
-        self.roots = Roots(self, self._roots, self._objects)
+        self.roots = Roots(self, self._root_table, self._objects)
+
+    def _root_table(self) -> RootTable:
+        """The roots segment, opened on first use: most workers never name an object."""
+        if self._roots is None:
+            self._check_open()
+            self._roots = self.open_part(
+                "roots segment", lambda: RootTable(self.name, self.readonly))
+        return self._roots
 
     def _repair_journal(self) -> None:
         """Finish or undo the mutation the journal names (HeapLock calls it, lock held)."""
@@ -166,9 +170,9 @@ class Heap(AttachedHeap):
                 f"`shmheap destroy {name}`") from None
         assert seg.fd is not None
         params = control.Params(
-            heap_id=secrets.randbits(63) | 1, arena_size=arena_size, max_arenas=max_arenas,
-            first_cap=PAGE_SIZE // 4, mode=mode, reserve=reserve, created_ns=time.time_ns(),
-            page_size=page_size)
+            heap_id=int.from_bytes(os.urandom(8)) >> 1 | 1, arena_size=arena_size,
+            max_arenas=max_arenas, first_cap=PAGE_SIZE // 4, mode=mode, reserve=reserve,
+            created_ns=time.time_ns(), page_size=page_size)
         try:
             control.write_params(seg.buf, params)
             words = seg.buf.cast("Q")
@@ -358,7 +362,7 @@ class Heap(AttachedHeap):
 
     def _parts(self) -> HeapParts:
         """What repair.py checks and repairs: the allocator and the roots table."""
-        return HeapParts(self._objects(), self._roots)
+        return HeapParts(self._objects(), self._root_table())
 
     def put(self, obj: object, *, timeout: float | None = None) -> int:
         """Store any picklable value in one new object; returns its heap address.

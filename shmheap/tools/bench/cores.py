@@ -126,7 +126,7 @@ def _stress(core: str, seconds: float) -> float:
         report = os.path.join(tmp, "stress.json")
         proc = subprocess.run(
             [sys.executable, "-m", "shmheap", "stress", "--flat-out", "--no-progress",
-             "--duration", str(seconds), "--json", report],
+             "--floor", "0", "--duration", str(seconds), "--json", report],
             env=_env(core), capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0:
             raise BenchError(f"cores bench: shmheap stress failed on the {core} core: "
