@@ -146,6 +146,8 @@ ALIGN = 16
 #: bytes of a small object's holder word (its owner's short token; 0 while a root or a queue
 #: holds it)
 HOLDER_SIZE = 4
+#: holder words of no process: a structure (a root, a queue) holds the object; nobody does
+HELD, ORPHAN = 0, 0xFFFF << 16
 _T = TypeVar("_T")
 
 
@@ -292,12 +294,16 @@ class Allocator:
     """The object allocator of one heap handle (made lazily by ``Heap``).
 
     ``root_names(ref)`` names the roots bound to the object at ``ref``
-    (roots.py), for the error of freeing a bound object.
+    (roots.py), for the error of freeing a bound object;
+    ``bind_new(name, make, timeout)`` makes an object bound to a root
+    (roots.py ``Roots.bind_new``), for ``alloc(n, root=name)``.
     """
 
-    def __init__(self, heap: AttachedHeap, root_names: Callable[[int], list[str]]) -> None:
+    def __init__(self, heap: AttachedHeap, root_names: Callable[[int], list[str]],
+                 bind_new: Callable[[str, Callable[[], int], float | None], int]) -> None:
         self.heap = heap
         self.root_names = root_names
+        self.bind_new = bind_new
         self.readonly = heap.readonly
         self.page_size = heap.params.page_size
         self.page_shift = self.page_size.bit_length() - 1
@@ -358,12 +364,12 @@ class Allocator:
 
     # -- alloc -------------------------------------------------------------------------
 
-    def alloc(self, nbytes: int, timeout: float | None = None) -> int:
-        """A new zeroed object of at least ``nbytes`` bytes; returns its heap address.
+    def alloc(self, nbytes: int, timeout: float | None = None, root: str | None = None) -> int:
+        """A new zeroed object of ``nbytes`` bytes, bound to ``root`` if given; its address.
 
         (The native core's ``Alloc`` replaces this fast path when it runs.)
         """
-        if type(nbytes) is int and 0 <= nbytes <= self.max_small:
+        if root is None and type(nbytes) is int and 0 <= nbytes <= self.max_small:
             cache = self._caches[self.lookup[(nbytes + 15) >> 4]]
             if cache is not None and cache.free:
                 k = cache.free.pop()
@@ -378,10 +384,13 @@ class Allocator:
                 data[cache.h0 + 4 * k:cache.h0 + 4 * k + 4] = cache.holder.to_bytes(4, "little")
                 data[cache.a0 + k] = 1
                 return cache.base + offset
-        return self._alloc_slow(nbytes, timeout)
+        return self._alloc_slow(nbytes, timeout, root)
 
-    def _alloc_slow(self, nbytes: int, timeout: float | None = None) -> int:
-        """A refill, then the fast path again; or a large object."""
+    def _alloc_slow(self, nbytes: int, timeout: float | None = None,
+                    root: str | None = None) -> int:
+        """A refill, then the fast path again; or a large object; or one bound to ``root``."""
+        if root is not None:
+            return self.bind_new(root, lambda: self._alloc_slow(nbytes, timeout), timeout)
         if type(nbytes) is int and 0 <= nbytes <= self.max_small:
             self._refill(self.lookup[(nbytes + 15) >> 4], deadline_of(timeout))
             return self.alloc(nbytes)
@@ -771,6 +780,21 @@ class Allocator:
             pages.state[start] = RELEASING + count if count else DIRTY
         pages.set_mark(start)
 
+    def holder(self, pages: ArenaPages, start: int, c: int, slot: int) -> int:
+        """The holder word of a located object (see ``holder_of``)."""
+        if not c:
+            return pages.holder[start]
+        at = (start << self.page_shift) + self.classes[c].holder_at + HOLDER_SIZE * slot
+        return int.from_bytes(pages.data[at:at + HOLDER_SIZE], "little")
+
+    def set_holder(self, pages: ArenaPages, start: int, c: int, slot: int, word: int) -> None:
+        """Record ``word`` as the located object's holder (lock holder)."""
+        if not c:
+            pages.holder[start] = word
+            return
+        at = (start << self.page_shift) + self.classes[c].holder_at + HOLDER_SIZE * slot
+        pages.data[at:at + HOLDER_SIZE] = word.to_bytes(HOLDER_SIZE, "little")
+
     def holds_roots(self, pages: ArenaPages, start: int, c: int) -> bool:
         """True if the span at ``start`` (of class ``c``) holds an object roots are bound to."""
         if not c:
@@ -870,7 +894,8 @@ class Allocator:
 
 def holder_of(token: int) -> int:
     """The holder word of liveness token ``token`` (slot + 1, epoch): its 32 bits hold
-    ``(slot + 1) << 16 | epoch & 0xFFFF``.  0 is no process: a root or a queue holds it."""
+    ``(slot + 1) << 16 | epoch & 0xFFFF``.  ``HELD`` (0): a root or a queue holds the
+    object; ``ORPHAN``: no process does (a slot that never exists)."""
     return (token >> 32) << 16 | token & 0xFFFF
 
 

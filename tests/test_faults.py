@@ -62,6 +62,11 @@ h.grow()
 h.free(h.alloc(2 * h.arena_size + 5000))
 """
 
+#: Named steps that pass the named crash point: an object made and bound as one step.
+NAMED_STEPS = """
+h.put([1, 2], root="x")
+"""
+
 #: crash point prefix or name -> (parent setup, child operation, K: the passage to raise at)
 OPERATIONS: dict[str, tuple[str, str, int]] = {
     "lock": ("", "h.grow()", 1),      # (attach takes the lock only to recycle dead slots)
@@ -81,6 +86,7 @@ OPERATIONS: dict[str, tuple[str, str, int]] = {
     "sweep.claimed": ("", "h.free(h.alloc(100)); h.start_cycle(); h.sweep()", 1),
     "roots": ("", ROOT_STEPS, 1),
     "giant": ("", GIANT_STEPS, 1),
+    "named": ("", NAMED_STEPS, 1),
 }
 
 

@@ -37,8 +37,14 @@ def in_child(target: Callable[..., None], *args: Any) -> Any:
             raise AssertionError("the child sent nothing in 120 s")
         return parent.recv()
     finally:
+        parent.close()
         proc.join(60)
-        assert proc.exitcode == 0, f"the child failed with exit code {proc.exitcode}"
+        code = proc.exitcode
+        if code is None:
+            proc.kill()
+            proc.join()
+        proc.close()
+    assert code == 0, f"the child failed with exit code {code}"
 
 
 def test_values_put_here_are_equal_in_another_process(heap: shmheap.Heap) -> None:
