@@ -90,7 +90,12 @@ Dead owners (mimalloc's abandoned segments)
 New memory reads zero: slots are zeroed when they are allocated, pages when
 they are made into a span (only pages whose state says they may hold data).
 
-A ``Heap`` handle, and so its allocator, is for one thread at a time.
+Threads: a handle's allocator is used by any thread.  Its caches, ``_pending``
+and hint change only under the handle's mutex (attached.py): ``alloc``,
+``free``, ``view`` and ``size_of`` take it, and so every slow path under
+them.  The native fast paths keep out while another thread holds it
+(_native.c ``FAST_ENTER``), so the slow paths of one thread never see the
+fast path of another half-way.  Two threads never pop the same slot.
 
 This module owns size classes, span headers, the caches, and the page-heap
 mutations' use of the journal.  Page metadata layout and order are in
@@ -323,6 +328,8 @@ class Allocator:
         self._pending: list[tuple[ArenaPages, int]] = []
         self._journal = heap._journal
         self._lock = heap._lock
+        #: the handle's thread lock (attached.py): held while any of the above changes
+        self._mutex = heap._mutex
         #: giant objects' runs of arenas this process has mapped, while a view holds one
         self._runs = giant.runs()
         self._hint = 0
@@ -370,20 +377,22 @@ class Allocator:
         (The native core's ``Alloc`` replaces this fast path when it runs.)
         """
         if root is None and type(nbytes) is int and 0 <= nbytes <= self.max_small:
-            cache = self._caches[self.lookup[(nbytes + 15) >> 4]]
-            if cache is not None and cache.free:
-                k = cache.free.pop()
-                data = cache.data
-                data[cache.m0 + k] = 1
-                size = cache.size
-                offset = cache.o0 + k * size
-                data[offset:offset + size] = bytes(size)
-                wide = cache.wide
-                data[cache.s0 + k * wide:cache.s0 + (k + 1) * wide] = (
-                    (size - nbytes).to_bytes(wide, "little"))
-                data[cache.h0 + 4 * k:cache.h0 + 4 * k + 4] = cache.holder.to_bytes(4, "little")
-                data[cache.a0 + k] = 1
-                return cache.base + offset
+            with self._mutex:
+                cache = self._caches[self.lookup[(nbytes + 15) >> 4]]
+                if cache is not None and cache.free:
+                    k = cache.free.pop()
+                    data = cache.data
+                    data[cache.m0 + k] = 1
+                    size = cache.size
+                    offset = cache.o0 + k * size
+                    data[offset:offset + size] = bytes(size)
+                    wide = cache.wide
+                    data[cache.s0 + k * wide:cache.s0 + (k + 1) * wide] = (
+                        (size - nbytes).to_bytes(wide, "little"))
+                    data[cache.h0 + 4 * k:cache.h0 + 4 * k + 4] = (
+                        cache.holder.to_bytes(4, "little"))
+                    data[cache.a0 + k] = 1
+                    return cache.base + offset
         return self._alloc_slow(nbytes, timeout, root)
 
     def _alloc_slow(self, nbytes: int, timeout: float | None = None,
@@ -391,10 +400,11 @@ class Allocator:
         """A refill, then the fast path again; or a large object; or one bound to ``root``."""
         if root is not None:
             return self.bind_new(root, lambda: self._alloc_slow(nbytes, timeout), timeout)
-        if type(nbytes) is int and 0 <= nbytes <= self.max_small:
-            self._refill(self.lookup[(nbytes + 15) >> 4], deadline_of(timeout))
-            return self.alloc(nbytes)
-        return self._alloc_large(nbytes, timeout)
+        with self._mutex:
+            if type(nbytes) is int and 0 <= nbytes <= self.max_small:
+                self._refill(self.lookup[(nbytes + 15) >> 4], deadline_of(timeout))
+                return self.alloc(nbytes)
+            return self._alloc_large(nbytes, timeout)
 
     def _bind_native(self, native: Any) -> None:
         """Let the native core's fast paths run ``alloc`` and ``free`` (slow paths stay here)."""
@@ -405,7 +415,7 @@ class Allocator:
             tree_levels.append(tree_levels[-1] + len(levels))
         classes = self.classes
         self.alloc = native.Alloc(self._caches, bytes(self.lookup),  # type: ignore[method-assign]
-                                  self.max_small, self._alloc_slow)
+                                  self.max_small, self._alloc_slow, self._mutex)
         if self.readonly:
             return  # free() raises ReadOnlyError, from Python
         self.free = native.Free(  # type: ignore[method-assign]
@@ -413,7 +423,7 @@ class Allocator:
             self.arena_shift, self.page_shift, [c.nelems for c in classes],
             [c.size for c in classes], [c.objects_at for c in classes], tree_levels,
             [offset for levels in trees for offset, _size in levels],
-            [size for levels in trees for _offset, size in levels])
+            [size for levels in trees for _offset, size in levels], self._mutex)
 
     def _token(self) -> int:
         live = self.heap._live
@@ -685,6 +695,10 @@ class Allocator:
 
     def free(self, ref: int, timeout: float | None = None) -> None:
         """Free the object at ``ref``, allocated by any process."""
+        with self._mutex:
+            self._free(ref, timeout)
+
+    def _free(self, ref: int, timeout: float | None) -> None:
         self.heap._check_writable("free()")
         deadline = None if timeout is None else deadline_of(timeout)
         pages, start, c, slot = self.locate(ref, deadline)
@@ -736,23 +750,29 @@ class Allocator:
 
     def view(self, ref: int, timeout: float | None = None) -> memoryview:
         """The object's ``nbytes`` bytes (read-only when the heap is attached readonly)."""
-        pages, start, c, slot = self.live(ref, None if timeout is None else deadline_of(timeout))
-        offset, size = self.object_bytes(pages, start, c, slot)
-        length = size - self.slack_of(pages, start, c, slot, size)
-        if offset + size > self.arena_size:
-            return giant.view(self, pages, size)[:length]
-        return pages.data[offset:offset + length]
+        with self._mutex:
+            pages, start, c, slot = self.live(ref, None if timeout is None
+                                              else deadline_of(timeout))
+            offset, size = self.object_bytes(pages, start, c, slot)
+            length = size - self.slack_of(pages, start, c, slot, size)
+            if offset + size > self.arena_size:
+                return giant.view(self, pages, size)[:length]
+            return pages.data[offset:offset + length]
 
     def nbytes(self, ref: int, timeout: float | None = None) -> int:
         """The object's length: the n of its ``alloc(n)``."""
-        pages, start, c, slot = self.live(ref, None if timeout is None else deadline_of(timeout))
-        size = self.object_bytes(pages, start, c, slot)[1]
-        return size - self.slack_of(pages, start, c, slot, size)
+        with self._mutex:
+            pages, start, c, slot = self.live(ref, None if timeout is None
+                                              else deadline_of(timeout))
+            size = self.object_bytes(pages, start, c, slot)[1]
+            return size - self.slack_of(pages, start, c, slot, size)
 
     def size_of(self, ref: int, timeout: float | None = None) -> int:
         """The object's size: its size class, or its pages for a large object."""
-        pages, start, c, slot = self.live(ref, None if timeout is None else deadline_of(timeout))
-        return self.object_bytes(pages, start, c, slot)[1]
+        with self._mutex:
+            pages, start, c, slot = self.live(ref, None if timeout is None
+                                              else deadline_of(timeout))
+            return self.object_bytes(pages, start, c, slot)[1]
 
     # -- roots bound to an object (roots.py; lock holder) --------------------------------
 

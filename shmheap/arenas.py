@@ -331,12 +331,20 @@ class MappedArena(Protocol):
 _Mapped = TypeVar("_Mapped", bound=MappedArena)
 
 
+#: mappings a cache holds before it looks the process's budget up: far below any kernel's
+#: vm.max_map_count and any descriptor limit a process that maps at all runs with
+UNCOUNTED = 64
+
+
 class ArenaCache(Generic[_Mapped]):
     """The arenas this process has mapped, as page views (see "Mappings" above)."""
 
     def __init__(self, open_pages: Callable[[int], _Mapped]) -> None:
         self._open_pages = open_pages
         self._budget: segments.MappingBudget | None = None
+        #: SHMHEAP_MAX_MAPPINGS, read now: without it the process's mappings are counted (a
+        #: scan of /proc/self/maps, ~0.3 ms) only once this cache holds more than UNCOUNTED
+        self._forced = segments.forced_limit()
         #: recently used arenas, kept mapped; ``recent.get`` is the fast lookup
         self.recent: OrderedDict[int, _Mapped] = OrderedDict()
         #: every holder of mappings of this cache still alive (an arena's mapping, kept or
@@ -349,10 +357,17 @@ class ArenaCache(Generic[_Mapped]):
 
     @property
     def budget(self) -> segments.MappingBudget:
-        """This process's mapping budget, looked up when the first arena is mapped."""
+        """This process's mapping budget, looked up on first use."""
         if self._budget is None:
             self._budget = segments.mapping_budget()
         return self._budget
+
+    def _over(self, mappings: int, kept: bool) -> bool:
+        """True if ``mappings`` exceed the budget's keep (``kept``) or limit.  Up to
+        UNCOUNTED they fit any process that can map at all, and the budget is not looked up."""
+        if mappings <= UNCOUNTED and self._forced is None:
+            return False
+        return mappings > (self.budget.keep if kept else self.budget.limit)
 
     @property
     def mapped(self) -> int:
@@ -377,7 +392,7 @@ class ArenaCache(Generic[_Mapped]):
         record = pages.native_record()
         if record is not None:
             self.records[pages.index] = record
-        while len(self.recent) > self.budget.keep:
+        while self._over(len(self.recent), kept=True):
             self._drop_oldest()
 
     def track(self, holder: object, count: int) -> None:
@@ -395,6 +410,8 @@ class ArenaCache(Generic[_Mapped]):
 
     def make_room(self, count: int = 1) -> None:
         """Drop kept arenas until ``count`` more mappings fit the limit; error if they cannot."""
+        if not self._over(self._count[0] + count, kept=False):
+            return
         limit = self.budget.limit
         while self._count[0] + count > limit and self.recent:
             self._drop_oldest()

@@ -14,6 +14,7 @@ its protocol.  Nothing below imports this module:
 * arrays.py    -- typed arrays: ``new_array`` and ``ndarray``
 * objects.py   -- Python values: ``put`` and ``get``
 * owners.py    -- who owns each object: ``adopt``, ``reclaim``, bytes by owner
+* coord.py     -- queues, events, counters and barriers found by name
 * repair.py    -- checks and repairs (fsck); ``Heap`` gives it to the lock as the
                   journal's repair, run by the next writable holder
 
@@ -37,9 +38,21 @@ from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any
 
-from . import arenas, arrays, control, core, crash, liveness, objects, owners, segments, walker
+from . import (
+    arenas,
+    arrays,
+    control,
+    coord,
+    core,
+    crash,
+    liveness,
+    objects,
+    owners,
+    segments,
+    walker,
+)
 from .allocator import Allocator, size_classes
-from .attached import AttachedHeap
+from .attached import AttachedHeap, serialised, serialised_iter
 from .errors import (
     HeapCorruptError,
     HeapExistsError,
@@ -64,6 +77,7 @@ from .names import (
     check_max_arenas,
     check_name,
     control_name,
+    coord_name,
     owns,
     semaphore_name,
 )
@@ -119,6 +133,7 @@ class Heap(AttachedHeap):
         #: objects found by name (roots.py)
         self.roots = Roots(self, self._root_table, self._objects)
 
+    @serialised
     def _root_table(self) -> RootTable:
         """The roots segment, opened on first use: most workers never name an object."""
         if self._roots is None:
@@ -254,6 +269,9 @@ class Heap(AttachedHeap):
         super().close()
 
     def _release_resources(self) -> None:
+        table = self.__dict__.pop("_coord", None)
+        if table is not None:
+            table.close()  # (the class attribute None shows through again)
         roots = self.__dict__.get("roots")
         if roots is not None:
             roots.forget()
@@ -262,6 +280,7 @@ class Heap(AttachedHeap):
             table.close()
         super()._release_resources()
 
+    @serialised
     def destroy(self) -> None:
         """Unlink every object of this heap, then close this handle.
 
@@ -292,14 +311,16 @@ class Heap(AttachedHeap):
         """``with heap.locked():`` holds the heap lock for the body (recovering a dead holder).
 
         A writable handle first repairs what a holder stopped half-way left
-        (the journal).  Blocks nest, and heap calls inside one run under its
-        hold.
+        (the journal).  Blocks nest per thread, and this thread's heap calls
+        inside one run under its hold; other threads' calls on this handle
+        wait until it closes.
         """
         self._check_open()
         lock = self._lock
         assert isinstance(lock, HeapLock)
         return LockedBlock(lock, deadline_of(timeout), write=not self.readonly)
 
+    @serialised
     def check(self, repair: bool = False, timeout: float | None = None) -> list[Finding]:
         """Check every invariant (``shmheap fsck``); with ``repair``, fix what can be fixed.
 
@@ -324,6 +345,7 @@ class Heap(AttachedHeap):
                 "(any process's next lock would have done the same)", fixed=True))
         return findings
 
+    @serialised
     def info(self, timeout: float | None = None) -> HeapInfo:
         """Parameters, index, lock and liveness counters (the lock held to read the header)."""
         self._check_open()
@@ -350,6 +372,7 @@ class Heap(AttachedHeap):
 
     _allocator: Allocator | None = None
 
+    @serialised
     def _objects(self) -> Allocator:
         """This handle's allocator, made on first use."""
         allocator = self._allocator
@@ -364,7 +387,56 @@ class Heap(AttachedHeap):
 
     def _parts(self) -> HeapParts:
         """What repair.py checks and repairs: the allocator and the roots table."""
-        return HeapParts(self._objects(), self._root_table())
+        # (a heap none of whose processes used a queue, event, counter or barrier has no
+        # coordination segment, and nothing in it to check or repair)
+        coordination = None if self._coord is None and not segments.exists(
+            coord_name(self.name)) else self._coordination
+        return HeapParts(self._objects(), self._root_table(), coordination)
+
+    # -- coordination (coord.py) ----------------------------------------------------------
+
+    #: the coordination segment, opened (or made) on first use
+    _coord: coord.CoordTable | None = None
+
+    @serialised
+    def _coordination(self, write: bool = False) -> coord.CoordTable:
+        """This handle's view of the coordination segment; ``write``: ReadOnlyError if read-only."""
+        if write:
+            self._check_writable("a queue, event, counter or barrier")
+        table = self._coord
+        if table is None:
+            self._check_open()
+            table = self._coord = coord.CoordTable(self, self._objects())
+        return table
+
+    def queue(self, name: str, capacity: int | None = None) -> coord.Queue:
+        """The kill-safe FIFO ``name`` of this heap, made on first use (see coord.py).
+
+        ``put(item, timeout)``, ``get(timeout)`` (``queue.Full``/``queue.Empty``
+        as the stdlib's), ``len()``, ``close()``, and ``with q.lease() as item:``
+        (the item goes back to the head if the block raises or the process
+        dies).  ``capacity`` bounds the queued items (None: no bound; an
+        existing queue's capacity must match, or pass None).
+        """
+        return coord.Queue(self._coordination(write=True), name, capacity)
+
+    def event(self, name: str) -> coord.Event:
+        """The event ``name`` of this heap (``set``, ``clear``, ``is_set``, ``wait``)."""
+        return coord.Event(self._coordination(write=True), name)
+
+    def counter(self, name: str) -> coord.Counter:
+        """The 64-bit counter ``name`` of this heap: ``add(k=1)`` returns the new value."""
+        return coord.Counter(self._coordination(write=True), name)
+
+    def barrier(self, name: str, parties: int) -> coord.Barrier:
+        """The barrier ``name`` of ``parties`` processes; a party that dies breaks it."""
+        return coord.Barrier(self._coordination(write=True), name, parties)
+
+    def structures(self) -> list[coord.StructureInfo]:
+        """Every queue, event, counter and barrier of this heap (read with no lock)."""
+        if self._coord is None and not segments.exists(coord_name(self.name)):
+            return []
+        return self._coordination().structures()
 
     def put(self, obj: object, *, root: str | None = None, timeout: float | None = None) -> int:
         """Store any picklable value in one new object; returns its heap address.
@@ -427,6 +499,7 @@ class Heap(AttachedHeap):
         """Length of the object at ``ref``: the ``n`` of the ``alloc(n)`` that made it."""
         return self._objects().nbytes(ref, timeout)
 
+    @serialised
     def new_array(self, shape: int | tuple[int, ...], dtype: Any = "float64",
                   timeout: float | None = None, *, root: str | None = None) -> int:
         """A new zeroed array object that records its ``shape`` and ``dtype`` (numpy extra).
@@ -471,28 +544,34 @@ class Heap(AttachedHeap):
 
     def walk(self, timeout: float | None = None) -> Iterator[walker.SpanInfo]:
         """Every in-use span and its live objects, read with no lock (see walker.py)."""
-        return walker.walk(self._objects(), deadline_of(timeout))
+        return serialised_iter(self._mutex, walker.walk(self._objects(), deadline_of(timeout)))
 
+    @serialised
     def stats(self, timeout: float | None = None) -> walker.HeapStats:
         """Bytes in use, free, reserved and released; objects per size class."""
         return walker.stats(self._objects(), deadline_of(timeout))
 
+    @serialised
     def arena_usage(self, timeout: float | None = None) -> list[dict[str, int]]:
         """Per arena, in index order: pages in use and released, spans, objects, live bytes."""
         return walker.arena_usage(self._objects(), deadline_of(timeout))
 
+    @serialised
     def start_cycle(self, timeout: float | None = None) -> int:
         """Begin a mark/sweep cycle (clear every mark); returns the cycle number."""
         return walker.start_cycle(self._objects(), deadline_of(timeout))
 
+    @serialised
     def mark(self, ref: int, timeout: float | None = None) -> None:
         """Mark the object at ``ref`` as live for the current cycle."""
         walker.mark(self._objects(), ref, deadline_of(timeout))
 
+    @serialised
     def sweep(self, timeout: float | None = None) -> walker.SweepReport:
         """Free what the current cycle left unmarked; several processes may sweep at once."""
         return walker.sweep(self._objects(), deadline_of(timeout))
 
+    @serialised
     def scavenge(self, timeout: float | None = None) -> walker.ScavengeReport:
         """Return the memory of free pages to the OS."""
         return walker.scavenge(self._objects(), deadline_of(timeout))

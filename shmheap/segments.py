@@ -89,15 +89,19 @@ def mapping_budget() -> MappingBudget:
     counted once per process (a scan of /proc/self/maps costs about as much as
     the rest of an attach) and every later heap gets the same budget.
     """
-    forced = os.environ.get(MAX_MAPPINGS_VAR, "")
-    if forced:
-        if not forced.isdigit() or int(forced) < 8:
-            raise InvalidParameterError(
-                f"{MAX_MAPPINGS_VAR}={forced!r}: give a number of mappings, at least 8")
-        limit = int(forced)
-    else:
-        limit = _process_limit()
+    limit = forced_limit() or _process_limit()
     return MappingBudget(keep=min(limit // 2, KEEP_MAPPED), limit=limit)
+
+
+def forced_limit() -> int | None:
+    """The limit ``SHMHEAP_MAX_MAPPINGS`` sets, None if it is not set."""
+    forced = os.environ.get(MAX_MAPPINGS_VAR, "")
+    if not forced:
+        return None
+    if not forced.isdigit() or int(forced) < 8:
+        raise InvalidParameterError(
+            f"{MAX_MAPPINGS_VAR}={forced!r}: give a number of mappings, at least 8")
+    return int(forced)
 
 
 @functools.cache

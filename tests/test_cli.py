@@ -317,7 +317,7 @@ def test_ls_shows_used_memory_beside_reserved(shm_heap_name: str, more_names: li
     assert ls_row(reserved)[3:6] == ["64_KiB", names_size(full["shm_bytes"]),
                                      names_size(full["reserved_bytes"])]
     assert ok("ls").splitlines()[0].split() == ["name", "state", "arenas", "arena", "size",
-                                                 "used", "reserved", "pids"]
+                                                 "used", "reserved", "structures", "pids"]
 
 
 def names_size(nbytes: int) -> str:

@@ -67,6 +67,25 @@ NAMED_STEPS = """
 h.put([1, 2], root="x")
 """
 
+#: Coordination steps that pass every coordination crash point: make a queue, put, get,
+#: lease and finish, lease and raise (the item goes back), set an event, pass a barrier.
+COORD_STEPS = """
+q = h.queue("faults")
+q.put(1)
+q.get()
+q.put(2)
+with q.lease():
+    pass
+q.put(3)
+try:
+    with q.lease():
+        raise ValueError
+except ValueError:
+    pass
+h.event("faults-event").set()
+h.barrier("faults-barrier", 1).wait()
+"""
+
 #: crash point prefix or name -> (parent setup, child operation, K: the passage to raise at)
 OPERATIONS: dict[str, tuple[str, str, int]] = {
     "lock": ("", "h.grow()", 1),      # (attach takes the lock only to recycle dead slots)
@@ -87,6 +106,7 @@ OPERATIONS: dict[str, tuple[str, str, int]] = {
     "roots": ("", ROOT_STEPS, 1),
     "giant": ("", GIANT_STEPS, 1),
     "named": ("", NAMED_STEPS, 1),
+    "coord": ("", COORD_STEPS, 1),
 }
 
 

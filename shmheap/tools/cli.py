@@ -38,6 +38,7 @@ from dataclasses import asdict
 from typing import Any
 
 from .. import __version__
+from ..coord import StructureInfo
 from ..errors import HeapCorruptError, InvalidParameterError, InvalidRefError, ShmHeapError
 from ..heap import Heap, destroy
 from ..names import MAX_ARENAS_LIMIT, check_max_arenas, usable_arenas
@@ -110,9 +111,12 @@ def add_info(sub: Subparsers) -> None:
 def run_info(args: argparse.Namespace) -> int:
     with Heap.attach(args.name, readonly=True) as heap:
         sample = top.take_sample(heap, LOCK_TIMEOUT)
+        structures = heap.structures()
     others = [a for a in sample.attachments if a.pid != os.getpid()]
     if args.json:
-        print_json(info_json(sample, [a.pid for a in others]))
+        data = info_json(sample, [a.pid for a in others])
+        data["structures"] = [asdict(s) for s in structures]
+        print_json(data)
         return 0
     info = sample.info
     usable = usable_arenas(info.max_arenas)
@@ -122,9 +126,22 @@ def run_info(args: argparse.Namespace) -> int:
                    + ("full: no grow can add another" if info.arenas >= usable
                       else f"the next grow tries {info.hint:,}")),
         *top.state_rows(sample, others),
+        *((s.kind, f"{s.name}: {_structure_line(s)}") for s in structures),
     ]
     print_table(("field", "value"), rows, show_header=False)
     return 0
+
+
+def _structure_line(s: StructureInfo) -> str:
+    """What ``info`` says of one queue, event, counter or barrier."""
+    if s.kind == "queue":
+        bound = f", capacity {s.param:,}" if s.param else ""
+        return f"{s.value:,} items queued, {s.extra:,} leased{bound}"
+    if s.kind == "event":
+        return "set" if s.value else "not set"
+    if s.kind == "barrier":
+        return f"{s.value} of {s.param} parties waiting, round {s.extra:,}"
+    return f"{s.value:,}"
 
 
 def info_json(sample: top.Sample, others: list[int]) -> dict[str, Any]:
@@ -214,9 +231,10 @@ def run_ls(args: argparse.Namespace) -> int:
     if args.json:
         print_json([status.as_dict() for status in statuses])
         return 0
-    print_table(("name", "state", "arenas", "arena size", "used", "reserved", "pids"),
+    print_table(("name", "state", "arenas", "arena size", "used", "reserved", "structures",
+                 "pids"),
                 ((s.name, s.state, _arenas_of(s), _or_dash(s.arena_size, format_size),
-                  format_size(s.shm_bytes), _reserved(s),
+                  format_size(s.shm_bytes), _reserved(s), _or_dash(s.structures),
                   ",".join(map(str, s.pids)) or "-") for s in statuses))
     for status in statuses:
         if status.problem:

@@ -46,7 +46,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .. import arenas, control, liveness, roots, segments
+from .. import arenas, control, coord, liveness, roots, segments
 from ..errors import HeapCorruptError, HeapNotFoundError, HeapRemovalError, ShmHeapError
 from ..heap import destroy
 from ..names import (
@@ -90,6 +90,8 @@ class HeapStatus:
     reserved_bytes: int | None = None
     index_generations: int | None = None
     created_ns: int | None = None
+    #: queues, events, counters and barriers (coord.py), None if unreadable
+    structures: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "state": self.state, "problem": self.problem,
@@ -97,7 +99,8 @@ class HeapStatus:
                 "pids": list(self.pids), "arenas": self.arenas, "arena_size": self.arena_size,
                 "max_arenas": self.max_arenas, "reserve": self.reserve,
                 "reserved_bytes": self.reserved_bytes,
-                "index_generations": self.index_generations, "created_ns": self.created_ns}
+                "index_generations": self.index_generations, "created_ns": self.created_ns,
+                "structures": self.structures}
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,7 @@ def status_of(name: str, entries: list[str]) -> HeapStatus:
         except ShmHeapError:
             pids = ()
     return replace(_judge(name), entries=tuple(entries), pids=pids,
-                   shm_bytes=_used_bytes(entries))
+                   shm_bytes=_used_bytes(entries), structures=coord.count_in(name))
 
 
 def _judge(name: str) -> HeapStatus:

@@ -119,8 +119,9 @@ FLOORS: dict[str, tuple[tuple[str, str, float], ...]] = {
     "churner": (("objects verified", "verified", 100.0),),
     "reader": (("snapshots", "ops", 10.0), ("entries checked", "entries", 1000.0)),
 }
-#: With --kill-rate, the run must make this share of the kills its schedule made due.
-KILL_FLOOR = 0.8
+#: With --kill-rate, the run must make this share of the kills its schedule made due (the
+#: summary says the rate achieved beside the rate asked).
+KILL_FLOOR = 0.5
 #: Seconds between looks for a victim while a kill is due and no worker is working.
 KILL_RETRY = 0.002
 #: What the forkserver imports once, so that a worker forked from it starts at once.
@@ -281,6 +282,9 @@ class Fleet:
         self.relayed = 0
         #: handed-off objects no churner could take (the run was stopping); the parent frees them
         self.undelivered: list[int] = []
+        #: seconds the parent spent in ``Process.start()`` of replacements (it waits for the
+        #: forkserver to fork, which a loaded machine delays)
+        self.start_call_s = 0.0
 
     def spawn(self, kind: str) -> Worker:
         wid = len(self.workers)
@@ -298,6 +302,8 @@ class Fleet:
         started = time.monotonic_ns()
         with _core_of_worker(pure):
             process.start()
+        if self.go is not None:
+            self.start_call_s += (time.monotonic_ns() - started) / 1e9
         child_end.close()
         assert process.pid is not None
         worker = Worker(kind, wid, process, parent_end, process.pid,
@@ -914,7 +920,8 @@ class StressRun:
         due = self.kills_due() if asked else 0
         return {"kills": self.kills, "kills_due": due,
                 "kills_per_s": self.kills / (self.elapsed or 1.0), "kill_rate_asked": asked,
-                "kill_wait_s": self.kill_wait}
+                "kill_wait_s": self.kill_wait,
+                "start_call_ms": self.fleet.start_call_s * 1000 / max(self.kills, 1)}
 
     def coverage(self, kills: dict[str, Any], full: bool) -> list[dict[str, Any]]:
         """What the run did beside what it had to do for a verdict (``FLOORS``, ``KILL_FLOOR``).
@@ -1046,8 +1053,9 @@ def _rows(report: dict[str, Any]) -> Iterator[tuple[str, object]]:
     yield "snapshot latency p50/p99/max", _us(reader["latency"])
     yield "snapshots taken", f"{reader['ops']:,}"
     yield "entries checked", f"{reader['counters'].get('entries', 0):,}"
-    yield "heap walks checked", (f"{reader['counters'].get('walks', 0):,} "
-                                 f"({reader['counters'].get('objects_walked', 0):,} objects)")
+    yield "heap walks checked", (f"{reader['counters'].get('walks', 0):,} whole walks; "
+                                 f"{reader['counters'].get('spans_walked', 0):,} spans, "
+                                 f"{reader['counters'].get('objects_walked', 0):,} objects")
     lost = report["arenas_lost"]
     yield "final snapshot", (f"{report['final_arenas']:,} arenas = {report['arenas_created']:,} "
                              f"grown by writers + {report['arenas_grown_otherwise']:,} grown "
@@ -1084,8 +1092,10 @@ def _kills(report: dict[str, Any]) -> str:
         return "0 (no --kill-rate)"
     text = f"{report['kills']:,}, {report['kills_per_s']:.1f}/s of the {asked:g}/s asked"
     if report["kills"] < report["kills_due"]:
-        text += (f" ({report['kills_due'] - report['kills']:,} due kills not made: no worker "
-                 f"was working for {report['kill_wait_s']:.2f} s in all)")
+        text += (f" ({report['kills_due'] - report['kills']:,} due kills not made: they waited "
+                 f"{report['kill_wait_s']:.2f} s in all for a worker that had begun working; "
+                 f"starting a replacement held the parent {report['start_call_ms']:.1f} ms "
+                 "on average)")
     return text
 
 
@@ -1122,6 +1132,9 @@ The summary, figure by figure (--json holds the same numbers):
                       operation: a killed worker's count is whole (the latency samples come
                       in reports every 0.5 s, so a killed worker's last half second is not
                       in those)
+  heap walks checked  walks of the whole heap a reader finished (after heap.stats()), and
+                      the spans and objects checked as walked (those of walks a kill cut
+                      short too)
   grow collisions     grow(at=i) calls that found index i taken
   handoffs handed on  objects churners gave up for another churner, as the parent got them,
                       = relayed to a churner + undelivered (kept by the parent while the run
@@ -1143,7 +1156,8 @@ The summary, figure by figure (--json holds the same numbers):
   kills               workers SIGKILLed by --kill-rate, per second of the duration, beside
                       the rate asked; a kill falls due at random times at that rate and
                       hits a random worker that has begun its first operation (while none
-                      has, it waits: the kills not made by the end are said)
+                      has, it waits: the kills not made by the end are said, with how long
+                      the parent waited, per replacement, for the forkserver to fork it)
   worker start        milliseconds from the start of a replacement worker to its first
                       operation (forked from a warm forkserver that has imported shmheap;
                       --mix's pure-Python workers are spawned afresh)
@@ -1156,14 +1170,17 @@ The summary, figure by figure (--json holds the same numbers):
                       segment is gone from /dev/shm (the heap was destroyed under the run)
   leaks               segments of the heap left in /dev/shm after it was destroyed
   coverage            the floors a run must reach to earn a verdict, each a rate per second
-                      of --duration times --floor: writers' grows (or the heap filled),
-                      churners' objects verified, readers' snapshots and entries checked,
-                      and with --kill-rate 80% of the kills due
+                      of --duration times --floor (writers' grows are met once the heap is
+                      full; with --kill-rate also {kill_floor:.0%} of the kills due):
+                      {floors}
   result              FAILED (exit 1) on any violation, lost arena or leak; else
                       INCONCLUSIVE (exit 3) below any coverage floor; else OK (exit 0).
                       Ctrl-C stops the run, prints the figures so far (INTERRUPTED) and
                       exits 130
-"""
+""".format(
+    floors=", ".join(f"{figure} {rate:,g}" for floors in FLOORS.values()
+                     for figure, _, rate in floors),
+    kill_floor=KILL_FLOOR)
 
 
 def add_stress(sub: Subparsers) -> None:

@@ -36,11 +36,13 @@ attaches the run's heap and plays one role:
     entry: each snapshot must extend the previous one (published entries never
     change) and hold no duplicate, and an arena that carries the stamp's magic
     must carry its own index.  An arena without the magic is not checked (no
-    writer claimed it, or its writer has not stamped it yet).  Every
-    ``WALK_INTERVAL`` seconds it also runs ``heap.stats()`` and ``heap.walk()``
-    and checks what concurrent churn cannot break: the stats' totals agree
-    with each other and with the snapshots around them, and every walked span
-    and object lies inside its arena and span.
+    writer claimed it, or its writer has not stamped it yet).  It also walks
+    the heap, ``WALK_STEP`` spans per step (a whole walk of a big heap takes
+    longer than a reader lives under a kill loop), and after each whole walk
+    runs ``heap.stats()``; it checks what concurrent churn cannot break: every
+    walked span and object lies inside its arena and span, and the stats'
+    totals agree with each other and with the snapshots around them.  A new
+    walk starts ``WALK_INTERVAL`` seconds after the last one began.
 
 A worker counts its operations and checks in its slot of the run's tally
 (stress_tally.py) as it does them, so a worker killed after a few
@@ -85,7 +87,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import ClassVar
@@ -110,8 +112,9 @@ REPORT_INTERVAL = 0.5
 AT_EVERY = 32
 #: The first word of a writer's stamp (b"shmstamp"); no pattern or span header can hold it.
 STAMP_MAGIC = int.from_bytes(b"shmstamp", "little")
-#: Seconds between a reader's checks of heap.stats() and heap.walk().
+#: Seconds from the start of a reader's walk of the heap to the next; spans it walks per step.
 WALK_INTERVAL = 1.0
+WALK_STEP = 64
 #: A churner holds at most this many objects; a step allocates with probability
 #: ALLOC_SHARE (always when it holds none), else gives up a random object, handing
 #: it to another churner with probability HANDOFF_SHARE and freeing it otherwise.
@@ -519,7 +522,10 @@ class Reader(Role):
         #: arena index -> a two-element u64 view of its first 16 bytes (magic, index)
         self.stamps: dict[int, memoryview] = {}
         self.offset = break_offset()
-        self.next_walk = time.monotonic() + WALK_INTERVAL * rng.random()  # a replacement too
+        #: the walk under way (None between walks), its start, and the arenas its spans may be in
+        self.walking: Iterator[SpanInfo] | None = None
+        self.walk_started = -math.inf
+        self.arenas: set[int] = set()
 
     def step(self) -> float:
         start = time.perf_counter_ns()
@@ -536,9 +542,7 @@ class Reader(Role):
         self.count("entries", len(entries))
         self.check_stamps(entries)
         self.previous = entries
-        if time.monotonic() >= self.next_walk:
-            self.check_walk()
-            self.next_walk = time.monotonic() + WALK_INTERVAL
+        self.walk_some()
         return 0
 
     def check_stamps(self, entries: memoryview) -> None:
@@ -570,23 +574,37 @@ class Reader(Role):
         self.stamps[index] = stamp
         return stamp
 
-    def check_walk(self) -> None:
-        """heap.stats() and heap.walk() under churn: only what no race can break."""
+    def walk_some(self) -> None:
+        """Walk and check up to WALK_STEP more spans; after a whole walk, check heap.stats().
+
+        A span's arena must be in a snapshot taken after it was walked
+        (arenas only grow, so the set is refreshed when it lacks one).
+        """
         heap = self.heap
-        before = len(heap.snapshot())
-        stats = heap.stats()
-        spans = list(heap.walk())
-        after = heap.snapshot()
-        for problem in stats_problems(stats, heap.arena_size, before, len(after)):
-            self.violate(f"heap.stats(): {problem}")
-        arenas = set(after)
-        for span in spans:
-            problem = span_problem(span, arenas, heap.arena_size, stats.page_size)
+        if self.walking is None:
+            if time.monotonic() < self.walk_started + WALK_INTERVAL:
+                return
+            self.walk_started = time.monotonic()
+            self.walking = iter(heap.walk())
+        walked = 0
+        for span in itertools.islice(self.walking, WALK_STEP):
+            walked += 1
+            if span.arena not in self.arenas:
+                self.arenas = set(heap.snapshot())
+            problem = span_problem(span, self.arenas, heap.arena_size, heap.params.page_size)
             if problem:
                 self.violate(f"heap.walk(): the span at {span.address:#x} {problem}")
+            self.count("spans_walked")
+            self.count("objects_walked", len(span.objects))
+        if walked == WALK_STEP:
+            return
+        self.walking = None
         self.count("walks")
-        self.count("spans_walked", len(spans))
-        self.count("objects_walked", sum(len(span.objects) for span in spans))
+        before = len(heap.snapshot())
+        stats = heap.stats()
+        self.arenas = set(heap.snapshot())
+        for problem in stats_problems(stats, heap.arena_size, before, len(self.arenas)):
+            self.violate(f"heap.stats(): {problem}")
 
 
 def stats_problems(stats: HeapStats, arena_size: int, before: int, after: int) -> list[str]:
@@ -680,21 +698,24 @@ def worker_main(kind: str, name: str, wid: int, seed: int, conn: Connection, tal
 
 
 def _work(role: Role, report: WorkerReport, conn: Connection) -> None:
-    """Step until the parent says stop, reporting every REPORT_INTERVAL.
+    """Step until the parent says stop, reporting every REPORT_INTERVAL (and at once after
+    a violation with an example, so that a worker killed right after one says what it was).
 
     A role's messages are sent after every step (new arenas as a list of
     indices, so a SIGKILL can lose at most the arena made in the step it
     interrupts); handoffs from the parent are taken between steps.
     """
     next_report = time.monotonic() + REPORT_INTERVAL
+    examples = 0
     while True:
         pause = role.step()
         now = time.monotonic()
         due = now >= next_report or pause == math.inf
         for message in role.outgoing(flush=due):
             conn.send(message)
-        if due:
+        if due or len(report.examples) > examples:  # a new violation's example goes at once
             conn.send(report)
+            examples = len(report.examples)
             next_report = now + REPORT_INTERVAL
         if _inbox(role, conn, None if pause == math.inf else max(pause, 0)):
             return
