@@ -438,6 +438,7 @@ class Heap(AttachedHeap):
             return []
         return self._coordination().structures()
 
+    @serialised
     def put(self, obj: object, *, root: str | None = None, timeout: float | None = None) -> int:
         """Store any picklable value in one new object; returns its heap address.
 
@@ -453,6 +454,7 @@ class Heap(AttachedHeap):
                                        timeout)
         return objects.put(allocator, obj, timeout)
 
+    @serialised
     def get(self, ref: int, *, writable: bool = False, timeout: float | None = None) -> Any:
         """The value ``put`` stored at ``ref``, in any process.
 
@@ -469,7 +471,8 @@ class Heap(AttachedHeap):
         The address is a plain non-zero int, valid in every attached process.
         ``timeout`` bounds the wait for the heap lock (most calls take none).
         With ``root``, the object is bound to that root as one step: a process
-        killed or interrupted anywhere leaves it bound, or no object (an
+        interrupted anywhere leaves it bound or freed, one killed anywhere
+        leaves it bound or its dead maker's, which ``reclaim()`` frees (an
         object bound to ``root`` before is unbound and becomes the caller's).
         """
         return self._objects().alloc(nbytes, timeout, root=root)
@@ -524,10 +527,12 @@ class Heap(AttachedHeap):
         """
         return arrays.ndarray(self.view(ref, timeout), ref, dtype, shape)
 
+    @serialised
     def adopt(self, ref: int, timeout: float | None = None) -> None:
         """Make this process the owner of the object at ``ref`` (see ``reclaim``)."""
         owners.adopt(self._objects(), ref, timeout)
 
+    @serialised
     def reclaim(self, timeout: float | None = None) -> owners.ReclaimReport:
         """Free every object whose owner process is dead and that no root binds.
 
@@ -538,6 +543,7 @@ class Heap(AttachedHeap):
         """
         return owners.reclaim(self._objects(), timeout)
 
+    @serialised
     def bytes_by_owner(self, timeout: float | None = None) -> dict[str, owners.OwnerBytes]:
         """Live objects and bytes per owner ("slot S epoch E", "held", "orphan"), alive or not."""
         return owners.owner_bytes(self._objects(), timeout)
