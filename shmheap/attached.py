@@ -250,15 +250,17 @@ class AttachedHeap:
         if not isinstance(lock, HeapLock) or self._live is None:
             return
         lock.after_fork()  # resets the mutex too
+        why = "was destroyed (and maybe re-created as another heap)"
         if segments.identity_of(control_name(self.name)) == self._control.identity:
             try:
                 self._live.after_fork()
                 return
-            except ShmHeapError:
+            except HeapNotFoundError:
                 pass  # its liveness file is not the one we had: the heap was replaced
-        self._gone = (f"heap {self.name!r} was destroyed (and maybe re-created as another "
-                      "heap) before this process was forked from one attached to it; attach "
-                      "it again")
+            except ShmHeapError as exc:  # no slot for the child, say
+                why = f"could not be carried into this forked child ({exc})"
+        self._gone = (f"heap {self.name!r} {why} before this process was forked from one "
+                      "attached to it; attach it again")
         self._live.abandon()
         self.close()
 

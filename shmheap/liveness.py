@@ -201,7 +201,8 @@ class Liveness:
         self.name = name
         self.slot = -1
         self.token = 0
-        #: called in a forked child before the inherited mapping goes (drop views into it)
+        #: called in a forked child before the inherited mapping goes (drop views into it,
+        #: forget what was the parent's)
         self.on_unmap: list[Callable[[], None]] = []
         #: called after a fork has given this process a new slot, token and owner view
         self.on_reclaim: list[Callable[[], None]] = []
@@ -362,8 +363,10 @@ class Liveness:
         With ``builders_only``, only those whose building byte is set: a
         cheap pass for ``grow`` that frees the new arenas of dead growers.
         """
-        if builders_only:
-            candidates = _nonzero(bytes(self._building))
+        if builders_only:  # (a contiguous copy, then a bytes stride: C loops, no strided view)
+            first = SLOTS_OFFSET + BUILDING_OFFSET
+            candidates = _nonzero(
+                self._seg.buf[first:first + self.nslots * SLOT_SIZE].tobytes()[::SLOT_SIZE])
         else:
             candidates = _stamped(self._seg.buf, self.nslots)
         buf = self._seg.buf

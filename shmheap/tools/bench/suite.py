@@ -70,6 +70,7 @@ BENCHES = (
     Bench("cores", ("--tiny",)),
     Bench("start", ("--tiny",)),
     Bench("objects", ("--tiny",)),
+    Bench("coord", ("--tiny",)),
 )
 BY_NAME = {bench.name: bench for bench in BENCHES}
 
