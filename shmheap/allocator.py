@@ -610,14 +610,22 @@ class Allocator:
     def free(self, ref: int, timeout: float | None = None) -> None:
         """Free the object at ``ref``, allocated by any process."""
         with self._mutex:
-            self._free(ref, timeout)
+            self.heap._check_writable("free()")
+            self._free(ref, None if timeout is None else deadline_of(timeout), held=False)
 
-    def _free(self, ref: int, timeout: float | None) -> None:
-        self.heap._check_writable("free()")
-        deadline = None if timeout is None else deadline_of(timeout)
-        pages, start, c, slot = self.locate(ref, deadline)
+    def free_locked(self, ref: int) -> None:
+        """``free(ref)`` for a caller that holds the lock already (a journal repair)."""
+        with self._mutex:
+            self.heap._check_writable("free()")
+            self._free(ref, None, held=True)
+
+    def _free(self, ref: int, deadline: float | None, held: bool) -> None:
+        pages, start, c, slot = self.locate(ref, deadline, held)
         if c == 0:
-            self._free_large(pages, start, ref, deadline)
+            if not (self._free_large_locked(pages, start, ref) if held else
+                    self._lock.run(lambda: self._free_large_locked(pages, start, ref), deadline,
+                                   write=True)):
+                raise self._bound_error(ref)
             return
         at = (start << self.page_shift) + slot
         data = pages.data
@@ -629,29 +637,25 @@ class Allocator:
         if not pages.owner[start]:
             self._summaries.partial(c).mark(pages.index)
 
-    def _free_large(self, pages: ArenaPages, start: int, ref: int,
-                    deadline: float | None) -> None:
-        def locked() -> bool:
-            self.heap._check_identity()
-            if not (pages.used[start] and pages.span[start] == start + 1
-                    and pages.in_use(start) and pages.sclass[start] == 0):
-                raise DoubleFreeError(f"address {ref:#x} names an object that was already "
-                                      "freed (by another process, just now)")
-            if pages.state[start] > RELEASING:
-                return False
-            if not start and pages.giant_ids[0]:  # a part of a giant object
-                if giant.made(pages) is None:
-                    raise InvalidRefError(f"address {ref:#x} names no object now (a giant "
-                                          "object is being made or freed there)")
-                giant.free_locked(self, pages)
-                return True
-            self._journal.begin(PAGES, pages.index)
-            pages.release(start)
-            self._journal.end()
+    def _free_large_locked(self, pages: ArenaPages, start: int, ref: int) -> bool:
+        """Free a located large object (lock held); False if roots are bound to it."""
+        self.heap._check_identity()
+        if not (pages.used[start] and pages.span[start] == start + 1
+                and pages.in_use(start) and pages.sclass[start] == 0):
+            raise DoubleFreeError(f"address {ref:#x} names an object that was already "
+                                  "freed (by another process, just now)")
+        if pages.state[start] > RELEASING:
+            return False
+        if not start and pages.giant_ids[0]:  # a part of a giant object
+            if giant.made(pages) is None:
+                raise InvalidRefError(f"address {ref:#x} names no object now (a giant "
+                                      "object is being made or freed there)")
+            giant.free_locked(self, pages)
             return True
-
-        if not self._lock.run(locked, deadline, write=True):
-            raise self._bound_error(ref)
+        self._journal.begin(PAGES, pages.index)
+        pages.release(start)
+        self._journal.end()
+        return True
 
     def _bound_error(self, ref: int) -> BoundObjectError:
         """The error of ``free(ref)`` for a bound object, naming its roots (looked up now)."""

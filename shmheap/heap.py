@@ -29,6 +29,7 @@ the allocator, which carries the ``AttachedHeap``, never the ``Heap``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Iterator
@@ -384,6 +385,7 @@ class Heap(AttachedHeap):
     _coord: coord.CoordTable | None = None
 
     @serialised
+    @serialised
     def _coordination(self, write: bool = False) -> coord.CoordTable:
         """This handle's view of the coordination segment; ``write``: ReadOnlyError if read-only."""
         if write:
@@ -394,6 +396,7 @@ class Heap(AttachedHeap):
             table = self._coord = coord.CoordTable(self, self._objects())
         return table
 
+    @serialised
     def queue(self, name: str, capacity: int | None = None) -> coord.Queue:
         """The kill-safe FIFO ``name`` of this heap, made on first use (see coord.py).
 
@@ -405,18 +408,22 @@ class Heap(AttachedHeap):
         """
         return coord.Queue(self._coordination(write=True), name, capacity)
 
+    @serialised
     def event(self, name: str) -> coord.Event:
         """The event ``name`` of this heap (``set``, ``clear``, ``is_set``, ``wait``)."""
         return coord.Event(self._coordination(write=True), name)
 
+    @serialised
     def counter(self, name: str) -> coord.Counter:
         """The 64-bit counter ``name`` of this heap: ``add(k=1)`` returns the new value."""
         return coord.Counter(self._coordination(write=True), name)
 
+    @serialised
     def barrier(self, name: str, parties: int) -> coord.Barrier:
         """The barrier ``name`` of ``parties`` processes; a party that dies breaks it."""
         return coord.Barrier(self._coordination(write=True), name, parties)
 
+    @serialised
     def structures(self) -> list[coord.StructureInfo]:
         """Every queue, event, counter and barrier of this heap (read with no lock)."""
         if self._coord is None and not segments.exists(coord_name(self.name)):
@@ -507,6 +514,7 @@ class Heap(AttachedHeap):
         return walker.scavenge(self._objects(), deadline_of(timeout))
 
 
+@functools.cache
 def _class_count(arena_size: int, page_size: int) -> int:
     """How many size classes (the summaries' partial trees) a heap of these sizes has."""
     return len(size_classes(page_size, layout(arena_size, page_size).pages))
