@@ -181,6 +181,42 @@ def test_a_locked_block_is_its_threads_alone(heap: shmheap.Heap) -> None:
     assert heap._lock.semaphore_value() == 1  # type: ignore[union-attr]
 
 
+def test_close_waits_for_another_threads_block(heap: shmheap.Heap) -> None:
+    """A close from another thread neither releases nor cuts short a thread's open block."""
+    other = shmheap.Heap.attach(heap.name)
+    entered, leave = threading.Event(), threading.Event()
+    closed = threading.Event()
+    timed_out: list[bool] = []
+
+    def hold() -> None:
+        with heap.locked():
+            entered.set()
+            leave.wait()
+
+    def close() -> None:
+        heap.close()
+        closed.set()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    entered.wait()
+    closer = threading.Thread(target=close)
+    closer.start()
+    closed.wait(timeout=0.5)  # a close that did not wait would be done by now
+    try:
+        with other.locked(timeout=0):
+            timed_out.append(False)
+    except shmheap.LockTimeoutError:
+        timed_out.append(True)
+    leave.set()
+    holder.join()
+    closer.join()
+    assert timed_out == [True], "the block's hold was released under it"
+    assert heap.closed
+    assert other._lock.semaphore_value() == 1  # type: ignore[union-attr]
+    other.close()
+
+
 # -- fork -----------------------------------------------------------------------------------
 
 
@@ -235,16 +271,25 @@ def add_locked(heap: shmheap.Heap, counter: int, times: int) -> None:
             view[:8] = (value + 1).to_bytes(8, "little")
 
 
-@pytest.mark.parametrize("holder", ["another thread", "the forking thread"])
+@pytest.mark.parametrize("holder", ["another thread", "another thread's call",
+                                    "the forking thread"])
 def test_fork_inside_the_lock_child_inherits_no_hold(heap: shmheap.Heap, holder: str) -> None:
+    """The child neither runs unlocked nor posts the parent's hold (``check()`` and every
+    other call hold the lock as ``run`` does: "another thread's call")."""
     counter = heap.alloc(8)
     heap.view(counter)  # mapped before the fork
     entered, leave = threading.Event(), threading.Event()
 
+    def inside() -> None:
+        entered.set()
+        leave.wait()
+
     def hold() -> None:
+        if holder == "another thread's call":
+            heap._lock.run(inside)
+            return
         with heap.locked():
-            entered.set()
-            leave.wait()
+            inside()
 
     def child() -> bytes:
         if heap._lock.holding:  # type: ignore[union-attr]
@@ -253,7 +298,7 @@ def test_fork_inside_the_lock_child_inherits_no_hold(heap: shmheap.Heap, holder:
         heap.close()
         return b"ok"
 
-    if holder == "another thread":
+    if holder != "the forking thread":
         thread = threading.Thread(target=hold)
         thread.start()
         entered.wait()
