@@ -333,9 +333,22 @@ lock_wait(Lock *self, int has_deadline, double deadline)
 }
 
 /* Hold the lock (a leftover hold of this handle counts); 0 holding, -1 exception. */
+/* 0 if the lock is open; else -1 with HeapClosedError (Lock_close released its memory). */
+static int
+lock_check_open(Lock *self)
+{
+    if (self->sem != NULL)
+        return 0;
+    raise_error("HeapClosedError", PyUnicode_FromFormat(
+        "heap %R is closed; attach it again to use it", self->heap_name));
+    return -1;
+}
+
 static int
 lock_take(Lock *self, int has_deadline, double deadline)
 {
+    if (lock_check_open(self) < 0)
+        return -1;
     if (!self->held) {
         if (sem_trywait(self->sem) == 0)
             self->held = 1;
@@ -408,6 +421,8 @@ Lock_run(Lock *self, PyObject *args, PyObject *kwargs)
 static inline int
 lock_read(Lock *self, const uint64_t *word, PyObject *deadline_arg, uint64_t *out)
 {
+    if (lock_check_open(self) < 0)
+        return -1;
     if (self->outer != NULL && lock_in_outer_block(self)) {
         *out = LOAD(word);  /* inside this handle's own locked() block */
         return 0;
@@ -499,6 +514,8 @@ static PyObject *
 Lock_semaphore_value(Lock *self, PyObject *Py_UNUSED(ignored))
 {
     int value = 0;
+    if (lock_check_open(self) < 0)
+        return NULL;
     if (sem_getvalue(self->sem, &value) != 0)
         return PyErr_SetFromErrno(PyExc_OSError);
     return PyLong_FromLong(value);
@@ -507,6 +524,8 @@ Lock_semaphore_value(Lock *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 Lock_drain_one(Lock *self, PyObject *Py_UNUSED(ignored))
 {
+    if (lock_check_open(self) < 0)
+        return NULL;
     sem_trywait(self->sem);
     Py_RETURN_NONE;
 }
@@ -1177,9 +1196,21 @@ Snapshots_forget(Snapshots *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+static PyObject *
+Snapshots_close(Snapshots *self, PyObject *Py_UNUSED(ignored))
+{
+    Py_CLEAR(self->last);
+    Py_CLEAR(self->pin);
+    self->generation = -1;
+    self->capacity = 0;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Snapshots_methods[] = {
     {"forget", (PyCFunction)Snapshots_forget, METH_NOARGS,
      "drop the cached snapshot: the next call builds one as if the header had changed"},
+    {"close", (PyCFunction)Snapshots_close, METH_NOARGS,
+     "let go of the index generation's mapping (the heap is closed: calls raise)"},
     {NULL}
 };
 
@@ -1616,7 +1647,7 @@ Free_call(Free *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
     /* (ref) or (ref, timeout): the fast path never waits, so it ignores the timeout */
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     Py_ssize_t given = nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0);
-    if (nargs < 1 || given > 2 || !PyLong_CheckExact(args[0])
+    if (self->summary == NULL || nargs < 1 || given > 2 || !PyLong_CheckExact(args[0])
             || !timeout_ok(args, nargs, kwnames))
         goto slow;
     long long ref = PyLong_AsLongLong(args[0]);
@@ -1759,6 +1790,20 @@ Free_dealloc(Free *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+static PyObject *
+Free_close(Free *self, PyObject *Py_UNUSED(ignored))
+{
+    Py_CLEAR(self->summary);
+    PyDict_Clear(self->records);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Free_methods[] = {
+    {"close", (PyCFunction)Free_close, METH_NOARGS,
+     "let go of the mappings (the heap is closed): every call takes the slow path"},
+    {NULL}
+};
+
 static PyTypeObject FreeType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shmheap._native.Free",
@@ -1770,6 +1815,7 @@ static PyTypeObject FreeType = {
     .tp_dealloc = (destructor)Free_dealloc,
     .tp_vectorcall_offset = offsetof(Free, vectorcall),
     .tp_call = PyVectorcall_Call,
+    .tp_methods = Free_methods,
 };
 
 /* -- Mapping: a run of arenas mapped as one buffer (arenas.py map_run) ------------------- */

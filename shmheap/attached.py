@@ -141,7 +141,9 @@ class AttachedHeap:
         if isinstance(lock, ClosedLock):
             return
         self._lock = ClosedLock(self.name)
-        self.__dict__.pop("snapshot", None)  # the native core's, if it was bound
+        snapshots = self.__dict__.pop("snapshot", None)  # the native core's, if it was bound
+        if snapshots is not None:
+            snapshots.close()  # a saved heap.snapshot raises HeapClosedError from now on
         lock.close()
         self._release_resources()
 

@@ -242,10 +242,19 @@ class Heap(AttachedHeap):
                                "destroying it in a loop?")
 
     def close(self) -> None:
-        """Unmap this process's view and release its slot.  The heap lives on."""
+        """Give back this handle's spans, unmap its view and release its slot.
+
+        The heap lives on.  Views and ndarrays keep their mappings until the
+        last of them goes; everything else of the handle (its methods saved
+        before, ``roots``, ``locked()``, arenas) raises HeapClosedError.
+        """
         for bound in ("alloc", "free"):  # the native core's, if they were bound
             self.__dict__.pop(bound, None)
-        super().close()
+        try:
+            if self._allocator is not None and not self.closed:
+                self._allocator.close()
+        finally:
+            super().close()
 
     def _release_resources(self) -> None:
         roots = self.__dict__.get("roots")

@@ -437,10 +437,19 @@ class HeapLock:
                 f"{holder}, which is alive (stopped or slow); wait longer or investigate it")
 
     def close(self) -> None:
-        """Release the lock if an interrupted ``locked()`` left it held, then close."""
+        """Release the lock if an interrupted ``locked()`` left it held, then close.
+
+        Whoever still holds this object (the allocator, a ``locked()`` block
+        made before the close) gets HeapClosedError from every operation
+        that would take the lock; releasing is a no-op.
+        """
         self.leave()
         if self.native is not None:
-            self.native.close()
+            self.native.close()  # its own operations raise HeapClosedError from now on
+        closed = ClosedLock(self._heap_name)
+        for method in ("run", "read_word", "enter", "semaphore_value", "drain_one"):
+            setattr(self, method, getattr(closed, method))
+        self.leave = self.release = _nothing  # type: ignore[method-assign]
         self._waiter.close()
         with contextlib.suppress(posix_ipc.ExistentialError):
             self._sem.close()
@@ -522,6 +531,10 @@ def unlink_semaphore(name: str) -> bool:
     return True
 
 
+def _nothing() -> None:
+    """What releasing the lock of a closed heap does."""
+
+
 class ClosedLock:
     """Stands in for the lock of a closed heap: every use raises HeapClosedError."""
 
@@ -541,4 +554,10 @@ class ClosedLock:
         raise HeapClosedError(self._message)
 
     def leave(self) -> None:
+        raise HeapClosedError(self._message)
+
+    def semaphore_value(self) -> int:
+        raise HeapClosedError(self._message)
+
+    def drain_one(self) -> None:
         raise HeapClosedError(self._message)
