@@ -214,15 +214,22 @@ class Heap(AttachedHeap):
         return cls(name, seg, params, readonly)
 
     @classmethod
-    def open(cls, name: str, create: bool = True, readonly: bool = False,
+    def open(cls, name: str, create: bool = False, readonly: bool = False,
              timeout: float | None = ATTACH_TIMEOUT, **create_args: Any) -> Heap:
-        """Attach heap ``name``, creating it first if it does not exist and ``create``.
+        """Attach heap ``name``; with ``create=True``, create it first if it does not exist.
 
-        Any number of processes may race this on one name: exactly one creates,
-        all end attached to the same heap.  ``timeout`` as for ``attach``.
+        Without ``create`` a missing heap is HeapNotFoundError (a typo does not
+        leave a new heap in /dev/shm), and ``create_args`` (``arena_size=``,
+        ...) are an InvalidParameterError.  With it, any number of processes
+        may race this on one name: exactly one creates, all end attached to
+        the same heap.  ``timeout`` as for ``attach``.
         """
         check_timeout(timeout)
         if not create:
+            if create_args:
+                raise InvalidParameterError(
+                    f"Heap.open({name!r}, {', '.join(f'{k}=...' for k in create_args)}): "
+                    "creation parameters need create=True")
             return cls.attach(name, readonly=readonly, timeout=timeout)
         for _ in range(100):
             try:
