@@ -77,7 +77,8 @@ class AttachedHeap:
         self._pages: arenas.ArenaCache[ArenaPages] = arenas.ArenaCache(
             self._open_pages, segments.mapping_budget())
         self._map: arenas.ArenaMap | None = None
-        self._index = ArenaIndex(name, self._header, params.first_cap, params.mode, readonly)
+        self._index = ArenaIndex(name, self._header, params.first_cap, params.mode, readonly,
+                                 self._check_identity)
         self._lock: HeapLock | ClosedLock = ClosedLock(name)
         self._journal = control.Journal(self._words)
         #: (header word, snapshot) of this process's last snapshot
@@ -120,8 +121,12 @@ class AttachedHeap:
         """Map published arena ``index`` with its page views (ArenaCache calls it)."""
         self._check_open()
         assert self._summaries is not None
-        arena = arenas.open_arena(self.name, self.params.heap_id, index, self.arena_size,
-                                  self.readonly, self.params.page_size)
+        try:
+            arena = arenas.open_arena(self.name, self.params.heap_id, index, self.arena_size,
+                                      self.readonly, self.params.page_size)
+        except HeapCorruptError:
+            self._check_identity()  # a heap destroyed since is no damage: HeapNotFoundError
+            raise
         return ArenaPages(self.name, arena, self.params.page_size, self._summaries)
 
     def _recycle_dead_slots(self) -> None:

@@ -42,6 +42,7 @@ from .attached import AttachedHeap
 from .errors import (
     HeapCorruptError,
     HeapExistsError,
+    HeapInUseError,
     HeapNotFoundError,
     HeapRemovalError,
     InvalidParameterError,
@@ -272,18 +273,22 @@ class Heap(AttachedHeap):
             table.close()
         super()._release_resources()
 
-    def destroy(self) -> None:
+    def destroy(self, force: bool = False) -> None:
         """Unlink every object of this heap, then close this handle.
 
-        Processes that have arenas or snapshots mapped keep reading them; new
-        attaches get HeapNotFoundError.  ReadOnlyError on a read-only handle;
-        HeapNotFoundError if this heap is gone already (a heap re-created
-        under its name since is another heap, left alone).
+        HeapInUseError, naming them, if other live processes have the heap
+        attached, unless ``force``: then they keep reading what they have
+        mapped, and get HeapNotFoundError ("was destroyed") from anything
+        else.  New attaches get HeapNotFoundError.  ReadOnlyError on a
+        read-only handle; HeapNotFoundError if this heap is gone already (a
+        heap re-created under its name since is another heap, left alone).
         """
         self._check_writable("destroy() (or the module function shmheap.destroy(name))")
         self._check_identity()
+        if not force:
+            _refuse_if_in_use(self.name)
         self.close()
-        destroy(self.name)
+        destroy(self.name, force=True)
 
     def __enter__(self) -> Heap:
         return self
@@ -542,16 +547,43 @@ def _open_ready_control(name: str, readonly: bool,
         time.sleep(0.01)
 
 
-def destroy(name: str) -> list[str]:
+def _refuse_if_in_use(name: str) -> None:
+    """HeapInUseError if live processes other than this one have heap ``name`` attached.
+
+    Read from the liveness slots without attaching (a slot is alive while its
+    holder's OFD lock is held); a damaged or missing liveness segment names
+    nobody.  A process that attaches right after this look is not seen: it
+    gets HeapNotFoundError ("was destroyed") from its next call that needs
+    more than it has mapped.
+    """
+    try:
+        attached = liveness.probe_attachments(name)
+    except ShmHeapError:
+        return
+    pids = sorted({a.pid for a in attached if a.pid != os.getpid()})
+    if pids:
+        shown = ", ".join(map(str, pids[:10])) + (", ..." if len(pids) > 10 else "")
+        raise HeapInUseError(
+            f"heap {name!r} is in use by {len(pids)} live process{'es' * (len(pids) > 1)} "
+            f"(pid {shown}); close it there first, or destroy it anyway with force=True "
+            f"(`shmheap destroy --force {name}`): those processes then get "
+            "HeapNotFoundError", pids)
+
+
+def destroy(name: str, force: bool = False) -> list[str]:
     """Unlink every object of heap ``name`` (even a damaged one); return what was removed.
 
-    HeapNotFoundError if there was nothing to remove.  The control segment
+    HeapInUseError, naming them, if live processes other than this one have
+    it attached, unless ``force``.  HeapNotFoundError if there was nothing to
+    remove.  The control segment
     goes last, so nobody can create a new heap of this name while the old
     one's objects are still being removed.  What cannot be removed (a
     directory, another user's file) is skipped; after removing the rest,
     HeapRemovalError lists it.
     """
     check_name(name)
+    if not force:
+        _refuse_if_in_use(name)
     removed: list[str] = []
     failed: dict[str, str] = {}
     for entry in _entries(name):

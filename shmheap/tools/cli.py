@@ -175,11 +175,14 @@ def run_grow(args: argparse.Namespace) -> int:
 def add_destroy(sub: Subparsers) -> None:
     parser = sub.add_parser("destroy", help="remove every object of a heap, even a damaged one")
     parser.add_argument("name", type=heap_name)
+    parser.add_argument("--force", action="store_true",
+                        help="destroy it even if live processes have it attached (they get "
+                             "HeapNotFoundError)")
     parser.set_defaults(run=run_destroy)
 
 
 def run_destroy(args: argparse.Namespace) -> int:
-    for entry in destroy(args.name):
+    for entry in destroy(args.name, force=args.force):
         print(f"removed /dev/shm/{entry}")
     return 0
 

@@ -431,7 +431,7 @@ class StressRun:
                 self.fleet.shutdown()
                 heap.close()
                 with contextlib.suppress(HeapNotFoundError):
-                    destroy(self.name)
+                    destroy(self.name, force=True)
             self.ctrl_c.check()
         leaks = [entry for entry in segments.list_all() if owns(self.name, entry)]
         return self._report(final, leaks)
