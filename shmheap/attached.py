@@ -146,6 +146,7 @@ class AttachedHeap:
         if isinstance(lock, ClosedLock):
             return
         self._lock = ClosedLock(self.name)
+        self._last_snapshot = (-1, ArenaSnapshot(memoryview(b""), 0))  # (it maps a generation)
         snapshots = self.__dict__.pop("snapshot", None)  # the native core's, if it was bound
         if snapshots is not None:
             snapshots.close()  # a saved heap.snapshot raises HeapClosedError from now on
