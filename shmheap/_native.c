@@ -564,6 +564,9 @@ Lock_close(Lock *self, PyObject *Py_UNUSED(ignored))
 {
     Py_CLEAR(self->outer);
     lock_release(self);
+    /* the heap's repair points back at the heap, which holds this lock: a cycle through an
+     * object the garbage collector cannot see into (every closed heap would stay in memory) */
+    Py_CLEAR(self->repair);
     if (self->sem != NULL) {
         sem_close(self->sem);
         self->sem = NULL;
