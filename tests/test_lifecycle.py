@@ -79,6 +79,30 @@ def test_what_was_kept_of_a_closed_handle_raises_heap_closed_error(
         assert fresh.check() == []
 
 
+@pytest.mark.skipif(not shmheap.NATIVE, reason="the native core's own objects")
+def test_the_native_objects_of_a_closed_handle_raise_heap_closed_error(
+        shm_heap: shmheap.Heap) -> None:
+    ref = shm_heap.alloc(64)
+    lock = shm_heap._lock
+    native = lock.native  # type: ignore[union-attr]
+    snapshots = shm_heap.snapshot
+    allocator = shm_heap._objects()
+    alloc, free = allocator.alloc, allocator.free
+    header = shm_heap._header
+    shm_heap.close()
+    calls: list[Callable[[], object]] = [
+        lambda: native.run(lambda: None), lambda: native.run(lambda: None, None, True),
+        lambda: native.read_word(header), lambda: native.read_word(memoryview(bytes(8))),
+        lambda: native.enter(shm_heap.locked, None, False), native.semaphore_value,
+        native.drain_one, snapshots, lambda: snapshots(timeout=1), lambda: alloc(64),
+        lambda: alloc(100000), lambda: free(ref)]
+    for call in calls:
+        with pytest.raises(shmheap.HeapClosedError):
+            call()
+    native.release()  # nothing held: nothing to do
+    native.leave()
+
+
 def test_a_saved_alloc_never_hands_out_what_another_handle_owns(
         shm_heap_factory: HeapFactory) -> None:
     heap = shm_heap_factory(arena_size=ARENA)
