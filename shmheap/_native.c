@@ -23,6 +23,9 @@
  *   Mapping       arenas.py's map_run: a run of arenas mapped back to back
  *                 into one reserved range, a buffer that unmaps it in its
  *                 dealloc (views of a giant object, giant.py).
+ *   futex_wait, futex_wake, Counter   waits.py's futex calls and coord.py's
+ *                 counter add: one atomic instruction while no pure-core
+ *                 process has added to the counter.
  *
  * Shared layouts are in _layout.h.  Memory ordering: the semaphore's
  * operations are full barriers; stores that publish (owner, seq, alloc
@@ -37,7 +40,9 @@
 #include <fcntl.h>
 #include <semaphore.h>
 #include <stdint.h>
+#include <linux/futex.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -1152,14 +1157,26 @@ Snapshots_call(Snapshots *self, PyObject *const *args, size_t nargsf, PyObject *
         self->generation = generation;
         self->capacity = capacity;
     }
-    PyObject *snap = snap_new((PyObject *)self->pin, (const uint32_t *)self->pin->view.buf, len,
-                              generation);
-    if (snap == NULL)
-        return NULL;
-    Py_XSETREF(self->last, snap);
+    const uint32_t *entries = (const uint32_t *)self->pin->view.buf;
+    if (self->last != NULL && Py_REFCNT(self->last) == 1) {
+        /* Nobody but us holds the last snapshot: it becomes the new one (no allocation). */
+        Snap *reused = (Snap *)self->last;
+        if (reused->owner != (PyObject *)self->pin) {
+            Py_INCREF(self->pin);
+            Py_SETREF(reused->owner, (PyObject *)self->pin);
+        }
+        reused->entries = entries;
+        reused->len = len;
+        reused->generation = generation;
+    } else {
+        PyObject *snap = snap_new((PyObject *)self->pin, entries, len, generation);
+        if (snap == NULL)
+            return NULL;
+        Py_XSETREF(self->last, snap);
+    }
     self->word = word;
-    Py_INCREF(snap);
-    return snap;
+    Py_INCREF(self->last);
+    return self->last;
 }
 
 static int
@@ -1195,7 +1212,9 @@ Snapshots_dealloc(Snapshots *self)
 static PyObject *
 Snapshots_forget(Snapshots *self, PyObject *Py_UNUSED(ignored))
 {
-    Py_CLEAR(self->last);
+    /* No header word is all ones (a generation is < 32): the next call builds a snapshot,
+       in the last one's object if nobody else holds it. */
+    self->word = UINT64_MAX;
     Py_RETURN_NONE;
 }
 
@@ -1946,6 +1965,192 @@ static PyTypeObject MappingType = {
 
 /* -- the module --------------------------------------------------------------------------- */
 
+/* -- coordination (coord.py, waits.py): futex waits and wakes, the counter's atomic add ---- */
+
+static int
+word_of(PyObject *obj, Py_buffer *view)
+{
+    if (PyObject_GetBuffer(obj, view, PyBUF_WRITABLE) < 0)
+        return -1;
+    if (view->len < 4 || ((uintptr_t)view->buf & 3)) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, "a futex word is 4 aligned bytes");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+native_futex_wait(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* futex_wait(word, seen, seconds) -> False if the time ran out (waits.wait) */
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "futex_wait(word, seen, seconds)");
+        return NULL;
+    }
+    unsigned long seen = PyLong_AsUnsignedLongMask(args[1]);
+    double seconds = PyFloat_AsDouble(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    if (word_of(args[0], &view) < 0)
+        return NULL;
+    uint32_t *word = (uint32_t *)view.buf;
+    long result = 0;
+    int err = 0;
+    if (seconds <= 0) {
+        result = LOAD(word) != (uint32_t)seen;
+        PyBuffer_Release(&view);
+        return PyBool_FromLong(result);
+    }
+    struct timespec ts = {(time_t)seconds, (long)((seconds - (double)(time_t)seconds) * 1e9)};
+    Py_BEGIN_ALLOW_THREADS
+    result = syscall(SYS_futex, word, FUTEX_WAIT, (uint32_t)seen, &ts, NULL, 0);
+    err = errno;
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    if (result == 0 || err == EAGAIN)
+        Py_RETURN_TRUE;
+    if (err == ETIMEDOUT)
+        Py_RETURN_FALSE;
+    if (err == EINTR) {
+        if (PyErr_CheckSignals() < 0)
+            return NULL;
+        Py_RETURN_TRUE;
+    }
+    errno = err;
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
+
+static PyObject *
+native_futex_wake(PyObject *module, PyObject *obj)
+{
+    /* futex_wake(word): wake every sleeper on it (waits.wake) */
+    Py_buffer view;
+    if (word_of(obj, &view) < 0)
+        return NULL;
+    syscall(SYS_futex, (uint32_t *)view.buf, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
+/* Counter(buffer, base_offset, pure_offset, slow_add): coord.Counter's add.  While the
+ * record's ``pure`` word is 0 an add is one atomic instruction on ``base``; once a
+ * pure-core process has added, ``slow_add(k)`` (the locked path) runs instead. */
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+    int have_view;
+    uint64_t *base;
+    uint64_t *pure;
+    PyObject *slow;
+} Counter;
+
+static int
+Counter_init(Counter *self, PyObject *args, PyObject *kwds)
+{
+    PyObject *buffer, *slow;
+    Py_ssize_t base, pure;
+    if (!PyArg_ParseTuple(args, "OnnO", &buffer, &base, &pure, &slow))
+        return -1;
+    if (self->have_view) {
+        PyErr_SetString(PyExc_TypeError, "Counter is initialised already");
+        return -1;
+    }
+    if (PyObject_GetBuffer(buffer, &self->view, PyBUF_WRITABLE) < 0)
+        return -1;
+    self->have_view = 1;
+    if (base < 0 || pure < 0 || base % 8 || pure % 8 || base + 8 > self->view.len
+            || pure + 8 > self->view.len) {
+        PyErr_SetString(PyExc_ValueError, "Counter: offsets outside the buffer");
+        return -1;
+    }
+    self->base = (uint64_t *)((char *)self->view.buf + base);
+    self->pure = (uint64_t *)((char *)self->view.buf + pure);
+    Py_INCREF(slow);
+    Py_XSETREF(self->slow, slow);
+    return 0;
+}
+
+static void
+Counter_dealloc(Counter *self)
+{
+    if (self->have_view)
+        PyBuffer_Release(&self->view);
+    Py_XDECREF(self->slow);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+Counter_add(Counter *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs > 1) {
+        PyErr_SetString(PyExc_TypeError, "add(k=1)");
+        return NULL;
+    }
+    if (!self->have_view) {
+        raise_error("HeapClosedError",
+                    PyUnicode_FromString("the heap of this counter is closed; attach it again"));
+        return NULL;
+    }
+    long long k = 1;
+    if (nargs == 1) {
+        int overflow = 0;
+        k = PyLong_Check(args[0]) && !PyBool_Check(args[0])
+            ? PyLong_AsLongLongAndOverflow(args[0], &overflow) : 0;
+        if (!PyLong_Check(args[0]) || PyBool_Check(args[0]) || overflow)
+            return PyObject_CallOneArg(self->slow, args[0]);  /* its error */
+        if (k == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    if (LOAD(self->pure)) {
+        PyObject *arg = nargs ? Py_NewRef(args[0]) : PyLong_FromLong(1);
+        if (arg == NULL)
+            return NULL;
+        PyObject *result = PyObject_CallOneArg(self->slow, arg);
+        Py_DECREF(arg);
+        return result;
+    }
+    uint64_t value = __atomic_add_fetch(self->base, (uint64_t)k, __ATOMIC_SEQ_CST);
+    return PyLong_FromLongLong((long long)value);
+}
+
+static PyObject *
+Counter_release(Counter *self, PyObject *unused)
+{
+    if (self->have_view) {
+        self->have_view = 0;
+        PyBuffer_Release(&self->view);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Counter_methods[] = {
+    {"add", (PyCFunction)(void (*)(void))Counter_add, METH_FASTCALL,
+     "add(k=1) -> the new value"},
+    {"release", (PyCFunction)Counter_release, METH_NOARGS, "let go of the mapping"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject CounterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmheap._native.Counter",
+    .tp_basicsize = sizeof(Counter),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Counter(buffer, base_offset, pure_offset, slow_add): coord.Counter's add.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Counter_init,
+    .tp_dealloc = (destructor)Counter_dealloc,
+    .tp_methods = Counter_methods,
+};
+
+static PyMethodDef native_functions[] = {
+    {"futex_wait", (PyCFunction)(void (*)(void))native_futex_wait, METH_FASTCALL,
+     "futex_wait(word, seen, seconds) -> False if the time ran out"},
+    {"futex_wake", (PyCFunction)native_futex_wake, METH_O, "futex_wake(word)"},
+    {NULL, NULL, 0, NULL},
+};
+
 static int
 add_layout(PyObject *module)
 {
@@ -1974,13 +2179,15 @@ static struct PyModuleDef native_module = {
     .m_name = "shmheap._native",
     .m_doc = "shmheap's native core: the lock, snapshots and the allocator's fast paths in C.",
     .m_size = -1,
+    .m_methods = native_functions,
 };
 
 PyMODINIT_FUNC
 PyInit__native(void)
 {
     PyTypeObject *types[] = {&PinType, &LockType, &SnapType, &SnapIterType, &SnapshotsType,
-                             &CacheType, &AllocType, &RecordType, &FreeType, &MappingType};
+                             &CacheType, &AllocType, &RecordType, &FreeType, &MappingType,
+                             &CounterType};
     for (size_t i = 0; i < sizeof types / sizeof types[0]; i++)
         if (PyType_Ready(types[i]) < 0)
             return NULL;
@@ -1995,6 +2202,7 @@ PyInit__native(void)
             || PyModule_AddObjectRef(module, "Record", (PyObject *)&RecordType) < 0
             || PyModule_AddObjectRef(module, "Free", (PyObject *)&FreeType) < 0
             || PyModule_AddObjectRef(module, "Mapping", (PyObject *)&MappingType) < 0
+            || PyModule_AddObjectRef(module, "Counter", (PyObject *)&CounterType) < 0
             || add_layout(module) < 0) {
         Py_DECREF(module);
         return NULL;

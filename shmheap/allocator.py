@@ -267,7 +267,6 @@ class Allocator:
         self.lookup = self._lookup_table()
         #: the heap's mapped arenas (arenas.ArenaCache) and summaries (summary.py)
         self._mapped = heap._pages
-        assert heap._summaries is not None
         self._summaries = heap._summaries
         self._caches: list[_Cache | None] = [None] * len(self.classes)
         #: spans whose owner word may hold our token while no cache of ours has them

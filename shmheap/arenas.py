@@ -55,7 +55,6 @@ arenas.  It does not touch the index or the lock.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import mmap
@@ -65,18 +64,22 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from . import core, segments
 from .errors import (
     HeapClosedError,
     HeapCorruptError,
+    HeapExistsError,
     MappingLimitError,
     OutOfSharedMemoryError,
     ShmHeapError,
 )
 from .layout import DEFAULT_PAGE_SIZE, meta_size
 from .names import arena_name, map_name, temp_arena_name
+
+if TYPE_CHECKING:
+    import ctypes
 
 TRAILER = struct.Struct("<8sQQQ")
 TRAILER_SIZE = 64
@@ -166,10 +169,14 @@ def build(heap_name: str, slot: int, arena_size: int, mode: int,
     allocated now and SIGBUS at first touch cannot happen.
     """
     tmp = temp_arena_name(heap_name, slot)
-    segments.remove_own(tmp)
+    size = segment_size(arena_size, page_size)
     if not reserve:
-        segments.check_free_space(tmp, segment_size(arena_size, page_size))
-    return segments.create(tmp, segment_size(arena_size, page_size), mode, reserve=reserve)
+        segments.check_free_space(tmp, size)
+    try:
+        return segments.create(tmp, size, mode, reserve=reserve)
+    except HeapExistsError:  # left by this slot's holder that died building one
+        segments.remove_own(tmp)
+        return segments.create(tmp, size, mode, reserve=reserve)
 
 
 def link(heap_name: str, seg: segments.Segment, heap_id: int, arena_size: int,
@@ -266,6 +273,8 @@ _PROT_NONE = 0
 
 @functools.cache
 def _libc() -> ctypes.CDLL:
+    import ctypes  # on first use: the native core needs none of this, and ctypes is slow to import
+
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                           ctypes.c_int, ctypes.c_long]
@@ -277,17 +286,23 @@ def _libc() -> ctypes.CDLL:
 
 def _unmap(region: ctypes.Array[ctypes.c_ubyte]) -> None:
     """Unmap a run's whole range (its owner's ``__del__``: the last view of it is gone)."""
+    import ctypes
+
     _libc().munmap(ctypes.addressof(region), ctypes.sizeof(region))
 
 
 @functools.lru_cache(maxsize=64)
 def _run_type(size: int) -> type[ctypes.Array[ctypes.c_ubyte]]:
     """A ctypes array type of ``size`` bytes that unmaps itself when it goes."""
+    import ctypes
+
     return type("ArenaRun", (ctypes.c_ubyte * size,), {"__del__": _unmap})
 
 
 def _mapped_run(size: int, parts: list[tuple[int, int]], writable: bool) -> object:
     """``_native.Mapping(size, parts, writable)`` in Python: reserve, map each part, own it."""
+    import ctypes
+
     libc = _libc()
     base = libc.mmap(None, size, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
     if base is None or base == ctypes.c_void_p(-1).value:
@@ -338,13 +353,20 @@ class MappedArena(Protocol):
 _Mapped = TypeVar("_Mapped", bound=MappedArena)
 
 
+#: mappings a cache holds before it looks the process's budget up: far below any kernel's
+#: vm.max_map_count and any descriptor limit a process that maps at all runs with
+UNCOUNTED = 64
+
+
 class ArenaCache(Generic[_Mapped]):
     """The arenas this process has mapped, as page views (see "Mappings" above)."""
 
-    def __init__(self, open_pages: Callable[[int], _Mapped],
-                 budget: segments.MappingBudget) -> None:
+    def __init__(self, open_pages: Callable[[int], _Mapped]) -> None:
         self._open_pages = open_pages
-        self.budget = budget
+        self._budget: segments.MappingBudget | None = None
+        #: SHMHEAP_MAX_MAPPINGS, read now: without it the process's mappings are counted (a
+        #: scan of /proc/self/maps, ~0.3 ms) only once this cache holds more than UNCOUNTED
+        self._forced = segments.forced_limit()
         #: recently used arenas, kept mapped; ``recent.get`` is the fast lookup
         self.recent: OrderedDict[int, _Mapped] = OrderedDict()
         #: every holder of mappings of this cache still alive (an arena's mapping, kept or
@@ -354,6 +376,20 @@ class ArenaCache(Generic[_Mapped]):
         self._count = [0]
         #: the native core's records of the arenas in ``recent`` (its free() looks there)
         self.records: dict[int, object] = {}
+
+    @property
+    def budget(self) -> segments.MappingBudget:
+        """This process's mapping budget, looked up on first use."""
+        if self._budget is None:
+            self._budget = segments.mapping_budget()
+        return self._budget
+
+    def _over(self, mappings: int, kept: bool) -> bool:
+        """True if ``mappings`` exceed the budget's keep (``kept``) or limit.  Up to
+        UNCOUNTED they fit any process that can map at all, and the budget is not looked up."""
+        if mappings <= UNCOUNTED and self._forced is None:
+            return False
+        return mappings > (self.budget.keep if kept else self.budget.limit)
 
     @property
     def mapped(self) -> int:
@@ -378,7 +414,7 @@ class ArenaCache(Generic[_Mapped]):
         record = pages.native_record()
         if record is not None:
             self.records[pages.index] = record
-        while len(self.recent) > self.budget.keep:
+        while self._over(len(self.recent), kept=True):
             self._drop_oldest()
 
     def track(self, holder: object, count: int) -> None:
@@ -396,6 +432,8 @@ class ArenaCache(Generic[_Mapped]):
 
     def make_room(self, count: int = 1) -> None:
         """Drop kept arenas until ``count`` more mappings fit the limit; error if they cannot."""
+        if not self._over(self._count[0] + count, kept=False):
+            return
         limit = self.budget.limit
         while self._count[0] + count > limit and self.recent:
             self._drop_oldest()

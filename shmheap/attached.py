@@ -71,11 +71,13 @@ class AttachedHeap:
         self._words = control_seg.buf[:control.SIZE].cast("Q")
         self._header = control_seg.buf[control.HEADER_OFFSET:control.HEADER_OFFSET + 8].cast("Q")
         self._live: Liveness | None = None
-        self._summaries: Summaries | None = None
+        #: the summary segment, opened on first use (``_summaries``)
+        self._summary_seg: Summaries | None = None
+        self._class_count = class_count
         self.pages_per_arena = layout(params.arena_size, params.page_size).pages
         #: the arenas this process has mapped (bounded: arenas.ArenaCache)
         self._pages: arenas.ArenaCache[ArenaPages] = arenas.ArenaCache(
-            self._open_pages, segments.mapping_budget())
+            self._open_pages)
         self._map: arenas.ArenaMap | None = None
         self._index = ArenaIndex(name, self._header, params.first_cap, params.mode, readonly,
                                  self._check_identity)
@@ -90,15 +92,14 @@ class AttachedHeap:
             self._live = self.open_part("liveness segment", lambda: Liveness(name))
             self._map = self.open_part("arena map", lambda: arenas.ArenaMap(
                 name, params.max_arenas, readonly))
-            self._summaries = self.open_part("summary segment", lambda: Summaries(
-                name, params.max_arenas, class_count, readonly))
         except BaseException:
             self._release_resources()
             raise
         # The slot is ours alone now: a new arena its previous holder left unlinked is dead.
         # (Something foreign under that name is grow()'s error, not attach's.)
-        with contextlib.suppress(ShmHeapError):
-            segments.remove_own(temp_arena_name(name, self._live.slot))
+        if self._live.left_building:
+            with contextlib.suppress(ShmHeapError):
+                segments.remove_own(temp_arena_name(name, self._live.slot))
         journal = control_seg.buf[control.JOURNAL_OFFSET:control.JOURNAL_OFFSET + 8].cast("Q")
         self._journal_word = journal
         self._lock = HeapLock(self._sem, self._live, name, journal, self._header, repair)
@@ -109,18 +110,30 @@ class AttachedHeap:
         self._recycle_dead_slots()
 
     def open_part(self, part: str, opener: Callable[[], _T]) -> _T:
-        """``opener()``: open one of the heap's objects; a missing one is a damaged heap."""
+        """``opener()``: open one of the heap's objects; a missing one is a damaged heap,
+        unless the heap was destroyed since it was attached (then HeapNotFoundError)."""
         try:
             return opener()
         except HeapNotFoundError:
+            self._check_identity()
             raise HeapCorruptError(
                 f"heap {self.name!r} is damaged: its {part} is missing; remove the heap with "
                 f"`shmheap destroy {self.name}`") from None
 
+    @property
+    def _summaries(self) -> Summaries:
+        """The summary trees, mapped on first use: a process that only attaches, looks a
+        root up or snapshots the index never maps them."""
+        summaries = self._summary_seg
+        if summaries is None:
+            self._check_open()
+            summaries = self._summary_seg = self.open_part("summary segment", lambda: Summaries(
+                self.name, self.max_arenas, self._class_count, self.readonly))
+        return summaries
+
     def _open_pages(self, index: int) -> ArenaPages:
         """Map published arena ``index`` with its page views (ArenaCache calls it)."""
         self._check_open()
-        assert self._summaries is not None
         try:
             arena = arenas.open_arena(self.name, self.params.heap_id, index, self.arena_size,
                                       self.readonly, self.params.page_size)
@@ -137,6 +150,8 @@ class AttachedHeap:
         """
         assert self._live is not None
         live = self._live
+        if not live.dead_slots():  # one fcntl per other stamped slot: the lock only if needed
+            return
         with contextlib.suppress(LockTimeoutError):
             self._lock.run(live.recycle_dead_slots, time.monotonic())
 
@@ -155,8 +170,8 @@ class AttachedHeap:
 
     def _release_resources(self) -> None:
         self._pages.close()
-        if self._summaries is not None:
-            self._summaries.close()
+        if self._summary_seg is not None:
+            self._summary_seg.close()
         self._index.close()
         if self._map is not None:
             self._map.close()
@@ -226,8 +241,8 @@ class AttachedHeap:
         """
         live = self._live
         assert live is not None
-        self._check_identity()
         live.set_building(True)
+        seg = None
         try:
             seg = arenas.build(self.name, live.slot, self.arena_size, self.params.mode,
                                self.params.reserve, self.params.page_size)
@@ -238,8 +253,12 @@ class AttachedHeap:
                 seg.close()
                 raise
         finally:
+            # (the heap's identity is checked under the lock, before the link: ``before_link``)
             with contextlib.suppress(ShmHeapError):
-                segments.remove_own(temp_arena_name(self.name, live.slot))
+                if seg is not None:
+                    segments.unlink(seg.name)  # the file this call made, linked or not
+                else:  # stopped before or right after making it
+                    segments.remove_own(temp_arena_name(self.name, live.slot))
             live.set_building(False)
         return self.cache_new_arena(seg, index).arena
 
@@ -248,7 +267,6 @@ class AttachedHeap:
         arena cache (once: ``publish`` may have called this already)."""
         pages = self._pages.recent.get(index)
         if pages is None or pages.arena.mapping is not seg.map:
-            assert self._summaries is not None
             pages = ArenaPages(self.name, arenas.Arena(index, self.arena_size, seg),
                                self.params.page_size, self._summaries)
             self._pages.add(pages)
@@ -277,7 +295,7 @@ class AttachedHeap:
     def add_arena(self, index: int) -> None:
         """Append arena ``index``, linked under its final name, to the index and set its map
         bit (lock held, the journal naming it): it is published, all free pages."""
-        assert self._map is not None and self._summaries is not None
+        assert self._map is not None
         self._index.append(index)
         self._map.add(index)
         self._summaries.free.set(index, self.pages_per_arena)
@@ -314,7 +332,6 @@ class AttachedHeap:
 
         The summary leaves of ``index`` get their memory first (summary.py).
         """
-        assert self._summaries is not None
         self._summaries.reserve_leaves(index)
         self._journal.begin(*(journal or (control.GROW, index, 0)))
         if arenas.link(self.name, seg, self.params.heap_id, self.arena_size, index):

@@ -49,6 +49,8 @@ The journal
                            far is in the roots segment's intent record (roots.py)
     ``GIANT`` (arena s,    claiming, growing, completing or freeing parts of the
     arenas k)              giant object over arenas s .. s + k - 1 (giant.py)
+    ``COORD`` (record r,   a change to queue, event, counter or barrier r; what it
+    coord op)              saved to undo is in the coordination intent (coord.py)
 
 A heap attached ``readonly=True`` maps this segment read-only.  Nothing a
 reader must write lives here (see liveness.py).
@@ -95,8 +97,8 @@ CYCLE_ARENAS_OFFSET = 112
 JOURNAL_OFFSET = 120
 JOURNAL_ARG_OFFSET = 128
 #: journal ops (see the module docstring)
-GROW, PAGES, DISOWN, ROOTS, GIANT = 1, 2, 3, 4, 5
-#: the ops whose arena field names an arena (ROOTS names none)
+GROW, PAGES, DISOWN, ROOTS, GIANT, COORD = 1, 2, 3, 4, 5, 6
+#: the ops whose arena field names an arena (ROOTS and COORD name none)
 ARENA_OPS = frozenset({GROW, PAGES, DISOWN, GIANT})
 #: Generations are numbered 0..MAX_GENERATIONS-1; cap doubles with each.
 MAX_GENERATIONS = 32

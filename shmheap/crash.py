@@ -78,6 +78,20 @@ CRASH_POINTS: dict[str, str] = {
     "giant.unpublished": "a giant object's first part freed (it is gone), its other parts not "
                          "yet",
     "giant.freed": "every part of a giant object freed, journal not yet cleared",
+    "coord.created": "the coordination segment created and cleared, its stamp not yet written",
+    "coord.described": "a new queue/event/counter/barrier record's name and state written, "
+                       "its kind (which publishes it) not yet",
+    "coord.linked": "a put's node linked after the queue's tail, tail and count not yet "
+                    "updated",
+    "coord.unlinked": "a get's or lease's node unlinked from the queue's head, the count (and "
+                      "lease list) not yet updated",
+    "coord.unleased": "a leased node taken out of the lease list, not yet back at the queue's "
+                      "head",
+    "coord.acked": "a finished lease's node taken out of the lease list, journal not yet "
+                   "cleared, node not yet freed",
+    "coord.flag_stored": "an event's flag stored, its futex word not yet bumped, nobody woken",
+    "coord.arrived": "a barrier party recorded (or the round's generation moved on), the "
+                     "arrival count not yet updated",
 }
 
 ENV_VAR = "SHMHEAP_CRASH_AT"

@@ -98,6 +98,10 @@ class ReadOnlyError(ShmHeapError, PermissionError):
     """A mutating call on a heap attached with ``readonly=True``."""
 
 
+class QueueClosedError(ShmHeapError, ValueError):
+    """``put`` on a heap queue that was closed (``Queue.close()``)."""
+
+
 class LockTimeoutError(ShmHeapError, TimeoutError):
     """The heap lock was not acquired within the caller's timeout (its holder is alive)."""
 

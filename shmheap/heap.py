@@ -12,6 +12,7 @@ its protocol.  Nothing below imports this module:
 * walker.py    -- walking, stats, mark/sweep, scavenging
 * roots.py     -- ``heap.roots``: objects found by name
 * arrays.py    -- typed arrays: ``new_array`` and ``ndarray``
+* coord.py     -- queues, events, counters and barriers found by name
 * repair.py    -- checks and repairs (fsck); ``Heap`` gives it to the lock as the
                   journal's repair, run by the next writable holder
 
@@ -29,14 +30,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any
 
-from . import arenas, arrays, control, core, crash, liveness, segments, walker
+from . import arenas, arrays, control, coord, core, crash, liveness, segments, walker
 from .allocator import Allocator, size_classes
 from .attached import AttachedHeap
 from .errors import (
@@ -64,6 +64,7 @@ from .names import (
     check_max_arenas,
     check_name,
     control_name,
+    coord_name,
     owns,
     semaphore_name,
 )
@@ -114,13 +115,18 @@ class Heap(AttachedHeap):
                          _class_count(params.arena_size, params.page_size), self._repair_journal)
         #: what the last journal repair of this handle fixed (for ``check``)
         self._journal_findings: list[Finding] = []
-        try:
-            self._roots = self.open_part("roots segment", lambda: RootTable(name, readonly))
-        except BaseException:
-            self.close()
-            raise
+        #: the roots segment, opened on first use (``_root_table``)
+        self._roots: RootTable | None = None
         #: objects found by name (roots.py)
-        self.roots = Roots(self, self._roots, self._objects)
+        self.roots = Roots(self, self._root_table, self._objects)
+
+    def _root_table(self) -> RootTable:
+        """The roots segment, opened on first use: most workers never name an object."""
+        if self._roots is None:
+            self._check_open()
+            self._roots = self.open_part(
+                "roots segment", lambda: RootTable(self.name, self.readonly))
+        return self._roots
 
     def _repair_journal(self) -> None:
         """Finish or undo the mutation the journal names (HeapLock calls it, lock held)."""
@@ -166,9 +172,9 @@ class Heap(AttachedHeap):
                 f"`shmheap destroy {name}`") from None
         assert seg.fd is not None
         params = control.Params(
-            heap_id=secrets.randbits(63) | 1, arena_size=arena_size, max_arenas=max_arenas,
-            first_cap=PAGE_SIZE // 4, mode=mode, reserve=reserve, created_ns=time.time_ns(),
-            page_size=page_size)
+            heap_id=int.from_bytes(os.urandom(8)) >> 1 | 1, arena_size=arena_size,
+            max_arenas=max_arenas, first_cap=PAGE_SIZE // 4, mode=mode, reserve=reserve,
+            created_ns=time.time_ns(), page_size=page_size)
         try:
             control.write_params(seg.buf, params)
             words = seg.buf.cast("Q")
@@ -265,6 +271,9 @@ class Heap(AttachedHeap):
             super().close()
 
     def _release_resources(self) -> None:
+        table = self.__dict__.pop("_coord", None)
+        if table is not None:
+            table.close()  # (the class attribute None shows through again)
         roots = self.__dict__.get("roots")
         if roots is not None:
             roots.forget()
@@ -378,7 +387,55 @@ class Heap(AttachedHeap):
 
     def _parts(self) -> HeapParts:
         """What repair.py checks and repairs: the allocator and the roots table."""
-        return HeapParts(self._objects(), self._roots)
+        # (a heap none of whose processes used a queue, event, counter or barrier has no
+        # coordination segment, and nothing in it to check or repair)
+        coordination = None if self._coord is None and not segments.exists(
+            coord_name(self.name)) else self._coordination
+        return HeapParts(self._objects(), self._root_table(), coordination)
+
+    # -- coordination (coord.py) ----------------------------------------------------------
+
+    #: the coordination segment, opened (or made) on first use
+    _coord: coord.CoordTable | None = None
+
+    def _coordination(self, write: bool = False) -> coord.CoordTable:
+        """This handle's view of the coordination segment; ``write``: ReadOnlyError if read-only."""
+        if write:
+            self._check_writable("a queue, event, counter or barrier")
+        table = self._coord
+        if table is None:
+            self._check_open()
+            table = self._coord = coord.CoordTable(self, self._objects())
+        return table
+
+    def queue(self, name: str, capacity: int | None = None) -> coord.Queue:
+        """The kill-safe FIFO ``name`` of this heap, made on first use (see coord.py).
+
+        ``put(item, timeout)``, ``get(timeout)`` (``queue.Full``/``queue.Empty``
+        as the stdlib's), ``len()``, ``close()``, and ``with q.lease() as item:``
+        (the item goes back to the head if the block raises or the process
+        dies).  ``capacity`` bounds the queued items (None: no bound; an
+        existing queue's capacity must match, or pass None).
+        """
+        return coord.Queue(self._coordination(write=True), name, capacity)
+
+    def event(self, name: str) -> coord.Event:
+        """The event ``name`` of this heap (``set``, ``clear``, ``is_set``, ``wait``)."""
+        return coord.Event(self._coordination(write=True), name)
+
+    def counter(self, name: str) -> coord.Counter:
+        """The 64-bit counter ``name`` of this heap: ``add(k=1)`` returns the new value."""
+        return coord.Counter(self._coordination(write=True), name)
+
+    def barrier(self, name: str, parties: int) -> coord.Barrier:
+        """The barrier ``name`` of ``parties`` processes; a party that dies breaks it."""
+        return coord.Barrier(self._coordination(write=True), name, parties)
+
+    def structures(self) -> list[coord.StructureInfo]:
+        """Every queue, event, counter and barrier of this heap (read with no lock)."""
+        if self._coord is None and not segments.exists(coord_name(self.name)):
+            return []
+        return self._coordination().structures()
 
     def alloc(self, nbytes: int, timeout: float | None = None) -> int:
         """A new zeroed object of at least ``nbytes`` bytes; returns its heap address.

@@ -73,8 +73,8 @@ the ``repair`` function run by writable holders.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
+import functools
 import itertools
 import math
 import operator
@@ -133,39 +133,40 @@ def deadline_of(timeout: object) -> float | None:
     return None if seconds is None else time.monotonic() + seconds
 
 
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+@functools.cache
+def _libc() -> Any:
+    """libc with sem_open, sem_clockwait and sem_close typed (ctypes loads on first use:
+    only the pure-Python lock waits through it, and importing ctypes costs milliseconds)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.sem_open.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    libc.sem_open.restype = ctypes.c_void_p
+    libc.sem_clockwait.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    libc.sem_clockwait.restype = ctypes.c_int
+    libc.sem_close.argtypes = [ctypes.c_void_p]
+    libc.sem_close.restype = ctypes.c_int
+    return libc
 
 
 class _LibcSemaphore:
     """The same named semaphore opened through libc, for interruptible timed waits."""
 
-    _libc: ctypes.CDLL | None = None
-
     def __init__(self, name: str) -> None:
-        libc = self._load()
+        import ctypes
+
+        libc = _libc()
         self._ptr = libc.sem_open(name.encode(), 0)
+        self._get_errno = ctypes.get_errno
         if not self._ptr:
-            err = ctypes.get_errno()
+            err = self._get_errno()
             raise ShmHeapError(f"heap lock semaphore {name}: sem_open failed "
                                f"({os.strerror(err)})")
         self._clockwait = libc.sem_clockwait
         self._args = ((self._ptr,), (time.CLOCK_MONOTONIC,))
-        self._timespec = _Timespec()
+        #: a struct timespec: tv_sec, tv_nsec
+        self._timespec = (ctypes.c_long * 2)()
         self._timespec_ref = ctypes.byref(self._timespec)
-
-    @classmethod
-    def _load(cls) -> ctypes.CDLL:
-        if cls._libc is None:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.sem_open.argtypes = [ctypes.c_char_p, ctypes.c_int]
-            libc.sem_open.restype = ctypes.c_void_p
-            libc.sem_clockwait.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-            libc.sem_clockwait.restype = ctypes.c_int
-            libc.sem_close.argtypes = [ctypes.c_void_p]
-            libc.sem_close.restype = ctypes.c_int
-            cls._libc = libc
-        return cls._libc
 
     def wait_into(self, held: list[object], seconds: float) -> int:
         """Wait up to ``seconds``; on success ``held`` becomes non-empty.  Returns 0 or errno.
@@ -175,15 +176,15 @@ class _LibcSemaphore:
         """
         when = time.clock_gettime(time.CLOCK_MONOTONIC) + seconds
         spec = self._timespec
-        spec.tv_sec = int(when)
-        spec.tv_nsec = int((when - int(when)) * 1e9)
+        spec[0] = int(when)
+        spec[1] = int((when - int(when)) * 1e9)
         ptr, clock = self._args
         held[:] = filter(operator.not_, map(self._clockwait, ptr, clock, (self._timespec_ref,)))
-        return 0 if held else ctypes.get_errno()
+        return 0 if held else int(self._get_errno())
 
     def close(self) -> None:
         if self._ptr:
-            self._load().sem_close(self._ptr)
+            _libc().sem_close(self._ptr)
             self._ptr = None
 
 
@@ -195,7 +196,8 @@ class HeapLock:
         self._sem = sem
         self._trywait = sem.acquire
         self._post = sem.release
-        self._waiter = _LibcSemaphore(sem.name)
+        #: the libc handle the pure-Python lock waits through (not needed by the native one)
+        self._waiter: _LibcSemaphore | None = None
         self._live = live
         self._bind()
         live.on_reclaim.append(self._bind)
@@ -222,6 +224,8 @@ class HeapLock:
                            "drain_one"):
                 setattr(self, method, getattr(self.native, method))
             live.on_unmap.append(self.native.detach)
+        if self.native is None:
+            self._waiter = _LibcSemaphore(sem.name)
 
     @property
     def adoptions(self) -> int:
@@ -382,6 +386,7 @@ class HeapLock:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     raise LockTimeoutError(self._timeout_message())
+            assert self._waiter is not None
             err = self._waiter.wait_into(held, wait)
             if held:
                 return
@@ -450,7 +455,8 @@ class HeapLock:
         for method in ("run", "read_word", "enter", "semaphore_value", "drain_one"):
             setattr(self, method, getattr(closed, method))
         self.leave = self.release = _nothing  # type: ignore[method-assign]
-        self._waiter.close()
+        if self._waiter is not None:
+            self._waiter.close()
         with contextlib.suppress(posix_ipc.ExistentialError):
             self._sem.close()
 

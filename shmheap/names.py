@@ -9,6 +9,7 @@ else:
 ``shmheap.NAME.map``           arena map (one bit per arena index, sparse)
 ``shmheap.NAME.sum``           summaries over arena indices (summary.py, sparse)
 ``shmheap.NAME.roots``         the roots table: objects found by name (roots.py, sparse)
+``shmheap.NAME.coord``         queues, events, counters, barriers by name (coord.py)
 ``shmheap.NAME.i<gen>``        index backing array of generation ``gen``
 ``shmheap.NAME.a<hex index>``  arena ``index``
 ``shmheap.NAME.new<hex slot>``  a new arena being built by the process in
@@ -113,6 +114,10 @@ def summary_name(name: str) -> str:
 
 def roots_name(name: str) -> str:
     return f"{PREFIX}{name}.roots"
+
+
+def coord_name(name: str) -> str:
+    return f"{PREFIX}{name}.coord"
 
 
 def index_name(name: str, generation: int) -> str:

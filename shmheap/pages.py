@@ -92,6 +92,8 @@ NEEDS_RESERVE = (RELEASED, RELEASING)
 _U64 = (1 << 64) - 1
 #: How often a lock-free reader retries while ``seq`` is odd or changes under it.
 READ_RETRIES = 100
+#: what ``zero`` copies from (a 256 MiB ``bytes(n)`` would be a 256 MiB allocation to fault in)
+_ZEROS = memoryview(bytes(1 << 20))
 _T = TypeVar("_T")
 
 #: Set to False to force the pure-Python scans (tests), True to require numpy,
@@ -374,9 +376,17 @@ class ArenaPages:
         return [(start + first, count) for first, count in _runs_where(states, NEEDS_ZERO)]
 
     def zero(self, start: int, npages: int) -> None:
-        """Zero the data of ``npages`` pages (their owner only)."""
+        """Zero the data of ``npages`` pages (their owner only), from one small zero buffer.
+
+        Not by punching the run out (``punch``): freeing populated pages costs
+        the kernel O(pages) too, and the first touch of each page afterwards a
+        fault; measured, both lose to this copy (docs/design.md, giant objects).
+        """
         shift = self.page_shift
-        self.data[start << shift:(start + npages) << shift] = bytes(npages << shift)
+        first, end = start << shift, (start + npages) << shift
+        data = self.data
+        for at in range(first, end, len(_ZEROS)):
+            data[at:min(end, at + len(_ZEROS))] = _ZEROS[:end - at]
 
     def begin_change(self) -> None:
         """Make ``seq`` odd before the first write to span records (``seq + 2`` if it is)."""

@@ -23,6 +23,9 @@ journal op      what may be left, and what repair does
                 or freed -> its arenas as for ``GROW``, their page metadata
                 audited, then the object finished if its first part is made,
                 else every part of it freed (giant.py)
+``COORD(r)``    queue, event, counter or barrier r half changed -> the words
+                it saved in the coordination intent restored, the node a
+                half-done put was linking freed (coord.py)
 anything else  the journal itself is garbage -> a full check with repair
 ==============  ===========================================================
 
@@ -63,15 +66,16 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import arenas, control, giant, roots, segments
+from . import arenas, control, coord, giant, roots, segments
 from .allocator import Note, audit_arena, check_allocator
-from .control import ARENA_OPS, DISOWN, GIANT, GROW, MAX_GENERATIONS, PAGES, ROOTS
+from .control import ARENA_OPS, COORD, DISOWN, GIANT, GROW, MAX_GENERATIONS, PAGES, ROOTS
 from .errors import HeapCorruptError, ShmHeapError
 from .index import BROKEN_GENERATION, ENTRY_SIZE
 from .lock import HeapLock
 from .names import (
     arena_name,
     control_name,
+    coord_name,
     index_name,
     live_name,
     map_name,
@@ -110,6 +114,8 @@ class HeapParts:
 
     allocator: Allocator
     roots: RootTable
+    #: the coordination segment (coord.py), opened on first use
+    coordination: Callable[[], coord.CoordTable] | None = None
 
     @property
     def heap(self) -> AttachedHeap:
@@ -161,6 +167,8 @@ class _Checker:
         self.check_hint()
         check_allocator(self.parts.allocator, self.repair, self.full, self.note)
         roots.check(self.parts.roots, self.parts.allocator, self.repair, self.full, self.note)
+        if self.parts.coordination is not None:
+            coord.check(self.parts.coordination(), self.repair, self.note)
         return self.findings
 
     def check_semaphore(self) -> None:
@@ -269,7 +277,7 @@ class _Checker:
     def check_foreign_objects(self, generation: int, in_index: set[int]) -> None:
         """Objects under the heap's name that no published state refers to."""
         known = {control_name(self.name), live_name(self.name), map_name(self.name),
-                 summary_name(self.name), roots_name(self.name)}
+                 summary_name(self.name), roots_name(self.name), coord_name(self.name)}
         known.update(index_name(self.name, g) for g in range(generation + 1))
         pattern = re.compile(
             rf"shmheap\.{re.escape(self.name)}\.(a([0-9a-f]+)|i(\d+)|new([0-9a-f]+))")
@@ -363,6 +371,8 @@ def _describe(entry: tuple[int, int, int]) -> str:
         return "binding or unbinding a root"
     if op == GIANT:
         return f"a change to the giant object over arenas {arena}..{arena + arg - 1}"
+    if op == COORD:
+        return f"{coord.OP_NAMES.get(arg, 'changing')} coordination record {arena}"
     return f"an unknown mutation (journal op {op}, arena {arena})"
 
 
@@ -475,9 +485,16 @@ def _finish_roots(parts: HeapParts, _arena: int, _arg: int) -> list[Finding]:
     return findings
 
 
+def _undo_coord(parts: HeapParts, _record: int, _op: int) -> list[Finding]:
+    if parts.coordination is None:
+        return [Finding("coord-unfinished", "a change to a queue, event, counter or barrier "
+                        "was left unfinished; a writable handle undoes it", fatal=True)]
+    return [Finding("coord-unfinished", parts.coordination().undo(), fixed=True)]
+
+
 _JOURNAL_FIXES: dict[int, Callable[[HeapParts, int, int], list[Finding]]] = {
     GROW: _finish_grow, PAGES: _audit_pages, DISOWN: _finish_disown,
-    ROOTS: _finish_roots, GIANT: _finish_giant}
+    ROOTS: _finish_roots, GIANT: _finish_giant, COORD: _undo_coord}
 
 
 def _remove_own(name: str) -> bool:

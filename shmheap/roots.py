@@ -541,22 +541,28 @@ class Roots(MutableMapping[str, int]):
     lock.  Iteration, ``items()`` and ``values()`` read one snapshot.
     """
 
-    def __init__(self, heap: AttachedHeap, table: RootTable,
+    def __init__(self, heap: AttachedHeap, table: Callable[[], RootTable],
                  objects: Callable[[], Allocator]) -> None:
         self._heap = heap
-        self._table: RootTable | None = table
+        #: the table once ``table()`` has opened it through ``_open_table``
+        self._table: RootTable | None = None
+        self._open_table: Callable[[], RootTable] | None = table
         #: the heap handle's allocator, made on first use
         self._objects = objects
 
     def forget(self) -> None:
         """The heap is closing (it closes the table): every later use is HeapClosedError."""
         self._table = None
+        self._open_table = None
 
     def table(self) -> RootTable:
+        """The roots table, opened on first use (a worker that names nothing never opens it)."""
         table = self._table
         if table is None:
-            raise HeapClosedError(f"heap {self._heap.name!r} is closed; attach it again to "
-                                  "use it")
+            if self._open_table is None:
+                raise HeapClosedError(f"heap {self._heap.name!r} is closed; attach it again "
+                                      "to use it")
+            table = self._table = self._open_table()
         return table
 
     def _locked(self, body: Callable[[], _T]) -> _T:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import mmap
 import os
 import resource
@@ -81,27 +82,39 @@ class MappingBudget:
 
 
 def mapping_budget() -> MappingBudget:
-    """Half of what the kernel and the descriptor limit leave this process now.
+    """Half of what the kernel and the descriptor limit left this process when first asked.
 
     ``SHMHEAP_MAX_MAPPINGS=N`` sets the limit (tests, or a process that must
-    leave room for others).
+    leave room for others).  Otherwise the mappings and descriptors in use are
+    counted once per process (a scan of /proc/self/maps costs about as much as
+    the rest of an attach) and every later heap gets the same budget.
     """
-    forced = os.environ.get(MAX_MAPPINGS_VAR, "")
-    if forced:
-        if not forced.isdigit() or int(forced) < 8:
-            raise InvalidParameterError(
-                f"{MAX_MAPPINGS_VAR}={forced!r}: give a number of mappings, at least 8")
-        limit = int(forced)
-    else:
-        with open("/proc/self/maps") as f:
-            in_use = sum(1 for _ in f)
-        limit = (max_map_count() - in_use) // 2
-        if DESCRIPTOR_PER_MAPPING:
-            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-            open_now = len(os.listdir("/proc/self/fd"))
-            limit = min(limit, (soft - open_now) // 2)
-        limit = max(limit, 8)
+    limit = forced_limit() or _process_limit()
     return MappingBudget(keep=min(limit // 2, KEEP_MAPPED), limit=limit)
+
+
+def forced_limit() -> int | None:
+    """The limit ``SHMHEAP_MAX_MAPPINGS`` sets, None if it is not set."""
+    forced = os.environ.get(MAX_MAPPINGS_VAR, "")
+    if not forced:
+        return None
+    if not forced.isdigit() or int(forced) < 8:
+        raise InvalidParameterError(
+            f"{MAX_MAPPINGS_VAR}={forced!r}: give a number of mappings, at least 8")
+    return int(forced)
+
+
+@functools.cache
+def _process_limit() -> int:
+    """Half of the mappings (and, where each keeps one, descriptors) left to this process."""
+    with open("/proc/self/maps", "rb") as f:
+        in_use = f.read().count(b"\n")
+    limit = (max_map_count() - in_use) // 2
+    if DESCRIPTOR_PER_MAPPING:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        open_now = len(os.listdir("/proc/self/fd"))
+        limit = min(limit, (soft - open_now) // 2)
+    return max(limit, 8)
 
 
 def raise_descriptor_limit() -> int:

@@ -56,7 +56,7 @@ import itertools
 import mmap
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from . import crash, segments
 from .errors import HeapCorruptError
@@ -72,7 +72,7 @@ CAP = 255
 _ZERO_ROW = bytes(FANOUT)
 _NONZERO = bytes([0] + [1] * 255)
 #: _AT_LEAST[v]: a 256-byte table that maps every byte >= v to 1, every other to 0
-_AT_LEAST = [bytes(1 if b >= v else 0 for b in range(256)) for v in range(CAP + 1)]
+_AT_LEAST = [bytes(v) + bytes([1]) * (256 - v) for v in range(CAP + 1)]
 
 
 def nonzero_positions(data: bytes) -> list[int]:
@@ -107,7 +107,8 @@ def _data_extents(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     return extents
 
 
-def _level_sizes(nleaves: int) -> list[int]:
+@functools.cache
+def _level_sizes(nleaves: int) -> tuple[int, ...]:
     """Entries of each level, leaves first, each a multiple of FANOUT; the last one row."""
     sizes = []
     n = nleaves
@@ -115,7 +116,7 @@ def _level_sizes(nleaves: int) -> list[int]:
         padded = -(-n // FANOUT) * FANOUT
         sizes.append(padded)
         if padded == FANOUT:
-            return sizes
+            return tuple(sizes)
         n = padded // FANOUT
 
 
@@ -142,7 +143,7 @@ class ByteTree:
 
     __slots__ = ("_fd", "_levels", "_offsets", "nleaves")
 
-    def __init__(self, buf: memoryview, offsets: list[int], nleaves: int,
+    def __init__(self, buf: memoryview, offsets: Sequence[int], nleaves: int,
                  fd: int | None = None) -> None:
         self.nleaves = nleaves
         self._fd = fd
@@ -374,12 +375,18 @@ class Summaries:
         #: leaf rows (index >> 6) whose paths' pages this process has reserved
         self._reserved_rows: set[int] = set()
         self._offsets = _tree_offsets(max_arenas, 1 + nclasses)
-        self._trees = [ByteTree(self._seg.buf, offsets, max_arenas, self._seg.fd)
-                       for offsets in self._offsets]
+        self._nleaves = max_arenas
+        #: the trees this process has used: a partial tree's views are made on first use
+        self._trees: list[ByteTree | None] = [None] * len(self._offsets)
         #: longest free page run of each arena (capped at CAP)
-        self.free = self._trees[0]
+        self.free = self._tree(0)
         #: 1 where an arena may have a span with an owner
-        self.owned = self._trees[1]
+        self.owned = self._tree(1)
+
+    def _tree(self, tree: int) -> ByteTree:
+        made = self._trees[tree] = ByteTree(self._seg.buf, self._offsets[tree], self._nleaves,
+                                            self._seg.fd)
+        return made
 
     @staticmethod
     def create(heap_name: str, max_arenas: int, nclasses: int, mode: int) -> None:
@@ -413,7 +420,7 @@ class Summaries:
 
     def partial(self, sclass: int) -> ByteTree:
         """The partial tree of size class ``sclass`` (>= 1)."""
-        return self._trees[1 + sclass]
+        return self._trees[1 + sclass] or self._tree(1 + sclass)
 
     @property
     def mapping(self) -> mmap.mmap:
@@ -422,11 +429,13 @@ class Summaries:
 
     def close(self) -> None:
         for tree in self._trees:
-            tree.release()
+            if tree is not None:
+                tree.release()
         self._seg.close()
 
 
-def _tree_offsets(nleaves: int, ntrees: int) -> list[list[int]]:
+@functools.cache
+def _tree_offsets(nleaves: int, ntrees: int) -> tuple[tuple[int, ...], ...]:
     """The offset of each level of each tree in the segment (level by level, see above)."""
     sizes = _level_sizes(nleaves)
     offsets = [[0] * len(sizes) for _ in range(ntrees)]
@@ -435,4 +444,4 @@ def _tree_offsets(nleaves: int, ntrees: int) -> list[list[int]]:
         for tree in range(ntrees):
             offsets[tree][level] = at
             at += size
-    return offsets
+    return tuple(map(tuple, offsets))

@@ -174,13 +174,41 @@ def test_usage_errors_exit_2_and_runtime_errors_exit_1(heap_name: str) -> None:
     fails("frobnicate", code=2)
     assert "'many' is not an integer" in usage_error("grow", heap_name, "--count", "many")
     assert "give an integer >= 1" in usage_error("grow", heap_name, "--count", "0")
-    assert "give an integer >= 1" in usage_error("grow", heap_name, "--at", "0")
+    assert "'one' is not an integer" in usage_error("grow", heap_name, "--at", "one")
     assert "exactly one arena" in usage_error("grow", heap_name, "--at", "5", "--count", "2")
     # what depends on the heap is a runtime error
     assert "arena index" in error_line(fails("grow", heap_name, "--at", "100"))
     ok("grow", heap_name, "--at", "7")
     assert "already taken" in error_line(fails("grow", heap_name, "--at", "7"))
     assert "no heap named" in error_line(fails("info", unique_heap_name()))
+
+
+def test_grow_at_out_of_range_is_one_error_below_and_above(heap_name: str) -> None:
+    """Below 1 or past the maximum: the same error class through the API, exit 1 through
+    the CLI, with the range in the message."""
+    out_of_range = ("0", "-1", "100", "101", str(2**40))
+    with shmheap.Heap.attach(heap_name) as heap:
+        for at in out_of_range:
+            with pytest.raises(shmheap.InvalidParameterError) as raised:
+                heap.grow(at=int(at))
+            assert raised.type is shmheap.InvalidParameterError
+            assert f"grow(at={at}): an arena index must be an int in [1, 100)" in str(raised.value)
+    for at in out_of_range:
+        line = error_line(fails("grow", heap_name, "--at", at))
+        assert line == (f"shmheap: error: grow(at={at}): an arena index must be an int in "
+                        "[1, 100)"), line
+    assert json.loads(ok("info", heap_name, "--json"))["arenas"] == 0
+
+
+def test_info_of_a_full_heap_says_full(shm_heap_name: str) -> None:
+    ok("create", shm_heap_name, "--arena-size", "64KiB", "--max-arenas", "3")
+    ok("grow", shm_heap_name)
+    rows = dict(line.split(None, 1) for line in ok("info", shm_heap_name).splitlines())
+    assert rows["arenas"].endswith("indices 1 to 2, the next grow tries 2"), rows["arenas"]
+    ok("grow", shm_heap_name)
+    rows = dict(line.split(None, 1) for line in ok("info", shm_heap_name).splitlines())
+    assert rows["arenas"] == ("2 of at most 2, 64 KiB each; indices 1 to 2, full: no grow can "
+                              "add another"), rows["arenas"]
 
 
 def test_grow_says_how_many_it_grew_when_the_heap_fills(shm_heap_name: str) -> None:
@@ -289,7 +317,7 @@ def test_ls_shows_used_memory_beside_reserved(shm_heap_name: str, more_names: li
     assert ls_row(reserved)[3:6] == ["64_KiB", names_size(full["shm_bytes"]),
                                      names_size(full["reserved_bytes"])]
     assert ok("ls").splitlines()[0].split() == ["name", "state", "arenas", "arena", "size",
-                                                 "used", "reserved", "pids"]
+                                                 "used", "reserved", "structures", "pids"]
 
 
 def names_size(nbytes: int) -> str:
@@ -299,7 +327,8 @@ def names_size(nbytes: int) -> str:
 def test_ls_shows_a_damaged_heap(shm_heap_name: str) -> None:
     touch(names.arena_name(shm_heap_name, 1))
     entry = by_name(json.loads(ok("ls", "--json")), shm_heap_name)
-    assert (entry["state"], entry["arenas"], entry["objects"]) == ("no-control", None, 1)
+    assert (entry["state"], entry["arenas"], entry["segments"]) == ("no-control", None, 1)
+    assert "objects" not in entry  # objects are what alloc returns
     assert f"{shm_heap_name}: no-control: no control segment" in ok("ls")
 
 
@@ -349,7 +378,7 @@ def more_names() -> Iterator[list[str]]:
     assert [shm_leftovers(name) for name in made] == [[] for _ in made]
 
 
-def test_gc_removes_objects_without_a_control_segment(heap_name: str,
+def test_gc_removes_segments_without_a_control_segment(heap_name: str,
                                                       more_names: list[str]) -> None:
     name = unique_heap_name()
     more_names.append(name)
@@ -357,6 +386,7 @@ def test_gc_removes_objects_without_a_control_segment(heap_name: str,
     touch(f"{names.control_name(name)}.live")
     dry = ok("gc", "--dry-run", name, heap_name)
     assert f"would remove heap {name!r} (no-control" in dry and heap_name not in dry
+    assert "): 2 segments, " in dry  # what gc counts in /dev/shm are segments
     assert len(shm_leftovers(name)) == 2
     report = json.loads(ok("gc", "--json", name, heap_name))
     assert [(c["name"], c["state"]) for c in report["collected"]] == [(name, "no-control")]

@@ -62,9 +62,28 @@ h.grow()
 h.free(h.alloc(2 * h.arena_size + 5000))
 """
 
+#: Coordination steps that pass every coordination crash point: make a queue, put, get,
+#: lease and finish, lease and raise (the item goes back), set an event, pass a barrier.
+COORD_STEPS = """
+q = h.queue("faults")
+q.put(1)
+q.get()
+q.put(2)
+with q.lease():
+    pass
+q.put(3)
+try:
+    with q.lease():
+        raise ValueError
+except ValueError:
+    pass
+h.event("faults-event").set()
+h.barrier("faults-barrier", 1).wait()
+"""
+
 #: crash point prefix or name -> (parent setup, child operation, K: the passage to raise at)
 OPERATIONS: dict[str, tuple[str, str, int]] = {
-    "lock": ("", "h.grow()", 2),                     # attach itself passes once
+    "lock": ("", "h.grow()", 1),      # (attach takes the lock only to recycle dead slots)
     "snapshot": ("", "h.snapshot()", 1),
     "grow": ("", "h.grow()", 1),
     "index.entry_written": ("", "h.grow()", 1),
@@ -81,6 +100,7 @@ OPERATIONS: dict[str, tuple[str, str, int]] = {
     "sweep.claimed": ("", "h.free(h.alloc(100)); h.start_cycle(); h.sweep()", 1),
     "roots": ("", ROOT_STEPS, 1),
     "giant": ("", GIANT_STEPS, 1),
+    "coord": ("", COORD_STEPS, 1),
 }
 
 
@@ -98,7 +118,7 @@ def heap(shm_heap_factory: HeapFactory) -> shmheap.Heap:
 
 
 def kill_a_lock_holder(name: str) -> None:
-    """A process dies holding the heap lock (it dies at attach's first lock hold)."""
+    """A process dies holding the heap lock (it dies at its grow's lock hold)."""
     assert_killed(run_child(f"""
         import shmheap
         shmheap.Heap.attach({name!r}).grow()
@@ -662,7 +682,7 @@ while time.monotonic() < end:
     if pid == 0:                      # a process that attaches and dies without closing
         shmheap.Heap.attach({name!r})
         os._exit(0)
-    h = shmheap.Heap.attach({name!r})  # recycles dead slots on the way (a lock holder)
+    h = shmheap.Heap.attach({name!r})  # recycles dead slots on the way (taking the lock)
     live = h._live
     mine = {{a.pid for a in observer._live.attachments()}}
     if os.getpid() not in mine or not observer._live.token_alive(live.token):

@@ -197,8 +197,12 @@ def test_a_roots_segment_of_the_wrong_size_is_heap_corrupt(shm_heap_factory: Hea
                                                            size: int) -> None:
     name = rooted_heap(shm_heap_factory)
     os.truncate(path(name, ".roots"), size)
-    with pytest.raises(shmheap.HeapCorruptError, match="roots segment"):
-        shmheap.Heap.attach(name)
+    heap = shmheap.Heap.attach(name)  # the roots segment is opened on first use
+    try:
+        with pytest.raises(shmheap.HeapCorruptError, match="roots segment"):
+            len(heap.roots)
+    finally:
+        heap.close()
 
 
 def test_arena_with_a_wrong_trailer(shm_heap_factory: HeapFactory) -> None:

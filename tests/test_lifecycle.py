@@ -59,6 +59,10 @@ SAVED: dict[str, tuple[Callable[[shmheap.Heap, int], Any], Callable[[Any, int], 
     "new_array method": (lambda h, r: h.new_array, lambda f, r: f(4)),
     "lock": (lambda h, r: h._lock, lambda lock, r: lock.run(lambda: None)),
     "allocator": (lambda h, r: h._objects(), lambda allocator, r: allocator.alloc(64)),
+    "queue, put": (lambda h, r: h.queue("kept"), lambda q, r: q.put(1)),
+    "queue, get": (lambda h, r: h.queue("kept"), lambda q, r: q.get(timeout=0)),
+    "event": (lambda h, r: h.event("kept"), lambda e, r: e.wait(timeout=0)),
+    "counter": (lambda h, r: h.counter("kept"), lambda c, r: c.add()),
 }
 
 

@@ -120,8 +120,8 @@ def test_native_and_pure_processes_share_one_heap(shm_heap_factory: HeapFactory)
 def test_stress_mixes_the_cores_with_kills(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, "-m", "shmheap", "stress", "--mix", "--duration", "4",
-                           "--kill-rate", "3", "--seed", "7", "--no-progress", "--json",
-                           str(out)], env=env_for(pure=False), capture_output=True,
+                           "--kill-rate", "3", "--seed", "7", "--no-progress", "--floor", "0",
+                           "--json", str(out)], env=env_for(pure=False), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())

@@ -11,8 +11,13 @@ to the package.
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import shmheap
 
@@ -139,3 +144,22 @@ def test_the_design_documents_the_layers_the_imports_keep() -> None:
     upward = sorted(f"{module} -> {target}" for module in library for target in graph[module]
                     if layers[target] > layers[module])
     assert upward == []
+
+
+#: What ``import shmheap`` must not load: a spawned worker pays for every module it imports
+#: (issue 21: workers start fast), and these are loaded on first use where they are needed.
+NOT_AT_IMPORT = ("ctypes", "numpy", "secrets", "platform", "shmheap.tools", "hypothesis",
+                 "rich", "matplotlib")
+
+
+@pytest.mark.parametrize("pure", [False, True], ids=["native", "pure"])
+def test_import_loads_nothing_a_worker_may_not_need(pure: bool) -> None:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SHMHEAP_")}
+    if pure:
+        env["SHMHEAP_PURE_PYTHON"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys, shmheap; print(' '.join(sorted(sys.modules)))"],
+        env=env, capture_output=True, text=True, timeout=60, check=True)
+    loaded = set(proc.stdout.split())
+    assert not [name for name in NOT_AT_IMPORT if name in loaded
+                or any(m.startswith(name + ".") for m in loaded)]

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from test_cli import ROOT, interrupt_until_exit, run_cli
 
+from shmheap import destroy
 from shmheap.liveness import probe_attachments
 from shmheap.pytest_plugin import HeapFactory, shm_leftovers
 from shmheap.tools.stress_roles import Reservoir, latency_summary, span_problem, stats_problems
@@ -41,8 +42,10 @@ def workers_of(report: dict[str, Any], kind: str) -> list[dict[str, Any]]:
 
 def test_a_clean_run_reports_no_violation_and_its_counts_add_up(shm_heap_name: str,
                                                                  tmp_path: Path) -> None:
+    # without floors: how much a 2 s run does depends on the machine's load (the floors have
+    # tests of their own)
     status, report = stress(shm_heap_name, tmp_path / "r.json", "--duration", "2",
-                            "--seed", "1")
+                            "--seed", "1", "--floor", "0")
     assert (report["violations"], report["arenas_lost"], report["leaks"]) == (0, 0, []), \
         report["violation_examples"]
     assert status == 0 and report["ok"]
@@ -100,13 +103,97 @@ def test_both_checkers_can_fail(shm_heap_name: str, tmp_path: Path) -> None:
 def test_killed_workers_lose_no_arena_and_leave_only_their_objects(shm_heap_name: str,
                                                                    tmp_path: Path) -> None:
     status, report = stress(shm_heap_name, tmp_path / "r.json", "--duration", "3",
-                            "--kill-rate", "4", "--readers", "1", "--seed", "5")
+                            "--kill-rate", "4", "--readers", "1", "--seed", "5", "--floor", "0")
     assert report["kills"] > 0
     assert (report["violations"], report["arenas_lost"], report["leaks"]) == (0, 0, []), \
         report["violation_examples"]
     assert status == 0
     assert report["checks"] >= 2
     assert_summary_identities(report)
+
+
+def test_a_kill_loop_run_reaches_its_floors_and_says_the_kill_rate(shm_heap_name: str,
+                                                                   tmp_path: Path) -> None:
+    # a quarter of the floors: a 3 s run on a 2-core machine busy with other test runs does a
+    # fraction of what `--kill-rate 25 --duration 10` does alone (which reaches them whole)
+    result = run_cli("stress", "--name", shm_heap_name, "--json", str(tmp_path / "r.json"),
+                     "--max-arenas", "3000", "--duration", "3", "--kill-rate", "10",
+                     "--seed", "3", "--no-progress", "--floor", "0.25")
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert (result.returncode, report["result"]) == (0, "OK"), (result.stdout, result.stderr)
+    assert_summary_identities(report)
+    kills = report["kills"]
+    assert kills >= 0.25 * 0.8 * report["kills_due"] > 0
+    assert report["kills_per_s"] == pytest.approx(kills / report["duration_s"])
+    rows = summary(result.stdout)
+    assert rows["kills"].startswith(f"{kills:,}, {report['kills_per_s']:.1f}/s of the 10/s "
+                                    "asked"), rows["kills"]
+    assert rows["coverage"].startswith("every floor met: grows "), rows["coverage"]
+    assert {(row["role"], row["figure"]) for row in report["coverage"]} == {
+        ("writer", "grows"), ("churner", "objects verified"), ("reader", "snapshots"),
+        ("reader", "entries checked"), ("parent", "kills")}
+    assert all(row["done"] >= row["floor"] > 0 for row in report["coverage"])
+    # every replacement worker started and worked; killed workers' work counts
+    killed = [w for w in report["workers"] if w["state"] == "killed"]
+    assert len(killed) == kills
+    assert report["worker_start"]["samples"] == sum(w["replacement"] for w in report["workers"])
+    assert sum(w["ops"] for w in killed) > 0
+    assert report["cores"] == {"native": len(report["workers"]), "pure": 0, "unstarted": 0} \
+        or report["cores"]["native"] == 0  # the pure-Python core runs everything
+
+
+def test_a_run_below_its_floors_is_inconclusive(shm_heap_name: str, tmp_path: Path) -> None:
+    result = run_cli("stress", "--name", shm_heap_name, "--json", str(tmp_path / "r.json"),
+                     "--max-arenas", "3000", "--duration", "0.5", "--floor", "1e6",
+                     "--no-progress")
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert result.returncode == 3, (result.stdout, result.stderr)
+    assert (report["result"], report["ok"], report["violations"]) == ("INCONCLUSIVE", False, 0)
+    below = [row for row in report["coverage"] if row["done"] < row["floor"]]
+    assert {row["figure"] for row in below} == {"grows", "objects verified", "snapshots",
+                                                "entries checked"}
+    rows = summary(result.stdout)
+    assert rows["result"] == "INCONCLUSIVE"
+    assert rows["coverage"].startswith("BELOW its floor: grows "), rows["coverage"]
+    # without floors the same thin run is judged
+    status, report = stress(shm_heap_name, tmp_path / "r0.json", "--duration", "0.5",
+                            "--floor", "0")
+    assert (status, report["result"], report["coverage"]) == (0, "OK", [])
+
+
+def test_a_heap_destroyed_under_the_run_counts_its_arenas_lost(shm_heap_name: str,
+                                                               tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shmheap", "stress", "--name", shm_heap_name, "--duration", "4",
+         "--max-arenas", "3000", "--json", str(tmp_path / "r.json")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    try:
+        assert process.stdout is not None
+        while "grows 0 " in (line := process.stdout.readline()):
+            assert line.startswith(f"stress {shm_heap_name}"), line
+        destroy(shm_heap_name)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 1, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["result"] == "FAILED"
+    assert report["arenas_lost"] == report["arenas_created"] > 0
+    assert summary(out)["arenas lost"] == str(report["arenas_lost"])
+    assert "Traceback" not in err
+    assert shm_leftovers(shm_heap_name) == []
+
+
+def summary(stdout: str) -> dict[str, str]:
+    """The rows of a stress summary table: metric -> value."""
+    lines = stdout.splitlines()
+    top = next(i for i, line in enumerate(lines) if line.startswith("metric "))
+    column = lines[top].index("value")
+    return {line[:column].strip(): line[column:] for line in lines[top + 1:]
+            if not line.startswith("violation: ")}
 
 
 def assert_summary_identities(report: dict[str, Any]) -> None:
@@ -136,13 +223,14 @@ def test_the_summary_says_what_the_report_holds(shm_heap_name: str, tmp_path: Pa
                      "--max-arenas", "3000", "--duration", "1", "--kill-rate", "2",
                      "--seed", "7", "--no-progress")
     report = json.loads((tmp_path / "r.json").read_text())
-    assert result.returncode == (0 if report["ok"] else 1), result.stderr
+    assert result.returncode == {"OK": 0, "FAILED": 1, "INCONCLUSIVE": 3}[report["result"]], \
+        result.stderr
     assert_summary_identities(report)
-    lines = result.stdout.splitlines()
-    column = lines[0].index("value")
-    rows = {line[:column].strip(): line[column:] for line in lines[1:]
-            if not line.startswith("violation: ")}
+    rows = summary(result.stdout)
     objects = report["objects"]
+    cores = report["cores"]
+    assert rows["cores"] == f"{cores['native']} native, {cores['pure']} pure-Python processes"
+    assert cores["native"] + cores["pure"] == len(report["workers"])
     assert f"at most {report['config']['max_arenas'] - 1:,} arenas" in rows["heap"]
     assert rows["grows"].startswith(f"{report['arenas_created']:,}, "
                                     f"{report['grows_per_s']:.0f}/s")
@@ -229,13 +317,17 @@ def test_ctrl_c_stops_the_run_kills_the_workers_and_destroys_the_heap(
         assert first.startswith(f"stress {shm_heap_name}"), first
         attached = {a.pid for a in probe_attachments(shm_heap_name)}
         assert interrupt_until_exit(process) == 130
-        _out, err = process.communicate(timeout=120)
+        out, err = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
     assert err.strip().splitlines()[-1] == "shmheap: interrupted", err
     assert "Traceback" not in err
+    rows = summary(out)  # the partial summary: what was counted until Ctrl-C
+    assert rows["result"] == "INTERRUPTED"
+    assert rows["duration"].endswith("(interrupted: partial figures, no final verification)")
+    assert "snapshots taken" in rows and "final snapshot" not in rows
     assert shm_leftovers(shm_heap_name) == []
     assert len(attached) == 7  # the parent and its six workers
     assert [pid for pid in attached if alive(pid)] == []

@@ -10,7 +10,9 @@ against heaps, built on that library and never imported by it:
 * display.py      -- tables, JSON, sizes, times, rates, live terminal text
 * collect.py      -- ``ls`` and ``gc``: heaps in /dev/shm, judged without
                      attaching, and removing abandoned ones
-* stress.py, stress_roles.py -- ``shmheap stress``: a checked multi-process run
+* stress.py, stress_roles.py, stress_tally.py -- ``shmheap stress``: a checked
+                     multi-process run (the parent, the workers' roles, their
+                     shared counters) with an earned verdict
 * top.py          -- ``shmheap top``: a live view of one heap
 * interrupt.py    -- Ctrl-C taken between steps of a long-running command
 * bench/          -- ``shmheap bench``: every figure beside a baseline of the

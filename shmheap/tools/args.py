@@ -90,7 +90,21 @@ def _rate(text: str) -> float:
     return value
 
 
+def _factor(text: str) -> float:
+    value = _number(text, float, "a factor")
+    if not 0 <= value < math.inf:
+        raise InvalidParameterError(f"{text}: give a factor >= 0")
+    return value
+
+
+def _integer(text: str) -> int:
+    return _number(text, int, "an integer")
+
+
 heap_name = argument_type(check_name, "heap name")
 arena_size_arg = argument_type(lambda text: check_arena_size(parse_size(text)), "arena size")
 seconds_arg = argument_type(_seconds, "seconds")
 rate_arg = argument_type(_rate, "rate")
+factor_arg = argument_type(_factor, "factor")
+#: any integer: for a value whose range depends on the heap (the heap's call checks it)
+integer_arg = argument_type(_integer, "integer")

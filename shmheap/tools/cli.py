@@ -8,13 +8,15 @@ one line in ``COMMANDS``.
 
 Exit status: 0 success, 1 a ``ShmHeapError`` (printed as one line
 ``shmheap: error: <message>`` on stderr) or a check that found problems,
-2 a usage error, 130 interrupted.  A usage error is a command line that no
+2 a usage error, 3 a ``shmheap stress`` run INCONCLUSIVE (below a coverage
+floor: it did too little to judge), 130 interrupted.  A usage error is a command line that no
 state of the heaps could make work: a value the argparse types (args.py)
 refuse (a bad size, name, count or number of seconds), or a combination a
 command refuses with ``UsageError``; argparse prints it with the
 command's usage.  Everything that depends on the heaps, /dev/shm or the
-machine (a missing heap, an index the heap has no room for, a full heap) is
-a runtime error.
+machine (a missing heap, an index out of the heap's range or taken, a full
+heap) is a runtime error: ``grow --at`` takes any integer and the heap's
+``grow(at=)`` says what is out of range, below 1 or above the maximum alike.
 
 A heap's ``max_arenas`` bounds its arena indices: arenas take indices 1 to
 ``max_arenas - 1`` (0 is never used), so it holds at most ``max_arenas - 1``
@@ -32,15 +34,25 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from typing import Any
 
 from .. import __version__
+from ..coord import StructureInfo
 from ..errors import HeapCorruptError, InvalidParameterError, InvalidRefError, ShmHeapError
 from ..heap import Heap, destroy
 from ..names import MAX_ARENAS_LIMIT, check_max_arenas, usable_arenas
 from ..repair import Finding
 from . import collect, stress, top
-from .args import LOCK_TIMEOUT, Subparsers, UsageError, arena_size_arg, at_least, heap_name
+from .args import (
+    LOCK_TIMEOUT,
+    Subparsers,
+    UsageError,
+    arena_size_arg,
+    at_least,
+    heap_name,
+    integer_arg,
+)
 from .bench import suite
 from .display import format_size, print_json, print_table, when
 
@@ -99,19 +111,37 @@ def add_info(sub: Subparsers) -> None:
 def run_info(args: argparse.Namespace) -> int:
     with Heap.attach(args.name, readonly=True) as heap:
         sample = top.take_sample(heap, LOCK_TIMEOUT)
+        structures = heap.structures()
     others = [a for a in sample.attachments if a.pid != os.getpid()]
     if args.json:
-        print_json(info_json(sample, [a.pid for a in others]))
+        data = info_json(sample, [a.pid for a in others])
+        data["structures"] = [asdict(s) for s in structures]
+        print_json(data)
         return 0
     info = sample.info
+    usable = usable_arenas(info.max_arenas)
     rows = [
         ("heap", f"{info.name}, created {when(info.created_ns)}"),
-        ("arenas", f"{top.arenas_line(info)}; indices 1 to {usable_arenas(info.max_arenas):,}, "
-                   f"the next grow tries {info.hint:,}"),
+        ("arenas", f"{top.arenas_line(info)}; indices 1 to {usable:,}, "
+                   + ("full: no grow can add another" if info.arenas >= usable
+                      else f"the next grow tries {info.hint:,}")),
         *top.state_rows(sample, others),
+        *((s.kind, f"{s.name}: {_structure_line(s)}") for s in structures),
     ]
     print_table(("field", "value"), rows, show_header=False)
     return 0
+
+
+def _structure_line(s: StructureInfo) -> str:
+    """What ``info`` says of one queue, event, counter or barrier."""
+    if s.kind == "queue":
+        bound = f", capacity {s.param:,}" if s.param else ""
+        return f"{s.value:,} items queued, {s.extra:,} leased{bound}"
+    if s.kind == "event":
+        return "set" if s.value else "not set"
+    if s.kind == "barrier":
+        return f"{s.value} of {s.param} parties waiting, round {s.extra:,}"
+    return f"{s.value:,}"
 
 
 def info_json(sample: top.Sample, others: list[int]) -> dict[str, Any]:
@@ -150,8 +180,8 @@ def add_grow(sub: Subparsers) -> None:
     parser = sub.add_parser("grow", help="add arenas to a heap")
     parser.add_argument("name", type=heap_name)
     parser.add_argument("--count", type=at_least(1), default=1, help="arenas to add (default 1)")
-    parser.add_argument("--at", type=at_least(1), default=None,
-                        help="place the (single) new arena at this index")
+    parser.add_argument("--at", type=integer_arg, default=None,
+                        help="place the (single) new arena at this index (1 to max_arenas - 1)")
     parser.set_defaults(run=run_grow)
 
 
@@ -173,7 +203,8 @@ def run_grow(args: argparse.Namespace) -> int:
 
 
 def add_destroy(sub: Subparsers) -> None:
-    parser = sub.add_parser("destroy", help="remove every object of a heap, even a damaged one")
+    parser = sub.add_parser("destroy", help="remove every segment of a heap from /dev/shm, even "
+                            "a damaged one")
     parser.add_argument("name", type=heap_name)
     parser.add_argument("--force", action="store_true",
                         help="destroy it even if live processes have it attached (they get "
@@ -201,9 +232,10 @@ def run_ls(args: argparse.Namespace) -> int:
     if args.json:
         print_json([status.as_dict() for status in statuses])
         return 0
-    print_table(("name", "state", "arenas", "arena size", "used", "reserved", "pids"),
+    print_table(("name", "state", "arenas", "arena size", "used", "reserved", "structures",
+                 "pids"),
                 ((s.name, s.state, _arenas_of(s), _or_dash(s.arena_size, format_size),
-                  format_size(s.shm_bytes), _reserved(s),
+                  format_size(s.shm_bytes), _reserved(s), _or_dash(s.structures),
                   ",".join(map(str, s.pids)) or "-") for s in statuses))
     for status in statuses:
         if status.problem:
@@ -274,7 +306,7 @@ def run_gc(args: argparse.Namespace) -> int:
         return 0
     verb = "would remove" if args.dry_run else "removed"
     for item in collected:
-        print(f"{verb} heap {item.name!r} ({item.reason}): {len(item.removed)} objects, "
+        print(f"{verb} heap {item.name!r} ({item.reason}): {len(item.removed)} segments, "
               f"{format_size(item.shm_bytes)}")
         for entry in item.removed:
             print(f"  /dev/shm/{entry}")
@@ -361,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shmheap", description="Inspect, check and stress shared-memory heaps.",
         epilog="Exit status: 0 success, 1 an error or a check's findings, 2 a usage error, "
-        "130 interrupted.")
+        "3 a stress run too thin to judge (INCONCLUSIVE), 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"shmheap {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:

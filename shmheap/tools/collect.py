@@ -1,7 +1,7 @@
 """Finding heaps in /dev/shm and collecting abandoned ones (``shmheap ls``, ``shmheap gc``).
 
-``survey()`` groups every ``shmheap.*`` object in /dev/shm (segments and the
-``sem.shmheap.NAME.lock`` semaphores) by heap name and says what shape each
+``survey()`` groups every ``shmheap.*`` segment in /dev/shm (the shared-memory
+segments and the ``sem.shmheap.NAME.lock`` semaphores' files) by heap name and says what shape each
 group is in:
 
 ================  ============================================================
@@ -13,7 +13,7 @@ group is in:
 ``corrupt``       ``Heap.attach`` would raise HeapCorruptError/HeapVersionError:
                   an unreadable control segment, another layout version, a
                   creator that died while initialising, or a missing part
-``no-control``    objects left without a control segment (a destroy that did
+``no-control``    segments left without a control segment (a destroy that did
                   not finish, a crash while creating)
 ``inaccessible``  this user may not read it; left alone
 ================  ============================================================
@@ -32,7 +32,7 @@ attached.  Each candidate is judged again ``GRACE`` seconds later, right
 before it is removed, so a creator between its first two system calls (before
 it can hold the init lock) or a process that has just attached keeps its heap.
 
-This module only reads heap objects; the one change it makes is removing whole
+This module only reads heap segments; the one change it makes is removing whole
 heaps by name.
 """
 
@@ -46,7 +46,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .. import arenas, control, liveness, roots, segments
+from .. import arenas, control, coord, liveness, roots, segments
 from ..errors import (
     HeapCorruptError,
     HeapInUseError,
@@ -96,14 +96,17 @@ class HeapStatus:
     reserved_bytes: int | None = None
     index_generations: int | None = None
     created_ns: int | None = None
+    #: queues, events, counters and barriers (coord.py), None if unreadable
+    structures: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "state": self.state, "problem": self.problem,
-                "objects": len(self.entries), "shm_bytes": self.shm_bytes,
+                "segments": len(self.entries), "shm_bytes": self.shm_bytes,
                 "pids": list(self.pids), "arenas": self.arenas, "arena_size": self.arena_size,
                 "max_arenas": self.max_arenas, "reserve": self.reserve,
                 "reserved_bytes": self.reserved_bytes,
-                "index_generations": self.index_generations, "created_ns": self.created_ns}
+                "index_generations": self.index_generations, "created_ns": self.created_ns,
+                "structures": self.structures}
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,7 @@ def groups(names: Iterable[str] = ()) -> dict[str, list[str]]:
 
 
 def shm_bytes(name: str) -> int:
-    """Bytes of memory every object of heap ``name`` takes in /dev/shm now."""
+    """Bytes of memory every segment of heap ``name`` takes in /dev/shm now."""
     return _used_bytes(groups([name]).get(name, []))
 
 
@@ -149,7 +152,7 @@ def survey(names: Iterable[str] = ()) -> list[HeapStatus]:
 
 
 def status_of(name: str, entries: list[str]) -> HeapStatus:
-    """Judge heap ``name``, whose objects in /dev/shm are ``entries``."""
+    """Judge heap ``name``, whose segments in /dev/shm are ``entries``."""
     pids: tuple[int, ...] = ()
     if segments.exists(live_name(name)):
         try:
@@ -157,7 +160,7 @@ def status_of(name: str, entries: list[str]) -> HeapStatus:
         except ShmHeapError:
             pids = ()
     return replace(_judge(name), entries=tuple(entries), pids=pids,
-                   shm_bytes=_used_bytes(entries))
+                   shm_bytes=_used_bytes(entries), structures=coord.count_in(name))
 
 
 def _judge(name: str) -> HeapStatus:
@@ -209,7 +212,7 @@ def _judge(name: str) -> HeapStatus:
 
 
 def _missing_part(name: str, max_arenas: int, generation: int) -> str:
-    """The first object a ready heap needs that is absent or too short, else ""."""
+    """The first segment a ready heap needs that is absent or too short, else ""."""
     needs = ((live_name(name), liveness.SIZE), (map_name(name), arenas.map_bytes(max_arenas)),
              (index_name(name, generation), 1), (semaphore_file(name), 1),
              (roots_name(name), roots.MIN_SIZE))

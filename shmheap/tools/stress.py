@@ -1,34 +1,54 @@
 """``shmheap stress``: many processes grow, allocate in and read one heap at once, checking it all.
 
-A run creates a fresh heap and starts worker processes (fresh interpreters,
-``multiprocessing`` spawn context): writers, churners and readers, whose
-roles and checks are in stress_roles.py.
+A run creates a fresh heap and starts worker processes: writers, churners
+and readers, whose roles and checks are in stress_roles.py.  Workers fork
+from a warm ``multiprocessing`` forkserver that has imported shmheap
+(``warm_forkserver``), so a worker's start to its first operation takes
+milliseconds where a spawned interpreter takes over 100 ms (``--mix``'s
+pure-Python workers are still spawned: the forkserver has imported the
+parent's core).  Each worker counts its operations and checks in its slot of
+a shared tally (stress_tally.py) as it does them, so a worker killed after a
+few operations still counts what it did.
 
-With ``kill_rate`` the parent SIGKILLs a random worker that often and starts
-a replacement; the heap lock adopts a dead holder's lock on its own, and a
-dead churner's cached spans are reclaimed by the allocator.  After a kill the
-parent takes the heap lock as a writer (which repairs whatever the journal
-says a killed worker left unfinished, as any worker's next lock would) and
-then runs ``heap.check()`` (at most once per ``CHECK_INTERVAL``, and always
-at the end), counting every finding but the adoption of a dead holder's lock
-(``TOLERATED_AFTER_KILL``) as a violation.  A check holds the
-heap lock while it opens every arena, which shows in the maximum latencies
-of such runs.
+With ``kill_rate`` kills fall due at the times of a Poisson process of that
+rate; each SIGKILLs a random worker that has begun its first operation and
+starts a replacement at once (the killed one is reaped, its last messages
+read and its slot freed, when its process is gone).  A kill due while no
+worker is working waits, and a late kill is made as soon as it can be, so a
+run kills at the asked rate or its summary says how far short and why.  The
+heap lock adopts a dead holder's lock on its own, and a dead churner's
+cached spans are reclaimed by the allocator.  After kills the parent takes
+the heap lock as a writer (which repairs whatever the journal says a killed
+worker left unfinished, as any worker's next lock would) and then runs
+``heap.check()`` (at most once per ``CHECK_INTERVAL`` and for at most
+``CHECK_SHARE`` of the time, and always at the end), counting every finding
+but those a kill legitimately leaves (``TOLERATED_AFTER_KILL``) as a
+violation.  A check holds the heap lock while it opens every arena, which
+shows in the maximum latencies of such runs.
 
 At the end the parent stops the workers, checks the heap once more, verifies
-that the final snapshot holds every arena the writers reported (none lost),
-that every stamp is right and that the objects live in the heap are exactly
-those the workers that stopped normally hold (their final reports list
-them), each with its pattern; objects that only killed workers could hold
-are counted (a killed process's objects stay allocated by design), not
-blamed.  Then it destroys the heap (always, in a ``finally``, even on
-Ctrl-C), verifies that nothing of it is left in /dev/shm, and reports.  The
-run fails (exit 1) on any violation, lost arena or leak.
+that the final snapshot holds every arena the writers reported and that
+each still has its segment (none lost), that every stamp is right and that
+the objects live in the heap are exactly those the workers that stopped
+normally hold (their final reports list them), each with its pattern;
+objects that only killed workers could hold are counted (a killed process's
+objects stay allocated by design), not blamed.  Then it destroys the heap
+(always, in a ``finally``, even on Ctrl-C), verifies that nothing of it is
+left in /dev/shm, and reports.
+
+The verdict is earned: the run FAILS (exit 1) on any violation, lost arena
+or leak; else a run that did less than a coverage floor (``FLOORS``: grows,
+objects verified, snapshots and entries checked, per second of the run;
+with ``kill_rate`` also ``KILL_FLOOR`` of the kills due) is INCONCLUSIVE
+(exit ``EXIT_INCONCLUSIVE``); else it is OK.  Ctrl-C stops the run, kills
+the workers, destroys the heap and prints the figures counted so far
+(INTERRUPTED, exit 130).
 
 This module owns the run: the parent's fleet of workers and its relay of
-handoffs, the kill/respawn loop, the final verification, the live display,
-the summary and the ``shmheap stress`` command.  It uses the heap only
-through the public API (``Heap``, ``walk``, ``check()``, ``shmheap.destroy``).
+handoffs, the kill/respawn loop, the final verification, the verdict, the
+live display, the summary and the ``shmheap stress`` command.  It uses the
+heap only through the public API (``Heap``, ``walk``, ``check()``,
+``shmheap.destroy``).
 """
 
 from __future__ import annotations
@@ -41,11 +61,12 @@ import os
 import random
 import secrets
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
+from multiprocessing import forkserver, get_context
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any, TextIO
@@ -57,11 +78,21 @@ from ..errors import (
     ShmHeapError,
 )
 from ..heap import Heap, destroy
-from ..names import check_max_arenas, check_name, owns, usable_arenas
-from .args import Subparsers, UsageError, arena_size_arg, at_least, heap_name, rate_arg, seconds_arg
+from ..names import arena_name, check_max_arenas, check_name, owns, usable_arenas
+from .args import (
+    Subparsers,
+    UsageError,
+    arena_size_arg,
+    at_least,
+    factor_arg,
+    heap_name,
+    rate_arg,
+    seconds_arg,
+)
 from .display import Live, format_size, print_table
 from .interrupt import LATENCY, CtrlC
 from .stress_roles import (
+    ROLES,
     STAMP_MAGIC,
     Go,
     Handoff,
@@ -70,12 +101,32 @@ from .stress_roles import (
     latency_summary,
     worker_main,
 )
+from .stress_tally import Counts, Tally
 
 #: Seconds between refreshes of the live display (a plain line every PLAIN_EVERY).
 REFRESH = 0.25
 PLAIN_EVERY = 1.0
-#: Least seconds between two mid-run checks after kills.
+#: Least seconds between two mid-run checks after kills; and the most of the run's time
+#: they take (a check holds the heap lock while it reads every arena: writers wait).
 CHECK_INTERVAL = 1.0
+CHECK_SHARE = 0.2
+#: Coverage floors: what each role must at least have done per second of the run (times
+#: --floor) for the run to earn a verdict, as (figure, counter, rate); below any of them
+#: the run is INCONCLUSIVE.  Set about ten times below what a 2-core machine shared with
+#: other work does under --kill-rate 25.
+FLOORS: dict[str, tuple[tuple[str, str, float], ...]] = {
+    "writer": (("grows", "ops", 5.0),),
+    "churner": (("objects verified", "verified", 100.0),),
+    "reader": (("snapshots", "ops", 10.0), ("entries checked", "entries", 1000.0)),
+}
+#: With --kill-rate, the run must make this share of the kills its schedule made due.
+KILL_FLOOR = 0.8
+#: Seconds between looks for a victim while a kill is due and no worker is working.
+KILL_RETRY = 0.002
+#: What the forkserver imports once, so that a worker forked from it starts at once.
+PRELOAD = ["shmheap", "shmheap.tools.cli", "shmheap.tools.stress_roles"]
+#: Exit status of a run that did too little to judge (below a coverage floor).
+EXIT_INCONCLUSIVE = 3
 #: Seconds to wait for workers to start, and to stop before they are killed.
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 30.0
@@ -89,10 +140,17 @@ MAX_IN_FLIGHT = 1024
 #: directory small.
 DEFAULT_ARENAS = 4096
 #: Findings that a SIGKILL legitimately leaves behind until the next repair ("dead-owner":
-#: the check itself adopted a dead holder's lock and repaired).
-TOLERATED_AFTER_KILL = frozenset({"dead-owner"})
+#: the check itself adopted a dead holder's lock and repaired; "unpublished": a writer killed
+#: while growing left its new arena or index generation under its temporary name, which
+#: repair, or the next process in its liveness slot, removes).
+TOLERATED_AFTER_KILL = frozenset({"dead-owner", "unpublished"})
 #: Arenas of 1 MiB (sparse: only touched pages take memory) hold a churner's large objects.
 DEFAULT_ARENA_SIZE = 1 << 20
+#: The final figures of a run that did not get to verify them (interrupted, or failed).
+NO_FINAL: dict[str, Any] = {
+    "final_arenas": 0, "arenas_lost": 0, "arenas_grown_otherwise": 0, "stamped_arenas": 0,
+    "unstamped_arenas": 0, "index_generations": 0, "index_bytes": 0, "recoveries": 0,
+    "repairs": 0, "objects": {}}
 
 
 # -- the parent's side ----------------------------------------------------------------------
@@ -107,6 +165,13 @@ class Worker:
     process: BaseProcess
     conn: Connection
     pid: int
+    #: what it counted: a live view of its tally slot while it runs, a copy once it ended
+    counts: Counts
+    #: its tally slot while it runs (None once it ended and the slot went back)
+    slot: int | None
+    #: when the parent started it (time.monotonic_ns); replacements are started after go
+    started_ns: int
+    replacement: bool
     #: starting -> ready -> running -> done | killed | straggler | died
     #: ("killing" while the parent drains the pipe of a worker it has just killed)
     state: str = "starting"
@@ -121,22 +186,35 @@ class Worker:
     def alive(self) -> bool:
         return self.state in ("starting", "ready", "running")
 
+    @property
+    def working(self) -> bool:
+        """Running and past the start of its first operation: worth a kill."""
+        return self.state == "running" and self.counts.first_op_ns != 0
+
+    def start_ms(self) -> float | None:
+        """Milliseconds from its start to its first operation (None: it made none)."""
+        first = self.counts.first_op_ns
+        if not first:
+            return None
+        return max(first - self.started_ns, 0) / 1e6
+
     def summary(self) -> dict[str, Any]:
         report = self.report
+        counters = self.counts.as_dict()
         return {"kind": self.kind, "wid": self.wid, "pid": self.pid,
-                "state": self.state, "ops": report.ops if report else 0,
-                "counters": dict(report.counters) if report else {},
+                "state": self.state, "ops": counters.pop("ops"),
+                "violations": counters.pop("violations"), "counters": counters,
+                "core": self.counts.core, "start_ms": self.start_ms(),
+                "replacement": self.replacement,
                 "arenas_created": len(self.created),
                 "live_objects": len(report.live) if report else 0,
                 "handed_in": self.handed_in,
-                "violations": report.violations if report else 0,
-                "native": report.native if report else None,
                 "error": report.error if report else ""}
 
 
 @contextlib.contextmanager
 def _core_of_worker(pure: bool) -> Iterator[None]:
-    """A worker started meanwhile runs the pure-Python core if ``pure`` (spawn copies the
+    """A worker spawned meanwhile runs the pure-Python core if ``pure`` (spawn copies the
     environment); the parent's own is as it was afterwards."""
     if not pure:
         yield
@@ -152,17 +230,44 @@ def _core_of_worker(pure: bool) -> Iterator[None]:
             os.environ[core.PURE_VAR] = before
 
 
-class Fleet:
-    """The worker processes of a run: spawn, message, kill, stop."""
+def warm_forkserver() -> None:
+    """Start the forkserver that forks the workers, with shmheap imported, SIGINT ignored.
 
-    def __init__(self, name: str, seed: int, ctrl_c: CtrlC, mix: bool = False) -> None:
+    A worker forked from it starts in milliseconds (spawn imports shmheap
+    afresh, over 100 ms).  Python keeps an ignored SIGINT ignored when it
+    starts, so the forkserver and every worker it forks ignore Ctrl-C from
+    their first instruction: the parent handles it (interrupt.py).  Only in
+    the main thread (the only one that may set a signal handler); elsewhere
+    the forkserver is started on the first fork.
+    """
+    get_context("forkserver").set_forkserver_preload(PRELOAD)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
+class Fleet:
+    """The worker processes of a run: start, message, kill, stop."""
+
+    def __init__(self, name: str, seed: int, ctrl_c: CtrlC, slots: int,
+                 mix: bool = False) -> None:
         self.name = name
         self.seed = seed
         #: every other worker (by number) runs the pure-Python core
         self.mix = mix
         #: takes a Ctrl-C in ``poll``, between messages (interrupt.py)
         self.ctrl_c = ctrl_c
-        self.context = get_context("spawn")
+        #: workers fork from a warm forkserver; --mix's pure-Python ones are spawned afresh
+        #: (the forkserver has imported the parent's core)
+        self.context = get_context("forkserver")
+        self.spawn_context = get_context("spawn")
+        #: every worker's counters; a slot per worker that can run at once
+        self.tally = Tally.create(slots)
+        self.free_slots = list(range(slots - 1, -1, -1))
         self.workers: list[Worker] = []
         #: set once the run has started: a worker that becomes ready is sent it
         self.go: Go | None = None
@@ -180,14 +285,24 @@ class Fleet:
     def spawn(self, kind: str) -> Worker:
         wid = len(self.workers)
         seed = random.Random(f"{self.seed}/{wid}").getrandbits(64)
-        parent_end, child_end = self.context.Pipe()
-        process = self.context.Process(target=worker_main, name=f"shmheap-stress-{kind}-{wid}",
-                                       args=(kind, self.name, wid, seed, child_end), daemon=True)
-        with _core_of_worker(pure=self.mix and wid % 2 == 1):
+        if not self.free_slots:  # every slot's worker runs or awaits its reaping
+            self.reap(self.dying()[0])
+        slot = self.free_slots.pop()
+        words = self.tally.slot(slot)  # zero: new, or zeroed when its last worker ended
+        pure = self.mix and wid % 2 == 1
+        context = self.spawn_context if pure else self.context
+        parent_end, child_end = context.Pipe()
+        process = context.Process(target=worker_main, name=f"shmheap-stress-{kind}-{wid}",
+                                  args=(kind, self.name, wid, seed, child_end, self.tally, slot,
+                                        self.go), daemon=True)
+        started = time.monotonic_ns()
+        with _core_of_worker(pure):
             process.start()
         child_end.close()
         assert process.pid is not None
-        worker = Worker(kind, wid, process, parent_end, process.pid)
+        worker = Worker(kind, wid, process, parent_end, process.pid,
+                        Counts(words, ROLES[kind].COUNTERS), slot, started,
+                        replacement=self.go is not None)
         self.workers.append(worker)
         return worker
 
@@ -204,13 +319,22 @@ class Fleet:
         at ``interrupt.LATENCY`` so that one is never kept waiting long.
         """
         timeout = min(max(timeout, 0), LATENCY)
-        by_conn = {w.conn: w for w in self.live()}
-        if not by_conn:
+        by_conn: dict[object, Worker] = {w.conn: w for w in self.live()}
+        #: a killed worker is reaped once its process is gone (its sentinel is ready)
+        dying: dict[object, Worker] = {w.process.sentinel: w for w in self.dying()}
+        if not by_conn and not dying:
             self.ctrl_c.sleep(timeout)
             return
-        for conn in wait(list(by_conn), timeout):
-            self._receive(by_conn[conn])  # type: ignore[index]
+        for ready in wait([*by_conn, *dying], timeout):  # type: ignore[list-item]
+            if ready in dying:
+                self.reap(dying[ready])
+            else:
+                self._receive(by_conn[ready])
         self.ctrl_c.check()
+
+    def dying(self) -> list[Worker]:
+        """The workers killed and not yet reaped."""
+        return [w for w in self.workers if w.state == "killing"]
 
     def _receive(self, worker: Worker) -> None:
         try:
@@ -220,7 +344,9 @@ class Fleet:
             return
         if message == "ready":
             worker.state = "ready"
-            if self.go is not None:
+            if worker.replacement:
+                worker.state = "running"  # it was given go when it started
+            elif self.go is not None:
                 self.send(worker, self.go)
             return
         self._record(worker, message)
@@ -235,7 +361,7 @@ class Fleet:
             self._relay(worker, message)
             return
         report = worker.report = message
-        self._taken(worker, report.counters.get("received", 0))
+        self._taken(worker, worker.counts.get("received"))
         if report.error:
             self.problems.append(f"{worker.kind} {worker.wid} failed: {report.error}")
         if report.final:
@@ -274,16 +400,26 @@ class Fleet:
         worker.state = state
         self._release(worker)
 
-    @staticmethod
-    def _release(worker: Worker) -> None:
-        """Close the pipe and, once the process is reaped, its process object.
+    def _release(self, worker: Worker) -> None:
+        """Keep what it counted, free its tally slot, close its pipe and process object.
 
         A run kills and respawns workers by the thousand: each would otherwise
-        keep two descriptors (pipe end, process sentinel) in the parent.
+        keep two descriptors (pipe end, process sentinel) in the parent.  The
+        slot is zeroed for the next worker once the process is gone: one that
+        is still there (it sent its final report but did not exit) is killed.
         """
         worker.conn.close()
-        if worker.process.exitcode is not None:
-            worker.process.close()
+        if worker.process.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGKILL)
+            worker.process.join()
+        worker.process.close()
+        if worker.slot is not None:
+            self._taken(worker, worker.counts.get("received"))
+            worker.counts = worker.counts.frozen()
+            self.tally.clear(worker.slot)
+            self.free_slots.append(worker.slot)
+            worker.slot = None
 
     def send(self, worker: Worker, message: Go | Handoff | str) -> None:
         try:
@@ -308,13 +444,16 @@ class Fleet:
             self.send(worker, self.go)
         return self.go.started
 
-    def kill(self, worker: Worker, state: str = "killed") -> None:
-        """SIGKILL ``worker``, keep every complete report it had sent."""
+    def kill(self, worker: Worker) -> None:
+        """SIGKILL ``worker`` and go on: ``poll`` reaps it once its process is gone."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker.pid, signal.SIGKILL)
-        worker.process.join()
         if worker.alive:
-            worker.state = "killing"  # no handoff goes to it any more
+            worker.state = "killing"  # no handoff and no kill goes to it any more
+
+    def reap(self, worker: Worker, state: str = "killed") -> None:
+        """Wait until killed ``worker`` is gone, keep every complete message it had sent."""
+        worker.process.join()
         while not worker.conn.closed and worker.conn.poll():
             try:
                 message = worker.conn.recv()
@@ -334,13 +473,15 @@ class Fleet:
         deadline = time.monotonic() + STOP_TIMEOUT
         while self.live() and time.monotonic() < deadline:
             self.poll(deadline - time.monotonic())
-        for worker in self.live():
-            self.kill(worker, "straggler")
+        self.shutdown()
 
     def shutdown(self) -> None:
-        """Kill whatever is still running (after an error or Ctrl-C)."""
+        """Kill whatever is still running (stragglers), reap whatever was killed."""
+        for worker in self.dying():
+            self.reap(worker)
         for worker in self.live():
-            self.kill(worker, "straggler")
+            self.kill(worker)
+            self.reap(worker, "straggler")
 
 
 @dataclass(frozen=True)
@@ -364,6 +505,8 @@ class StressConfig:
     name: str = ""
     json_path: str = ""
     progress: bool = True
+    #: scales the coverage floors (0: none)
+    floor: float = 1.0
 
     def __post_init__(self) -> None:
         counts = self.roles().values()
@@ -377,6 +520,8 @@ class StressConfig:
         if not 0 <= self.kill_rate < math.inf:
             raise InvalidParameterError(f"--kill-rate {self.kill_rate}: give kills per second "
                                         ">= 0")
+        if not 0 <= self.floor < math.inf:
+            raise InvalidParameterError(f"--floor {self.floor}: give a factor >= 0")
         if self.max_arenas:
             check_max_arenas(self.max_arenas, self.arena_size)
         else:
@@ -396,14 +541,24 @@ class StressRun:
         self.name = config.name or f"stress-{os.getpid()}-{secrets.token_hex(3)}"
         self.rng = random.Random(config.seed)
         self.ctrl_c = CtrlC()
-        self.fleet = Fleet(self.name, config.seed, self.ctrl_c, config.mix)
+        #: a slot for every worker, and as many for killed ones not yet reaped
+        self.fleet = Fleet(self.name, config.seed, self.ctrl_c,
+                           2 * sum(config.roles().values()), config.mix)
         self.kills = 0
+        #: when the next kill is due; seconds kills were due with no worker working
+        self.next_kill = math.inf
+        self.kill_wait = 0.0
+        self._waiting_since: float | None = None
         self.checks = 0
+        #: seconds the parent's checks took in all
+        self.check_s = 0.0
         self.findings: list[dict[str, object]] = []
         #: violations the parent found itself
         self.violations: list[str] = []
         self.started = 0.0
         self.elapsed = 0.0
+        #: a Ctrl-C stopped the run: the report is partial
+        self.interrupted = False
 
     def violate(self, text: str) -> None:
         self.violations.append(text)
@@ -412,66 +567,116 @@ class StressRun:
         """Do the whole run and return the report; the heap is destroyed in any case.
 
         Ctrl-C raises KeyboardInterrupt from ``Fleet.poll`` (or at the end),
-        never in the middle of a message, a lock hold or the cleanup.
+        never in the middle of a message, a lock hold or the cleanup; the run
+        then stops its workers, destroys the heap and returns what it counted
+        so far, with ``interrupted`` set.
         """
         config = self.config
-        with self.ctrl_c:
-            heap = Heap.create(self.name, arena_size=config.arena_size,
-                               max_arenas=config.max_arenas, reserve=config.reserve)
-            try:
-                with Live(config.progress, line=True, plain_every=PLAIN_EVERY,
-                          refresh=REFRESH) as show:
-                    self.started = self.fleet.start(config.roles(), config.duration,
-                                                    config.paced)
-                    self._run_phase(heap, show)
-                    self.elapsed = time.monotonic() - self.started
-                    self.fleet.stop()
-                final = self._verify(heap)
-            finally:
-                self.fleet.shutdown()
-                heap.close()
-                with contextlib.suppress(HeapNotFoundError):
-                    destroy(self.name, force=True)
-            self.ctrl_c.check()
-        leaks = [entry for entry in segments.list_all() if owns(self.name, entry)]
-        return self._report(final, leaks)
+        warm_forkserver()
+        final = dict(NO_FINAL)
+        fleet = self.fleet
+        try:
+            with self.ctrl_c:
+                heap = Heap.create(self.name, arena_size=config.arena_size,
+                                   max_arenas=config.max_arenas, reserve=config.reserve)
+                try:
+                    final = self._run_and_verify(heap)
+                except KeyboardInterrupt:
+                    self.interrupted = True
+                finally:
+                    if self.started and not self.elapsed:
+                        self.elapsed = time.monotonic() - self.started
+                    fleet.shutdown()
+                    final["arenas_lost"] = max(final["arenas_lost"], len(self._lost(heap)))
+                    heap.close()
+                    with contextlib.suppress(HeapNotFoundError):
+                        destroy(self.name, force=True)
+                try:
+                    self.ctrl_c.check()
+                except KeyboardInterrupt:
+                    self.interrupted = True
+            leaks = [entry for entry in segments.list_all() if owns(self.name, entry)]
+            return self._report(final, leaks)
+        finally:
+            fleet.tally.close()
+
+    def _run_and_verify(self, heap: Heap) -> dict[str, Any]:
+        config = self.config
+        with Live(config.progress, line=True, plain_every=PLAIN_EVERY,
+                  refresh=REFRESH) as show:
+            self.started = self.fleet.start(config.roles(), config.duration, config.paced)
+            self._run_phase(heap, show)
+            self.elapsed = time.monotonic() - self.started
+            self.fleet.stop()
+        return self._verify(heap)
 
     def _run_phase(self, heap: Heap, show: Live) -> None:
         config = self.config
         end = self.started + config.duration
-        next_kill = self._next_kill(self.started)
-        next_refresh = self.started
-        check_pending = False
-        last_check = -math.inf
+        self.next_kill = self._after(self.started)
+        next_refresh = self.started if config.progress else math.inf
+        checked_kills = 0  # kills before the last check
+        next_check = self.started  # no check before
         while (now := time.monotonic()) < end:
-            if now >= next_kill:
-                self._kill_one()
-                check_pending = True
-                next_kill = self._next_kill(now)
-            if check_pending and now - last_check >= CHECK_INTERVAL:
-                self._check(heap)
-                check_pending = False
-                last_check = time.monotonic()
+            wake = self._kill_due(now)
+            if self.kills > checked_kills and now >= next_check:
+                checked_kills = self.kills
+                took = self._check(heap)
+                next_check = (time.monotonic()
+                              + max(CHECK_INTERVAL, took * (1 - CHECK_SHARE) / CHECK_SHARE))
             if now >= next_refresh:
                 show(self._progress_line(heap, now))
-                next_refresh = now + REFRESH
-            self.fleet.poll(min(end, next_kill, next_refresh) - time.monotonic())
+                next_refresh = now + (REFRESH if show.live is not None else PLAIN_EVERY)
+            self.fleet.poll(min(end, wake, next_refresh) - time.monotonic())
+        self._kill_due(end)  # kills still due at the end count as not made
 
-    def _next_kill(self, now: float) -> float:
+    def _after(self, when: float) -> float:
         rate = self.config.kill_rate
-        return now + self.rng.expovariate(rate) if rate > 0 else math.inf
+        return when + self.rng.expovariate(rate) if rate > 0 else math.inf
 
-    def _kill_one(self) -> None:
-        running = [w for w in self.fleet.workers if w.state == "running"]
-        if not running:
-            return
-        victim = self.rng.choice(running)
-        self.fleet.kill(victim)
-        self.kills += 1
-        self.fleet.spawn(victim.kind)
+    def _kill_due(self, now: float) -> float:
+        """Make every kill due by ``now``; return when to look again.
 
-    def _check(self, heap: Heap) -> None:
-        """Run ``heap.check()``; findings a kill does not explain are violations."""
+        Kills are due at the times of a Poisson process of the asked rate; a
+        kill late (the parent was busy) is made as soon as it can be, so the
+        run kills at the asked rate on average.  Its victim is a random
+        worker that has begun its first operation; while there is none, the
+        kill waits (``kill_wait`` adds up that time) and the next look is
+        ``KILL_RETRY`` seconds later.
+        """
+        while self.next_kill <= now:
+            victims = [w for w in self.fleet.workers if w.working]
+            if not victims:
+                if self._waiting_since is None:
+                    self._waiting_since = now
+                return now + KILL_RETRY
+            if self._waiting_since is not None:
+                self.kill_wait += now - self._waiting_since
+                self._waiting_since = None
+            victim = self.rng.choice(victims)
+            self.fleet.kill(victim)
+            self.kills += 1
+            self.fleet.spawn(victim.kind)
+            self.next_kill = self._after(self.next_kill)
+        return self.next_kill
+
+    def kills_due(self) -> int:
+        """Kills the schedule made due during the run: those made + those still due at the end."""
+        due = self.kills
+        when = self.next_kill
+        end = self.started + min(self.config.duration, self.elapsed or self.config.duration)
+        schedule = random.Random(f"{self.config.seed}/due")
+        while when <= end:
+            due += 1
+            when += schedule.expovariate(self.config.kill_rate)
+        return due
+
+    def _check(self, heap: Heap) -> float:
+        """Run ``heap.check()``; findings a kill does not explain are violations.
+
+        Returns the seconds it took.
+        """
+        start = time.monotonic()
         self.checks += 1
         tolerated = TOLERATED_AFTER_KILL if self._anyone_killed() else frozenset()
         try:
@@ -480,22 +685,23 @@ class StressRun:
             findings = heap.check()
         except ShmHeapError as exc:
             self.violate(f"heap.check() failed: {exc}")
-            return
+            findings = []
         for finding in findings:
             self.findings.append(finding.as_dict())
             if finding.code not in tolerated:
                 self.violate(f"check: {finding.code}: {finding.message}")
+        took = time.monotonic() - start
+        self.check_s += took
+        return took
 
     def _anyone_killed(self) -> bool:
-        return any(w.state in ("killed", "straggler", "died") for w in self.fleet.workers)
+        return any(w.state in ("killing", "killed", "straggler", "died")
+                   for w in self.fleet.workers)
 
     def _verify(self, heap: Heap) -> dict[str, Any]:
         """The final check: findings, lost arenas, stamps, live objects, counts."""
         self._check(heap)
-        final: dict[str, Any] = {
-            "final_arenas": 0, "arenas_lost": 0, "arenas_grown_otherwise": 0, "stamped_arenas": 0,
-            "unstamped_arenas": 0, "index_generations": 0, "index_bytes": 0, "recoveries": 0,
-            "repairs": 0, "objects": {}}
+        final = dict(NO_FINAL)
         try:
             freed = self._free_undelivered(heap)
             held = self._held()
@@ -505,19 +711,33 @@ class StressRun:
             self.violate(f"final verification failed: {exc}")
         return final
 
+    def _reported(self) -> list[int]:
+        """The arenas the writers reported they grew."""
+        return [i for w in self.fleet.of_kind("writer") for i in w.created]
+
+    def _lost(self, heap: Heap) -> list[int]:
+        """Arenas a writer reported that the heap lacks: not in a snapshot, or their segment
+        is gone from /dev/shm (the heap was destroyed under the run)."""
+        try:
+            listed = set(heap.snapshot().tolist())
+        except ShmHeapError:
+            listed = set()
+        return sorted(i for i in set(self._reported())
+                      if i not in listed or not segments.exists(arena_name(self.name, i)))
+
     def _verify_arenas(self, heap: Heap, held: dict[str, dict[int, int]]) -> dict[str, Any]:
         final = heap.snapshot().tolist()
         in_final = set(final)
         if len(in_final) != len(final):
             self.violate(f"the final snapshot lists {len(final) - len(in_final)} arenas twice")
-        reported = [i for w in self.fleet.of_kind("writer") for i in w.created]
+        reported = self._reported()
         if len(set(reported)) != len(reported):
             self.violate("two writers reported creating the same arena")
-        lost = sorted(set(reported) - in_final)
+        lost = self._lost(heap)
         if lost:
-            self.violate(f"{len(lost)} arenas reported created are not in the final snapshot, "
-                         f"e.g. {lost[:5]}")
-        stamped = self._stamped_arenas(heap, final)
+            self.violate(f"{len(lost)} arenas reported created are not in the final snapshot "
+                         f"or have no segment, e.g. {lost[:5]}")
+        stamped = self._stamped_arenas(heap, [i for i in final if i not in set(lost)])
         claimed = {ref // heap.arena_size for ref in held.get("writer", {})}
         if claimed - stamped:
             self.violate(f"{len(claimed - stamped)} arenas claimed by writers carry no stamp, "
@@ -640,16 +860,16 @@ class StressRun:
     def _totals(self, kind: str) -> dict[str, Any]:
         workers = self.fleet.of_kind(kind)
         reports = [w.report for w in workers if w.report is not None]
-        ops = sum(r.ops for r in reports)
         counters: dict[str, int] = {}
-        for report in reports:
-            for key, value in report.counters.items():
+        for worker in workers:
+            for key, value in worker.counts.as_dict().items():
                 counters[key] = counters.get(key, 0) + value
+        ops = counters.pop("ops", 0)
         seconds = self.elapsed or (time.monotonic() - self.started) or 1.0
         return {"workers": self.config.roles()[kind], "incarnations": len(workers), "ops": ops,
                 "ops_per_s": ops / seconds, "counters": counters,
                 "latency": latency_summary(r.latency for r in reports),
-                "violations": sum(r.violations for r in reports)}
+                "violations": counters.pop("violations", 0)}
 
     def _arenas_reported(self) -> int:
         return sum(len(w.created) for w in self.fleet.of_kind("writer"))
@@ -658,8 +878,8 @@ class StressRun:
         count = 0
         examples = []
         for worker in self.fleet.workers:
+            count += worker.counts["violations"]
             if worker.report is not None:
-                count += worker.report.violations
                 examples += [f"{worker.kind} {worker.wid}: {e}" for e in worker.report.examples]
         return count, examples
 
@@ -668,18 +888,60 @@ class StressRun:
         churners = self._totals("churner")["counters"]
         violations = self._worker_violations()[0] + len(self.violations)
         grows = self._arenas_reported()
+        seconds = max(now - self.started, 1e-3)
         return (f"stress {self.name}  {now - self.started:5.1f}/{self.config.duration:g} s  "
-                f"arenas {len(heap.snapshot())}  grows {grows} "
-                f"({grows / max(now - self.started, 1e-3):.0f}/s)  "
-                f"allocs {churners.get('allocs', 0)}  snapshots {readers['ops']} "
-                f"({readers['counters'].get('entries', 0)} entries)  kills {self.kills}  "
-                f"violations {violations}")
+                f"arenas {len(heap.snapshot())}  grows {grows} ({grows / seconds:.0f}/s)  "
+                f"verified {churners.get('verified', 0)}  snapshots {readers['ops']} "
+                f"({readers['counters'].get('entries', 0)} entries)  kills {self.kills} "
+                f"({self.kills / seconds:.1f}/s)  violations {violations}")
 
     def _cores(self) -> dict[str, int]:
-        """Processes that reported, by the core they ran."""
-        reports = [w.report for w in self.fleet.workers if w.report is not None]
-        native = sum(report.native for report in reports)
-        return {"native": native, "pure": len(reports) - native}
+        """Worker processes by the core they ran ("unstarted": killed before they said)."""
+        cores = [w.counts.core for w in self.fleet.workers]
+        return {"native": cores.count("native"), "pure": cores.count("pure"),
+                "unstarted": cores.count("")}
+
+    def _starts(self) -> dict[str, Any]:
+        """Milliseconds from a replacement's start to its first operation (p50, max)."""
+        times = sorted(t for w in self.fleet.workers if w.replacement
+                       and (t := w.start_ms()) is not None)
+        if not times:
+            return {"p50_ms": None, "max_ms": None, "samples": 0}
+        return {"p50_ms": times[len(times) // 2], "max_ms": times[-1], "samples": len(times)}
+
+    def _kill_figures(self) -> dict[str, Any]:
+        asked = self.config.kill_rate
+        due = self.kills_due() if asked else 0
+        return {"kills": self.kills, "kills_due": due,
+                "kills_per_s": self.kills / (self.elapsed or 1.0), "kill_rate_asked": asked,
+                "kill_wait_s": self.kill_wait}
+
+    def coverage(self, kills: dict[str, Any], full: bool) -> list[dict[str, Any]]:
+        """What the run did beside what it had to do for a verdict (``FLOORS``, ``KILL_FLOOR``).
+
+        Each floor is a rate per second of the asked duration (of the run
+        so far if interrupted), times ``--floor``; a role with no workers has
+        none; writers' grows are enough once the heap is full.
+        """
+        config = self.config
+        if not config.floor:
+            return []
+        seconds = min(config.duration, self.elapsed) if self.interrupted else config.duration
+        rows = []
+        for kind, floors in FLOORS.items():
+            if not config.roles()[kind]:
+                continue
+            totals = self._totals(kind)
+            for figure, counter, rate in floors:
+                done = totals["ops"] if counter == "ops" else totals["counters"].get(counter, 0)
+                floor = math.ceil(rate * seconds * config.floor)
+                if kind == "writer" and full:
+                    floor = min(floor, done)
+                rows.append({"role": kind, "figure": figure, "done": done, "floor": floor})
+        if kills["kill_rate_asked"]:
+            rows.append({"role": "parent", "figure": "kills", "done": kills["kills"],
+                         "floor": math.ceil(KILL_FLOOR * kills["kills_due"] * config.floor)})
+        return rows
 
     def _report(self, final: dict[str, Any], leaks: list[str]) -> dict[str, Any]:
         worker_count, worker_examples = self._worker_violations()
@@ -687,22 +949,35 @@ class StressRun:
         violations = worker_count + len(self.violations) + len(problems)
         full_at = [w.report.full_at for w in self.fleet.of_kind("writer")
                    if w.report is not None and w.report.full]
+        kills = self._kill_figures()
+        coverage = self.coverage(kills, bool(full_at))
+        below = [row for row in coverage if row["done"] < row["floor"]]
         report: dict[str, Any] = {
             "name": self.name, "config": asdict(self.config), "duration_s": self.elapsed,
             "roles": {kind: self._totals(kind) for kind in self.config.roles()},
             "arenas_created": self._arenas_reported(),
             "grows_per_s": self._arenas_reported() / (self.elapsed or 1.0),
             "heap_full_after_s": min(full_at) - self.started if full_at else None,
-            "kills": self.kills,
+            **kills,
+            "worker_start": self._starts(),
             "stragglers": sum(w.state == "straggler" for w in self.fleet.workers),
-            "checks": self.checks, "findings": self.findings,
+            "checks": self.checks, "check_s": self.check_s, "findings": self.findings,
             "violations": violations,
             "violation_examples": (problems + self.violations + worker_examples)[:20],
             "leaks": leaks, "workers": [w.summary() for w in self.fleet.workers],
-            "cores": self._cores(),
+            "cores": self._cores(), "coverage": coverage, "interrupted": self.interrupted,
             **final,
         }
-        report["ok"] = not violations and not final["arenas_lost"] and not leaks
+        if violations or final["arenas_lost"] or leaks:
+            result = "FAILED"
+        elif self.interrupted:
+            result = "INTERRUPTED"
+        elif below:
+            result = "INCONCLUSIVE"
+        else:
+            result = "OK"
+        report["result"] = result
+        report["ok"] = result == "OK"
         return report
 
 
@@ -714,8 +989,24 @@ def _us(latency: dict[str, float | None]) -> str:
     return " / ".join("-" if v is None else f"{v:.1f}" for v in values) + " µs"
 
 
+#: The rows of figures that only the final verification makes (left out when interrupted).
+VERIFIED_ROWS = frozenset({"handoffs handed on", "handoffs relayed", "final snapshot",
+                           "stamped arenas", "index generations", "live at the end",
+                           "lock recoveries"})
+
+
 def summary_rows(report: dict[str, Any]) -> Iterator[tuple[str, object]]:
-    """(metric, value) rows of the summary table; SUMMARY_HELP defines each one."""
+    """(metric, value) rows of the summary table; SUMMARY_HELP defines each one.
+
+    An interrupted run's summary leaves out what only the final verification
+    finds (``VERIFIED_ROWS``).
+    """
+    for metric, value in _rows(report):
+        if not (report["interrupted"] and metric in VERIFIED_ROWS):
+            yield metric, value
+
+
+def _rows(report: dict[str, Any]) -> Iterator[tuple[str, object]]:
     roles = report["roles"]
     writer, churner, reader = roles["writer"], roles["churner"], roles["reader"]
     config = report["config"]
@@ -723,9 +1014,13 @@ def summary_rows(report: dict[str, Any]) -> Iterator[tuple[str, object]]:
     yield "heap", (f"{report['name']} (seed {config['seed']}; at most "
                    f"{usable_arenas(config['max_arenas']):,} arenas of "
                    f"{format_size(config['arena_size'])})")
-    yield "duration", f"{report['duration_s']:.2f} s"
+    yield "duration", f"{report['duration_s']:.2f} s" + (
+        " (interrupted: partial figures, no final verification)" if report["interrupted"]
+        else "")
     cores = report["cores"]
-    yield "cores", f"{cores['native']} native, {cores['pure']} pure-Python processes"
+    yield "cores", (f"{cores['native']:,} native, {cores['pure']:,} pure-Python processes"
+                    + (f" ({cores['unstarted']:,} killed before they started)"
+                       if cores["unstarted"] else ""))
     yield "writers", f"{writer['workers']} ({writer['incarnations']} processes)"
     yield "grows", (f"{report['arenas_created']:,}, {report['grows_per_s']:.0f}/s"
                     + (" (paced)" if config["paced"] else ""))
@@ -768,13 +1063,40 @@ def summary_rows(report: dict[str, Any]) -> Iterator[tuple[str, object]]:
         f"held by workers that stopped ({objects.get('claims', 0):,} of them writers' arenas) "
         f"+ {objects.get('killed_objects', 0):,} left by killed workers "
         f"({format_size(objects.get('killed_bytes', 0))})")
-    yield "kills / stragglers", f"{report['kills']} / {report['stragglers']}"
+    yield "kills", _kills(report)
+    start = report["worker_start"]
+    yield "worker start p50/max", ("-" if not start["samples"] else
+                                   f"{start['p50_ms']:.1f} / {start['max_ms']:.1f} ms "
+                                   f"({start['samples']:,} replacements)")
+    yield "stragglers", report["stragglers"]
     yield "lock recoveries", report["recoveries"]
-    yield "checks run", report["checks"]
+    yield "checks run", f"{report['checks']} ({report['check_s']:.2f} s)"
     yield "violations", report["violations"]
     yield "arenas lost", report["arenas_lost"]
     yield "leaks", len(report["leaks"])
-    yield "result", "OK" if report["ok"] else "FAILED"
+    yield "coverage", _coverage(report["coverage"])
+    yield "result", report["result"]
+
+
+def _kills(report: dict[str, Any]) -> str:
+    asked = report["kill_rate_asked"]
+    if not asked:
+        return "0 (no --kill-rate)"
+    text = f"{report['kills']:,}, {report['kills_per_s']:.1f}/s of the {asked:g}/s asked"
+    if report["kills"] < report["kills_due"]:
+        text += (f" ({report['kills_due'] - report['kills']:,} due kills not made: no worker "
+                 f"was working for {report['kill_wait_s']:.2f} s in all)")
+    return text
+
+
+def _coverage(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no floors (--floor 0)"
+    below = [row for row in rows if row["done"] < row["floor"]]
+    shown = below or rows
+    return ("BELOW its floor: " if below else "every floor met: ") + ", ".join(
+        f"{row['figure']} {row['done']:,} {'<' if row in below else '>='} {row['floor']:,}"
+        for row in shown)
 
 
 #: The definitions of the summary's figures (``shmheap stress --help``).
@@ -782,9 +1104,10 @@ SUMMARY_HELP = """\
 The summary, figure by figure (--json holds the same numbers):
   heap                its seed, arena size and at most how many arenas: max_arenas - 1, the
                       number `shmheap info` says
-  duration            seconds from the start signal to the stop signal
-  cores               the processes that reported, by the core they ran: native (shmheap's
-                      C core) or pure-Python (--mix makes every other worker one)
+  duration            seconds from the start signal to the stop signal (or to Ctrl-C)
+  cores               the worker processes, by the core they ran: native (shmheap's C
+                      core) or pure-Python (--mix makes every other worker one); killed
+                      before they started: those that never got to say
   writers, churners, readers
                       processes of that role at a time (in brackets: every process started
                       for the role, replacements of killed ones included)
@@ -795,8 +1118,10 @@ The summary, figure by figure (--json holds the same numbers):
                       p50 / p99 / max of the samples in the workers' reports
   churn ops/s, objects allocated / freed, bytes allocated, patterns verified,
   snapshots/s, snapshots taken, entries checked, heap walks checked
-                      counted by the workers and sent in their reports every 0.5 s: a killed
-                      worker's last half second is not in them
+                      counted by each worker in shared memory as it goes, from its first
+                      operation: a killed worker's count is whole (the latency samples come
+                      in reports every 0.5 s, so a killed worker's last half second is not
+                      in those)
   grow collisions     grow(at=i) calls that found index i taken
   handoffs handed on  objects churners gave up for another churner, as the parent got them,
                       = relayed to a churner + undelivered (kept by the parent while the run
@@ -815,13 +1140,29 @@ The summary, figure by figure (--json holds the same numbers):
   live at the end     objects allocated at the end = held by the workers that stopped
                       normally (their final reports list them) + left by killed workers (a
                       killed process's objects stay allocated; lost handoffs are among them)
-  kills / stragglers  workers SIGKILLed by --kill-rate / killed because they did not stop
+  kills               workers SIGKILLed by --kill-rate, per second of the duration, beside
+                      the rate asked; a kill falls due at random times at that rate and
+                      hits a random worker that has begun its first operation (while none
+                      has, it waits: the kills not made by the end are said)
+  worker start        milliseconds from the start of a replacement worker to its first
+                      operation (forked from a warm forkserver that has imported shmheap;
+                      --mix's pure-Python workers are spawned afresh)
+  stragglers          workers killed because they did not stop
   lock recoveries     dead holders' locks adopted (info().recoveries)
-  checks run          heap.check() after kills (at most once a second) and at the end
+  checks run          heap.check() after kills (at most once a second, and at most a fifth
+                      of the time) and at the end; in brackets the seconds they took
   violations          failed checks, by the workers and the parent (examples follow the table)
-  arenas lost         arenas a writer reported grown that the final snapshot lacks
-  leaks               objects of the heap left in /dev/shm after it was destroyed
-  result              OK without violations, lost arenas or leaks
+  arenas lost         arenas a writer reported grown that the final snapshot lacks, or whose
+                      segment is gone from /dev/shm (the heap was destroyed under the run)
+  leaks               segments of the heap left in /dev/shm after it was destroyed
+  coverage            the floors a run must reach to earn a verdict, each a rate per second
+                      of --duration times --floor: writers' grows (or the heap filled),
+                      churners' objects verified, readers' snapshots and entries checked,
+                      and with --kill-rate 80% of the kills due
+  result              FAILED (exit 1) on any violation, lost arena or leak; else
+                      INCONCLUSIVE (exit 3) below any coverage floor; else OK (exit 0).
+                      Ctrl-C stops the run, prints the figures so far (INTERRUPTED) and
+                      exits 130
 """
 
 
@@ -856,6 +1197,9 @@ def add_stress(sub: Subparsers) -> None:
     parser.add_argument("--mix", action="store_true",
                         help="every other worker runs the pure-Python core, the rest the "
                         "native one: both kinds of process on one heap")
+    parser.add_argument("--floor", type=factor_arg, default=1.0, metavar="X",
+                        help="scale the coverage floors by X (default 1; 0: no floors, so "
+                        "no run is INCONCLUSIVE)")
     parser.add_argument("--json", metavar="FILE", default="", help="write the report as JSON")
     parser.add_argument("--name", type=heap_name, default=None,
                         help="heap name (default: a unique one)")
@@ -873,7 +1217,7 @@ def run_stress(args: argparse.Namespace) -> int:
             paced=not args.flat_out,
             seed=args.seed if args.seed is not None else secrets.randbits(32),
             kill_rate=args.kill_rate, name=args.name or "", json_path=args.json, mix=args.mix,
-            progress=not args.no_progress)
+            progress=not args.no_progress, floor=args.floor)
     except InvalidParameterError as exc:
         raise UsageError(str(exc)) from None
     with contextlib.ExitStack() as stack:
@@ -884,7 +1228,9 @@ def run_stress(args: argparse.Namespace) -> int:
             print(f"violation: {example}")
         if out is not None:
             json.dump(report, out, indent=2, default=str)
-    return 0 if report["ok"] else 1
+    if report["interrupted"]:
+        raise KeyboardInterrupt  # the command's exit status for Ctrl-C (cli.py)
+    return {"OK": 0, "INCONCLUSIVE": EXIT_INCONCLUSIVE}.get(report["result"], 1)
 
 
 def _open_report(path: str) -> TextIO:

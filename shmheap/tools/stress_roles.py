@@ -1,8 +1,8 @@
 """The worker side of ``shmheap stress``: the roles a worker process plays, and its main loop.
 
-Each worker is a fresh interpreter (``multiprocessing`` spawn context) started by
-the parent (stress.py) with ``worker_main``; it attaches the run's heap and
-plays one role:
+Each worker is a process forked from a warm ``multiprocessing`` forkserver
+that has imported shmheap (stress.py) and started with ``worker_main``; it
+attaches the run's heap and plays one role:
 
 ``writer``
     loops ``heap.grow()`` (one time in ``1/AT_EVERY`` it asks for a random
@@ -42,14 +42,18 @@ plays one role:
     with each other and with the snapshots around them, and every walked span
     and object lies inside its arena and span.
 
-Workers talk to the parent over one pipe each rather than a shared queue: a
-worker SIGKILLed while writing to a shared queue would corrupt it for all,
-while a torn message on its own pipe only ends that pipe.  The parent sends
+A worker counts its operations and checks in its slot of the run's tally
+(stress_tally.py) as it does them, so a worker killed after a few
+operations still counts what it did and verified.  Everything else goes
+over its pipe: workers talk to the parent over one pipe each rather than a
+shared queue: a worker SIGKILLed while writing to a shared queue would
+corrupt it for all, while a torn message on its own pipe only ends that pipe.  The parent sends
 ``Go``, ``Handoff`` (to churners) and ``"stop"``; a worker sends ``"ready"``,
 then the indices of the arenas it made after every step that made one (so a
 SIGKILL loses at most the arena of the step it interrupts), the objects a
-churner hands on (``Handoff``, in batches), a ``WorkerReport`` with its
-cumulative counters every ``REPORT_INTERVAL`` seconds, and a final one.  The
+churner hands on (``Handoff``, in batches), a ``WorkerReport`` (latency
+samples, violation examples) every ``REPORT_INTERVAL`` seconds, and a final
+one (with the objects it holds).  The
 parent relays each handoff to a random other running churner (back to the
 sender if it is the only one); handoffs it cannot deliver (the run is
 stopping, or every churner is ``MAX_IN_FLIGHT`` objects behind) it keeps,
@@ -61,10 +65,11 @@ expect the stamp ``index + 1`` and churners the pattern of ``ref + 1``, so
 every stamp and pattern check fails and the run must exit 1.  It proves that
 both checkers can fail.
 
-Adding a role: a ``Role`` subclass (``kind``, ``readonly``, ``step()``, and
-``outgoing()``/``receive()``/``finish()`` if it sends or takes messages or
-holds objects), an entry in ``ROLES`` and a count in ``StressConfig.roles()``
-(plus its option).
+Adding a role: a ``Role`` subclass (``kind``, ``readonly``, ``COUNTERS``,
+``step()``, and ``outgoing()``/``receive()``/``finish()`` if it sends or
+takes messages or holds objects), an entry in ``ROLES``, a count in
+``StressConfig.roles()`` (plus its option) and its coverage floors in
+stress.py's ``FLOORS``.
 
 This module owns the roles, what each one checks, the statistics a worker
 keeps (``Reservoir``, ``WorkerReport``) and the worker's side of the pipe.  It
@@ -96,6 +101,7 @@ from ..errors import (
 from ..heap import Heap
 from ..names import usable_arenas
 from ..walker import HeapStats, SpanInfo
+from .stress_tally import Counts, Tally
 
 BREAK_ENV = "SHMHEAP_STRESS_BREAK_CHECK"
 #: Seconds between a worker's reports.
@@ -177,14 +183,12 @@ def latency_summary(reservoirs: Iterable[Reservoir]) -> dict[str, float | None]:
 
 @dataclass
 class WorkerReport:
-    """What a worker tells the parent.  Counters are cumulative."""
+    """What a worker tells the parent over its pipe beside its counters (stress_tally.py)."""
 
     kind: str
     wid: int
     pid: int
-    ops: int = 0
-    counters: dict[str, int] = field(default_factory=dict)
-    violations: int = 0
+    #: the first violations' descriptions (the tally counts them all)
     examples: list[str] = field(default_factory=list)
     latency: Reservoir = field(default_factory=Reservoir)
     #: final report only: the objects the worker holds at the end, ref -> size
@@ -195,16 +199,6 @@ class WorkerReport:
     #: the exception that ended the worker, "" if none
     error: str = ""
     final: bool = False
-    #: the worker ran the native core (else the pure-Python twin)
-    native: bool = False
-
-    def count(self, key: str, n: int = 1) -> None:
-        self.counters[key] = self.counters.get(key, 0) + n
-
-    def violate(self, text: str) -> None:
-        self.violations += 1
-        if len(self.examples) < MAX_EXAMPLES:
-            self.examples.append(text)
 
 
 # -- roles --------------------------------------------------------------------------------
@@ -262,16 +256,32 @@ def break_offset() -> int:
 
 
 class Role:
-    """One worker's job: ``step()`` does one operation and records it in ``report``."""
+    """One worker's job: ``step()`` does one operation and counts it in ``counts``.
+
+    ``counts`` (its slot of the tally) holds ``ops``, ``violations`` and the
+    role's ``COUNTERS``; ``report`` what goes over the pipe (latency samples,
+    violation examples, the objects held at the end).
+    """
 
     kind: ClassVar[str]
     readonly: ClassVar[bool]
+    COUNTERS: ClassVar[tuple[str, ...]]
 
-    def __init__(self, heap: Heap, rng: random.Random, report: WorkerReport, go: Go) -> None:
+    def __init__(self, heap: Heap, rng: random.Random, report: WorkerReport, counts: Counts,
+                 go: Go) -> None:
         self.heap = heap
         self.rng = rng
         self.report = report
+        self.counts = counts
         self.go = go
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counts.add(name, n)
+
+    def violate(self, text: str) -> None:
+        self.counts.add("violations")
+        if len(self.report.examples) < MAX_EXAMPLES:
+            self.report.examples.append(text)
 
     def step(self) -> float:
         """Do one operation; return seconds to pause before the next (inf: all done)."""
@@ -298,9 +308,11 @@ class Writer(Role):
 
     kind = "writer"
     readonly = False
+    COUNTERS = ("collisions", "claims", "claimed_other")
 
-    def __init__(self, heap: Heap, rng: random.Random, report: WorkerReport, go: Go) -> None:
-        super().__init__(heap, rng, report, go)
+    def __init__(self, heap: Heap, rng: random.Random, report: WorkerReport, counts: Counts,
+                 go: Go) -> None:
+        super().__init__(heap, rng, report, counts, go)
         #: arena indices created since the last step
         self.created: list[int] = []
         #: the whole-arena objects it claimed and stamped, ref -> size
@@ -317,12 +329,12 @@ class Writer(Role):
         try:
             arena = self.heap.grow(at=at)
         except ArenaCollisionError:
-            self.report.count("collisions")
+            self.count("collisions")
             return 0
         except (AddressSpaceExhaustedError, OutOfSharedMemoryError) as exc:
             return self.heap_full(exc)
         self.report.latency.add(time.perf_counter_ns() - start)
-        self.report.ops += 1
+        self.count("ops")
         self.created.append(arena.index)
         return self.claim(arena.index)
 
@@ -335,14 +347,14 @@ class Writer(Role):
             return self.heap_full(exc)
         index, offset = divmod(ref, size)
         if offset:
-            self.report.violate(f"a whole-arena object starts at {ref:#x}, inside arena {index}")
+            self.violate(f"a whole-arena object starts at {ref:#x}, inside arena {index}")
         with self.heap.view(ref) as view, view[:16].cast("Q") as stamp:
             stamp[1] = index
             stamp[0] = STAMP_MAGIC
         self.claimed[ref] = size
-        self.report.count("claims")
+        self.count("claims")
         if index != grown:
-            self.report.count("claimed_other")
+            self.count("claimed_other")
         return 0
 
     def heap_full(self, exc: ShmHeapError) -> float:
@@ -383,9 +395,12 @@ class Churner(Role):
 
     kind = "churner"
     readonly = False
+    COUNTERS = ("allocs", "alloc_bytes", "frees", "freed_bytes", "verified", "handed",
+                "received", "full")
 
-    def __init__(self, heap: Heap, rng: random.Random, report: WorkerReport, go: Go) -> None:
-        super().__init__(heap, rng, report, go)
+    def __init__(self, heap: Heap, rng: random.Random, report: WorkerReport, counts: Counts,
+                 go: Go) -> None:
+        super().__init__(heap, rng, report, counts, go)
         #: the objects it holds, (ref, size), in no order
         self.held: list[tuple[int, int]] = []
         #: objects given up for another churner, not yet sent
@@ -407,7 +422,7 @@ class Churner(Role):
             return
         if hand_on:
             self.handing.append((ref, size))
-            self.report.count("handed")
+            self.count("handed")
         else:
             self.free(ref, size)
 
@@ -425,7 +440,7 @@ class Churner(Role):
         try:
             ref = self.heap.alloc(self.draw_size())
         except (AddressSpaceExhaustedError, OutOfSharedMemoryError):
-            report.count("full")
+            self.count("full")
             if self.held:
                 self.give_up(hand_on=False)
             return FULL_PAUSE
@@ -433,12 +448,12 @@ class Churner(Role):
         with self.heap.view(ref) as view:
             size = len(view)
             if bytes(view) != bytes(size):
-                report.violate(f"new object {ref:#x} of {size} bytes does not read zero")
+                self.violate(f"new object {ref:#x} of {size} bytes does not read zero")
             view[:] = pattern(ref, size)
         self.held.append((ref, size))
-        report.ops += 1
-        report.count("allocs")
-        report.count("alloc_bytes", size)
+        self.count("ops")
+        self.count("allocs")
+        self.count("alloc_bytes", size)
         return 0
 
     def take(self) -> tuple[int, int]:
@@ -452,19 +467,19 @@ class Churner(Role):
         """The object's size after checking its pattern (0: it cannot be read)."""
         actual, problem = check_object(self.heap, ref, size, self.offset)
         if problem:
-            self.report.violate(problem)
-        self.report.count("verified")
+            self.violate(problem)
+        self.count("verified")
         return actual
 
     def free(self, ref: int, size: int) -> None:
         try:
             self.heap.free(ref)
         except ShmHeapError as exc:
-            self.report.violate(f"free({ref:#x}) raised {type(exc).__name__}: {exc}")
+            self.violate(f"free({ref:#x}) raised {type(exc).__name__}: {exc}")
             return
-        self.report.ops += 1
-        self.report.count("frees")
-        self.report.count("freed_bytes", size)
+        self.count("ops")
+        self.count("frees")
+        self.count("freed_bytes", size)
 
     def receive(self, message: Handoff) -> None:
         """Objects another churner handed on: check each and free it."""
@@ -472,14 +487,14 @@ class Churner(Role):
             size = self.check(ref, None)
             if size:
                 self.free(ref, size)
-            self.report.count("received")
+            self.count("received")
 
     def outgoing(self, flush: bool) -> list[object]:
         if len(self.handing) < HANDOFF_BATCH and not (flush and self.handing):
             return []
         refs = tuple(ref for ref, _ in self.handing)
         self.handing = []
-        return [Handoff(refs, self.report.counters.get("received", 0))]
+        return [Handoff(refs, self.counts["received"])]
 
     def finish(self) -> None:
         self.report.live = dict(self.held + self.handing)
@@ -495,30 +510,32 @@ class Reader(Role):
 
     kind = "reader"
     readonly = True
+    COUNTERS = ("entries", "stamps", "walks", "spans_walked", "objects_walked")
 
-    def __init__(self, heap: Heap, rng: random.Random, report: WorkerReport, go: Go) -> None:
-        super().__init__(heap, rng, report, go)
+    def __init__(self, heap: Heap, rng: random.Random, report: WorkerReport, counts: Counts,
+                 go: Go) -> None:
+        super().__init__(heap, rng, report, counts, go)
         self.previous = memoryview(b"").cast("I")
         #: arena index -> a two-element u64 view of its first 16 bytes (magic, index)
         self.stamps: dict[int, memoryview] = {}
         self.offset = break_offset()
-        self.next_walk = go.started + WALK_INTERVAL * rng.random()
+        self.next_walk = time.monotonic() + WALK_INTERVAL * rng.random()  # a replacement too
 
     def step(self) -> float:
         start = time.perf_counter_ns()
         snapshot = self.heap.snapshot()
         self.report.latency.add(time.perf_counter_ns() - start)
-        self.report.ops += 1
+        self.count("ops")
         entries = snapshot.view()
         previous = self.previous
         if len(entries) < len(previous) or entries[:len(previous)] != previous:
-            self.report.violate(f"a snapshot of {len(entries)} entries does not extend the "
+            self.violate(f"a snapshot of {len(entries)} entries does not extend the "
                                 f"previous one of {len(previous)}")
         if len(set(entries)) != len(entries):
-            self.report.violate(f"a snapshot of {len(entries)} entries has duplicates")
+            self.violate(f"a snapshot of {len(entries)} entries has duplicates")
+        self.count("entries", len(entries))
         self.check_stamps(entries)
         self.previous = entries
-        self.report.count("entries", len(entries))
         if time.monotonic() >= self.next_walk:
             self.check_walk()
             self.next_walk = time.monotonic() + WALK_INTERVAL
@@ -539,15 +556,15 @@ class Reader(Role):
             stamped += 1
             value = stamp[1]
             if value != index + offset:
-                self.report.violate(f"arena {index} is stamped {value}, expected "
+                self.violate(f"arena {index} is stamped {value}, expected "
                                     f"{index + offset}")
-        self.report.count("stamps", stamped)
+        self.count("stamps", stamped)
 
     def map_stamp(self, index: int) -> memoryview | None:
         try:
             stamp = self.heap.arena(index).buf[:16].cast("Q")
         except (KeyError, ShmHeapError) as exc:
-            self.report.violate(f"arena {index} is in a snapshot but heap.arena({index}) "
+            self.violate(f"arena {index} is in a snapshot but heap.arena({index}) "
                                 f"raised {type(exc).__name__}: {exc}")
             return None
         self.stamps[index] = stamp
@@ -556,21 +573,20 @@ class Reader(Role):
     def check_walk(self) -> None:
         """heap.stats() and heap.walk() under churn: only what no race can break."""
         heap = self.heap
-        report = self.report
         before = len(heap.snapshot())
         stats = heap.stats()
         spans = list(heap.walk())
         after = heap.snapshot()
         for problem in stats_problems(stats, heap.arena_size, before, len(after)):
-            report.violate(f"heap.stats(): {problem}")
+            self.violate(f"heap.stats(): {problem}")
         arenas = set(after)
         for span in spans:
             problem = span_problem(span, arenas, heap.arena_size, stats.page_size)
             if problem:
-                report.violate(f"heap.walk(): the span at {span.address:#x} {problem}")
-        report.count("walks")
-        report.count("spans_walked", len(spans))
-        report.count("objects_walked", sum(len(span.objects) for span in spans))
+                self.violate(f"heap.walk(): the span at {span.address:#x} {problem}")
+        self.count("walks")
+        self.count("spans_walked", len(spans))
+        self.count("objects_walked", sum(len(span.objects) for span in spans))
 
 
 def stats_problems(stats: HeapStats, arena_size: int, before: int, after: int) -> list[str]:
@@ -632,18 +648,28 @@ def span_problem(span: SpanInfo, arenas: set[int], arena_size: int, page_size: i
 ROLES: dict[str, type[Role]] = {role.kind: role for role in (Writer, Churner, Reader)}
 
 
-def worker_main(kind: str, name: str, wid: int, seed: int, conn: Connection) -> None:
-    """A worker process: attach, say ready, wait for go, step until told to stop."""
+def worker_main(kind: str, name: str, wid: int, seed: int, conn: Connection, tally: Tally,
+                slot: int, go: Go | None) -> None:
+    """A worker process: attach, say ready, wait for go, step until told to stop.
+
+    A replacement started while the run goes on is given ``go`` with its
+    arguments and starts right after it attached.  It counts in slot
+    ``slot`` of ``tally`` (stress_tally.py) from its first operation on.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     segments.raise_descriptor_limit()
-    report = WorkerReport(kind, wid, os.getpid(), native=core.NATIVE)
+    report = WorkerReport(kind, wid, os.getpid())
     try:
         role_class = ROLES[kind]
+        counts = Counts(tally.slot(slot), role_class.COUNTERS)
+        counts.started(core.NATIVE)
         with Heap.attach(name, readonly=role_class.readonly) as heap:
             conn.send("ready")
-            go = conn.recv()
+            if go is None:
+                go = conn.recv()
             if isinstance(go, Go):
-                role = role_class(heap, random.Random(seed), report, go)
+                role = role_class(heap, random.Random(seed), report, counts, go)
+                counts.working(time.monotonic_ns())
                 _work(role, report, conn)
                 role.finish()
     except Exception as exc:  # the worker's boundary: whatever ended it goes to the parent

@@ -7,6 +7,7 @@
 * faults.py   -- Ctrl-C storms and exits without close: what survives
 * scale.py    -- 64 to 100,000 arenas: the costs that must not grow
 * cores.py    -- the native core beside its pure-Python twin
+* start.py    -- import, a worker's start to its first operation, attach
 * common.py   -- timing, percentiles, self-cleaning heaps, JSON, plots
 * children.py -- child interpreters with crash points armed
 

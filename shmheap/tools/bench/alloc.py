@@ -78,6 +78,14 @@ BUFFER_WRAPPER_RATIO = 4.0
 SCAN_GB_PER_MS = 100.0
 #: root lookup p50 with many roots / with 10: flat
 ROOT_LOOKUP_RATIO = 1.5
+ROOT_LOOKUP_NS = 300.0
+ROOT_BIND_NS = 3000.0
+#: hand-over time / shared_memory's, consumers attached before / attaching in the time
+HANDOVER_ATTACHED = 1.0
+HANDOVER_ATTACH = 2.0
+#: pairs per second of 2 processes on one heap / on a heap each
+SHARED_HEAP_RATIO = 0.9
+GIANT_ALLOC_NS = 5e6
 
 PAIR_SIZES = (16, 64, 256, 1024)
 #: sizes of the throughput batches, cycled
@@ -677,6 +685,30 @@ def targets(results: dict[str, Any]) -> list[Target]:
         Target.of(f"root lookup p50, {results['roots']['many']:,} roots / "
                   f"{results['roots']['few']} roots", results["roots"]["ratio"], "<=",
                   ROOT_LOOKUP_RATIO, fmt_ratio),
+        *perf_targets(results),
+    ]
+
+
+def perf_targets(results: dict[str, Any]) -> list[Target]:
+    """The targets of issue 21: roots, hand-over, two processes on one heap, giant alloc."""
+    roots = results["roots"]["rows"][str(results["roots"]["many"])]
+    hand, giant = results["handover"]["median_s"], results["giant"]
+    through = results["throughput"]
+    return [
+        Target.of("root lookup p50", roots["lookup"]["p50_ns"], "<=", ROOT_LOOKUP_NS, fmt_ns),
+        Target.of("root bind+unbind p50", roots["bind_unbind"]["p50_ns"], "<=", ROOT_BIND_NS,
+                  fmt_ns),
+        Target.of("hand-over, consumers attached before / shared_memory",
+                  hand["shmheap_attached"] / hand["shared_memory"], "<=", HANDOVER_ATTACHED,
+                  fmt_ratio),
+        Target.of("hand-over, consumers attach / shared_memory",
+                  hand["shmheap_attach"] / hand["shared_memory"], "<=", HANDOVER_ATTACH,
+                  fmt_ratio),
+        Target.of("2 processes on one heap / on a heap each (pairs per second)",
+                  through["two_processes_pairs_per_s"] / through["two_separate_heaps_pairs_per_s"],
+                  ">=", SHARED_HEAP_RATIO, fmt_ratio),
+        Target.of(f"giant alloc ({format_size(giant['bytes'])}, dirty arenas reused), median",
+                  giant["median_s"]["alloc"] * 1e9, "<=", GIANT_ALLOC_NS, fmt_ns),
     ]
 
 

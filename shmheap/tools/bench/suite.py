@@ -68,6 +68,7 @@ BENCHES = (
     Bench("faults", ("--tiny",)),
     Bench("scale", ("--tiny",)),
     Bench("cores", ("--tiny",)),
+    Bench("start", ("--tiny",)),
 )
 BY_NAME = {bench.name: bench for bench in BENCHES}
 

@@ -1,0 +1,1037 @@
+"""Coordination in the heap: queues, events, counters and barriers that survive SIGKILL.
+
+``heap.queue(name)``, ``heap.event(name)``, ``heap.counter(name)`` and
+``heap.barrier(name, parties)`` find a *structure* by name in the heap's
+coordination segment ``shmheap.NAME.coord`` (names.py), making it on first
+use.  Any process attached to the heap may use it; one that is killed or
+interrupted at any instruction never blocks the others for longer than the
+heap lock's dead-holder recovery, and loses or duplicates no queued item.
+
+The segment (made under the heap lock by the first process that needs it, stamped
+last; all zero but its stamp when new, and a zero record is free)::
+
+    header page   0 magic b"shmcoord", 8 version
+                  64 the intent record (below), written by the lock holder
+    records       RECORDS records of RECORD_SIZE bytes, as uint64 words:
+                  0 kind (0 free)  1 name length  2-7 the name (48 bytes)
+                  8 futex word (low 32 bits): +1 by the lock holder after every
+                    change a waiter may wait for
+                  9 parameter (a queue's capacity, a barrier's parties)
+                  10-15 the structure's state, per kind:
+                    queue    head, tail, count, lease list, leased, closed
+                    event    set
+                    counter  base (atomic adds, native core), pure (1 once a
+                             pure-core process added), cells (ref)
+                    barrier  arrived, generation, broken, tokens (ref)
+
+A record is written under the heap lock and published by storing its kind
+last; kind, name and parameter never change after that, so a lookup reads
+them with no lock.  Records are never reused while the heap exists.
+
+Queue items are *nodes*, heap objects (allocator.py) of 24 bytes and the item:
+``next`` (ref), ``tag`` (kind << 56 | payload length: an int in 8 bytes, or a
+pickle), ``token`` (the liveness token of its leaser).  A queue is a singly
+linked list head -> tail; leased nodes are in a second list (any order).
+
+Kill safety.  Every change of more than one word runs under the heap lock as
+an *undo* record: before its first store the lock holder copies the
+record's six state words and the ``next`` word of at most two nodes it will
+change into the intent record, then writes the journal (control.py, op
+``COORD``).  A holder stopped anywhere before the journal is cleared leaves
+the journal dirty; the next writable lock holder (repair.py) restores the
+saved words and frees the node a half-done ``put`` was linking if its putter
+is dead (a live putter frees it as its exception leaves ``put``).  So a
+half-done put never happened (the putter got no answer), a half-done get or
+lease leaves the item at the head, a half-done acknowledgement leaves the
+lease in place (redelivered when its leaser is gone).  Nodes are freed only
+after the journal is clean: a getter killed after that owns nothing
+shared.  A leased node records its leaser's liveness token: a lock holder
+that finds it dead (``Queue`` looks whenever it finds the queue empty and at
+least every ``SCAN_INTERVAL``) puts the node back at the head.
+
+Waiting never spins: a waiter reads the futex word, looks under the lock, and
+if it must wait sleeps on the word (waits.py: a Linux futex, native or by
+ctypes) in slices of at most ``SLICE`` seconds, so a waker killed between
+its change and its wake-up delays it by one slice at most.
+
+Counters: the native core adds with one atomic instruction on ``base``
+(``__atomic_add_fetch``); Python has no atomic add on shared memory, so the
+pure core adds into its own liveness slot's cell (a heap object of one word
+per slot, written only by that slot's holder) under the heap lock, and sets
+``pure``; the value is ``base`` plus, once ``pure`` is set, every cell.  No
+acknowledged add is lost either way; once ``pure`` is set the native core
+adds through the same locked path, so the values ``add`` returns are exact
+and distinct again (during the switch-over a native and a pure add may
+return the same value).
+
+This module owns the coordination segment's layout and the structures' protocols.
+It takes the heap lock only through ``LockedBlock`` and never repairs anything but
+its own journal op (``undo``, called by repair.py under the lock).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue as queue_module
+import re
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from . import control, core, crash, segments, waits
+from .errors import (
+    HeapCorruptError,
+    HeapNotFoundError,
+    InvalidNameError,
+    InvalidParameterError,
+    QueueClosedError,
+    ShmHeapError,
+)
+from .lock import LockedBlock, deadline_of
+from .names import PAGE_SIZE, coord_name
+
+if TYPE_CHECKING:
+    import ctypes
+
+    from .allocator import Allocator, Note
+    from .attached import AttachedHeap
+    from .lock import HeapLock
+
+MAGIC = b"shmcoord"
+VERSION = 1
+RECORDS = 256
+RECORD_SIZE = 128
+HEADER_SIZE = PAGE_SIZE
+SIZE = HEADER_SIZE + RECORDS * RECORD_SIZE
+#: Longest sleep of a waiter before it looks again (dead leasers, dead parties, lost wakes).
+SLICE = 0.05
+#: Seconds between two looks for dead leasers while a queue is not empty.
+SCAN_INTERVAL = 0.05
+#: Most parties of a barrier (one token word each).
+MAX_PARTIES = 1024
+
+QUEUE, EVENT, COUNTER, BARRIER = 1, 2, 3, 4
+KIND_NAMES = {QUEUE: "queue", EVENT: "event", COUNTER: "counter", BARRIER: "barrier"}
+_A = {QUEUE: "a queue", EVENT: "an event", COUNTER: "a counter", BARRIER: "a barrier"}
+_NAME_RE = re.compile(r"[A-Za-z0-9_.:-]{1,48}")
+
+# record words
+_KIND, _NAMELEN, _NAME, _FUTEX, _PARAM = 0, 1, 2, 8, 9
+_STATE = slice(10, 16)
+_HEAD, _TAIL, _COUNT, _LEASES, _LEASED, _CLOSED = 10, 11, 12, 13, 14, 15
+_SET = 10
+_BASE, _PURE, _CELLS = 10, 11, 12
+_ARRIVED, _GENERATION, _BROKEN, _TOKENS = 10, 11, 12, 13
+
+# intent words (header): which record, which op, its saved state words, two nodes'
+# saved next words, the node a put was linking and the token of the process doing it
+_I_RECORD, _I_OP, _I_SAVED = 8, 9, slice(10, 16)
+_I_NODE_A, _I_NEXT_A, _I_NODE_B, _I_NEXT_B, _I_FREE, _I_OWNER = 16, 17, 18, 19, 20, 21
+OP_PUT, OP_TAKE, OP_LEASE, OP_ACK, OP_RETURN, OP_BARRIER, OP_MAKE = 1, 2, 3, 4, 5, 6, 7
+OP_NAMES = {OP_PUT: "putting an item on", OP_TAKE: "taking an item from",
+            OP_LEASE: "leasing an item of", OP_ACK: "acknowledging a lease of",
+            OP_RETURN: "giving back a lease of", OP_BARRIER: "arriving at",
+            OP_MAKE: "making"}
+
+# node words
+_NEXT, _TAG, _TOKEN = 0, 1, 2
+NODE_HEADER = 24
+_INT, _PICKLE = 1, 2
+_TAG_SHIFT = 56
+_INT64 = struct.Struct("<q")
+_U32 = (1 << 32) - 1
+
+#: the futex calls of this process's core (waits.py, or its native twin)
+_futex_wait: Callable[[Any, int, float], bool] = (
+    waits.wait if core.native is None else core.native.futex_wait)
+_futex_wake: Callable[[Any], None] = waits.wake if core.native is None else core.native.futex_wake
+
+_T = TypeVar("_T")
+_AGAIN: Any = object()
+
+
+def check_structure_name(name: object) -> str:
+    """``name`` if it is a valid structure name, else InvalidNameError."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise InvalidNameError(
+            f"invalid structure name {name!r}: use 1-48 characters of [A-Za-z0-9_.:-]")
+    return name
+
+
+def count_in(heap_name: str) -> int | None:
+    """How many structures heap ``heap_name`` has, read from its segment with no attach."""
+    try:
+        fd, _st = segments.open_fd(coord_name(heap_name), readonly=True, expect_size=SIZE)
+    except ShmHeapError:
+        return None
+    try:
+        for record in range(RECORDS):
+            if not os.pread(fd, 8, HEADER_SIZE + record * RECORD_SIZE).strip(b"\0"):
+                return record
+        return RECORDS
+    finally:
+        os.close(fd)
+
+
+def _open_or_create(heap: AttachedHeap) -> segments.Segment:
+    """Map the coordination segment of ``heap``, creating it on first use (under the lock).
+
+    The creator holds the heap lock, so a segment without its stamp found
+    under the lock was left by a creator that died: it is made again.
+    """
+    name = coord_name(heap.name)
+    try:
+        seg = segments.open_existing(name, readonly=heap.readonly, expect_size=SIZE)
+    except (HeapNotFoundError, HeapCorruptError) as exc:
+        if heap.readonly or isinstance(exc, segments.ForeignObjectError):
+            raise
+    else:
+        if bytes(seg.buf[:8]) == MAGIC:
+            return seg
+        seg.close()
+        if heap.readonly:
+            raise HeapCorruptError(f"/dev/shm/{name} is not the coordination segment of heap "
+                                   f"{heap.name!r}; run `shmheap fsck --repair {heap.name}`")
+
+    def made() -> segments.Segment:
+        try:
+            seg = segments.open_existing(name, readonly=False, expect_size=SIZE)
+        except (HeapNotFoundError, HeapCorruptError) as exc:
+            if isinstance(exc, segments.ForeignObjectError):
+                raise
+            segments.remove_own(name)  # absent, or left short by a creator that died
+            seg = segments.create(name, SIZE, heap.params.mode)
+        if bytes(seg.buf[:8]) != MAGIC:
+            seg.buf[HEADER_SIZE:] = bytes(SIZE - HEADER_SIZE)
+            seg.buf[8:12] = VERSION.to_bytes(4, "little")
+            crash.reach("coord.created")
+            seg.buf[:8] = MAGIC
+        return seg
+
+    lock = heap._lock
+    return lock.run(made, None, write=True)
+
+
+@dataclass(frozen=True)
+class StructureInfo:
+    """One named structure, as ``shmheap info`` lists it (read with no lock)."""
+
+    name: str
+    kind: str
+    #: items queued (queue), 1/0 (event), the value (counter), parties waiting (barrier)
+    value: int
+    #: the capacity (queue, 0: unbounded) or parties (barrier)
+    param: int
+    #: leased items (queue), the generation (barrier)
+    extra: int = 0
+
+
+class CoordTable:
+    """This handle's view of the coordination segment; the structures' shared steps."""
+
+    def __init__(self, heap: AttachedHeap, allocator: Allocator) -> None:
+        self.heap = heap
+        self.allocator = allocator
+        self._seg = _open_or_create(heap)
+        self.words = self._seg.buf.cast("Q")
+        self._futexes: dict[int, ctypes.c_uint32] = {}
+        self._natives: list[Any] = []
+        #: name -> record number, of the records this handle has looked up
+        self._found: dict[str, int] = {}
+        lock = heap._lock
+        self.lock: HeapLock = lock  # type: ignore[assignment]
+
+    def close(self) -> None:
+        for native in self._natives:
+            native.release()
+        self._natives.clear()
+        self._futexes.clear()
+        self.words.release()
+        self._seg.close()
+
+    # -- records ---------------------------------------------------------------------------
+
+    def base(self, record: int) -> int:
+        return (HEADER_SIZE + record * RECORD_SIZE) // 8
+
+    def futex(self, record: int) -> ctypes.c_uint32:
+        word = self._futexes.get(record)
+        if word is None:
+            self.heap._check_open()  # (close() forgets the words: their mapping is gone)
+            word = self._futexes[record] = waits.address_of(
+                self._seg.map, HEADER_SIZE + record * RECORD_SIZE + _FUTEX * 8)
+        return word
+
+    def locked(self, deadline: float | None) -> LockedBlock:
+        self.heap._check_open()
+        return LockedBlock(self.lock, deadline, write=True)
+
+    def name_of(self, record: int) -> str | None:
+        """The published name of ``record``, or None if it is free (or garbage)."""
+        b = self.base(record)
+        words = self.words
+        length = int(words[b + _NAMELEN])
+        if not words[b + _KIND] or not 1 <= length <= 48:
+            return None
+        raw = bytes(self._seg.buf[(b + _NAME) * 8:(b + _NAME) * 8 + length])
+        try:
+            return raw.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+
+    def find(self, name: str) -> int | None:
+        """The record of structure ``name``, or None (no lock: published records never change)."""
+        record = self._found.get(name)
+        if record is not None:
+            return record
+        for record in range(RECORDS):
+            if not self.words[self.base(record) + _KIND]:
+                break  # records are taken in order and never freed
+            if self.name_of(record) == name:
+                self._found[name] = record
+                return record
+        return None
+
+    def open(self, name: str, kind: int, param: int,
+             make_extra: Callable[[], int] | None = None) -> int:
+        """The record of structure ``name`` of ``kind`` with ``param`` (None: any), made if new."""
+        check_structure_name(name)
+        record = self.find(name)
+        if record is None:
+            extra = make_extra() if make_extra is not None else 0
+            try:
+                record = self._make(name, kind, param, extra)
+            except BaseException:
+                if extra:
+                    self.allocator.free(extra)
+                raise
+        b = self.base(record)
+        words = self.words
+        if words[b + _KIND] != kind:
+            raise InvalidParameterError(
+                f"{name!r} is {_A.get(int(words[b + _KIND]), 'a structure')} of heap "
+                f"{self.heap.name!r}, not {_A[kind]}; choose another name")
+        if param >= 0 and words[b + _PARAM] != param:
+            what = "capacity" if kind == QUEUE else "parties"
+            raise InvalidParameterError(
+                f"{KIND_NAMES[kind]} {name!r} exists with {what} {int(words[b + _PARAM])}, not "
+                f"{param}; pass {int(words[b + _PARAM])} (or None to take it as it is)")
+        return record
+
+    def _make(self, name: str, kind: int, param: int, extra: int) -> int:
+        """Publish a new record (kind last), unless another process made it first."""
+        with self.locked(None):
+            self._found.pop(name, None)
+            record = self.find(name)
+            if record is not None:
+                if extra:
+                    self.allocator.free(extra)
+                return record
+            words = self.words
+            for record in range(RECORDS):
+                if not words[self.base(record) + _KIND]:
+                    break
+            else:
+                raise InvalidParameterError(
+                    f"heap {self.heap.name!r} holds {RECORDS} queues, events, counters and "
+                    "barriers already, the most it can; reuse one of them")
+            b = self.base(record)
+            raw = name.encode("ascii").ljust(48, b"\0")
+            words[b + _NAMELEN] = len(name)
+            self._seg.buf[(b + _NAME) * 8:(b + _NAME) * 8 + 48] = raw
+            words[b + _PARAM] = max(param, 0)
+            words[b + 10:b + 16] = _ZERO_STATE
+            if kind == COUNTER:
+                words[b + _CELLS] = extra
+            elif kind == BARRIER:
+                words[b + _TOKENS] = extra
+            crash.reach("coord.described")
+            words[b + _KIND] = kind
+            self._found[name] = record
+            return record
+
+    def structures(self) -> list[StructureInfo]:
+        """Every structure of the heap, read with no lock (the values may be moving)."""
+        found = []
+        words = self.words
+        for record in range(RECORDS):
+            b = self.base(record)
+            kind = int(words[b + _KIND])
+            name = self.name_of(record)
+            if not kind or name is None:
+                break
+            value, extra = {
+                QUEUE: (words[b + _COUNT], words[b + _LEASED]),
+                EVENT: (words[b + _SET], 0),
+                COUNTER: (0, 0),
+                BARRIER: (words[b + _ARRIVED], words[b + _GENERATION]),
+            }.get(kind, (0, 0))
+            if kind == COUNTER:
+                value = self.counter_value(record)
+            found.append(StructureInfo(name, KIND_NAMES.get(kind, f"kind {kind}"),
+                                       int(value), int(words[b + _PARAM]), int(extra)))
+        return found
+
+    # -- changes under the lock: the intent, the futex word ----------------------------------
+
+    def begin(self, record: int, op: int, node_a: int = 0, node_b: int = 0,
+              free: int = 0) -> None:
+        """Save what ``op`` of ``record`` may change, then journal it (lock held)."""
+        words = self.words
+        b = self.base(record)
+        words[_I_RECORD] = record
+        words[_I_OP] = op
+        words[_I_SAVED] = words[b + 10:b + 16]
+        words[_I_NODE_A] = node_a
+        words[_I_NEXT_A] = self.node(node_a)[_NEXT] if node_a else 0
+        words[_I_NODE_B] = node_b
+        words[_I_NEXT_B] = self.node(node_b)[_NEXT] if node_b else 0
+        words[_I_FREE] = free
+        words[_I_OWNER] = self.heap._live.token  # type: ignore[union-attr]
+        self.heap._journal.begin(control.COORD, record, op)
+
+    def end(self, record: int) -> None:
+        """Bump the record's futex word and clear the journal (lock held)."""
+        self.bump(record)
+        self.heap._journal.end()
+
+    def bump(self, record: int) -> None:
+        at = self.base(record) + _FUTEX
+        self.words[at] = (self.words[at] + 1) & _U32
+
+    def wake(self, record: int) -> None:
+        _futex_wake(self.futex(record))
+
+    def undo(self) -> str:
+        """Restore what the journal's unfinished op saved; free its new node (repair.py)."""
+        words = self.words
+        record, op = int(words[_I_RECORD]), int(words[_I_OP])
+        if not 0 <= record < RECORDS or op not in OP_NAMES:
+            raise HeapCorruptError(f"the coordination intent names record {record}, op {op}")
+        b = self.base(record)
+        words[b + 10:b + 16] = words[_I_SAVED]
+        for node, saved in ((_I_NODE_A, _I_NEXT_A), (_I_NODE_B, _I_NEXT_B)):
+            if words[node]:
+                self.node(int(words[node]))[_NEXT] = words[saved]
+        orphan = int(words[_I_FREE])
+        live = self.heap._live
+        assert live is not None
+        if orphan and not live.token_alive(int(words[_I_OWNER])):
+            # (a live putter frees its node itself, when its exception passes put())
+            words[_I_FREE] = 0  # cleared first: a repair stopped now leaks, never frees twice
+            self.allocator.free(orphan)
+        self.bump(record)
+        self.wake(record)
+        name = self.name_of(record) or f"record {record}"
+        return f"{OP_NAMES[op]} {name!r} was undone"
+
+    # -- nodes -----------------------------------------------------------------------------
+
+    def node(self, ref: int) -> memoryview:
+        """The three header words of the node at ``ref`` (checked to be a live object)."""
+        view = self.allocator.view(ref)
+        if len(view) < NODE_HEADER:
+            raise HeapCorruptError(f"heap {self.heap.name!r}: a queue links {ref:#x}, which is "
+                                   "no queue node; run `shmheap fsck --repair`")
+        return view[:NODE_HEADER].cast("Q")
+
+    def store(self, item: object) -> int:
+        """A new node holding ``item`` (an int, else its pickle); not linked anywhere."""
+        if type(item) is int and -(1 << 63) <= item < 1 << 63:
+            kind, payload = _INT, _INT64.pack(item)
+        else:
+            kind, payload = _PICKLE, pickle.dumps(item, pickle.HIGHEST_PROTOCOL)
+        ref = self.allocator.alloc(NODE_HEADER + len(payload))
+        view = self.allocator.view(ref)
+        view[NODE_HEADER:NODE_HEADER + len(payload)] = payload
+        view[:NODE_HEADER].cast("Q")[_TAG] = kind << _TAG_SHIFT | len(payload)
+        return ref
+
+    def load(self, ref: int) -> object:
+        """The item the node at ``ref`` holds."""
+        view = self.allocator.view(ref)
+        tag = view[:NODE_HEADER].cast("Q")[_TAG]
+        kind, length = tag >> _TAG_SHIFT, tag & ((1 << _TAG_SHIFT) - 1)
+        if NODE_HEADER + length > len(view) or kind not in (_INT, _PICKLE):
+            raise HeapCorruptError(f"heap {self.heap.name!r}: the queue node at {ref:#x} is "
+                                   "damaged; run `shmheap fsck --repair`")
+        payload = view[NODE_HEADER:NODE_HEADER + length]
+        if kind == _INT:
+            return _INT64.unpack(payload)[0]
+        return pickle.loads(payload)
+
+    # -- waiting -----------------------------------------------------------------------------
+
+    def wait_for(self, record: int, attempt: Callable[[], _T], deadline: float | None,
+                 on_slice: Callable[[], None] | None = None) -> _T:
+        """``attempt()`` until it returns something but ``_AGAIN``, sleeping on the record's
+        futex word between tries; TimeoutError at ``deadline``."""
+        word = self.futex(record)
+        while True:
+            seen = word.value
+            got = attempt()
+            if got is not _AGAIN:
+                return got
+            wait = SLICE
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    raise TimeoutError
+            if not _futex_wait(word, seen, wait) and on_slice is not None:
+                on_slice()
+
+    # -- counters --------------------------------------------------------------------------
+
+    def counter_value(self, record: int) -> int:
+        b = self.base(record)
+        words = self.words
+        value = int(words[b + _BASE])
+        if words[b + _PURE]:
+            value += sum(self.allocator.view(int(words[b + _CELLS])).cast("Q"))
+        return _wrap(value)
+
+
+def _wrap(value: int) -> int:
+    """A 64-bit two's complement reading of ``value``."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_ZERO_STATE = memoryview(bytes(48)).cast("Q")
+
+
+class Queue:
+    """A kill-safe multi-producer multi-consumer FIFO of the heap (``heap.queue(name)``)."""
+
+    def __init__(self, table: CoordTable, name: str, capacity: int | None) -> None:
+        if capacity is not None and (type(capacity) is not int or capacity < 1):
+            raise InvalidParameterError(
+                f"capacity={capacity!r}: give a positive int, or None for no bound")
+        self.name = name
+        self._table = table
+        self._record = table.open(name, QUEUE, -1 if capacity is None else capacity)
+        self._b = table.base(self._record)
+        self._scanned = 0.0
+
+    def __repr__(self) -> str:
+        return f"<Queue {self.name!r} of heap {self._table.heap.name!r}, {len(self)} items>"
+
+    @property
+    def capacity(self) -> int | None:
+        """The most items it holds (leased ones do not count), None if unbounded."""
+        return int(self._table.words[self._b + _PARAM]) or None
+
+    def __len__(self) -> int:
+        """Items queued now (not counting leased ones)."""
+        return int(self._table.words[self._b + _COUNT])
+
+    @property
+    def leased(self) -> int:
+        """Items leased now and not yet done."""
+        return int(self._table.words[self._b + _LEASED])
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._table.words[self._b + _CLOSED])
+
+    def put(self, item: object, timeout: float | None = None) -> None:
+        """Append ``item`` (an int, or any picklable object); waits while the queue is full.
+
+        ``queue.Full`` if it stays full for ``timeout`` seconds;
+        QueueClosedError once the queue is closed.
+        """
+        deadline = deadline_of(timeout)
+        table = self._table
+        node = table.store(item)
+        try:
+            table.wait_for(self._record, lambda: self._put(node, deadline), deadline)
+        except TimeoutError:
+            table.allocator.free(node)
+            raise queue_module.Full from None
+        except BaseException:
+            self._forget(node)
+            raise
+        table.wake(self._record)
+
+    def _forget(self, node: int) -> None:
+        """Free ``node`` unless the queue holds it (a put that raised; its undo is done)."""
+        table = self._table
+        words = table.words
+        with table.locked(None):
+            ref = int(words[self._b + _HEAD])
+            for _ in range(int(words[self._b + _COUNT]) + 1):
+                if not ref or ref == node:
+                    break
+                ref = int(table.node(ref)[_NEXT])
+            if ref != node:
+                table.allocator.free(node)
+
+    def _put(self, node: int, deadline: float | None) -> Any:
+        table = self._table
+        words, b = table.words, self._b
+        with table.locked(deadline):
+            if words[b + _CLOSED]:
+                raise QueueClosedError(f"queue {self.name!r} is closed; nothing more can be put")
+            count = int(words[b + _COUNT])
+            if words[b + _PARAM] and count >= words[b + _PARAM]:
+                return _AGAIN
+            tail = int(words[b + _TAIL])
+            table.begin(self._record, OP_PUT, node_a=tail, free=node)
+            if tail:
+                table.node(tail)[_NEXT] = node
+            else:
+                words[b + _HEAD] = node
+            crash.reach("coord.linked")
+            words[b + _TAIL] = node
+            words[b + _COUNT] = count + 1
+            table.end(self._record)
+        return None
+
+    def get(self, timeout: float | None = None) -> object:
+        """Remove and return the item at the head; waits while the queue is empty.
+
+        ``queue.Empty`` if it stays empty for ``timeout`` seconds, or at once
+        when it is empty and closed.  Exactly-once: the item is this
+        process's once it is returned.
+        """
+        return self._take(timeout, lease=False)[1]
+
+    def get_nowait(self) -> object:
+        return self.get(timeout=0)
+
+    def put_nowait(self, item: object) -> None:
+        self.put(item, timeout=0)
+
+    @contextmanager
+    def lease(self, timeout: float | None = None) -> Iterator[object]:
+        """``with q.lease() as item:`` the head item, done when the block ends.
+
+        If the block raises, or this process dies before the block ends, the
+        item goes back to the head of the queue: at-least-once delivery.
+        ``queue.Empty`` as for ``get``.
+        """
+        node, item = self._take(timeout, lease=True)
+        try:
+            yield item
+        except BaseException:
+            self._give_back(node)
+            raise
+        try:
+            self._done(node)
+        except BaseException:
+            self._give_back(node)  # not done after all: delivered again
+            raise
+
+    def _take(self, timeout: float | None, lease: bool) -> tuple[int, object]:
+        deadline = deadline_of(timeout)
+        table = self._table
+        try:
+            node, item = table.wait_for(self._record, lambda: self._take_head(deadline, lease),
+                                        deadline, self._scan_now)
+        except TimeoutError:
+            raise queue_module.Empty from None
+        table.wake(self._record)
+        if not lease:
+            table.allocator.free(node)
+        return node, item
+
+    def _scan_now(self) -> None:
+        self._scanned = 0.0
+
+    def _take_head(self, deadline: float | None, lease: bool) -> Any:
+        table = self._table
+        words, b = table.words, self._b
+        with table.locked(deadline):
+            now = time.monotonic()
+            count = int(words[b + _COUNT])
+            if words[b + _LEASED] and (not count or now - self._scanned >= SCAN_INTERVAL):
+                self._scanned = now
+                self._return_dead_leases()
+                count = int(words[b + _COUNT])
+            if not count:
+                if words[b + _CLOSED]:
+                    raise queue_module.Empty
+                return _AGAIN
+            node = int(words[b + _HEAD])
+            header = table.node(node)
+            following = int(header[_NEXT])
+            item = table.load(node)
+            table.begin(self._record, OP_LEASE if lease else OP_TAKE,
+                        node_a=node if lease else 0)
+            words[b + _HEAD] = following
+            if not following:
+                words[b + _TAIL] = 0
+            crash.reach("coord.unlinked")
+            if lease:
+                header[_TOKEN] = table.heap._live.token  # type: ignore[union-attr]
+                header[_NEXT] = words[b + _LEASES]
+                words[b + _LEASES] = node
+                words[b + _LEASED] += 1
+            words[b + _COUNT] = count - 1
+            table.end(self._record)
+        return node, item
+
+    def _return_dead_leases(self) -> None:
+        """Put every leased node whose leaser is dead back at the head (lock held)."""
+        table = self._table
+        live = table.heap._live
+        assert live is not None
+        for node in self._leases():
+            token = int(table.node(node)[_TOKEN])
+            if not token or not live.token_alive(token):
+                self._requeue(node)
+
+    def _leases(self) -> list[int]:
+        """The leased nodes (lock held), their list checked to end where ``leased`` says."""
+        table = self._table
+        words, b = table.words, self._b
+        found = []
+        ref = int(words[b + _LEASES])
+        for _ in range(int(words[b + _LEASED])):
+            if not ref:
+                break
+            found.append(ref)
+            ref = int(table.node(ref)[_NEXT])
+        return found
+
+    def _unlink_lease(self, node: int, op: int) -> memoryview | None:
+        """Begin ``op`` and take ``node`` out of the lease list; None if it is not in it."""
+        table = self._table
+        words, b = table.words, self._b
+        leases = self._leases()
+        if node not in leases:
+            return None
+        at = leases.index(node)
+        prev = leases[at - 1] if at else 0
+        table.begin(self._record, op, node_a=prev, node_b=node if op == OP_RETURN else 0)
+        header = table.node(node)
+        if prev:
+            table.node(prev)[_NEXT] = header[_NEXT]
+        else:
+            words[b + _LEASES] = header[_NEXT]
+        words[b + _LEASED] -= 1
+        return header
+
+    def _requeue(self, node: int) -> None:
+        """Move a leased ``node`` back to the head (lock held)."""
+        table = self._table
+        words, b = table.words, self._b
+        header = self._unlink_lease(node, OP_RETURN)
+        if header is None:
+            return
+        crash.reach("coord.unleased")
+        header[_TOKEN] = 0
+        header[_NEXT] = words[b + _HEAD]
+        words[b + _HEAD] = node
+        if not words[b + _TAIL]:
+            words[b + _TAIL] = node
+        words[b + _COUNT] += 1
+        table.end(self._record)
+
+    def _give_back(self, node: int) -> None:
+        with self._table.locked(None):
+            self._requeue(node)
+        self._table.wake(self._record)
+
+    def _done(self, node: int) -> None:
+        table = self._table
+        with table.locked(None):
+            if self._unlink_lease(node, OP_ACK) is None:
+                return  # given back already (this handle was closed and seen dead)
+            crash.reach("coord.acked")
+            table.end(self._record)
+            table.allocator.free(node)
+        table.wake(self._record)
+
+    def close(self) -> None:
+        """Close the queue for every process: put raises, get drains what is left, then Empty."""
+        table = self._table
+        with table.locked(None):
+            table.words[self._b + _CLOSED] = 1
+            table.bump(self._record)
+        table.wake(self._record)
+
+
+class Event:
+    """A kill-safe event of the heap (``heap.event(name)``), as ``threading.Event``."""
+
+    def __init__(self, table: CoordTable, name: str) -> None:
+        self.name = name
+        self._table = table
+        self._record = table.open(name, EVENT, 0)
+        self._flag = table.base(self._record) + _SET
+
+    def __repr__(self) -> str:
+        state = "set" if self.is_set() else "unset"
+        return f"<Event {self.name!r} of heap {self._table.heap.name!r}, {state}>"
+
+    def is_set(self) -> bool:
+        return bool(self._table.words[self._flag])
+
+    def set(self) -> None:
+        """Set the flag and wake every waiter, in every process."""
+        self._store(1)
+        self._table.wake(self._record)
+
+    def clear(self) -> None:
+        self._store(0)
+
+    def _store(self, value: int) -> None:
+        table = self._table
+        with table.locked(None):
+            table.words[self._flag] = value
+            crash.reach("coord.flag_stored")
+            table.bump(self._record)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the flag is set (True) or ``timeout`` seconds pass (False)."""
+        deadline = deadline_of(timeout)
+        words, flag = self._table.words, self._flag
+
+        def attempt() -> Any:
+            return True if words[flag] else _AGAIN
+
+        try:
+            return bool(self._table.wait_for(self._record, attempt, deadline))
+        except TimeoutError:
+            return False
+
+
+class Counter:
+    """A kill-safe 64-bit counter of the heap (``heap.counter(name)``)."""
+
+    def __init__(self, table: CoordTable, name: str) -> None:
+        self.name = name
+        self._table = table
+        cells = 8 * table.heap._live.nslots  # type: ignore[union-attr]
+        self._record = table.open(name, COUNTER, 0, lambda: table.allocator.alloc(cells))
+        b = table.base(self._record)
+        self._pure = b + _PURE
+        self._cells = int(table.words[b + _CELLS])
+        if core.native is not None:
+            native = core.native.Counter(table._seg.map, (b + _BASE) * 8, (b + _PURE) * 8,
+                                         self._add_locked)
+            table._natives.append(native)
+            self.add = native.add  # type: ignore[method-assign]
+
+    def __repr__(self) -> str:
+        return f"<Counter {self.name!r} of heap {self._table.heap.name!r}, {self.value}>"
+
+    def add(self, k: int = 1) -> int:
+        """Add ``k`` (an int, may be negative); return the new value.  Atomic."""
+        return self._add_locked(k)
+
+    def _add_locked(self, k: int) -> int:
+        if type(k) is not int or not -(1 << 63) <= k < 1 << 63:
+            raise InvalidParameterError(f"k={k!r}: give an int that fits 64 bits")
+        table = self._table
+        words = table.words
+        live = table.heap._live
+        assert live is not None
+        with table.locked(None):
+            cells = table.allocator.view(self._cells).cast("Q")
+            if not words[self._pure]:
+                words[self._pure] = 1
+            cells[live.slot] = (cells[live.slot] + k) & ((1 << 64) - 1)
+            return table.counter_value(self._record)
+
+    @property
+    def value(self) -> int:
+        return self._table.counter_value(self._record)
+
+
+class Barrier:
+    """A kill-safe barrier of the heap (``heap.barrier(name, parties)``), as ``threading.Barrier``.
+
+    A party that dies while it waits, or whose wait times out or is
+    interrupted, breaks the barrier for the others: ``threading.BrokenBarrierError``.
+    A broken barrier stays broken (use a new name for a new round).
+    """
+
+    def __init__(self, table: CoordTable, name: str, parties: int) -> None:
+        if type(parties) is not int or not 1 <= parties <= MAX_PARTIES:
+            raise InvalidParameterError(
+                f"parties={parties!r}: give an int from 1 to {MAX_PARTIES}")
+        self.name = name
+        self._table = table
+        self._record = table.open(name, BARRIER, parties,
+                                  lambda: table.allocator.alloc(8 * parties))
+        self._b = table.base(self._record)
+
+    def __repr__(self) -> str:
+        state = "broken" if self.broken else f"{self.n_waiting}/{self.parties} waiting"
+        return f"<Barrier {self.name!r} of heap {self._table.heap.name!r}, {state}>"
+
+    @property
+    def parties(self) -> int:
+        return int(self._table.words[self._b + _PARAM])
+
+    @property
+    def n_waiting(self) -> int:
+        return int(self._table.words[self._b + _ARRIVED])
+
+    @property
+    def broken(self) -> bool:
+        return bool(self._table.words[self._b + _BROKEN])
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait until ``parties`` processes wait; return this one's arrival index (0 first)."""
+        deadline = deadline_of(timeout)
+        table = self._table
+        words, b = table.words, self._b
+        index, generation = self._arrive()
+        if index == self.parties - 1:
+            table.wake(self._record)
+            return index
+
+        def attempt() -> Any:
+            if words[b + _GENERATION] != generation:
+                return index
+            if words[b + _BROKEN]:
+                raise threading.BrokenBarrierError
+            return _AGAIN
+
+        try:
+            return int(table.wait_for(self._record, attempt, deadline, self._look_for_dead))
+        except threading.BrokenBarrierError:
+            raise
+        except TimeoutError:
+            self._abort_round(generation)
+            raise threading.BrokenBarrierError from None
+        except BaseException:
+            self._abort_round(generation)
+            raise
+
+    def _arrive(self) -> tuple[int, int]:
+        table = self._table
+        words, b = table.words, self._b
+        with table.locked(None):
+            if words[b + _BROKEN]:
+                raise threading.BrokenBarrierError
+            self._break_if_a_party_died()
+            if words[b + _BROKEN]:
+                raise threading.BrokenBarrierError
+            index, generation = int(words[b + _ARRIVED]), int(words[b + _GENERATION])
+            if not 0 <= index < self.parties:
+                raise HeapCorruptError(f"barrier {self.name!r} counts {index} arrived of "
+                                       f"{self.parties}; run `shmheap fsck --repair`")
+            table.begin(self._record, OP_BARRIER)
+            if index == self.parties - 1:
+                words[b + _GENERATION] = generation + 1
+                crash.reach("coord.arrived")
+                words[b + _ARRIVED] = 0
+            else:
+                tokens = table.allocator.view(int(words[b + _TOKENS])).cast("Q")
+                tokens[index] = table.heap._live.token  # type: ignore[union-attr]
+                crash.reach("coord.arrived")
+                words[b + _ARRIVED] = index + 1
+            table.end(self._record)
+        return index, generation
+
+    def _look_for_dead(self) -> None:
+        with self._table.locked(None):
+            self._break_if_a_party_died()
+        self._table.wake(self._record)
+
+    def _break_if_a_party_died(self) -> None:
+        table = self._table
+        words, b = table.words, self._b
+        live = table.heap._live
+        assert live is not None
+        arrived = min(int(words[b + _ARRIVED]), self.parties)
+        if not arrived or words[b + _BROKEN]:
+            return
+        tokens = table.allocator.view(int(words[b + _TOKENS])).cast("Q")
+        if not all(live.token_alive(int(tokens[i])) for i in range(arrived)):
+            words[b + _BROKEN] = 1
+            table.bump(self._record)
+
+    def abort(self) -> None:
+        """Break the barrier: every waiter, now and later, gets BrokenBarrierError."""
+        self._abort_round(None)
+
+    def _abort_round(self, generation: int | None) -> None:
+        """Break the barrier, unless round ``generation`` (None: any) is over already."""
+        table = self._table
+        words = table.words
+        with table.locked(None):
+            if generation is not None and words[self._b + _GENERATION] != generation:
+                return
+            words[self._b + _BROKEN] = 1
+            table.bump(self._record)
+        table.wake(self._record)
+
+
+def check(table: CoordTable, repair: bool, note: Note) -> None:
+    """Check every structure (lock held): lists end where their counts say, refs are live.
+
+    With ``repair``, a queue whose list and words disagree gets the words the
+    walk found (a list cut at a damaged link loses the items past it).
+    """
+    words = table.words
+    for record in range(RECORDS):
+        b = table.base(record)
+        kind = int(words[b + _KIND])
+        if not kind:
+            return
+        name = table.name_of(record)
+        if name is None or kind not in KIND_NAMES:
+            note("coord-record", f"coordination record {record} is damaged (kind {kind}, name "
+                 f"{name!r}); it is left alone", False)
+            continue
+        what = f"{KIND_NAMES[kind]} {name!r}"
+        if kind == QUEUE:
+            _check_list(table, what + "'s items", b + _HEAD, b + _COUNT, b + _TAIL, note)
+            _check_list(table, what + "'s leases", b + _LEASES, b + _LEASED, None, note)
+        elif kind in (COUNTER, BARRIER):
+            ref, size = ((words[b + _CELLS], 8 * table.heap._live.nslots)  # type: ignore[union-attr]
+                         if kind == COUNTER else (words[b + _TOKENS], 8 * words[b + _PARAM]))
+            try:
+                ok = table.allocator.size_of(int(ref)) >= size
+            except ShmHeapError:
+                ok = False
+            if not ok:
+                note("coord-record", f"{what}'s storage at {int(ref):#x} is not a live object "
+                     f"of {size} bytes", False)
+            if kind == BARRIER and words[b + _ARRIVED] >= words[b + _PARAM] and note(
+                    "coord-barrier", f"{what} counts {int(words[b + _ARRIVED])} arrived of "
+                    f"{int(words[b + _PARAM])} parties", True):
+                words[b + _ARRIVED] = 0
+                words[b + _BROKEN] = 1
+
+
+def _check_list(table: CoordTable, what: str, head: int, count: int, tail: int | None,
+                note: Note) -> None:
+    """Walk one node list from word ``head``; compare its length (and end) with the words."""
+    words = table.words
+    expected = int(words[count])
+    ref, last, length, cut = int(words[head]), 0, 0, None
+    while ref and length <= expected:
+        try:
+            following = int(table.node(ref)[_NEXT])
+        except ShmHeapError:
+            cut = last
+            break
+        last, ref, length = ref, following, length + 1
+    if cut is not None:
+        if note("coord-list", f"{what} link a node that is not a live queue node after "
+                f"{length} of {expected}; the list is cut there", True):
+            if cut:
+                table.node(cut)[_NEXT] = 0
+            else:
+                words[head] = 0
+    elif ref and note("coord-list", f"{what} hold more nodes than the {expected} counted; "
+                      f"the list is cut after {expected}", True):
+        table.node(last)[_NEXT] = 0
+    if length != expected and note("coord-count", f"{what} count {expected}, the list holds "
+                                   f"{length}", True):
+        words[count] = length
+    if tail is not None and words[tail] != last and note(
+            "coord-tail", f"{what} end at {last:#x}, the tail word says {int(words[tail]):#x}",
+            True):
+        words[tail] = last

@@ -1,0 +1,80 @@
+"""Workers for the coordination tests (module-level so spawn can import them).
+
+Each attaches the heap by name, works through its structures and reports
+through other structures of the same heap, so nothing a test checks passes
+through a ``multiprocessing`` pipe that a kill could cut.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import shmheap
+
+
+def produce(name: str, first: int, count: int) -> None:
+    """Put the ints ``first .. first + count - 1`` on queue ``work``."""
+    with shmheap.Heap.attach(name) as heap:
+        work = heap.queue("work")
+        for item in range(first, first + count):
+            work.put(item)
+
+
+def consume_leased(name: str) -> None:
+    """Lease items of ``work`` and put each on ``done`` until ``work`` is closed and empty."""
+    with shmheap.Heap.attach(name) as heap:
+        work, done, results = heap.queue("work"), heap.queue("done"), heap.counter("results")
+        while True:
+            try:
+                with work.lease() as item:
+                    done.put(item)
+                    results.add()
+            except queue.Empty:
+                return
+
+
+def consume(name: str) -> None:
+    """``get`` items of ``work`` and put each on ``done`` until ``work`` is closed and empty."""
+    with shmheap.Heap.attach(name) as heap:
+        work, done = heap.queue("work"), heap.queue("done")
+        while True:
+            try:
+                item = work.get()
+            except queue.Empty:
+                return
+            done.put(item)
+
+
+def hold_a_lease(name: str) -> None:
+    """Lease one item of ``work``, say so on event ``leased``, then wait to be killed."""
+    with shmheap.Heap.attach(name) as heap, heap.queue("work").lease() as item:
+        heap.queue("held").put(item)
+        heap.event("leased").set()
+        heap.event("never").wait()
+
+
+def add(name: str, times: int) -> None:
+    """Add 1 to counter ``n`` ``times`` times; put every value returned on queue ``values``."""
+    with shmheap.Heap.attach(name) as heap:
+        counter, values = heap.counter("n"), heap.queue("values")
+        for _ in range(times):
+            values.put(counter.add())
+
+
+def wait_for_event(name: str) -> None:
+    """Say ``ready`` on queue ``report``, wait for event ``go``, then say ``woken``."""
+    with shmheap.Heap.attach(name) as heap:
+        report, go = heap.queue("report"), heap.event("go")
+        report.put("ready")
+        report.put("woken" if go.wait(timeout=60) else "timed out")
+
+
+def barrier_party(name: str, parties: int) -> None:
+    """Wait at barrier ``b``; report the outcome on queue ``report``."""
+    with shmheap.Heap.attach(name) as heap:
+        report = heap.queue("report")
+        try:
+            report.put(heap.barrier("b", parties).wait(timeout=60))
+        except threading.BrokenBarrierError:
+            report.put("broken")

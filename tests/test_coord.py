@@ -1,0 +1,369 @@
+"""Queues, events, counters and barriers of the heap: what each promises, with real kills.
+
+Single-process tests pin the API (the stdlib's exceptions and semantics); the
+multi-process ones start fresh interpreters (spawn, workers in coord_workers.py)
+and kill them with SIGKILL: no queued item lost or duplicated among the living,
+leased items of the dead delivered again, no acknowledged add lost, waiters
+woken across processes, a dead party breaking a barrier.  Every coordination
+crash point is killed here (and raised at in test_faults.py): the next lock
+holder undoes the half-done change and check() is clean.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import random
+import threading
+from collections import Counter as Tally
+from collections.abc import Callable
+from typing import Any
+
+import coord_workers
+import pytest
+from children import assert_killed, run_child
+
+import shmheap
+from shmheap.pytest_plugin import HeapFactory
+
+#: generous bound so that a broken recovery fails instead of hanging the suite
+PATIENCE = 60.0
+ARENA = 1 << 20
+
+
+@pytest.fixture
+def heap(shm_heap_factory: HeapFactory) -> shmheap.Heap:
+    return shm_heap_factory(arena_size=ARENA, reserve=False)
+
+
+def spawn(target: Callable[..., object], *args: object) -> multiprocessing.process.BaseProcess:
+    proc = multiprocessing.get_context("spawn").Process(target=target, args=args)
+    proc.start()
+    return proc
+
+
+def join_all(procs: list[multiprocessing.process.BaseProcess]) -> None:
+    for proc in procs:
+        proc.join(PATIENCE)
+        assert proc.exitcode == 0, f"worker exit code {proc.exitcode}"
+
+
+def drain(q: shmheap.coord.Queue) -> list[Any]:
+    items: list[Any] = []
+    while True:
+        try:
+            items.append(q.get(timeout=0))
+        except queue.Empty:
+            return items
+
+
+# -- queue, single process --------------------------------------------------------------
+
+
+def test_a_queue_is_fifo_of_ints_and_picklable_objects(heap: shmheap.Heap) -> None:
+    q = heap.queue("q")
+    items = [1, -(1 << 63), (1 << 63) - 1, 1 << 70, "text", {"a": [1, 2]}, None, b"x" * 50000]
+    for item in items:
+        q.put(item)
+    assert len(q) == len(items)
+    assert [q.get() for _ in items] == items
+    assert len(q) == 0
+    assert heap.check() == []
+
+
+def test_get_and_put_time_out_with_the_stdlib_exceptions(heap: shmheap.Heap) -> None:
+    q = heap.queue("bounded", capacity=2)
+    assert q.capacity == 2
+    q.put(1)
+    q.put_nowait(2)
+    with pytest.raises(queue.Full):
+        q.put(3, timeout=0.01)
+    assert [q.get(), q.get_nowait()] == [1, 2]
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.01)
+    with pytest.raises(queue.Empty):
+        q.get_nowait()
+    assert heap.check() == [], "an item that timed out is not left behind"
+
+
+def test_a_closed_queue_refuses_puts_and_drains_then_reports_empty(heap: shmheap.Heap) -> None:
+    q = heap.queue("q")
+    q.put("last")
+    heap.queue("q").close()
+    assert q.closed
+    with pytest.raises(shmheap.QueueClosedError, match="closed"):
+        q.put("more")
+    assert q.get() == "last"
+    with pytest.raises(queue.Empty):
+        q.get()  # no timeout: a closed, empty queue does not wait
+    assert heap.check() == []
+
+
+def test_a_lease_is_removed_when_its_block_ends_and_given_back_when_it_raises(
+        heap: shmheap.Heap) -> None:
+    q = heap.queue("q")
+    q.put("a")
+    q.put("b")
+    with pytest.raises(ValueError), q.lease() as item:
+        assert item == "a"
+        assert (len(q), q.leased) == (1, 1)
+        raise ValueError
+    assert (len(q), q.leased) == (2, 0)
+    with q.lease() as item:
+        assert item == "a", "an item given back goes to the head"
+    assert [q.get(), len(q), q.leased] == ["b", 0, 0]
+    assert heap.check() == []
+
+
+def test_structures_are_found_by_name_and_kind(heap: shmheap.Heap) -> None:
+    with shmheap.Heap.attach(heap.name) as other:
+        other.queue("jobs", capacity=3).put(7)
+        other.counter("n").add(4)
+    assert heap.queue("jobs").get() == 7
+    assert heap.queue("jobs", capacity=None).capacity == 3
+    assert heap.counter("n").value == 4
+    with pytest.raises(shmheap.InvalidParameterError, match="capacity 3"):
+        heap.queue("jobs", capacity=4)
+    with pytest.raises(shmheap.InvalidParameterError, match="not an event"):
+        heap.event("jobs")
+    with pytest.raises(shmheap.InvalidParameterError, match="capacity"):
+        heap.queue("zero", capacity=0)
+    with pytest.raises(shmheap.InvalidParameterError, match="parties"):
+        heap.barrier("b", 0)
+    for bad in ("", "a b", "x" * 49, 5):
+        with pytest.raises(shmheap.InvalidNameError):
+            heap.queue(bad)  # type: ignore[arg-type]
+    with pytest.raises(shmheap.InvalidParameterError):
+        heap.counter("n").add(1.5)  # type: ignore[arg-type]
+    assert [(s.name, s.kind) for s in heap.structures()] == [("jobs", "queue"), ("n", "counter")]
+    assert heap.check() == []
+
+
+def test_a_readonly_handle_gets_no_structures(heap: shmheap.Heap) -> None:
+    with shmheap.Heap.attach(heap.name, readonly=True) as ro:
+        with pytest.raises(shmheap.ReadOnlyError):
+            ro.queue("q")
+        assert ro.check() == []
+
+
+def test_a_closed_heap_refuses_its_structures(heap: shmheap.Heap) -> None:
+    other = shmheap.Heap.attach(heap.name)
+    counter, q = other.counter("n"), other.queue("q")
+    other.close()
+    with pytest.raises(shmheap.HeapClosedError):
+        counter.add()
+    with pytest.raises(shmheap.HeapClosedError):
+        q.put(1)
+
+
+# -- event, counter, barrier, single process -------------------------------------------------
+
+
+def test_an_event_behaves_as_threading_event(heap: shmheap.Heap) -> None:
+    e = heap.event("e")
+    assert not e.is_set()
+    assert e.wait(timeout=0.01) is False
+    e.set()
+    assert e.is_set() and e.wait() is True and heap.event("e").is_set()
+    e.clear()
+    assert not e.is_set()
+
+
+def test_a_counter_adds_and_returns_the_new_value(heap: shmheap.Heap) -> None:
+    c = heap.counter("c")
+    assert c.value == 0
+    assert [c.add(), c.add(), c.add(10), c.add(-12)] == [1, 2, 12, 0]
+    assert c.add(-1) == -1 and c.value == -1
+
+
+def test_a_barrier_of_one_passes_and_a_timeout_breaks_it(heap: shmheap.Heap) -> None:
+    assert heap.barrier("one", 1).wait() == 0
+    b = heap.barrier("two", 2)
+    with pytest.raises(threading.BrokenBarrierError):
+        b.wait(timeout=0.01)
+    assert b.broken
+    with pytest.raises(threading.BrokenBarrierError):
+        heap.barrier("two", 2).wait()
+    with pytest.raises(shmheap.InvalidParameterError, match="parties 2"):
+        heap.barrier("two", 3)
+
+
+# -- across processes, with kills ---------------------------------------------------------------
+
+
+def test_items_cross_processes_exactly_once(heap: shmheap.Heap) -> None:
+    work, done = heap.queue("work", capacity=50), heap.queue("done")
+    producers = [spawn(coord_workers.produce, heap.name, k * 200, 200) for k in range(2)]
+    consumers = [spawn(coord_workers.consume, heap.name) for _ in range(2)]
+    join_all(producers)
+    work.close()
+    join_all(consumers)
+    got = drain(done)
+    assert sorted(got) == list(range(400))
+    assert heap.check() == []
+
+
+def test_the_item_of_a_killed_leaser_is_delivered_again(heap: shmheap.Heap) -> None:
+    work = heap.queue("work")
+    for item in ("first", "second"):
+        work.put(item)
+    holder = spawn(coord_workers.hold_a_lease, heap.name)
+    assert heap.event("leased").wait(timeout=PATIENCE)
+    assert heap.queue("held").get() == "first" and work.leased == 1
+    holder.kill()
+    holder.join()
+    assert work.get(timeout=PATIENCE) == "first", "the dead leaser's item comes back first"
+    assert work.get(timeout=0) == "second"
+    assert work.leased == 0
+    assert heap.check() == []
+
+
+def test_killed_leasing_consumers_lose_nothing(heap: shmheap.Heap) -> None:
+    """A kill loop: consumers SIGKILLed at random moments; every item done at least once,
+    and done twice only for a consumer killed between its report and its lease's end."""
+    work, done = heap.queue("work"), heap.queue("done")
+    items = list(range(300))
+    for item in items:
+        work.put(item)
+    rng = random.Random(20)
+    kills = 0
+    consumers = [spawn(coord_workers.consume_leased, heap.name) for _ in range(3)]
+    while len(work) + work.leased and kills < 12:
+        victim = consumers.pop(rng.randrange(len(consumers)))
+        done.put(done.get(timeout=PATIENCE))  # let the work go on between kills
+        victim.kill()
+        victim.join()
+        kills += 1
+        consumers.append(spawn(coord_workers.consume_leased, heap.name))
+    work.close()
+    join_all(consumers)
+    tally = Tally(drain(done))
+    assert set(tally) == set(items), "an item was lost"
+    assert sum(n - 1 for n in tally.values()) <= kills, "more duplicates than kills"
+    assert len(work) == 0 and work.leased == 0
+    assert heap.check() == []
+
+
+def test_killed_getters_never_duplicate_an_item(heap: shmheap.Heap) -> None:
+    work, done = heap.queue("work"), heap.queue("done")
+    for item in range(300):
+        work.put(item)
+    consumers = [spawn(coord_workers.consume, heap.name) for _ in range(2)]
+    kills = 0
+    rng = random.Random(7)
+    while len(work) and kills < 6:
+        done.put(done.get(timeout=PATIENCE))  # wait for progress
+        victim = consumers.pop(rng.randrange(len(consumers)))
+        victim.kill()
+        victim.join()
+        kills += 1
+        consumers.append(spawn(coord_workers.consume, heap.name))
+    work.close()
+    join_all(consumers)
+    got = drain(done)
+    assert len(got) == len(set(got)), "an item was delivered twice"
+    assert 300 - kills <= len(got) <= 300, "each killed getter holds at most one item"
+    assert heap.check() == []
+
+
+def test_adds_from_many_processes_are_all_counted_once(heap: shmheap.Heap) -> None:
+    workers = [spawn(coord_workers.add, heap.name, 200) for _ in range(3)]
+    join_all(workers)
+    assert heap.counter("n").value == 600
+    assert sorted(drain(heap.queue("values"))) == list(range(1, 601)), \
+        "every add returned its own new value"
+
+
+def test_an_event_set_wakes_a_waiter_in_another_process(heap: shmheap.Heap) -> None:
+    report = heap.queue("report")
+    waiter = spawn(coord_workers.wait_for_event, heap.name)
+    assert report.get(timeout=PATIENCE) == "ready"
+    heap.event("go").set()
+    assert report.get(timeout=PATIENCE) == "woken"
+    join_all([waiter])
+
+
+def test_a_barrier_lets_its_parties_through_together(heap: shmheap.Heap) -> None:
+    parties = [spawn(coord_workers.barrier_party, heap.name, 3) for _ in range(4)]
+    assert heap.barrier("b", 3).wait(timeout=PATIENCE) in (0, 1, 2)  # round one
+    index = heap.barrier("b", 3).wait(timeout=PATIENCE)
+    join_all(parties)
+    reports = drain(heap.queue("report"))
+    assert len(reports) == 4 and "broken" not in reports
+    assert index in (0, 1, 2)
+    assert heap.check() == []
+
+
+def test_a_party_killed_while_waiting_breaks_the_barrier(heap: shmheap.Heap) -> None:
+    b = heap.barrier("b", 3)
+    doomed = spawn(coord_workers.barrier_party, heap.name, 3)
+    never = heap.event("never")
+    while b.n_waiting < 1:  # the doomed party has arrived and waits
+        never.wait(timeout=0.01)
+    doomed.kill()
+    doomed.join()
+    other = spawn(coord_workers.barrier_party, heap.name, 3)
+    with pytest.raises(threading.BrokenBarrierError):
+        b.wait(timeout=PATIENCE)
+    assert heap.queue("report").get(timeout=PATIENCE) == "broken"
+    join_all([other])
+
+
+def test_a_lock_holder_killed_inside_a_queue_op_blocks_nobody(heap: shmheap.Heap) -> None:
+    q = heap.queue("q")
+    q.put("kept")
+    assert_killed(run_child(f"""
+        import shmheap
+        shmheap.Heap.attach({heap.name!r}).queue("q").put("half")
+        """, "coord.linked"))
+    assert q.get(timeout=PATIENCE) == "kept"
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0)
+    assert heap.info().recoveries == 1
+    assert heap.check() == []
+
+
+# -- every coordination crash point, killed ------------------------------------------------------
+
+#: point -> (what the parent sets up, what the child does, what the parent then sees)
+KILLS = {
+    "coord.created": ("", "h.queue('new')",
+                      "h.queue('new').put(1); assert h.queue('new').get() == 1"),
+    "coord.described": ("", "h.queue('new')",
+                        "h.queue('new').put(1); assert h.queue('new').get() == 1"),
+    "coord.linked": ("q.put('a')", "q.put('b')", "assert drain(q) == ['a']"),
+    "coord.unlinked": ("q.put('a'); q.put('b')", "q.get()", "assert drain(q) == ['a', 'b']"),
+    "coord.unleased": ("q.put('a')", "with q.lease():\n    raise ValueError",
+                       "assert q.get(timeout=PATIENCE) == 'a'"),
+    "coord.acked": ("q.put('a')", "with q.lease():\n    pass",
+                    "assert q.get(timeout=PATIENCE) == 'a'  # at least once: delivered again"),
+    "coord.flag_stored": ("", "h.event('e').set()", "assert h.event('e').wait(PATIENCE)"),
+    "coord.arrived": ("", "h.barrier('b', 1).wait()", "assert h.barrier('b', 1).wait() == 0"),
+}
+
+
+def test_every_coordination_point_is_killed_here() -> None:
+    assert set(KILLS) == {p for p in shmheap.CRASH_POINTS if p.startswith("coord.")}
+
+
+@pytest.mark.parametrize("point", sorted(KILLS))
+def test_a_kill_at_a_coordination_point_is_undone(heap: shmheap.Heap, point: str) -> None:
+    setup, op, then = KILLS[point]
+    h = heap
+    q = heap.queue("q") if point != "coord.created" else None  # (the child makes the segment)
+    exec(setup)
+    child_op = "\n".join("    " + line for line in op.splitlines())
+    assert_killed(run_child(f"""
+import shmheap
+h = shmheap.Heap.attach({heap.name!r})
+q = h.queue("q") if {point != "coord.created"!r} else None
+try:
+{child_op}
+except ValueError:
+    pass
+raise SystemExit("crash point {point} was never reached")
+""", point))
+    with heap.locked(timeout=PATIENCE):
+        pass  # adopts the dead holder's lock, undoes what the journal names
+    exec(then, {"h": h, "q": q or heap.queue("q"), "drain": drain, "PATIENCE": PATIENCE})
+    assert heap.check() == []
