@@ -4,6 +4,9 @@
  * _heapq): every protocol here is the one its Python module documents, on
  * the same shared memory, so native and pure processes share a heap.
  *
+ *   Mutex         a handle's reentrant thread lock (a futex word, no GIL needed),
+ *                 held around every hold of the heap lock and by the allocator's
+ *                 fast paths (see its section).
  *   Lock          lock.py's HeapLock: acquire with the owner record and the
  *                 lock sequence, release, timed waits that adopt a dead
  *                 holder's lock, the repair of a dirty journal by writers.
@@ -38,9 +41,9 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/futex.h>
 #include <semaphore.h>
 #include <stdint.h>
-#include <linux/futex.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <string.h>
@@ -127,10 +130,217 @@ ofd_set(int fd, off_t start, short type)
     return fcntl(fd, F_OFD_SETLK, &fl);
 }
 
+/* -- Mutex: a handle's thread lock -------------------------------------------------------
+ *
+ * Every per-handle state a thread may change (span caches, pending lists, the arena cache,
+ * the heap lock's hold) is changed by the thread holding its handle's Mutex.  It is
+ * reentrant (a holder may take it again), held from before the heap semaphore is taken to
+ * after it is posted (a second thread waits for the first thread's hold, never piggy-backs
+ * on it), and a plain futex word, so it needs no GIL:
+ *
+ *   state   0 free, 1 taken, 2 taken and somebody may be waiting (Drepper's mutex)
+ *   owner   thread ident of the holder (written and cleared by the holder only)
+ *   depth   how many times the holder took it
+ *
+ * A waiter sleeps in FUTEX_WAIT without the GIL; a signal wakes it to run the handlers
+ * (their exception propagates, nothing taken).  The allocator's fast paths only try it
+ * (mutex_try); with the GIL they need not even take it: code that calls no Python runs
+ * alone, and only has to keep out while another thread holds the mutex in a slow path
+ * (FAST_ENTER below).  A forked child resets it (_at_fork_reinit): the parent's holder
+ * thread does not exist there. */
+
+typedef struct {
+    PyObject_HEAD
+    uint32_t state;
+    unsigned long owner;
+    long depth;
+} Mutex;
+
+static PyTypeObject MutexType;
+
+static inline int
+mutex_try(Mutex *m, unsigned long me)
+{
+    if (__atomic_load_n(&m->owner, __ATOMIC_RELAXED) == me) {
+        m->depth++;
+        return 1;
+    }
+    uint32_t expected = 0;
+    if (!__atomic_compare_exchange_n(&m->state, &expected, 1, 0, __ATOMIC_ACQUIRE,
+                                     __ATOMIC_RELAXED))
+        return 0;
+    __atomic_store_n(&m->owner, me, __ATOMIC_RELAXED);
+    m->depth = 1;
+    return 1;
+}
+
+/* Take the mutex, waiting without the GIL; 0 taken, -1 a signal handler raised. */
+static int
+mutex_acquire(Mutex *m)
+{
+    unsigned long me = PyThread_get_thread_ident();
+    if (mutex_try(m, me))
+        return 0;
+    for (;;) {
+        int interrupted = 0;
+        Py_BEGIN_ALLOW_THREADS
+        while (__atomic_exchange_n(&m->state, 2, __ATOMIC_ACQUIRE) != 0) {
+            if (syscall(SYS_futex, &m->state, FUTEX_WAIT_PRIVATE, 2, NULL, NULL, 0) != 0
+                    && errno == EINTR) {
+                interrupted = 1;
+                break;
+            }
+        }
+        Py_END_ALLOW_THREADS
+        if (!interrupted) {
+            __atomic_store_n(&m->owner, me, __ATOMIC_RELAXED);
+            m->depth = 1;
+            return 0;
+        }
+        if (PyErr_CheckSignals() < 0)
+            return -1;
+    }
+}
+
+static inline void
+mutex_release(Mutex *m)
+{
+    if (m->depth > 1) {
+        m->depth--;
+        return;
+    }
+    if (m->depth == 0)
+        return;  /* not taken (a forked child's inherited block): nothing to give back */
+    m->depth = 0;
+    __atomic_store_n(&m->owner, 0UL, __ATOMIC_RELAXED);
+    if (__atomic_exchange_n(&m->state, 0, __ATOMIC_RELEASE) == 2)
+        syscall(SYS_futex, &m->state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+}
+
+#ifdef Py_GIL_DISABLED
+#define FAST_ENTER(m) mutex_try((m), PyThread_get_thread_ident())
+#define FAST_LEAVE(m) mutex_release(m)
+#else
+/* With the GIL the fast path (no Python call inside) runs alone: it may go on unless
+ * another thread holds the mutex (in a slow path that may have let the GIL go). */
+#define FAST_ENTER(m) (__atomic_load_n(&(m)->state, __ATOMIC_ACQUIRE) == 0 \
+                       || __atomic_load_n(&(m)->owner, __ATOMIC_RELAXED) \
+                          == PyThread_get_thread_ident())
+#define FAST_LEAVE(m) ((void)0)
+#endif
+
+static PyObject *
+Mutex_acquire(Mutex *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"blocking", NULL};
+    int blocking = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|p", names, &blocking))
+        return NULL;
+    if (!blocking)
+        return PyBool_FromLong(mutex_try(self, PyThread_get_thread_ident()));
+    if (mutex_acquire(self) < 0)
+        return NULL;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+Mutex_enter(Mutex *self, PyObject *Py_UNUSED(ignored))
+{
+    if (mutex_acquire(self) < 0)
+        return NULL;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+Mutex_release(Mutex *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->depth == 0
+            || __atomic_load_n(&self->owner, __ATOMIC_RELAXED) != PyThread_get_thread_ident()) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot release un-acquired lock");
+        return NULL;
+    }
+    mutex_release(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Mutex_exit(Mutex *self, PyObject *Py_UNUSED(args))
+{
+    return Mutex_release(self, NULL);
+}
+
+static PyObject *
+Mutex_is_owned(Mutex *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyBool_FromLong(self->depth > 0 && __atomic_load_n(&self->owner, __ATOMIC_RELAXED)
+                           == PyThread_get_thread_ident());
+}
+
+static PyObject *
+Mutex_at_fork_reinit(Mutex *self, PyObject *Py_UNUSED(ignored))
+{
+    self->state = 0;
+    self->owner = 0;
+    self->depth = 0;
+    Py_RETURN_NONE;
+}
+
+/* threading.Condition's protocol: give up every hold while waiting, then take them back. */
+static PyObject *
+Mutex_release_save(Mutex *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->depth == 0
+            || __atomic_load_n(&self->owner, __ATOMIC_RELAXED) != PyThread_get_thread_ident()) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot release un-acquired lock");
+        return NULL;
+    }
+    long depth = self->depth;
+    self->depth = 1;
+    mutex_release(self);
+    return PyLong_FromLong(depth);
+}
+
+static PyObject *
+Mutex_acquire_restore(Mutex *self, PyObject *state)
+{
+    long depth = PyLong_AsLong(state);
+    if (depth == -1 && PyErr_Occurred())
+        return NULL;
+    if (mutex_acquire(self) < 0)
+        return NULL;
+    self->depth = depth > 0 ? depth : 1;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Mutex_methods[] = {
+    {"_release_save", (PyCFunction)Mutex_release_save, METH_NOARGS, NULL},
+    {"_acquire_restore", (PyCFunction)Mutex_acquire_restore, METH_O, NULL},
+    {"acquire", (PyCFunction)(void (*)(void))Mutex_acquire, METH_VARARGS | METH_KEYWORDS,
+     "acquire(blocking=True): take the mutex (again, if this thread holds it)"},
+    {"release", (PyCFunction)Mutex_release, METH_NOARGS, "give back one hold"},
+    {"__enter__", (PyCFunction)Mutex_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)Mutex_exit, METH_VARARGS, NULL},
+    {"_is_owned", (PyCFunction)Mutex_is_owned, METH_NOARGS, "True if this thread holds it"},
+    {"_at_fork_reinit", (PyCFunction)Mutex_at_fork_reinit, METH_NOARGS,
+     "free it (in a forked child, where its holder thread does not exist)"},
+    {NULL}
+};
+
+static PyTypeObject MutexType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmheap._native.Mutex",
+    .tp_basicsize = sizeof(Mutex),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A handle's reentrant thread lock (a futex word; threading.RLock's methods).",
+    .tp_new = PyType_GenericNew,
+    .tp_methods = Mutex_methods,
+};
+
 /* -- Lock ------------------------------------------------------------------------------- */
 
 typedef struct {
     PyObject_HEAD
+    Mutex *mutex;            /* the handle's thread lock, held around every hold */
     sem_t *sem;
     Py_buffer live;          /* the liveness segment, writable */
     Py_buffer journal;       /* the control segment's journal word */
@@ -412,19 +622,23 @@ Lock_run(Lock *self, PyObject *args, PyObject *kwargs)
     double deadline = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|Op", names, &body, &deadline_arg, &write))
         return NULL;
-    if (lock_in_outer_block(self))
-        return PyObject_CallNoArgs(body);
     if (parse_deadline(deadline_arg, &deadline, &has_deadline) < 0)
         return NULL;
-    if (lock_enter(self, has_deadline, deadline, write) < 0)
+    if (mutex_acquire(self->mutex) < 0)
         return NULL;
-    PyObject *result = PyObject_CallNoArgs(body);
-    lock_release(self);
+    PyObject *result = NULL;
+    if (lock_in_outer_block(self))
+        result = PyObject_CallNoArgs(body);  /* this thread's own locked() block holds it */
+    else if (lock_enter(self, has_deadline, deadline, write) == 0) {
+        result = PyObject_CallNoArgs(body);
+        lock_release(self);
+    }
+    mutex_release(self->mutex);
     return result;
 }
 
 static inline int
-lock_read(Lock *self, const uint64_t *word, PyObject *deadline_arg, uint64_t *out)
+lock_read_held(Lock *self, const uint64_t *word, PyObject *deadline_arg, uint64_t *out)
 {
     if (lock_check_open(self) < 0)
         return -1;
@@ -449,6 +663,17 @@ lock_read(Lock *self, const uint64_t *word, PyObject *deadline_arg, uint64_t *ou
     *out = LOAD(word);
     lock_release(self);
     return 0;
+}
+
+/* ``*word`` read under the lock, this handle's mutex held around it: 0, or -1 exception. */
+static int
+lock_read(Lock *self, const uint64_t *word, PyObject *deadline_arg, uint64_t *out)
+{
+    if (mutex_acquire(self->mutex) < 0)
+        return -1;
+    int rc = lock_read_held(self, word, deadline_arg, out);
+    mutex_release(self->mutex);
+    return rc;
 }
 
 static PyObject *
@@ -485,26 +710,47 @@ Lock_enter(Lock *self, PyObject *args, PyObject *kwargs)
     double deadline = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|Op", names, &block, &deadline_arg, &write))
         return NULL;
-    if (lock_in_outer_block(self))
-        Py_RETURN_FALSE;
     if (parse_deadline(deadline_arg, &deadline, &has_deadline) < 0)
         return NULL;
     PyObject *ref = PyWeakref_NewRef(block, NULL);
     if (ref == NULL)
         return NULL;
-    if (lock_enter(self, has_deadline, deadline, write) < 0) {
+    if (mutex_acquire(self->mutex) < 0) {
         Py_DECREF(ref);
         return NULL;
     }
-    Py_XSETREF(self->outer, ref);
+    if (lock_in_outer_block(self)) {  /* nested in this thread's own block */
+        mutex_release(self->mutex);
+        Py_DECREF(ref);
+        Py_RETURN_FALSE;
+    }
+    if (lock_enter(self, has_deadline, deadline, write) < 0) {
+        mutex_release(self->mutex);
+        Py_DECREF(ref);
+        return NULL;
+    }
+    Py_XSETREF(self->outer, ref);  /* the mutex stays taken until leave() */
     Py_RETURN_TRUE;
 }
 
 static PyObject *
 Lock_leave(Lock *self, PyObject *Py_UNUSED(ignored))
 {
+    int had_block = self->outer != NULL;
     Py_CLEAR(self->outer);
     lock_release(self);
+    if (had_block)
+        mutex_release(self->mutex);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Lock_after_fork(Lock *self, PyObject *Py_UNUSED(ignored))
+{
+    /* In a forked child: the hold and the open block were the parent's (maybe another
+     * thread's); forget them, posting nothing.  The mutex is reset by its owner. */
+    self->held = 0;
+    Py_CLEAR(self->outer);
     Py_RETURN_NONE;
 }
 
@@ -589,17 +835,21 @@ static int
 Lock_init(Lock *self, PyObject *args, PyObject *kwargs)
 {
     static char *names[] = {"semaphore", "live", "live_fd", "nslots", "slot", "token",
-                            "journal", "header", "repair", "heap_name", "timing", NULL};
+                            "journal", "header", "repair", "heap_name", "timing", "mutex",
+                            NULL};
     const char *sem_name;
-    PyObject *live, *journal, *header, *repair, *heap_name;
+    PyObject *live, *journal, *header, *repair, *heap_name, *mutex;
     int fd;
     long nslots, slot;
     unsigned long long token;
     double first_poll, poll, grace;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sOillKOOOU(ddd)", names, &sem_name, &live,
-                                     &fd, &nslots, &slot, &token, &journal, &header, &repair,
-                                     &heap_name, &first_poll, &poll, &grace))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sOillKOOOU(ddd)O!", names, &sem_name,
+                                     &live, &fd, &nslots, &slot, &token, &journal, &header,
+                                     &repair, &heap_name, &first_poll, &poll, &grace,
+                                     &MutexType, &mutex))
         return -1;
+    Py_INCREF(mutex);
+    Py_XSETREF(self->mutex, (Mutex *)mutex);
     if (PyObject_GetBuffer(live, &self->live, PyBUF_WRITABLE) < 0)
         return -1;
     if (self->live.len < LIVE_SLOTS_OFFSET + nslots * LIVE_SLOT_SIZE) {
@@ -641,6 +891,7 @@ Lock_dealloc(Lock *self)
     PyObject *ignored = Lock_close(self, NULL);
     Py_XDECREF(ignored);
     Py_CLEAR(self->header_obj);
+    Py_CLEAR(self->mutex);
     Py_CLEAR(self->repair);
     Py_CLEAR(self->heap_name);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -667,6 +918,8 @@ static PyMethodDef Lock_methods[] = {
      "rebind(live, live_fd, slot, token): after a fork re-claimed a slot"},
     {"detach", (PyCFunction)Lock_detach, METH_NOARGS,
      "let go of the liveness segment (a forked child, before it maps it again)"},
+    {"after_fork", (PyCFunction)Lock_after_fork, METH_NOARGS,
+     "in a forked child: forget the parent's hold and open block without posting"},
     {"close", (PyCFunction)Lock_close, METH_NOARGS, NULL},
     {NULL}
 };
@@ -1102,6 +1355,8 @@ typedef struct {
     Py_ssize_t capacity;
 } Snapshots;
 
+static PyObject *snapshots_take(Snapshots *self, PyObject *deadline);
+
 static PyObject *
 Snapshots_call(Snapshots *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -1122,11 +1377,25 @@ Snapshots_call(Snapshots *self, PyObject *const *args, size_t nargsf, PyObject *
         if (deadline == NULL)
             return NULL;
     }
-    uint64_t word;
-    int rc = lock_read(self->lock, (const uint64_t *)self->lock->header.buf, deadline, &word);
+    if (mutex_acquire(self->lock->mutex) < 0) {
+        if (deadline != Py_None)
+            Py_DECREF(deadline);
+        return NULL;
+    }
+    PyObject *snap = snapshots_take(self, deadline);
+    mutex_release(self->lock->mutex);
     if (deadline != Py_None)
         Py_DECREF(deadline);
-    if (rc < 0)
+    return snap;
+}
+
+/* Snapshots_call with the handle's mutex held (its cache is the handle's). */
+static PyObject *
+snapshots_take(Snapshots *self, PyObject *deadline)
+{
+    uint64_t word;
+    if (lock_read_held(self->lock, (const uint64_t *)self->lock->header.buf, deadline,
+                       &word) < 0)
         return NULL;
     if (self->last != NULL && word == self->word) {
         Py_INCREF(self->last);
@@ -1485,6 +1754,7 @@ typedef struct {
     unsigned char *lookup;   /* class of size n at (n + 15) >> 4 */
     Py_ssize_t lookup_len, max_small;
     PyObject *slow;          /* slow(nbytes, timeout): refill or large, in Python */
+    Mutex *mutex;            /* the handle's thread lock (FAST_ENTER) */
 } Alloc;
 
 static PyObject *
@@ -1496,7 +1766,9 @@ Alloc_call(Alloc *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
     if (nargs >= 1 && given <= 2 && PyLong_CheckExact(args[0])
             && timeout_ok(args, nargs, kwnames)) {
         Py_ssize_t n = PyLong_AsSsize_t(args[0]);
-        if (n > 0 && n <= self->max_small && ((n + 15) >> 4) < self->lookup_len) {
+        if (n > 0 && n <= self->max_small && ((n + 15) >> 4) < self->lookup_len
+                && FAST_ENTER(self->mutex)) {
+            long long ref = 0;
             Py_ssize_t c = self->lookup[(n + 15) >> 4];
             PyObject *item = c < PyList_GET_SIZE(self->caches)
                              ? PyList_GET_ITEM(self->caches, c) : Py_None;
@@ -1507,8 +1779,11 @@ Alloc_call(Alloc *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
                 STORE(cache->data + cache->m0 + k, (unsigned char)1); /* born marked */
                 memset(cache->data + offset, 0, cache->size);
                 STORE(cache->data + cache->a0 + k, (unsigned char)1); /* published last */
-                return PyLong_FromLongLong(cache->base + offset);
+                ref = cache->base + offset;
             }
+            FAST_LEAVE(self->mutex);
+            if (ref)
+                return PyLong_FromLongLong(ref);
         }
         else if (n == -1 && PyErr_Occurred())
             PyErr_Clear();  /* too big for a Py_ssize_t: the slow path says what is wrong */
@@ -1519,13 +1794,15 @@ Alloc_call(Alloc *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 static int
 Alloc_init(Alloc *self, PyObject *args, PyObject *kwargs)
 {
-    static char *names[] = {"caches", "lookup", "max_small", "slow", NULL};
-    PyObject *caches, *slow;
+    static char *names[] = {"caches", "lookup", "max_small", "slow", "mutex", NULL};
+    PyObject *caches, *slow, *mutex;
     Py_buffer lookup;
     Py_ssize_t max_small;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!y*nO", names, &PyList_Type, &caches,
-                                     &lookup, &max_small, &slow))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!y*nOO!", names, &PyList_Type, &caches,
+                                     &lookup, &max_small, &slow, &MutexType, &mutex))
         return -1;
+    Py_INCREF(mutex);
+    Py_XSETREF(self->mutex, (Mutex *)mutex);
     self->lookup = PyMem_Malloc(lookup.len ? lookup.len : 1);
     if (self->lookup == NULL) {
         PyBuffer_Release(&lookup);
@@ -1549,6 +1826,7 @@ Alloc_dealloc(Alloc *self)
 {
     Py_CLEAR(self->caches);
     Py_CLEAR(self->slow);
+    Py_CLEAR(self->mutex);
     PyMem_Free(self->lookup);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -1636,6 +1914,7 @@ typedef struct {
     vectorcallfunc vectorcall;
     PyObject *records;       /* arena index -> Record, of the arenas mapped now */
     PyObject *slow;          /* slow(ref, timeout): everything else, in Python */
+    Mutex *mutex;            /* the handle's thread lock (FAST_ENTER) */
     Pin *summary;            /* the summary segment's mapping */
     int arena_shift, page_shift;
     long long arena_mask;
@@ -1663,35 +1942,25 @@ free_mark_partial(Free *self, Py_ssize_t c, long long leaf)
     }
 }
 
-static PyObject *
-Free_call(Free *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+/* The free of small object ``ref`` (the handle's mutex entered): 1 done, 0 for the slow
+ * path, -1 exception. */
+static int
+free_fast(Free *self, long long ref)
 {
-    /* (ref) or (ref, timeout): the fast path never waits, so it ignores the timeout */
-    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    Py_ssize_t given = nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0);
-    if (self->summary == NULL || nargs < 1 || given > 2 || !PyLong_CheckExact(args[0])
-            || !timeout_ok(args, nargs, kwnames))
-        goto slow;
-    long long ref = PyLong_AsLongLong(args[0]);
-    if (ref <= 0) {
-        PyErr_Clear();
-        goto slow;
-    }
+    if (self->summary == NULL)
+        return 0;  /* closed (Free_close): the slow path says so */
     PyObject *key = PyLong_FromLongLong(ref >> self->arena_shift);
     if (key == NULL)
-        return NULL;
+        return -1;
     PyObject *found = PyDict_GetItemWithError(self->records, key);
     Py_DECREF(key);
-    if (found == NULL || !Py_IS_TYPE(found, &RecordType)) {
-        if (PyErr_Occurred())
-            return NULL;
-        goto slow;
-    }
+    if (found == NULL || !Py_IS_TYPE(found, &RecordType))
+        return PyErr_Occurred() ? -1 : 0;
     Record *rec = (Record *)found;
     long long offset = ref & self->arena_mask;
     Py_ssize_t page = (Py_ssize_t)(offset >> self->page_shift);
     if (page >= rec->pages)
-        goto slow;
+        return 0;
     int steady = 0;
     unsigned char used = 0, c = 0;
     Py_ssize_t start = 0;
@@ -1705,21 +1974,42 @@ Free_call(Free *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
         steady = LOAD(rec->seq) == before;
     }
     if (!steady || !used || start < 0 || start > page || c == 0 || c >= self->nclasses)
-        goto slow;  /* changing, free pages, a large object, garbage: Python says or does it */
+        return 0;  /* changing, free pages, a large object, garbage: Python says or does it */
     long long in_span = offset - ((long long)start << self->page_shift) - self->objects_at[c];
     if (in_span < 0 || in_span % self->size[c])
-        goto slow;
+        return 0;
     long long slot = in_span / self->size[c];
     if (slot >= self->nelems[c])
-        goto slow;
+        return 0;
     unsigned char *alloc = rec->data + ((long long)start << self->page_shift) + slot;
     if (LOAD(alloc) != 1)
-        goto slow;  /* freed already: DoubleFreeError from Python */
+        return 0;  /* freed already: DoubleFreeError from Python */
     STORE(alloc, (unsigned char)0);
     if (LOAD(rec->owner + start) == 0)
         free_mark_partial(self, c, ref >> self->arena_shift);
-    Py_RETURN_NONE;
-slow:
+    return 1;
+}
+
+static PyObject *
+Free_call(Free *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    /* (ref) or (ref, timeout): the fast path never waits, so it ignores the timeout */
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t given = nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0);
+    if (nargs >= 1 && given <= 2 && PyLong_CheckExact(args[0])
+            && timeout_ok(args, nargs, kwnames)) {
+        long long ref = PyLong_AsLongLong(args[0]);
+        if (ref <= 0)
+            PyErr_Clear();
+        else if (FAST_ENTER(self->mutex)) {
+            int done = free_fast(self, ref);
+            FAST_LEAVE(self->mutex);
+            if (done < 0)
+                return NULL;
+            if (done)
+                Py_RETURN_NONE;
+        }
+    }
     return PyObject_Vectorcall(self->slow, args, nargsf, kwnames);
 }
 
@@ -1754,15 +2044,17 @@ Free_init(Free *self, PyObject *args, PyObject *kwargs)
 {
     static char *names[] = {"records", "slow", "summary", "arena_shift", "page_shift",
                             "nelems", "size", "objects_at", "tree_levels", "level_offset",
-                            "level_size", NULL};
+                            "level_size", "mutex", NULL};
     PyObject *records, *slow, *summary, *nelems, *size, *objects_at, *tree_levels, *offsets,
-             *sizes;
+             *sizes, *mutex;
     int arena_shift, page_shift;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOiiOOOOOO", names, &PyDict_Type,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOiiOOOOOOO!", names, &PyDict_Type,
                                      &records, &slow, &summary, &arena_shift, &page_shift,
                                      &nelems, &size, &objects_at, &tree_levels, &offsets,
-                                     &sizes))
+                                     &sizes, &MutexType, &mutex))
         return -1;
+    Py_INCREF(mutex);
+    Py_XSETREF(self->mutex, (Mutex *)mutex);
     Py_ssize_t n1, n2, n3, n4, n5, n6;
     self->nelems = ssize_array(nelems, &n1);
     self->size = self->nelems ? ssize_array(size, &n2) : NULL;
@@ -1802,6 +2094,7 @@ Free_dealloc(Free *self)
 {
     Py_CLEAR(self->records);
     Py_CLEAR(self->slow);
+    Py_CLEAR(self->mutex);
     Py_CLEAR(self->summary);
     PyMem_Free(self->nelems);
     PyMem_Free(self->size);
@@ -2185,16 +2478,17 @@ static struct PyModuleDef native_module = {
 PyMODINIT_FUNC
 PyInit__native(void)
 {
-    PyTypeObject *types[] = {&PinType, &LockType, &SnapType, &SnapIterType, &SnapshotsType,
-                             &CacheType, &AllocType, &RecordType, &FreeType, &MappingType,
-                             &CounterType};
+    PyTypeObject *types[] = {&PinType, &MutexType, &LockType, &SnapType, &SnapIterType,
+                             &SnapshotsType, &CacheType, &AllocType, &RecordType, &FreeType,
+                             &MappingType, &CounterType};
     for (size_t i = 0; i < sizeof types / sizeof types[0]; i++)
         if (PyType_Ready(types[i]) < 0)
             return NULL;
     PyObject *module = PyModule_Create(&native_module);
     if (module == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(module, "Lock", (PyObject *)&LockType) < 0
+    if (PyModule_AddObjectRef(module, "Mutex", (PyObject *)&MutexType) < 0
+            || PyModule_AddObjectRef(module, "Lock", (PyObject *)&LockType) < 0
             || PyModule_AddObjectRef(module, "ArenaSnapshot", (PyObject *)&SnapType) < 0
             || PyModule_AddObjectRef(module, "Snapshots", (PyObject *)&SnapshotsType) < 0
             || PyModule_AddObjectRef(module, "Cache", (PyObject *)&CacheType) < 0

@@ -82,7 +82,12 @@ Dead owners (mimalloc's abandoned segments)
 New memory reads zero: slots are zeroed when they are allocated, pages when
 they are made into a span (only pages whose state says they may hold data).
 
-A ``Heap`` handle, and so its allocator, is for one thread at a time.
+Threads: a handle's allocator is used by any thread.  Its caches, ``_pending``
+and hint change only under the handle's mutex (attached.py): ``alloc``,
+``free``, ``view`` and ``size_of`` take it, and so every slow path under
+them.  The native fast paths keep out while another thread holds it
+(_native.c ``FAST_ENTER``), so the slow paths of one thread never see the
+fast path of another half-way.  Two threads never pop the same slot.
 
 This module owns size classes, span headers, the caches, and the page-heap
 mutations' use of the journal.  Page metadata layout and order are in
@@ -273,15 +278,17 @@ class Allocator:
         self._pending: list[tuple[ArenaPages, int]] = []
         self._journal = heap._journal
         self._lock = heap._lock
+        #: the handle's thread lock (attached.py): held while any of the above changes
+        self._mutex = heap._mutex
         #: giant objects' runs of arenas this process has mapped, while a view holds one
         self._runs = giant.runs()
         self._hint = 0
         self._refills = 0
-        # In a forked child the parent's spans are not ours: forget them once the
-        # child has its own liveness slot and token.
+        # In a forked child the parent's spans are not ours: forget them as the child lets
+        # go of the parent's slot (whether or not it claims one of its own).
         live = heap._live
         assert live is not None
-        live.on_reclaim.append(self.forget_caches)
+        live.on_unmap.append(self.forget_caches)
         if core.native is not None:
             self._bind_native(core.native)
 
@@ -295,7 +302,7 @@ class Allocator:
         self._caches[:] = [None] * len(self.classes)  # in place: the native Alloc reads it
         self._pending = []
 
-    def close(self) -> None:
+    def close(self, give_back: bool = True) -> None:
         """Give this handle's spans back to the heap and let go of the native fast paths.
 
         ``Heap.close`` calls it while the lock still works.  The spans go back
@@ -310,7 +317,7 @@ class Allocator:
                 if cache is not None:
                     self._pending.append((cache.pages, cache.start))
                     self._caches[c] = None
-            if self._pending and not self.readonly:
+            if give_back and self._pending and not self.readonly:
                 with contextlib.suppress(ShmHeapError):
                     self._lock.run(self._settle_pending, deadline_of(CLOSE_TIMEOUT), write=True)
         finally:
@@ -345,24 +352,26 @@ class Allocator:
         (The native core's ``Alloc`` replaces this fast path when it runs.)
         """
         if type(nbytes) is int and 0 < nbytes <= self.max_small:
-            cache = self._caches[self.lookup[(nbytes + 15) >> 4]]
-            if cache is not None and cache.free:
-                k = cache.free.pop()
-                data = cache.data
-                data[cache.m0 + k] = 1
-                size = cache.size
-                offset = cache.o0 + k * size
-                data[offset:offset + size] = bytes(size)
-                data[cache.a0 + k] = 1
-                return cache.base + offset
+            with self._mutex:
+                cache = self._caches[self.lookup[(nbytes + 15) >> 4]]
+                if cache is not None and cache.free:
+                    k = cache.free.pop()
+                    data = cache.data
+                    data[cache.m0 + k] = 1
+                    size = cache.size
+                    offset = cache.o0 + k * size
+                    data[offset:offset + size] = bytes(size)
+                    data[cache.a0 + k] = 1
+                    return cache.base + offset
         return self._alloc_slow(nbytes, timeout)
 
     def _alloc_slow(self, nbytes: int, timeout: float | None = None) -> int:
         """A refill, then the fast path again; or a large object."""
-        if type(nbytes) is int and 0 < nbytes <= self.max_small:
-            self._refill(self.lookup[(nbytes + 15) >> 4], deadline_of(timeout))
-            return self.alloc(nbytes)
-        return self._alloc_large(nbytes, timeout)
+        with self._mutex:
+            if type(nbytes) is int and 0 < nbytes <= self.max_small:
+                self._refill(self.lookup[(nbytes + 15) >> 4], deadline_of(timeout))
+                return self.alloc(nbytes)
+            return self._alloc_large(nbytes, timeout)
 
     def _bind_native(self, native: Any) -> None:
         """Let the native core's fast paths run ``alloc`` and ``free`` (slow paths stay here)."""
@@ -373,7 +382,7 @@ class Allocator:
             tree_levels.append(tree_levels[-1] + len(levels))
         classes = self.classes
         self.alloc = native.Alloc(self._caches, bytes(self.lookup),  # type: ignore[method-assign]
-                                  self.max_small, self._alloc_slow)
+                                  self.max_small, self._alloc_slow, self._mutex)
         if self.readonly:
             return  # free() raises ReadOnlyError, from Python
         self.free = native.Free(  # type: ignore[method-assign]
@@ -381,7 +390,7 @@ class Allocator:
             self.arena_shift, self.page_shift, [c.nelems for c in classes],
             [c.size for c in classes], [c.objects_at for c in classes], tree_levels,
             [offset for levels in trees for offset, _size in levels],
-            [size for levels in trees for _offset, size in levels])
+            [size for levels in trees for _offset, size in levels], self._mutex)
 
     def _token(self) -> int:
         live = self.heap._live
@@ -629,11 +638,23 @@ class Allocator:
 
     def free(self, ref: int, timeout: float | None = None) -> None:
         """Free the object at ``ref``, allocated by any process."""
-        self.heap._check_writable("free()")
-        deadline = None if timeout is None else deadline_of(timeout)
-        pages, start, c, slot = self.locate(ref, deadline)
+        with self._mutex:
+            self.heap._check_writable("free()")
+            self._free(ref, None if timeout is None else deadline_of(timeout), held=False)
+
+    def free_locked(self, ref: int) -> None:
+        """``free(ref)`` for a caller that holds the lock already (a journal repair)."""
+        with self._mutex:
+            self.heap._check_writable("free()")
+            self._free(ref, None, held=True)
+
+    def _free(self, ref: int, deadline: float | None, held: bool) -> None:
+        pages, start, c, slot = self.locate(ref, deadline, held)
         if c == 0:
-            self._free_large(pages, start, ref, deadline)
+            if not (self._free_large_locked(pages, start, ref) if held else
+                    self._lock.run(lambda: self._free_large_locked(pages, start, ref), deadline,
+                                   write=True)):
+                raise self._bound_error(ref)
             return
         at = (start << self.page_shift) + slot
         data = pages.data
@@ -645,29 +666,25 @@ class Allocator:
         if not pages.owner[start]:
             self._summaries.partial(c).mark(pages.index)
 
-    def _free_large(self, pages: ArenaPages, start: int, ref: int,
-                    deadline: float | None) -> None:
-        def locked() -> bool:
-            self.heap._check_identity()
-            if not (pages.used[start] and pages.span[start] == start + 1
-                    and pages.in_use(start) and pages.sclass[start] == 0):
-                raise DoubleFreeError(f"address {ref:#x} names an object that was already "
-                                      "freed (by another process, just now)")
-            if pages.state[start] > RELEASING:
-                return False
-            if not start and pages.giant_ids[0]:  # a part of a giant object
-                if giant.made(pages) is None:
-                    raise InvalidRefError(f"address {ref:#x} names no object now (a giant "
-                                          "object is being made or freed there)")
-                giant.free_locked(self, pages)
-                return True
-            self._journal.begin(PAGES, pages.index)
-            pages.release(start)
-            self._journal.end()
+    def _free_large_locked(self, pages: ArenaPages, start: int, ref: int) -> bool:
+        """Free a located large object (lock held); False if roots are bound to it."""
+        self.heap._check_identity()
+        if not (pages.used[start] and pages.span[start] == start + 1
+                and pages.in_use(start) and pages.sclass[start] == 0):
+            raise DoubleFreeError(f"address {ref:#x} names an object that was already "
+                                  "freed (by another process, just now)")
+        if pages.state[start] > RELEASING:
+            return False
+        if not start and pages.giant_ids[0]:  # a part of a giant object
+            if giant.made(pages) is None:
+                raise InvalidRefError(f"address {ref:#x} names no object now (a giant "
+                                      "object is being made or freed there)")
+            giant.free_locked(self, pages)
             return True
-
-        if not self._lock.run(locked, deadline, write=True):
-            raise self._bound_error(ref)
+        self._journal.begin(PAGES, pages.index)
+        pages.release(start)
+        self._journal.end()
+        return True
 
     def _bound_error(self, ref: int) -> BoundObjectError:
         """The error of ``free(ref)`` for a bound object, naming its roots (looked up now)."""
@@ -680,16 +697,20 @@ class Allocator:
 
     def view(self, ref: int, timeout: float | None = None) -> memoryview:
         """The object's bytes (read-only when the heap is attached readonly)."""
-        pages, start, c, slot = self.live(ref, None if timeout is None else deadline_of(timeout))
-        offset, size = self.object_bytes(pages, start, c, slot)
-        if offset + size > self.arena_size:
-            return giant.view(self, pages, size)
-        return pages.data[offset:offset + size]
+        with self._mutex:
+            pages, start, c, slot = self.live(ref, None if timeout is None
+                                              else deadline_of(timeout))
+            offset, size = self.object_bytes(pages, start, c, slot)
+            if offset + size > self.arena_size:
+                return giant.view(self, pages, size)
+            return pages.data[offset:offset + size]
 
     def size_of(self, ref: int, timeout: float | None = None) -> int:
         """The object's size: its size class, or its pages for a large object."""
-        pages, start, c, slot = self.live(ref, None if timeout is None else deadline_of(timeout))
-        return self.object_bytes(pages, start, c, slot)[1]
+        with self._mutex:
+            pages, start, c, slot = self.live(ref, None if timeout is None
+                                              else deadline_of(timeout))
+            return self.object_bytes(pages, start, c, slot)[1]
 
     # -- roots bound to an object (roots.py; lock holder) --------------------------------
 

@@ -24,14 +24,34 @@ callable this handle's lock is given).
 Every lock hold goes through ``HeapLock.run`` (lock.py), which releases the
 lock however the body is left; every call that can wait takes ``timeout=``
 (seconds, None for ever).
+
+Threads: a handle may be used by any number of threads at once.  Its
+per-process state (the span caches and pending lists of allocator.py, the
+arena cache, the snapshot cache, the roots table's mapped regions, the lock's
+hold) changes only under the handle's ``_mutex``, a reentrant thread lock
+(``new_mutex``), which the public calls take (``serialised``), the lock
+takes around every hold, and the native allocator's fast paths respect.
+Two threads growing one handle take turns on its temporary arena name.
+
+Fork: every open handle is in ``_HANDLES``; in a forked child
+(``os.register_at_fork``) each forgets the parent's lock hold, open
+``locked()`` block and mutex, then checks that its heap is still the one it
+attached (the control segment's identity, never the name alone) and claims
+a fresh liveness slot in that very liveness file.  A handle whose heap was
+destroyed or replaced is closed without touching the parent's slot, and its
+every call raises HeapNotFoundError.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from . import arenas, control, core, crash, segments
 from .errors import (
@@ -55,6 +75,57 @@ from .pages import ArenaPages
 from .summary import Summaries
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+
+class _Guarded(Protocol):
+    """Something whose state its handle's mutex guards: the handle, its ``heap.roots``."""
+
+    _mutex: Any
+
+
+_H = TypeVar("_H", bound=_Guarded)
+
+
+def new_mutex() -> Any:
+    """A handle's thread lock: reentrant, with ``threading.RLock``'s methods.
+
+    The native core's ``Mutex`` where it runs (its fast paths read it without
+    a Python call), else ``threading.RLock``.
+    """
+    return core.native.Mutex() if core.native is not None else threading.RLock()
+
+
+def serialised(method: Callable[Concatenate[_H, _P], _T]) -> Callable[Concatenate[_H, _P], _T]:
+    """``method`` run with the handle's mutex held (one thread of the handle at a time)."""
+    def call(self: _H, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        with self._mutex:
+            return method(self, *args, **kwargs)
+    functools.update_wrapper(call, method)
+    return call
+
+
+def serialised_iter(mutex: Any, items: Iterator[_T]) -> Iterator[_T]:
+    """``items``, each step taken with ``mutex`` held (a generator over a handle's state)."""
+    while True:
+        with mutex:
+            item = next(items, _END)
+        if item is _END:
+            return
+        yield item
+
+
+_END: Any = object()
+#: every open handle of this process, for the fork handler
+_HANDLES: weakref.WeakSet[AttachedHeap] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for heap in list(_HANDLES):
+        heap.after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class AttachedHeap:
@@ -62,6 +133,10 @@ class AttachedHeap:
 
     def __init__(self, name: str, control_seg: segments.Segment, params: control.Params,
                  readonly: bool, class_count: int, repair: Callable[[], None]) -> None:
+        #: the handle's thread lock (see the module docstring)
+        self._mutex = new_mutex()
+        #: why this handle is unusable although not closed by its user (after a fork)
+        self._gone: str | None = None
         self.name = name
         self.readonly = readonly
         self.params = params
@@ -102,12 +177,14 @@ class AttachedHeap:
                 segments.remove_own(temp_arena_name(name, self._live.slot))
         journal = control_seg.buf[control.JOURNAL_OFFSET:control.JOURNAL_OFFSET + 8].cast("Q")
         self._journal_word = journal
-        self._lock = HeapLock(self._sem, self._live, name, journal, self._header, repair)
+        self._lock = HeapLock(self._sem, self._live, name, journal, self._header, repair,
+                              self._mutex)
         if self._lock.native is not None and core.native is not None:
             # The native core reads the header and builds snapshots in one C call.
             self.snapshot = core.native.Snapshots(  # type: ignore[method-assign]
                 self._lock.native, self._index.reader, deadline_of)
         self._recycle_dead_slots()
+        _HANDLES.add(self)
 
     def open_part(self, part: str, opener: Callable[[], _T]) -> _T:
         """``opener()``: open one of the heap's objects; a missing one is a damaged heap,
@@ -126,9 +203,13 @@ class AttachedHeap:
         root up or snapshots the index never maps them."""
         summaries = self._summary_seg
         if summaries is None:
-            self._check_open()
-            summaries = self._summary_seg = self.open_part("summary segment", lambda: Summaries(
-                self.name, self.max_arenas, self._class_count, self.readonly))
+            with self._mutex:  # (once, whichever thread is first)
+                summaries = self._summary_seg
+                if summaries is None:
+                    self._check_open()
+                    summaries = self._summary_seg = self.open_part(
+                        "summary segment", lambda: Summaries(
+                            self.name, self.max_arenas, self._class_count, self.readonly))
         return summaries
 
     def _open_pages(self, index: int) -> ArenaPages:
@@ -157,16 +238,41 @@ class AttachedHeap:
 
     def close(self) -> None:
         """Unmap this process's view and release its slot.  The heap lives on."""
+        with self._mutex:  # after any other thread's hold of this handle
+            lock = self._lock
+            if isinstance(lock, ClosedLock):
+                return
+            _HANDLES.discard(self)
+            self._lock = closed = ClosedLock(self.name, self._gone)
+            self._last_snapshot = (-1, ArenaSnapshot(memoryview(b""), 0))  # (maps a generation)
+            snapshots = self.__dict__.pop("snapshot", None)  # the native core's, if bound
+            if snapshots is not None:
+                snapshots.close()  # a saved heap.snapshot raises HeapClosedError from now on
+            lock.close(closed)
+            self._release_resources()
+
+    def after_fork(self) -> None:
+        """In a forked child (module docstring): keep this handle working, or close it.
+
+        Called by the fork handler before any other code of the child runs.
+        """
         lock = self._lock
-        if isinstance(lock, ClosedLock):
+        if not isinstance(lock, HeapLock) or self._live is None:
             return
-        self._lock = ClosedLock(self.name)
-        self._last_snapshot = (-1, ArenaSnapshot(memoryview(b""), 0))  # (it maps a generation)
-        snapshots = self.__dict__.pop("snapshot", None)  # the native core's, if it was bound
-        if snapshots is not None:
-            snapshots.close()  # a saved heap.snapshot raises HeapClosedError from now on
-        lock.close()
-        self._release_resources()
+        lock.after_fork()  # resets the mutex too
+        why = "was destroyed (and maybe re-created as another heap)"
+        if segments.identity_of(control_name(self.name)) == self._control.identity:
+            try:
+                self._live.after_fork()
+                return
+            except HeapNotFoundError:
+                pass  # its liveness file is not the one we had: the heap was replaced
+            except ShmHeapError as exc:  # no slot for the child, say
+                why = f"could not be carried into this forked child ({exc})"
+        self._gone = (f"heap {self.name!r} {why} before this process was forked from one "
+                      "attached to it; attach it again")
+        self._live.abandon()
+        self.close()
 
     def _release_resources(self) -> None:
         self._pages.close()
@@ -192,6 +298,8 @@ class AttachedHeap:
 
     def _check_open(self) -> None:
         if self.closed:
+            if self._gone is not None:
+                raise HeapNotFoundError(self._gone)
             raise HeapClosedError(f"heap {self.name!r} is closed; attach it again to use it")
 
     def _check_writable(self, what: str) -> None:
@@ -214,6 +322,7 @@ class AttachedHeap:
 
     # -- arenas -----------------------------------------------------------------------
 
+    @serialised
     def grow(self, at: int | None = None, timeout: float | None = None) -> arenas.Arena:
         """Create one arena and record it in the index.
 
@@ -230,6 +339,7 @@ class AttachedHeap:
         return self.build_arena(lambda seg: self._publish_arena(seg, at), deadline,
                                 "grow.segment_created")
 
+    @serialised
     def build_arena(self, publish: Callable[[segments.Segment], int], deadline: float | None,
                     built: str) -> arenas.Arena:
         """Make a new arena and ``publish(segment)`` it under the lock; return it, mapped.
@@ -339,6 +449,7 @@ class AttachedHeap:
         self._journal.end()
         return False
 
+    @serialised
     def arena(self, index: int) -> arenas.Arena:
         """The arena at ``index``, mapped on first use; ArenaNotFoundError (a KeyError) if none."""
         if type(index) is not int:
@@ -355,6 +466,7 @@ class AttachedHeap:
                 "heap.snapshot()")
         return self.published_arena(index)
 
+    @serialised
     def published_arena(self, index: int) -> arenas.Arena:
         """The arena at ``index``, which a snapshot lists (so no map lookup); mapped on demand."""
         return self._pages.get(index).arena
@@ -366,6 +478,7 @@ class AttachedHeap:
 
     # -- the index ----------------------------------------------------------------------
 
+    @serialised
     def snapshot(self, timeout: float | None = None) -> ArenaSnapshot:
         """Copy the index header under the lock; the snapshot is read with no lock.
 
@@ -384,5 +497,4 @@ class AttachedHeap:
     def arenas(self, timeout: float | None = None) -> Iterator[arenas.Arena]:
         """The arenas of a fresh snapshot, in creation order; no lock held while iterating."""
         arena = self.published_arena
-        for index in self.snapshot(timeout):
-            yield arena(index)
+        yield from map(arena, self.snapshot(timeout))

@@ -61,6 +61,7 @@ does not take the lock and decides nothing about when fields change.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import time
@@ -136,20 +137,29 @@ def read_params(buf: memoryview, where: str) -> tuple[Params, int]:
     if len(buf) < SIZE:
         raise HeapCorruptError(f"{where} is truncated ({len(buf)} bytes, expected {SIZE})")
     state = peek_state(bytes(buf[:16]), where)
+    params = _params_of(bytes(buf[:PAGE_SIZE_OFFSET + 8]))
+    if isinstance(params, str):
+        raise HeapCorruptError(f"{where} holds {params}")
+    return params, state
+
+
+@functools.lru_cache(maxsize=16)
+def _params_of(raw: bytes) -> Params | str:
+    """The parameters of a control segment's first bytes, or what is impossible about them
+    (cached: every attach of a heap parses the same bytes)."""
     (_magic, _version, _state, heap_id, arena_size, max_arenas, first_cap, mode, reserve,
-     created_ns) = _PARAMS.unpack_from(buf, 0)
-    page_size = int.from_bytes(buf[PAGE_SIZE_OFFSET:PAGE_SIZE_OFFSET + 8], "little")
+     created_ns) = _PARAMS.unpack_from(raw, 0)
+    page_size = int.from_bytes(raw[PAGE_SIZE_OFFSET:PAGE_SIZE_OFFSET + 8], "little")
     try:
         check_arena_size(arena_size)
         check_max_arenas(max_arenas, arena_size)
         check_page_size(page_size, arena_size)
     except ValueError as exc:
-        raise HeapCorruptError(f"{where} holds impossible parameters: {exc}") from None
+        return f"impossible parameters: {exc}"
     if first_cap < 1 or first_cap & (first_cap - 1) or first_cap > MAX_ARENAS_LIMIT:
-        raise HeapCorruptError(f"{where} holds an impossible first index capacity {first_cap}")
-    params = Params(heap_id, arena_size, max_arenas, first_cap, mode & 0o7777, bool(reserve),
-                    created_ns, page_size)
-    return params, state
+        return f"an impossible first index capacity {first_cap}"
+    return Params(heap_id, arena_size, max_arenas, first_cap, mode & 0o7777, bool(reserve),
+                  created_ns, page_size)
 
 
 def lock_init(fd: int) -> None:

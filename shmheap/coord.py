@@ -112,6 +112,8 @@ SIZE = HEADER_SIZE + RECORDS * RECORD_SIZE
 SLICE = 0.05
 #: Seconds between two looks for dead leasers while a queue is not empty.
 SCAN_INTERVAL = 0.05
+#: Largest item payload a node may say it holds (the heap's address space bounds it anyway).
+MAX_ITEM = 1 << 48
 #: Most parties of a barrier (one token word each).
 MAX_PARTIES = 1024
 
@@ -152,7 +154,34 @@ _futex_wait: Callable[[Any, int, float], bool] = (
 _futex_wake: Callable[[Any], None] = waits.wake if core.native is None else core.native.futex_wake
 
 _T = TypeVar("_T")
-_AGAIN: Any = object()
+#: the high half of a record's futex word: 1 while some waiter may sleep on it
+_SLEEPERS = 1 << 32
+
+
+class _Sleep:
+    """What an attempt returns when its caller must sleep: the futex value to sleep on."""
+
+    __slots__ = ("seen",)
+
+    def __init__(self, seen: int) -> None:
+        self.seen = seen
+
+
+class _Hold:
+    """The heap lock held for a coordination change; wakes the changed records' sleepers."""
+
+    __slots__ = ("block", "table")
+
+    def __init__(self, table: CoordTable, block: LockedBlock) -> None:
+        self.table = table
+        self.block = block
+
+    def __enter__(self) -> None:
+        self.block.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self.block.close()
+        self.table.wake_due()
 
 
 def check_structure_name(name: object) -> str:
@@ -241,6 +270,10 @@ class CoordTable:
         self.words = self._seg.buf.cast("Q")
         self._futexes: dict[int, ctypes.c_uint32] = {}
         self._natives: list[Any] = []
+        #: records changed (``bump``) while a waiter slept on them, to wake after the lock
+        self._wake_due: set[int] = set()
+        #: arena indices known to be published (queue nodes lie in them)
+        self._arenas: set[int] = set()
         #: name -> record number, of the records this handle has looked up
         self._found: dict[str, int] = {}
         lock = heap._lock
@@ -267,9 +300,11 @@ class CoordTable:
                 self._seg.map, HEADER_SIZE + record * RECORD_SIZE + _FUTEX * 8)
         return word
 
-    def locked(self, deadline: float | None) -> LockedBlock:
+    def locked(self, deadline: float | None) -> _Hold:
+        """``with table.locked(deadline):`` the heap lock held; the waiters of what changed
+        are woken after it is released."""
         self.heap._check_open()
-        return LockedBlock(self.lock, deadline, write=True)
+        return _Hold(self, LockedBlock(self.lock, deadline, write=True))
 
     def name_of(self, record: int) -> str | None:
         """The published name of ``record``, or None if it is free (or garbage)."""
@@ -401,11 +436,25 @@ class CoordTable:
         self.heap._journal.end()
 
     def bump(self, record: int) -> None:
+        """Tell the record's waiters it changed (lock held); they are woken by ``wake_due``."""
         at = self.base(record) + _FUTEX
-        self.words[at] = (self.words[at] + 1) & _U32
+        word = int(self.words[at])
+        self.words[at] = (word + 1) & _U32  # (clears the sleepers flag in the high half)
+        if word >> 32:
+            self._wake_due.add(record)
 
-    def wake(self, record: int) -> None:
-        _futex_wake(self.futex(record))
+    def sleep_on(self, record: int) -> _Sleep:
+        """Say that a waiter will sleep on the record (lock held): the next ``bump`` wakes it."""
+        at = self.base(record) + _FUTEX
+        word = int(self.words[at])
+        self.words[at] = word | _SLEEPERS
+        return _Sleep(word & _U32)
+
+    def wake_due(self) -> None:
+        """Wake the sleepers of every record this process changed since it last woke them."""
+        due = self._wake_due
+        while due:
+            _futex_wake(self.futex(due.pop()))
 
     def undo(self) -> str:
         """Restore what the journal's unfinished op saved; free its new node (repair.py)."""
@@ -424,21 +473,38 @@ class CoordTable:
         if orphan and not live.token_alive(int(words[_I_OWNER])):
             # (a live putter frees its node itself, when its exception passes put())
             words[_I_FREE] = 0  # cleared first: a repair stopped now leaks, never frees twice
-            self.allocator.free(orphan)
+            self.allocator.free_locked(orphan)
         self.bump(record)
-        self.wake(record)
+        self.wake_due()
         name = self.name_of(record) or f"record {record}"
         return f"{OP_NAMES[op]} {name!r} was undone"
 
     # -- nodes -----------------------------------------------------------------------------
 
-    def node(self, ref: int) -> memoryview:
-        """The three header words of the node at ``ref`` (checked to be a live object)."""
-        view = self.allocator.view(ref)
-        if len(view) < NODE_HEADER:
+    def _bytes(self, ref: int, length: int) -> memoryview:
+        """``length`` bytes at heap address ``ref`` (a node written under the lock), through
+        its arena's mapping when they lie in one arena, else through the object's view."""
+        allocator = self.allocator
+        index, offset = ref >> allocator.arena_shift, ref & allocator.arena_mask
+        if ref <= 0 or offset & 7 or not 0 < index < self.heap.max_arenas:
             raise HeapCorruptError(f"heap {self.heap.name!r}: a queue links {ref:#x}, which is "
                                    "no queue node; run `shmheap fsck --repair`")
-        return view[:NODE_HEADER].cast("Q")
+        if index not in self._arenas:  # (map bits never clear: once in, always in)
+            if index not in self.heap:
+                raise HeapCorruptError(f"heap {self.heap.name!r}: a queue links {ref:#x}, "
+                                       "in no arena; run `shmheap fsck --repair`")
+            self._arenas.add(index)
+        if offset + length <= allocator.arena_size:
+            return allocator.pages_of(index).data[offset:offset + length]
+        view = allocator.view(ref)  # (a giant node)
+        if len(view) < length:
+            raise HeapCorruptError(f"heap {self.heap.name!r}: the queue node at {ref:#x} is "
+                                   "shorter than it says; run `shmheap fsck --repair`")
+        return view[:length]
+
+    def node(self, ref: int) -> memoryview:
+        """The three header words of the node at ``ref``."""
+        return self._bytes(ref, NODE_HEADER).cast("Q")
 
     def store(self, item: object) -> int:
         """A new node holding ``item`` (an int, else its pickle); not linked anywhere."""
@@ -447,20 +513,19 @@ class CoordTable:
         else:
             kind, payload = _PICKLE, pickle.dumps(item, pickle.HIGHEST_PROTOCOL)
         ref = self.allocator.alloc(NODE_HEADER + len(payload))
-        view = self.allocator.view(ref)
-        view[NODE_HEADER:NODE_HEADER + len(payload)] = payload
+        view = self._bytes(ref, NODE_HEADER + len(payload))
+        view[NODE_HEADER:] = payload
         view[:NODE_HEADER].cast("Q")[_TAG] = kind << _TAG_SHIFT | len(payload)
         return ref
 
     def load(self, ref: int) -> object:
         """The item the node at ``ref`` holds."""
-        view = self.allocator.view(ref)
-        tag = view[:NODE_HEADER].cast("Q")[_TAG]
+        tag = self.node(ref)[_TAG]
         kind, length = tag >> _TAG_SHIFT, tag & ((1 << _TAG_SHIFT) - 1)
-        if NODE_HEADER + length > len(view) or kind not in (_INT, _PICKLE):
+        if kind not in (_INT, _PICKLE) or length > MAX_ITEM:
             raise HeapCorruptError(f"heap {self.heap.name!r}: the queue node at {ref:#x} is "
                                    "damaged; run `shmheap fsck --repair`")
-        payload = view[NODE_HEADER:NODE_HEADER + length]
+        payload = self._bytes(ref, NODE_HEADER + length)[NODE_HEADER:]
         if kind == _INT:
             return _INT64.unpack(payload)[0]
         return pickle.loads(payload)
@@ -469,20 +534,19 @@ class CoordTable:
 
     def wait_for(self, record: int, attempt: Callable[[], _T], deadline: float | None,
                  on_slice: Callable[[], None] | None = None) -> _T:
-        """``attempt()`` until it returns something but ``_AGAIN``, sleeping on the record's
-        futex word between tries; TimeoutError at ``deadline``."""
+        """``attempt()`` until it returns something but a ``_Sleep`` (``sleep_on``), sleeping
+        on the record's futex word between tries; TimeoutError at ``deadline``."""
         word = self.futex(record)
         while True:
-            seen = word.value
             got = attempt()
-            if got is not _AGAIN:
+            if not isinstance(got, _Sleep):
                 return got
             wait = SLICE
             if deadline is not None:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     raise TimeoutError
-            if not _futex_wait(word, seen, wait) and on_slice is not None:
+            if not _futex_wait(word, got.seen, wait) and on_slice is not None:
                 on_slice()
 
     # -- counters --------------------------------------------------------------------------
@@ -556,7 +620,6 @@ class Queue:
         except BaseException:
             self._forget(node)
             raise
-        table.wake(self._record)
 
     def _forget(self, node: int) -> None:
         """Free ``node`` unless the queue holds it (a put that raised; its undo is done)."""
@@ -579,7 +642,7 @@ class Queue:
                 raise QueueClosedError(f"queue {self.name!r} is closed; nothing more can be put")
             count = int(words[b + _COUNT])
             if words[b + _PARAM] and count >= words[b + _PARAM]:
-                return _AGAIN
+                return table.sleep_on(self._record)
             tail = int(words[b + _TAIL])
             table.begin(self._record, OP_PUT, node_a=tail, free=node)
             if tail:
@@ -635,7 +698,6 @@ class Queue:
                                         deadline, self._scan_now)
         except TimeoutError:
             raise queue_module.Empty from None
-        table.wake(self._record)
         if not lease:
             table.allocator.free(node)
         return node, item
@@ -656,7 +718,7 @@ class Queue:
             if not count:
                 if words[b + _CLOSED]:
                     raise queue_module.Empty
-                return _AGAIN
+                return table.sleep_on(self._record)
             node = int(words[b + _HEAD])
             header = table.node(node)
             following = int(header[_NEXT])
@@ -736,7 +798,6 @@ class Queue:
     def _give_back(self, node: int) -> None:
         with self._table.locked(None):
             self._requeue(node)
-        self._table.wake(self._record)
 
     def _done(self, node: int) -> None:
         table = self._table
@@ -746,7 +807,6 @@ class Queue:
             crash.reach("coord.acked")
             table.end(self._record)
             table.allocator.free(node)
-        table.wake(self._record)
 
     def close(self) -> None:
         """Close the queue for every process: put raises, get drains what is left, then Empty."""
@@ -754,7 +814,6 @@ class Queue:
         with table.locked(None):
             table.words[self._b + _CLOSED] = 1
             table.bump(self._record)
-        table.wake(self._record)
 
 
 class Event:
@@ -776,7 +835,6 @@ class Event:
     def set(self) -> None:
         """Set the flag and wake every waiter, in every process."""
         self._store(1)
-        self._table.wake(self._record)
 
     def clear(self) -> None:
         self._store(0)
@@ -791,10 +849,14 @@ class Event:
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the flag is set (True) or ``timeout`` seconds pass (False)."""
         deadline = deadline_of(timeout)
-        words, flag = self._table.words, self._flag
+        table = self._table
+        words, flag = table.words, self._flag
 
         def attempt() -> Any:
-            return True if words[flag] else _AGAIN
+            if words[flag]:
+                return True
+            with table.locked(deadline):
+                return True if words[flag] else table.sleep_on(self._record)
 
         try:
             return bool(self._table.wait_for(self._record, attempt, deadline))
@@ -886,15 +948,15 @@ class Barrier:
         words, b = table.words, self._b
         index, generation = self._arrive()
         if index == self.parties - 1:
-            table.wake(self._record)
             return index
 
         def attempt() -> Any:
-            if words[b + _GENERATION] != generation:
-                return index
-            if words[b + _BROKEN]:
-                raise threading.BrokenBarrierError
-            return _AGAIN
+            with table.locked(deadline):
+                if words[b + _GENERATION] != generation:
+                    return index
+                if words[b + _BROKEN]:
+                    raise threading.BrokenBarrierError
+                return table.sleep_on(self._record)
 
         try:
             return int(table.wait_for(self._record, attempt, deadline, self._look_for_dead))
@@ -936,7 +998,6 @@ class Barrier:
     def _look_for_dead(self) -> None:
         with self._table.locked(None):
             self._break_if_a_party_died()
-        self._table.wake(self._record)
 
     def _break_if_a_party_died(self) -> None:
         table = self._table
@@ -964,7 +1025,6 @@ class Barrier:
                 return
             words[self._b + _BROKEN] = 1
             table.bump(self._record)
-        table.wake(self._record)
 
 
 def check(table: CoordTable, repair: bool, note: Note) -> None:
@@ -1013,6 +1073,8 @@ def _check_list(table: CoordTable, what: str, head: int, count: int, tail: int |
     ref, last, length, cut = int(words[head]), 0, 0, None
     while ref and length <= expected:
         try:
+            if table.allocator.size_of(ref) < NODE_HEADER:  # (a live object, of a node's size)
+                raise HeapCorruptError(f"{ref:#x} is too small for a queue node")
             following = int(table.node(ref)[_NEXT])
         except ShmHeapError:
             cut = last

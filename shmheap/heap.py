@@ -29,6 +29,7 @@ the allocator, which carries the ``AttachedHeap``, never the ``Heap``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Iterator
@@ -38,7 +39,7 @@ from typing import Any
 
 from . import arenas, arrays, control, coord, core, crash, liveness, segments, walker
 from .allocator import Allocator, size_classes
-from .attached import AttachedHeap
+from .attached import AttachedHeap, serialised, serialised_iter
 from .errors import (
     HeapCorruptError,
     HeapExistsError,
@@ -120,6 +121,7 @@ class Heap(AttachedHeap):
         #: objects found by name (roots.py)
         self.roots = Roots(self, self._root_table, self._objects)
 
+    @serialised
     def _root_table(self) -> RootTable:
         """The roots segment, opened on first use: most workers never name an object."""
         if self._roots is None:
@@ -262,13 +264,15 @@ class Heap(AttachedHeap):
         last of them goes; everything else of the handle (its methods saved
         before, ``roots``, ``locked()``, arenas) raises HeapClosedError.
         """
-        for bound in ("alloc", "free"):  # the native core's, if they were bound
-            self.__dict__.pop(bound, None)
-        try:
-            if self._allocator is not None and not self.closed:
-                self._allocator.close()
-        finally:
-            super().close()
+        with self._mutex:  # after any other thread's call on this handle
+            for bound in ("alloc", "free"):  # the native core's, if they were bound
+                self.__dict__.pop(bound, None)
+            try:
+                if self._allocator is not None and not self.closed:
+                    # (a forked child whose heap is gone has no spans of its own to give)
+                    self._allocator.close(give_back=self._gone is None)
+            finally:
+                super().close()
 
     def _release_resources(self) -> None:
         table = self.__dict__.pop("_coord", None)
@@ -282,6 +286,7 @@ class Heap(AttachedHeap):
             table.close()
         super()._release_resources()
 
+    @serialised
     def destroy(self, force: bool = False) -> None:
         """Unlink every object of this heap, then close this handle.
 
@@ -316,14 +321,16 @@ class Heap(AttachedHeap):
         """``with heap.locked():`` holds the heap lock for the body (recovering a dead holder).
 
         A writable handle first repairs what a holder stopped half-way left
-        (the journal).  Blocks nest, and heap calls inside one run under its
-        hold.
+        (the journal).  Blocks nest per thread, and this thread's heap calls
+        inside one run under its hold; other threads' calls on this handle
+        wait until it closes.
         """
         self._check_open()
         lock = self._lock
         assert isinstance(lock, HeapLock)
         return LockedBlock(lock, deadline_of(timeout), write=not self.readonly)
 
+    @serialised
     def check(self, repair: bool = False, timeout: float | None = None) -> list[Finding]:
         """Check every invariant (``shmheap fsck``); with ``repair``, fix what can be fixed.
 
@@ -348,6 +355,7 @@ class Heap(AttachedHeap):
                 "(any process's next lock would have done the same)", fixed=True))
         return findings
 
+    @serialised
     def info(self, timeout: float | None = None) -> HeapInfo:
         """Parameters, index, lock and liveness counters (the lock held to read the header)."""
         self._check_open()
@@ -374,6 +382,7 @@ class Heap(AttachedHeap):
 
     _allocator: Allocator | None = None
 
+    @serialised
     def _objects(self) -> Allocator:
         """This handle's allocator, made on first use."""
         allocator = self._allocator
@@ -398,6 +407,8 @@ class Heap(AttachedHeap):
     #: the coordination segment, opened (or made) on first use
     _coord: coord.CoordTable | None = None
 
+    @serialised
+    @serialised
     def _coordination(self, write: bool = False) -> coord.CoordTable:
         """This handle's view of the coordination segment; ``write``: ReadOnlyError if read-only."""
         if write:
@@ -408,6 +419,7 @@ class Heap(AttachedHeap):
             table = self._coord = coord.CoordTable(self, self._objects())
         return table
 
+    @serialised
     def queue(self, name: str, capacity: int | None = None) -> coord.Queue:
         """The kill-safe FIFO ``name`` of this heap, made on first use (see coord.py).
 
@@ -419,18 +431,22 @@ class Heap(AttachedHeap):
         """
         return coord.Queue(self._coordination(write=True), name, capacity)
 
+    @serialised
     def event(self, name: str) -> coord.Event:
         """The event ``name`` of this heap (``set``, ``clear``, ``is_set``, ``wait``)."""
         return coord.Event(self._coordination(write=True), name)
 
+    @serialised
     def counter(self, name: str) -> coord.Counter:
         """The 64-bit counter ``name`` of this heap: ``add(k=1)`` returns the new value."""
         return coord.Counter(self._coordination(write=True), name)
 
+    @serialised
     def barrier(self, name: str, parties: int) -> coord.Barrier:
         """The barrier ``name`` of ``parties`` processes; a party that dies breaks it."""
         return coord.Barrier(self._coordination(write=True), name, parties)
 
+    @serialised
     def structures(self) -> list[coord.StructureInfo]:
         """Every queue, event, counter and barrier of this heap (read with no lock)."""
         if self._coord is None and not segments.exists(coord_name(self.name)):
@@ -466,6 +482,7 @@ class Heap(AttachedHeap):
         """Bytes of the object at ``ref``: ``alloc(n)`` rounded up to its size class or pages."""
         return self._objects().size_of(ref, timeout)
 
+    @serialised
     def new_array(self, shape: int | tuple[int, ...], dtype: Any = "float64",
                   timeout: float | None = None) -> int:
         """A new zeroed array object that records its ``shape`` and ``dtype`` (numpy extra).
@@ -487,33 +504,40 @@ class Heap(AttachedHeap):
 
     def walk(self, timeout: float | None = None) -> Iterator[walker.SpanInfo]:
         """Every in-use span and its live objects, read with no lock (see walker.py)."""
-        return walker.walk(self._objects(), deadline_of(timeout))
+        return serialised_iter(self._mutex, walker.walk(self._objects(), deadline_of(timeout)))
 
+    @serialised
     def stats(self, timeout: float | None = None) -> walker.HeapStats:
         """Bytes in use, free, reserved and released; objects per size class."""
         return walker.stats(self._objects(), deadline_of(timeout))
 
+    @serialised
     def arena_usage(self, timeout: float | None = None) -> list[dict[str, int]]:
         """Per arena, in index order: pages in use and released, spans, objects, live bytes."""
         return walker.arena_usage(self._objects(), deadline_of(timeout))
 
+    @serialised
     def start_cycle(self, timeout: float | None = None) -> int:
         """Begin a mark/sweep cycle (clear every mark); returns the cycle number."""
         return walker.start_cycle(self._objects(), deadline_of(timeout))
 
+    @serialised
     def mark(self, ref: int, timeout: float | None = None) -> None:
         """Mark the object at ``ref`` as live for the current cycle."""
         walker.mark(self._objects(), ref, deadline_of(timeout))
 
+    @serialised
     def sweep(self, timeout: float | None = None) -> walker.SweepReport:
         """Free what the current cycle left unmarked; several processes may sweep at once."""
         return walker.sweep(self._objects(), deadline_of(timeout))
 
+    @serialised
     def scavenge(self, timeout: float | None = None) -> walker.ScavengeReport:
         """Return the memory of free pages to the OS."""
         return walker.scavenge(self._objects(), deadline_of(timeout))
 
 
+@functools.cache
 def _class_count(arena_size: int, page_size: int) -> int:
     """How many size classes (the summaries' partial trees) a heap of these sizes has."""
     return len(size_classes(page_size, layout(arena_size, page_size).pages))

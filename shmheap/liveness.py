@@ -70,7 +70,6 @@ import itertools
 import os
 import struct
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -195,17 +194,6 @@ def create(name: str, mode: int) -> None:
         seg.close()
 
 
-_ATTACHED: weakref.WeakSet[Liveness] = weakref.WeakSet()
-
-
-def _reclaim_after_fork() -> None:
-    for live in list(_ATTACHED):
-        live.after_fork()
-
-
-os.register_at_fork(after_in_child=_reclaim_after_fork)
-
-
 class Liveness:
     """This process's attachment to a heap's liveness segment (one slot)."""
 
@@ -213,17 +201,17 @@ class Liveness:
         self.name = name
         self.slot = -1
         self.token = 0
-        #: called in a forked child before the inherited mapping goes (drop views into it)
+        #: called in a forked child before the inherited mapping goes (drop views into it,
+        #: forget what was the parent's)
         self.on_unmap: list[Callable[[], None]] = []
         #: called after a fork has given this process a new slot, token and owner view
         self.on_reclaim: list[Callable[[], None]] = []
-        self._map()
+        self._map(segments.open_existing(live_name(name), readonly=False, keep_fd=True))
         self._claim()
-        _ATTACHED.add(self)
 
-    def _map(self) -> None:
-        """Open and map the segment (keeping the descriptor: it carries our slot lock)."""
-        self._seg = segments.open_existing(live_name(self.name), readonly=False, keep_fd=True)
+    def _map(self, seg: segments.Segment) -> None:
+        """Use the mapped segment ``seg`` (keeping its descriptor: it carries our slot lock)."""
+        self._seg = seg
         buf = self._seg.buf
         if self._seg.size < SIZE or bytes(buf[0:8]) != MAGIC:
             self._seg.close()
@@ -280,7 +268,31 @@ class Liveness:
 
         The inherited descriptor *and* the inherited mapping both refer to the
         parent's open file description, which carries the parent's slot lock:
-        as long as the child kept either, a dead parent would look alive.
+        as long as the child kept either, a dead parent would look alive; and
+        unlocking through them would release the parent's slot.  So the child
+        opens the segment again -- a new open file description, checked to be
+        the very file the parent had (``identity``), never another of the same
+        name -- before it lets go of the inherited ones.  HeapNotFoundError
+        (nothing changed) if the file under the name is not that one.
+        """
+        if self._seg.fd is None:
+            return
+        name = live_name(self.name)
+        fd, st = segments.open_fd(name, readonly=False, identity=self._seg.identity)
+        self.abandon()
+        self._map(segments.Segment(name, fd, st.st_size, readonly=False, keep_fd=True,
+                                   identity=(st.st_dev, st.st_ino)))
+        self._claim()
+        for callback in self.on_reclaim:
+            callback()
+
+    def abandon(self) -> None:
+        """In a forked child: let go of the parent's slot without touching it.
+
+        The slot and its lock are the parent's: nothing is written and nothing
+        unlocked (closing the inherited descriptor and unmapping the inherited
+        mapping drop only the child's references to the parent's open file
+        description).  Afterwards this attachment is closed.
         """
         if self._seg.fd is None:
             return
@@ -288,10 +300,8 @@ class Liveness:
             callback()
         self._release_views()
         self._seg.close()
-        self._map()
-        self._claim()
-        for callback in self.on_reclaim:
-            callback()
+        self.slot = -1
+        self.token = 0
 
     def _release_views(self) -> None:
         self.owner.release()
@@ -300,7 +310,6 @@ class Liveness:
 
     def close(self) -> None:
         """Remove our temporary arena, mark the slot cleanly released and drop its lock."""
-        _ATTACHED.discard(self)
         if self._seg.fd is None:
             return
         _remove_temp_arena(self.name, self.slot)
@@ -343,8 +352,10 @@ class Liveness:
         With ``builders_only``, only those whose building byte is set: a
         cheap pass for ``grow`` that frees the new arenas of dead growers.
         """
-        if builders_only:
-            candidates = _nonzero(bytes(self._building))
+        if builders_only:  # (a contiguous copy, then a bytes stride: C loops, no strided view)
+            first = SLOTS_OFFSET + BUILDING_OFFSET
+            candidates = _nonzero(
+                self._seg.buf[first:first + self.nslots * SLOT_SIZE].tobytes()[::SLOT_SIZE])
         else:
             candidates = _stamped(self._seg.buf, self.nslots)
         buf = self._seg.buf

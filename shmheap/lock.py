@@ -65,6 +65,25 @@ Exceptions at any bytecode (Ctrl-C, a signal handler that raises)
     what ``held`` says is held.  Blocks nest, and operations inside a block
     run under its hold (the lock is not reentrant otherwise).
 
+Threads
+    The hold is the handle's, so threads of one handle take turns on it
+    through the handle's *mutex* (a reentrant thread lock: the native core's
+    ``Mutex``, a futex word, or ``threading.RLock`` in the twin), always
+    taken before the semaphore and given back after it is posted.  Blocks
+    nest per thread: a thread's call inside its own open ``locked()`` block
+    runs under the block's hold, another thread's waits for the block to
+    close (the native core keeps the mutex for the whole block; the twin
+    records the block's thread and waits on a condition of the mutex, so no
+    exception can land between taking the mutex and recording that it must
+    be given back).  Nothing here relies on the GIL.
+
+Fork
+    A child forked while some thread of the parent held the lock (inside
+    ``locked()``, ``check()``, any call) inherits neither the hold nor an
+    open block nor the mutex: ``after_fork`` forgets them without posting
+    the semaphore the child never took, and resets the mutex.  A block
+    opened before the fork does nothing when it closes in the child.
+
 This module owns the semaphore and the acquire/adopt/release protocol.  It
 does not know what the lock protects: the heap passes the journal word and
 the ``repair`` function run by writable holders.
@@ -80,6 +99,7 @@ import math
 import operator
 import os
 import struct
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -189,10 +209,19 @@ class _LibcSemaphore:
 
 
 class HeapLock:
-    """This process's handle on a heap's lock.  Not reentrant; one thread at a time."""
+    """A heap handle's hold on the heap's lock; threads of the handle take turns (``mutex``)."""
+
+    #: how many forks this lock has been carried through (a block opened before one of
+    #: them does nothing when it closes)
+    forks = 0
 
     def __init__(self, sem: posix_ipc.Semaphore, live: Liveness, heap_name: str,
-                 journal: memoryview, header: memoryview, repair: Callable[[], None]) -> None:
+                 journal: memoryview, header: memoryview, repair: Callable[[], None],
+                 mutex: Any) -> None:
+        #: the handle's thread lock, taken around every hold
+        self._mutex = mutex
+        #: (twin) notified when a locked() block closes
+        self._idle = threading.Condition(mutex)
         self._sem = sem
         self._trywait = sem.acquire
         self._post = sem.release
@@ -207,9 +236,10 @@ class HeapLock:
         self._heap_name = heap_name
         #: empty, or one element while this handle holds the semaphore (see the docstring)
         self.held: list[object] = []
-        #: the outermost open ``locked()`` block of this handle (a weak reference):
-        #: while it lives, ``run`` runs bodies under the hold it took
-        self._outer: weakref.ref[LockedBlock] | None = None
+        #: the outermost open ``locked()`` block of this handle (a weak reference) and
+        #: the thread that opened it: while it lives, that thread's ``run`` runs bodies
+        #: under the hold it took and the other threads' wait (written under the mutex)
+        self._outer: tuple[weakref.ref[LockedBlock], int] | None = None
         self._adoptions = 0
         #: the native core's lock (shmheap/_native.c), when it runs this one
         self.native: Any = None
@@ -219,7 +249,7 @@ class HeapLock:
         elif core.native is not None:
             self.native = core.native.Lock(
                 sem.name, live.buffer, live.fd, live.nslots, live.slot, live.token, journal,
-                header, repair, heap_name, (FIRST_POLL, POLL, UNOWNED_GRACE))
+                header, repair, heap_name, (FIRST_POLL, POLL, UNOWNED_GRACE), mutex)
             for method in ("run", "read_word", "enter", "leave", "release", "semaphore_value",
                            "drain_one"):
                 setattr(self, method, getattr(self.native, method))
@@ -256,9 +286,12 @@ class HeapLock:
         Waits for ever (recovering dead holders) or until the monotonic
         ``deadline``.  Whatever ``body`` raises, the lock is released.
         """
-        outer = self._outer
-        if outer is not None and outer() is not None:
-            return body()
+        with self._mutex:
+            if self._in_block():
+                return body()
+            return self._run_held(body, deadline, write)
+
+    def _run_held(self, body: Callable[[], _T], deadline: float | None, write: bool) -> _T:
         held = self.held
         releaser = filter(None, itertools.starmap(self._post, _NOARGS))
         owner = self._owner
@@ -278,12 +311,29 @@ class HeapLock:
                 owner[0] = 0
                 held[:] = releaser
 
+    def _in_block(self) -> bool:
+        """(mutex held) True inside this thread's own open block; waits out another's."""
+        while True:
+            outer = self._outer
+            if outer is None:
+                return False
+            block, thread = outer
+            if block() is None:  # skipped and collected: ``held`` says what to release
+                self._outer = None
+                return False
+            if thread == threading.get_ident():
+                return True
+            self._idle.wait(POLL)
+
     def read_word(self, view: memoryview, deadline: float | None = None) -> int:
         """``view[0]`` read under the lock: a reader's whole critical section."""
-        outer = self._outer
-        if outer is not None and outer() is not None:
-            word: int = view[0]  # inside this handle's own locked() block
-            return word
+        with self._mutex:
+            if self._in_block():
+                word: int = view[0]  # inside this thread's own locked() block
+                return word
+            return self._read_held(view, deadline)
+
+    def _read_held(self, view: memoryview, deadline: float | None) -> int:
         held = self.held
         releaser = filter(None, itertools.starmap(self._post, _NOARGS))
         owner = self._owner
@@ -307,29 +357,45 @@ class HeapLock:
 
         On any exception nothing stays taken (unless an outer block holds it).
         """
-        outer = self._outer
-        if outer is not None and outer() is not None:
-            return False
-        try:
-            if not self.held:
-                try:
-                    self.held[:] = map(self._trywait, _ZERO)
-                except posix_ipc.BusyError:
-                    self._wait(deadline)
-            self._owner[0] = self._token
-            self._seq[0] = self._seq[0] + 1 & _SEQ_MASK
-            if write and self._journal[0]:
-                self._repair()
-            self._outer = weakref.ref(block)
-        except BaseException:
-            self.release()
-            raise
-        return True
+        with self._mutex:
+            if self._in_block():
+                return False
+            try:
+                if not self.held:
+                    try:
+                        self.held[:] = map(self._trywait, _ZERO)
+                    except posix_ipc.BusyError:
+                        self._wait(deadline)
+                self._owner[0] = self._token
+                self._seq[0] = self._seq[0] + 1 & _SEQ_MASK
+                if write and self._journal[0]:
+                    self._repair()
+                self._outer = (weakref.ref(block), threading.get_ident())
+            except BaseException:
+                self.release()
+                raise
+            return True
 
     def leave(self) -> None:
         """Close the outermost block: release the lock."""
+        with self._mutex:
+            self._outer = None
+            self.release()
+            self._idle.notify_all()
+
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's hold, open block and mutex, posting nothing.
+
+        Whichever thread of the parent held them does not exist here; the
+        semaphore's count is the parent's to give back.
+        """
+        self.forks += 1
+        if self.native is not None:
+            self.native.after_fork()
+        self.held[:] = ()
         self._outer = None
-        self.release()
+        self._mutex._at_fork_reinit()
+        self._idle = threading.Condition(self._mutex)
 
     def release(self) -> None:
         """Release the lock if this handle holds it (a no-op otherwise)."""
@@ -343,6 +409,13 @@ class HeapLock:
 
     def _run_at_crash_points(self, body: Callable[[], _T], deadline: float | None = None,
                              write: bool = False, role: str = "lock") -> _T:
+        with self._mutex:
+            if self._in_block():
+                return body()
+            return self._run_crashing(body, deadline, write, role)
+
+    def _run_crashing(self, body: Callable[[], _T], deadline: float | None, write: bool,
+                      role: str) -> _T:
         held = self.held
         releaser = filter(None, itertools.starmap(self._post, _NOARGS))
         try:
@@ -441,17 +514,18 @@ class HeapLock:
         return (f"heap {self._heap_name!r}: lock not acquired in time; it is held by "
                 f"{holder}, which is alive (stopped or slow); wait longer or investigate it")
 
-    def close(self) -> None:
+    def close(self, closed: ClosedLock | None = None) -> None:
         """Release the lock if an interrupted ``locked()`` left it held, then close.
 
         Whoever still holds this object (the allocator, a ``locked()`` block
-        made before the close) gets HeapClosedError from every operation
-        that would take the lock; releasing is a no-op.
+        made before the close) gets ``closed``'s error (HeapClosedError) from
+        every operation that would take the lock; releasing is a no-op.  (The
+        handle calls it with its mutex held: no other thread holds the lock.)
         """
         self.leave()
         if self.native is not None:
             self.native.close()  # its own operations raise HeapClosedError from now on
-        closed = ClosedLock(self._heap_name)
+        closed = closed or ClosedLock(self._heap_name)
         for method in ("run", "read_word", "enter", "semaphore_value", "drain_one"):
             setattr(self, method, getattr(closed, method))
         self.leave = self.release = _nothing  # type: ignore[method-assign]
@@ -469,8 +543,10 @@ class LockedBlock:
         self._deadline = deadline
         self._write = write
         self._outermost = False
+        self._forks = 0
 
     def __enter__(self) -> None:
+        self._forks = self._lock.forks
         self._outermost = self._lock.enter(self, self._deadline, self._write)
 
     def __exit__(self, *exc: object) -> None:
@@ -479,7 +555,8 @@ class LockedBlock:
     def close(self) -> None:
         if self._outermost:
             self._outermost = False
-            self._lock.leave()
+            if self._lock.forks == self._forks:  # not a block of the parent, in a child
+                self._lock.leave()
 
     __del__ = close
 
@@ -545,25 +622,28 @@ class ClosedLock:
     """Stands in for the lock of a closed heap: every use raises HeapClosedError."""
 
     adoptions = 0
+    forks = 0
 
-    def __init__(self, name: str) -> None:
-        self._message = f"heap {name!r} is closed; attach it again to use it"
+    def __init__(self, name: str, gone: str | None = None) -> None:
+        """``gone``: why the heap is gone (HeapNotFoundError), for a handle closed after a fork."""
+        self._error = HeapClosedError if gone is None else HeapNotFoundError
+        self._message = gone or f"heap {name!r} is closed; attach it again to use it"
 
     def run(self, body: Callable[[], _T], deadline: float | None = None,
             write: bool = False) -> _T:
-        raise HeapClosedError(self._message)
+        raise self._error(self._message)
 
     def read_word(self, view: memoryview, deadline: float | None = None) -> int:
-        raise HeapClosedError(self._message)
+        raise self._error(self._message)
 
     def enter(self, block: LockedBlock, deadline: float | None, write: bool) -> bool:
-        raise HeapClosedError(self._message)
+        raise self._error(self._message)
 
     def leave(self) -> None:
-        raise HeapClosedError(self._message)
+        raise self._error(self._message)
 
     def semaphore_value(self) -> int:
-        raise HeapClosedError(self._message)
+        raise self._error(self._message)
 
     def drain_one(self) -> None:
-        raise HeapClosedError(self._message)
+        raise self._error(self._message)

@@ -123,6 +123,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from . import crash, segments
 from .allocator import MAX_ROOTS_PER_OBJECT, Allocator, Note
+from .attached import serialised
 from .control import ROOTS
 from .errors import (
     HeapClosedError,
@@ -544,6 +545,9 @@ class Roots(MutableMapping[str, int]):
     def __init__(self, heap: AttachedHeap, table: Callable[[], RootTable],
                  objects: Callable[[], Allocator]) -> None:
         self._heap = heap
+        #: the handle's thread lock (attached.py): the table and its mapped regions are per
+        #: handle, opened and changed under it
+        self._mutex = heap._mutex
         #: the table once ``table()`` has opened it through ``_open_table``
         self._table: RootTable | None = None
         self._open_table: Callable[[], RootTable] | None = table
@@ -560,6 +564,7 @@ class Roots(MutableMapping[str, int]):
         table = self._table
         if table is None:
             if self._open_table is None:
+                self._heap._check_open()  # HeapNotFoundError: a child's handle of a gone heap
                 raise HeapClosedError(f"heap {self._heap.name!r} is closed; attach it again "
                                       "to use it")
             table = self._table = self._open_table()
@@ -570,6 +575,7 @@ class Roots(MutableMapping[str, int]):
 
     # -- reading (no lock) --------------------------------------------------------------
 
+    @serialised
     def __getitem__(self, name: str) -> int:
         data = encode_name(name)
         table = self._table
@@ -581,10 +587,12 @@ class Roots(MutableMapping[str, int]):
                                     "bind one with heap.roots[name] = ref")
         return ref
 
+    @serialised
     def __contains__(self, name: object) -> bool:
         data = encode_name(name)
         return bool(self.table().lookup(data, zlib.crc32(data), self._locked))
 
+    @serialised
     def snapshot(self) -> dict[str, int]:
         """Every root and its ref, as the table held them at one instant."""
         table = self.table()
@@ -603,9 +611,11 @@ class Roots(MutableMapping[str, int]):
     def values(self) -> ValuesView[int]:
         return self.snapshot().values()
 
+    @serialised
     def __len__(self) -> int:
         return self.table().read(_live, self._locked)
 
+    @serialised
     def names_of(self, ref: int) -> list[str]:
         """The names bound to the object at ``ref``, sorted (a scan of the table)."""
         return self.table().names_of(ref, self._locked)
@@ -621,6 +631,7 @@ class Roots(MutableMapping[str, int]):
     def __delitem__(self, name: str) -> None:
         self.unbind(name)
 
+    @serialised
     def bind(self, name: str, ref: int, timeout: float | None = None) -> None:
         """Bind ``name`` to the live object at ``ref``, rebinding it if it was bound."""
         data = encode_name(name)
@@ -630,6 +641,7 @@ class Roots(MutableMapping[str, int]):
         allocator._lock.run(lambda: _bind_locked(allocator, table, data, ref),
                             deadline_of(timeout), write=True)
 
+    @serialised
     def unbind(self, name: str, timeout: float | None = None) -> None:
         """Unbind ``name``; RootNotFoundError if nothing is bound to it."""
         data = encode_name(name)

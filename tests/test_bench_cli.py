@@ -64,6 +64,10 @@ def test_tiny_run_of_every_benchmark_writes_every_figure(
     for death in ("owner_recorded", "died_before_recording"):
         assert results["recovery"][death]["p50_ms"] > 0
     assert results["recovery"]["findings_after"] == []
+    coord = results["coord"]
+    assert coord["findings_after"] == []
+    assert [count for label, count in coord["survived"].items() if "shmheap" in label] == [
+        coord["trials"]], "a shmheap queue's peer must survive a SIGKILLed participant"
     for panel in panels(list(BENCHES), results):  # one comparison each: peers over one x
         xs = [sorted(x for x, _y in points) for points in panel.series.values()]
         assert len(xs) >= 2 and len(xs[0]) >= 3 and all(x == xs[0] for x in xs), panel

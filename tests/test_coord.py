@@ -331,7 +331,7 @@ KILLS = {
                       "h.queue('new').put(1); assert h.queue('new').get() == 1"),
     "coord.described": ("", "h.queue('new')",
                         "h.queue('new').put(1); assert h.queue('new').get() == 1"),
-    "coord.linked": ("q.put('a')", "q.put('b')", "assert drain(q) == ['a']"),
+    "coord.linked": ("q.put('a')", "q.put(b'large' * 20000)", "assert drain(q) == ['a']"),
     "coord.unlinked": ("q.put('a'); q.put('b')", "q.get()", "assert drain(q) == ['a', 'b']"),
     "coord.unleased": ("q.put('a')", "with q.lease():\n    raise ValueError",
                        "assert q.get(timeout=PATIENCE) == 'a'"),

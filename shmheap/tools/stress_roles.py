@@ -35,12 +35,26 @@ attaches the run's heap and plays one role:
     attached ``readonly=True``, loops ``heap.snapshot()`` and walks every
     entry: each snapshot must extend the previous one (published entries never
     change) and hold no duplicate, and an arena that carries the stamp's magic
-    must carry its own index.  An arena without the magic is not checked (no
-    writer claimed it, or its writer has not stamped it yet).  Every
-    ``WALK_INTERVAL`` seconds it also runs ``heap.stats()`` and ``heap.walk()``
-    and checks what concurrent churn cannot break: the stats' totals agree
-    with each other and with the snapshots around them, and every walked span
-    and object lies inside its arena and span.
+    must carry its own index (it maps ``MAP_STEP`` new arenas per step, so a
+    new reader of a big heap checks their stamps over its first steps).  An
+    arena without the magic is not checked (no writer claimed it, or its
+    writer has not stamped it yet).  It also walks
+    the heap, ``WALK_STEP`` spans per step (a whole walk of a big heap takes
+    longer than a reader lives under a kill loop), and after each whole walk
+    runs ``heap.stats()``; it checks what concurrent churn cannot break: every
+    walked span and object lies inside its arena and span, and the stats'
+    totals agree with each other and with the snapshots around them.  A new
+    walk starts ``WALK_INTERVAL`` seconds after the last one began.
+
+``mover``
+    moves work items through the heap's queues (coord.py): a step either puts
+    a new item, its id ``wid << 32 | seq``, on queue ``WORK_QUEUE`` (reporting
+    the id to the parent once the put returned), or leases the head item of
+    ``WORK_QUEUE`` and puts it on ``DONE_QUEUE`` inside the lease.  Killed
+    anywhere, it loses nothing: a half-done put never happened, a leased item
+    goes back to the head, and an item it put on ``DONE_QUEUE`` before its
+    lease ended is delivered again (``DONE_QUEUE`` then holds it twice).  The
+    parent accounts for every id at the end (stress.py).
 
 A worker counts its operations and checks in its slot of the run's tally
 (stress_tally.py) as it does them, so a worker killed after a few
@@ -82,10 +96,11 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import queue
 import random
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import ClassVar
@@ -104,14 +119,21 @@ from ..walker import HeapStats, SpanInfo
 from .stress_tally import Counts, Tally
 
 BREAK_ENV = "SHMHEAP_STRESS_BREAK_CHECK"
+#: The movers' queues, and the share of a mover's steps that put a new item.
+WORK_QUEUE = "stress.work"
+DONE_QUEUE = "stress.done"
+PUT_SHARE = 0.5
 #: Seconds between a worker's reports.
 REPORT_INTERVAL = 0.5
 #: A writer asks for a random index once in this many grows.
 AT_EVERY = 32
 #: The first word of a writer's stamp (b"shmstamp"); no pattern or span header can hold it.
 STAMP_MAGIC = int.from_bytes(b"shmstamp", "little")
-#: Seconds between a reader's checks of heap.stats() and heap.walk().
+#: Seconds from the start of a reader's walk of the heap to the next; spans it walks per step.
 WALK_INTERVAL = 1.0
+WALK_STEP = 64
+#: Arenas a reader maps per step to check their stamps.
+MAP_STEP = 64
 #: A churner holds at most this many objects; a step allocates with probability
 #: ALLOC_SHARE (always when it holds none), else gives up a random object, handing
 #: it to another churner with probability HANDOFF_SHARE and freeing it otherwise.
@@ -519,7 +541,10 @@ class Reader(Role):
         #: arena index -> a two-element u64 view of its first 16 bytes (magic, index)
         self.stamps: dict[int, memoryview] = {}
         self.offset = break_offset()
-        self.next_walk = time.monotonic() + WALK_INTERVAL * rng.random()  # a replacement too
+        #: the walk under way (None between walks), its start, and the arenas its spans may be in
+        self.walking: Iterator[SpanInfo] | None = None
+        self.walk_started = -math.inf
+        self.arenas: set[int] = set()
 
     def step(self) -> float:
         start = time.perf_counter_ns()
@@ -536,18 +561,25 @@ class Reader(Role):
         self.count("entries", len(entries))
         self.check_stamps(entries)
         self.previous = entries
-        if time.monotonic() >= self.next_walk:
-            self.check_walk()
-            self.next_walk = time.monotonic() + WALK_INTERVAL
+        self.walk_some()
         return 0
 
     def check_stamps(self, entries: memoryview) -> None:
+        """Check the stamp of every entry whose arena it has mapped; map MAP_STEP more.
+
+        A new reader of a big heap maps its arenas over its first steps
+        rather than all in its first one, so its snapshots go on meanwhile.
+        """
         stamps = self.stamps
         offset = self.offset
         stamped = 0
+        budget = MAP_STEP
         for index in entries:
             stamp = stamps.get(index)
             if stamp is None:
+                if not budget:
+                    continue
+                budget -= 1
                 stamp = self.map_stamp(index)
                 if stamp is None:
                     continue
@@ -570,23 +602,37 @@ class Reader(Role):
         self.stamps[index] = stamp
         return stamp
 
-    def check_walk(self) -> None:
-        """heap.stats() and heap.walk() under churn: only what no race can break."""
+    def walk_some(self) -> None:
+        """Walk and check up to WALK_STEP more spans; after a whole walk, check heap.stats().
+
+        A span's arena must be in a snapshot taken after it was walked
+        (arenas only grow, so the set is refreshed when it lacks one).
+        """
         heap = self.heap
-        before = len(heap.snapshot())
-        stats = heap.stats()
-        spans = list(heap.walk())
-        after = heap.snapshot()
-        for problem in stats_problems(stats, heap.arena_size, before, len(after)):
-            self.violate(f"heap.stats(): {problem}")
-        arenas = set(after)
-        for span in spans:
-            problem = span_problem(span, arenas, heap.arena_size, stats.page_size)
+        if self.walking is None:
+            if time.monotonic() < self.walk_started + WALK_INTERVAL:
+                return
+            self.walk_started = time.monotonic()
+            self.walking = iter(heap.walk())
+        walked = 0
+        for span in itertools.islice(self.walking, WALK_STEP):
+            walked += 1
+            if span.arena not in self.arenas:
+                self.arenas = set(heap.snapshot())
+            problem = span_problem(span, self.arenas, heap.arena_size, heap.params.page_size)
             if problem:
                 self.violate(f"heap.walk(): the span at {span.address:#x} {problem}")
+            self.count("spans_walked")
+            self.count("objects_walked", len(span.objects))
+        if walked == WALK_STEP:
+            return
+        self.walking = None
         self.count("walks")
-        self.count("spans_walked", len(spans))
-        self.count("objects_walked", sum(len(span.objects) for span in spans))
+        before = len(heap.snapshot())
+        stats = heap.stats()
+        self.arenas = set(heap.snapshot())
+        for problem in stats_problems(stats, heap.arena_size, before, len(self.arenas)):
+            self.violate(f"heap.stats(): {problem}")
 
 
 def stats_problems(stats: HeapStats, arena_size: int, before: int, after: int) -> list[str]:
@@ -645,7 +691,48 @@ def span_problem(span: SpanInfo, arenas: set[int], arena_size: int, page_size: i
     return ""
 
 
-ROLES: dict[str, type[Role]] = {role.kind: role for role in (Writer, Churner, Reader)}
+class Mover(Role):
+    """Puts new items on the work queue, or moves one from it to the done queue (leased)."""
+
+    kind = "mover"
+    readonly = False
+    COUNTERS = ("puts", "moved", "empty")
+
+    def __init__(self, heap: Heap, rng: random.Random, report: WorkerReport, counts: Counts,
+                 go: Go) -> None:
+        super().__init__(heap, rng, report, counts, go)
+        self.work, self.done = heap.queue(WORK_QUEUE), heap.queue(DONE_QUEUE)
+        self.seq = 0
+        #: ids put since the last message to the parent
+        self.made: list[int] = []
+
+    def step(self) -> float:
+        start = time.perf_counter_ns()
+        if self.rng.random() < PUT_SHARE or not len(self.work):
+            self.seq += 1
+            item = self.report.wid << 32 | self.seq
+            self.work.put(item)
+            self.made.append(item)
+            self.count("puts")
+        else:
+            try:
+                with self.work.lease(timeout=0) as leased:
+                    self.done.put(leased)
+            except queue.Empty:
+                self.count("empty")
+            else:
+                self.count("moved")
+        self.report.latency.add(time.perf_counter_ns() - start)
+        self.count("ops")
+        return 0.0
+
+    def outgoing(self, flush: bool) -> list[object]:
+        made, self.made = self.made, []
+        return [made] if made else []
+
+
+ROLES: dict[str, type[Role]] = {role.kind: role
+                                for role in (Writer, Churner, Reader, Mover)}
 
 
 def worker_main(kind: str, name: str, wid: int, seed: int, conn: Connection, tally: Tally,
@@ -680,21 +767,24 @@ def worker_main(kind: str, name: str, wid: int, seed: int, conn: Connection, tal
 
 
 def _work(role: Role, report: WorkerReport, conn: Connection) -> None:
-    """Step until the parent says stop, reporting every REPORT_INTERVAL.
+    """Step until the parent says stop, reporting every REPORT_INTERVAL (and at once after
+    a violation with an example, so that a worker killed right after one says what it was).
 
     A role's messages are sent after every step (new arenas as a list of
     indices, so a SIGKILL can lose at most the arena made in the step it
     interrupts); handoffs from the parent are taken between steps.
     """
     next_report = time.monotonic() + REPORT_INTERVAL
+    examples = 0
     while True:
         pause = role.step()
         now = time.monotonic()
         due = now >= next_report or pause == math.inf
         for message in role.outgoing(flush=due):
             conn.send(message)
-        if due:
+        if due or len(report.examples) > examples:  # a new violation's example goes at once
             conn.send(report)
+            examples = len(report.examples)
             next_report = now + REPORT_INTERVAL
         if _inbox(role, conn, None if pause == math.inf else max(pause, 0)):
             return

@@ -12,13 +12,22 @@ same run, one with the native core (``shmheap._native``) and one with
   holds, becomes the new one, as after a ``grow()`` whose caller dropped it);
 * a 64-byte ``alloc`` + ``free`` pair, and ``multiprocessing.heap``'s
   ``BufferWrapper(64)`` made and dropped;
+* ``alloc(64)`` + ``free`` pairs per second on one handle shared by 1 and by
+  4 threads (``pairs_per_s``): what the handle's thread lock costs when
+  threads share it;
 * ``shmheap stress`` operations per second (writers, churners and readers,
   flat out), once per core.
+
+Before handles were thread-safe (main at 6ef276a, this bench's machine,
+Python 3.11) the native pair cost ``BEFORE_THREAD_SAFE_PAIR_NS``; the report
+prints it beside today's figure (a reference, not a same-run peer: that code
+is gone).
 
 Targets, as ratios in this run: alloc+free >= 5x faster than the twin and
 >= 20x faster than BufferWrapper; snapshot (cached and changed) >= 3x faster
 than the twin, the changed one <= 100 ns; the lock round trip no slower than
-the bare posix_ipc pair; stress operations per second >= 3x the twin's.
+the bare posix_ipc pair; stress operations per second >= 3x the twin's;
+4 threads on one handle >= 0.8x the pairs per second of 1 thread (native).
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
+import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
@@ -38,6 +49,10 @@ from ..display import fmt_ns, fmt_ratio, print_table
 from .common import BenchError, Figure, Target, bench_main, environment, print_targets
 
 CORES = ("native", "pure")
+#: p50 ns of the native alloc(64) + free pair before handles were thread-safe (see above)
+BEFORE_THREAD_SAFE_PAIR_NS = 105.0
+#: thread counts of the shared-handle throughput
+THREAD_COUNTS = (1, 4)
 FIGURES = ("bare_posix_ipc", "lock_round_trip", "snapshot_cached", "snapshot_changed",
            "alloc_free_64", "buffer_wrapper_64")
 LABELS = {"bare_posix_ipc": "bare posix_ipc acquire + release",
@@ -54,6 +69,7 @@ _CHILD = textwrap.dedent("""
     import shmheap
     from shmheap import core
     from shmheap.tools.bench.common import bench_heap, measure
+    from shmheap.tools.bench.cores import THREAD_COUNTS, pairs_per_s
     budget = float(sys.argv[1])
     figures = {"native": core.NATIVE}
     sem = posix_ipc.Semaphore(None, posix_ipc.O_CREX, initial_value=1)
@@ -83,9 +99,39 @@ _CHILD = textwrap.dedent("""
         heap.free(heap.alloc(64))  # (the first call binds the native fast paths)
         alloc, free = heap.alloc, heap.free
         figures["alloc_free_64"] = measure(lambda: free(alloc(64)), budget).p50_ns
+        for threads in THREAD_COUNTS:
+            figures[f"pairs_per_s_{threads}"] = pairs_per_s(heap, threads, budget)
     figures["buffer_wrapper_64"] = measure(lambda: BufferWrapper(64), budget).p50_ns
     print(json.dumps(figures))
     """)
+
+
+def pairs_per_s(heap: Any, threads: int, seconds: float) -> float:
+    """``alloc(64)`` + ``free`` pairs per second of ``threads`` threads sharing ``heap``."""
+    start = threading.Barrier(threads + 1)
+    stop = threading.Event()
+    counts = [0] * threads
+
+    def run(i: int) -> None:
+        alloc, free = heap.alloc, heap.free
+        start.wait()
+        done = 0
+        while not stop.is_set():
+            for _ in range(1000):
+                free(alloc(64))
+            done += 1000
+        counts[i] = done
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    start.wait()
+    began = time.perf_counter()
+    stop.wait(seconds)
+    stop.set()
+    for worker in workers:
+        worker.join()
+    return sum(counts) / (time.perf_counter() - began)
 
 
 def run(quick: bool = False, *, tiny: bool = False,
@@ -157,6 +203,8 @@ def targets(results: dict[str, Any]) -> list[Target]:
                   native["lock_round_trip"] / native["bare_posix_ipc"], "<=", 1, fmt_ratio),
         Target.of("stress operations per second: native / twin",
                   native["stress_ops_per_s"] / pure["stress_ops_per_s"], ">=", 3, fmt_ratio),
+        Target.of("pairs per second on one handle, native: 4 threads / 1 thread",
+                  native["pairs_per_s_4"] / native["pairs_per_s_1"], ">=", 0.8, fmt_ratio),
     ]
 
 
@@ -164,6 +212,13 @@ def report(results: dict[str, Any], out: TextIO | None = None) -> None:
     native, pure = results["cores"]["native"], results["cores"]["pure"]
     rows = [[LABELS[key], fmt_ns(native[key]), fmt_ns(pure[key]),
              fmt_ratio(pure[key] / native[key])] for key in FIGURES]
+    rows.append(["alloc(64) + free before thread-safe handles (recorded)",
+                 fmt_ns(BEFORE_THREAD_SAFE_PAIR_NS), "-", "-"])
+    for threads in THREAD_COUNTS:
+        key = f"pairs_per_s_{threads}"
+        rows.append([f"pairs per second, {threads} thread{'s' * (threads > 1)} on one handle",
+                     f"{native[key]:,.0f}", f"{pure[key]:,.0f}",
+                     fmt_ratio(native[key] / pure[key])])
     rows.append(["shmheap stress, operations per second", f"{native['stress_ops_per_s']:,.0f}",
                  f"{pure['stress_ops_per_s']:,.0f}",
                  fmt_ratio(native["stress_ops_per_s"] / pure["stress_ops_per_s"])])

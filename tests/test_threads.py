@@ -1,0 +1,393 @@
+"""Threads sharing one handle, and forks of a process that holds handles.
+
+Real threads hammer one ``Heap`` handle (every object's contents checked,
+no ref handed out twice); real forks (``os.fork`` and multiprocessing's fork
+context) are made while another thread is inside the heap lock, after the
+heap was destroyed, and after it was destroyed and re-created.  A forked
+child always leaves through ``os._exit`` and reports on a pipe.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+
+import pytest
+
+import shmheap
+from shmheap.liveness import probe_attachments
+from shmheap.pytest_plugin import HeapFactory
+
+ARENA = 1 << 20
+THREADS = 4
+
+
+@pytest.fixture
+def heap(shm_heap_factory: HeapFactory) -> shmheap.Heap:
+    return shm_heap_factory(arena_size=ARENA, reserve=False)
+
+
+@pytest.fixture(autouse=True)
+def quick_switches() -> Iterator[None]:
+    """Make the GIL change hands every few bytecodes, so threads interleave everywhere."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    with warnings.catch_warnings():
+        # 3.12+ warns that fork() in a process with threads may deadlock: that is the case
+        # under test (the warning is about locks of other libraries).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+    sys.setswitchinterval(before)
+
+
+def pattern(ref: int, size: int) -> bytes:
+    word = ((ref * 0x9E3779B97F4A7C15) & (2**64 - 1)).to_bytes(8, "little")
+    return (word * (size // 8 + 1))[:size]
+
+
+def run_threads(body: Callable[[int], object], count: int = THREADS) -> list[object]:
+    """``body(i)`` in ``count`` threads started together; their results; re-raises an error."""
+    start = threading.Barrier(count)
+    results: list[object] = [None] * count
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            start.wait()
+            results[i] = body(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+# -- threads --------------------------------------------------------------------------------
+
+
+def test_threads_hammering_one_handle_get_distinct_intact_objects(heap: shmheap.Heap) -> None:
+    sizes = (16, 64, 200, 1000, 5000, 40000)  # small classes and a large object
+    everyones: set[int] = set()  # every live object of every thread
+    guard = threading.Lock()
+    twice: list[int] = []
+
+    def hammer(t: int) -> dict[int, int]:
+        live: dict[int, int] = {}
+        for i in range(1500):
+            size = sizes[i % len(sizes)]
+            ref = heap.alloc(size)
+            with guard:
+                if ref in everyones:
+                    twice.append(ref)
+                everyones.add(ref)
+            heap.view(ref)[:] = pattern(ref, heap.size_of(ref))
+            live[ref] = heap.size_of(ref)
+            if i % 3 == 2:  # free the oldest, checking it first
+                old = next(iter(live))
+                assert bytes(heap.view(old)) == pattern(old, live.pop(old))
+                with guard:
+                    everyones.discard(old)
+                heap.free(old)
+            if i % 100 == 0:
+                assert len(heap.snapshot()) >= 1
+                root = heap.alloc(32)
+                heap.roots[f"root{t}"] = root
+                assert heap.roots[f"root{t}"] == root
+                del heap.roots[f"root{t}"]
+                heap.free(root)
+            if i % 500 == 0:
+                heap.grow()
+        return live
+
+    results = run_threads(hammer)
+    assert twice == [], "live objects were handed out again"
+    lives = [r for r in results if isinstance(r, dict)]
+    assert len(lives) == THREADS
+    everything = [ref for live in lives for ref in live]
+    assert len(set(everything)) == len(everything), "an object was handed out twice"
+    for live in lives:
+        for ref, size in live.items():
+            assert bytes(heap.view(ref)) == pattern(ref, size)
+    assert heap.check() == []
+
+
+def test_threads_grow_one_handle_at_once(heap: shmheap.Heap) -> None:
+    results = run_threads(lambda _t: [heap.grow().index for _ in range(10)])
+    indices = [i for r in results if isinstance(r, list) for i in r]
+    assert len(indices) == 10 * THREADS and len(set(indices)) == len(indices)
+    assert sorted(heap.snapshot()) == sorted(indices)
+    assert heap.check() == []
+
+
+def test_threads_snapshot_walk_and_bind_while_others_allocate(heap: shmheap.Heap) -> None:
+    def body(t: int) -> int:
+        if t % 2:
+            refs = [heap.alloc(48) for _ in range(2000)]
+            for ref in refs:
+                heap.free(ref)
+            return len(refs)
+        done = 0
+        for i in range(200):
+            heap.stats()
+            sum(1 for _ in heap.walk())
+            heap.roots[f"r{t}.{i % 7}"] = heap.alloc(16)
+            done += len(heap.roots) > 0
+        return done
+
+    assert run_threads(body) == [200, 2000, 200, 2000]
+    assert len(heap.roots) == 14
+    assert heap.check() == []
+
+
+def test_a_locked_block_is_its_threads_alone(heap: shmheap.Heap) -> None:
+    """Another thread's call waits for the block: it neither piggy-backs on its hold nor posts."""
+    counter = heap.alloc(8)
+    inside = threading.Event()
+    other_done = threading.Event()
+    seen_inside: list[bool] = []
+    in_block = [False]
+
+    def other() -> None:
+        inside.wait()
+        with heap.locked():
+            seen_inside.append(in_block[0])
+            view = heap.view(counter)
+            view[:8] = (int.from_bytes(view[:8], "little") + 1).to_bytes(8, "little")
+        other_done.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with heap.locked():
+        in_block[0] = True
+        inside.set()
+        # If the other thread got in now, it would see in_block; give it the chance.
+        other_done.wait(timeout=0.5)
+        view = heap.view(counter)
+        view[:8] = (int.from_bytes(view[:8], "little") + 1).to_bytes(8, "little")
+        in_block[0] = False
+    thread.join()
+    assert seen_inside == [False]
+    assert int.from_bytes(heap.view(counter)[:8], "little") == 2
+    assert heap._lock.semaphore_value() == 1
+
+
+# -- fork -----------------------------------------------------------------------------------
+
+
+def in_child(body: Callable[[], bytes], wait_for_parent: bool = False,
+             then: Callable[[], object] = lambda: None) -> tuple[int, bytes, int]:
+    """Fork; the child runs ``body`` and writes its verdict.  Returns (pid, verdict, fd).
+
+    The parent calls ``then()`` right after the fork, before it reads the
+    verdict.  With ``wait_for_parent`` the child stays until the parent
+    writes to the returned descriptor (else that is -1).
+    """
+    verdict_r, verdict_w = os.pipe()
+    go_r, go_w = os.pipe() if wait_for_parent else (-1, -1)
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.close(verdict_r)
+            try:
+                verdict = body()
+            except BaseException as exc:
+                verdict = f"raised {type(exc).__name__}: {exc}".encode()
+            os.write(verdict_w, verdict + b"\n")
+            if go_r >= 0:
+                os.read(go_r, 1)
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(verdict_w)
+    if go_r >= 0:
+        os.close(go_r)
+    then()
+    with os.fdopen(verdict_r, "rb") as f:
+        line = f.readline().rstrip(b"\n")
+    return pid, line, go_w
+
+
+def reap(pid: int, go: int = -1) -> None:
+    if go >= 0:
+        os.write(go, b"x")
+        os.close(go)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def add_locked(heap: shmheap.Heap, counter: int, times: int) -> None:
+    """``times`` increments of the word at ``counter``, each a read and a write under the lock."""
+    for _ in range(times):
+        with heap.locked():
+            view = heap.view(counter)
+            value = int.from_bytes(view[:8], "little")
+            view[:8] = (value + 1).to_bytes(8, "little")
+
+
+@pytest.mark.parametrize("holder", ["another thread", "the forking thread"])
+def test_fork_inside_the_lock_child_inherits_no_hold(heap: shmheap.Heap, holder: str) -> None:
+    counter = heap.alloc(8)
+    heap.view(counter)  # mapped before the fork
+    entered, leave = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with heap.locked():
+            entered.set()
+            leave.wait()
+
+    def child() -> bytes:
+        if heap._lock.holding:  # type: ignore[union-attr]
+            return b"child inherited the hold"
+        add_locked(heap, counter, 200)
+        heap.close()
+        return b"ok"
+
+    if holder == "another thread":
+        thread = threading.Thread(target=hold)
+        thread.start()
+        entered.wait()
+        pid, verdict, _ = in_child(child, then=leave.set)
+        thread.join()
+    else:
+        verdict_r, verdict_w = os.pipe()
+        pid = -1
+        try:
+            with heap.locked():
+                pid = os.fork()
+            if pid == 0:  # the block closed in the child without posting
+                os.write(verdict_w, child() + b"\n")
+        finally:
+            if pid == 0:
+                os._exit(0)
+        os.close(verdict_w)
+        with os.fdopen(verdict_r, "rb") as f:
+            verdict = f.readline().rstrip(b"\n")
+    assert verdict == b"ok"
+    add_locked(heap, counter, 200)
+    reap(pid)
+    assert int.from_bytes(heap.view(counter)[:8], "little") == 400
+    assert heap._lock.semaphore_value() == 1
+    assert heap.check() == []
+
+
+def _mp_child(heap: shmheap.Heap, counter: int) -> None:
+    add_locked(heap, counter, 100)
+    ref = heap.alloc(64)
+    heap.view(ref)[:] = pattern(ref, 64)
+    heap.roots["from-child"] = ref
+
+
+def test_multiprocessing_fork_child_with_a_thread_inside_the_lock(heap: shmheap.Heap) -> None:
+    counter = heap.alloc(8)
+    entered, leave = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with heap.locked():
+            entered.set()
+            leave.wait()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    entered.wait()
+    process = multiprocessing.get_context("fork").Process(target=_mp_child, args=(heap, counter))
+    process.start()
+    leave.set()
+    thread.join()
+    add_locked(heap, counter, 100)
+    process.join(timeout=120)
+    assert process.exitcode == 0
+    assert int.from_bytes(heap.view(counter)[:8], "little") == 200
+    ref = heap.roots["from-child"]
+    assert bytes(heap.view(ref)) == pattern(ref, 64)
+    assert heap._lock.semaphore_value() == 1
+    assert heap.check() == []
+
+
+def test_fork_after_destroy_child_gets_heap_not_found(shm_heap_name: str) -> None:
+    heap = shmheap.Heap.create(shm_heap_name, arena_size=ARENA, reserve=False)
+    heap.free(heap.alloc(64))
+    saved_alloc = heap.alloc  # (the native core's fast path, with the parent's span cached)
+    try:
+        shmheap.destroy(shm_heap_name)
+
+        def child() -> bytes:
+            outcomes = []
+            for call in (lambda: saved_alloc(64), heap.snapshot, heap.info, heap.check,
+                         lambda: heap.roots.get("x"), lambda: heap.locked().__enter__()):
+                try:
+                    call()
+                    outcomes.append("worked")
+                except shmheap.HeapNotFoundError:
+                    outcomes.append("not-found")
+                except Exception as exc:
+                    outcomes.append(type(exc).__name__)
+            return ",".join(outcomes).encode()
+
+        pid, verdict, _ = in_child(child)
+        reap(pid)
+        assert verdict == b",".join([b"not-found"] * 6)
+    finally:
+        heap.close()
+
+
+def test_fork_after_destroy_and_recreate_child_claims_no_slot(shm_heap_name: str) -> None:
+    old = shmheap.Heap.create(shm_heap_name, arena_size=ARENA, reserve=False)
+    try:
+        shmheap.destroy(shm_heap_name)
+        # The new heap, attached by nobody: any slot taken in it is the old handle's.
+        shmheap.Heap.create(shm_heap_name, arena_size=ARENA, reserve=False).close()
+
+        def child() -> bytes:
+            try:
+                old.snapshot()
+            except shmheap.HeapNotFoundError:
+                return b"not-found"
+            return b"worked"
+
+        pid, verdict, go = in_child(child, wait_for_parent=True)
+        try:
+            assert verdict == b"not-found"
+            assert probe_attachments(shm_heap_name) == []
+        finally:
+            reap(pid, go)
+        with shmheap.Heap.attach(shm_heap_name) as new:
+            assert new.check() == []
+    finally:
+        old.close()
+        shmheap.destroy(shm_heap_name)
+
+
+def test_forked_child_handle_works_with_a_slot_of_its_own(heap: shmheap.Heap) -> None:
+    parent_slot = heap._live.slot  # type: ignore[union-attr]
+
+    def child() -> bytes:
+        assert heap._live is not None
+        slot = heap._live.slot
+        ref = heap.alloc(100)
+        heap.view(ref)[:] = pattern(ref, heap.size_of(ref))
+        heap.roots["child"] = ref
+        return f"{slot} {os.getpid()}".encode()
+
+    pid, verdict, go = in_child(child, wait_for_parent=True)
+    try:
+        slot, child_pid = map(int, verdict.split())
+        assert slot != parent_slot
+        assert heap._live is not None
+        assert {a.slot for a in heap._live.attachments() if a.pid == child_pid} == {slot}
+        assert parent_slot in {a.slot for a in heap._live.attachments()}
+    finally:
+        reap(pid, go)
+    ref = heap.roots["child"]
+    assert bytes(heap.view(ref)) == pattern(ref, heap.size_of(ref))
+    assert heap.check() == []
