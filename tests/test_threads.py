@@ -90,8 +90,8 @@ def test_threads_hammering_one_handle_get_distinct_intact_objects(heap: shmheap.
                 if ref in everyones:
                     twice.append(ref)
                 everyones.add(ref)
-            heap.view(ref)[:] = pattern(ref, heap.size_of(ref))
-            live[ref] = heap.size_of(ref)
+            heap.view(ref)[:] = pattern(ref, heap.nbytes(ref))
+            live[ref] = heap.nbytes(ref)
             if i % 3 == 2:  # free the oldest, checking it first
                 old = next(iter(live))
                 assert bytes(heap.view(old)) == pattern(old, live.pop(old))
@@ -235,16 +235,25 @@ def add_locked(heap: shmheap.Heap, counter: int, times: int) -> None:
             view[:8] = (value + 1).to_bytes(8, "little")
 
 
-@pytest.mark.parametrize("holder", ["another thread", "the forking thread"])
+@pytest.mark.parametrize("holder", ["another thread", "another thread's call",
+                                    "the forking thread"])
 def test_fork_inside_the_lock_child_inherits_no_hold(heap: shmheap.Heap, holder: str) -> None:
+    """The child neither runs unlocked nor posts the parent's hold (``check()`` and every
+    other call hold the lock as ``run`` does: "another thread's call")."""
     counter = heap.alloc(8)
     heap.view(counter)  # mapped before the fork
     entered, leave = threading.Event(), threading.Event()
 
+    def inside() -> None:
+        entered.set()
+        leave.wait()
+
     def hold() -> None:
+        if holder == "another thread's call":
+            heap._lock.run(inside)
+            return
         with heap.locked():
-            entered.set()
-            leave.wait()
+            inside()
 
     def child() -> bytes:
         if heap._lock.holding:  # type: ignore[union-attr]
@@ -253,7 +262,7 @@ def test_fork_inside_the_lock_child_inherits_no_hold(heap: shmheap.Heap, holder:
         heap.close()
         return b"ok"
 
-    if holder == "another thread":
+    if holder != "the forking thread":
         thread = threading.Thread(target=hold)
         thread.start()
         entered.wait()
@@ -375,7 +384,7 @@ def test_forked_child_handle_works_with_a_slot_of_its_own(heap: shmheap.Heap) ->
         assert heap._live is not None
         slot = heap._live.slot
         ref = heap.alloc(100)
-        heap.view(ref)[:] = pattern(ref, heap.size_of(ref))
+        heap.view(ref)[:] = pattern(ref, heap.nbytes(ref))
         heap.roots["child"] = ref
         return f"{slot} {os.getpid()}".encode()
 
@@ -389,5 +398,5 @@ def test_forked_child_handle_works_with_a_slot_of_its_own(heap: shmheap.Heap) ->
     finally:
         reap(pid, go)
     ref = heap.roots["child"]
-    assert bytes(heap.view(ref)) == pattern(ref, heap.size_of(ref))
+    assert bytes(heap.view(ref)) == pattern(ref, heap.nbytes(ref))
     assert heap.check() == []

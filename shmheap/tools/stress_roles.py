@@ -678,7 +678,7 @@ def span_problem(span: SpanInfo, arenas: set[int], arena_size: int, page_size: i
             return "is a large object but does not hold exactly one object of its pages"
         return ""
     size = span.object_size
-    # a small span holds a header of two bytes per slot, then the slots (allocator.py)
+    # a small span holds a header of at least two bytes per slot, then the slots (allocator.py)
     if (size <= 0 or size % ALIGN or span.capacity * (size + 2) > end - span.address
             or len(objects) > span.capacity):
         return (f"has {span.capacity} slots of {size} bytes ({len(objects)} live) in "
