@@ -519,12 +519,15 @@ class HeapLock:
     def close(self, closed: ClosedLock | None = None) -> None:
         """Release the lock if an interrupted ``locked()`` left it held, then close.
 
-        Whoever still holds this object (the allocator, a ``locked()`` block
-        made before the close) gets ``closed``'s error (HeapClosedError) from
-        every operation that would take the lock; releasing is a no-op.  (The
-        handle calls it with its mutex held: no other thread holds the lock.)
+        Another thread's open block is waited out first: its hold is its own
+        (the native core's block keeps the mutex, which the handle's close takes).
+        Whoever still holds this object afterwards (the allocator, a ``locked()``
+        block made before the close) gets ``closed``'s error (HeapClosedError)
+        from every operation that would take the lock; releasing is a no-op.
         """
-        self.leave()
+        with self._mutex:
+            self._in_block()
+            self.leave()
         if self.native is not None:
             self.native.close()  # its own operations raise HeapClosedError from now on
         closed = closed or ClosedLock(self._heap_name)
