@@ -213,7 +213,7 @@ def test_close_waits_for_another_threads_block(heap: shmheap.Heap) -> None:
     closer.join()
     assert timed_out == [True], "the block's hold was released under it"
     assert heap.closed
-    assert other._lock.semaphore_value() == 1  # type: ignore[union-attr]
+    assert other._lock.semaphore_value() == 1
     other.close()
 
 
