@@ -336,7 +336,8 @@ def test_close_gives_the_handles_spans_back(shm_heap_factory: HeapFactory) -> No
 
 
 ALLOC_POINTS = ["span.described", "span.pages_used", "span.published", "cache.adopted",
-                "cache.released", "span.unpublished", "span.freed", "summary.leaf_set"]
+                "cache.released", "span.unpublished", "span.freed", "summary.leaf_set",
+                "summary.leaf_cleared"]
 
 
 @pytest.mark.parametrize("point", ALLOC_POINTS)
