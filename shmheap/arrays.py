@@ -46,6 +46,7 @@ import zlib
 from typing import TYPE_CHECKING, Any
 
 from .errors import HeapCorruptError, InvalidParameterError
+from .lazy import import_whole
 
 if TYPE_CHECKING:
     from .allocator import Allocator
@@ -59,12 +60,13 @@ MAX_TEXT = 1 << 16
 
 
 def numpy_module(what: str) -> Any:
+    """numpy, imported whole (lazy.py); ModuleNotFoundError saying how to get it."""
     try:
-        import numpy
+        import_whole("numpy.lib.format")  # (what _describe and _dtype_of use)
+        return import_whole("numpy")
     except ImportError:
         raise ModuleNotFoundError(f"{what} needs numpy; install it with "
                                   "`pip install 'shmheap[numpy]'`") from None
-    return numpy
 
 
 def _dims(shape: object, what: str) -> tuple[int, ...]:
@@ -212,7 +214,11 @@ def ndarray(view: memoryview, ref: int, dtype: object, shape: object) -> Any:
         raise InvalidParameterError(f"{what}: the array was made with shape {dims}, not "
                                     f"{shape!r}; leave shape out to get it as it is")
     count = math.prod(dims)
-    return numpy.frombuffer(view, dt, count, offset).reshape(dims)
+    try:
+        return numpy.frombuffer(view, dt, count, offset).reshape(dims)
+    except (ValueError, OverflowError) as exc:  # too many dimensions, one past intp, ...
+        raise HeapCorruptError(f"the typed array at {ref:#x} describes shape {dims}, which "
+                               f"numpy cannot make ({exc}); the object was overwritten") from None
 
 
 def as_ndarray(view: memoryview, dtype: object, shape: object) -> Any:
