@@ -26,7 +26,9 @@
 /* pages.py: an arena's page metadata, after its data and 64-byte trailer */
 #define META_SEQ_OFFSET 8            /* u64: span records' sequence word (seqlock) */
 
-/* allocator.py: a small span starts with nelems alloc bytes, then nelems mark bytes */
+/* allocator.py: a small span starts with nelems alloc bytes, then nelems mark bytes, the
+ * slots' slacks (1 or 2 bytes each) and their holder words (u32 each, 4-aligned) */
 #define SPAN_ALIGN 16
+#define SPAN_HOLDER_SIZE 4
 
 #endif

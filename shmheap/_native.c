@@ -1494,6 +1494,8 @@ typedef struct {
     Pin *pin;                /* the arena's mapping */
     unsigned char *data;     /* the arena's first data byte */
     Py_ssize_t start, a0, m0, o0, size, nelems;
+    Py_ssize_t s0, wide, h0; /* slacks (wide bytes each) and holder words of the slots */
+    uint32_t holder;         /* this process's holder word (allocator.py holder_of) */
     long long base;          /* heap address of the arena's first byte */
     int32_t *free;           /* slots seen free, the next one to give out last */
     Py_ssize_t nfree;
@@ -1524,16 +1526,21 @@ cache_rescan(Cache *self)
 static int
 Cache_init(Cache *self, PyObject *args, PyObject *kwargs)
 {
-    static char *names[] = {"pages", "start", "cls", "fresh", NULL};
+    static char *names[] = {"pages", "start", "cls", "fresh", "holder", NULL};
     PyObject *pages, *cls;
     Py_ssize_t start;
     int fresh;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OnOp", names, &pages, &start, &cls, &fresh))
+    unsigned int holder;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OnOpI", names, &pages, &start, &cls, &fresh,
+                                     &holder))
         return -1;
     Py_ssize_t shift = attr_ssize(pages, "page_shift");
     Py_ssize_t nelems = attr_ssize(cls, "nelems");
     Py_ssize_t size = attr_ssize(cls, "size");
     Py_ssize_t objects_at = attr_ssize(cls, "objects_at");
+    Py_ssize_t slack_at = attr_ssize(cls, "slack_at");
+    Py_ssize_t wide = attr_ssize(cls, "wide");
+    Py_ssize_t holder_at = attr_ssize(cls, "holder_at");
     Py_ssize_t base = attr_ssize(pages, "base");
     if (PyErr_Occurred())
         return -1;
@@ -1549,7 +1556,9 @@ Cache_init(Cache *self, PyObject *args, PyObject *kwargs)
     if (pin == NULL)
         return -1;
     Py_ssize_t a0 = start << shift;
-    if (nelems <= 0 || a0 + objects_at + nelems * size > pin->view.len) {
+    if (nelems <= 0 || a0 + objects_at + nelems * size > pin->view.len || (wide != 1 && wide != 2)
+            || slack_at + wide * nelems > holder_at || holder_at % SPAN_HOLDER_SIZE
+            || holder_at + SPAN_HOLDER_SIZE * nelems > objects_at) {
         Py_DECREF(pin);
         PyErr_SetString(PyExc_ValueError, "Cache: the span does not fit its arena");
         return -1;
@@ -1572,6 +1581,10 @@ Cache_init(Cache *self, PyObject *args, PyObject *kwargs)
     self->o0 = a0 + objects_at;
     self->size = size;
     self->nelems = nelems;
+    self->s0 = a0 + slack_at;
+    self->wide = wide;
+    self->h0 = a0 + holder_at;
+    self->holder = (uint32_t)holder;
     self->base = base;
     if (fresh) {
         for (Py_ssize_t k = 0; k < nelems; k++)
@@ -1674,7 +1687,8 @@ static PyTypeObject CacheType = {
     .tp_name = "shmheap._native.Cache",
     .tp_basicsize = sizeof(Cache),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Cache(pages, start, cls, fresh): a span this process owns (allocator.py).",
+    .tp_doc = "Cache(pages, start, cls, fresh, holder): a span this process owns "
+              "(allocator.py).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Cache_init,
     .tp_dealloc = (destructor)Cache_dealloc,
@@ -1732,7 +1746,7 @@ Alloc_call(Alloc *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
     if (nargs >= 1 && given <= 2 && PyLong_CheckExact(args[0])
             && timeout_ok(args, nargs, kwnames)) {
         Py_ssize_t n = PyLong_AsSsize_t(args[0]);
-        if (n > 0 && n <= self->max_small && ((n + 15) >> 4) < self->lookup_len
+        if (n >= 0 && n <= self->max_small && ((n + 15) >> 4) < self->lookup_len
                 && FAST_ENTER(self->mutex)) {
             long long ref = 0;
             Py_ssize_t c = self->lookup[(n + 15) >> 4];
@@ -1744,6 +1758,13 @@ Alloc_call(Alloc *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
                 Py_ssize_t offset = cache->o0 + k * cache->size;
                 STORE(cache->data + cache->m0 + k, (unsigned char)1); /* born marked */
                 memset(cache->data + offset, 0, cache->size);
+                Py_ssize_t slack = cache->size - n;  /* the length: size - slack */
+                unsigned char *at = cache->data + cache->s0 + k * cache->wide;
+                at[0] = (unsigned char)slack;
+                if (cache->wide == 2)
+                    at[1] = (unsigned char)(slack >> 8);
+                memcpy(cache->data + cache->h0 + k * SPAN_HOLDER_SIZE, &cache->holder,
+                       SPAN_HOLDER_SIZE);  /* little-endian, as everything shared */
                 STORE(cache->data + cache->a0 + k, (unsigned char)1); /* published last */
                 ref = cache->base + offset;
             }
@@ -2397,7 +2418,7 @@ static int
 add_layout(PyObject *module)
 {
     PyObject *layout = Py_BuildValue(
-        "{sisisisisisisisisisisisisi}",
+        "{sisisisisisisisisisisisisisi}",
         "LIVE_OWNER_OFFSET", LIVE_OWNER_OFFSET,
         "LIVE_RECOVERIES_OFFSET", LIVE_RECOVERIES_OFFSET,
         "LIVE_LAST_RECOVERY_OFFSET", LIVE_LAST_RECOVERY_OFFSET,
@@ -2410,7 +2431,8 @@ add_layout(PyObject *module)
         "LIVE_REPAIR_BYTE", LIVE_REPAIR_BYTE,
         "CONTROL_HEADER_OFFSET", CONTROL_HEADER_OFFSET,
         "CONTROL_JOURNAL_OFFSET", CONTROL_JOURNAL_OFFSET,
-        "META_SEQ_OFFSET", META_SEQ_OFFSET);
+        "META_SEQ_OFFSET", META_SEQ_OFFSET,
+        "SPAN_HOLDER_SIZE", SPAN_HOLDER_SIZE);
     if (layout == NULL)
         return -1;
     return PyModule_AddObject(module, "LAYOUT", layout);

@@ -15,10 +15,18 @@ process sees one as one contiguous buffer.  They take the slow paths: the
 native core's ``free`` sends every large object here.
 
 Small objects live in spans of one size class (like Go's: 16 bytes up to
-about 32 KiB, a span of 1-8 pages; ``size_classes``).  A small span starts with a header of two
-byte arrays, then the slots::
+about 32 KiB, a span of 1-8 pages; ``size_classes``).  A small span starts with a header of
+per-slot arrays, then the slots::
 
-    [alloc: nelems bytes][mark: nelems bytes][pad to 16][slot 0][slot 1]...
+    [alloc: nelems bytes][mark: nelems bytes][slack: nelems x wide][pad to 4]
+    [holder: nelems x u32][pad to 16][slot 0][slot 1]...
+
+``slack[k]`` is the class size minus the n of the ``alloc(n)`` that made the
+object (``wide`` is 1, or 2 for a class more than 256 bytes above the one
+below), ``holder[k]`` the object's holder word (``holder_of``): both written
+by the span's owner before it stores ``alloc[k] = 1``, and the slack never
+changed while the object lives (a large object keeps both in the page
+metadata, pages.py).
 
 ``alloc[k]`` is 0 while slot k is free and ``1 + r`` while it holds an object
 that ``r`` roots are bound to (roots.py), ``mark[k]`` is 1 when it is marked
@@ -140,6 +148,11 @@ MAX_ROOTS_PER_OBJECT = 0xFF - RELEASING
 #: bytes an alloc array may hold without a bound object: 0 (free) and 1
 _UNBOUND = b"\0\1"
 ALIGN = 16
+#: bytes of a small object's holder word (its owner's short token; 0 while a root or a queue
+#: holds it)
+HOLDER_SIZE = 4
+#: holder words of no process: a structure (a root, a queue) holds the object; nobody does
+HELD, ORPHAN = 0, 0xFFFF << 16
 _T = TypeVar("_T")
 
 
@@ -147,7 +160,9 @@ class SizeClass(NamedTuple):
     """One size class: slot ``size``, span of ``npages`` pages holding ``nelems`` slots.
 
     In a span of this class the alloc bytes are at offset 0, the mark bytes at
-    ``nelems``, slot k at ``objects_at + k * size``.
+    ``nelems``, the slack of slot k (``size`` minus the n of its ``alloc(n)``,
+    ``wide`` bytes little-endian) at ``slack_at + k * wide``, its holder word
+    at ``holder_at + 4 * k``, slot k at ``objects_at + k * size``.
     """
 
     number: int
@@ -155,18 +170,29 @@ class SizeClass(NamedTuple):
     npages: int
     nelems: int
     objects_at: int
+    slack_at: int = 0
+    wide: int = 1
+    holder_at: int = 0
 
 
-def _header_bytes(nelems: int) -> int:
-    return (2 * nelems + ALIGN - 1) & -ALIGN
+def _header(nelems: int, wide: int) -> tuple[int, int, int]:
+    """(slack_at, holder_at, objects_at) of a span of ``nelems`` slots."""
+    slack_at = 2 * nelems
+    holder_at = (slack_at + wide * nelems + HOLDER_SIZE - 1) & -HOLDER_SIZE
+    return slack_at, holder_at, (holder_at + HOLDER_SIZE * nelems + ALIGN - 1) & -ALIGN
 
 
-def _fit(size: int, span_bytes: int) -> int:
+def _fit(size: int, span_bytes: int, wide: int) -> int:
     """Most slots of ``size`` bytes that fit in a span with their header."""
-    n = span_bytes // (size + 2)
-    while n > 0 and _header_bytes(n) + n * size > span_bytes:
+    n = span_bytes // (size + 2 + wide + HOLDER_SIZE)
+    while n > 0 and _header(n, wide)[2] + n * size > span_bytes:
         n -= 1
     return n
+
+
+def _wide(size: int, below: int) -> int:
+    """Bytes of a slack in a class of ``size`` above one of ``below``: 1 while it fits one."""
+    return 1 if size - below <= 256 else 2
 
 
 def _class_sizes(max_small: int) -> list[int]:
@@ -186,44 +212,64 @@ def size_classes(page_size: int, pages_per_arena: int) -> tuple[SizeClass, ...]:
 
     Each class gets the shortest span (1..8 pages, at most half an arena) that
     holds ``MIN_SPAN_OBJECTS`` slots (or as many as the longest span can) and
-    wastes at most 1/8, else the one of those that wastes least.  (Go's spans
-    are shorter; here every refill takes the heap lock, so fewer refills pay
-    for a few more pages per process and class.)  Then its
-    size grows to share the span's leftover bytes among its slots (as Go's
-    classes do), and a class that ends up no larger than the one before is
-    dropped.
+    wastes at most 1/8 (bytes neither slots nor their header), else the one of
+    those that wastes least.  (Go's spans are shorter; here every refill
+    takes the heap lock, so fewer refills pay for a few more pages per
+    process and class.)  Then its size grows to share the span's leftover
+    bytes among its slots (as Go's classes do), and a class that ends up no
+    larger than the one before is dropped.  A class more than 256 bytes above
+    the one before keeps its slacks in two bytes, the others in one.
     """
     classes = [SizeClass(0, 0, 0, 1, 0)]
-    max_pages = max(1, min(MAX_SPAN_PAGES, pages_per_arena // 2))
     for size in _class_sizes(min(MAX_SMALL, 4 * page_size)):
-        best: tuple[float, int, int] | None = None
-        enough = max(1, min(MIN_SPAN_OBJECTS, _fit(size, max_pages * page_size)))
-        for npages in range(1, max_pages + 1):
-            span_bytes = npages * page_size
-            nelems = _fit(size, span_bytes)
-            if nelems < enough:
-                continue
-            waste = (span_bytes - nelems * size) / span_bytes
-            if best is None or waste < best[0]:
-                best = (waste, npages, nelems)
-            if waste <= 1 / 8:
-                break
-        if best is None:
+        wide = _wide(size, classes[-1].size)
+        made = _size_class(size, wide, page_size, pages_per_arena)
+        if made is not None and wide < _wide(made[0], classes[-1].size):
+            made = _size_class(size, 2, page_size, pages_per_arena)
+        if made is None:
             break
-        _, npages, nelems = best
-        objects_at = _header_bytes(nelems)
-        size = (npages * page_size - objects_at) // nelems & -ALIGN
+        size, npages, nelems, wide = made
         if size > classes[-1].size:
-            classes.append(SizeClass(len(classes), size, npages, nelems, objects_at))
+            slack_at, holder_at, objects_at = _header(nelems, wide)
+            classes.append(SizeClass(len(classes), size, npages, nelems, objects_at, slack_at,
+                                     wide, holder_at))
     return tuple(classes)
 
 
+def _size_class(size: int, wide: int, page_size: int,
+                pages_per_arena: int) -> tuple[int, int, int, int] | None:
+    """(size, npages, nelems, wide) of the class for slots of ``size`` (see size_classes)."""
+    max_pages = max(1, min(MAX_SPAN_PAGES, pages_per_arena // 2))
+    best: tuple[float, int, int] | None = None
+    enough = max(1, min(MIN_SPAN_OBJECTS, _fit(size, max_pages * page_size, wide)))
+    for npages in range(1, max_pages + 1):
+        span_bytes = npages * page_size
+        nelems = _fit(size, span_bytes, wide)
+        if nelems < enough:
+            continue
+        waste = (span_bytes - _header(nelems, wide)[2] - nelems * size) / span_bytes
+        if best is None or waste < best[0]:
+            best = (waste, npages, nelems)
+        if waste <= 1 / 8:
+            break
+    if best is None:
+        return None
+    _, npages, nelems = best
+    return (npages * page_size - _header(nelems, wide)[2]) // nelems & -ALIGN, npages, nelems, wide
+
+
 class _Cache:
-    """A span this process owns, and the slots it saw free in it (popped from the end)."""
+    """A span this process owns, and the slots it saw free in it (popped from the end).
 
-    __slots__ = ("a0", "base", "cls", "data", "free", "m0", "o0", "pages", "size", "start")
+    ``holder`` is this process's holder word (``holder_of``), which every
+    object allocated from the cache records.
+    """
 
-    def __init__(self, pages: ArenaPages, start: int, cls: SizeClass, fresh: bool) -> None:
+    __slots__ = ("a0", "base", "cls", "data", "free", "h0", "holder", "m0", "o0", "pages", "s0",
+                 "size", "start", "wide")
+
+    def __init__(self, pages: ArenaPages, start: int, cls: SizeClass, fresh: bool,
+                 holder: int) -> None:
         self.pages = pages
         self.start = start
         self.cls = cls
@@ -232,6 +278,10 @@ class _Cache:
         self.m0 = self.a0 + cls.nelems
         self.o0 = self.a0 + cls.objects_at
         self.size = cls.size
+        self.s0 = self.a0 + cls.slack_at
+        self.wide = cls.wide
+        self.h0 = self.a0 + cls.holder_at
+        self.holder = holder
         self.base = pages.base
         self.free = list(range(cls.nelems - 1, -1, -1)) if fresh else self.rescan()
 
@@ -249,12 +299,16 @@ class Allocator:
     """The object allocator of one heap handle (made lazily by ``Heap``).
 
     ``root_names(ref)`` names the roots bound to the object at ``ref``
-    (roots.py), for the error of freeing a bound object.
+    (roots.py), for the error of freeing a bound object;
+    ``bind_new(name, make, timeout)`` makes an object bound to a root
+    (roots.py ``Roots.bind_new``), for ``alloc(n, root=name)``.
     """
 
-    def __init__(self, heap: AttachedHeap, root_names: Callable[[int], list[str]]) -> None:
+    def __init__(self, heap: AttachedHeap, root_names: Callable[[int], list[str]],
+                 bind_new: Callable[[str, Callable[[], int], float | None], int]) -> None:
         self.heap = heap
         self.root_names = root_names
+        self.bind_new = bind_new
         self.readonly = heap.readonly
         self.page_size = heap.params.page_size
         self.page_shift = self.page_size.bit_length() - 1
@@ -317,12 +371,12 @@ class Allocator:
 
     # -- alloc -------------------------------------------------------------------------
 
-    def alloc(self, nbytes: int, timeout: float | None = None) -> int:
-        """A new zeroed object of at least ``nbytes`` bytes; returns its heap address.
+    def alloc(self, nbytes: int, timeout: float | None = None, root: str | None = None) -> int:
+        """A new zeroed object of ``nbytes`` bytes, bound to ``root`` if given; its address.
 
         (The native core's ``Alloc`` replaces this fast path when it runs.)
         """
-        if type(nbytes) is int and 0 < nbytes <= self.max_small:
+        if root is None and type(nbytes) is int and 0 <= nbytes <= self.max_small:
             with self._mutex:
                 cache = self._caches[self.lookup[(nbytes + 15) >> 4]]
                 if cache is not None and cache.free:
@@ -332,14 +386,22 @@ class Allocator:
                     size = cache.size
                     offset = cache.o0 + k * size
                     data[offset:offset + size] = bytes(size)
+                    wide = cache.wide
+                    data[cache.s0 + k * wide:cache.s0 + (k + 1) * wide] = (
+                        (size - nbytes).to_bytes(wide, "little"))
+                    data[cache.h0 + 4 * k:cache.h0 + 4 * k + 4] = (
+                        cache.holder.to_bytes(4, "little"))
                     data[cache.a0 + k] = 1
                     return cache.base + offset
-        return self._alloc_slow(nbytes, timeout)
+        return self._alloc_slow(nbytes, timeout, root)
 
-    def _alloc_slow(self, nbytes: int, timeout: float | None = None) -> int:
-        """A refill, then the fast path again; or a large object."""
+    def _alloc_slow(self, nbytes: int, timeout: float | None = None,
+                    root: str | None = None) -> int:
+        """A refill, then the fast path again; or a large object; or one bound to ``root``."""
+        if root is not None:
+            return self.bind_new(root, lambda: self._alloc_slow(nbytes, timeout), timeout)
         with self._mutex:
-            if type(nbytes) is int and 0 < nbytes <= self.max_small:
+            if type(nbytes) is int and 0 <= nbytes <= self.max_small:
                 self._refill(self.lookup[(nbytes + 15) >> 4], deadline_of(timeout))
                 return self.alloc(nbytes)
             return self._alloc_large(nbytes, timeout)
@@ -367,6 +429,10 @@ class Allocator:
         live = self.heap._live
         assert live is not None
         return live.token
+
+    def _holder(self) -> int:
+        """This process's holder word: what the objects it allocates record as their owner."""
+        return holder_of(self._token())
 
     def _refill(self, c: int, deadline: float | None) -> None:
         """Give this process a span of class ``c`` with free slots (slow path)."""
@@ -449,7 +515,7 @@ class Allocator:
                     hints.mark(index)
                     break
             if chosen is not None:
-                cache = CacheType(pages, chosen, cls, fresh=False)
+                cache = CacheType(pages, chosen, cls, False, self._holder())
                 token = self._token()
                 self._summaries.owned.mark(index)
                 self._pending.append((pages, chosen))
@@ -466,18 +532,20 @@ class Allocator:
         made = self.make_span_locked(cls.npages, c, self._token(), zero_now=True)
         if made is None:
             return None
-        cache = CacheType(made[0], made[1], cls, fresh=True)
+        cache = CacheType(made[0], made[1], cls, True, self._holder())
         self._caches[c] = cache
         self._pending[:] = ()
         return cache
 
-    def make_span_locked(self, npages: int, sclass: int, owner: int,
-                         zero_now: bool) -> tuple[ArenaPages, int, list[tuple[int, int]]] | None:
+    def make_span_locked(self, npages: int, sclass: int, owner: int, zero_now: bool,
+                         slack: int = 0, holder: int = 0
+                         ) -> tuple[ArenaPages, int, list[tuple[int, int]]] | None:
         """Make a span of ``npages`` free pages (lock holder); None if no arena has room.
 
         Returns (arena pages, first page, page runs the caller must still zero);
         with ``zero_now`` they are zeroed here, before the span is published.
         A span with an ``owner`` is left in ``_pending`` for the caller to cache.
+        A large object's ``slack`` and ``holder`` word are stored before it is published.
         """
         free_runs = self._summaries.free
         index = self._hint if free_runs.get(self._hint) >= min(npages, CAP) else -1
@@ -498,6 +566,8 @@ class Allocator:
                 for first, count in dirty:
                     pages.zero(first, count)
                 dirty = []
+            pages.slack[start] = slack
+            pages.holder[start] = holder
             pages.publish(start, npages, sclass, owner)
             self._journal.end()
             self._hint = index
@@ -507,17 +577,19 @@ class Allocator:
     def _alloc_large(self, nbytes: int, timeout: float | None) -> int:
         if type(nbytes) is not int:
             return self.alloc(_as_int(nbytes, InvalidParameterError(
-                f"alloc({nbytes!r}): the size must be a positive int number of bytes")), timeout)
-        if nbytes <= 0:
+                f"alloc({nbytes!r}): the size must be an int number of bytes, 0 or more")),
+                timeout)
+        if nbytes < 0:
             raise InvalidParameterError(
-                f"alloc({nbytes!r}): the size must be a positive int number of bytes")
+                f"alloc({nbytes!r}): the size must be an int number of bytes, 0 or more")
         npages = -(-nbytes >> self.page_shift)
+        slack = (npages << self.page_shift) - nbytes
         if npages > self.pages_per_arena:
-            return giant.alloc(self, npages, deadline_of(timeout))
+            return giant.alloc(self, npages, deadline_of(timeout), slack)
         self.heap._check_writable("alloc()")
         pages, start, dirty = self._with_room(
-            lambda: self.make_span_locked(npages, 0, 0, zero_now=False), npages,
-            deadline_of(timeout))
+            lambda: self.make_span_locked(npages, 0, 0, zero_now=False, slack=slack,
+                                          holder=self._holder()), npages, deadline_of(timeout))
         for first, count in dirty:
             pages.zero(first, count)  # outside the lock: nobody else knows the span yet
         return pages.base + (start << self.page_shift)
@@ -605,7 +677,21 @@ class Allocator:
         cls = self.classes[c]
         return (start << self.page_shift) + cls.objects_at + slot * cls.size, cls.size
 
-    # -- free, view, size_of -------------------------------------------------------------
+    def slack_of(self, pages: ArenaPages, start: int, c: int, slot: int, size: int) -> int:
+        """Bytes of a located object of ``size`` (its capacity) past the n of its ``alloc(n)``."""
+        if c:
+            cls = self.classes[c]
+            at = (start << self.page_shift) + cls.slack_at + slot * cls.wide
+            slack = int.from_bytes(pages.data[at:at + cls.wide], "little")
+        else:
+            slack = pages.slack[start]
+        if slack > size:
+            raise HeapCorruptError(
+                f"heap {self.heap.name!r}: the object in arena {pages.index} at page {start} "
+                f"records {slack} unused bytes of {size}; run `shmheap fsck {self.heap.name}`")
+        return slack
+
+    # -- free, view, size_of, nbytes -----------------------------------------------------
 
     def free(self, ref: int, timeout: float | None = None) -> None:
         """Free the object at ``ref``, allocated by any process."""
@@ -667,14 +753,23 @@ class Allocator:
             f"of heap {self.heap.name!r}; unbind it first (del heap.roots[{first}])")
 
     def view(self, ref: int, timeout: float | None = None) -> memoryview:
-        """The object's bytes (read-only when the heap is attached readonly)."""
+        """The object's ``nbytes`` bytes (read-only when the heap is attached readonly)."""
         with self._mutex:
             pages, start, c, slot = self.live(ref, None if timeout is None
                                               else deadline_of(timeout))
             offset, size = self.object_bytes(pages, start, c, slot)
+            length = size - self.slack_of(pages, start, c, slot, size)
             if offset + size > self.arena_size:
-                return giant.view(self, pages, size)
-            return pages.data[offset:offset + size]
+                return giant.view(self, pages, size)[:length]
+            return pages.data[offset:offset + length]
+
+    def nbytes(self, ref: int, timeout: float | None = None) -> int:
+        """The object's length: the n of its ``alloc(n)``."""
+        with self._mutex:
+            pages, start, c, slot = self.live(ref, None if timeout is None
+                                              else deadline_of(timeout))
+            size = self.object_bytes(pages, start, c, slot)[1]
+            return size - self.slack_of(pages, start, c, slot, size)
 
     def size_of(self, ref: int, timeout: float | None = None) -> int:
         """The object's size: its size class, or its pages for a large object."""
@@ -708,6 +803,21 @@ class Allocator:
         else:
             pages.state[start] = RELEASING + count if count else DIRTY
         pages.set_mark(start)
+
+    def holder(self, pages: ArenaPages, start: int, c: int, slot: int) -> int:
+        """The holder word of a located object (see ``holder_of``)."""
+        if not c:
+            return pages.holder[start]
+        at = (start << self.page_shift) + self.classes[c].holder_at + HOLDER_SIZE * slot
+        return int.from_bytes(pages.data[at:at + HOLDER_SIZE], "little")
+
+    def set_holder(self, pages: ArenaPages, start: int, c: int, slot: int, word: int) -> None:
+        """Record ``word`` as the located object's holder (lock holder)."""
+        if not c:
+            pages.holder[start] = word
+            return
+        at = (start << self.page_shift) + self.classes[c].holder_at + HOLDER_SIZE * slot
+        pages.data[at:at + HOLDER_SIZE] = word.to_bytes(HOLDER_SIZE, "little")
 
     def holds_roots(self, pages: ArenaPages, start: int, c: int) -> bool:
         """True if the span at ``start`` (of class ``c``) holds an object roots are bound to."""
@@ -804,6 +914,13 @@ class Allocator:
                     self._journal.end()
                     released += 1
         return released
+
+
+def holder_of(token: int) -> int:
+    """The holder word of liveness token ``token`` (slot + 1, epoch): its 32 bits hold
+    ``(slot + 1) << 16 | epoch & 0xFFFF``.  ``HELD`` (0): a root or a queue holds the
+    object; ``ORPHAN``: no process does (a slot that never exists)."""
+    return (token >> 32) << 16 | token & 0xFFFF
 
 
 def _as_int(value: object, error: Exception) -> int:

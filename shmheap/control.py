@@ -73,7 +73,7 @@ from .layout import DEFAULT_PAGE_SIZE, check_page_size
 from .names import MAX_ARENAS_LIMIT, PAGE_SIZE, check_arena_size, check_max_arenas
 
 MAGIC = b"shmheap\0"
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 SIZE = PAGE_SIZE
 
 UNINIT, INITIALISING, READY, BROKEN = 0, 1, 2, 3

@@ -31,7 +31,10 @@ them with no lock.  Records are never reused while the heap exists.
 Queue items are *nodes*, heap objects (allocator.py) of 24 bytes and the item:
 ``next`` (ref), ``tag`` (kind << 56 | payload length: an int in 8 bytes, or a
 pickle), ``token`` (the liveness token of its leaser).  A queue is a singly
-linked list head -> tail; leased nodes are in a second list (any order).
+linked list head -> tail; leased nodes are in a second list (any order).  A
+node is its queue's from the put that links it (``owners.hold_locked``, in
+that put's undo record), and a counter's cells and a barrier's tokens are
+their structure's, so ``heap.reclaim()`` leaves them alone.
 
 Kill safety.  Every change of more than one word runs under the heap lock as
 an *undo* record: before its first store the lock holder copies the
@@ -83,7 +86,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import control, core, crash, segments, waits
+from . import control, core, crash, owners, segments, waits
 from .errors import (
     HeapCorruptError,
     HeapNotFoundError,
@@ -384,6 +387,8 @@ class CoordTable:
                 words[b + _CELLS] = extra
             elif kind == BARRIER:
                 words[b + _TOKENS] = extra
+            if extra:
+                owners.hold_locked(self.allocator, extra)  # the structure's, not its maker's
             crash.reach("coord.described")
             words[b + _KIND] = kind
             self._found[name] = record
@@ -644,6 +649,7 @@ class Queue:
                 return table.sleep_on(self._record)
             tail = int(words[b + _TAIL])
             table.begin(self._record, OP_PUT, node_a=tail, free=node)
+            owners.hold_locked(table.allocator, node)  # the queue holds it (owners.py)
             if tail:
                 table.node(tail)[_NEXT] = node
             else:

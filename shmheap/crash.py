@@ -61,8 +61,12 @@ CRASH_POINTS: dict[str, str] = {
     "roots.entry_written": "a new root's name and value written, its key not yet published",
     "roots.published": "a root's key or new value published, the counters and the object it "
                        "was bound to before not yet updated",
+    "roots.handed_over": "a bind's objects handed over: the bound one held by its root, one "
+                         "left unbound owned by the unbinder; journal not yet cleared",
     "roots.removed": "an unbound root's value cleared, the counters and its object's root "
                      "count not yet updated",
+    "named.made": "an object made for root=NAME (allocated and filled, owned by its maker), "
+                  "its bind not yet begun",
     "giant.claimed": "free arenas claimed as parts of a new giant object (owned by its "
                      "maker), lock still held",
     "giant.segment_created": "a giant object's new arena made under its temporary name, not "

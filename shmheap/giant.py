@@ -124,6 +124,8 @@ class PageHeap(Protocol):
 
     def _token(self) -> int: ...
 
+    def _holder(self) -> int: ...
+
     def _settle_pending(self) -> None: ...
 
     def reclaim_locked(self) -> int: ...
@@ -151,8 +153,9 @@ def runs() -> weakref.WeakValueDictionary[tuple[int, int], object]:
 # -- making ---------------------------------------------------------------------------------
 
 
-def alloc(allocator: PageHeap, npages: int, deadline: float | None) -> int:
-    """A new zeroed giant object of ``npages`` pages (more than an arena); its ref."""
+def alloc(allocator: PageHeap, npages: int, deadline: float | None, slack: int = 0) -> int:
+    """A new zeroed giant object of ``npages`` pages (more than an arena), ``slack`` bytes
+    of its last page unused (its length is the rest); its ref."""
     heap = allocator.heap
     parts = -(-npages // allocator.pages_per_arena)
     if parts >= heap.max_arenas:
@@ -168,7 +171,7 @@ def alloc(allocator: PageHeap, npages: int, deadline: float | None) -> int:
             f"({segments.MAX_MAPPINGS_VAR}, vm.max_map_count) or use larger arenas")
     taken: set[int] = set()
     for _ in range(ATTEMPTS):
-        ref = _attempt(allocator, Giant(0, parts, npages), taken, deadline)
+        ref = _attempt(allocator, Giant(0, parts, npages), taken, deadline, slack)
         if ref is not None:
             return ref
     raise AddressSpaceExhaustedError(
@@ -177,7 +180,7 @@ def alloc(allocator: PageHeap, npages: int, deadline: float | None) -> int:
 
 
 def _attempt(allocator: PageHeap, giant: Giant, taken: set[int],
-             deadline: float | None) -> int | None:
+             deadline: float | None, slack: int) -> int | None:
     """Claim, grow and make the object (see the module docstring); None to start over."""
     heap = allocator.heap
     lock = allocator._lock
@@ -194,7 +197,7 @@ def _attempt(allocator: PageHeap, giant: Giant, taken: set[int],
             grow = functools.partial(_grow_locked, allocator, index=index,
                                      part=giant._replace(part=index - first))
             heap.build_arena(grow, deadline, "giant.segment_created")
-        if lock.run(lambda: _make_locked(allocator, first, giant), deadline, write=True):
+        if lock.run(lambda: _make_locked(allocator, first, giant, slack), deadline, write=True):
             return first * heap.arena_size
     except _Taken as exc:
         taken.add(exc.index)
@@ -305,8 +308,11 @@ def _grow_locked(allocator: PageHeap, seg: segments.Segment, index: int, part: G
     return index
 
 
-def _make_locked(allocator: PageHeap, first: int, giant: Giant) -> bool:
-    """Step 3 (lock holder): disown every part, the first last; False if one is not ours."""
+def _make_locked(allocator: PageHeap, first: int, giant: Giant, slack: int) -> bool:
+    """Step 3 (lock holder): disown every part, the first last; False if one is not ours.
+
+    The first part's page 0 gets the object's slack and holder word (layout.py) first.
+    """
     allocator.heap._check_identity()
     token = allocator._token()
     members = [allocator.pages_of(first + part) for part in range(giant.parts)]
@@ -319,6 +325,8 @@ def _make_locked(allocator: PageHeap, first: int, giant: Giant) -> bool:
         _disown(pages)
     crash.reach("giant.tail_disowned")
     members[0].set_mark(0)  # born marked, although claimed before a cycle that began since
+    members[0].slack[0] = slack
+    members[0].holder[0] = allocator._holder()
     _disown(members[0])
     crash.reach("giant.made")
     allocator._journal.end()

@@ -12,6 +12,8 @@ its protocol.  Nothing below imports this module:
 * walker.py    -- walking, stats, mark/sweep, scavenging
 * roots.py     -- ``heap.roots``: objects found by name
 * arrays.py    -- typed arrays: ``new_array`` and ``ndarray``
+* objects.py   -- Python values: ``put`` and ``get``
+* owners.py    -- who owns each object: ``adopt``, ``reclaim``, bytes by owner
 * coord.py     -- queues, events, counters and barriers found by name
 * repair.py    -- checks and repairs (fsck); ``Heap`` gives it to the lock as the
                   journal's repair, run by the next writable holder
@@ -37,7 +39,19 @@ from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any
 
-from . import arenas, arrays, control, coord, core, crash, liveness, segments, walker
+from . import (
+    arenas,
+    arrays,
+    control,
+    coord,
+    core,
+    crash,
+    liveness,
+    objects,
+    owners,
+    segments,
+    walker,
+)
 from .allocator import Allocator, size_classes
 from .attached import AttachedHeap, serialised, serialised_iter
 from .errors import (
@@ -365,7 +379,8 @@ class Heap(AttachedHeap):
         allocator = self._allocator
         if allocator is None or self.closed:
             self._check_open()
-            allocator = self._allocator = Allocator(self, self.roots.names_of)
+            allocator = self._allocator = Allocator(self, self.roots.names_of,
+                                                    self.roots.bind_new)
             if core.native is not None:  # the native fast paths, called directly
                 self.alloc = allocator.alloc  # type: ignore[method-assign]
                 self.free = allocator.free  # type: ignore[method-assign]
@@ -430,13 +445,44 @@ class Heap(AttachedHeap):
             return []
         return self._coordination().structures()
 
-    def alloc(self, nbytes: int, timeout: float | None = None) -> int:
-        """A new zeroed object of at least ``nbytes`` bytes; returns its heap address.
+    @serialised
+    def put(self, obj: object, *, root: str | None = None, timeout: float | None = None) -> int:
+        """Store any picklable value in one new object; returns its heap address.
+
+        Pickled with protocol 5; numpy arrays, ``bytearray``, ``memoryview``
+        and other out-of-band buffers (and a whole ``bytes`` value) are
+        written once into the object, not copied into the pickle.
+        ``free(ref)`` frees the value with its buffers (objects.py).  With
+        ``root``, the object is bound to that root as one step (``alloc``).
+        """
+        allocator = self._objects()
+        if root is not None:
+            return self.roots.bind_new(root, lambda: objects.put(allocator, obj, timeout),
+                                       timeout)
+        return objects.put(allocator, obj, timeout)
+
+    @serialised
+    def get(self, ref: int, *, writable: bool = False, timeout: float | None = None) -> Any:
+        """The value ``put`` stored at ``ref``, in any process.
+
+        Its numpy arrays and memoryviews are zero-copy views of the heap,
+        read-only unless ``writable``; they keep the memory mapped, and after
+        ``free(ref)`` show whatever reuses it.
+        """
+        return objects.get(self._objects(), ref, writable, timeout)
+
+    def alloc(self, nbytes: int, timeout: float | None = None, *,
+              root: str | None = None) -> int:
+        """A new zeroed object of ``nbytes`` bytes (0 or more); returns its heap address.
 
         The address is a plain non-zero int, valid in every attached process.
         ``timeout`` bounds the wait for the heap lock (most calls take none).
+        With ``root``, the object is bound to that root as one step: a process
+        interrupted anywhere leaves it bound or freed, one killed anywhere
+        leaves it bound or its dead maker's, which ``reclaim()`` frees (an
+        object bound to ``root`` before is unbound and becomes the caller's).
         """
-        return self._objects().alloc(nbytes, timeout)
+        return self._objects().alloc(nbytes, timeout, root=root)
 
     def free(self, ref: int, timeout: float | None = None) -> None:
         """Free the object at heap address ``ref`` (allocated by any process).
@@ -448,7 +494,7 @@ class Heap(AttachedHeap):
         self._objects().free(ref, timeout)
 
     def view(self, ref: int, timeout: float | None = None) -> memoryview:
-        """A memoryview of exactly the object's ``size_of(ref)`` bytes (read-only if readonly).
+        """A memoryview of exactly the object's ``nbytes(ref)`` bytes (read-only if readonly).
 
         An object larger than an arena is one contiguous view too: its arenas
         mapped back to back, for as long as a view of them lives (giant.py).
@@ -456,18 +502,27 @@ class Heap(AttachedHeap):
         return self._objects().view(ref, timeout)
 
     def size_of(self, ref: int, timeout: float | None = None) -> int:
-        """Bytes of the object at ``ref``: ``alloc(n)`` rounded up to its size class or pages."""
+        """Capacity of the object at ``ref``: ``alloc(n)`` rounded up to its size class or pages."""
         return self._objects().size_of(ref, timeout)
+
+    def nbytes(self, ref: int, timeout: float | None = None) -> int:
+        """Length of the object at ``ref``: the ``n`` of the ``alloc(n)`` that made it."""
+        return self._objects().nbytes(ref, timeout)
 
     @serialised
     def new_array(self, shape: int | tuple[int, ...], dtype: Any = "float64",
-                  timeout: float | None = None) -> int:
+                  timeout: float | None = None, *, root: str | None = None) -> int:
         """A new zeroed array object that records its ``shape`` and ``dtype`` (numpy extra).
 
         Any numpy dtype without Python objects, structured ones included;
         ``ndarray(ref)`` returns it in any process.  Returns its heap address.
+        With ``root``, the object is bound to that root as one step (``alloc``).
         """
-        return arrays.new_array(self._objects(), shape, dtype, timeout)
+        allocator = self._objects()
+        if root is not None:
+            return self.roots.bind_new(
+                root, lambda: arrays.new_array(allocator, shape, dtype, timeout), timeout)
+        return arrays.new_array(allocator, shape, dtype, timeout)
 
     def ndarray(self, ref: int, dtype: Any = None, shape: int | tuple[int, ...] | None = None,
                 timeout: float | None = None) -> Any:
@@ -478,6 +533,27 @@ class Heap(AttachedHeap):
         ``dtype`` (and is all of it, or its first ``shape`` items).
         """
         return arrays.ndarray(self.view(ref, timeout), ref, dtype, shape)
+
+    @serialised
+    def adopt(self, ref: int, timeout: float | None = None) -> None:
+        """Make this process the owner of the object at ``ref`` (see ``reclaim``)."""
+        owners.adopt(self._objects(), ref, timeout)
+
+    @serialised
+    def reclaim(self, timeout: float | None = None) -> owners.ReclaimReport:
+        """Free every object whose owner process is dead and that no root binds.
+
+        An object is owned by the process that allocated it until a root is
+        bound to it (or a queue of the heap takes it) or another process
+        ``adopt``s it; one pass over the heap, no other process's help.
+        Objects of live processes are never touched (owners.py).
+        """
+        return owners.reclaim(self._objects(), timeout)
+
+    @serialised
+    def bytes_by_owner(self, timeout: float | None = None) -> dict[str, owners.OwnerBytes]:
+        """Live objects and bytes per owner ("slot S epoch E", "held", "orphan"), alive or not."""
+        return owners.owner_bytes(self._objects(), timeout)
 
     def walk(self, timeout: float | None = None) -> Iterator[walker.SpanInfo]:
         """Every in-use span and its live objects, read with no lock (see walker.py)."""

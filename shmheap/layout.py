@@ -46,6 +46,15 @@ arena, so a new arena needs no initialisation)::
     .       8P  owner    lock holder: at a span's first page, the liveness token
                          of the process whose cache allocates in it (or that is
                          making the giant object it is a part of), or 0
+    .       4P  slack    at a large object's first page (a giant object's: its
+                         first part's page 0): its pages' bytes minus the n of
+                         ``alloc(n)``; written by the allocating lock holder
+                         before the span is published, never changed after
+    .       4P  holder   at a large object's first page: the object's holder
+                         word (allocator.py: its owner's short token, 0 while a
+                         root or a queue holds it); written by the allocating
+                         lock holder before the span is published, then by the
+                         lock holder binding roots, adopting or handing it over
 
 The native core's header (``_native.c``) repeats these offsets; a test checks
 that both agree byte for byte.
@@ -92,6 +101,8 @@ class Layout(NamedTuple):
     span: int
     npages: int
     owner: int
+    slack: int
+    holder: int
     size: int
 
 
@@ -105,8 +116,11 @@ def layout(arena_size: int, page_size: int) -> Layout:
     span = (marks + pages // 8 + 7) & ~7
     npages = span + 4 * pages
     owner = npages + 4 * pages
-    size = owner + 8 * pages
-    return Layout(pages, used, state, sclass, inuse, marks, span, npages, owner, size)
+    slack = owner + 8 * pages
+    holder = slack + 4 * pages
+    size = holder + 4 * pages
+    return Layout(pages, used, state, sclass, inuse, marks, span, npages, owner, slack, holder,
+                  size)
 
 
 def meta_size(arena_size: int, page_size: int) -> int:

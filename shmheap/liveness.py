@@ -338,6 +338,17 @@ class Liveness:
             return False
         return self.slot_alive(slot)
 
+    def short_token_alive(self, word: int) -> bool:
+        """``token_alive`` for the 32-bit form ``(slot + 1) << 16 | epoch & 0xFFFF`` of a
+        token (the holder words of objects, allocator.py): a wrapped epoch may make a dead
+        process's word look alive, never the reverse."""
+        slot = (word >> 16) - 1
+        if not 0 <= slot < self.nslots:
+            return False
+        if _SLOT.unpack_from(self._seg.buf, slot_offset(slot))[1] & 0xFFFF != word & 0xFFFF:
+            return False
+        return self.slot_alive(slot)
+
     def dead_slots(self) -> list[int]:
         """Slots stamped by a process that died without releasing them."""
         return [s for s in _stamped(self._seg.buf, self.nslots) if not self.slot_alive(s)]

@@ -75,7 +75,9 @@ Threads
     close (the native core keeps the mutex for the whole block; the twin
     records the block's thread and waits on a condition of the mutex, so no
     exception can land between taking the mutex and recording that it must
-    be given back).  Nothing here relies on the GIL.
+    be given back).  Nothing here relies on the GIL.  A deadline bounds the
+    wait for other processes; the wait for another thread of the handle has
+    no bound.
 
 Fork
     A child forked while some thread of the parent held the lock (inside

@@ -122,7 +122,7 @@ from collections.abc import Callable, ItemsView, Iterator, MutableMapping, Value
 from typing import TYPE_CHECKING, TypeVar
 
 from . import crash, segments
-from .allocator import MAX_ROOTS_PER_OBJECT, Allocator, Note
+from .allocator import HELD, MAX_ROOTS_PER_OBJECT, ORPHAN, Allocator, Note
 from .attached import serialised
 from .control import ROOTS
 from .errors import (
@@ -133,6 +133,7 @@ from .errors import (
     InvalidRefError,
     RootNotFoundError,
     RootsFullError,
+    ShmHeapError,
 )
 from .lock import deadline_of
 from .names import PAGE_SIZE, roots_name
@@ -641,6 +642,35 @@ class Roots(MutableMapping[str, int]):
         allocator._lock.run(lambda: _bind_locked(allocator, table, data, ref),
                             deadline_of(timeout), write=True)
 
+    def bind_new(self, name: str, make: Callable[[], int], timeout: float | None = None) -> int:
+        """``make()`` an object and bind ``name`` to it, as one step: stopped anywhere, the
+        name is bound to it, or it is not (and the object is freed, or its dead maker's).
+
+        An exception frees the object unless the journal's repair (the next
+        writable lock hold, taken here) finished the bind.  A process killed
+        before the bind's journal leaves an object its dead maker owns, which
+        ``reclaim()`` frees (allocator.py, "Owners").  An object bound to
+        ``name`` before is unbound and becomes the caller's.
+        """
+        encode_name(name)
+        self._heap._check_writable("binding a root")
+        ref = make()
+        try:
+            crash.reach("named.made")
+            self.bind(name, ref, timeout)
+        except BaseException:
+            self._drop_unnamed(name, ref, timeout)
+            raise
+        return ref
+
+    def _drop_unnamed(self, name: str, ref: int, timeout: float | None) -> None:
+        """Free ``ref``, made for ``name`` by a ``bind_new`` that failed, unless it is bound."""
+        with contextlib.suppress(ShmHeapError):
+            allocator = self._objects()
+            allocator._lock.run(lambda: None, deadline_of(timeout), write=True)  # repairs
+            if self.get(name) != ref:
+                allocator.free(ref, timeout)
+
     @serialised
     def unbind(self, name: str, timeout: float | None = None) -> None:
         """Unbind ``name``; RootNotFoundError if nothing is bound to it."""
@@ -701,6 +731,11 @@ def _bind_locked(allocator: Allocator, table: RootTable, data: bytes, given: obj
     region.head[_LIVE] += (1 if ref else 0) - (1 if old else 0)
     if old_obj:
         allocator.set_root_count(*old_obj, max(old_count - 1, 0))
+    if new and not new_count:
+        allocator.set_holder(*new, HELD)  # its root holds it now, not its maker
+    if old_obj and old_count == 1:
+        allocator.set_holder(*old_obj, allocator._holder())  # whoever unbinds it owns it
+    crash.reach("roots.handed_over")
     allocator._journal.end()
     return True
 
@@ -745,6 +780,8 @@ def finish(table: RootTable, allocator: Allocator, note: Note) -> None:
     region.head[_LIVE], region.head[_USED], region.head[_NAMES_END] = live, used, names_end
     _settle(allocator, new, intent["new_count"], 1 if done else 0)
     _settle(allocator, old, intent["old_count"], -1 if done else 0)
+    if done:
+        _hand_over(allocator, new, old)
     note("roots-unfinished", f"{'binding' if new else 'unbinding'} root {name} was left "
          f"unfinished; {'finished' if done else 'undone'}", True)
 
@@ -767,6 +804,17 @@ def _intent_region(table: RootTable, intent: dict[str, int]) -> Region | None:
         fits = at == intent["names_end"] and at + record_bytes(length) <= region.names_cap
         return region if fits and not intent["old"] else None
     return region if op == UPDATE and region.slots[i << 1] == key else None
+
+
+def _hand_over(allocator: Allocator, new: int, old: int) -> None:
+    """The holders after a finished bind: a bound object is held by its roots; one it left
+    unbound whose holder is not known (its unbinder died) is nobody's (``ORPHAN``)."""
+    obj = _located(allocator, new)
+    if obj is not None and allocator.root_count(*obj) > 0:
+        allocator.set_holder(*obj, HELD)
+    obj = _located(allocator, old)
+    if obj is not None and not allocator.root_count(*obj) and allocator.holder(*obj) == HELD:
+        allocator.set_holder(*obj, ORPHAN)
 
 
 def _settle(allocator: Allocator, ref: int, before: int, change: int) -> None:

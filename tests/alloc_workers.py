@@ -40,7 +40,7 @@ def size_class(heap: shmheap.Heap, nbytes: int) -> SizeClass:
 
 def check_pattern(heap: shmheap.Heap, ref: int) -> int:
     """The object's size, after checking it still holds its pattern."""
-    size = heap.size_of(ref)
+    size = heap.nbytes(ref)
     if bytes(heap.view(ref)) != pattern(ref, size):
         raise AssertionError(f"object {ref:#x} of {size} bytes lost its contents")
     return size
@@ -48,7 +48,7 @@ def check_pattern(heap: shmheap.Heap, ref: int) -> int:
 
 def new_object(heap: shmheap.Heap, nbytes: int) -> tuple[int, int]:
     ref = heap.alloc(nbytes)
-    size = heap.size_of(ref)
+    size = heap.nbytes(ref)
     view = heap.view(ref)
     if bytes(view) != bytes(size):
         raise AssertionError(f"new object {ref:#x} of {size} bytes is not zeroed")

@@ -98,14 +98,14 @@ def test_disagreeing_dtype_or_shape_is_an_invalid_parameter(heap: shmheap.Heap) 
 def test_untyped_objects_keep_working_and_need_a_dtype(heap: shmheap.Heap) -> None:
     ref = heap.alloc(96)
     assert heap.ndarray(ref, "float64", 12).shape == (12,)
-    assert heap.ndarray(ref, "u1").shape == (heap.size_of(ref),)
+    assert heap.ndarray(ref, "u1").shape == (heap.nbytes(ref),)
     with pytest.raises(shmheap.InvalidParameterError, match="records no dtype"):
         heap.ndarray(ref)
 
 
 def test_a_copy_of_a_typed_header_elsewhere_is_not_typed(heap: shmheap.Heap) -> None:
     typed = heap.new_array(4, "i8")
-    other = heap.alloc(heap.size_of(typed))
+    other = heap.alloc(heap.nbytes(typed))
     heap.view(other)[:] = heap.view(typed)  # the header names its own address, not this one
     with pytest.raises(shmheap.InvalidParameterError, match="records no dtype"):
         heap.ndarray(other)

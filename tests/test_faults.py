@@ -62,6 +62,11 @@ h.grow()
 h.free(h.alloc(2 * h.arena_size + 5000))
 """
 
+#: Named steps that pass the named crash point: an object made and bound as one step.
+NAMED_STEPS = """
+h.put([1, 2], root="x")
+"""
+
 #: Coordination steps that pass every coordination crash point: make a queue, put, get,
 #: lease and finish, lease and raise (the item goes back), set an event, pass a barrier.
 COORD_STEPS = """
@@ -100,6 +105,7 @@ OPERATIONS: dict[str, tuple[str, str, int]] = {
     "sweep.claimed": ("", "h.free(h.alloc(100)); h.start_cycle(); h.sweep()", 1),
     "roots": ("", ROOT_STEPS, 1),
     "giant": ("", GIANT_STEPS, 1),
+    "named": ("", NAMED_STEPS, 1),
     "coord": ("", COORD_STEPS, 1),
 }
 

@@ -77,7 +77,7 @@ def test_an_object_of_3_5_arenas_written_in_one_process_is_read_in_another(
         import numpy, shmheap
         h = shmheap.Heap.attach({heap.name!r}, readonly=True)
         view = h.view({ref})
-        assert h.size_of({ref}) == len(view) == {size} and view.readonly
+        assert h.nbytes({ref}) == len(view) == {size} and view.readonly
         word = (({ref} * 0x9E3779B97F4A7C15) & (2**64 - 1)).to_bytes(8, "little")
         assert bytes(view) == (word * ({size} // 8 + 1))[:{size}], "the bytes differ"
         array = h.ndarray({typed})
@@ -428,7 +428,7 @@ end = time.monotonic() + {seconds}
 while time.monotonic() < end:
     ref = h.alloc(rng.choice((2, 3, 5)) * {arena} + rng.randrange(1, {arena}))
     view = h.view(ref)
-    mark = ref.to_bytes(8, "little") * (len(view) // 8)
+    mark = (ref.to_bytes(8, "little") * (len(view) // 8 + 1))[:len(view)]
     view[:] = mark
     h.alloc(rng.choice((64, 3000)))  # small objects between them, in their last arenas
     bad += bytes(view) != mark
@@ -504,7 +504,7 @@ def test_every_giant_crash_point_is_passed_by_the_steps() -> None:
                                    "giant.part_grown:2"])
 def test_killed_at_every_giant_crash_point(heap: shmheap.Heap, point: str) -> None:
     kept = heap.alloc(20000)
-    heap.view(kept)[:] = pattern(kept, heap.size_of(kept))
+    heap.view(kept)[:] = pattern(kept, heap.nbytes(kept))
     baseline = heap.stats().pages_in_use
     proc = run_child(STEPS.format(name=heap.name), point)
     assert_killed(proc)
@@ -522,7 +522,7 @@ def test_killed_at_every_giant_crash_point(heap: shmheap.Heap, point: str) -> No
     else:
         assert made == [], "a half-made or half-freed object was left"
     assert heap.stats().pages_in_use == baseline, "every part was freed"
-    assert bytes(heap.view(kept)) == pattern(kept, heap.size_of(kept))
+    assert bytes(heap.view(kept)) == pattern(kept, heap.nbytes(kept))
     assert not [e for e in os.listdir("/dev/shm") if e.startswith(f"shmheap.{heap.name}.new")]
     ref = heap.alloc(3 * ARENA)  # the heap goes on working, over the arenas left free
     assert bytes(heap.view(ref)) == bytes(3 * ARENA)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from shmheap import control, core, layout, liveness
+from shmheap import allocator, control, core, layout, liveness
 from shmheap.pytest_plugin import HeapFactory
 
 needs_native = pytest.mark.skipif(core.native is None,
@@ -43,6 +43,7 @@ def test_the_c_layout_is_the_python_layout() -> None:
         "CONTROL_HEADER_OFFSET": control.HEADER_OFFSET,
         "CONTROL_JOURNAL_OFFSET": control.JOURNAL_OFFSET,
         "META_SEQ_OFFSET": layout.SEQ_OFFSET,
+        "SPAN_HOLDER_SIZE": allocator.HOLDER_SIZE,
     }
     assert python == core.native.LAYOUT
     # the counters and the slot fields as liveness.py packs them

@@ -329,8 +329,8 @@ for i in range(140):
 
 
 def test_every_roots_crash_point_is_passed_by_the_steps() -> None:
-    assert ROOT_POINTS == ["roots.counted", "roots.entry_written", "roots.published",
-                           "roots.rehashed", "roots.removed"]
+    assert ROOT_POINTS == ["roots.counted", "roots.entry_written", "roots.handed_over",
+                           "roots.published", "roots.rehashed", "roots.removed"]
 
 
 @pytest.mark.parametrize(("point", "passage"), [

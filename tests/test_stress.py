@@ -112,6 +112,28 @@ def test_killed_workers_lose_no_arena_and_leave_only_their_objects(shm_heap_name
     assert_summary_identities(report)
 
 
+def test_killed_movers_lose_no_work_item(shm_heap_name: str, tmp_path: Path) -> None:
+    result = run_cli("stress", "--name", shm_heap_name, "--json", str(tmp_path / "r.json"),
+                     "--max-arenas", "3000", "--duration", "3", "--writers", "1",
+                     "--churners", "0", "--readers", "0", "--movers", "3", "--kill-rate", "4",
+                     "--seed", "11", "--no-progress", "--floor", "0")
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert (result.returncode, report["result"]) == (0, "OK"), report["violation_examples"]
+    items, movers = report["items"], workers_of(report, "mover")
+    killed = sum(w["state"] == "killed" for w in movers)
+    assert killed > 0, "the kill loop must hit movers"
+    assert items["items_put"] > 0 and items["items_moved"] > 0
+    assert items["items_put"] + items["items_unreported"] == items["items_moved"] + \
+        items["items_waiting"], "every item put is moved or still queued"
+    assert items["items_moved_twice"] <= killed and items["items_unreported"] <= killed
+    rows = summary(result.stdout)
+    assert rows["items"].startswith(f"{items['items_put']:,} put = {items['items_moved']:,} "
+                                    f"moved + {items['items_waiting']:,} still queued"), rows
+    help_text = run_cli("stress", "--help").stdout
+    for label in ("movers", "queue op latency", "items"):
+        assert label in help_text
+
+
 def test_a_kill_loop_run_reaches_its_floors_and_says_the_kill_rate(shm_heap_name: str,
                                                                    tmp_path: Path) -> None:
     # a quarter of the floors: a 3 s run on a 2-core machine busy with other test runs does a

@@ -90,8 +90,8 @@ def test_threads_hammering_one_handle_get_distinct_intact_objects(heap: shmheap.
                 if ref in everyones:
                     twice.append(ref)
                 everyones.add(ref)
-            heap.view(ref)[:] = pattern(ref, heap.size_of(ref))
-            live[ref] = heap.size_of(ref)
+            heap.view(ref)[:] = pattern(ref, heap.nbytes(ref))
+            live[ref] = heap.nbytes(ref)
             if i % 3 == 2:  # free the oldest, checking it first
                 old = next(iter(live))
                 assert bytes(heap.view(old)) == pattern(old, live.pop(old))
@@ -375,7 +375,7 @@ def test_forked_child_handle_works_with_a_slot_of_its_own(heap: shmheap.Heap) ->
         assert heap._live is not None
         slot = heap._live.slot
         ref = heap.alloc(100)
-        heap.view(ref)[:] = pattern(ref, heap.size_of(ref))
+        heap.view(ref)[:] = pattern(ref, heap.nbytes(ref))
         heap.roots["child"] = ref
         return f"{slot} {os.getpid()}".encode()
 
@@ -389,5 +389,5 @@ def test_forked_child_handle_works_with_a_slot_of_its_own(heap: shmheap.Heap) ->
     finally:
         reap(pid, go)
     ref = heap.roots["child"]
-    assert bytes(heap.view(ref)) == pattern(ref, heap.size_of(ref))
+    assert bytes(heap.view(ref)) == pattern(ref, heap.nbytes(ref))
     assert heap.check() == []

@@ -52,12 +52,12 @@ def live_objects(h: shmheap.Heap) -> list[int]:
 
 
 def fill(h: shmheap.Heap, ref: int) -> None:
-    size = h.size_of(ref)
+    size = h.nbytes(ref)
     h.view(ref)[:] = (ref.to_bytes(8, "little") * (size // 8 + 1))[:size]
 
 
 def intact(h: shmheap.Heap, ref: int) -> bool:
-    size = h.size_of(ref)
+    size = h.nbytes(ref)
     return bytes(h.view(ref)) == (ref.to_bytes(8, "little") * (size // 8 + 1))[:size]
 
 
@@ -262,9 +262,9 @@ def arena_blocks(h: shmheap.Heap, index: int) -> int:
 def test_scavenge_returns_free_pages_and_reuse_reads_zero(
         shm_heap_factory: HeapFactory, scans: str, reserve: bool) -> None:
     h = shm_heap_factory(arena_size=ARENA, reserve=reserve)
-    refs = [h.alloc(LARGE) for _ in range(4)]
+    refs = [h.alloc(7 * PAGE) for _ in range(4)]
     for ref in refs:
-        h.view(ref)[:] = b"\xa5" * h.size_of(ref)
+        h.view(ref)[:] = b"\xa5" * h.nbytes(ref)
     index = refs[0] // ARENA
     touched = arena_blocks(h, index)
     for ref in refs:
@@ -276,7 +276,7 @@ def test_scavenge_returns_free_pages_and_reuse_reads_zero(
     after = arena_blocks(h, index)
     assert touched - after >= 4 * 7 * PAGE, "the freed pages left /dev/shm"
     assert h.scavenge() == walker.ScavengeReport(), "nothing left to release"
-    again = h.alloc(LARGE)
+    again = h.alloc(7 * PAGE)
     assert again == refs[0]
     assert bytes(h.view(again)) == bytes(7 * PAGE), "reused pages read zero"
     if reserve:
@@ -312,7 +312,7 @@ def test_kill_at_walker_crash_point_recovers(heap: shmheap.Heap, point: str) -> 
     assert heap.check() == []
     assert all(intact(heap, ref) for ref in keep)
     again = heap.alloc(LARGE)
-    assert bytes(heap.view(again)) == bytes(heap.size_of(again)), "reused pages read zero"
+    assert bytes(heap.view(again)) == bytes(heap.nbytes(again)), "reused pages read zero"
     heap.scavenge()
     heap.start_cycle()
     for ref in keep:

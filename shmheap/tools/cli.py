@@ -154,6 +154,8 @@ def info_json(sample: top.Sample, others: list[int]) -> dict[str, Any]:
         data["lock_owner_pid"] = None
     if sample.stats is not None:
         data["allocator"] = sample.stats.as_dict()
+    if sample.owners is not None:
+        data["owners"] = {name: asdict(owner) for name, owner in sample.owners.items()}
     return data
 
 
@@ -292,11 +294,16 @@ def add_gc(sub: Subparsers) -> None:
                         help="only say what would be removed")
     parser.add_argument("--stale", action="store_true",
                         help="also remove valid heaps that no live process has attached")
+    parser.add_argument("--objects", action="store_true",
+                        help="instead, free the objects of dead processes inside the named "
+                             "heaps that no root binds and no queue holds (heap.reclaim())")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(run=run_gc)
 
 
 def run_gc(args: argparse.Namespace) -> int:
+    if args.objects:
+        return run_gc_objects(args)
     collected = collect.collect(dry_run=args.dry_run, stale=args.stale, names=args.names)
     if args.json:
         print_json({"dry_run": args.dry_run, "collected": [c.as_dict() for c in collected]})
@@ -311,6 +318,34 @@ def run_gc(args: argparse.Namespace) -> int:
             print(f"  could not remove /dev/shm/{entry}")
     if not collected:
         print("nothing to collect")
+    return 0
+
+
+def run_gc_objects(args: argparse.Namespace) -> int:
+    """``gc --objects NAME...``: reclaim (or with --dry-run, count) dead owners' objects."""
+    if not args.names:
+        raise UsageError("--objects frees objects inside heaps: name them (shmheap gc "
+                         "--objects NAME)")
+    results: dict[str, dict[str, Any]] = {}
+    for name in args.names:
+        with Heap.attach(name, readonly=args.dry_run) as heap:
+            if args.dry_run:
+                dead = {owner: found for owner, found in
+                        heap.bytes_by_owner(LOCK_TIMEOUT).items() if not found.alive}
+                results[name] = {"objects": sum(o.objects for o in dead.values()),
+                                 "bytes": sum(o.bytes for o in dead.values()),
+                                 "by_owner": {k: asdict(v) for k, v in dead.items()}}
+            else:
+                results[name] = asdict(heap.reclaim(LOCK_TIMEOUT))
+    if args.json:
+        print_json({"dry_run": args.dry_run, "reclaimed": results})
+        return 0
+    verb = "would free" if args.dry_run else "freed"
+    for name, found in results.items():
+        owners = ", ".join(f"{owner}: {o['objects']:,} ({format_size(o['bytes'])})"
+                           for owner, o in found["by_owner"].items())
+        print(f"heap {name!r}: {verb} {found['objects']:,} objects of dead processes, "
+              f"{format_size(found['bytes'])}" + (f" ({owners})" if owners else ""))
     return 0
 
 

@@ -46,6 +46,16 @@ attaches the run's heap and plays one role:
     totals agree with each other and with the snapshots around them.  A new
     walk starts ``WALK_INTERVAL`` seconds after the last one began.
 
+``mover``
+    moves work items through the heap's queues (coord.py): a step either puts
+    a new item, its id ``wid << 32 | seq``, on queue ``WORK_QUEUE`` (reporting
+    the id to the parent once the put returned), or leases the head item of
+    ``WORK_QUEUE`` and puts it on ``DONE_QUEUE`` inside the lease.  Killed
+    anywhere, it loses nothing: a half-done put never happened, a leased item
+    goes back to the head, and an item it put on ``DONE_QUEUE`` before its
+    lease ended is delivered again (``DONE_QUEUE`` then holds it twice).  The
+    parent accounts for every id at the end (stress.py).
+
 A worker counts its operations and checks in its slot of the run's tally
 (stress_tally.py) as it does them, so a worker killed after a few
 operations still counts what it did and verified.  Everything else goes
@@ -86,6 +96,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import queue
 import random
 import signal
 import time
@@ -108,6 +119,10 @@ from ..walker import HeapStats, SpanInfo
 from .stress_tally import Counts, Tally
 
 BREAK_ENV = "SHMHEAP_STRESS_BREAK_CHECK"
+#: The movers' queues, and the share of a mover's steps that put a new item.
+WORK_QUEUE = "stress.work"
+DONE_QUEUE = "stress.done"
+PUT_SHARE = 0.5
 #: Seconds between a worker's reports.
 REPORT_INTERVAL = 0.5
 #: A writer asks for a random index once in this many grows.
@@ -663,7 +678,7 @@ def span_problem(span: SpanInfo, arenas: set[int], arena_size: int, page_size: i
             return "is a large object but does not hold exactly one object of its pages"
         return ""
     size = span.object_size
-    # a small span holds a header of two bytes per slot, then the slots (allocator.py)
+    # a small span holds a header of at least two bytes per slot, then the slots (allocator.py)
     if (size <= 0 or size % ALIGN or span.capacity * (size + 2) > end - span.address
             or len(objects) > span.capacity):
         return (f"has {span.capacity} slots of {size} bytes ({len(objects)} live) in "
@@ -676,7 +691,48 @@ def span_problem(span: SpanInfo, arenas: set[int], arena_size: int, page_size: i
     return ""
 
 
-ROLES: dict[str, type[Role]] = {role.kind: role for role in (Writer, Churner, Reader)}
+class Mover(Role):
+    """Puts new items on the work queue, or moves one from it to the done queue (leased)."""
+
+    kind = "mover"
+    readonly = False
+    COUNTERS = ("puts", "moved", "empty")
+
+    def __init__(self, heap: Heap, rng: random.Random, report: WorkerReport, counts: Counts,
+                 go: Go) -> None:
+        super().__init__(heap, rng, report, counts, go)
+        self.work, self.done = heap.queue(WORK_QUEUE), heap.queue(DONE_QUEUE)
+        self.seq = 0
+        #: ids put since the last message to the parent
+        self.made: list[int] = []
+
+    def step(self) -> float:
+        start = time.perf_counter_ns()
+        if self.rng.random() < PUT_SHARE or not len(self.work):
+            self.seq += 1
+            item = self.report.wid << 32 | self.seq
+            self.work.put(item)
+            self.made.append(item)
+            self.count("puts")
+        else:
+            try:
+                with self.work.lease(timeout=0) as leased:
+                    self.done.put(leased)
+            except queue.Empty:
+                self.count("empty")
+            else:
+                self.count("moved")
+        self.report.latency.add(time.perf_counter_ns() - start)
+        self.count("ops")
+        return 0.0
+
+    def outgoing(self, flush: bool) -> list[object]:
+        made, self.made = self.made, []
+        return [made] if made else []
+
+
+ROLES: dict[str, type[Role]] = {role.kind: role
+                                for role in (Writer, Churner, Reader, Mover)}
 
 
 def worker_main(kind: str, name: str, wid: int, seed: int, conn: Connection, tally: Tally,

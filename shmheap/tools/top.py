@@ -10,7 +10,8 @@ Each refresh takes one ``Sample``:
 * the attached processes, read from the liveness slots without a lock
   (``liveness.probe_attachments``);
 * with the allocator, ``heap.stats()``: one more snapshot, then the arenas'
-  page metadata read with no lock.
+  page metadata read with no lock; and ``heap.bytes_by_owner()``: the
+  objects' holder words, each arena read in one lock hold.
 
 top attaches ``readonly=True`` and writes nothing to the heap but what every
 attacher writes: its own liveness slot, and the owner record while it holds
@@ -45,6 +46,7 @@ from ..heap import Heap, HeapInfo
 from ..liveness import Attachment, probe_attachments
 from ..lock import HeapLock
 from ..names import control_name, usable_arenas
+from ..owners import OwnerBytes
 from . import collect
 from .args import Subparsers, heap_name, seconds_arg
 from .display import Live, clock, format_size, when
@@ -77,6 +79,8 @@ class Sample:
     reserve: bool
     #: bytes of memory the heap's objects take in /dev/shm
     shm_bytes: int
+    #: live objects and bytes per owner (owners.py), None if the heap has no allocator
+    owners: dict[str, OwnerBytes] | None = None
 
 
 def take_sample(heap: Heap, lock_wait: float) -> Sample:
@@ -87,8 +91,9 @@ def take_sample(heap: Heap, lock_wait: float) -> Sample:
     lock_free = lock.semaphore_value() > 0
     attachments = probe_attachments(heap.name)
     stats = heap.stats() if hasattr(heap, "stats") else None
+    owners = heap.bytes_by_owner(lock_wait) if hasattr(heap, "bytes_by_owner") else None
     return Sample(time.monotonic(), info, lock_free, attachments, stats, heap.params.reserve,
-                  collect.shm_bytes(heap.name))
+                  collect.shm_bytes(heap.name), owners)
 
 
 # -- rendering (``shmheap info`` shows the same rows) ------------------------------------
@@ -142,6 +147,21 @@ def objects_line(stats: HeapStats) -> str:
             f"({format_size(stats.live_bytes)})")
 
 
+def owners_line(owners: dict[str, OwnerBytes]) -> str:
+    """Live bytes of live owners, of dead ones (``reclaim()`` frees those), and held ones."""
+    parts = []
+    for what, chosen in (("alive", lambda name, o: o.alive and name != "held"),
+                         ("dead", lambda name, o: not o.alive),
+                         ("held by roots and queues", lambda name, o: name == "held")):
+        found = [o for name, o in owners.items() if chosen(name, o)]
+        count = sum(o.objects for o in found)
+        owners_text = "" if what.startswith("held") else (
+            f"{len(found)} owner{'s' if len(found) != 1 else ''}, ")
+        parts.append(f"{what} {format_size(sum(o.bytes for o in found))} "
+                     f"({owners_text}{count:,} objects)")
+    return "; ".join(parts)
+
+
 def state_rows(sample: Sample, attachments: list[Attachment]) -> list[tuple[str, str]]:
     """The rows top and ``shmheap info`` share, with ``attachments`` as the attached ones."""
     info = sample.info
@@ -155,6 +175,8 @@ def state_rows(sample: Sample, attachments: list[Attachment]) -> list[tuple[str,
     ]
     if sample.stats is not None:
         rows.append(("objects", objects_line(sample.stats)))
+    if sample.owners is not None:
+        rows.append(("owners", owners_line(sample.owners)))
     return rows
 
 

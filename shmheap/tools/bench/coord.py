@@ -58,8 +58,8 @@ SURVIVE_S = 3.0
 KINDS = ("shmheap", "mp.Queue", "mp.SimpleQueue")
 
 METHOD = (
-    "round trip = two spawned processes ping-pong N times; per round trip, median of 5 "
-    "batches; the event round trip is two set -> awake, so set -> awake = half of it.",
+    "round trip = two spawned processes ping-pong N times; p50 of the round trips, each timed "
+    "alone; the event round trip is two set -> awake, so set -> awake = half of it.",
     "counter.add p50 beside `with v.get_lock(): v.value += 1` on multiprocessing.Value('q'), "
     "alternating rounds in one process.",
     "throughput = P producers put N ints in all, C consumers get them; from a common start "
@@ -175,23 +175,23 @@ def _call(kind: str, target: Any, tag: str, forever: bool, running: Any) -> None
 # -- measurements ----------------------------------------------------------------------------
 
 
-def _timed_rounds(step: Callable[[], object], n: int, batches: int = 5) -> float:
-    """Median ns per call of ``step`` over ``batches`` batches of ``n // batches`` calls."""
-    per = max(1, n // batches)
-    means = []
-    for _ in range(batches):
-        start = time.perf_counter_ns()
-        for _ in range(per):
-            step()
-        means.append((time.perf_counter_ns() - start) / per)
-    return statistics.median(means)
+def _timed_rounds(step: Callable[[], object], n: int) -> float:
+    """p50 ns of ``n`` calls of ``step``, each timed alone (a busy machine's stalls land in
+    the tail, not in every batch's mean)."""
+    clock = time.perf_counter_ns
+    samples = []
+    for _ in range(n):
+        start = clock()
+        step()
+        samples.append(clock() - start)
+    return statistics.median(samples)
 
 
 def round_trips(heap: Heap, n: int) -> dict[str, float]:
     """ns per round trip: queues, events, barriers; shmheap and multiprocessing."""
     ctx = _ctx()
     warm = max(10, n // 10)
-    total = warm + n - n % 5 if n >= 5 else warm + 5
+    total = warm + n
     results: dict[str, float] = {}
     cases: dict[str, tuple[str, Any, Any, Any]] = {
         "queue shmheap": ("queue", heap.name, heap.queue("queue1"), heap.queue("queue2")),

@@ -69,6 +69,7 @@ BENCHES = (
     Bench("scale", ("--tiny",)),
     Bench("cores", ("--tiny",)),
     Bench("start", ("--tiny",)),
+    Bench("objects", ("--tiny",)),
     Bench("coord", ("--tiny",)),
 )
 BY_NAME = {bench.name: bench for bench in BENCHES}
