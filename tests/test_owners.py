@@ -262,3 +262,17 @@ def test_reclaim_leaves_what_queues_and_counters_hold(heap: shmheap.Heap) -> Non
     assert [queue.get(timeout=5) for _ in range(5)] == [{"job": i} for i in range(5)]
     assert heap.counter("done").add() == 4
     assert heap.check() == []
+
+
+def test_a_named_make_over_a_bound_name_hands_the_old_object_to_the_caller(
+        heap: shmheap.Heap) -> None:
+    old = heap.put("old", root="x")
+    new = heap.alloc(10, root="x")
+    assert heap.roots["x"] == new and holder(heap, new) == HELD
+    assert holder(heap, old) != HELD and heap.reclaim().objects == 0
+    heap.free(old)  # the caller's now: unbound, so free() may
+    del heap.roots["x"]
+    heap.free(new)
+    with pytest.raises(shmheap.InvalidNameError):
+        heap.put(1, root="")
+    assert heap.stats().live_objects == 0

@@ -235,16 +235,25 @@ def add_locked(heap: shmheap.Heap, counter: int, times: int) -> None:
             view[:8] = (value + 1).to_bytes(8, "little")
 
 
-@pytest.mark.parametrize("holder", ["another thread", "the forking thread"])
+@pytest.mark.parametrize("holder", ["another thread", "another thread's call",
+                                    "the forking thread"])
 def test_fork_inside_the_lock_child_inherits_no_hold(heap: shmheap.Heap, holder: str) -> None:
+    """The child neither runs unlocked nor posts the parent's hold (``check()`` and every
+    other call hold the lock as ``run`` does: "another thread's call")."""
     counter = heap.alloc(8)
     heap.view(counter)  # mapped before the fork
     entered, leave = threading.Event(), threading.Event()
 
+    def inside() -> None:
+        entered.set()
+        leave.wait()
+
     def hold() -> None:
+        if holder == "another thread's call":
+            heap._lock.run(inside)
+            return
         with heap.locked():
-            entered.set()
-            leave.wait()
+            inside()
 
     def child() -> bytes:
         if heap._lock.holding:  # type: ignore[union-attr]
@@ -253,7 +262,7 @@ def test_fork_inside_the_lock_child_inherits_no_hold(heap: shmheap.Heap, holder:
         heap.close()
         return b"ok"
 
-    if holder == "another thread":
+    if holder != "the forking thread":
         thread = threading.Thread(target=hold)
         thread.start()
         entered.wait()
