@@ -519,9 +519,12 @@ class HeapLock:
     def close(self) -> None:
         """Release the lock if an interrupted ``locked()`` left it held, then close.
 
-        (The handle calls it with its mutex held: no other thread holds the lock.)
+        Another thread's open block is waited out first: its hold is its own
+        (the native core's block keeps the mutex, which the handle's close takes).
         """
-        self.leave()
+        with self._mutex:
+            self._in_block()
+            self.leave()
         if self.native is not None:
             self.native.close()
         if self._waiter is not None:

@@ -181,6 +181,42 @@ def test_a_locked_block_is_its_threads_alone(heap: shmheap.Heap) -> None:
     assert heap._lock.semaphore_value() == 1  # type: ignore[union-attr]
 
 
+def test_close_waits_for_another_threads_block(heap: shmheap.Heap) -> None:
+    """A close from another thread neither releases nor cuts short a thread's open block."""
+    other = shmheap.Heap.attach(heap.name)
+    entered, leave = threading.Event(), threading.Event()
+    closed = threading.Event()
+    timed_out: list[bool] = []
+
+    def hold() -> None:
+        with heap.locked():
+            entered.set()
+            leave.wait()
+
+    def close() -> None:
+        heap.close()
+        closed.set()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    entered.wait()
+    closer = threading.Thread(target=close)
+    closer.start()
+    closed.wait(timeout=0.5)  # a close that did not wait would be done by now
+    try:
+        with other.locked(timeout=0):
+            timed_out.append(False)
+    except shmheap.LockTimeoutError:
+        timed_out.append(True)
+    leave.set()
+    holder.join()
+    closer.join()
+    assert timed_out == [True], "the block's hold was released under it"
+    assert heap.closed
+    assert other._lock.semaphore_value() == 1  # type: ignore[union-attr]
+    other.close()
+
+
 # -- fork -----------------------------------------------------------------------------------
 
 
