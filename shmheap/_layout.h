@@ -13,6 +13,7 @@
 #define LIVE_LAST_RECOVERY_OFFSET 24 /* u64: wall clock (ns) of the last adoption */
 #define LIVE_REPAIRS_OFFSET 32       /* u64: journal repairs */
 #define LIVE_LOCK_SEQ_OFFSET 48      /* u64: +1 on every acquisition */
+#define LIVE_WAITER_OFFSET 56        /* u64: token of a waiting process (a hint), 0 if none */
 #define LIVE_SLOTS_OFFSET 64         /* the process slots */
 #define LIVE_SLOT_SIZE 32
 #define LIVE_SLOT_PID 0              /* u32 */

@@ -355,7 +355,7 @@ typedef struct {
     PyObject *outer;         /* weak reference to the outermost open locked() block */
     PyObject *repair;        /* run by a writable holder that finds the journal dirty */
     PyObject *heap_name;
-    double first_poll, poll, grace;
+    double first_poll, poll, grace, yield_limit, yield_nap;
 } Lock;
 
 #define LIVE_U64(self, off) ((uint64_t *)((char *)(self)->live.buf + (off)))
@@ -481,13 +481,55 @@ lock_adopt(Lock *self, uint64_t dead_owner, uint64_t seq, int has_deadline, doub
     return adopt;
 }
 
-/* The slow path of taking the lock (lock.py _wait): 0 holding, -1 exception holding nothing. */
+/* Before an observer takes the lock, let an announced waiter have it first (lock.py
+ * yield_to_waiters): 0, or -1 if a signal handler raised meanwhile. */
+static int
+lock_yield(Lock *self)
+{
+    uint64_t *word = LIVE_U64(self, LIVE_WAITER_OFFSET);
+    uint64_t token = LOAD(word);
+    if (!token || token == self->token || self->held)
+        return 0;
+    if (lock_token_alive(self, token)) {
+        uint64_t seq = LOAD(LIVE_U64(self, LIVE_LOCK_SEQ_OFFSET));
+        double until = monotonic() + self->yield_limit;
+        while (LOAD(word) == token && LOAD(LIVE_U64(self, LIVE_LOCK_SEQ_OFFSET)) == seq) {
+            if (monotonic() >= until)
+                break;
+            if (nap(self->yield_nap) < 0)
+                return -1;
+        }
+        if (LOAD(word) != token || LOAD(LIVE_U64(self, LIVE_LOCK_SEQ_OFFSET)) != seq)
+            return 0;
+    }
+    __atomic_compare_exchange_n(word, &token, (uint64_t)0, 0, __ATOMIC_ACQ_REL,
+                                __ATOMIC_ACQUIRE);
+    return 0;
+}
+
+static int lock_wait_announced(Lock *self, int has_deadline, double deadline);
+
+/* The slow path of taking the lock (lock.py _wait): 0 holding, -1 exception holding nothing.
+ * The waiter word names this process while it waits (fairness, lock.py). */
 static int
 lock_wait(Lock *self, int has_deadline, double deadline)
 {
+    uint64_t *word = LIVE_U64(self, LIVE_WAITER_OFFSET);
+    int rc = lock_wait_announced(self, has_deadline, deadline);
+    uint64_t mine = self->token;
+    __atomic_compare_exchange_n(word, &mine, (uint64_t)0, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    return rc;
+}
+
+static int
+lock_wait_announced(Lock *self, int has_deadline, double deadline)
+{
+    uint64_t *word = LIVE_U64(self, LIVE_WAITER_OFFSET);
     double slice = self->first_poll, unowned_since = -1.0;
     uint64_t unowned_seq = 0;
     for (;;) {
+        if (LOAD(word) != self->token)
+            STORE(word, self->token);
         slice = slice * 2 < self->poll ? slice * 2 : self->poll;
         double wait = slice;
         if (has_deadline) {
@@ -565,21 +607,58 @@ lock_take(Lock *self, int has_deadline, double deadline)
     return 0;
 }
 
+/* Holding the lock: repair a dirty journal (the heap's repair does nothing for a read-only
+ * handle); on failure release and return -1. */
+static int
+lock_repair(Lock *self)
+{
+    if (!LOAD((uint64_t *)self->journal.buf))
+        return 0;
+    PyObject *done = PyObject_CallNoArgs(self->repair);
+    if (done == NULL) {
+        lock_release(self);
+        return -1;
+    }
+    Py_DECREF(done);
+    return 0;
+}
+
+/* A snapshot's repair (lock.py read_word): as lock_repair, but a repair that fails with a
+ * ShmHeapError (a full /dev/shm) leaves the journal to the next holder and the read goes on. */
+static int
+lock_repair_for_read(Lock *self)
+{
+    if (!LOAD((uint64_t *)self->journal.buf))
+        return 0;
+    PyObject *done = PyObject_CallNoArgs(self->repair);
+    if (done != NULL) {
+        Py_DECREF(done);
+        return 0;
+    }
+    PyObject *type, *value, *trace;
+    PyErr_Fetch(&type, &value, &trace);
+    PyObject *cls = error_class("ShmHeapError");
+    int ours = cls != NULL && type != NULL && PyErr_GivenExceptionMatches(type, cls);
+    Py_XDECREF(cls);
+    if (ours) {
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(trace);
+        PyErr_Clear();
+        return 0;
+    }
+    PyErr_Restore(type, value, trace);
+    lock_release(self);
+    return -1;
+}
+
 /* Take the lock and, for a writer, repair a dirty journal first; release on failure. */
 static int
 lock_enter(Lock *self, int has_deadline, double deadline, int write)
 {
     if (lock_take(self, has_deadline, deadline) < 0)
         return -1;
-    if (write && LOAD((uint64_t *)self->journal.buf)) {
-        PyObject *done = PyObject_CallNoArgs(self->repair);
-        if (done == NULL) {
-            lock_release(self);
-            return -1;
-        }
-        Py_DECREF(done);
-    }
-    return 0;
+    return write ? lock_repair(self) : 0;
 }
 
 static int
@@ -631,6 +710,8 @@ lock_read_held(Lock *self, const uint64_t *word, PyObject *deadline_arg, uint64_
         *out = LOAD(word);  /* inside this handle's own locked() block */
         return 0;
     }
+    if (LOAD(LIVE_U64(self, LIVE_WAITER_OFFSET)) && lock_yield(self) < 0)
+        return -1;
     if (!self->held && sem_trywait(self->sem) == 0)
         self->held = 1;
     else {
@@ -638,13 +719,15 @@ lock_read_held(Lock *self, const uint64_t *word, PyObject *deadline_arg, uint64_
         double deadline = 0;
         if (parse_deadline(deadline_arg, &deadline, &has_deadline) < 0)
             return -1;
-        if (lock_take(self, has_deadline, deadline) < 0)
+        if (lock_take(self, has_deadline, deadline) < 0 || lock_repair_for_read(self) < 0)
             return -1;
         *out = LOAD(word);
         lock_release(self);
         return 0;
     }
     lock_record(self);
+    if (lock_repair_for_read(self) < 0)
+        return -1;
     *out = LOAD(word);
     lock_release(self);
     return 0;
@@ -820,11 +903,11 @@ Lock_init(Lock *self, PyObject *args, PyObject *kwargs)
     int fd;
     long nslots, slot;
     unsigned long long token;
-    double first_poll, poll, grace;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sOillKOOOU(ddd)O!", names, &sem_name,
+    double first_poll, poll, grace, yield_limit, yield_nap;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sOillKOOOU(ddddd)O!", names, &sem_name,
                                      &live, &fd, &nslots, &slot, &token, &journal, &header,
                                      &repair, &heap_name, &first_poll, &poll, &grace,
-                                     &MutexType, &mutex))
+                                     &yield_limit, &yield_nap, &MutexType, &mutex))
         return -1;
     Py_INCREF(mutex);
     Py_XSETREF(self->mutex, (Mutex *)mutex);
@@ -860,6 +943,8 @@ Lock_init(Lock *self, PyObject *args, PyObject *kwargs)
     self->first_poll = first_poll;
     self->poll = poll;
     self->grace = grace;
+    self->yield_limit = yield_limit;
+    self->yield_nap = yield_nap;
     return 0;
 }
 
@@ -1967,9 +2052,12 @@ free_fast(Free *self, long long ref)
     if (slot >= self->nelems[c])
         return 0;
     unsigned char *alloc = rec->data + ((long long)start << self->page_shift) + slot;
-    if (LOAD(alloc) != 1)
-        return 0;  /* freed already: DoubleFreeError from Python */
-    STORE(alloc, (unsigned char)0);
+    unsigned char one = 1;
+    /* 1 -> 0 in one atomic step: a root bound meanwhile (1 -> 2, by the lock holder) makes
+     * it fail, and Python says BoundObjectError; 0 is a double free (design.md) */
+    if (!__atomic_compare_exchange_n(alloc, &one, (unsigned char)0, 0, __ATOMIC_ACQ_REL,
+                                     __ATOMIC_ACQUIRE))
+        return 0;
     if (LOAD(rec->owner + start) == 0)
         free_mark_partial(self, c, ref >> self->arena_shift);
     return 1;
@@ -2418,8 +2506,9 @@ static int
 add_layout(PyObject *module)
 {
     PyObject *layout = Py_BuildValue(
-        "{sisisisisisisisisisisisisisi}",
+        "{sisisisisisisisisisisisisisisi}",
         "LIVE_OWNER_OFFSET", LIVE_OWNER_OFFSET,
+        "LIVE_WAITER_OFFSET", LIVE_WAITER_OFFSET,
         "LIVE_RECOVERIES_OFFSET", LIVE_RECOVERIES_OFFSET,
         "LIVE_LAST_RECOVERY_OFFSET", LIVE_LAST_RECOVERY_OFFSET,
         "LIVE_REPAIRS_OFFSET", LIVE_REPAIRS_OFFSET,

@@ -84,7 +84,7 @@ Dead owners (mimalloc's abandoned segments)
     ordinary unowned span (or free pages, if it is empty).  The reclaim pass
     visits only the arenas of the owned tree (summary.py); it runs before
     the heap grows, every ``RECLAIM_EVERY`` span refills of a process, at the
-    start of every sweep and in fsck repair (``check_allocator``), so a
+    start of every sweep and in fsck repair (repair.py), so a
     killed allocator leaks nothing permanently.
 
 New memory reads zero: slots are zeroed when they are allocated, pages when
@@ -124,7 +124,7 @@ from .index import ArenaSnapshot
 from .layout import layout
 from .lock import deadline_of
 from .pages import DIRTY, RELEASING, ArenaPages, longest_free_run, positions
-from .summary import CAP
+from .summary import CAP, ByteTree
 
 if TYPE_CHECKING:
     from .attached import AttachedHeap
@@ -493,13 +493,17 @@ class Allocator:
 
         The arenas to look at come from the class's partial tree (summary.py):
         a leaf is cleared before its arena is scanned and set again if the
-        arena has more such spans than the one taken.
+        arena has more such spans than the one taken.  The journal names the
+        arena meanwhile (``PAGES``), so a holder stopped between the clear and
+        the end of the scan leaves the arena to the next holder's audit, which
+        sets its hints again (``audit_arena``).
         """
         cls = self.classes[c]
         hints = self._summaries.partial(c)
         index = hints.find(1)
         while index >= 0:
             pages = self.pages_of(index)
+            self._journal.begin(PAGES, index)
             hints.clear(index)
             chosen = None
             for start in pages.class_starts(c):
@@ -523,7 +527,9 @@ class Allocator:
                 self._caches[c] = cache
                 self._pending[:] = ()
                 crash.reach("cache.adopted")
+                self._journal.end()
                 return cache
+            self._journal.end()
             index = hints.find(1, index + 1)
         return None
 
@@ -934,17 +940,23 @@ def _as_int(value: object, error: Exception) -> int:
 Note = Callable[[str, str, bool], bool]
 
 
-def audit_arena(allocator: Allocator, index: int, note: Note, journaled: bool = True) -> bool:
+def audit_arena(allocator: Allocator, index: int, note: Note, journaled: bool = True,
+                heal: bool = False) -> bool:
     """fsck of arena ``index``'s page metadata (lock holder); False if the arena is lost.
 
     ``note(code, message, fixable)`` records each problem and says whether to
     fix it now; fixes are made under the journal's ``PAGES(index)``, unless
     the caller's repair of another journal entry keeps it (``journaled=False``).
+    With ``heal`` (a writable holder's repair) the arena's partial hints are
+    set again for every unowned span with a free slot: a hint cleared by a
+    holder that stopped is no finding, only a span nobody would adopt.
     """
     try:
         pages = allocator.pages_of(index)
     except HeapCorruptError:
         return False  # the index checks report a lost arena
+    if heal and not allocator.readonly:
+        _heal_partial_hints(allocator, pages)
     writable = not allocator.readonly
     unfixed = 0
     for problem in pages.audit(allocator.span_ok):
@@ -960,6 +972,19 @@ def audit_arena(allocator: Allocator, index: int, note: Note, journaled: bool = 
     if not unfixed:  # the summary is derived from the metadata: check it once that is right
         check_summary_leaves(allocator, pages, note)
     return True
+
+
+def _heal_partial_hints(allocator: Allocator, pages: ArenaPages) -> None:
+    """Mark the partial leaf of each class with an unowned span that has a free slot."""
+    summaries = allocator._summaries
+    for start in pages.starts():
+        c = pages.sclass[start]
+        if pages.owner[start] or not 0 < c < len(allocator.classes):
+            continue
+        a0 = start << allocator.page_shift
+        if 0 in bytes(pages.data[a0:a0 + allocator.classes[c].nelems]) and not summaries.partial(
+                c).get(pages.index):
+            summaries.partial(c).mark(pages.index)
 
 
 def check_summary_leaves(allocator: Allocator, pages: ArenaPages, note: Note) -> None:
@@ -986,40 +1011,41 @@ def check_summary_leaves(allocator: Allocator, pages: ArenaPages, note: Note) ->
     trees += [("partial", tree) for tree in map(summaries.partial, range(1, len(allocator.classes)))
               if tree.get(index)]
     for name, tree in trees:
-        if not tree.path_is_right(index) and note(
+        # In the hint trees (owned, partial) a node set over a row of zeros is no finding:
+        # find() heals it where it meets it (summary.py); a node below its row is one.
+        if not tree.path_is_right(index, hint=name != "free") and note(
                 f"summary-{name}", f"arena {index}: the nodes above its leaf in the {name} "
                 "summary disagree with it (a holder stopped between them)", writable):
             tree.fix_path(index)
 
 
-def check_allocator(allocator: Allocator, repair: bool, full: bool, note: Note) -> None:
-    """fsck of the page metadata (lock holder): every arena's with ``full``.
-
-    With ``repair`` on a writable heap, the spans cached by dead processes
-    are returned to the heap on the way: ordinary garbage, not a finding.
-    """
-    if full:
-        snap = allocator.snapshot_locked()
-        lost = [index for index in snap if not audit_arena(allocator, index, note)]
-        if lost:
-            return  # the heap gets marked broken; reclaiming would trip on the lost arena
-        check_summary_trees(allocator, set(snap), note)
-        giant.check(allocator, snap, note)
-    if repair and not allocator.readonly:
-        allocator.reclaim_locked()
-
-
-def check_summary_trees(allocator: Allocator, arenas: set[int], note: Note) -> None:
-    """Leaves of indices that are no arena, and every node of every tree (lock holder)."""
+def summary_trees(allocator: Allocator) -> list[tuple[str, ByteTree]]:
+    """Every summary tree with its name for findings: free, owned, partial(c)."""
     summaries = allocator._summaries
-    trees = [("free", summaries.free), ("owned", summaries.owned)]
-    trees += [(f"partial({c})", summaries.partial(c)) for c in range(1, len(allocator.classes))]
-    for name, tree in trees:
-        stray = [i for i in tree.nonzero_leaves() if i not in arenas]
-        problems = [f"leaf {i} is set, but {i} is no arena" for i in stray[:3]]
-        problems += tree.check()
-        if problems and note(f"summary-{name.split('(')[0]}", f"the {name} summary: "
-                             + "; ".join(problems[:3]), not allocator.readonly):
-            for i in stray:
-                tree.set(i, 0)
-            tree.rebuild()
+    return [("free", summaries.free), ("owned", summaries.owned)] + [
+        (f"partial({c})", summaries.partial(c)) for c in range(1, len(allocator.classes))]
+
+
+def check_summary_tree(allocator: Allocator, arenas: set[int], name: str, tree: ByteTree,
+                       note: Note, repair: bool) -> bool:
+    """Leaves of indices that are no arena, and every node of the tree (lock holder).
+
+    The owned and partial trees are hints: a node set over a row of zeros
+    (a holder stopped inside ``clear``) only costs a look, and ``find``
+    heals it where it meets it; it is no finding, and a ``repair`` heals it.
+    Returns True if the tree has such nodes.
+    """
+    hint = name != "free"
+    stray = [i for i in tree.nonzero_leaves() if i not in arenas]
+    problems = [f"leaf {i} is set, but {i} is no arena" for i in stray[:3]]
+    wrong = tree.wrong_nodes()
+    stale = hint and any(value > want for _level, _node, value, want in wrong)
+    problems += [f"level {level} node {node} is {value}, its children's maximum {want}"
+                 for level, node, value, want in wrong if not (hint and value > want)]
+    reported = bool(problems) and note(f"summary-{name.split('(')[0]}", f"the {name} summary: "
+                                       + "; ".join(problems[:3]), not allocator.readonly)
+    if reported or (repair and not allocator.readonly and stale):
+        for i in stray:
+            tree.set(i, 0)
+        tree.rebuild()
+    return stale

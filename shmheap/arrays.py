@@ -212,7 +212,11 @@ def ndarray(view: memoryview, ref: int, dtype: object, shape: object) -> Any:
         raise InvalidParameterError(f"{what}: the array was made with shape {dims}, not "
                                     f"{shape!r}; leave shape out to get it as it is")
     count = math.prod(dims)
-    return numpy.frombuffer(view, dt, count, offset).reshape(dims)
+    try:
+        return numpy.frombuffer(view, dt, count, offset).reshape(dims)
+    except (ValueError, OverflowError) as exc:  # too many dimensions, one past intp, ...
+        raise HeapCorruptError(f"the typed array at {ref:#x} describes shape {dims}, which "
+                               f"numpy cannot make ({exc}); the object was overwritten") from None
 
 
 def as_ndarray(view: memoryview, dtype: object, shape: object) -> Any:

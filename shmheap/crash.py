@@ -55,6 +55,7 @@ CRASH_POINTS: dict[str, str] = {
     "sweep.claimed": "a sweeper moved the sweep cursor past its chunk, lock still held",
     "cycle.started": "cycle number, cycle arenas and sweep cursor written, lock still held",
     "summary.leaf_set": "an arena's leaf in a summary tree stored, the nodes above not yet",
+    "summary.leaf_cleared": "an arena's leaf in a hint tree cleared, the nodes above not yet",
     "roots.rehashed": "the roots copied into a rebuilt table region, the table word not yet "
                       "switched to it",
     "roots.counted": "the newly bound object counts one root more, the table not yet changed",

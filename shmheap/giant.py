@@ -424,14 +424,20 @@ def settle(allocator: PageHeap, first: int, parts: int) -> str:
 
 
 def check(allocator: PageHeap, indices: Iterable[int],
-          note: Callable[[str, str, bool], bool]) -> None:
+          note: Callable[[str, str, bool], bool]) -> list[tuple[int, int]]:
     """fsck of the giant objects in arenas ``indices`` (lock holder; see the module docstring).
 
+    Returns (first arena, parts) of each object it noted something about, so
+    that a check of ``indices`` made without the lock (a trial, repair.py) is
+    confirmed under it for those arenas only.
+
     Parts whose maker is alive are being made; those of a dead maker are
-    garbage that the reclaim pass frees (allocator.check_allocator).
+    garbage that the reclaim pass frees (allocator.check_allocator).  Arenas
+    are remembered by index, never held, so a heap of giant objects is
+    checked within this process's mapping budget (arenas.py).
     """
-    records: dict[int, tuple[ArenaPages, Giant]] = {}
-    objects: dict[Giant, list[ArenaPages]] = {}
+    records: dict[int, Giant] = {}
+    objects: dict[Giant, list[int]] = {}
     for index in indices:
         try:
             pages = allocator.pages_of(index)
@@ -439,32 +445,37 @@ def check(allocator: PageHeap, indices: Iterable[int],
             continue  # a lost arena: the index checks report it
         giant = pages.giant()
         if giant is not None and pages.in_use(0):
-            records[index] = pages, giant
+            records[index] = giant
             whole = Giant(giant.first(index), giant.parts, giant.total)  # part: its first arena
-            objects.setdefault(whole, []).append(pages)
+            objects.setdefault(whole, []).append(index)
     writable = not allocator.readonly
+    noted: list[tuple[int, int]] = []
     for whole, members in objects.items():
         first = whole.part
         giant = whole._replace(part=0)
         where = (f"the giant object at {first * allocator.arena_size:#x} (arenas {first}.."
                  f"{first + giant.parts - 1})")
-        head = records.get(first)
-        if head is None or made(head[0]) != giant:
-            unowned = [pages for pages in members if not pages.owner[0]]
-            if unowned and note("giant-orphaned", f"{len(unowned)} parts of {where} are left "
-                                "without a maker, and its first part is not made (a holder "
-                                "stopped making or freeing it)", writable):
-                _change(allocator, first, giant.parts, unowned, _free_part)
+        if first not in records or made(allocator.pages_of(first)) != giant:
+            unowned = [i for i in members if not allocator.pages_of(i).owner[0]]
+            if unowned:
+                noted.append((first, giant.parts))
+                if note("giant-orphaned", f"{len(unowned)} parts of {where} are left without a "
+                        "maker, and its first part is not made (a holder stopped making or "
+                        "freeing it)", writable):
+                    _change(allocator, first, giant.parts, unowned, _free_part)
             continue
         lacking = [part for part in range(giant.parts)
-                   if first + part not in records
-                   or records[first + part][1] != giant._replace(part=part)]
+                   if records.get(first + part) != giant._replace(part=part)]
         if lacking:
+            noted.append((first, giant.parts))
             note("giant-broken", f"{where} lacks its parts {lacking[:5]}", False)
-        owned = [pages for pages in members if pages.owner[0]]
-        if owned and note("giant-unfinished", f"{where} is made, but {len(owned)} of its "
-                          "parts are still owned by its maker", writable):
-            _change(allocator, first, giant.parts, owned, _disown)
+        owned = [i for i in members if allocator.pages_of(i).owner[0]]
+        if owned:
+            noted.append((first, giant.parts))
+            if note("giant-unfinished", f"{where} is made, but {len(owned)} of its parts are "
+                    "still owned by its maker", writable):
+                _change(allocator, first, giant.parts, owned, _disown)
+    return noted
 
 
 def _free_part(pages: ArenaPages) -> None:
@@ -476,10 +487,10 @@ def _disown(pages: ArenaPages) -> None:
     pages.owner[0] = 0
 
 
-def _change(allocator: PageHeap, first: int, parts: int, members: list[ArenaPages],
+def _change(allocator: PageHeap, first: int, parts: int, members: list[int],
             change: Callable[[ArenaPages], None]) -> None:
-    """``change`` each of ``members``, parts of the object over ``first``.. (journaled)."""
+    """``change`` the arenas ``members``, parts of the object over ``first``.. (journaled)."""
     allocator._journal.begin(GIANT, first, parts)
-    for pages in members:
-        change(pages)
+    for index in members:
+        change(allocator.pages_of(index))
     allocator._journal.end()

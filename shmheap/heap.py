@@ -82,7 +82,7 @@ from .names import (
     owns,
     semaphore_name,
 )
-from .repair import Finding, HeapParts, repair_journal, run_checks
+from .repair import Finding, HeapParts, check_heap, repair_journal
 from .roots import Roots, RootTable
 from .summary import Summaries
 
@@ -325,9 +325,12 @@ class Heap(AttachedHeap):
     def check(self, repair: bool = False, timeout: float | None = None) -> list[Finding]:
         """Check every invariant (``shmheap fsck``); with ``repair``, fix what can be fixed.
 
-        An empty list means the heap is clean; a finding with ``fixed`` set
-        was repaired.  Slots of processes that exited without closing are
-        recycled on the way and are no finding.
+        An empty list means the heap is clean now; a finding with ``fixed``
+        set was repaired.  Recoveries made before (a dead holder's lock
+        adopted: ``info().recoveries``) and slots of processes that exited
+        without closing are no finding.  The check runs in pieces, each
+        first with no lock and under the lock only to confirm what it
+        suspects (repair.py), so it never stops writers for long.
         """
         if repair:
             self._check_writable("check(repair=True)")
@@ -336,14 +339,9 @@ class Heap(AttachedHeap):
         deadline = deadline_of(timeout)
         lock = self._lock
         assert isinstance(lock, HeapLock)
-        adoptions = lock.adoptions
         self._journal_findings = []
-        findings = lock.run(lambda: run_checks(self._parts(), repair), deadline, write=repair)
+        findings = check_heap(self._parts(), repair, lock, deadline)
         findings[:0] = self._journal_findings
-        if lock.adoptions != adoptions:
-            findings.insert(0, Finding(
-                "dead-owner", "the heap lock was held by a process that died; it was adopted "
-                "(any process's next lock would have done the same)", fixed=True))
         return findings
 
     @serialised

@@ -47,6 +47,10 @@ Layout (little-endian)::
      32     8  repairs           heap-lock holder: journal repairs that changed state
      40     4  nslots            creator, once
      48     8  lock_seq          heap-lock holder: +1 on every acquisition (wraps)
+     56     8  waiter            a hint: the token of a process waiting for the heap
+                                 lock, 0 if none; stored by waiters, cleared by the
+                                 waiter once it holds the lock, or by an observer
+                                 that yielded to it long enough (lock.py, fairness)
      64  32*n  slots             each: pid u32, epoch u32, attached_ns u64,
                                  building u8 (1 while its holder has a new arena
                                  under its temporary name), 15 bytes reserved;
@@ -84,6 +88,7 @@ SLOTS_OFFSET = 64
 SIZE = SLOTS_OFFSET + NSLOTS * SLOT_SIZE
 OWNER_OFFSET = 8
 LOCK_SEQ_OFFSET = 48
+WAITER_OFFSET = 56
 REPAIR_BYTE = 1
 #: offset of a slot's ``building`` byte within the slot
 BUILDING_OFFSET = 16
@@ -221,6 +226,8 @@ class Liveness:
         #: the owner word and the lock sequence, one-element uint64 views (the lock's hot path)
         self.owner = buf[OWNER_OFFSET:OWNER_OFFSET + 8].cast("Q")
         self.lock_seq = buf[LOCK_SEQ_OFFSET:LOCK_SEQ_OFFSET + 8].cast("Q")
+        #: the waiter hint (lock.py: observers yield the lock to the process it names)
+        self.waiter = buf[WAITER_OFFSET:WAITER_OFFSET + 8].cast("Q")
         #: the building byte of every slot, a strided view
         self._building = buf[SLOTS_OFFSET + BUILDING_OFFSET:SLOTS_OFFSET + self.nslots
                              * SLOT_SIZE][::SLOT_SIZE]
@@ -306,6 +313,7 @@ class Liveness:
     def _release_views(self) -> None:
         self.owner.release()
         self.lock_seq.release()
+        self.waiter.release()
         self._building.release()
 
     def close(self) -> None:

@@ -86,6 +86,26 @@ Fork
     the semaphore the child never took, and resets the mutex.  A block
     opened before the fork does nothing when it closes in the child.
 
+Fairness: observers yield to waiting writers
+    A POSIX semaphore is not fair: ``sem_post`` wakes a waiter, but a
+    process that loops (post, then at once ``sem_trywait`` again) usually
+    takes the lock back before the woken waiter has run, so a looping
+    observer could starve a writer.  So a process that starts waiting
+    announces itself in the liveness segment's ``waiter`` word (its token;
+    re-stored on every slice of its wait, cleared by itself once it holds
+    the lock or gives up), and observers -- ``read_word`` (snapshots,
+    ``info``) and every piece of ``check()`` (``yield_to_waiters``) --
+    before taking the lock, while ``waiter`` names another live process,
+    wait until somebody has taken the lock (``seq`` moved) or the word
+    changed, for at most ``YIELD_LIMIT`` seconds.  The word is a hint, a
+    plain store (there is no atomic read-modify-write here): with several
+    waiters the last one's token stands, and one whose store was lost
+    re-announces within a slice.  A dead waiter cannot wedge anyone: its
+    token is seen dead and cleared, and a live one that stopped waiting
+    without clearing (an exception at the wrong bytecode) costs one
+    ``YIELD_LIMIT``, after which the observer clears it.  Writers do not
+    yield to each other: they take turns as the semaphore grants them.
+
 This module owns the semaphore and the acquire/adopt/release protocol.  It
 does not know what the lock protects: the heap passes the journal word and
 the ``repair`` function run by writable holders.
@@ -127,6 +147,9 @@ FIRST_POLL = 0.0005
 POLL = 0.02
 #: Seconds an unowned-but-taken semaphore must stay so, untaken by anyone, before it is adopted.
 UNOWNED_GRACE = 0.25
+#: Seconds an observer yields at most to an announced waiter; and its nap while it does.
+YIELD_LIMIT = 2 * POLL
+YIELD_NAP = 0.00005
 #: Bytes of a named semaphore's file in /dev/shm: glibc's sizeof(sem_t), 4 words.
 SEMAPHORE_FILE_SIZE = 4 * struct.calcsize("P")
 
@@ -251,7 +274,8 @@ class HeapLock:
         elif core.native is not None:
             self.native = core.native.Lock(
                 sem.name, live.buffer, live.fd, live.nslots, live.slot, live.token, journal,
-                header, repair, heap_name, (FIRST_POLL, POLL, UNOWNED_GRACE), mutex)
+                header, repair, heap_name,
+                (FIRST_POLL, POLL, UNOWNED_GRACE, YIELD_LIMIT, YIELD_NAP), mutex)
             for method in ("run", "read_word", "enter", "leave", "release", "semaphore_value",
                            "drain_one"):
                 setattr(self, method, getattr(self.native, method))
@@ -274,6 +298,7 @@ class HeapLock:
         live = self._live
         self._owner = live.owner
         self._seq = live.lock_seq
+        self._waiter_word = live.waiter
         self._token = live.token
         native = getattr(self, "native", None)
         if native is not None:
@@ -328,11 +353,20 @@ class HeapLock:
             self._idle.wait(POLL)
 
     def read_word(self, view: memoryview, deadline: float | None = None) -> int:
-        """``view[0]`` read under the lock: a reader's whole critical section."""
+        """``view[0]`` read under the lock: a snapshot's whole critical section.
+
+        An observer: it yields to a waiting writer first.  Like every writer,
+        a writable handle repairs a dirty journal before it reads (``repair``
+        does nothing for a read-only one), so the first writable holder after
+        a crash leaves the journal clean whatever it came for; a repair that
+        fails (a full /dev/shm) is left to the next holder, the read goes on.
+        """
         with self._mutex:
             if self._in_block():
                 word: int = view[0]  # inside this thread's own locked() block
                 return word
+            if self._waiter_word[0]:
+                self.yield_to_waiters()
             return self._read_held(view, deadline)
 
     def _read_held(self, view: memoryview, deadline: float | None) -> int:
@@ -347,12 +381,19 @@ class HeapLock:
                     self._wait(deadline)
             owner[0] = self._token
             self._seq[0] = self._seq[0] + 1 & _SEQ_MASK
+            if self._journal[0]:
+                self._repair_for_read()
             word = view[0]
             return word
         finally:
             if held:
                 owner[0] = 0
                 held[:] = releaser
+
+    def _repair_for_read(self) -> None:
+        """A snapshot's repair: one that fails (a full /dev/shm) is left to the next holder."""
+        with contextlib.suppress(ShmHeapError):
+            self._repair()
 
     def enter(self, block: LockedBlock, deadline: float | None, write: bool) -> bool:
         """Open ``block``: take the lock, unless an open outer block holds it (then False).
@@ -442,20 +483,64 @@ class HeapLock:
                     held[:] = releaser
 
     def _read_word_at_crash_points(self, view: memoryview, deadline: float | None = None) -> int:
-        return self._run_at_crash_points(lambda: int(view[0]), deadline, False, "snapshot")
+        def body() -> int:
+            if self._journal[0]:
+                self._repair_for_read()
+            return int(view[0])
+
+        return self._run_at_crash_points(body, deadline, False, "snapshot")
+
+    # -- fairness (see the module docstring) ----------------------------------------------
+
+    def yield_to_waiters(self) -> None:
+        """Before an observer takes the lock: let an announced waiter have it first.
+
+        Returns once somebody has taken the lock since (``seq`` moved), the
+        ``waiter`` word changed, the waiter is dead, or ``YIELD_LIMIT`` passed
+        (then the word is stale and cleared).  Holding nothing, it delays
+        nobody; a handle that holds the lock (inside a ``locked()`` block)
+        does not yield.
+        """
+        word = self._waiter_word
+        token = word[0]
+        if not token or token == self._token or self.holding:
+            return
+        if self._live.token_alive(token):
+            seq = self._seq[0]
+            until = time.monotonic() + YIELD_LIMIT
+            while word[0] == token and self._seq[0] == seq:
+                if time.monotonic() >= until:
+                    break
+                time.sleep(YIELD_NAP)
+            else:
+                return
+        if word[0] == token:
+            word[0] = 0
 
     # -- waiting and adopting ---------------------------------------------------------
 
     def _wait(self, deadline: float | None) -> None:
         """Slow path: wait in growing slices, adopting the lock of a dead holder.
 
+        Announces this process in the ``waiter`` word while it waits (fairness).
         Returns holding the semaphore (``held`` non-empty), or raises holding nothing.
         """
+        word = self._waiter_word
+        token = self._token
+        try:
+            self._wait_announced(deadline, word, token)
+        finally:
+            if word[0] == token:
+                word[0] = 0
+
+    def _wait_announced(self, deadline: float | None, word: memoryview, token: int) -> None:
         unowned_since: float | None = None
         unowned_seq = -1
         slice_ = FIRST_POLL
         held = self.held
         while True:
+            if word[0] != token:
+                word[0] = token
             slice_ = wait = min(slice_ * 2, POLL)
             if deadline is not None:
                 wait = min(wait, deadline - time.monotonic())

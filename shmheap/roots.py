@@ -33,7 +33,8 @@ The table (``shmheap.NAME.roots``)
     Region ``r`` (at ``region_offset(r)``, ``region_size(r)`` bytes)::
 
           0     8  seq         writable heap-lock holder: odd while the region is
-                               rebuilt, +2 per rebuild (never odd while published)
+                               rebuilt, and while a bind or unbind changes it (+2
+                               per rebuild, bind and unbind)
           8     8  live        writable heap-lock holder: roots bound (``len``)
          16     8  used        writable heap-lock holder: slots with a key
          24     8  names_end   writable heap-lock holder: bytes of names in use
@@ -57,7 +58,7 @@ The table (``shmheap.NAME.roots``)
     there; the rebuild that overwrites it makes its ``seq`` odd first, so the
     reader sees that and starts again.
 
-Lookups take no lock
+Lookups and snapshots take no lock
     Read ``table``; read the region's ``seq`` (odd: start again); probe from
     ``crc32(name) & (cap - 1)`` to the name's key or an empty slot; read the
     value; read ``seq`` again.  Unchanged, the value is the one the table held
@@ -67,7 +68,11 @@ Lookups take no lock
     ``READ_RETRIES`` times, then reads under the heap lock.  Every number
     read is bounds-checked (a name against ``names_end``, probes against
     ``cap``, regions against ``built``); garbage read under an unchanged
-    ``seq`` is HeapCorruptError.
+    ``seq`` is HeapCorruptError.  Every bind and unbind makes the table's
+    ``seq`` odd for its stores and moves it on by 2, so ``snapshot()`` (and
+    ``items()``, ``len``, iteration), read the same way, is the table at one
+    instant: a writer that rebinds one of two names before it unbinds the
+    other is never seen with neither.
 
 Binding (``roots[name] = ref``, ``del roots[name]``): the writable heap-lock holder
     Each bind and unbind is one ``HeapLock.run(..., write=True)``, so it starts
@@ -88,6 +93,9 @@ Binding (``roots[name] = ref``, ``del roots[name]``): the writable heap-lock hol
        store: published).  A name with a slot: its value (one store);
     4. ``live``/``used``; the old ref's object counts one root fewer; the
        journal is cleared.
+
+    Steps 2-4 run with the region's ``seq`` odd (lock-free readers wait,
+    then read it whole); ``finish`` makes it even again.
 
     An object counts its roots so that ``free`` can refuse a bound object
     by the byte it reads anyway, and sweep keeps it (walker.py).  The count
@@ -118,7 +126,7 @@ import contextlib
 import mmap
 import os
 import zlib
-from collections.abc import Callable, ItemsView, Iterator, MutableMapping, ValuesView
+from collections.abc import Callable, ItemsView, Iterable, Iterator, MutableMapping, ValuesView
 from typing import TYPE_CHECKING, TypeVar
 
 from . import crash, segments
@@ -716,6 +724,7 @@ def _bind_locked(allocator: Allocator, table: RootTable, data: bytes, given: obj
                        names_end=region.head[_NAMES_END], new_count=new_count,
                        old_count=old_count)
     allocator._journal.begin(ROOTS, 0)
+    region.begin()
     if new:
         allocator.set_root_count(*new, new_count + 1)
         crash.reach("roots.counted")
@@ -736,6 +745,7 @@ def _bind_locked(allocator: Allocator, table: RootTable, data: bytes, given: obj
     if old_obj and old_count == 1:
         allocator.set_holder(*old_obj, allocator._holder())  # whoever unbinds it owns it
     crash.reach("roots.handed_over")
+    region.end()
     allocator._journal.end()
     return True
 
@@ -782,6 +792,7 @@ def finish(table: RootTable, allocator: Allocator, note: Note) -> None:
     _settle(allocator, old, intent["old_count"], -1 if done else 0)
     if done:
         _hand_over(allocator, new, old)
+    region.end()
     note("roots-unfinished", f"{'binding' if new else 'unbinding'} root {name} was left "
          f"unfinished; {'finished' if done else 'undone'}", True)
 
@@ -829,23 +840,37 @@ def _settle(allocator: Allocator, ref: int, before: int, change: int) -> None:
         allocator.set_root_count(*obj, target)
 
 
+def sequence(table: RootTable) -> int:
+    """The table region's sequence word now (a checker's trial compares two of them)."""
+    number = table.head[_TABLE]
+    if number >= REGIONS or not table.head[_BUILT] >> number & 1:
+        return 1  # odd: no answer read under it counts
+    return int(table.current().head[_SEQ])
+
+
+def bound_refs(table: RootTable) -> set[int]:
+    """The refs bound to roots now (a lock holder, or a checker's trial)."""
+    return {value for _slot, _key, value in table.read_locked(Region.bound)}
+
+
 def check(table: RootTable, allocator: Allocator, repair: bool, full: bool,
-          note: Note) -> None:
+          note: Note) -> set[int] | None:
     """fsck of the roots table (lock holder): its keys, names and counters, and the root
-    counts of the objects it names; with ``full``, every object's root count in the heap."""
+    counts of the objects it names; with ``full``, every object's root count in the heap.
+    Returns the refs bound to live objects, None if the table is unusable (a fatal finding)."""
     writable = repair and not allocator.readonly
     number = table.head[_TABLE]
     if number >= REGIONS or not table.head[_BUILT] >> number & 1:
         note("roots-table", f"the roots table's table word is {number}, which names no "
              "built region", False)
-        return
+        return None
     region = table.current()
     if region.head[_SEQ] & 1 and note("roots-seq", "the roots table's sequence word is odd "
                                       "(lookups retry, then take the lock)", writable):
         region.end()
     bound = _check_entries(region, note)
     if bound is None:
-        return
+        return None
     _check_counters(region, note, writable)
     counts: dict[int, int] = {}
     for slot, ref in bound:
@@ -867,7 +892,9 @@ def check(table: RootTable, allocator: Allocator, repair: bool, full: bool,
                 "bit (a sweep would free it whole)", writable):
             obj[0].set_mark(obj[1])
     if full:
-        _check_unbound_counts(allocator, set(counts), note, writable)
+        check_unbound_counts(allocator, set(counts), note, writable,
+                             allocator.snapshot_locked())
+    return set(counts)
 
 
 def _name_in(table: RootTable, region: Region, slot: int) -> str:
@@ -933,10 +960,11 @@ def _check_counters(region: Region, note: Note, writable: bool) -> None:
         head[_NAMES_END] = min(max(head[_NAMES_END], end), region.names_cap)
 
 
-def _check_unbound_counts(allocator: Allocator, bound: set[int], note: Note,
-                          writable: bool) -> None:
-    """Objects that count roots although no root is bound to them (lock holder)."""
-    for index in allocator.snapshot_locked():
+def check_unbound_counts(allocator: Allocator, bound: set[int], note: Note,
+                         writable: bool, indices: Iterable[int]) -> None:
+    """Objects of arenas ``indices`` that count roots although no root is bound to them
+    (lock holder)."""
+    for index in indices:
         try:
             pages = allocator.pages_of(index)
         except HeapCorruptError:

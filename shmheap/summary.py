@@ -70,6 +70,8 @@ FANOUT = 64
 #: leaf and node values are bytes: longer runs than this read as this
 CAP = 255
 _ZERO_ROW = bytes(FANOUT)
+#: ``ByteTree._descend``'s answer for a hit past the last leaf
+_PAST_END = -1
 _NONZERO = bytes([0] + [1] * 255)
 #: _AT_LEAST[v]: a 256-byte table that maps every byte >= v to 1, every other to 0
 _AT_LEAST = [bytes(v) + bytes([1]) * (256 - v) for v in range(CAP + 1)]
@@ -191,14 +193,21 @@ class ByteTree:
             levels[level][index] = new
             old, value = node, new
 
-    def path_is_right(self, leaf: int) -> bool:
-        """True if every node above ``leaf`` is the maximum of its row (fsck)."""
-        return all(level[index] == want for level, index, want in self._path_maxima(leaf))
+    def path_is_right(self, leaf: int, hint: bool = False) -> bool:
+        """True if every node above ``leaf`` is the maximum of its row (fsck).
+
+        With ``hint`` (a 0/1 tree of hints) a node above its row passes: it
+        only costs ``find`` a look, and ``find`` lowers it.
+        """
+        return all(level[index] == want or (hint and level[index] > want)
+                   for level, index, want in self._path_maxima(leaf))
 
     def fix_path(self, leaf: int) -> None:
         """Recompute the nodes above ``leaf`` from their rows, bottom up (repair)."""
-        for level, index, want in self._path_maxima(leaf):
-            if level[index] != want:
+        for number, (level, index, want) in enumerate(self._path_maxima(leaf), 1):
+            if level[index] > want:
+                self._lower(number, index)
+            elif level[index] < want:
                 level[index] = want
 
     def _path_maxima(self, leaf: int) -> Iterator[tuple[memoryview, int, int]]:
@@ -237,6 +246,7 @@ class ByteTree:
         levels = self._levels
         if levels[0][leaf]:
             levels[0][leaf] = 0
+        crash.reach("summary.leaf_cleared")
         index = leaf
         for level in range(1, len(levels)):
             row_start = (index // FANOUT) * FANOUT
@@ -253,7 +263,10 @@ class ByteTree:
 
         Climbs from ``start`` while the rest of its row has no hit (then looks
         right of the parent), and descends from the first hit to its leftmost
-        qualifying leaf: at most two rows per level.
+        qualifying leaf: at most two rows per level.  A node above all of its
+        children (a holder stopped inside ``clear`` between a leaf and its
+        ancestor, or a stale hint) is only a hint: it is lowered on the way
+        and the search goes on right of it, so no set leaf is ever missed.
         """
         table = _AT_LEAST[min(max(at_least, 1), CAP)]
         levels = self._levels
@@ -267,20 +280,30 @@ class ByteTree:
             row_end = (index // FANOUT + 1) * FANOUT
             hit = row[index:row_end].tobytes().translate(table).find(1)
             if hit >= 0:
-                return self._descend(level, index + hit, table)
+                found = self._descend(level, index + hit, table)
+                if found >= 0 or found == _PAST_END:
+                    return max(found, -1)
+                # a node above its children (a holder stopped in ``clear``, healed by
+                # ``_descend``): go on right of it, at its level
+                index, level_of_stale = ~found >> 6, ~found & 63
+                return self.find(at_least, (index + 1) * FANOUT ** level_of_stale)
             index = index // FANOUT + 1
         return -1
 
     def _descend(self, level: int, index: int, table: bytes) -> int:
+        """The leftmost qualifying leaf under node ``index`` of ``level``; ``_PAST_END``
+        if it is past the last leaf; ``~(node << 6 | its level)`` of a node found above
+        its children, which is lowered to their maximum (a lock holder calls ``find``)."""
         levels = self._levels
         while level > 0:
-            level -= 1
             first = index * FANOUT
-            hit = levels[level][first:first + FANOUT].tobytes().translate(table).find(1)
+            hit = levels[level - 1][first:first + FANOUT].tobytes().translate(table).find(1)
             if hit < 0:
-                return -1  # a node above its children: garbage, which fsck reports
+                self._lower(level, index)
+                return ~(index << 6 | level)
+            level -= 1
             index = first + hit
-        return index if index < self.nleaves else -1
+        return index if index < self.nleaves else _PAST_END
 
     def nonzero_leaves(self) -> list[int]:
         """The leaves that are not 0 (fsck), reading only the pages that have memory."""
@@ -306,17 +329,32 @@ class ByteTree:
         work grows with what is set, not with the size of the tree.
         """
         return [f"level {level} node {node} is {value}, its children's maximum {want}"
-                for level, node, value, want in self._wrong_nodes()]
+                for level, node, value, want in self.wrong_nodes()]
 
     def rebuild(self) -> None:
         """Set every node to the maximum of its children (lock holder; fsck --repair)."""
-        for level, node, _value, want in self._wrong_nodes():
-            self._levels[level][node] = want
+        for level, node, value, want in self.wrong_nodes():
+            if value > want:
+                self._lower(level, node)
+            else:
+                self._levels[level][node] = want
+
+    def _lower(self, level: int, node: int) -> None:
+        """Lower a node that is above its row to the row's maximum (lock holder).
+
+        As ``clear`` does: the node is stored first and its row read after,
+        so a ``mark`` landing meanwhile is never lost.
+        """
+        here = self._levels[level]
+        here[node] = 0
+        want = max(self._levels[level - 1][node * FANOUT:(node + 1) * FANOUT].tobytes())
+        if want:
+            here[node] = want
 
     def _leaf_row(self, row: int) -> bytes:
         return self._read(0, row * FANOUT, FANOUT)
 
-    def _wrong_nodes(self) -> list[tuple[int, int, int, int]]:
+    def wrong_nodes(self) -> list[tuple[int, int, int, int]]:
         """(level, node, value, maximum of its children) of each wrong node, bottom up.
 
         Each level is judged against the level below as fixed, so ``rebuild``

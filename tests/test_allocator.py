@@ -333,7 +333,8 @@ def test_a_closed_handles_spans_are_reclaimed_before_the_heap_grows(
 
 
 ALLOC_POINTS = ["span.described", "span.pages_used", "span.published", "cache.adopted",
-                "cache.released", "span.unpublished", "span.freed", "summary.leaf_set"]
+                "cache.released", "span.unpublished", "span.freed", "summary.leaf_set",
+                "summary.leaf_cleared"]
 
 
 @pytest.mark.parametrize("point", ALLOC_POINTS)

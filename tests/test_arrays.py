@@ -152,6 +152,23 @@ def test_a_damaged_description_is_heap_corrupt(heap: shmheap.Heap) -> None:
         heap.ndarray(ref)
 
 
+@pytest.mark.parametrize("shape", [(1,) * 70, (0, 1 << 70)], ids=["70-dims", "past-intp"])
+def test_a_forged_shape_numpy_cannot_make_is_heap_corrupt(heap: shmheap.Heap,
+                                                          shape: tuple[int, ...]) -> None:
+    ref = heap.alloc(1024)
+    view = heap.view(ref)
+    text = repr({"descr": "|u1", "shape": shape}).encode()
+    nbytes = 1 if len(shape) == 70 else 0
+    offset = arrays.HEADER.size + len(text)
+    fields = arrays.HEADER.pack(arrays.MAGIC, ref, len(text), offset, nbytes, 0)
+    crc = zlib.crc32(text, zlib.crc32(fields[8:32]))
+    view[:arrays.HEADER.size] = arrays.HEADER.pack(arrays.MAGIC, ref, len(text), offset,
+                                                   nbytes, crc)
+    view[arrays.HEADER.size:offset] = text      # a header that checks, of a shape forged
+    with pytest.raises(shmheap.HeapCorruptError, match="typed array"):
+        heap.ndarray(ref)
+
+
 def test_without_numpy_the_error_says_to_install_it(heap: shmheap.Heap) -> None:
     proc = run_child(f"""
 import sys

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from shmheap.names import SHM_DIR
+from shmheap.tools.bench import observers
 from shmheap.tools.bench.common import Target, percentile
 from shmheap.tools.bench.index import GROW_CASES, NAIVE_KINDS, SNAPSHOT_KINDS, WRITER_DESIGNS, main
 
@@ -117,3 +118,23 @@ def test_target_verdicts() -> None:
     assert Target.of("rate", 2.0, ">=", 1.0, str).rule == ">= 1.0"
     with pytest.raises(ValueError, match="operator"):
         Target.of("bad", 1, "<", 2, str)
+
+
+def test_observers_bench_runs_tiny_and_reports_every_observer(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = my_shm_entries()
+    json_path = tmp_path / "observers.json"
+
+    assert observers.main(["--tiny", "--json", str(json_path)]) == 0
+
+    assert my_shm_entries() <= before, "the benchmark left objects in /dev/shm"
+    results = json.loads(json_path.read_text())
+    assert [heap["arenas"] for heap in results["heaps"]] == list(observers.MODES["tiny"][0])
+    for heap in results["heaps"]:
+        assert heap["findings_after"] == []
+        assert heap["alone"]["ops"] > 0 and heap["alone"]["worst_us"] > 0
+        for what in observers.OBSERVERS:
+            row = heap[what]
+            assert row["ops"] > 0 and row["observer_runs"] > 0, (what, row)
+            assert row["worst_ratio"] > 0 and row["p99_ratio"] > 0
+    assert "Writer latency beside a looping observer" in capsys.readouterr().out

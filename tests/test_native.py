@@ -38,6 +38,7 @@ def test_the_c_layout_is_the_python_layout() -> None:
         "LIVE_OWNER_OFFSET": liveness.OWNER_OFFSET,
         "LIVE_RECOVERIES_OFFSET": 16, "LIVE_LAST_RECOVERY_OFFSET": 24, "LIVE_REPAIRS_OFFSET": 32,
         "LIVE_LOCK_SEQ_OFFSET": liveness.LOCK_SEQ_OFFSET,
+        "LIVE_WAITER_OFFSET": liveness.WAITER_OFFSET,
         "LIVE_SLOTS_OFFSET": liveness.SLOTS_OFFSET, "LIVE_SLOT_SIZE": liveness.SLOT_SIZE,
         "LIVE_SLOT_PID": 0, "LIVE_SLOT_EPOCH": 4, "LIVE_REPAIR_BYTE": liveness.REPAIR_BYTE,
         "CONTROL_HEADER_OFFSET": control.HEADER_OFFSET,

@@ -71,6 +71,7 @@ BENCHES = (
     Bench("start", ("--tiny",)),
     Bench("objects", ("--tiny",)),
     Bench("coord", ("--tiny",)),
+    Bench("observers", ("--tiny",)),
 )
 BY_NAME = {bench.name: bench for bench in BENCHES}
 
