@@ -590,9 +590,22 @@ lock_wait_announced(Lock *self, int has_deadline, double deadline)
 }
 
 /* Hold the lock (a leftover hold of this handle counts); 0 holding, -1 exception. */
+/* 0 if the lock is open; else -1 with HeapClosedError (Lock_close released its memory). */
+static int
+lock_check_open(Lock *self)
+{
+    if (self->sem != NULL)
+        return 0;
+    raise_error("HeapClosedError", PyUnicode_FromFormat(
+        "heap %R is closed; attach it again to use it", self->heap_name));
+    return -1;
+}
+
 static int
 lock_take(Lock *self, int has_deadline, double deadline)
 {
+    if (lock_check_open(self) < 0)
+        return -1;
     if (!self->held) {
         if (sem_trywait(self->sem) == 0)
             self->held = 1;
@@ -706,6 +719,8 @@ Lock_run(Lock *self, PyObject *args, PyObject *kwargs)
 static inline int
 lock_read_held(Lock *self, const uint64_t *word, PyObject *deadline_arg, uint64_t *out)
 {
+    if (lock_check_open(self) < 0)
+        return -1;
     if (self->outer != NULL && lock_in_outer_block(self)) {
         *out = LOAD(word);  /* inside this handle's own locked() block */
         return 0;
@@ -833,6 +848,8 @@ static PyObject *
 Lock_semaphore_value(Lock *self, PyObject *Py_UNUSED(ignored))
 {
     int value = 0;
+    if (lock_check_open(self) < 0)
+        return NULL;
     if (sem_getvalue(self->sem, &value) != 0)
         return PyErr_SetFromErrno(PyExc_OSError);
     return PyLong_FromLong(value);
@@ -841,6 +858,8 @@ Lock_semaphore_value(Lock *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 Lock_drain_one(Lock *self, PyObject *Py_UNUSED(ignored))
 {
+    if (lock_check_open(self) < 0)
+        return NULL;
     sem_trywait(self->sem);
     Py_RETURN_NONE;
 }
@@ -879,6 +898,9 @@ Lock_close(Lock *self, PyObject *Py_UNUSED(ignored))
 {
     Py_CLEAR(self->outer);
     lock_release(self);
+    /* the heap's repair points back at the heap, which holds this lock: a cycle through an
+     * object the garbage collector cannot see into (every closed heap would stay in memory) */
+    Py_CLEAR(self->repair);
     if (self->sem != NULL) {
         sem_close(self->sem);
         self->sem = NULL;
@@ -1550,9 +1572,21 @@ Snapshots_forget(Snapshots *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+static PyObject *
+Snapshots_close(Snapshots *self, PyObject *Py_UNUSED(ignored))
+{
+    Py_CLEAR(self->last);
+    Py_CLEAR(self->pin);
+    self->generation = -1;
+    self->capacity = 0;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Snapshots_methods[] = {
     {"forget", (PyCFunction)Snapshots_forget, METH_NOARGS,
      "drop the cached snapshot: the next call builds one as if the header had changed"},
+    {"close", (PyCFunction)Snapshots_close, METH_NOARGS,
+     "let go of the index generation's mapping (the heap is closed: calls raise)"},
     {NULL}
 };
 
@@ -2019,6 +2053,8 @@ free_mark_partial(Free *self, Py_ssize_t c, long long leaf)
 static int
 free_fast(Free *self, long long ref)
 {
+    if (self->summary == NULL)
+        return 0;  /* closed (Free_close): the slow path says so */
     PyObject *key = PyLong_FromLongLong(ref >> self->arena_shift);
     if (key == NULL)
         return -1;
@@ -2178,6 +2214,20 @@ Free_dealloc(Free *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+static PyObject *
+Free_close(Free *self, PyObject *Py_UNUSED(ignored))
+{
+    Py_CLEAR(self->summary);
+    PyDict_Clear(self->records);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Free_methods[] = {
+    {"close", (PyCFunction)Free_close, METH_NOARGS,
+     "let go of the mappings (the heap is closed): every call takes the slow path"},
+    {NULL}
+};
+
 static PyTypeObject FreeType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shmheap._native.Free",
@@ -2189,6 +2239,7 @@ static PyTypeObject FreeType = {
     .tp_dealloc = (destructor)Free_dealloc,
     .tp_vectorcall_offset = offsetof(Free, vectorcall),
     .tp_call = PyVectorcall_Call,
+    .tp_methods = Free_methods,
 };
 
 /* -- Mapping: a run of arenas mapped as one buffer (arenas.py map_run) ------------------- */

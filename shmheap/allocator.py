@@ -104,6 +104,7 @@ pages.py; walking, marking, sweeping and scavenging in walker.py.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 import time
@@ -119,6 +120,7 @@ from .errors import (
     HeapCorruptError,
     InvalidParameterError,
     InvalidRefError,
+    ShmHeapError,
 )
 from .index import ArenaSnapshot
 from .layout import layout
@@ -142,6 +144,8 @@ ADOPT_FRACTION = 8
 RECLAIM_EVERY = 64
 #: How often an allocation grows the heap and retries before giving up.
 GROW_ATTEMPTS = 100
+#: Seconds ``close`` waits for the lock to give its spans back (else the next reclaim does).
+CLOSE_TIMEOUT = 1.0
 #: Most roots one object may be bound to: a small object counts them in its alloc
 #: byte (1 + roots), a large one in its first page's state byte (RELEASING + roots).
 MAX_ROOTS_PER_OBJECT = 0xFF - RELEASING
@@ -351,6 +355,31 @@ class Allocator:
     def forget_caches(self) -> None:
         self._caches[:] = [None] * len(self.classes)  # in place: the native Alloc reads it
         self._pending = []
+
+    def close(self, give_back: bool = True) -> None:
+        """Give this handle's spans back to the heap and let go of the native fast paths.
+
+        ``Heap.close`` calls it while the lock still works.  The spans go back
+        under the lock as ``_settle_pending`` gives up any span (waiting at most
+        ``CLOSE_TIMEOUT``: past it, they go back as a dead owner's do, at the next
+        reclaim, since the handle's slot is released right after).  An ``alloc``
+        or ``free`` saved before the close finds no span and no arena here and
+        takes the slow path, which raises HeapClosedError.
+        """
+        try:
+            for c, cache in enumerate(self._caches):
+                if cache is not None:
+                    self._pending.append((cache.pages, cache.start))
+                    self._caches[c] = None
+            if give_back and self._pending and not self.readonly:
+                with contextlib.suppress(ShmHeapError):
+                    self._lock.run(self._settle_pending, deadline_of(CLOSE_TIMEOUT), write=True)
+        finally:
+            self.forget_caches()
+            native_free = self.__dict__.pop("free", None)
+            if native_free is not None:
+                native_free.close()  # its mapping of the summaries
+            self.__dict__.pop("alloc", None)  # (the native objects point back at us)
 
     def span_ok(self, sclass: int, npages: int) -> bool:
         """True if a span of ``npages`` pages may have size class ``sclass``."""

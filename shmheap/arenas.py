@@ -68,6 +68,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from . import core, segments
 from .errors import (
+    HeapClosedError,
     HeapCorruptError,
     HeapExistsError,
     MappingLimitError,
@@ -95,10 +96,11 @@ class Arena:
 
     ``buf`` is a memoryview of exactly ``size`` bytes: writable, or read-only
     when the heap was attached ``readonly=True``; ``meta`` is the page
-    metadata after the trailer, likewise.
+    metadata after the trailer, likewise.  Once the handle is closed, both
+    raise HeapClosedError.
     """
 
-    __slots__ = ("_seg", "base", "buf", "identity", "index", "meta", "meta_offset", "size")
+    __slots__ = ("_buf", "_meta", "_seg", "base", "identity", "index", "meta_offset", "size")
 
     def __init__(self, index: int, arena_size: int, seg: segments.Segment) -> None:
         self.index = index
@@ -107,10 +109,28 @@ class Arena:
         self._seg = seg
         #: (st_dev, st_ino) of the segment mapped (segments.Segment.identity)
         self.identity = seg.identity
-        self.buf = seg.buf[:arena_size]
+        self._buf: memoryview | None = seg.buf[:arena_size]
         #: where the page metadata starts in the segment (pages.py)
         self.meta_offset = arena_size + TRAILER_SIZE
-        self.meta = seg.buf[self.meta_offset:]
+        self._meta: memoryview | None = seg.buf[self.meta_offset:]
+
+    @property
+    def buf(self) -> memoryview:
+        """The arena's data bytes."""
+        if self._buf is None:
+            raise self._closed_error()
+        return self._buf
+
+    @property
+    def meta(self) -> memoryview:
+        """The arena's page metadata (layout.py)."""
+        if self._meta is None:
+            raise self._closed_error()
+        return self._meta
+
+    def _closed_error(self) -> HeapClosedError:
+        return HeapClosedError(f"arena {self.index} belongs to a closed heap handle; attach "
+                               "the heap again to use it")
 
     @property
     def mapping(self) -> mmap.mmap:
@@ -122,8 +142,10 @@ class Arena:
         self._seg.punch(offset, length)
 
     def close(self) -> None:
-        self.buf.release()
-        self.meta.release()
+        for view in (self._buf, self._meta):
+            if view is not None:
+                view.release()
+        self._buf = self._meta = None
         self._seg.close()
 
     def __repr__(self) -> str:

@@ -46,6 +46,7 @@ import zlib
 from typing import TYPE_CHECKING, Any
 
 from .errors import HeapCorruptError, InvalidParameterError
+from .lazy import import_whole
 
 if TYPE_CHECKING:
     from .allocator import Allocator
@@ -59,12 +60,13 @@ MAX_TEXT = 1 << 16
 
 
 def numpy_module(what: str) -> Any:
+    """numpy, imported whole (lazy.py); ModuleNotFoundError saying how to get it."""
     try:
-        import numpy
+        import_whole("numpy.lib.format")  # (what _describe and _dtype_of use)
+        return import_whole("numpy")
     except ImportError:
         raise ModuleNotFoundError(f"{what} needs numpy; install it with "
                                   "`pip install 'shmheap[numpy]'`") from None
-    return numpy
 
 
 def _dims(shape: object, what: str) -> tuple[int, ...]:

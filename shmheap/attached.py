@@ -154,7 +154,8 @@ class AttachedHeap:
         self._pages: arenas.ArenaCache[ArenaPages] = arenas.ArenaCache(
             self._open_pages)
         self._map: arenas.ArenaMap | None = None
-        self._index = ArenaIndex(name, self._header, params.first_cap, params.mode, readonly)
+        self._index = ArenaIndex(name, self._header, params.first_cap, params.mode, readonly,
+                                 self._check_identity)
         self._lock: HeapLock | ClosedLock = ClosedLock(name)
         self._journal = control.Journal(self._words)
         #: (header word, snapshot) of this process's last snapshot
@@ -186,10 +187,12 @@ class AttachedHeap:
         _HANDLES.add(self)
 
     def open_part(self, part: str, opener: Callable[[], _T]) -> _T:
-        """``opener()``: open one of the heap's objects; a missing one is a damaged heap."""
+        """``opener()``: open one of the heap's objects; a missing one is a damaged heap,
+        unless the heap was destroyed since it was attached (then HeapNotFoundError)."""
         try:
             return opener()
         except HeapNotFoundError:
+            self._check_identity()
             raise HeapCorruptError(
                 f"heap {self.name!r} is damaged: its {part} is missing; remove the heap with "
                 f"`shmheap destroy {self.name}`") from None
@@ -212,8 +215,12 @@ class AttachedHeap:
     def _open_pages(self, index: int) -> ArenaPages:
         """Map published arena ``index`` with its page views (ArenaCache calls it)."""
         self._check_open()
-        arena = arenas.open_arena(self.name, self.params.heap_id, index, self.arena_size,
-                                  self.readonly, self.params.page_size)
+        try:
+            arena = arenas.open_arena(self.name, self.params.heap_id, index, self.arena_size,
+                                      self.readonly, self.params.page_size)
+        except HeapCorruptError:
+            self._check_identity()  # a heap destroyed since is no damage: HeapNotFoundError
+            raise
         return ArenaPages(self.name, arena, self.params.page_size, self._summaries)
 
     def _recycle_dead_slots(self) -> None:
@@ -236,9 +243,12 @@ class AttachedHeap:
             if isinstance(lock, ClosedLock):
                 return
             _HANDLES.discard(self)
-            self._lock = ClosedLock(self.name, self._gone)
-            self.__dict__.pop("snapshot", None)  # the native core's, if it was bound
-            lock.close()
+            self._lock = closed = ClosedLock(self.name, self._gone)
+            self._last_snapshot = (-1, ArenaSnapshot(memoryview(b""), 0))  # (maps a generation)
+            snapshots = self.__dict__.pop("snapshot", None)  # the native core's, if bound
+            if snapshots is not None:
+                snapshots.close()  # a saved heap.snapshot raises HeapClosedError from now on
+            lock.close(closed)
             self._release_resources()
 
     def after_fork(self) -> None:

@@ -298,6 +298,7 @@ class CoordTable:
     def futex(self, record: int) -> ctypes.c_uint32:
         word = self._futexes.get(record)
         if word is None:
+            self.heap._check_open()  # (close() forgets the words: their mapping is gone)
             word = self._futexes[record] = waits.address_of(
                 self._seg.map, HEADER_SIZE + record * RECORD_SIZE + _FUTEX * 8)
         return word

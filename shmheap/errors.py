@@ -51,6 +51,17 @@ class HeapRemovalError(ShmHeapError):
         self.remaining = remaining
 
 
+class HeapInUseError(ShmHeapError):
+    """``destroy`` of a heap that live processes have attached (``force=True`` overrides).
+
+    ``pids`` lists those processes (this one excluded).
+    """
+
+    def __init__(self, message: str, pids: list[int]) -> None:
+        super().__init__(message)
+        self.pids = pids
+
+
 class HeapClosedError(ShmHeapError, ValueError):
     """A call on a ``Heap`` after ``close()`` or ``destroy()``."""
 

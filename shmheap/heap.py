@@ -57,6 +57,7 @@ from .attached import AttachedHeap, serialised, serialised_iter
 from .errors import (
     HeapCorruptError,
     HeapExistsError,
+    HeapInUseError,
     HeapNotFoundError,
     HeapRemovalError,
     InvalidParameterError,
@@ -236,15 +237,22 @@ class Heap(AttachedHeap):
         return cls(name, seg, params, readonly)
 
     @classmethod
-    def open(cls, name: str, create: bool = True, readonly: bool = False,
+    def open(cls, name: str, create: bool = False, readonly: bool = False,
              timeout: float | None = ATTACH_TIMEOUT, **create_args: Any) -> Heap:
-        """Attach heap ``name``, creating it first if it does not exist and ``create``.
+        """Attach heap ``name``; with ``create=True``, create it first if it does not exist.
 
-        Any number of processes may race this on one name: exactly one creates,
-        all end attached to the same heap.  ``timeout`` as for ``attach``.
+        Without ``create`` a missing heap is HeapNotFoundError (a typo does not
+        leave a new heap in /dev/shm), and ``create_args`` (``arena_size=``,
+        ...) are an InvalidParameterError.  With it, any number of processes
+        may race this on one name: exactly one creates, all end attached to
+        the same heap.  ``timeout`` as for ``attach``.
         """
         check_timeout(timeout)
         if not create:
+            if create_args:
+                raise InvalidParameterError(
+                    f"Heap.open({name!r}, {', '.join(f'{k}=...' for k in create_args)}): "
+                    "creation parameters need create=True")
             return cls.attach(name, readonly=readonly, timeout=timeout)
         for _ in range(100):
             try:
@@ -264,10 +272,21 @@ class Heap(AttachedHeap):
                                "destroying it in a loop?")
 
     def close(self) -> None:
-        """Unmap this process's view and release its slot.  The heap lives on."""
-        for bound in ("alloc", "free"):  # the native core's, if they were bound
-            self.__dict__.pop(bound, None)
-        super().close()
+        """Give back this handle's spans, unmap its view and release its slot.
+
+        The heap lives on.  Views and ndarrays keep their mappings until the
+        last of them goes; everything else of the handle (its methods saved
+        before, ``roots``, ``locked()``, arenas) raises HeapClosedError.
+        """
+        with self._mutex:  # after any other thread's call on this handle
+            for bound in ("alloc", "free"):  # the native core's, if they were bound
+                self.__dict__.pop(bound, None)
+            try:
+                if self._allocator is not None and not self.closed:
+                    # (a forked child whose heap is gone has no spans of its own to give)
+                    self._allocator.close(give_back=self._gone is None)
+            finally:
+                super().close()
 
     def _release_resources(self) -> None:
         table = self.__dict__.pop("_coord", None)
@@ -282,18 +301,22 @@ class Heap(AttachedHeap):
         super()._release_resources()
 
     @serialised
-    def destroy(self) -> None:
+    def destroy(self, force: bool = False) -> None:
         """Unlink every object of this heap, then close this handle.
 
-        Processes that have arenas or snapshots mapped keep reading them; new
-        attaches get HeapNotFoundError.  ReadOnlyError on a read-only handle;
-        HeapNotFoundError if this heap is gone already (a heap re-created
-        under its name since is another heap, left alone).
+        HeapInUseError, naming them, if other live processes have the heap
+        attached, unless ``force``: then they keep reading what they have
+        mapped, and get HeapNotFoundError ("was destroyed") from anything
+        else.  New attaches get HeapNotFoundError.  ReadOnlyError on a
+        read-only handle; HeapNotFoundError if this heap is gone already (a
+        heap re-created under its name since is another heap, left alone).
         """
         self._check_writable("destroy() (or the module function shmheap.destroy(name))")
         self._check_identity()
+        if not force:
+            _refuse_if_in_use(self.name)
         self.close()
-        destroy(self.name)
+        destroy(self.name, force=True)
 
     def __enter__(self) -> Heap:
         return self
@@ -679,16 +702,43 @@ def _open_ready_control(name: str, readonly: bool,
         time.sleep(0.01)
 
 
-def destroy(name: str) -> list[str]:
+def _refuse_if_in_use(name: str) -> None:
+    """HeapInUseError if live processes other than this one have heap ``name`` attached.
+
+    Read from the liveness slots without attaching (a slot is alive while its
+    holder's OFD lock is held); a damaged or missing liveness segment names
+    nobody.  A process that attaches right after this look is not seen: it
+    gets HeapNotFoundError ("was destroyed") from its next call that needs
+    more than it has mapped.
+    """
+    try:
+        attached = liveness.probe_attachments(name)
+    except ShmHeapError:
+        return
+    pids = sorted({a.pid for a in attached if a.pid != os.getpid()})
+    if pids:
+        shown = ", ".join(map(str, pids[:10])) + (", ..." if len(pids) > 10 else "")
+        raise HeapInUseError(
+            f"heap {name!r} is in use by {len(pids)} live process{'es' * (len(pids) > 1)} "
+            f"(pid {shown}); close it there first, or destroy it anyway with force=True "
+            f"(`shmheap destroy --force {name}`): those processes then get "
+            "HeapNotFoundError", pids)
+
+
+def destroy(name: str, force: bool = False) -> list[str]:
     """Unlink every object of heap ``name`` (even a damaged one); return what was removed.
 
-    HeapNotFoundError if there was nothing to remove.  The control segment
+    HeapInUseError, naming them, if live processes other than this one have
+    it attached, unless ``force``.  HeapNotFoundError if there was nothing to
+    remove.  The control segment
     goes last, so nobody can create a new heap of this name while the old
     one's objects are still being removed.  What cannot be removed (a
     directory, another user's file) is skipped; after removing the rest,
     HeapRemovalError lists it.
     """
     check_name(name)
+    if not force:
+        _refuse_if_in_use(name)
     removed: list[str] = []
     failed: dict[str, str] = {}
     for entry in _entries(name):

@@ -37,7 +37,7 @@ does not take the heap lock: ``append`` must be called by the lock holder.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import overload
 
 from . import core, crash, segments
@@ -115,8 +115,11 @@ class ArenaIndex:
     """This process's view of a heap's all-arenas index."""
 
     def __init__(self, heap_name: str, header: memoryview, first_cap: int, mode: int,
-                 readonly: bool) -> None:
+                 readonly: bool, check_identity: Callable[[], None]) -> None:
         self._heap_name = heap_name
+        #: raises HeapNotFoundError if the heap was destroyed since it was attached: then a
+        #: missing generation is no damage to report
+        self._check_identity = check_identity
         #: the header word in the control segment, a one-element uint64 view
         self._header = header
         self.first_cap = first_cap
@@ -176,6 +179,7 @@ class ArenaIndex:
                 seg = segments.open_existing(index_name(self._heap_name, generation),
                                              readonly=self._readonly, expect_size=nbytes)
             except FileNotFoundError:
+                self._check_identity()
                 raise HeapCorruptError(
                     f"heap {self._heap_name!r}: index generation {generation} is missing; run "
                     f"`shmheap fsck --repair {self._heap_name}` or destroy the heap") from None

@@ -601,17 +601,24 @@ class HeapLock:
         return (f"heap {self._heap_name!r}: lock not acquired in time; it is held by "
                 f"{holder}, which is alive (stopped or slow); wait longer or investigate it")
 
-    def close(self) -> None:
+    def close(self, closed: ClosedLock | None = None) -> None:
         """Release the lock if an interrupted ``locked()`` left it held, then close.
 
         Another thread's open block is waited out first: its hold is its own
         (the native core's block keeps the mutex, which the handle's close takes).
+        Whoever still holds this object afterwards (the allocator, a ``locked()``
+        block made before the close) gets ``closed``'s error (HeapClosedError)
+        from every operation that would take the lock; releasing is a no-op.
         """
         with self._mutex:
             self._in_block()
             self.leave()
         if self.native is not None:
-            self.native.close()
+            self.native.close()  # its own operations raise HeapClosedError from now on
+        closed = closed or ClosedLock(self._heap_name)
+        for method in ("run", "read_word", "enter", "semaphore_value", "drain_one"):
+            setattr(self, method, getattr(closed, method))
+        self.leave = self.release = _nothing  # type: ignore[method-assign]
         if self._waiter is not None:
             self._waiter.close()
         with contextlib.suppress(posix_ipc.ExistentialError):
@@ -697,6 +704,10 @@ def unlink_semaphore(name: str) -> bool:
     return True
 
 
+def _nothing() -> None:
+    """What releasing the lock of a closed heap does."""
+
+
 class ClosedLock:
     """Stands in for the lock of a closed heap: every use raises HeapClosedError."""
 
@@ -719,4 +730,10 @@ class ClosedLock:
         raise self._error(self._message)
 
     def leave(self) -> None:
+        raise self._error(self._message)
+
+    def semaphore_value(self) -> int:
+        raise self._error(self._message)
+
+    def drain_one(self) -> None:
         raise self._error(self._message)

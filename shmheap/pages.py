@@ -68,7 +68,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import importlib
 import os
 from collections.abc import Callable, Iterator
 from types import ModuleType
@@ -77,6 +76,7 @@ from typing import TYPE_CHECKING, NamedTuple, TypeVar
 from . import core, crash, segments
 from .errors import HeapCorruptError, OutOfSharedMemoryError
 from .layout import GIANT_OFFSET, SEQ_OFFSET, layout
+from .lazy import import_whole
 from .names import arena_name
 from .summary import CAP
 
@@ -106,7 +106,7 @@ def numpy_or_none() -> ModuleType | None:
     if USE_NUMPY is False:
         return None
     try:
-        return importlib.import_module("numpy")
+        return import_whole("numpy")
     except ImportError:
         if USE_NUMPY:
             raise

@@ -96,7 +96,7 @@ def discard(name: str, *heaps: Heap) -> None:
     for heap in heaps:
         heap.close()
     with contextlib.suppress(HeapNotFoundError):
-        destroy(name)
+        destroy(name, force=True)
 
 
 @pytest.fixture

@@ -49,7 +49,7 @@ CALLS_TAKING_A_NAME: dict[str, Callable[[Any], object]] = {
     "create": lambda name: shmheap.Heap.create(name, arena_size=ARENA),
     "attach": shmheap.Heap.attach,
     "attach_readonly": lambda name: shmheap.Heap.attach(name, readonly=True),
-    "open": lambda name: shmheap.Heap.open(name, arena_size=ARENA),
+    "open": lambda name: shmheap.Heap.open(name, create=True, arena_size=ARENA),
     "open_no_create": lambda name: shmheap.Heap.open(name, create=False),
     "destroy": shmheap.destroy,
 }
@@ -181,7 +181,7 @@ def test_attach_to_a_damaged_control_segment(shm_heap_factory: HeapFactory, shm_
     attaches: list[Callable[[], shmheap.Heap]] = [
         lambda: shmheap.Heap.attach(shm_heap_name, timeout=1.0),
         lambda: shmheap.Heap.attach(shm_heap_name, readonly=True, timeout=1.0),
-        lambda: shmheap.Heap.open(shm_heap_name, arena_size=ARENA),
+        lambda: shmheap.Heap.open(shm_heap_name, create=True, arena_size=ARENA),
     ]
     for attach in attaches:
         with pytest.raises(shmheap.HeapCorruptError) as caught:

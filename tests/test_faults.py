@@ -477,7 +477,7 @@ def test_a_semaphore_posted_once_too_often_is_found_and_fixed(heap: shmheap.Heap
     assert [f.code for f in heap.check()] == ["semaphore-count"]
     assert [(f.code, f.fixed) for f in heap.check(repair=True)] == [("semaphore-count", True)]
     assert heap.check() == []
-    assert heap._lock.semaphore_value() == 1  # type: ignore[union-attr]
+    assert heap._lock.semaphore_value() == 1
 
 
 # -- slow and stopped processes -------------------------------------------------------------
@@ -575,7 +575,7 @@ def test_brief_holders_are_never_robbed_while_a_slot_is_dead(heap: shmheap.Heap)
         for child in children:
             child.kill()
     assert adoptions == [0, 0, 0, 0], "a live holder was robbed"
-    assert heap._lock.semaphore_value() == 1  # type: ignore[union-attr]
+    assert heap._lock.semaphore_value() == 1
     assert heap.info().recoveries == 0
 
 

@@ -167,8 +167,18 @@ def test_open_creates_then_attaches(shm_heap_name: str) -> None:
             assert ro.readonly
 
 
+def test_open_creates_only_when_asked(shm_heap_name: str) -> None:
+    with pytest.raises(shmheap.HeapNotFoundError, match=shm_heap_name):
+        shmheap.Heap.open(shm_heap_name)
+    with pytest.raises(shmheap.HeapNotFoundError):
+        shmheap.Heap.open(shm_heap_name, readonly=True)
+    with pytest.raises(shmheap.InvalidParameterError, match="create=True"):
+        shmheap.Heap.open(shm_heap_name, arena_size=ARENA)
+    assert shm_leftovers(shm_heap_name) == [], "a missing heap is not created"
+
+
 def test_open_readonly_creates_then_attaches_readonly(shm_heap_name: str) -> None:
-    with shmheap.Heap.open(shm_heap_name, readonly=True, arena_size=ARENA) as ro:
+    with shmheap.Heap.open(shm_heap_name, create=True, readonly=True, arena_size=ARENA) as ro:
         assert ro.readonly and ro.arena_size == ARENA
         assert ro.info().attached == 1
 

@@ -445,7 +445,7 @@ def recreate_elsewhere(name: str, fill: bytes) -> int:
     """In another process: destroy heap ``name``, create it again and store ``fill`` in it."""
     proc = run_child(f"""
         import shmheap
-        shmheap.destroy({name!r})
+        shmheap.destroy({name!r}, force=True)
         heap = shmheap.Heap.create({name!r}, arena_size={ARENA}, reserve=False)
         ref = heap.alloc({len(fill)})
         heap.view(ref)[:{len(fill)}] = {fill!r}
@@ -500,7 +500,7 @@ def test_a_stale_handle_cannot_mutate_or_create_anything(shm_heap_factory: HeapF
         recreate_elsewhere(name, b"x" * 64)
         before = shm_leftovers(name)
     else:
-        proc = run_child(f"import shmheap; shmheap.destroy({name!r})")
+        proc = run_child(f"import shmheap; shmheap.destroy({name!r}, force=True)")
         assert proc.returncode == 0, proc.stderr
         before = []
     for what, mutate in MUTATIONS.items():

@@ -194,7 +194,7 @@ def test_a_heap_destroyed_under_the_run_counts_its_arenas_lost(shm_heap_name: st
         assert process.stdout is not None
         while "grows 0 " in (line := process.stdout.readline()):
             assert line.startswith(f"stress {shm_heap_name}"), line
-        destroy(shm_heap_name)
+        destroy(shm_heap_name, force=True)
         out, err = process.communicate(timeout=120)
     finally:
         if process.poll() is None:

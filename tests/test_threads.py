@@ -178,7 +178,7 @@ def test_a_locked_block_is_its_threads_alone(heap: shmheap.Heap) -> None:
     thread.join()
     assert seen_inside == [False]
     assert int.from_bytes(heap.view(counter)[:8], "little") == 2
-    assert heap._lock.semaphore_value() == 1  # type: ignore[union-attr]
+    assert heap._lock.semaphore_value() == 1
 
 
 def test_close_waits_for_another_threads_block(heap: shmheap.Heap) -> None:
@@ -213,7 +213,7 @@ def test_close_waits_for_another_threads_block(heap: shmheap.Heap) -> None:
     closer.join()
     assert timed_out == [True], "the block's hold was released under it"
     assert heap.closed
-    assert other._lock.semaphore_value() == 1  # type: ignore[union-attr]
+    assert other._lock.semaphore_value() == 1
     other.close()
 
 
@@ -322,7 +322,7 @@ def test_fork_inside_the_lock_child_inherits_no_hold(heap: shmheap.Heap, holder:
     add_locked(heap, counter, 200)
     reap(pid)
     assert int.from_bytes(heap.view(counter)[:8], "little") == 400
-    assert heap._lock.semaphore_value() == 1  # type: ignore[union-attr]
+    assert heap._lock.semaphore_value() == 1
     assert heap.check() == []
 
 
@@ -355,7 +355,7 @@ def test_multiprocessing_fork_child_with_a_thread_inside_the_lock(heap: shmheap.
     assert int.from_bytes(heap.view(counter)[:8], "little") == 200
     ref = heap.roots["from-child"]
     assert bytes(heap.view(ref)) == pattern(ref, 64)
-    assert heap._lock.semaphore_value() == 1  # type: ignore[union-attr]
+    assert heap._lock.semaphore_value() == 1
     assert heap.check() == []
 
 

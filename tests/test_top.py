@@ -185,7 +185,7 @@ def test_top_stops_when_the_heap_is_destroyed(shm_heap: Heap) -> None:
             write_end = -1
             reader = Reader(read_end)
             reader.until(arenas_row(1))
-            shm_heap.destroy()
+            shm_heap.destroy(force=True)
             reader.until(rf"heap '{shm_heap.name}' was destroyed; top stops")
             assert proc.wait(timeout=PATIENCE) == 0, reader.text
     finally:

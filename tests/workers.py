@@ -187,7 +187,7 @@ def destroyer(name: str, results: Queue[Any]) -> None:
     """Attach heap ``name`` and destroy it."""
 
     def body() -> None:
-        shmheap.Heap.attach(name).destroy()
+        shmheap.Heap.attach(name).destroy(force=True)
 
     report(results, "destroyer", body)
 

@@ -208,11 +208,14 @@ def add_destroy(sub: Subparsers) -> None:
     parser = sub.add_parser("destroy", help="remove every segment of a heap from /dev/shm, even "
                             "a damaged one")
     parser.add_argument("name", type=heap_name)
+    parser.add_argument("--force", action="store_true",
+                        help="destroy it even if live processes have it attached (they get "
+                             "HeapNotFoundError)")
     parser.set_defaults(run=run_destroy)
 
 
 def run_destroy(args: argparse.Namespace) -> int:
-    for entry in destroy(args.name):
+    for entry in destroy(args.name, force=args.force):
         print(f"removed /dev/shm/{entry}")
     return 0
 

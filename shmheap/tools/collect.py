@@ -47,7 +47,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import arenas, control, coord, liveness, roots, segments
-from ..errors import HeapCorruptError, HeapNotFoundError, HeapRemovalError, ShmHeapError
+from ..errors import (
+    HeapCorruptError,
+    HeapInUseError,
+    HeapNotFoundError,
+    HeapRemovalError,
+    ShmHeapError,
+)
 from ..heap import destroy
 from ..names import (
     check_name,
@@ -246,6 +252,8 @@ def collect(dry_run: bool = False, stale: bool = False,
                 removed = destroy(status.name)
             except HeapNotFoundError:
                 continue  # someone else removed it meanwhile
+            except HeapInUseError:
+                continue  # a process has attached it since it was judged: not garbage
             except HeapRemovalError as exc:
                 removed, left = exc.removed, exc.remaining
         collected.append(Collected(status.name, status.state, reason, removed,

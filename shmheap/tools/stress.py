@@ -605,7 +605,7 @@ class StressRun:
                     final["arenas_lost"] = max(final["arenas_lost"], len(self._lost(heap)))
                     heap.close()
                     with contextlib.suppress(HeapNotFoundError):
-                        destroy(self.name)
+                        destroy(self.name, force=True)
                 try:
                     self.ctrl_c.check()
                 except KeyboardInterrupt:

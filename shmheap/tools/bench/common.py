@@ -99,7 +99,7 @@ def bench_heap(tag: str, **create_args: Any) -> Iterator[Heap]:
     finally:
         heap.close()
         with contextlib.suppress(HeapNotFoundError):
-            destroy(name)
+            destroy(name, force=True)
 
 
 # -- timing ------------------------------------------------------------------------

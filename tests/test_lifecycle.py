@@ -1,0 +1,327 @@
+"""The life of a handle: close() means closed, close()/destroy() release everything, destroy()
+of a heap in use, Heap.open creating only when asked, a Ctrl-C during the lazy numpy import.
+
+Each fault is made real: methods saved before the close are called after it, descriptors and
+mappings are counted in /proc over many attach/close cycles, other processes hold the heap
+while it is destroyed, a real SIGINT lands inside numpy's import in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy
+import pytest
+from children import Child, run_child
+
+import shmheap
+from shmheap.pytest_plugin import HeapFactory, assert_no_shm_leftovers, shm_leftovers
+
+ARENA = 256 * 1024
+
+
+def fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def mappings(name: str | None = None) -> list[str]:
+    """Lines of /proc/self/maps (those naming heap ``name``'s segments, if given)."""
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        lines = maps.read().splitlines()
+    if name is None:
+        return lines
+    return [line for line in lines if f"/dev/shm/shmheap.{name}" in line
+            or f"/dev/shm/sem.shmheap.{name}." in line]
+
+
+# -- close() means closed ----------------------------------------------------------------------
+
+#: what a program may keep of a handle before closing it, and then use: name -> (keep, use)
+SAVED: dict[str, tuple[Callable[[shmheap.Heap, int], Any], Callable[[Any, int], Any]]] = {
+    "snapshot method": (lambda h, r: h.snapshot, lambda f, r: f()),
+    "alloc method": (lambda h, r: h.alloc, lambda f, r: f(64)),
+    "alloc method, large": (lambda h, r: h.alloc, lambda f, r: f(40000)),
+    "free method": (lambda h, r: h.free, lambda f, r: f(r)),
+    "view method": (lambda h, r: h.view, lambda f, r: f(r)),
+    "grow method": (lambda h, r: h.grow, lambda f, r: f()),
+    "check method": (lambda h, r: h.check, lambda f, r: f()),
+    "locked() made before": (lambda h, r: h.locked(), lambda block, r: block.__enter__()),
+    "locked method": (lambda h, r: h.locked, lambda f, r: f().__enter__()),
+    "roots": (lambda h, r: h.roots, lambda roots, r: roots["kept"]),
+    "roots binding": (lambda h, r: h.roots, lambda roots, r: roots.__setitem__("other", r)),
+    "arena": (lambda h, r: h.arena(1), lambda arena, r: arena.buf[0]),
+    "arena metadata": (lambda h, r: h.arena(1), lambda arena, r: arena.meta[0]),
+    "arenas iterator": (lambda h, r: h.arenas(), lambda it, r: next(it)),
+    "new_array method": (lambda h, r: h.new_array, lambda f, r: f(4)),
+    "lock": (lambda h, r: h._lock, lambda lock, r: lock.run(lambda: None)),
+    "allocator": (lambda h, r: h._objects(), lambda allocator, r: allocator.alloc(64)),
+    "queue, put": (lambda h, r: h.queue("kept"), lambda q, r: q.put(1)),
+    "queue, get": (lambda h, r: h.queue("kept"), lambda q, r: q.get(timeout=0)),
+    "event": (lambda h, r: h.event("kept"), lambda e, r: e.wait(timeout=0)),
+    "counter": (lambda h, r: h.counter("kept"), lambda c, r: c.add()),
+}
+
+
+@pytest.mark.parametrize("saved", sorted(SAVED))
+def test_what_was_kept_of_a_closed_handle_raises_heap_closed_error(
+        shm_heap_factory: HeapFactory, saved: str) -> None:
+    heap = shm_heap_factory(arena_size=ARENA)
+    ref = heap.alloc(64)
+    heap.roots["kept"] = ref
+    heap.snapshot()  # the native core's snapshot cache, bound
+    keep, use = SAVED[saved]
+    kept = keep(heap, ref)
+    heap.close()
+    with pytest.raises(shmheap.HeapClosedError, match="closed"):
+        use(kept, ref)
+    with shmheap.Heap.attach(heap.name) as fresh:
+        assert fresh.roots["kept"] == ref, "nothing was done through the closed handle"
+        assert fresh.check() == []
+
+
+@pytest.mark.skipif(not shmheap.NATIVE, reason="the native core's own objects")
+def test_the_native_objects_of_a_closed_handle_raise_heap_closed_error(
+        shm_heap: shmheap.Heap) -> None:
+    ref = shm_heap.alloc(64)
+    lock = shm_heap._lock
+    native = lock.native  # type: ignore[union-attr]
+    snapshots = shm_heap.snapshot
+    allocator = shm_heap._objects()
+    alloc, free = allocator.alloc, allocator.free
+    header = shm_heap._header
+    shm_heap.close()
+    calls: list[Callable[[], object]] = [
+        lambda: native.run(lambda: None), lambda: native.run(lambda: None, None, True),
+        lambda: native.read_word(header), lambda: native.read_word(memoryview(bytes(8))),
+        lambda: native.enter(shm_heap.locked, None, False), native.semaphore_value,
+        native.drain_one, snapshots, lambda: snapshots(timeout=1), lambda: alloc(64),
+        lambda: alloc(100000), lambda: free(ref)]
+    for call in calls:
+        with pytest.raises(shmheap.HeapClosedError):
+            call()
+    native.release()  # nothing held: nothing to do
+    native.leave()
+
+
+def test_a_saved_alloc_never_hands_out_what_another_handle_owns(
+        shm_heap_factory: HeapFactory) -> None:
+    heap = shm_heap_factory(arena_size=ARENA)
+    first = shmheap.Heap.attach(heap.name)
+    mine = first.alloc(64)
+    alloc = first.alloc
+    first.close()
+    other = shmheap.Heap.attach(heap.name)
+    try:
+        refs = [other.alloc(64) for _ in range(200)]  # adopts the span the closed handle had
+        for _ in range(40):
+            with pytest.raises(shmheap.HeapClosedError):
+                alloc(64)
+        assert len(set(refs)) == len(refs) and mine not in refs
+        assert other.stats().live_objects == len(refs) + 1
+    finally:
+        other.close()
+
+
+def test_a_block_open_across_close_is_released_by_it(shm_heap: shmheap.Heap) -> None:
+    block = shm_heap.locked()
+    with block:
+        shm_heap.close()
+    with shmheap.Heap.attach(shm_heap.name) as other:
+        with other.locked(timeout=5):
+            pass
+        assert other.check() == []
+
+
+def test_views_outlive_close_and_destroy_and_then_let_go(shm_heap_factory: HeapFactory) -> None:
+    heap = shm_heap_factory(arena_size=ARENA)
+    name = heap.name
+    ref = heap.alloc(100)
+    arr_ref = heap.new_array(10, "int64")
+    view = heap.view(ref)
+    view[:5] = b"hello"
+    array = heap.ndarray(arr_ref)
+    array[:] = numpy.arange(10)
+    snap = heap.snapshot()
+    heap.destroy()
+    assert_no_shm_leftovers(name)
+    assert bytes(view[:5]) == b"hello" and array.sum() == 45 and list(snap) == [1]
+    assert mappings(name), "the views' mappings stay while they live"
+    del view, array, snap
+    assert mappings(name) == [], "once the views are gone, nothing of the heap stays mapped"
+
+
+def test_destroy_leaves_nothing_of_the_heap_mapped(shm_heap_factory: HeapFactory) -> None:
+    heap = shm_heap_factory()  # the default arena size: 64 MiB
+    name = heap.name
+    heap.alloc(64)
+    heap.roots["x"] = heap.alloc(1000)
+    heap.check()
+    list(heap.walk())
+    heap.destroy()
+    assert mappings(name) == []
+
+
+# -- close() and destroy() release everything ------------------------------------------------
+
+CYCLES = 500
+
+
+def test_attach_close_cycles_keep_descriptors_and_mappings_flat(
+        shm_heap_factory: HeapFactory) -> None:
+    """A leak of one descriptor or mapping per cycle shows as +CYCLES: a handful is noise
+    (the allocator of the Python process mapping its own memory)."""
+    name = shm_heap_factory(arena_size=ARENA).name
+
+    def cycle(i: int) -> None:
+        heap = shmheap.Heap.attach(name)
+        ref = heap.alloc(64)
+        heap.view(ref)[:4] = b"abcd"
+        heap.roots[f"r{i % 4}"] = ref
+        assert heap.check() == []
+        del heap.roots[f"r{i % 4}"]
+        heap.free(ref)
+        heap.close()
+
+    for i in range(20):
+        cycle(i)
+    before = fds(), len(mappings()), len(mappings(name))
+    for i in range(CYCLES):
+        cycle(i)
+    after = fds(), len(mappings()), len(mappings(name))
+    assert after[0] <= before[0] + 2, f"descriptors {before[0]} -> {after[0]}"
+    assert after[2] <= before[2], f"mappings of the heap {before[2]} -> {after[2]}"
+    assert after[1] <= before[1] + 8, f"mappings {before[1]} -> {after[1]}"
+
+
+# -- destroy() of a heap in use ---------------------------------------------------------------
+
+HOLDER = """
+import sys, shmheap
+h = shmheap.Heap.attach({name!r})  # (mapping no index generation, no arena yet)
+print("attached", flush=True)
+sys.stdin.readline()
+for what, call in (("snapshot", h.snapshot), ("arena", lambda: h.arena(1)),
+                   ("alloc", lambda: h.alloc(100000)), ("grow", h.grow)):
+    try:
+        call()
+        print(what, "worked", flush=True)
+    except shmheap.ShmHeapError as exc:
+        print(what, type(exc).__name__, exc, flush=True)
+h.close()
+"""
+
+
+def test_destroy_of_a_heap_in_use_names_the_processes(shm_heap_factory: HeapFactory) -> None:
+    heap = shm_heap_factory(arena_size=ARENA)
+    heap.grow()
+    heap.alloc(64)
+    name = heap.name
+    with Child(HOLDER.format(name=name)) as holder:
+        assert holder.line() == "attached"
+        before = shm_leftovers(name)
+        with pytest.raises(shmheap.HeapInUseError, match=rf"pid {holder.pid}\b.*force=True") \
+                as caught:
+            shmheap.destroy(name)
+        assert caught.value.pids == [holder.pid]
+        with pytest.raises(shmheap.HeapInUseError, match=str(holder.pid)):
+            heap.destroy()
+        cli = subprocess.run([sys.executable, "-m", "shmheap", "destroy", name],
+                             capture_output=True, text=True, timeout=120)
+        assert cli.returncode != 0 and str(holder.pid) in cli.stderr and "--force" in cli.stderr
+        assert shm_leftovers(name) == before and not heap.closed, "nothing was removed"
+        assert heap.check() == []
+
+        cli = subprocess.run([sys.executable, "-m", "shmheap", "destroy", "--force", name],
+                             capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 0, cli.stderr
+        assert_no_shm_leftovers(name)
+        holder.send()
+        for what in ("snapshot", "arena", "alloc", "grow"):
+            line = holder.line()
+            assert line.startswith(f"{what} HeapNotFoundError") and "was destroyed" in line, line
+        assert holder.wait() == 0, holder.stderr()
+    heap.close()
+
+
+def test_destroy_force_through_a_handle_and_the_module(shm_heap_factory: HeapFactory) -> None:
+    for destroy in (lambda h: h.destroy(force=True),
+                    lambda h: shmheap.destroy(h.name, force=True)):
+        heap = shm_heap_factory(arena_size=ARENA)
+        with Child(HOLDER.format(name=heap.name)) as holder:
+            assert holder.line() == "attached"
+            destroy(heap)
+            assert_no_shm_leftovers(heap.name)
+            holder.send()
+            assert "was destroyed" in holder.line()
+            holder.kill()
+        heap.close()
+
+
+def test_handles_of_this_process_do_not_keep_it_in_use(shm_heap_factory: HeapFactory) -> None:
+    heap = shm_heap_factory(arena_size=ARENA)
+    with shmheap.Heap.attach(heap.name) as other:
+        heap.destroy()
+        with pytest.raises(shmheap.HeapNotFoundError, match="was destroyed"):
+            other.arena(1) if 1 in other else other.grow()
+    assert_no_shm_leftovers(heap.name)
+
+
+def test_processes_that_exited_do_not_keep_it_in_use(shm_heap_factory: HeapFactory) -> None:
+    heap = shm_heap_factory(arena_size=ARENA)
+    proc = run_child(f"import shmheap; shmheap.Heap.attach({heap.name!r}).alloc(64)")
+    assert proc.returncode == 0, proc.stderr
+    heap.destroy()
+    assert_no_shm_leftovers(heap.name)
+
+
+# -- a Ctrl-C during the lazy numpy import ------------------------------------------------------
+
+INTERRUPTED_IMPORT = """
+import os, signal, sys
+import shmheap
+
+class Interrupter:
+    '''Sends this process SIGINT (Ctrl-C) when numpy starts importing {target}.'''
+    fired = False
+
+    def find_spec(self, name, path=None, target=None):
+        if name == {target!r} and not self.fired:
+            self.fired = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+assert "numpy" not in sys.modules, "numpy is imported lazily"
+hook = Interrupter()
+sys.meta_path.insert(0, hook)
+h = shmheap.Heap.create({name!r}, arena_size=65536)
+try:
+    h.alloc(64)
+    try:
+        {call}
+        print("not interrupted", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted", hook.fired, flush=True)
+    {call}
+    import numpy
+    print("numpy whole", numpy.nonzero([0, 1])[0].tolist(), numpy.matrix is not None, flush=True)
+finally:
+    h.destroy()
+"""
+
+
+@pytest.mark.parametrize(("target", "call"), [
+    ("numpy.linalg", "h.stats()"),  # the bitmap scans (pages.py)
+    ("numpy.lib.format", "h.stats()"),
+    ("numpy.linalg", "h.new_array(3)"),  # typed arrays (arrays.py)
+    ("numpy.lib.format", "h.new_array(3)"),
+])
+def test_ctrl_c_during_the_lazy_numpy_import_leaves_numpy_whole(
+        shm_heap_name: str, target: str, call: str) -> None:
+    proc = run_child(INTERRUPTED_IMPORT.format(name=shm_heap_name, target=target, call=call))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["interrupted True", "numpy whole [1] True"], proc.stdout
+    assert_no_shm_leftovers(shm_heap_name)
