@@ -530,6 +530,8 @@ class Allocator:
         cls = self.classes[c]
         hints = self._summaries.partial(c)
         index = hints.find(1)
+        if index < 0 and hints.heal_lost_marks():  # a marker died between leaf and ancestor
+            index = hints.find(1)
         while index >= 0:
             pages = self.pages_of(index)
             self._journal.begin(PAGES, index)
@@ -999,7 +1001,7 @@ def audit_arena(allocator: Allocator, index: int, note: Note, journaled: bool = 
         else:
             unfixed += 1
     if not unfixed:  # the summary is derived from the metadata: check it once that is right
-        check_summary_leaves(allocator, pages, note)
+        check_summary_leaves(allocator, pages, note, heal)
     return True
 
 
@@ -1016,7 +1018,8 @@ def _heal_partial_hints(allocator: Allocator, pages: ArenaPages) -> None:
             summaries.partial(c).mark(pages.index)
 
 
-def check_summary_leaves(allocator: Allocator, pages: ArenaPages, note: Note) -> None:
+def check_summary_leaves(allocator: Allocator, pages: ArenaPages, note: Note,
+                         heal: bool = False) -> None:
     """The arena's leaves in the free and owned trees against its metadata (lock holder).
 
     The free leaf must be the arena's longest free run (capped); the owned
@@ -1041,10 +1044,15 @@ def check_summary_leaves(allocator: Allocator, pages: ArenaPages, note: Note) ->
               if tree.get(index)]
     for name, tree in trees:
         # In the hint trees (owned, partial) a node set over a row of zeros is no finding:
-        # find() heals it where it meets it (summary.py); a node below its row is one.
-        if not tree.path_is_right(index, hint=name != "free") and note(
-                f"summary-{name}", f"arena {index}: the nodes above its leaf in the {name} "
-                "summary disagree with it (a holder stopped between them)", writable):
+        # find() heals it where it meets it (summary.py).  Nor is a partial leaf's path left
+        # 0 by a marker killed inside the lock-free mark (heal_lost_marks raises it).
+        if tree.path_is_right(index, hint=name != "free"):
+            continue
+        if name == "partial":
+            if heal and writable:
+                tree.fix_path(index)
+        elif note(f"summary-{name}", f"arena {index}: the nodes above its leaf in the {name} "
+                  "summary disagree with it (a holder stopped between them)", writable):
             tree.fix_path(index)
 
 
@@ -1059,18 +1067,21 @@ def check_summary_tree(allocator: Allocator, arenas: set[int], name: str, tree: 
                        note: Note, repair: bool) -> bool:
     """Leaves of indices that are no arena, and every node of the tree (lock holder).
 
-    The owned and partial trees are hints: a node set over a row of zeros
-    (a holder stopped inside ``clear``) only costs a look, and ``find``
-    heals it where it meets it; it is no finding, and a ``repair`` heals it.
-    Returns True if the tree has such nodes.
+    The owned and partial trees are hints that heal themselves: a node set
+    over a row of zeros (a holder stopped inside ``clear``) only costs a
+    look, and ``find`` lowers it where it meets it; a node left 0 over a set
+    leaf (a marker killed inside ``mark``) is raised by the next holder
+    whose ``find`` comes back empty (``heal_lost_marks``).  Neither is a
+    finding, and a ``repair`` heals both.  Returns True if the tree has such
+    nodes.
     """
     hint = name != "free"
     stray = [i for i in tree.nonzero_leaves() if i not in arenas]
     problems = [f"leaf {i} is set, but {i} is no arena" for i in stray[:3]]
     wrong = tree.wrong_nodes()
-    stale = hint and any(value > want for _level, _node, value, want in wrong)
+    stale = hint and bool(wrong)
     problems += [f"level {level} node {node} is {value}, its children's maximum {want}"
-                 for level, node, value, want in wrong if not (hint and value > want)]
+                 for level, node, value, want in wrong if not hint]
     reported = bool(problems) and note(f"summary-{name.split('(')[0]}", f"the {name} summary: "
                                        + "; ".join(problems[:3]), not allocator.readonly)
     if reported or (repair and not allocator.readonly and stale):

@@ -49,7 +49,7 @@ import dataclasses
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from . import giant
+from . import giant, walker
 from .allocator import HELD, ORPHAN, holder_of
 from .control import PAGES
 from .lock import deadline_of
@@ -132,21 +132,31 @@ def _alive(allocator: Allocator, word: int, known: dict[int, bool]) -> bool:
 
 
 def owner_bytes(allocator: Allocator, timeout: float | None = None) -> dict[str, OwnerBytes]:
-    """Live objects and bytes per holder (``owner_name``), each arena read under the lock."""
-    deadline = deadline_of(timeout)
+    """Live objects and bytes per holder (``owner_name``), read by a walk with no lock.
+
+    A display figure (``shmheap info``, ``top``): an object allocated, freed
+    or handed over during the walk may be counted either way.
+    """
     known: dict[int, bool] = {}
     totals: dict[int, OwnerBytes] = {}
-
-    def count(pages: ArenaPages) -> None:
-        for _start, _c, _slot, word, size, bound in _objects_of(allocator, pages):
+    for span in walker.walk(allocator, deadline_of(timeout)):
+        pages = allocator.pages_of(span.arena)
+        a0 = span.address - pages.base
+        if not span.size_class:
+            start = a0 >> pages.page_shift
+            held = [(pages.holder[start], pages.state[start] > RELEASING)]
+        else:
+            cls = allocator.classes[span.size_class]
+            data = pages.data
+            slots = [(ref - pages.base - a0 - cls.objects_at) // cls.size for ref in span.objects]
+            at = a0 + cls.holder_at
+            held = [(int.from_bytes(data[at + 4 * k:at + 4 * k + 4], "little"), data[a0 + k] > 1)
+                    for k in slots if 0 <= k < cls.nelems]
+        for word, bound in held:
             total = totals.setdefault(HELD if bound else word, OwnerBytes())
             total.objects += 1
-            total.bytes += size
+            total.bytes += span.object_size
             total.alive = bound or word == HELD or _alive(allocator, word, known)
-
-    for index in allocator.heap.snapshot(timeout):
-        pages = allocator.pages_of(index)
-        allocator._lock.run(lambda pages=pages: count(pages), deadline)  # type: ignore[misc]
     return {owner_name(word): total for word, total in sorted(totals.items())}
 
 

@@ -92,7 +92,8 @@ def assert_no_shm_leftovers(name: str) -> None:
 
 
 def discard(name: str, *heaps: Heap) -> None:
-    """Close ``heaps`` (handles on heap ``name``) and destroy the heap if it still exists."""
+    """Close ``heaps`` (handles on heap ``name``) and destroy the heap if it still exists
+    (``force``: a worker the test left attached does not keep it)."""
     for heap in heaps:
         heap.close()
     with contextlib.suppress(HeapNotFoundError):

@@ -222,6 +222,22 @@ class ByteTree:
             yield levels[level], index, max(levels[level - 1][row_start:row_start + FANOUT]
                                             .tobytes())
 
+    def heal_lost_marks(self) -> bool:
+        """Raise every node below a set leaf of its subtree; True if one was (lock holder).
+
+        A ``mark`` stopped by death between its leaf and the leaf's ancestors
+        leaves a set leaf that ``find`` cannot see.  A holder whose ``find``
+        came back empty calls this: it reads only the leaf pages that have
+        memory and the paths of the set leaves, so it costs little while few
+        leaves are set.
+        """
+        healed = False
+        for leaf in self.nonzero_leaves():
+            if not self.path_is_right(leaf, hint=True):
+                self.fix_path(leaf)
+                healed = True
+        return healed
+
     def mark(self, leaf: int) -> None:
         """Set a 0/1 tree's leaf and its ancestors to 1, bottom up (any process, no lock).
 

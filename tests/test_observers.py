@@ -222,6 +222,30 @@ def test_a_holder_killed_inside_clear_leaves_nothing_check_reports(
     assert heap.check() == []
 
 
+def test_a_mark_lost_above_its_leaf_heals_at_the_next_refill(heap: shmheap.Heap) -> None:
+    """A free whose marker died between the partial leaf and its ancestors (only SIGKILL
+    can land there: the stores are one run of C calls) leaves a hint find() cannot see."""
+    allocator = heap._objects()
+    c = allocator.lookup[(3000 + 15) >> 4]
+    per = allocator.classes[c].nelems
+    refs = [heap.alloc(3000) for _ in range(2 * per + 2)]  # two spans filled and given up
+    for ref in refs[:per]:
+        heap.free(ref)                                     # the first: unowned and empty
+    hints = allocator._summaries.partial(c)
+    index = hints.find(1)
+    assert index >= 0
+    for number, level in enumerate(hints._levels[1:], 1):
+        level[index // 64 ** number] = 0  # as if the marker died right after the leaf
+    assert hints.find(1) == -1 and hints.wrong_nodes()
+    assert heap.check() == [], "a lost mark is a hint to heal, no finding"
+    more = [heap.alloc(3000) for _ in range(per)]          # the next refill heals and adopts
+    assert hints.wrong_nodes() == []
+    assert heap.info().arenas == len(heap.snapshot())
+    assert heap.check() == []
+    for ref in more + refs[per:]:
+        heap.free(ref)
+
+
 def test_a_stale_hint_is_no_finding_and_repair_heals_it(heap: shmheap.Heap) -> None:
     index = heap.grow().index
     hints = heap._objects()._summaries.partial(1)

@@ -3,12 +3,13 @@
 A run creates a fresh heap and starts worker processes: writers, churners,
 readers and movers, whose roles and checks are in stress_roles.py.  Workers fork
 from a warm ``multiprocessing`` forkserver that has imported shmheap
-(``warm_forkserver``), so a worker's start to its first operation takes
-milliseconds where a spawned interpreter takes over 100 ms (``--mix``'s
-pure-Python workers are still spawned: the forkserver has imported the
-parent's core).  Each worker counts its operations and checks in its slot of
-a shared tally (stress_tally.py) as it does them, so a worker killed after a
-few operations still counts what it did.
+(``warm_forkserver``), so starting a worker costs a fork, not a fresh
+interpreter and shmheap's import (over 100 ms of CPU); the summary gives
+each replacement's start to first operation (``--mix``'s pure-Python
+workers are still spawned: the forkserver has imported the parent's core).
+Each worker counts its operations and checks in its slot of a shared tally
+(stress_tally.py) as it does them, so a worker killed after a few operations
+still counts what it did.
 
 With ``kill_rate`` kills fall due at the times of a Poisson process of that
 rate; each SIGKILLs a random worker that has begun its first operation and

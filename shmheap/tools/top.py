@@ -10,8 +10,8 @@ Each refresh takes one ``Sample``:
 * the attached processes, read from the liveness slots without a lock
   (``liveness.probe_attachments``);
 * with the allocator, ``heap.stats()``: one more snapshot, then the arenas'
-  page metadata read with no lock; and ``heap.bytes_by_owner()``: the
-  objects' holder words, each arena read in one lock hold.
+  page metadata read with no lock; and ``heap.bytes_by_owner()``: another
+  walk, reading the objects' holder words with no lock.
 
 top attaches ``readonly=True`` and writes nothing to the heap but what every
 attacher writes: its own liveness slot, and the owner record while it holds
