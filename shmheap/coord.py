@@ -33,8 +33,11 @@ Queue items are *nodes*, heap objects (allocator.py) of 24 bytes and the item:
 pickle), ``token`` (the liveness token of its leaser).  A queue is a singly
 linked list head -> tail; leased nodes are in a second list (any order).  A
 node is its queue's from the put that links it (``owners.hold_locked``, in
-that put's undo record), and a counter's cells and a barrier's tokens are
-their structure's, so ``heap.reclaim()`` leaves them alone.
+that put's undo record) until a get or a lease's end hands it to the taker
+(``owners.adopt_locked``, the op's last store; its undo makes it the queue's
+again), and a counter's cells and a barrier's tokens are their structure's,
+so ``heap.reclaim()`` leaves them alone while they are held and frees a
+taken node whose taker died before it freed it.
 
 Kill safety.  Every change of more than one word runs under the heap lock as
 an *undo* record: before its first store the lock holder copies the
@@ -137,6 +140,9 @@ _ARRIVED, _GENERATION, _BROKEN, _TOKENS = 10, 11, 12, 13
 # saved next words, the node a put was linking and the token of the process doing it
 _I_RECORD, _I_OP, _I_SAVED = 8, 9, slice(10, 16)
 _I_NODE_A, _I_NEXT_A, _I_NODE_B, _I_NEXT_B, _I_FREE, _I_OWNER = 16, 17, 18, 19, 20, 21
+#: the node the queue holds again when the op is undone (a get or an acknowledgement hands
+#: its node to the taker as its last step: owners.adopt_locked)
+_I_HOLD = 22
 OP_PUT, OP_TAKE, OP_LEASE, OP_ACK, OP_RETURN, OP_BARRIER, OP_MAKE = 1, 2, 3, 4, 5, 6, 7
 OP_NAMES = {OP_PUT: "putting an item on", OP_TAKE: "taking an item from",
             OP_LEASE: "leasing an item of", OP_ACK: "acknowledging a lease of",
@@ -420,7 +426,7 @@ class CoordTable:
     # -- changes under the lock: the intent, the futex word ----------------------------------
 
     def begin(self, record: int, op: int, node_a: int = 0, node_b: int = 0,
-              free: int = 0) -> None:
+              free: int = 0, hold: int = 0) -> None:
         """Save what ``op`` of ``record`` may change, then journal it (lock held)."""
         words = self.words
         b = self.base(record)
@@ -432,6 +438,7 @@ class CoordTable:
         words[_I_NODE_B] = node_b
         words[_I_NEXT_B] = self.node(node_b)[_NEXT] if node_b else 0
         words[_I_FREE] = free
+        words[_I_HOLD] = hold
         words[_I_OWNER] = self.heap._live.token  # type: ignore[union-attr]
         self.heap._journal.begin(control.COORD, record, op)
 
@@ -472,6 +479,8 @@ class CoordTable:
         for node, saved in ((_I_NODE_A, _I_NEXT_A), (_I_NODE_B, _I_NEXT_B)):
             if words[node]:
                 self.node(int(words[node]))[_NEXT] = words[saved]
+        if words[_I_HOLD]:  # back in the queue: the queue's again, whoever had taken it
+            owners.hold_locked(self.allocator, int(words[_I_HOLD]))
         orphan = int(words[_I_FREE])
         live = self.heap._live
         assert live is not None
@@ -705,6 +714,7 @@ class Queue:
         except TimeoutError:
             raise queue_module.Empty from None
         if not lease:
+            crash.reach("coord.taken")
             table.allocator.free(node)
         return node, item
 
@@ -730,7 +740,7 @@ class Queue:
             following = int(header[_NEXT])
             item = table.load(node)
             table.begin(self._record, OP_LEASE if lease else OP_TAKE,
-                        node_a=node if lease else 0)
+                        node_a=node if lease else 0, hold=0 if lease else node)
             words[b + _HEAD] = following
             if not following:
                 words[b + _TAIL] = 0
@@ -741,6 +751,8 @@ class Queue:
                 words[b + _LEASES] = node
                 words[b + _LEASED] += 1
             words[b + _COUNT] = count - 1
+            if not lease:  # the getter's now: if it dies before it frees it, reclaim() does
+                owners.adopt_locked(table.allocator, node)
             table.end(self._record)
         return node, item
 
@@ -776,7 +788,8 @@ class Queue:
             return None
         at = leases.index(node)
         prev = leases[at - 1] if at else 0
-        table.begin(self._record, op, node_a=prev, node_b=node if op == OP_RETURN else 0)
+        table.begin(self._record, op, node_a=prev, node_b=node if op == OP_RETURN else 0,
+                    hold=node if op == OP_ACK else 0)
         header = table.node(node)
         if prev:
             table.node(prev)[_NEXT] = header[_NEXT]
@@ -811,6 +824,7 @@ class Queue:
             if self._unlink_lease(node, OP_ACK) is None:
                 return  # given back already (this handle was closed and seen dead)
             crash.reach("coord.acked")
+            owners.adopt_locked(table.allocator, node)  # (as a get's: reclaim() frees it)
             table.end(self._record)
             table.allocator.free(node)
 

@@ -90,6 +90,8 @@ CRASH_POINTS: dict[str, str] = {
                     "updated",
     "coord.unlinked": "a get's or lease's node unlinked from the queue's head, the count (and "
                       "lease list) not yet updated",
+    "coord.taken": "a get's node handed to the getter (its owner now) and the journal cleared, "
+                   "the node not yet freed (no lock held)",
     "coord.unleased": "a leased node taken out of the lease list, not yet back at the queue's "
                       "head",
     "coord.acked": "a finished lease's node taken out of the lease list, journal not yet "

@@ -309,6 +309,22 @@ def test_a_party_killed_while_waiting_breaks_the_barrier(heap: shmheap.Heap) -> 
     join_all([other])
 
 
+def test_reclaim_frees_what_dead_getters_took_never_what_a_queue_holds(
+        heap: shmheap.Heap) -> None:
+    putter = run_child(f"""
+        import shmheap
+        h = shmheap.Heap.attach({heap.name!r})
+        q = h.queue("q")
+        for item in ("a", "b", "c"):
+            q.put(item)
+        q.get()
+        """)  # then it is gone: its nodes are the queue's (coord.taken: a dead getter's)
+    assert putter.returncode == 0, putter.stderr
+    assert heap.reclaim().objects == 0, "queued items are the queue's, whoever put them"
+    assert drain(heap.queue("q")) == ["b", "c"]
+    assert heap.check() == []
+
+
 def test_a_lock_holder_killed_inside_a_queue_op_blocks_nobody(heap: shmheap.Heap) -> None:
     q = heap.queue("q")
     q.put("kept")
@@ -333,6 +349,8 @@ KILLS = {
                         "h.queue('new').put(1); assert h.queue('new').get() == 1"),
     "coord.linked": ("q.put('a')", "q.put(b'large' * 20000)", "assert drain(q) == ['a']"),
     "coord.unlinked": ("q.put('a'); q.put('b')", "q.get()", "assert drain(q) == ['a', 'b']"),
+    "coord.taken": ("q.put('a'); q.put('b')", "q.get()",
+                    "assert drain(q) == ['b'] and h.reclaim().objects == 1  # the dead getter's"),
     "coord.unleased": ("q.put('a')", "with q.lease():\n    raise ValueError",
                        "assert q.get(timeout=PATIENCE) == 'a'"),
     "coord.acked": ("q.put('a')", "with q.lease():\n    pass",

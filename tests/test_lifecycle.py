@@ -126,6 +126,33 @@ def test_a_saved_alloc_never_hands_out_what_another_handle_owns(
         other.close()
 
 
+LOCK_HOLDER = """
+import sys, shmheap
+h = shmheap.Heap.attach({name!r})
+with h.locked():
+    print("holding", flush=True)
+    sys.stdin.readline()
+h.close()
+"""
+
+
+def test_close_does_not_wait_for_ever_on_a_lock_another_process_holds(
+        shm_heap_factory: HeapFactory) -> None:
+    heap = shm_heap_factory(arena_size=ARENA)
+    other = shmheap.Heap.attach(heap.name)
+    kept = other.alloc(64)  # a cached span to give back
+    with Child(LOCK_HOLDER.format(name=heap.name)) as holder:
+        assert holder.line() == "holding"
+        other.close()  # cannot give the span back now: it goes back as a dead owner's does
+        assert other.closed
+        holder.send()
+        assert holder.wait() == 0, holder.stderr()
+    assert heap.check(repair=True) == [], "the closed handle's span is garbage, no finding"
+    assert heap.stats().cached_spans == 0
+    heap.free(kept)
+    assert heap.check() == []
+
+
 def test_a_block_open_across_close_is_released_by_it(shm_heap: shmheap.Heap) -> None:
     block = shm_heap.locked()
     with block:

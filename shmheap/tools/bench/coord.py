@@ -175,6 +175,16 @@ def _call(kind: str, target: Any, tag: str, forever: bool, running: Any) -> None
 # -- measurements ----------------------------------------------------------------------------
 
 
+def _let_go(*things: Any) -> None:
+    """Close processes and multiprocessing queues this bench is done with (their pipes are
+    descriptors of this process); a queue's feeder is not waited for (a kill may block it)."""
+    for thing in things:
+        if hasattr(thing, "cancel_join_thread"):
+            thing.cancel_join_thread()
+        if hasattr(thing, "close"):
+            thing.close()
+
+
 def _timed_rounds(step: Callable[[], object], n: int) -> float:
     """p50 ns of ``n`` calls of ``step``, each timed alone (a busy machine's stalls land in
     the tail, not in every batch's mean)."""
@@ -219,6 +229,7 @@ def round_trips(heap: Heap, n: int) -> dict[str, float]:
         worker.join(60)
         if worker.exitcode != 0:
             raise BenchError(f"coord bench: the {label} echo worker exited {worker.exitcode}")
+        _let_go(worker, *((a, b) if name is None else ()))
     for label, barrier in (("barrier shmheap", heap.barrier("rounds", 2)),
                            ("barrier mp.Barrier", ctx.Barrier(2))):
         target = heap.name if label.endswith("shmheap") else barrier
@@ -230,6 +241,7 @@ def round_trips(heap: Heap, n: int) -> dict[str, float]:
         worker.join(60)
         if worker.exitcode != 0:
             raise BenchError(f"coord bench: the {label} worker exited {worker.exitcode}")
+        _let_go(worker)
     return results
 
 
@@ -264,7 +276,9 @@ def throughput(heap: Heap, items: int, sides: int, kind: str, tag: str) -> float
         worker.join(600)
         if worker.exitcode != 0:
             raise BenchError(f"coord bench: a {kind} throughput worker exited {worker.exitcode}")
-    return each * sides / (time.perf_counter() - began)
+    rate = each * sides / (time.perf_counter() - began)
+    _let_go(*workers, *(() if kind == "shmheap" else (target,)))
+    return rate
 
 
 def survives(heap: Heap, kind: str, peer: str, trial: int, rng: random.Random) -> bool:
@@ -296,7 +310,9 @@ def survives(heap: Heap, kind: str, peer: str, trial: int, rng: random.Random) -
     if alive:
         checker.kill()
         checker.join()
-    return not alive and checker.exitcode == 0
+    survived = not alive and checker.exitcode == 0
+    _let_go(victim, checker, *(() if peer == "shmheap" else (target,)))
+    return survived
 
 
 SURVIVAL_CASES = (("queue", "shmheap"), ("queue", "queue"), ("simple", "simple"),
