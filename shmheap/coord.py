@@ -96,6 +96,7 @@ from .errors import (
     InvalidNameError,
     InvalidParameterError,
     QueueClosedError,
+    ReadOnlyError,
     ShmHeapError,
 )
 from .lock import LockedBlock, deadline_of
@@ -116,6 +117,8 @@ HEADER_SIZE = PAGE_SIZE
 SIZE = HEADER_SIZE + RECORDS * RECORD_SIZE
 #: Longest sleep of a waiter before it looks again (dead leasers, dead parties, lost wakes).
 SLICE = 0.05
+#: First pause of a read-only handle's Event.wait, which looks at the flag in growing pauses.
+FIRST_LOOK = 0.001
 #: Seconds between two looks for dead leasers while a queue is not empty.
 SCAN_INTERVAL = 0.05
 #: Largest item payload a node may say it holds (the heap's address space bounds it anyway).
@@ -225,6 +228,9 @@ def _open_or_create(heap: AttachedHeap) -> segments.Segment:
     try:
         seg = segments.open_existing(name, readonly=heap.readonly, expect_size=SIZE)
     except (HeapNotFoundError, HeapCorruptError) as exc:
+        if isinstance(exc, HeapNotFoundError) and heap.readonly:
+            raise ReadOnlyError(f"heap {heap.name!r} has no queue, event, counter or barrier "
+                                "yet, and a read-only handle makes none") from None
         if heap.readonly or isinstance(exc, segments.ForeignObjectError):
             raise
     else:
@@ -346,6 +352,7 @@ class CoordTable:
         check_structure_name(name)
         record = self.find(name)
         if record is None:
+            self.heap._check_writable(f"making the {KIND_NAMES[kind]} {name!r}")
             extra = make_extra() if make_extra is not None else 0
             try:
                 record = self._make(name, kind, param, extra)
@@ -836,7 +843,12 @@ class Queue:
 
 
 class Event:
-    """A kill-safe event of the heap (``heap.event(name)``), as ``threading.Event``."""
+    """A kill-safe event of the heap (``heap.event(name)``), as ``threading.Event``.
+
+    A read-only handle may open an event that exists, to look at it
+    (``is_set``, and ``wait``, which then looks in growing pauses of up to
+    ``SLICE``: a read-only mapping has no word to sleep on).
+    """
 
     def __init__(self, table: CoordTable, name: str) -> None:
         self.name = name
@@ -860,6 +872,7 @@ class Event:
 
     def _store(self, value: int) -> None:
         table = self._table
+        table.heap._check_writable("Event.set() and clear()")
         with table.locked(None):
             table.words[self._flag] = value
             crash.reach("coord.flag_stored")
@@ -870,6 +883,15 @@ class Event:
         deadline = deadline_of(timeout)
         table = self._table
         words, flag = table.words, self._flag
+        if table.heap.readonly:  # no writable word to sleep on: look in growing slices
+            pause = FIRST_LOOK
+            while not words[flag]:
+                left = SLICE if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                time.sleep(min(pause, left))
+                pause = min(2 * pause, SLICE)
+            return True
 
         def attempt() -> Any:
             if words[flag]:

@@ -446,8 +446,11 @@ class Heap(AttachedHeap):
 
     @serialised
     def event(self, name: str) -> coord.Event:
-        """The event ``name`` of this heap (``set``, ``clear``, ``is_set``, ``wait``)."""
-        return coord.Event(self._coordination(write=True), name)
+        """The event ``name`` of this heap (``set``, ``clear``, ``is_set``, ``wait``).
+
+        A read-only handle may open an existing event to look at it.
+        """
+        return coord.Event(self._coordination(), name)
 
     @serialised
     def counter(self, name: str) -> coord.Counter:

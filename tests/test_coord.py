@@ -139,10 +139,19 @@ def test_structures_are_found_by_name_and_kind(heap: shmheap.Heap) -> None:
     assert heap.check() == []
 
 
-def test_a_readonly_handle_gets_no_structures(heap: shmheap.Heap) -> None:
+def test_a_readonly_handle_only_looks_at_events(heap: shmheap.Heap) -> None:
     with shmheap.Heap.attach(heap.name, readonly=True) as ro:
         with pytest.raises(shmheap.ReadOnlyError):
             ro.queue("q")
+        with pytest.raises(shmheap.ReadOnlyError):
+            ro.event("e")  # it cannot make one
+        heap.event("e")
+        seen = ro.event("e")
+        assert not seen.is_set() and seen.wait(timeout=0.01) is False
+        with pytest.raises(shmheap.ReadOnlyError):
+            seen.set()
+        heap.event("e").set()
+        assert seen.is_set() and seen.wait(timeout=PATIENCE)
         assert ro.check() == []
 
 

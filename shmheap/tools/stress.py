@@ -27,7 +27,9 @@ but those a kill legitimately leaves (``TOLERATED_AFTER_KILL``) as a
 violation.  A check holds the heap lock while it opens every arena, which
 shows in the maximum latencies of such runs.
 
-At the end the parent stops the workers, checks the heap once more, verifies
+At the end the parent stops the workers (it sets the heap's stop event, which
+each worker looks at after every step, and says stop on their pipes, which
+wakes those that pause), checks the heap once more, verifies
 that the final snapshot holds every arena the writers reported and that
 each still has its segment (none lost), that every stamp is right and that
 the objects live in the heap are exactly those the workers that stopped
@@ -98,6 +100,7 @@ from .stress_roles import (
     DONE_QUEUE,
     ROLES,
     STAMP_MAGIC,
+    STOP_EVENT,
     WORK_QUEUE,
     Go,
     Handoff,
@@ -620,9 +623,11 @@ class StressRun:
         config = self.config
         with Live(config.progress, line=True, plain_every=PLAIN_EVERY,
                   refresh=REFRESH) as show:
+            stop = heap.event(STOP_EVENT)  # made before any worker looks for it
             self.started = self.fleet.start(config.roles(), config.duration, config.paced)
             self._run_phase(heap, show)
             self.elapsed = time.monotonic() - self.started
+            stop.set()
             self.fleet.stop()
         return self._verify(heap)
 

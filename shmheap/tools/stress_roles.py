@@ -58,8 +58,11 @@ attaches the run's heap and plays one role:
 
 A worker counts its operations and checks in its slot of the run's tally
 (stress_tally.py) as it does them, so a worker killed after a few
-operations still counts what it did and verified.  Everything else goes
-over its pipe: workers talk to the parent over one pipe each rather than a
+operations still counts what it did and verified.  The stop signal is an
+event of the heap itself (``STOP_EVENT``, coord.py): the parent sets it and
+every worker looks at it after each step (the parent also says stop on the
+pipes, to wake a worker that pauses).  Everything else goes over its pipe:
+workers talk to the parent over one pipe each rather than a
 shared queue: a worker SIGKILLed while writing to a shared queue would
 corrupt it for all, while a torn message on its own pipe only ends that pipe.  The parent sends
 ``Go``, ``Handoff`` (to churners) and ``"stop"``; a worker sends ``"ready"``,
@@ -107,6 +110,7 @@ from typing import ClassVar
 
 from .. import core, segments
 from ..allocator import ALIGN
+from ..coord import Event
 from ..errors import (
     AddressSpaceExhaustedError,
     ArenaCollisionError,
@@ -121,6 +125,8 @@ from .stress_tally import Counts, Tally
 BREAK_ENV = "SHMHEAP_STRESS_BREAK_CHECK"
 #: The movers' queues, and the share of a mover's steps that put a new item.
 WORK_QUEUE = "stress.work"
+#: The heap event the parent sets to stop the run (every worker looks at it after each step).
+STOP_EVENT = "stress.stop"
 DONE_QUEUE = "stress.done"
 PUT_SHARE = 0.5
 #: Seconds between a worker's reports.
@@ -757,7 +763,7 @@ def worker_main(kind: str, name: str, wid: int, seed: int, conn: Connection, tal
             if isinstance(go, Go):
                 role = role_class(heap, random.Random(seed), report, counts, go)
                 counts.working(time.monotonic_ns())
-                _work(role, report, conn)
+                _work(role, report, conn, heap.event(STOP_EVENT))
                 role.finish()
     except Exception as exc:  # the worker's boundary: whatever ended it goes to the parent
         report.error = f"{type(exc).__name__}: {exc}"
@@ -766,8 +772,9 @@ def worker_main(kind: str, name: str, wid: int, seed: int, conn: Connection, tal
     conn.close()
 
 
-def _work(role: Role, report: WorkerReport, conn: Connection) -> None:
-    """Step until the parent says stop, reporting every REPORT_INTERVAL (and at once after
+def _work(role: Role, report: WorkerReport, conn: Connection, stop: Event) -> None:
+    """Step until the parent sets the heap's event ``stop`` (or says stop on the pipe, which
+    also wakes a worker that pauses), reporting every REPORT_INTERVAL (and at once after
     a violation with an example, so that a worker killed right after one says what it was).
 
     A role's messages are sent after every step (new arenas as a list of
@@ -786,6 +793,9 @@ def _work(role: Role, report: WorkerReport, conn: Connection) -> None:
             conn.send(report)
             examples = len(report.examples)
             next_report = now + REPORT_INTERVAL
+        if stop.is_set():
+            _inbox(role, conn, None)  # the handoffs relayed before the pipe's stop are ours
+            return
         if _inbox(role, conn, None if pause == math.inf else max(pause, 0)):
             return
 
