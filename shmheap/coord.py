@@ -143,11 +143,10 @@ _I_NODE_A, _I_NEXT_A, _I_NODE_B, _I_NEXT_B, _I_FREE, _I_OWNER = 16, 17, 18, 19, 
 #: the node the queue holds again when the op is undone (a get or an acknowledgement hands
 #: its node to the taker as its last step: owners.adopt_locked)
 _I_HOLD = 22
-OP_PUT, OP_TAKE, OP_LEASE, OP_ACK, OP_RETURN, OP_BARRIER, OP_MAKE = 1, 2, 3, 4, 5, 6, 7
+OP_PUT, OP_TAKE, OP_LEASE, OP_ACK, OP_RETURN, OP_BARRIER = 1, 2, 3, 4, 5, 6
 OP_NAMES = {OP_PUT: "putting an item on", OP_TAKE: "taking an item from",
             OP_LEASE: "leasing an item of", OP_ACK: "acknowledging a lease of",
-            OP_RETURN: "giving back a lease of", OP_BARRIER: "arriving at",
-            OP_MAKE: "making"}
+            OP_RETURN: "giving back a lease of", OP_BARRIER: "arriving at"}
 
 # node words
 _NEXT, _TAG, _TOKEN = 0, 1, 2
