@@ -157,6 +157,7 @@ ALIGN = 16
 HOLDER_SIZE = 4
 #: holder words of no process: a structure (a root, a queue) holds the object; nobody does
 HELD, ORPHAN = 0, 0xFFFF << 16
+_HELD_WORD = HELD.to_bytes(HOLDER_SIZE, "little")
 _T = TypeVar("_T")
 
 
@@ -865,6 +866,25 @@ class Allocator:
         a0 = start << self.page_shift
         return bool(bytes(pages.data[a0:a0 + self.classes[c].nelems]).translate(None, _UNBOUND))
 
+    def holds_kept(self, pages: ArenaPages, start: int, c: int) -> bool:
+        """True if the span at ``start`` (of class ``c``) holds an object that a sweep must
+        keep whatever its mark: one that roots are bound to, or one that a structure of the
+        heap (a queue's node, a counter's cell) holds, whose holder word is ``HELD``."""
+        if self.holds_roots(pages, start, c):
+            return True
+        if not c:
+            return pages.holder[start] == HELD
+        return c < len(self.classes) and bool(self.held_slots(pages, start, self.classes[c]))
+
+    def held_slots(self, pages: ArenaPages, start: int, cls: SizeClass) -> set[int]:
+        """Slots of the small span at ``start`` whose allocated object a structure holds."""
+        a0 = start << self.page_shift
+        alloc = bytes(pages.data[a0:a0 + cls.nelems])
+        h0 = a0 + cls.holder_at
+        holders = bytes(pages.data[h0:h0 + HOLDER_SIZE * cls.nelems])
+        return {k for k, byte in enumerate(alloc)
+                if byte and holders[HOLDER_SIZE * k:HOLDER_SIZE * (k + 1)] == _HELD_WORD}
+
     # -- ownership (lock holder) ---------------------------------------------------------
 
     def disown_locked(self, pages: ArenaPages, start: int) -> bool:
@@ -889,8 +909,8 @@ class Allocator:
             return True
         marks = bytes(pages.data[a0 + cls.nelems:a0 + 2 * cls.nelems])
         if (int.from_bytes(alloc, "little") & int.from_bytes(marks, "little")
-                or alloc.translate(None, _UNBOUND)):
-            pages.set_mark(start)  # a marked object, or one that roots are bound to
+                or self.holds_kept(pages, start, c)):
+            pages.set_mark(start)  # a marked object, or one that a root or a structure holds
         pages.owner[start] = 0
         crash.reach("cache.released")
         if 0 in alloc:

@@ -34,8 +34,10 @@ Mark and sweep (Go's mark bits and fast free-page reclaim)
     lock because no span is freed in that phase, while here any process may
     free and remake a span at any time.  A span holding an object that roots
     are bound to (roots.py: its alloc byte above 1, or a large object's state
-    byte above RELEASING) gets its pageMarks bit back in the same hold: bound
-    objects are the roots of every cycle.  ``mark(ref)`` stores 1 into the
+    byte above RELEASING) or that a structure of the heap holds (coord.py: a
+    queue's node, a counter's cell, whose holder word is ``HELD``) gets its
+    pageMarks bit back in the same hold: such objects are the roots of every
+    cycle.  ``mark(ref)`` stores 1 into the
     object's mark byte and, if its span's pageMarks bit is not yet set, sets
     it under the lock (a bit is a read-modify-write, see pages.py).
     Objects allocated after ``start_cycle()`` returns are born marked (the
@@ -53,7 +55,8 @@ Mark and sweep (Go's mark bits and fast free-page reclaim)
       and mark byte 0 (alloc read before mark, so an object the owner is
       allocating right now is seen marked), with one store per object, and
       frees the span itself if it is unowned and left empty.  An alloc byte
-      above 1 is a bound object: never freed.
+      above 1 is a bound object, a ``HELD`` holder word a structure's: never
+      freed.
 
     Spans cached by dead processes are reclaimed (allocator.py) before the
     first chunk, so they are swept like any unowned span.
@@ -92,7 +95,7 @@ from .pages import RELEASED, RELEASING, ArenaPages, Giant, bits_set, positions, 
 from .summary import nonzero_positions
 
 if TYPE_CHECKING:
-    from .allocator import Allocator
+    from .allocator import Allocator, SizeClass
 
 #: Cycle numbers run 1..MAX_CYCLE, then start at 1 again.
 MAX_CYCLE = 1 << 63
@@ -321,7 +324,7 @@ def start_cycle(allocator: Allocator, deadline: float | None = None) -> int:
                 nelems = allocator.classes[c].nelems
                 m0 = (start << pages.page_shift) + nelems
                 pages.data[m0:m0 + nelems] = bytes(nelems)
-            if allocator.holds_roots(pages, start, c):
+            if allocator.holds_kept(pages, start, c):
                 pages.set_mark(start)
 
     cycle, snap = lock.run(begin, deadline, write=True)
@@ -417,7 +420,7 @@ def sweep_arena(allocator: Allocator, pages: ArenaPages,
         if not 0 < c < len(allocator.classes):
             continue
         cls = allocator.classes[c]
-        freed, left = _sweep_objects(pages, start, cls.nelems)
+        freed, left = _sweep_objects(allocator, pages, start, cls)
         freed_objects += freed
         freed_bytes += freed * cls.size
         if unowned and not left:
@@ -431,8 +434,11 @@ def sweep_arena(allocator: Allocator, pages: ArenaPages,
     return report
 
 
-def _sweep_objects(pages: ArenaPages, start: int, nelems: int) -> tuple[int, int]:
-    """Free the unmarked objects of a small span; (objects freed, objects left)."""
+def _sweep_objects(allocator: Allocator, pages: ArenaPages, start: int,
+                   cls: SizeClass) -> tuple[int, int]:
+    """Free the unmarked objects of a small span that no structure holds; (objects freed,
+    objects left)."""
+    nelems = cls.nelems
     data = pages.data
     a0 = start << pages.page_shift
     alloc = bytes(data[a0:a0 + nelems])  # before the marks: see the module docstring
@@ -443,6 +449,9 @@ def _sweep_objects(pages: ArenaPages, start: int, nelems: int) -> tuple[int, int
     if not garbage:
         return 0, live
     doomed = positions(garbage.to_bytes(nelems, "little"), 1)
+    if doomed:
+        held = allocator.held_slots(pages, start, cls)
+        doomed = [slot for slot in doomed if slot not in held]
     for slot in doomed:
         data[a0 + slot] = 0
     return len(doomed), live - len(doomed)
@@ -456,13 +465,13 @@ def _free_spans(allocator: Allocator, pages: ArenaPages, whole: list[int],
     if whole[:1] == [0] and pages.giant() is not None:  # a giant object: its own journal
         whole = whole[1:]
         if (giant.made(pages) is not None and not pages.marked(0)
-                and not allocator.holds_roots(pages, 0, 0)):
+                and not allocator.holds_kept(pages, 0, 0)):
             npages += giant.free_locked(allocator, pages)
             spans += 1
     journal.begin(PAGES, pages.index)
     for start in whole:
         if (pages.in_use(start) and not pages.owner[start] and not pages.marked(start)
-                and not allocator.holds_roots(pages, start, pages.sclass[start])):
+                and not allocator.holds_kept(pages, start, pages.sclass[start])):
             npages += pages.release(start)
             spans += 1
     for start in empty:

@@ -392,3 +392,21 @@ raise SystemExit("crash point {point} was never reached")
         pass  # adopts the dead holder's lock, undoes what the journal names
     exec(then, {"h": h, "q": q or heap.queue("q"), "drain": drain, "PATIENCE": PATIENCE})
     assert heap.check() == []
+
+
+def test_a_sweep_keeps_what_the_structures_hold(heap: shmheap.Heap) -> None:
+    q = heap.queue("q")
+    items = ["small", b"y" * 40000, {"k": list(range(100))}]
+    for item in items:
+        q.put(item)
+    counter = heap.counter("c")
+    counter.add(5)
+    garbage = heap.alloc(64)  # unmarked, unrooted, held by nothing: the sweep's
+    heap.start_cycle()
+    report = heap.sweep()
+    assert report.objects_freed + report.spans_freed >= 1, "the unmarked object was not swept"
+    with pytest.raises(shmheap.ShmHeapError):
+        heap.size_of(garbage)
+    assert drain(q) == items
+    assert counter.value == 5
+    assert heap.check() == []
