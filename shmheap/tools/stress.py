@@ -1219,7 +1219,8 @@ def _rows(report: dict[str, Any]) -> Iterator[tuple[str, object]]:
 def _reclaimed(reclaimed: dict[str, Any]) -> str:
     return (f"{reclaimed['objects']:,} objects, {format_size(reclaimed['bytes'])} of "
             f"{len(reclaimed['by_owner']):,} dead owners in {reclaimed['passes']:,} passes "
-            f"({reclaimed['adopted']:,} handoffs of dead churners adopted by the parent first)")
+            f"(before them the parent adopted {reclaimed['adopted']:,} handoffs: in flight "
+            "from dead churners, or undelivered)")
 
 
 def _kills(report: dict[str, Any]) -> str:
@@ -1299,11 +1300,14 @@ The summary, figure by figure (--json holds the same numbers):
                       each check after kills, one at the end before the stop).  Churners
                       adopt (heap.adopt) each object handed to them; before each pass the
                       parent adopts those still in flight from a dead churner to a live one
-                      (a reclaim must not free an object a live churner is about to take)
+                      (a reclaim must not free an object a live churner is about to take),
+                      and those it keeps undelivered; in brackets how many adopts (an object
+                      in flight over several passes is adopted at each)
   live at the end     objects allocated at the end = held by the workers that stopped
                       normally (their final reports list them) + left by killed workers, not
-                      reclaimed (handoffs the parent adopted whose receiver was then killed;
-                      what workers killed after the last reclaim owned)
+                      reclaimed: handoffs lost in flight to a killed churner, which their
+                      maker (alive: reclaim leaves its objects alone) or the parent (it
+                      adopted them) still owns
   kills               workers SIGKILLed by --kill-rate, per second of the duration, beside
                       the rate asked; a kill falls due at random times at that rate and
                       hits a random worker that has begun its first operation (while none
