@@ -112,6 +112,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from . import core, crash, giant
+from .bytescan import positions
 from .control import DISOWN, PAGES
 from .errors import (
     AddressSpaceExhaustedError,
@@ -125,7 +126,7 @@ from .errors import (
 from .index import ArenaSnapshot
 from .layout import layout
 from .lock import deadline_of
-from .pages import DIRTY, RELEASING, ArenaPages, longest_free_run, positions
+from .pages import DIRTY, RELEASING, ArenaPages, longest_free_run
 from .summary import CAP, ByteTree
 
 if TYPE_CHECKING:

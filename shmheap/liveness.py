@@ -78,6 +78,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import segments
+from .bytescan import nonzero_positions
 from .errors import HeapCorruptError, LockTimeoutError, ShmHeapError
 from .names import live_name, temp_arena_name
 
@@ -136,10 +137,6 @@ def is_locked(fd: int, start: int) -> bool:
     return _ofd(fd, fcntl.F_OFD_GETLK, fcntl.F_RDLCK, start) != fcntl.F_UNLCK
 
 
-#: maps every non-zero byte to 1 (bytes.translate)
-_NONZERO = bytes([0] + [1] * 255)
-
-
 def slot_offset(slot: int) -> int:
     return SLOTS_OFFSET + slot * SLOT_SIZE
 
@@ -170,18 +167,7 @@ def _stamped(buf: memoryview, nslots: int) -> list[int]:
     pids = 0  # byte i: the OR of slot i's four pid bytes (bytes strides and ints are C loops)
     for byte in range(4):
         pids |= int.from_bytes(raw[byte::SLOT_SIZE])
-    return _nonzero(pids.to_bytes(nslots))
-
-
-def _nonzero(data: bytes) -> list[int]:
-    """Positions of the non-zero bytes of ``data``, ascending (C-speed finds)."""
-    flags = data.translate(_NONZERO)
-    found = []
-    at = flags.find(1)
-    while at >= 0:
-        found.append(at)
-        at = flags.find(1, at + 1)
-    return found
+    return nonzero_positions(pids.to_bytes(nslots))
 
 
 def _remove_temp_arena(name: str, slot: int) -> None:
@@ -373,7 +359,7 @@ class Liveness:
         """
         if builders_only:  # (a contiguous copy, then a bytes stride: C loops, no strided view)
             first = SLOTS_OFFSET + BUILDING_OFFSET
-            candidates = _nonzero(
+            candidates = nonzero_positions(
                 self._seg.buf[first:first + self.nslots * SLOT_SIZE].tobytes()[::SLOT_SIZE])
         else:
             candidates = _stamped(self._seg.buf, self.nslots)

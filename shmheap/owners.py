@@ -51,9 +51,10 @@ from typing import TYPE_CHECKING
 
 from . import giant, walker
 from .allocator import HELD, ORPHAN, holder_of
+from .bytescan import positions
 from .control import PAGES
 from .lock import deadline_of
-from .pages import RELEASING, positions
+from .pages import RELEASING
 
 if TYPE_CHECKING:
     from .allocator import Allocator

@@ -128,16 +128,6 @@ def bits_set(data: bytes) -> list[int]:
     return found
 
 
-def positions(data: bytes, value: int) -> list[int]:
-    """Positions of the bytes of ``data`` equal to ``value``, ascending."""
-    found = []
-    pos = data.find(value)
-    while pos >= 0:
-        found.append(pos)
-        pos = data.find(value, pos + 1)
-    return found
-
-
 def runs(data: bytes, value: int) -> Iterator[tuple[int, int]]:
     """(start, length) of each maximal run of bytes equal to ``value`` (0 or 1)."""
     other = 1 - value

@@ -89,10 +89,10 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import crash, giant
+from .bytescan import nonzero_positions, positions
 from .control import CYCLE_ARENAS_OFFSET, CYCLE_OFFSET, PAGES, SWEEP_CURSOR_OFFSET
 from .index import ArenaSnapshot
-from .pages import RELEASED, RELEASING, ArenaPages, Giant, bits_set, positions, runs
-from .summary import nonzero_positions
+from .pages import RELEASED, RELEASING, ArenaPages, Giant, bits_set, runs
 
 if TYPE_CHECKING:
     from .allocator import Allocator, SizeClass
