@@ -1,7 +1,7 @@
 /* Shared-memory layouts the native core reads and writes, defined once for C.
  *
  * The Python modules define the same numbers (liveness.py, control.py,
- * pages.py, allocator.py); tests/test_native.py checks that the two agree
+ * pages.py, allocator.py, roots.py); tests/test_native.py checks that the two agree
  * byte for byte, through _native.LAYOUT, which exports every one of these.
  */
 #ifndef SHMHEAP_LAYOUT_H
@@ -31,5 +31,18 @@
  * slots' slacks (1 or 2 bytes each) and their holder words (u32 each, 4-aligned) */
 #define SPAN_ALIGN 16
 #define SPAN_HOLDER_SIZE 4
+
+/* roots.py: the roots segment shmheap.NAME.roots; its header page, then ROOTS_REGIONS
+ * regions, region r of cap = ROOTS_FIRST_CAP << (r >> 1) slots (a region header, cap
+ * slots of key and value u64, then ROOTS_NAME_BYTES_PER_SLOT * cap bytes of names) */
+#define ROOTS_TABLE_OFFSET 16        /* u64: the region that is the table */
+#define ROOTS_REGIONS 26
+#define ROOTS_FIRST_CAP 256
+#define ROOTS_REGION_HEADER 64
+#define ROOTS_SEQ_OFFSET 0           /* u64 of a region: odd while it changes */
+#define ROOTS_NAMES_END_OFFSET 24    /* u64 of a region: bytes of names in use */
+#define ROOTS_SLOT_BYTES 16
+#define ROOTS_NAME_BYTES_PER_SLOT 64
+#define ROOTS_MAX_NAME 255
 
 #endif

@@ -29,6 +29,8 @@
  *   futex_wait, futex_wake, Counter   waits.py's futex calls and coord.py's
  *                 counter add: one atomic instruction while no pure-core
  *                 process has added to the counter.
+ *   RootReader    roots.py's lock-free lookup of heap.roots[name] in one call;
+ *                 anything it is unsure of goes back to the Python path.
  *
  * Shared layouts are in _layout.h.  Memory ordering: the semaphore's
  * operations are full barriers; stores that publish (owner, seq, alloc
@@ -2546,6 +2548,209 @@ static PyTypeObject CounterType = {
     .tp_methods = Counter_methods,
 };
 
+/* -- RootReader: roots.py's lock-free lookup of heap.roots[name] --------------------------
+ *
+ * RootReader(header, mutex): reader(name) is RootTable.lookup in one call, on the
+ * regions the table has mapped and handed over (add_region): the table word, the
+ * region's sequence word (odd: no answer), the probe from crc32(name), the name's
+ * bytes against names_end, the value, the sequence word again.  It answers the ref
+ * bound to name, 0 if none is, and None whenever it cannot be sure: a name that is no
+ * str of 1-255 bytes of UTF-8, a region not handed over yet, a sequence word odd or
+ * moved, a number out of bounds, another thread in the handle's slow paths, a closed
+ * reader.  Then roots.py's Python path decides: its retries, its lock, its errors. */
+
+static uint32_t crc32_table[256];
+
+static void
+crc32_init(void)
+{
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t c = n;
+        for (int k = 0; k < 8; k++)
+            c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        crc32_table[n] = c;
+    }
+}
+
+static uint32_t
+crc32_of(const unsigned char *data, Py_ssize_t len)
+{
+    /* zlib.crc32(data), the hash of roots.py's keys */
+    uint32_t c = 0xFFFFFFFFu;
+    for (Py_ssize_t i = 0; i < len; i++)
+        c = crc32_table[(c ^ data[i]) & 0xFF] ^ (c >> 8);
+    return c ^ 0xFFFFFFFFu;
+}
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    Py_buffer header;
+    int have_header;
+    Mutex *mutex;
+    /* region r's mapping (its header, slots and names), NULL until handed over */
+    Py_buffer regions[ROOTS_REGIONS];
+    unsigned char *base[ROOTS_REGIONS];
+} RootReader;
+
+static PyObject *
+RootReader_call(RootReader *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs != 1 || kwnames != NULL || !PyUnicode_CheckExact(args[0]) || !self->have_header)
+        Py_RETURN_NONE;
+    Py_ssize_t len;
+    const char *name = PyUnicode_AsUTF8AndSize(args[0], &len);
+    if (name == NULL) {
+        PyErr_Clear();  /* not UTF-8 (a lone surrogate): roots.py says so */
+        Py_RETURN_NONE;
+    }
+    if (len < 1 || len > ROOTS_MAX_NAME)
+        Py_RETURN_NONE;
+    uint64_t h = crc32_of((const unsigned char *)name, len);
+    if (!FAST_ENTER(self->mutex))
+        Py_RETURN_NONE;
+    int decided = 0;
+    uint64_t value = 0;
+    uint64_t table = LOAD((uint64_t *)((char *)self->header.buf + ROOTS_TABLE_OFFSET));
+    unsigned char *region = table < ROOTS_REGIONS ? self->base[table] : NULL;
+    if (region != NULL) {
+        uint64_t *seq = (uint64_t *)(region + ROOTS_SEQ_OFFSET);
+        uint64_t *names_end = (uint64_t *)(region + ROOTS_NAMES_END_OFFSET);
+        uint64_t cap = (uint64_t)ROOTS_FIRST_CAP << (table >> 1);
+        uint64_t names_cap = (uint64_t)ROOTS_NAME_BYTES_PER_SLOT * cap;
+        uint64_t *slots = (uint64_t *)(region + ROOTS_REGION_HEADER);
+        const unsigned char *names = region + ROOTS_REGION_HEADER + ROOTS_SLOT_BYTES * cap;
+        uint64_t before = LOAD(seq);
+        if (!(before & 1)) {
+            uint64_t want = h << 32 | (uint64_t)len << 24;
+            uint64_t i = h & (cap - 1);
+            for (uint64_t n = 0; n < cap; n++, i = (i + 1) & (cap - 1)) {
+                uint64_t key = __atomic_load_n(&slots[2 * i], __ATOMIC_RELAXED);
+                if (!key) {
+                    decided = 1;  /* an empty slot: nothing is bound to the name */
+                    break;
+                }
+                if ((key & ~(uint64_t)0xFFFFFF) != want)
+                    continue;
+                uint64_t at = (key & 0xFFFFFF) << 3;
+                uint64_t end = __atomic_load_n(names_end, __ATOMIC_RELAXED);
+                if (at + (uint64_t)len > end || end > names_cap)
+                    break;  /* out of bounds: the Python path tells garbage from a rebuild */
+                if (memcmp(names + at, name, (size_t)len) == 0) {
+                    value = __atomic_load_n(&slots[2 * i + 1], __ATOMIC_RELAXED);
+                    decided = 1;
+                    break;
+                }
+            }
+            __atomic_thread_fence(__ATOMIC_ACQUIRE);
+            if (__atomic_load_n(seq, __ATOMIC_RELAXED) != before)
+                decided = 0;  /* changed under us */
+        }
+    }
+    FAST_LEAVE(self->mutex);
+    if (!decided)
+        Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(value);
+}
+
+static int
+RootReader_init(RootReader *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"header", "mutex", NULL};
+    PyObject *header, *mutex;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!", names, &header, &MutexType, &mutex))
+        return -1;
+    if (self->have_header) {
+        PyErr_SetString(PyExc_TypeError, "RootReader is initialised already");
+        return -1;
+    }
+    if (PyObject_GetBuffer(header, &self->header, PyBUF_SIMPLE) < 0)
+        return -1;
+    self->have_header = 1;
+    if (self->header.len < ROOTS_TABLE_OFFSET + 8) {
+        PyErr_SetString(PyExc_ValueError, "RootReader: the header is shorter than its words");
+        return -1;
+    }
+    Py_INCREF(mutex);
+    Py_XSETREF(self->mutex, (Mutex *)mutex);
+    self->vectorcall = (vectorcallfunc)RootReader_call;
+    return 0;
+}
+
+static PyObject *
+RootReader_add_region(RootReader *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* add_region(number, buffer): region ``number`` is mapped at ``buffer`` (whole) */
+    Py_ssize_t number = nargs == 2 ? PyLong_AsSsize_t(args[0]) : -1;
+    if (number == -1 && PyErr_Occurred())
+        return NULL;
+    if (nargs != 2 || number < 0 || number >= ROOTS_REGIONS) {
+        PyErr_SetString(PyExc_ValueError, "add_region(number, buffer): no such region");
+        return NULL;
+    }
+    if (!self->have_header || self->base[number] != NULL)
+        Py_RETURN_NONE;  /* closed, or handed over already */
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t cap = (Py_ssize_t)ROOTS_FIRST_CAP << (number >> 1);
+    if (view.len < ROOTS_REGION_HEADER + (ROOTS_SLOT_BYTES + ROOTS_NAME_BYTES_PER_SLOT) * cap) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "add_region: the buffer is shorter than the region");
+        return NULL;
+    }
+    self->regions[number] = view;
+    self->base[number] = (unsigned char *)view.buf;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+RootReader_close(RootReader *self, PyObject *Py_UNUSED(ignored))
+{
+    /* let go of every mapping; from now on every lookup answers None */
+    for (int r = 0; r < ROOTS_REGIONS; r++)
+        if (self->base[r] != NULL) {
+            self->base[r] = NULL;
+            PyBuffer_Release(&self->regions[r]);
+        }
+    if (self->have_header) {
+        self->have_header = 0;
+        PyBuffer_Release(&self->header);
+    }
+    Py_RETURN_NONE;
+}
+
+static void
+RootReader_dealloc(RootReader *self)
+{
+    Py_XDECREF(RootReader_close(self, NULL));
+    Py_CLEAR(self->mutex);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef RootReader_methods[] = {
+    {"add_region", (PyCFunction)(void (*)(void))RootReader_add_region, METH_FASTCALL,
+     "add_region(number, buffer): region number is mapped, whole, at buffer"},
+    {"close", (PyCFunction)RootReader_close, METH_NOARGS, "let go of every mapping"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject RootReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmheap._native.RootReader",
+    .tp_basicsize = sizeof(RootReader),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "RootReader(header, mutex): reader(name) -> the ref bound to name, 0 if none, "
+              "None if unsure (roots.py's lookup decides).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)RootReader_init,
+    .tp_dealloc = (destructor)RootReader_dealloc,
+    .tp_methods = RootReader_methods,
+    .tp_vectorcall_offset = offsetof(RootReader, vectorcall),
+    .tp_call = PyVectorcall_Call,
+};
+
 static PyMethodDef native_functions[] = {
     {"futex_wait", (PyCFunction)(void (*)(void))native_futex_wait, METH_FASTCALL,
      "futex_wait(word, seen, seconds) -> False if the time ran out"},
@@ -2557,7 +2762,7 @@ static int
 add_layout(PyObject *module)
 {
     PyObject *layout = Py_BuildValue(
-        "{sisisisisisisisisisisisisisisi}",
+        "{sisisisisisisisisisisisisisisisisisisisisisisisi}",
         "LIVE_OWNER_OFFSET", LIVE_OWNER_OFFSET,
         "LIVE_WAITER_OFFSET", LIVE_WAITER_OFFSET,
         "LIVE_RECOVERIES_OFFSET", LIVE_RECOVERIES_OFFSET,
@@ -2572,7 +2777,16 @@ add_layout(PyObject *module)
         "CONTROL_HEADER_OFFSET", CONTROL_HEADER_OFFSET,
         "CONTROL_JOURNAL_OFFSET", CONTROL_JOURNAL_OFFSET,
         "META_SEQ_OFFSET", META_SEQ_OFFSET,
-        "SPAN_HOLDER_SIZE", SPAN_HOLDER_SIZE);
+        "SPAN_HOLDER_SIZE", SPAN_HOLDER_SIZE,
+        "ROOTS_TABLE_OFFSET", ROOTS_TABLE_OFFSET,
+        "ROOTS_REGIONS", ROOTS_REGIONS,
+        "ROOTS_FIRST_CAP", ROOTS_FIRST_CAP,
+        "ROOTS_REGION_HEADER", ROOTS_REGION_HEADER,
+        "ROOTS_SEQ_OFFSET", ROOTS_SEQ_OFFSET,
+        "ROOTS_NAMES_END_OFFSET", ROOTS_NAMES_END_OFFSET,
+        "ROOTS_SLOT_BYTES", ROOTS_SLOT_BYTES,
+        "ROOTS_NAME_BYTES_PER_SLOT", ROOTS_NAME_BYTES_PER_SLOT,
+        "ROOTS_MAX_NAME", ROOTS_MAX_NAME);
     if (layout == NULL)
         return -1;
     return PyModule_AddObject(module, "LAYOUT", layout);
@@ -2591,7 +2805,8 @@ PyInit__native(void)
 {
     PyTypeObject *types[] = {&PinType, &MutexType, &LockType, &SnapType, &SnapIterType,
                              &SnapshotsType, &CacheType, &AllocType, &RecordType, &FreeType,
-                             &MappingType, &CounterType};
+                             &MappingType, &CounterType, &RootReaderType};
+    crc32_init();
     for (size_t i = 0; i < sizeof types / sizeof types[0]; i++)
         if (PyType_Ready(types[i]) < 0)
             return NULL;
@@ -2608,6 +2823,7 @@ PyInit__native(void)
             || PyModule_AddObjectRef(module, "Free", (PyObject *)&FreeType) < 0
             || PyModule_AddObjectRef(module, "Mapping", (PyObject *)&MappingType) < 0
             || PyModule_AddObjectRef(module, "Counter", (PyObject *)&CounterType) < 0
+            || PyModule_AddObjectRef(module, "RootReader", (PyObject *)&RootReaderType) < 0
             || add_layout(module) < 0) {
         Py_DECREF(module);
         return NULL;

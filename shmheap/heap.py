@@ -141,7 +141,7 @@ class Heap(AttachedHeap):
         if self._roots is None:
             self._check_open()
             self._roots = self.open_part(
-                "roots segment", lambda: RootTable(self.name, self.readonly))
+                "roots segment", lambda: RootTable(self.name, self.readonly, self._mutex))
         return self._roots
 
     def _repair_journal(self) -> None:

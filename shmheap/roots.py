@@ -74,6 +74,14 @@ Lookups and snapshots take no lock
     instant: a writer that rebinds one of two names before it unbinds the
     other is never seen with neither.
 
+    The native core does ``roots[name]`` (and ``in``) in one C call
+    (``_native.RootReader``, the twin of ``RootTable.lookup``) on the regions
+    this process has mapped, which ``RootTable.region`` hands it.  It answers
+    only what it is sure of (the ref, or 0: nothing bound); anything else (a
+    region not mapped yet, ``seq`` odd or moved, a number out of bounds,
+    another thread of the handle in its slow paths, a bad name) is None, and
+    the Python path decides, with its retries, its lock and its errors.
+
 Binding (``roots[name] = ref``, ``del roots[name]``): the writable heap-lock holder
     Each bind and unbind is one ``HeapLock.run(..., write=True)``, so it starts
     with the journal clean.  If a new name finds no room (one more key would
@@ -127,9 +135,9 @@ import mmap
 import os
 import zlib
 from collections.abc import Callable, ItemsView, Iterable, Iterator, MutableMapping, ValuesView
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import crash, segments
+from . import core, crash, segments
 from .allocator import HELD, MAX_ROOTS_PER_OBJECT, ORPHAN, Allocator, Note
 from .attached import serialised
 from .control import ROOTS
@@ -321,7 +329,7 @@ class Region:
 class RootTable:
     """This process's view of a heap's roots segment: lookups, and the lock holder's changes."""
 
-    def __init__(self, heap_name: str, readonly: bool) -> None:
+    def __init__(self, heap_name: str, readonly: bool, mutex: object = None) -> None:
         self.heap_name = heap_name
         name = roots_name(heap_name)
         fd, st = segments.open_fd(name, readonly)
@@ -333,6 +341,11 @@ class RootTable:
         self._seg = segments.Segment(name, fd, PAGE_SIZE, readonly, keep_fd=True,
                                      identity=(st.st_dev, st.st_ino))
         self.head = self._seg.buf.cast("Q")
+        #: the native core's lookup (module docstring), given the handle's ``mutex``; it
+        #: reads the regions ``region`` maps, until ``close``
+        self.native: Any = None  # _native.RootReader
+        if core.native is not None and mutex is not None:
+            self.native = core.native.RootReader(self._seg.buf, mutex)
 
     @staticmethod
     def create(heap_name: str, mode: int) -> None:
@@ -349,6 +362,9 @@ class RootTable:
             seg.close()
 
     def close(self) -> None:
+        if self.native is not None:
+            self.native.close()  # (before the mappings go)
+            self.native = None
         for region in self._regions:
             if region is not None:
                 region.close()
@@ -368,6 +384,8 @@ class RootTable:
         if number >= REGIONS or not self.head[_BUILT] >> number & 1:
             raise self.corrupt(f"names region {number}, which was never built")
         region = self._regions[number] = Region(self._seg, number)
+        if self.native is not None:
+            self.native.add_region(number, region._map)
         return region
 
     def current(self) -> Region:
@@ -559,6 +577,8 @@ class Roots(MutableMapping[str, int]):
         self._mutex = heap._mutex
         #: the table once ``table()`` has opened it through ``_open_table``
         self._table: RootTable | None = None
+        #: the table's native lookup once it is open (None on the pure core, and once closed)
+        self._fast: Callable[[str], int | None] | None = None
         self._open_table: Callable[[], RootTable] | None = table
         #: the heap handle's allocator, made on first use
         self._objects = objects
@@ -566,6 +586,7 @@ class Roots(MutableMapping[str, int]):
     def forget(self) -> None:
         """The heap is closing (it closes the table): every later use is HeapClosedError."""
         self._table = None
+        self._fast = None
         self._open_table = None
 
     def table(self) -> RootTable:
@@ -577,6 +598,7 @@ class Roots(MutableMapping[str, int]):
                 raise HeapClosedError(f"heap {self._heap.name!r} is closed; attach it again "
                                       "to use it")
             table = self._table = self._open_table()
+            self._fast = table.native
         return table
 
     def _locked(self, body: Callable[[], _T]) -> _T:
@@ -584,20 +606,43 @@ class Roots(MutableMapping[str, int]):
 
     # -- reading (no lock) --------------------------------------------------------------
 
-    @serialised
     def __getitem__(self, name: str) -> int:
+        fast = self._fast
+        if fast is not None:
+            ref = fast(name)
+            if ref:
+                return ref
+            if ref is not None:
+                raise self._not_found(name)
+        return self._lookup(name)
+
+    @serialised
+    def _lookup(self, name: str) -> int:
+        """``roots[name]`` on the Python path (the pure core's, and the native one's when
+        unsure)."""
         data = encode_name(name)
         table = self._table
         if table is None:
             table = self.table()
         ref = table.lookup(data, zlib.crc32(data), self._locked)
         if not ref:
-            raise RootNotFoundError(f"no root named {name!r} in heap {self._heap.name!r}; "
-                                    "bind one with heap.roots[name] = ref")
+            raise self._not_found(name)
         return ref
 
-    @serialised
+    def _not_found(self, name: str) -> RootNotFoundError:
+        return RootNotFoundError(f"no root named {name!r} in heap {self._heap.name!r}; bind "
+                                 "one with heap.roots[name] = ref")
+
     def __contains__(self, name: object) -> bool:
+        fast = self._fast
+        if fast is not None and type(name) is str:
+            ref = fast(name)
+            if ref is not None:
+                return bool(ref)
+        return self._contains(name)
+
+    @serialised
+    def _contains(self, name: object) -> bool:
         data = encode_name(name)
         return bool(self.table().lookup(data, zlib.crc32(data), self._locked))
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from shmheap import allocator, control, core, layout, liveness
+from shmheap import allocator, control, core, layout, liveness, roots
+from shmheap.errors import HeapClosedError, HeapCorruptError
 from shmheap.pytest_plugin import HeapFactory
 
 needs_native = pytest.mark.skipif(core.native is None,
@@ -45,6 +46,11 @@ def test_the_c_layout_is_the_python_layout() -> None:
         "CONTROL_JOURNAL_OFFSET": control.JOURNAL_OFFSET,
         "META_SEQ_OFFSET": layout.SEQ_OFFSET,
         "SPAN_HOLDER_SIZE": allocator.HOLDER_SIZE,
+        "ROOTS_TABLE_OFFSET": 8 * roots._TABLE, "ROOTS_REGIONS": roots.REGIONS,
+        "ROOTS_FIRST_CAP": roots.FIRST_CAP, "ROOTS_REGION_HEADER": roots.REGION_HEADER,
+        "ROOTS_SEQ_OFFSET": 8 * roots._SEQ, "ROOTS_NAMES_END_OFFSET": 8 * roots._NAMES_END,
+        "ROOTS_SLOT_BYTES": roots.SLOT_BYTES,
+        "ROOTS_NAME_BYTES_PER_SLOT": roots.NAME_BYTES_PER_SLOT, "ROOTS_MAX_NAME": roots.MAX_NAME,
     }
     assert python == core.native.LAYOUT
     # the counters and the slot fields as liveness.py packs them
@@ -129,3 +135,97 @@ def test_stress_mixes_the_cores_with_kills(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["ok"] and report["violations"] == 0 and not report["leaks"]
     assert report["cores"]["native"] > 0 and report["cores"]["pure"] > 0
+
+
+ROOTS_WRITER = """
+import json, sys
+import shmheap
+h = shmheap.Heap.attach(sys.argv[1])
+refs = [h.alloc(16) for _ in range(4)]
+bound = {}
+for i in range(700):  # past the first region: rebuilds into larger ones
+    name = f"root-{i}" if i % 3 else f"r\u00e9cine-{i}-" + "x" * (i % 200)
+    h.roots[name] = bound[name] = refs[i % 4]
+for i, name in enumerate(sorted(bound)):
+    if i % 5 == 0:
+        del h.roots[name]  # a tombstone
+        del bound[name]
+    elif i % 5 == 1:
+        h.roots[name] = bound[name] = refs[(i + 1) % 4]  # rebound in place
+print(json.dumps({"native": shmheap.NATIVE, "bound": bound, "refs": refs}))
+h.close()
+"""
+
+ROOTS_READER = """
+import json, sys
+import shmheap
+h = shmheap.Heap.attach(sys.argv[1], readonly=True)
+names = json.loads(sys.stdin.read())
+print(json.dumps({"native": shmheap.NATIVE,
+                  "got": {name: h.roots.get(name, 0) for name in names},
+                  "in": [name for name in names if name in h.roots]}))
+h.close()
+"""
+
+
+def run_core(code: str, pure: bool, *args: str, given: str = "") -> dict[str, object]:
+    proc = subprocess.run([sys.executable, "-c", code, *args], input=given, env=env_for(pure),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, object] = json.loads(proc.stdout)
+    assert result["native"] is (not pure)
+    return result
+
+
+@needs_native
+@pytest.mark.parametrize("writer_pure", [True, False])
+def test_native_and_pure_processes_agree_on_roots(shm_heap_factory: HeapFactory,
+                                                   writer_pure: bool) -> None:
+    """One core binds, rebinds and unbinds (rebuilding the table), the other looks up."""
+    heap = shm_heap_factory(arena_size=1 << 20, reserve=False)
+    wrote = run_core(ROOTS_WRITER, writer_pure, heap.name)
+    bound = wrote["bound"]
+    assert isinstance(bound, dict)
+    unbound = [f"root-{i}" for i in range(700, 900)] + ["root-0", "r\u00e9cine-never"]
+    names = sorted(bound) + unbound
+    read = run_core(ROOTS_READER, not writer_pure, heap.name, given=json.dumps(names))
+    assert read["got"] == {**bound, **dict.fromkeys(unbound, 0)}
+    assert read["in"] == sorted(bound)
+    assert heap.roots.snapshot() == bound
+    for name in bound:
+        del heap.roots[name]
+    assert isinstance(wrote["refs"], list)
+    for ref in wrote["refs"]:
+        heap.free(ref)
+
+
+@needs_native
+def test_the_native_root_lookup_leaves_every_doubt_to_python(
+        shm_heap_factory: HeapFactory) -> None:
+    heap = shm_heap_factory(arena_size=1 << 20, reserve=False)
+    ref = heap.alloc(16)
+    heap.roots["x"] = ref
+    table = heap.roots.table()
+    fast = table.native
+    assert fast("x") == ref and fast("y") == 0
+    for name in (b"x", "", "x" * 256, "\udc80", 7):
+        assert fast(name) is None
+    region = table.current()
+    region.begin()  # a bind or rebuild under way: seq is odd
+    assert fast("x") is None and heap.roots["x"] == ref  # (the Python path took the lock)
+    region.end()
+    assert fast("x") == ref
+    slot = next(i for i in range(region.cap) if region.slots[2 * i])
+    key = region.slots[2 * slot]
+    region.slots[2 * slot] = key | 0xFFFFFF  # points past the names: garbage
+    assert fast("x") is None
+    with pytest.raises(HeapCorruptError, match="roots table"):
+        heap.roots["x"]
+    region.slots[2 * slot] = key
+    lookup = heap.roots.__getitem__
+    heap.close()
+    assert fast("x") is None  # it let go of the mappings
+    with pytest.raises(HeapClosedError):
+        lookup("x")
+    with pytest.raises(HeapClosedError):
+        "x" in heap.roots  # noqa: B015
