@@ -22,7 +22,9 @@ last; all zero but its stamp when new, and a zero record is free)::
                     event    set
                     counter  base (atomic adds, native core), pure (1 once a
                              pure-core process added), cells (ref)
-                    barrier  arrived, generation, broken, tokens (ref)
+                    barrier  arrived, generation, broken, tokens (ref),
+                             resets (bit k: the round k rounds before the
+                             current one was ended by reset(), not passed)
 
 A record is written under the heap lock and published by storing its kind
 last; kind, name and parameter never change after that, so a lookup reads
@@ -38,6 +40,20 @@ that put's undo record) until a get or a lease's end hands it to the taker
 again), and a counter's cells and a barrier's tokens are their structure's,
 so ``heap.reclaim()`` leaves them alone while they are held and frees a
 taken node whose taker died before it freed it.
+
+A barrier's parties are *registered*: ``heap.barrier(name, parties)`` (and a
+``wait`` of a process that is not, e.g. a forked child) stores the caller's
+liveness token in a free word of the barrier's ``tokens`` object, one word
+per party, under the lock; a process whose token is there already is not
+stored again, and one that finds no free word gets InvalidParameterError.
+Whoever arrives, and every waiter at each ``SLICE``, looks at every
+registered token: one that is dead breaks the barrier, so a party killed
+before it ever reached ``wait`` breaks it within a slice, as one killed
+while it waits does.  ``reset()`` drops the dead tokens (one word each, no
+undo needed: a dead token never comes alive) and then, as an undo record,
+ends the round: generation + 1, its ``resets`` bit set, arrived 0, broken
+0.  A waiter that finds the generation moved on reads that bit of its round
+to tell a pass from a reset.
 
 Kill safety.  Every change of more than one word runs under the heap lock as
 an *undo* record: before its first store the lock holder copies the
@@ -137,7 +153,8 @@ _STATE = slice(10, 16)
 _HEAD, _TAIL, _COUNT, _LEASES, _LEASED, _CLOSED = 10, 11, 12, 13, 14, 15
 _SET = 10
 _BASE, _PURE, _CELLS = 10, 11, 12
-_ARRIVED, _GENERATION, _BROKEN, _TOKENS = 10, 11, 12, 13
+_ARRIVED, _GENERATION, _BROKEN, _TOKENS, _RESETS = 10, 11, 12, 13, 14
+_U64 = (1 << 64) - 1
 
 # intent words (header): which record, which op, its saved state words, two nodes'
 # saved next words, the node a put was linking and the token of the process doing it
@@ -146,10 +163,11 @@ _I_NODE_A, _I_NEXT_A, _I_NODE_B, _I_NEXT_B, _I_FREE, _I_OWNER = 16, 17, 18, 19, 
 #: the node the queue holds again when the op is undone (a get or an acknowledgement hands
 #: its node to the taker as its last step: owners.adopt_locked)
 _I_HOLD = 22
-OP_PUT, OP_TAKE, OP_LEASE, OP_ACK, OP_RETURN, OP_BARRIER = 1, 2, 3, 4, 5, 6
+OP_PUT, OP_TAKE, OP_LEASE, OP_ACK, OP_RETURN, OP_BARRIER, OP_RESET = 1, 2, 3, 4, 5, 6, 7
 OP_NAMES = {OP_PUT: "putting an item on", OP_TAKE: "taking an item from",
             OP_LEASE: "leasing an item of", OP_ACK: "acknowledging a lease of",
-            OP_RETURN: "giving back a lease of", OP_BARRIER: "arriving at"}
+            OP_RETURN: "giving back a lease of", OP_BARRIER: "arriving at",
+            OP_RESET: "resetting"}
 
 # node words
 _NEXT, _TAG, _TOKEN = 0, 1, 2
@@ -951,9 +969,12 @@ class Counter:
 class Barrier:
     """A kill-safe barrier of the heap (``heap.barrier(name, parties)``), as ``threading.Barrier``.
 
-    A party that dies while it waits, or whose wait times out or is
-    interrupted, breaks the barrier for the others: ``threading.BrokenBarrierError``.
-    A broken barrier stays broken (use a new name for a new round).
+    The process that calls ``heap.barrier`` becomes one of its ``parties``
+    (once, however often it calls).  A registered party that dies, whether
+    it waits or not yet, and a waiter whose wait times out or is
+    interrupted, break the barrier for the others:
+    ``threading.BrokenBarrierError``.  ``reset()`` makes it usable again and
+    drops the dead parties, so that new processes may take their places.
     """
 
     def __init__(self, table: CoordTable, name: str, parties: int) -> None:
@@ -965,6 +986,8 @@ class Barrier:
         self._record = table.open(name, BARRIER, parties,
                                   lambda: table.allocator.alloc(8 * parties))
         self._b = table.base(self._record)
+        with table.locked(None):
+            self._register_locked()
 
     def __repr__(self) -> str:
         state = "broken" if self.broken else f"{self.n_waiting}/{self.parties} waiting"
@@ -976,11 +999,36 @@ class Barrier:
 
     @property
     def n_waiting(self) -> int:
-        return int(self._table.words[self._b + _ARRIVED])
+        """Parties waiting in the current round (0 while the barrier is broken)."""
+        words = self._table.words
+        return 0 if words[self._b + _BROKEN] else int(words[self._b + _ARRIVED])
 
     @property
     def broken(self) -> bool:
         return bool(self._table.words[self._b + _BROKEN])
+
+    def _tokens(self) -> memoryview:
+        """One word per party: the liveness token of a registered process, 0 if free."""
+        view = self._table.allocator.view(int(self._table.words[self._b + _TOKENS]))
+        return view.cast("Q")[:self.parties]
+
+    def _register_locked(self) -> None:
+        """Make this process a party (lock held); break the barrier if a party is dead."""
+        table = self._table
+        live = table.heap._live
+        assert live is not None
+        tokens = self._tokens()
+        mine = live.token
+        registered = tokens.tolist()
+        if mine not in registered:
+            if 0 not in registered:
+                self._break_if_a_party_died()
+                raise InvalidParameterError(
+                    f"barrier {self.name!r} has its {self.parties} parties already (a process "
+                    "becomes one when it calls heap.barrier()); if one of them died, the "
+                    "barrier is broken: reset() it, which drops dead parties, and call again")
+            tokens[registered.index(0)] = mine
+        self._break_if_a_party_died()
 
     def wait(self, timeout: float | None = None) -> int:
         """Wait until ``parties`` processes wait; return this one's arrival index (0 first)."""
@@ -994,6 +1042,8 @@ class Barrier:
         def attempt() -> Any:
             with table.locked(deadline):
                 if words[b + _GENERATION] != generation:
+                    if self._was_reset(generation):
+                        raise threading.BrokenBarrierError
                     return index
                 if words[b + _BROKEN]:
                     raise threading.BrokenBarrierError
@@ -1010,13 +1060,22 @@ class Barrier:
             self._abort_round(generation)
             raise
 
+    def _was_reset(self, generation: int) -> bool:
+        """Whether round ``generation``, which is over, was ended by ``reset()`` (lock held).
+
+        A round more than 64 rounds ago is not remembered: it counts as reset.
+        """
+        words = self._table.words
+        ago = int(words[self._b + _GENERATION]) - generation - 1
+        return not 0 <= ago < 64 or bool(int(words[self._b + _RESETS]) >> ago & 1)
+
     def _arrive(self) -> tuple[int, int]:
         table = self._table
         words, b = table.words, self._b
         with table.locked(None):
             if words[b + _BROKEN]:
                 raise threading.BrokenBarrierError
-            self._break_if_a_party_died()
+            self._register_locked()  # (a process forked after heap.barrier() is not yet)
             if words[b + _BROKEN]:
                 raise threading.BrokenBarrierError
             index, generation = int(words[b + _ARRIVED]), int(words[b + _GENERATION])
@@ -1026,11 +1085,10 @@ class Barrier:
             table.begin(self._record, OP_BARRIER)
             if index == self.parties - 1:
                 words[b + _GENERATION] = generation + 1
+                words[b + _RESETS] = (int(words[b + _RESETS]) << 1) & _U64
                 crash.reach("coord.arrived")
                 words[b + _ARRIVED] = 0
             else:
-                tokens = table.allocator.view(int(words[b + _TOKENS])).cast("Q")
-                tokens[index] = table.heap._live.token  # type: ignore[union-attr]
                 crash.reach("coord.arrived")
                 words[b + _ARRIVED] = index + 1
             table.end(self._record)
@@ -1041,17 +1099,38 @@ class Barrier:
             self._break_if_a_party_died()
 
     def _break_if_a_party_died(self) -> None:
+        """Break the barrier if a registered party is dead (lock held)."""
         table = self._table
         words, b = table.words, self._b
         live = table.heap._live
         assert live is not None
-        arrived = min(int(words[b + _ARRIVED]), self.parties)
-        if not arrived or words[b + _BROKEN]:
+        if words[b + _BROKEN]:
             return
-        tokens = table.allocator.view(int(words[b + _TOKENS])).cast("Q")
-        if not all(live.token_alive(int(tokens[i])) for i in range(arrived)):
+        if not all(live.token_alive(token) for token in self._tokens().tolist() if token):
             words[b + _BROKEN] = 1
             table.bump(self._record)
+
+    def reset(self) -> None:
+        """As ``threading.Barrier.reset``: the parties waiting now get BrokenBarrierError,
+        then the barrier is usable again; registered parties that died are dropped."""
+        table = self._table
+        words, b = table.words, self._b
+        live = table.heap._live
+        assert live is not None
+        with table.locked(None):
+            tokens = self._tokens()
+            for at, token in enumerate(tokens.tolist()):  # (one word each: see the docstring)
+                if token and not live.token_alive(token):
+                    tokens[at] = 0
+            self._register_locked()
+            generation = int(words[b + _GENERATION])
+            table.begin(self._record, OP_RESET)
+            words[b + _GENERATION] = generation + 1
+            words[b + _RESETS] = (int(words[b + _RESETS]) << 1 | 1) & _U64
+            crash.reach("coord.reset")
+            words[b + _ARRIVED] = 0
+            words[b + _BROKEN] = 0
+            table.end(self._record)
 
     def abort(self) -> None:
         """Break the barrier: every waiter, now and later, gets BrokenBarrierError."""

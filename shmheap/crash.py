@@ -97,8 +97,10 @@ CRASH_POINTS: dict[str, str] = {
     "coord.acked": "a finished lease's node taken out of the lease list, journal not yet "
                    "cleared, node not yet freed",
     "coord.flag_stored": "an event's flag stored, its futex word not yet bumped, nobody woken",
-    "coord.arrived": "a barrier party recorded (or the round's generation moved on), the "
+    "coord.arrived": "a barrier party arrived (or the round's generation moved on), the "
                      "arrival count not yet updated",
+    "coord.reset": "a barrier's round ended by reset() (generation moved on, its reset bit "
+                   "set), arrival count and broken flag not yet cleared",
 }
 
 ENV_VAR = "SHMHEAP_CRASH_AT"

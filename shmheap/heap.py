@@ -459,7 +459,8 @@ class Heap(AttachedHeap):
 
     @serialised
     def barrier(self, name: str, parties: int) -> coord.Barrier:
-        """The barrier ``name`` of ``parties`` processes; a party that dies breaks it."""
+        """The barrier ``name`` of ``parties`` processes, this one registered as a party; a
+        party that dies breaks it (``reset()`` mends it), as ``threading.Barrier``."""
         return coord.Barrier(self._coordination(write=True), name, parties)
 
     @serialised

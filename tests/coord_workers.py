@@ -70,11 +70,22 @@ def wait_for_event(name: str) -> None:
         report.put("woken" if go.wait(timeout=60) else "timed out")
 
 
-def barrier_party(name: str, parties: int) -> None:
-    """Wait at barrier ``b``; report the outcome on queue ``report``."""
+def barrier_party(name: str, parties: int, rounds: int = 1) -> None:
+    """Wait at barrier ``b`` ``rounds`` times; report each outcome on queue ``report``."""
     with shmheap.Heap.attach(name) as heap:
-        report = heap.queue("report")
-        try:
-            report.put(heap.barrier("b", parties).wait(timeout=60))
-        except threading.BrokenBarrierError:
-            report.put("broken")
+        report, barrier = heap.queue("report"), heap.barrier("b", parties)
+        for _ in range(rounds):
+            try:
+                report.put(barrier.wait(timeout=60))
+            except threading.BrokenBarrierError:
+                report.put("broken")
+                return
+
+
+def register_and_park(name: str, parties: int) -> None:
+    """Become a party of barrier ``b``, say ``registered`` on queue ``report``, never wait
+    at the barrier: wait for event ``never`` until killed."""
+    with shmheap.Heap.attach(name) as heap:
+        heap.barrier("b", parties)
+        heap.queue("report").put("registered")
+        heap.event("never").wait()

@@ -197,6 +197,28 @@ def test_a_barrier_of_one_passes_and_a_timeout_breaks_it(heap: shmheap.Heap) -> 
         heap.barrier("two", 3)
 
 
+def test_a_barrier_registers_at_most_its_parties_and_reset_mends_it(heap: shmheap.Heap) -> None:
+    b = heap.barrier("b", 2)
+    assert heap.barrier("b", 2).parties == 2  # (calling again registers nobody new)
+    with shmheap.Heap.attach(heap.name) as second, shmheap.Heap.attach(heap.name) as third:
+        second.barrier("b", 2)
+        with pytest.raises(shmheap.InvalidParameterError, match="its 2 parties already"):
+            third.barrier("b", 2)
+    assert not b.broken  # (closing a handle is seen at the next look)
+    with pytest.raises(threading.BrokenBarrierError):
+        b.wait(timeout=PATIENCE)  # a party has gone: the round can never fill
+    assert b.broken and b.n_waiting == 0
+    b.reset()
+    assert not b.broken, "reset mends a broken barrier"
+    with shmheap.Heap.attach(heap.name) as second:
+        assert second.barrier("b", 2).parties == 2, "the gone party's place is free again"
+    b.reset()
+    b.abort()
+    assert b.broken
+    b.reset()
+    assert heap.barrier("one", 1).wait() == 0 and heap.check() == []
+
+
 # -- across processes, with kills ---------------------------------------------------------------
 
 
@@ -293,11 +315,51 @@ def test_an_event_set_wakes_a_waiter_in_another_process(heap: shmheap.Heap) -> N
 
 
 def test_a_barrier_lets_its_parties_through_together(heap: shmheap.Heap) -> None:
-    parties = [spawn(coord_workers.barrier_party, heap.name, 3) for _ in range(4)]
+    parties = [spawn(coord_workers.barrier_party, heap.name, 3, 2) for _ in range(2)]
     mine = [heap.barrier("b", 3).wait(timeout=PATIENCE) for _ in range(2)]  # two rounds
     join_all(parties)
     reports = drain(heap.queue("report"))
     assert sorted(reports + mine) == [0, 0, 1, 1, 2, 2], "each round numbers its 3 arrivals"
+    assert heap.check() == []
+
+
+def test_a_party_killed_before_it_waits_breaks_the_barrier_and_reset_mends_it(
+        heap: shmheap.Heap) -> None:
+    b = heap.barrier("b", 3)
+    report = heap.queue("report")
+    doomed = spawn(coord_workers.register_and_park, heap.name, 3)
+    assert report.get(timeout=PATIENCE) == "registered"
+    waiter = spawn(coord_workers.barrier_party, heap.name, 3)
+    never = heap.event("never")
+    while b.n_waiting < 1:  # the other party has arrived and waits
+        never.wait(timeout=0.01)
+    doomed.kill()
+    doomed.join()
+    assert report.get(timeout=PATIENCE) == "broken", "the waiter saw the registered party die"
+    join_all([waiter])
+    with pytest.raises(threading.BrokenBarrierError):
+        b.wait(timeout=PATIENCE)
+    b.reset()  # drops both gone parties
+    assert not b.broken and b.n_waiting == 0
+    parties = [spawn(coord_workers.barrier_party, heap.name, 3) for _ in range(2)]
+    indices: list[Any] = [b.wait(timeout=PATIENCE)]
+    indices += [report.get(timeout=PATIENCE) for _ in range(2)]
+    assert sorted(indices) == [0, 1, 2], "a reset barrier takes new parties and passes"
+    join_all(parties)
+    assert heap.check() == []
+
+
+def test_reset_breaks_the_round_of_the_parties_waiting(heap: shmheap.Heap) -> None:
+    b = heap.barrier("b", 2)
+    waiter = spawn(coord_workers.barrier_party, heap.name, 2)
+    never = heap.event("never")
+    while b.n_waiting < 1:
+        never.wait(timeout=0.01)
+    b.reset()
+    report = heap.queue("report")
+    assert report.get(timeout=PATIENCE) == "broken"
+    join_all([waiter])
+    assert not b.broken
     assert heap.check() == []
 
 
@@ -363,7 +425,13 @@ KILLS = {
     "coord.acked": ("q.put('a')", "with q.lease():\n    pass",
                     "assert q.get(timeout=PATIENCE) == 'a'  # at least once: delivered again"),
     "coord.flag_stored": ("", "h.event('e').set()", "assert h.event('e').wait(PATIENCE)"),
-    "coord.arrived": ("", "h.barrier('b', 1).wait()", "assert h.barrier('b', 1).wait() == 0"),
+    "coord.arrived": ("h.barrier('b', 2)", "h.barrier('b', 2).wait()",
+                      "assert [s.value for s in h.structures() if s.name == 'b'] == [0]\n"
+                      "b = h.barrier('b', 2); assert b.broken  # (its other party died)\n"
+                      "b.reset(); assert not b.broken"),
+    "coord.reset": ("h.barrier('b', 2).abort()", "h.barrier('b', 2).reset()",
+                    "b = h.barrier('b', 2); assert b.broken  # (not reset)\n"
+                    "b.reset(); assert not b.broken and b.n_waiting == 0"),
 }
 
 

@@ -68,7 +68,8 @@ h.put([1, 2], root="x")
 """
 
 #: Coordination steps that pass every coordination crash point: make a queue, put, get,
-#: lease and finish, lease and raise (the item goes back), set an event, pass a barrier.
+#: lease and finish, lease and raise (the item goes back), set an event, pass and reset a
+#: barrier.
 COORD_STEPS = """
 q = h.queue("faults")
 q.put(1)
@@ -84,6 +85,7 @@ except ValueError:
     pass
 h.event("faults-event").set()
 h.barrier("faults-barrier", 1).wait()
+h.barrier("faults-barrier", 1).reset()
 """
 
 #: crash point prefix or name -> (parent setup, child operation, K: the passage to raise at)

@@ -23,6 +23,7 @@ from test_cli import ROOT, interrupt_until_exit, run_cli
 from shmheap import destroy
 from shmheap.liveness import probe_attachments
 from shmheap.pytest_plugin import HeapFactory, shm_leftovers
+from shmheap.tools.display import format_size
 from shmheap.tools.stress_roles import Reservoir, latency_summary, span_problem, stats_problems
 
 
@@ -76,6 +77,9 @@ def test_a_clean_run_reports_no_violation_and_its_counts_add_up(shm_heap_name: s
     assert objects["live_objects"] == objects["held_objects"] == claims + held
     assert objects["live_bytes"] == objects["held_bytes"]
     assert objects["killed_objects"] == objects["killed_bytes"] == objects["handoffs_lost"] == 0
+    # nobody died: the one reclaim, at the end, frees nothing
+    assert report["reclaimed"] == {"passes": 1, "objects": 0, "bytes": 0, "adopted": 0,
+                                   "by_owner": {}}
     assert report["roles"]["churner"]["latency"]["samples"] > 0
 
     reader_totals = report["roles"]["reader"]
@@ -110,6 +114,38 @@ def test_killed_workers_lose_no_arena_and_leave_only_their_objects(shm_heap_name
     assert status == 0
     assert report["checks"] >= 2
     assert_summary_identities(report)
+
+
+def test_a_kill_loop_reclaims_what_killed_workers_owned(shm_heap_name: str,
+                                                        tmp_path: Path) -> None:
+    result = run_cli("stress", "--name", shm_heap_name, "--json", str(tmp_path / "r.json"),
+                     "--max-arenas", "3000", "--duration", "3", "--kill-rate", "8",
+                     "--readers", "1", "--seed", "11", "--no-progress", "--floor", "0")
+    report = json.loads((tmp_path / "r.json").read_text())
+    # no violation: no reclaim freed an object a live worker held or was handed
+    assert (result.returncode, report["result"]) == (0, "OK"), (result.stdout, result.stderr)
+    assert_summary_identities(report)
+    reclaimed, objects = report["reclaimed"], report["objects"]
+    assert report["kills"] > 0 and report["stragglers"] == 0
+    # a pass with each check after kills, and the last one before the stop
+    assert reclaimed["passes"] == report["checks"] >= 2
+    assert reclaimed["objects"] > 0 and reclaimed["bytes"] >= 16 * reclaimed["objects"]
+    # every dead owner is a killed worker (readers own nothing, live workers lose nothing)
+    assert 0 < len(reclaimed["by_owner"]) <= report["kills"]
+    assert all(owner.startswith("slot ") for owner in reclaimed["by_owner"])
+    # what killed workers left and no reclaim freed: handoffs lost in flight to a killed
+    # churner (their maker is alive, or the parent adopted them), or other objects the
+    # parent adopted (a ref in flight whose object its receiver had freed and another
+    # churner, killed since, got)
+    assert objects["killed_objects"] <= objects["handoffs_lost"] + reclaimed["adopted"]
+    rows = summary(result.stdout)
+    assert rows["reclaimed"].startswith(
+        f"{reclaimed['objects']:,} objects, {format_size(reclaimed['bytes'])} of "
+        f"{len(reclaimed['by_owner']):,} dead owners in {reclaimed['passes']:,} passes"), \
+        rows["reclaimed"]
+    assert rows["live at the end"].endswith(
+        f"+ {objects['killed_objects']:,} left by killed workers, not reclaimed "
+        f"({format_size(objects['killed_bytes'])})"), rows["live at the end"]
 
 
 def test_killed_movers_lose_no_work_item(shm_heap_name: str, tmp_path: Path) -> None:
@@ -237,6 +273,9 @@ def assert_summary_identities(report: dict[str, Any]) -> None:
                                            objects["killed_objects"])
     assert objects["undelivered_freed"] <= objects["handoffs_undelivered"]
     assert report["kills"] == sum(w["state"] == "killed" for w in report["workers"])
+    reclaimed = report["reclaimed"]
+    assert reclaimed["objects"] == sum(n for n, _ in reclaimed["by_owner"].values())
+    assert reclaimed["bytes"] == sum(b for _, b in reclaimed["by_owner"].values())
     for kind, totals in report["roles"].items():
         assert totals["incarnations"] == len(workers_of(report, kind))
 

@@ -24,8 +24,13 @@ worker left unfinished, as any worker's next lock would) and then runs
 ``heap.check()`` (at most once per ``CHECK_INTERVAL`` and for at most
 ``CHECK_SHARE`` of the time, and always at the end), counting every finding
 but those a kill legitimately leaves (``TOLERATED_AFTER_KILL``) as a
-violation.  A check holds the heap lock while it opens every arena, which
-shows in the maximum latencies of such runs.
+violation.  With each such check, and once more at the end while the
+workers still run, the parent frees what killed workers owned with
+``heap.reclaim()`` (``_reclaim``: churners adopt each object handed to them,
+and the parent first adopts those in flight from a dead churner to a live
+one, so that no reclaim frees an object a live worker is about to use).  A
+check runs in pieces, each lock-free first and locked only to confirm what
+looks wrong (repair.py), so it does not stall the workers.
 
 At the end the parent stops the workers (it sets the heap's stop event, which
 each worker looks at after every step, and says stop on their pipes, which
@@ -34,8 +39,8 @@ that the final snapshot holds every arena the writers reported and that
 each still has its segment (none lost), that every stamp is right and that
 the objects live in the heap are exactly those the workers that stopped
 normally hold (their final reports list them), each with its pattern;
-objects that only killed workers could hold are counted (a killed process's
-objects stay allocated by design), not blamed.  Then it destroys the heap
+objects that only killed workers could hold and that no reclaim freed are
+counted, not blamed.  Then it destroys the heap
 (always, in a ``finally``, even on Ctrl-C), verifies that nothing of it is
 left in /dev/shm, and reports.
 
@@ -51,7 +56,7 @@ This module owns the run: the parent's fleet of workers and its relay of
 handoffs, the kill/respawn loop, the final verification, the verdict, the
 live display, the summary and the ``shmheap stress`` command.  It uses the
 heap only through the public API (``Heap``, ``walk``, ``check()``,
-``shmheap.destroy``).
+``adopt``/``reclaim``, ``shmheap.destroy``).
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ from ..coord import Queue
 from ..errors import (
     HeapNotFoundError,
     InvalidParameterError,
+    InvalidRefError,
     ShmHeapError,
 )
 from ..heap import Heap, destroy
@@ -150,11 +156,11 @@ MAX_IN_FLIGHT = 1024
 #: a time, and find free pages through summaries): this only keeps a default run's /dev/shm
 #: directory small.
 DEFAULT_ARENAS = 4096
-#: Findings that a SIGKILL legitimately leaves behind until the next repair ("dead-owner":
-#: the check itself adopted a dead holder's lock and repaired; "unpublished": a writer killed
-#: while growing left its new arena or index generation under its temporary name, which
-#: repair, or the next process in its liveness slot, removes).
-TOLERATED_AFTER_KILL = frozenset({"dead-owner", "unpublished"})
+#: Findings that a SIGKILL legitimately leaves behind until the next repair ("unpublished": a
+#: writer killed while growing left its new arena or index generation under its temporary
+#: name, which repair, or the next process in its liveness slot, removes).  An adopted lock
+#: is no finding: it is counted in info().recoveries.
+TOLERATED_AFTER_KILL = frozenset({"unpublished"})
 #: Arenas of 1 MiB (sparse: only touched pages take memory) hold a churner's large objects.
 DEFAULT_ARENA_SIZE = 1 << 20
 #: The final figures of a run that did not get to verify them (interrupted, or failed).
@@ -190,8 +196,9 @@ class Worker:
     created: list[int] = field(default_factory=list)
     #: objects the parent relayed to it from other churners
     handed_in: int = 0
-    #: the relayed refs it has not yet said it received (reports, handoffs), in the order sent
-    in_flight: deque[int] = field(default_factory=deque)
+    #: the relayed objects it has not yet said it received (reports, handoffs), in the order
+    #: sent: (ref, wid of the churner that handed it on)
+    in_flight: deque[tuple[int, int]] = field(default_factory=deque)
 
     @property
     def alive(self) -> bool:
@@ -404,7 +411,7 @@ class Fleet:
             return
         target = self.rng.choice(others or targets)
         target.handed_in += len(handoff.refs)
-        target.in_flight.extend(handoff.refs)
+        target.in_flight.extend((ref, sender.wid) for ref in handoff.refs)
         self.relayed += len(handoff.refs)
         self.send(target, Handoff(handoff.refs))
 
@@ -572,6 +579,13 @@ class StressRun:
         #: seconds the parent's checks took in all
         self.check_s = 0.0
         self.findings: list[dict[str, object]] = []
+        #: what the parent's ``heap.reclaim()`` passes freed, and the handed-on objects of
+        #: dead churners it adopted before them (``_reclaim``); by_owner: dead owner ->
+        #: [objects, bytes]
+        self.reclaimed: dict[str, Any] = {"passes": 0, "objects": 0, "bytes": 0,
+                                          "adopted": 0, "by_owner": {}}
+        #: the undelivered handoffs (``Fleet.undelivered``) the parent has adopted so far
+        self._adopted_undelivered = 0
         #: violations the parent found itself
         self.violations: list[str] = []
         self.started = 0.0
@@ -627,6 +641,7 @@ class StressRun:
             self.started = self.fleet.start(config.roles(), config.duration, config.paced)
             self._run_phase(heap, show)
             self.elapsed = time.monotonic() - self.started
+            self._reclaim(heap)  # the last one, while every churner that takes handoffs runs
             stop.set()
             self.fleet.stop()
         return self._verify(heap)
@@ -642,7 +657,7 @@ class StressRun:
             wake = self._kill_due(now)
             if self.kills > checked_kills and now >= next_check:
                 checked_kills = self.kills
-                took = self._check(heap)
+                took = self._check(heap) + self._reclaim(heap)
                 next_check = (time.monotonic()
                               + max(CHECK_INTERVAL, took * (1 - CHECK_SHARE) / CHECK_SHARE))
             if now >= next_refresh:
@@ -714,6 +729,48 @@ class StressRun:
         took = time.monotonic() - start
         self.check_s += took
         return took
+
+    def _reclaim(self, heap: Heap) -> float:
+        """Free what dead workers owned (``heap.reclaim()``); returns the seconds it took.
+
+        A ref handed on is a plain int and stays its maker's until its
+        receiver adopts it; if the maker is dead, a reclaim would free it, and
+        the allocator could give its memory to another churner before the
+        receiver's adopt, which would then take that churner's object.  So
+        the parent first reaps the killed workers (relaying the handoffs still
+        in their pipes) and adopts every object in flight from a dead churner
+        to a live one, and every undelivered one (it frees those itself): the
+        parent is alive, so reclaim leaves them alone.  An adopt that finds the
+        object freed is no problem: its receiver has freed it and not said so
+        yet.  Objects in flight to a dead churner are left to reclaim.
+        """
+        start = time.monotonic()
+        fleet = self.fleet
+        for worker in fleet.dying():
+            fleet.reap(worker)
+        makers = fleet.workers
+        guard = [ref for worker in fleet.live() for ref, maker in worker.in_flight
+                 if not makers[maker].alive]
+        guard += fleet.undelivered[self._adopted_undelivered:]
+        self._adopted_undelivered = len(fleet.undelivered)
+        totals = self.reclaimed
+        try:
+            for ref in guard:
+                with contextlib.suppress(InvalidRefError):
+                    heap.adopt(ref)
+                    totals["adopted"] += 1
+            freed = heap.reclaim()
+        except ShmHeapError as exc:
+            self.violate(f"heap.reclaim() failed: {exc}")
+        else:
+            totals["passes"] += 1
+            totals["objects"] += freed.objects
+            totals["bytes"] += freed.bytes
+            for owner, of in freed.by_owner.items():
+                total = totals["by_owner"].setdefault(owner, [0, 0])
+                total[0] += of.objects
+                total[1] += of.bytes
+        return time.monotonic() - start
 
     def _anyone_killed(self) -> bool:
         return any(w.state in ("killing", "killed", "straggler", "died")
@@ -861,6 +918,9 @@ class StressRun:
         extra = walked.keys() - held.keys()
         extra_bytes = sum(walked[ref] for ref in extra)
         killed = self._anyone_killed()
+        if self.reclaimed["objects"] and not killed:
+            self.violate(f"no worker was killed, yet heap.reclaim() freed "
+                         f"{self.reclaimed['objects']} objects")
         if extra and not killed:
             self.violate(f"no worker was killed, yet {len(extra)} objects ({extra_bytes} bytes) "
                          "are allocated that no worker holds")
@@ -903,7 +963,7 @@ class StressRun:
         holding them (``unheld``); the killed churner freed the others.
         """
         churners = self.fleet.of_kind("churner")
-        in_flight = [ref for worker in churners for ref in worker.in_flight]
+        in_flight = [ref for worker in churners for ref, _ in worker.in_flight]
         return {"handoffs_handed_on": self.fleet.handed_on,
                 "handoffs_relayed": self.fleet.relayed,
                 "handoffs_received": sum(w.handed_in - len(w.in_flight) for w in churners),
@@ -1022,6 +1082,7 @@ class StressRun:
             "violation_examples": (problems + self.violations + worker_examples)[:20],
             "leaks": leaks, "workers": [w.summary() for w in self.fleet.workers],
             "cores": self._cores(), "coverage": coverage, "interrupted": self.interrupted,
+            "reclaimed": self.reclaimed,
             **final,
         }
         if violations or final["arenas_lost"] or leaks:
@@ -1133,11 +1194,12 @@ def _rows(report: dict[str, Any]) -> Iterator[tuple[str, object]]:
     full = report["heap_full_after_s"]
     yield "heap full after", "-" if full is None else f"{full:.2f} s"
     yield "index generations", report["index_generations"]
+    yield "reclaimed", _reclaimed(report["reclaimed"])
     yield "live at the end", (
         f"{objects.get('live_objects', 0):,} objects, "
         f"{format_size(objects.get('live_bytes', 0))} = {objects.get('held_objects', 0):,} "
         f"held by workers that stopped ({objects.get('claims', 0):,} of them writers' arenas) "
-        f"+ {objects.get('killed_objects', 0):,} left by killed workers "
+        f"+ {objects.get('killed_objects', 0):,} left by killed workers, not reclaimed "
         f"({format_size(objects.get('killed_bytes', 0))})")
     yield "kills", _kills(report)
     start = report["worker_start"]
@@ -1152,6 +1214,13 @@ def _rows(report: dict[str, Any]) -> Iterator[tuple[str, object]]:
     yield "leaks", len(report["leaks"])
     yield "coverage", _coverage(report["coverage"])
     yield "result", report["result"]
+
+
+def _reclaimed(reclaimed: dict[str, Any]) -> str:
+    return (f"{reclaimed['objects']:,} objects, {format_size(reclaimed['bytes'])} of "
+            f"{len(reclaimed['by_owner']):,} dead owners in {reclaimed['passes']:,} passes "
+            f"(before them the parent adopted {reclaimed['adopted']:,} handoffs: in flight "
+            "from dead churners, or undelivered)")
 
 
 def _kills(report: dict[str, Any]) -> str:
@@ -1226,9 +1295,19 @@ The summary, figure by figure (--json holds the same numbers):
                       writer was killed before it stamped them
   heap full after     seconds until a writer first found no room for another arena
   index generations   index arrays the heap has made (each doubles the last)
+  reclaimed           what the parent's heap.reclaim() freed: objects and bytes that dead
+                      workers owned, of how many dead owners, in how many passes (one with
+                      each check after kills, one at the end before the stop).  Churners
+                      adopt (heap.adopt) each object handed to them; before each pass the
+                      parent adopts those still in flight from a dead churner to a live one
+                      (a reclaim must not free an object a live churner is about to take),
+                      and those it keeps undelivered; in brackets how many adopts (an object
+                      in flight over several passes is adopted at each)
   live at the end     objects allocated at the end = held by the workers that stopped
-                      normally (their final reports list them) + left by killed workers (a
-                      killed process's objects stay allocated; lost handoffs are among them)
+                      normally (their final reports list them) + left by killed workers, not
+                      reclaimed: handoffs lost in flight to a killed churner, which their
+                      maker (alive: reclaim leaves its objects alone) or the parent (it
+                      adopted them) still owns
   kills               workers SIGKILLed by --kill-rate, per second of the duration, beside
                       the rate asked; a kill falls due at random times at that rate and
                       hits a random worker that has begun its first operation (while none

@@ -29,8 +29,10 @@ attaches the run's heap and plays one role:
     of an arena), checks each new object reads zero, fills it with
     ``pattern(ref)`` (its address, repeated), holds at most ``MAX_HELD`` and
     gives up random ones, checking the pattern first.  A share of those is
-    handed to another churner through the parent (``Handoff``), which checks
-    and frees it; the rest it frees itself.
+    handed to another churner through the parent (``Handoff``), which adopts
+    it (``heap.adopt``: a ref passed as a plain int is still its maker's, and
+    a reclaim after its maker's death would free it), checks and frees it;
+    the rest it frees itself.
 ``reader``
     attached ``readonly=True``, loops ``heap.snapshot()`` and walks every
     entry: each snapshot must extend the previous one (published entries never
@@ -75,7 +77,8 @@ parent relays each handoff to a random other running churner (back to the
 sender if it is the only one); handoffs it cannot deliver (the run is
 stopping, or every churner is ``MAX_IN_FLIGHT`` objects behind) it keeps,
 and checks and frees at the end.  A handoff relayed to a churner that is
-then killed is lost in flight: its objects stay allocated.
+then killed is lost in flight: its objects stay allocated until the parent's
+next ``heap.reclaim()`` (stress.py).
 
 Test hook: with ``SHMHEAP_STRESS_BREAK_CHECK=1`` in the environment, readers
 expect the stamp ``index + 1`` and churners the pattern of ``ref + 1``, so
@@ -91,7 +94,7 @@ stress.py's ``FLOORS``.
 This module owns the roles, what each one checks, the statistics a worker
 keeps (``Reservoir``, ``WorkerReport``) and the worker's side of the pipe.  It
 uses the heap only through the public API (``Heap``, ``grow``, ``alloc``/
-``free``/``view``/``walk``/``stats``; from allocator.py only ``ALIGN``).
+``free``/``adopt``/``view``/``walk``/``stats``; from allocator.py only ``ALIGN``).
 """
 
 from __future__ import annotations
@@ -510,11 +513,24 @@ class Churner(Role):
         self.count("freed_bytes", size)
 
     def receive(self, message: Handoff) -> None:
-        """Objects another churner handed on: check each and free it."""
+        """Objects another churner handed on: adopt each, check it and free it.
+
+        A handed ref is a plain int, still its maker's: adopting it first keeps
+        a reclaim from freeing it under us if its maker is killed.  The parent
+        adopts the refs in flight from dead makers before it reclaims
+        (stress.py), so a relayed object is never gone when it arrives: a
+        failed adopt is a violation whoever made it.
+        """
         for ref in message.refs:
-            size = self.check(ref, None)
-            if size:
-                self.free(ref, size)
+            try:
+                self.heap.adopt(ref)
+            except ShmHeapError as exc:
+                self.violate(f"adopt({ref:#x}) of a handed-on object raised "
+                             f"{type(exc).__name__}: {exc}")
+            else:
+                size = self.check(ref, None)
+                if size:
+                    self.free(ref, size)
             self.count("received")
 
     def outgoing(self, flush: bool) -> list[object]:
@@ -593,7 +609,9 @@ class Reader(Role):
                 continue
             stamped += 1
             value = stamp[1]
-            if value != index + offset:
+            # the magic again: a killed writer's claim may have been reclaimed and its
+            # memory reused since the first look (the first word is then no magic)
+            if value != index + offset and stamp[0] == STAMP_MAGIC:
                 self.violate(f"arena {index} is stamped {value}, expected "
                                     f"{index + offset}")
         self.count("stamps", stamped)
