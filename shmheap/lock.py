@@ -205,8 +205,7 @@ class _LibcSemaphore:
         self._get_errno = ctypes.get_errno
         if not self._ptr:
             err = self._get_errno()
-            raise ShmHeapError(f"heap lock semaphore {name}: sem_open failed "
-                               f"({os.strerror(err)})")
+            raise _semaphore_error(name, OSError(err, os.strerror(err)))
         self._clockwait = libc.sem_clockwait
         self._args = ((self._ptr,), (time.CLOCK_MONOTONIC,))
         #: a struct timespec: tv_sec, tv_nsec
@@ -272,10 +271,13 @@ class HeapLock:
             self.run = self._run_at_crash_points  # type: ignore[method-assign]
             self.read_word = self._read_word_at_crash_points  # type: ignore[method-assign]
         elif core.native is not None:
-            self.native = core.native.Lock(
-                sem.name, live.buffer, live.fd, live.nslots, live.slot, live.token, journal,
-                header, repair, heap_name,
-                (FIRST_POLL, POLL, UNOWNED_GRACE, YIELD_LIMIT, YIELD_NAP), mutex)
+            try:  # it opens the semaphore again, through libc
+                self.native = core.native.Lock(
+                    sem.name, live.buffer, live.fd, live.nslots, live.slot, live.token,
+                    journal, header, repair, heap_name,
+                    (FIRST_POLL, POLL, UNOWNED_GRACE, YIELD_LIMIT, YIELD_NAP), mutex)
+            except OSError as exc:
+                raise _semaphore_error(sem.name, exc) from None
             for method in ("run", "read_word", "enter", "leave", "release", "semaphore_value",
                            "drain_one"):
                 setattr(self, method, getattr(self.native, method))
@@ -683,6 +685,9 @@ def open_semaphore(name: str, create: bool, mode: int) -> posix_ipc.Semaphore:
 
 
 def _semaphore_error(where: str, exc: OSError) -> ShmHeapError:
+    """The ShmHeapError of a failed open, creation or removal of the semaphore ``where``."""
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return segments.descriptor_limit_error(f"the heap lock semaphore {where}")
     if exc.errno in (errno.ENOSPC, errno.ENOMEM):
         return OutOfSharedMemoryError(
             f"no room in /dev/shm for the heap lock semaphore {where}: free space there "

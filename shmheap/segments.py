@@ -244,6 +244,14 @@ def mapping_error(exc: OSError, name: str) -> ShmHeapError:
     return _translate(exc, name, mapping=True)
 
 
+def descriptor_limit_error(what: str) -> DescriptorLimitError:
+    """The error of opening ``what`` with no file descriptor left (EMFILE, ENFILE)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return DescriptorLimitError(
+        f"no file descriptor left to open {what} (RLIMIT_NOFILE is {soft}): "
+        "raise it (ulimit -n) or keep fewer arenas mapped (SHMHEAP_MAX_MAPPINGS)")
+
+
 def _translate(exc: OSError, name: str, mapping: bool = False) -> ShmHeapError:
     """Turn an OSError about segment ``name`` into the matching ShmHeapError.
 
@@ -256,10 +264,7 @@ def _translate(exc: OSError, name: str, mapping: bool = False) -> ShmHeapError:
             f"vm.max_map_count ({max_map_count()}) mappings or its address space; raise "
             "it (sysctl vm.max_map_count) or keep fewer arenas mapped (SHMHEAP_MAX_MAPPINGS)")
     if exc.errno in (errno.EMFILE, errno.ENFILE):
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        return DescriptorLimitError(
-            f"no file descriptor left to open {path_of(name)} (RLIMIT_NOFILE is {soft}): "
-            "raise it (ulimit -n) or keep fewer arenas mapped (SHMHEAP_MAX_MAPPINGS)")
+        return descriptor_limit_error(path_of(name))
     if exc.errno == errno.ENOENT:
         return HeapNotFoundError(f"shared-memory segment {path_of(name)} does not exist")
     if exc.errno == errno.EEXIST:
