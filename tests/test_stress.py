@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 from test_cli import ROOT, interrupt_until_exit, run_cli
 
-from shmheap import destroy
+from shmheap import NATIVE, destroy
 from shmheap.liveness import probe_attachments
 from shmheap.pytest_plugin import HeapFactory, shm_leftovers
 from shmheap.tools.display import format_size
@@ -425,3 +426,27 @@ def test_latency_summary_weighs_samples_by_stride() -> None:
                                      "samples": 100})
     assert latency_summary([]) == {"p50_us": None, "p99_us": None, "max_us": None,
                                    "samples": 0}
+
+
+def test_workers_run_the_parents_shmheap_whatever_the_working_directory(
+        shm_heap_name: str, tmp_path: Path) -> None:
+    """Run from a source checkout whose native core is not built, the workers still run the
+    parent's shmheap: the forkserver they fork from gets the parent's path, not the working
+    directory first (multiprocessing's forkserver ignores the parent's path before 3.12)."""
+    checkout = tmp_path / "shmheap"
+    shutil.copytree(ROOT / "shmheap", checkout,
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    with open(checkout / "core.py", "a") as core:  # no native core, even if an editable
+        core.write("\nnative = None\nNATIVE = False\n")  # install's finder could load one
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    # as the `shmheap` command starts: the working directory not on the parent's path
+    command = "import sys; del sys.path[0]; from shmheap.tools.cli import main; sys.exit(main())"
+    result = subprocess.run(
+        [sys.executable, "-c", command, "stress", "--name", shm_heap_name, "--duration", "1",
+         "--floor", "0", "--no-progress", "--json", str(tmp_path / "r.json")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PYTHONPATH": path})
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["ok"]
+    assert {w["core"] for w in report["workers"]} == {"native" if NATIVE else "pure"}

@@ -70,6 +70,7 @@ import queue
 import random
 import secrets
 import signal
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -231,21 +232,25 @@ class Worker:
 
 
 @contextlib.contextmanager
-def _core_of_worker(pure: bool) -> Iterator[None]:
-    """A worker spawned meanwhile runs the pure-Python core if ``pure`` (spawn copies the
-    environment); the parent's own is as it was afterwards."""
-    if not pure:
-        yield
-        return
-    before = os.environ.get(core.PURE_VAR)
-    os.environ[core.PURE_VAR] = "1"
+def _environment(**values: str) -> Iterator[None]:
+    """The environment variables ``values`` set while the block runs (a process started
+    meanwhile inherits them), and as they were afterwards."""
+    before = {var: os.environ.get(var) for var in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if before is None:
-            del os.environ[core.PURE_VAR]
-        else:
-            os.environ[core.PURE_VAR] = before
+        for var, value in before.items():
+            if value is None:
+                del os.environ[var]
+            else:
+                os.environ[var] = value
+
+
+def _core_of_worker(pure: bool) -> contextlib.AbstractContextManager[None]:
+    """A worker spawned meanwhile runs the pure-Python core if ``pure`` (spawn copies the
+    environment); the parent's own is as it was afterwards."""
+    return _environment(**{core.PURE_VAR: "1"}) if pure else contextlib.nullcontext()
 
 
 def warm_forkserver() -> None:
@@ -261,9 +266,15 @@ def warm_forkserver() -> None:
     get_context("forkserver").set_forkserver_preload(PRELOAD)
     if threading.current_thread() is not threading.main_thread():
         return
+    # The forkserver is `python -c`, which puts the working directory first on its path and
+    # (before 3.12) ignores the parent's: run from a source checkout, it would import that
+    # checkout, without its native core, instead of the parent's shmheap.  It gets exactly
+    # the parent's path instead.
+    path = os.pathsep.join(entry or os.getcwd() for entry in sys.path)
     handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        forkserver.ensure_running()
+        with _environment(PYTHONSAFEPATH="1", PYTHONPATH=path):
+            forkserver.ensure_running()
     finally:
         signal.signal(signal.SIGINT, handler)
 
