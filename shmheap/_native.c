@@ -623,25 +623,11 @@ lock_take(Lock *self, int has_deadline, double deadline)
 }
 
 /* Holding the lock: repair a dirty journal (the heap's repair does nothing for a read-only
- * handle); on failure release and return -1. */
+ * handle); on failure release and return -1.  ``for_read``: a snapshot's repair (lock.py
+ * read_word), where a repair that fails with a ShmHeapError (a full /dev/shm) leaves the
+ * journal to the next holder and the read goes on. */
 static int
-lock_repair(Lock *self)
-{
-    if (!LOAD((uint64_t *)self->journal.buf))
-        return 0;
-    PyObject *done = PyObject_CallNoArgs(self->repair);
-    if (done == NULL) {
-        lock_release(self);
-        return -1;
-    }
-    Py_DECREF(done);
-    return 0;
-}
-
-/* A snapshot's repair (lock.py read_word): as lock_repair, but a repair that fails with a
- * ShmHeapError (a full /dev/shm) leaves the journal to the next holder and the read goes on. */
-static int
-lock_repair_for_read(Lock *self)
+lock_repair(Lock *self, int for_read)
 {
     if (!LOAD((uint64_t *)self->journal.buf))
         return 0;
@@ -650,19 +636,21 @@ lock_repair_for_read(Lock *self)
         Py_DECREF(done);
         return 0;
     }
-    PyObject *type, *value, *trace;
-    PyErr_Fetch(&type, &value, &trace);
-    PyObject *cls = error_class("ShmHeapError");
-    int ours = cls != NULL && type != NULL && PyErr_GivenExceptionMatches(type, cls);
-    Py_XDECREF(cls);
-    if (ours) {
-        Py_XDECREF(type);
-        Py_XDECREF(value);
-        Py_XDECREF(trace);
-        PyErr_Clear();
-        return 0;
+    if (for_read) {
+        PyObject *type, *value, *trace;
+        PyErr_Fetch(&type, &value, &trace);  /* no call with an exception pending */
+        PyObject *cls = error_class("ShmHeapError");
+        int ours = cls != NULL && type != NULL && PyErr_GivenExceptionMatches(type, cls);
+        Py_XDECREF(cls);
+        if (ours) {
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(trace);
+            PyErr_Clear();
+            return 0;
+        }
+        PyErr_Restore(type, value, trace);
     }
-    PyErr_Restore(type, value, trace);
     lock_release(self);
     return -1;
 }
@@ -673,7 +661,7 @@ lock_enter(Lock *self, int has_deadline, double deadline, int write)
 {
     if (lock_take(self, has_deadline, deadline) < 0)
         return -1;
-    return write ? lock_repair(self) : 0;
+    return write ? lock_repair(self, 0) : 0;
 }
 
 static int
@@ -736,14 +724,14 @@ lock_read_held(Lock *self, const uint64_t *word, PyObject *deadline_arg, uint64_
         double deadline = 0;
         if (parse_deadline(deadline_arg, &deadline, &has_deadline) < 0)
             return -1;
-        if (lock_take(self, has_deadline, deadline) < 0 || lock_repair_for_read(self) < 0)
+        if (lock_take(self, has_deadline, deadline) < 0 || lock_repair(self, 1) < 0)
             return -1;
         *out = LOAD(word);
         lock_release(self);
         return 0;
     }
     lock_record(self);
-    if (lock_repair_for_read(self) < 0)
+    if (lock_repair(self, 1) < 0)
         return -1;
     *out = LOAD(word);
     lock_release(self);
