@@ -48,6 +48,23 @@ def join_all(procs: list[multiprocessing.process.BaseProcess]) -> None:
         assert proc.exitcode == 0, f"worker exit code {proc.exitcode}"
 
 
+def kill_consumers(consumers: list[multiprocessing.process.BaseProcess],
+                   worker: Callable[..., object], heap_name: str, done: shmheap.coord.Queue,
+                   busy: Callable[[], bool], most: int, rng: random.Random) -> int:
+    """A kill loop: while ``busy()`` and at most ``most`` times, wait for one item to reach
+    ``done`` (progress between kills), then SIGKILL a random consumer and start a fresh
+    ``worker`` in its place.  Returns how many were killed."""
+    kills = 0
+    while busy() and kills < most:
+        done.put(done.get(timeout=PATIENCE))
+        victim = consumers.pop(rng.randrange(len(consumers)))
+        victim.kill()
+        victim.join()
+        kills += 1
+        consumers.append(spawn(worker, heap_name))
+    return kills
+
+
 def drain(q: shmheap.coord.Queue) -> list[Any]:
     items: list[Any] = []
     while True:
@@ -256,16 +273,9 @@ def test_killed_leasing_consumers_lose_nothing(heap: shmheap.Heap) -> None:
     items = list(range(300))
     for item in items:
         work.put(item)
-    rng = random.Random(20)
-    kills = 0
     consumers = [spawn(coord_workers.consume_leased, heap.name) for _ in range(3)]
-    while len(work) + work.leased and kills < 12:
-        victim = consumers.pop(rng.randrange(len(consumers)))
-        done.put(done.get(timeout=PATIENCE))  # let the work go on between kills
-        victim.kill()
-        victim.join()
-        kills += 1
-        consumers.append(spawn(coord_workers.consume_leased, heap.name))
+    kills = kill_consumers(consumers, coord_workers.consume_leased, heap.name, done,
+                           lambda: len(work) + work.leased > 0, 12, random.Random(20))
     work.close()
     join_all(consumers)
     tally = Tally(drain(done))
@@ -280,15 +290,8 @@ def test_killed_getters_never_duplicate_an_item(heap: shmheap.Heap) -> None:
     for item in range(300):
         work.put(item)
     consumers = [spawn(coord_workers.consume, heap.name) for _ in range(2)]
-    kills = 0
-    rng = random.Random(7)
-    while len(work) and kills < 6:
-        done.put(done.get(timeout=PATIENCE))  # wait for progress
-        victim = consumers.pop(rng.randrange(len(consumers)))
-        victim.kill()
-        victim.join()
-        kills += 1
-        consumers.append(spawn(coord_workers.consume, heap.name))
+    kills = kill_consumers(consumers, coord_workers.consume, heap.name, done,
+                           lambda: len(work) > 0, 6, random.Random(7))
     work.close()
     join_all(consumers)
     got = drain(done)
