@@ -76,6 +76,21 @@ if it must wait sleeps on the word (waits.py: a Linux futex, native or by
 ctypes) in slices of at most ``SLICE`` seconds, so a waker killed between
 its change and its wake-up delays it by one slice at most.
 
+The native core puts and gets in one C call each (``_native.c`` Queue, bound
+as the handle's ``put`` and ``get``) the items a node keeps itself: the same
+words, intent record, journal op and holder words, in the same order, under
+the heap lock taken by the native ``Lock``.  Whatever it is not sure of it
+leaves, before it has changed anything, to the Python path here (the pure
+core's, which stays): a closed queue, a queue with leased items (their dead
+leasers are looked for here), a node in an arena the handle has not mapped, an
+item stored with ``put``, a deadline that ran out.  A process started with a
+crash point armed runs the Python lock and these Python paths (lock.py), so
+the points are reached there.  Its waiters sleep on the futex word at once: a
+bounded spin on the word before sleeping was measured (``shmheap bench
+coord``, a busy 2-core machine) and lost, 18.5 us a round trip with 10 us of
+spin and 7 us with 1 us against 6.2 us without, since a spinner takes the core
+the other side needs.
+
 Counters: the native core adds with one atomic instruction on ``base``
 (``__atomic_add_fetch``); Python has no atomic add on shared memory, so the
 pure core adds into its own liveness slot's cell (a heap object of one word
@@ -310,6 +325,20 @@ class CoordTable:
         self._found: dict[str, int] = {}
         lock = heap._lock
         self.lock: HeapLock = lock  # type: ignore[assignment]
+
+    def native_queue(self, record: int, slow_put: Callable[..., None],
+                     slow_get: Callable[..., object]) -> Any:
+        """The native core's put and get of queue ``record`` (None on the pure core, and
+        while crash points are armed: the Python paths reach them)."""
+        native, lock, free = core.native, self.lock.native, self.allocator.free
+        if native is None or lock is None or not isinstance(free, native.Free):
+            return None
+        queue = native.Queue(
+            lock, self._seg.buf, record, self.heap._words, self.allocator.alloc, free,
+            [cls.holder_at for cls in self.allocator.classes], _pickle, pickle.loads,
+            slow_put, slow_get, SLICE)
+        self._natives.append(queue)
+        return queue
 
     def close(self) -> None:
         for native in self._natives:
@@ -549,7 +578,7 @@ class CoordTable:
         if type(item) is int and -(1 << 63) <= item < 1 << 63:
             kind, payload = _INT, _INT64.pack(item)
         else:
-            kind, payload = _PICKLE, pickle.dumps(item, pickle.HIGHEST_PROTOCOL)
+            kind, payload = _PICKLE, _pickle(item)
         ref = self.allocator.alloc(NODE_HEADER + len(payload))
         view = self._bytes(ref, NODE_HEADER + len(payload))
         view[NODE_HEADER:] = payload
@@ -598,6 +627,11 @@ class CoordTable:
         return _wrap(value)
 
 
+def _pickle(item: object) -> bytes:
+    """The bytes a node keeps of a (non-int) item."""
+    return pickle.dumps(item, pickle.HIGHEST_PROTOCOL)
+
+
 def _wrap(value: int) -> int:
     """A 64-bit two's complement reading of ``value``."""
     value &= (1 << 64) - 1
@@ -619,6 +653,11 @@ class Queue:
         self._record = table.open(name, QUEUE, -1 if capacity is None else capacity)
         self._b = table.base(self._record)
         self._scanned = 0.0
+        native = table.native_queue(self._record, Queue.put.__get__(self),
+                                    Queue.get.__get__(self))
+        if native is not None:  # one C call each (_native.c Queue); this class's methods
+            self.put = native.put  # type: ignore[method-assign]  # do what it leaves them
+            self.get = native.get  # type: ignore[method-assign]
 
     def __repr__(self) -> str:
         return f"<Queue {self.name!r} of heap {self._table.heap.name!r}, {len(self)} items>"
