@@ -498,7 +498,7 @@ def test_an_array_item_is_stored_once_and_got_as_a_view_of_the_heap(heap: shmhea
     array = np.arange(20_000.0)
     q.put(array)
     assert len(live_objects(heap)) == len(before) + 2, "a node and the object put() made"
-    got = q.get()
+    got: Any = q.get()
     (obj,) = set(live_objects(heap)) - set(before)  # the node is freed, the object is got's
     assert np.shares_memory(got, np.frombuffer(heap.view(obj), np.uint8)), "no copy"
     assert (got == array).all() and got.flags.writeable, "a get's item is the getter's"
@@ -509,6 +509,7 @@ def test_an_array_item_is_stored_once_and_got_as_a_view_of_the_heap(heap: shmhea
     del part
     assert live_objects(heap) == before, "freed with its last view"
     q.put(array)
+    leased: Any
     with q.lease() as leased:
         assert not leased.flags.writeable, "a leased item may be delivered again: read-only"
         kept = leased
