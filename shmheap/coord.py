@@ -31,15 +31,24 @@ last; kind, name and parameter never change after that, so a lookup reads
 them with no lock.  Records are never reused while the heap exists.
 
 Queue items are *nodes*, heap objects (allocator.py) of 24 bytes and the item:
-``next`` (ref), ``tag`` (kind << 56 | payload length: an int in 8 bytes, or a
-pickle), ``token`` (the liveness token of its leaser).  A queue is a singly
-linked list head -> tail; leased nodes are in a second list (any order).  A
-node is its queue's from the put that links it (``owners.hold_locked``, in
-that put's undo record) until a get or a lease's end hands it to the taker
-(``owners.adopt_locked``, the op's last store; its undo makes it the queue's
-again), and a counter's cells and a barrier's tokens are their structure's,
-so ``heap.reclaim()`` leaves them alone while they are held and frees a
-taken node whose taker died before it freed it.
+``next`` (ref), ``tag`` (kind << 56 | payload length: an int in 8 bytes, a
+pickle of at most ``INLINE_MAX`` bytes with no out-of-band buffers, or the
+8-byte ref of the object ``heap.put`` stored any other item in, objects.py),
+``token`` (the liveness token of its leaser).  A queue is a singly linked list
+head -> tail; leased nodes are in a second list (any order).  A node, and the
+object of its item, are their queue's from the put that links them
+(``owners.hold_locked``, in that put's undo record) until a get or a lease's
+end hands them to the taker (``owners.adopt_locked``, the op's last stores;
+its undo makes them the queue's again), and a counter's cells and a barrier's
+tokens are their structure's, so ``heap.reclaim()`` leaves them alone while
+they are held and frees what a taker that died had taken.  The taker frees the
+node at once; an item's object is the memory of the views ``get`` returns (a
+numpy array comes back zero-copy, writable for a get, read-only for a lease,
+whose item may be delivered again), so it is freed once the taker owns it and
+its last view is gone (``_Lent``, through objects.get's ``gone``), at the
+handle's next queue call if that happens while the thread is inside a hold of
+the heap lock.  A lease given back leaves the leaser's views on an object that
+is the queue's again: they must not be used after the block.
 
 A barrier's parties are *registered*: ``heap.barrier(name, parties)`` (and a
 ``wait`` of a process that is not, e.g. a forked child) stores the caller's
@@ -62,7 +71,9 @@ change into the intent record, then writes the journal (control.py, op
 ``COORD``).  A holder stopped anywhere before the journal is cleared leaves
 the journal dirty; the next writable lock holder (repair.py) restores the
 saved words and frees the node a half-done ``put`` was linking if its putter
-is dead (a live putter frees it as its exception leaves ``put``).  So a
+is dead, making the object of its item nobody's (``ORPHAN``: ``reclaim()``
+frees it), and makes a half-handed-over node and object the queue's again (a
+live putter frees both as its exception leaves ``put``).  So a
 half-done put never happened (the putter got no answer), a half-done get or
 lease leaves the item at the head, a half-done acknowledgement leaves the
 lease in place (redelivered when its leaser is gone).  Nodes are freed only
@@ -1360,6 +1371,13 @@ def _check_list(table: CoordTable, what: str, head: int, count: int, tail: int |
         except ShmHeapError:
             cut = last
             break
+        try:  # the object an item was stored in with put() must be live
+            obj = table.item_object(ref)
+            if obj:
+                table.allocator.size_of(obj)
+        except ShmHeapError as exc:
+            note("coord-item", f"{what}: the item of the node at {ref:#x} is damaged ({exc})",
+                 False)
         last, ref, length = ref, following, length + 1
     if cut is not None:
         if note("coord-list", f"{what} link a node that is not a live queue node after "
