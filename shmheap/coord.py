@@ -719,11 +719,12 @@ class _Lent:
     no view of it is left (``unviewed``), whichever comes last; a process that dies first
     leaves it to ``reclaim()``."""
 
-    __slots__ = ("_gone", "_mine", "_once", "ref", "table")
+    __slots__ = ("_gone", "_mine", "_once", "pid", "ref", "table")
 
     def __init__(self, table: CoordTable, ref: int) -> None:
         self.table = table
         self.ref = ref
+        self.pid = os.getpid()  # (a forked child's copies of the views free nothing)
         self._mine = self._gone = False
         self._once = threading.Lock()  # (the views may go in another thread)
 
@@ -738,7 +739,7 @@ class _Lent:
             self._mine |= mine
             self._gone |= gone
             due, self.ref = (self.ref, 0) if self._mine and self._gone else (0, self.ref)
-        if due:
+        if due and self.pid == os.getpid():
             self.table.free_unviewed(due)
 
 

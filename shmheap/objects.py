@@ -211,7 +211,7 @@ def get(allocator: Allocator, ref: int, writable: bool = False,
         import ctypes  # (only here: importing it costs milliseconds)
 
         owner = (ctypes.c_char * len(view)).from_buffer(view)
-        weakref.finalize(owner, gone)
+        weakref.finalize(owner, gone).atexit = False  # (at exit: the process's, reclaim's)
         view = memoryview(owner).cast("B")  # (views of it keep the array, not the mapping)
     stream, buffers = _parts(view, ref, allocator.heap.name)
     if not writable:
