@@ -243,13 +243,21 @@ def size_classes(page_size: int, pages_per_arena: int) -> tuple[SizeClass, ...]:
 
 
 @functools.cache
-def _lookup_table(classes: tuple[SizeClass, ...]) -> tuple[int, ...]:
+def _lookup_table(classes: tuple[SizeClass, ...]) -> bytes:
     """The class of a small size n at [(n + 15) >> 4] (computed once per process for each
     set of classes)."""
     table = [1]
     for cls in classes[1:]:
         table.extend([cls.number] * (cls.size // ALIGN - len(table) + 1))
-    return tuple(table)
+    return bytes(table)
+
+
+@functools.cache
+def _class_tables(classes: tuple[SizeClass, ...]
+                  ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """nelems, size and objects_at of every class, for the native core's Free."""
+    return (tuple(c.nelems for c in classes), tuple(c.size for c in classes),
+            tuple(c.objects_at for c in classes))
 
 
 def _size_class(size: int, wide: int, page_size: int,
@@ -444,22 +452,15 @@ class Allocator:
 
     def _bind_native(self, native: Any) -> None:
         """Let the native core's fast paths run ``alloc`` and ``free`` (slow paths stay here)."""
-        summaries = self._summaries
-        trees = [summaries.partial_levels(c) for c in range(1, len(self.classes))]
-        tree_levels = [0, 0]  # class 0 (large objects) has no partial tree
-        for levels in trees:
-            tree_levels.append(tree_levels[-1] + len(levels))
-        classes = self.classes
-        self.alloc = native.Alloc(self._caches, bytes(self.lookup),  # type: ignore[method-assign]
+        self.alloc = native.Alloc(self._caches, self.lookup,  # type: ignore[method-assign]
                                   self.max_small, self._alloc_slow, self._mutex)
         if self.readonly:
             return  # free() raises ReadOnlyError, from Python
+        summaries = self._summaries
         self.free = native.Free(  # type: ignore[method-assign]
             self._mapped.records, Allocator.free.__get__(self), summaries.mapping,
-            self.arena_shift, self.page_shift, [c.nelems for c in classes],
-            [c.size for c in classes], [c.objects_at for c in classes], tree_levels,
-            [offset for levels in trees for offset, _size in levels],
-            [size for levels in trees for _offset, size in levels], self._mutex)
+            self.arena_shift, self.page_shift, *_class_tables(self.classes),
+            *summaries.partial_tables(), self._mutex)
 
     def _token(self) -> int:
         live = self.heap._live

@@ -469,10 +469,11 @@ class Summaries:
             self._reserved.add(page)
         self._reserved_rows.add(row)
 
-    def partial_levels(self, sclass: int) -> list[tuple[int, int]]:
-        """``partial(sclass).levels`` without making the tree's views (the native core's
-        Free takes every class's at once, and most classes a process never frees into)."""
-        return list(zip(self._offsets[1 + sclass], _level_sizes(self._nleaves), strict=True))
+    def partial_tables(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """The levels of the partial trees of every class >= 1, for the native core's Free,
+        without making the trees' views (most classes a process never frees into): (where
+        each class's levels start in the next two, offset of each level, size of each)."""
+        return _partial_tables(self._nleaves, len(self._offsets))
 
     def hinted_classes(self) -> list[int]:
         """The classes whose partial tree's top row has an entry set, the only trees in which
@@ -499,6 +500,19 @@ class Summaries:
 
 
 @functools.cache
+@functools.cache
+def _partial_tables(nleaves: int, ntrees: int
+                    ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``Summaries.partial_tables`` (computed once per process for each layout)."""
+    sizes = _level_sizes(nleaves)
+    firsts = [0, 0]  # class 0 (large objects) has no partial tree
+    offsets: list[int] = []
+    for levels in _tree_offsets(nleaves, ntrees)[2:]:
+        offsets += levels
+        firsts.append(len(offsets))
+    return tuple(firsts), tuple(offsets), sizes * (ntrees - 2)
+
+
 def _row_pages(offsets: tuple[tuple[int, ...], ...], row: int) -> set[int]:
     """The pages on the paths of leaf row ``row`` (arenas ``64 * row`` ..) in every tree:
     its leaves and their first-level node (the levels above are reserved at creation)."""
@@ -506,6 +520,7 @@ def _row_pages(offsets: tuple[tuple[int, ...], ...], row: int) -> set[int]:
             for levels in offsets for level in range(min(2, len(levels)))}
 
 
+@functools.cache
 def _tree_offsets(nleaves: int, ntrees: int) -> tuple[tuple[int, ...], ...]:
     """The offset of each level of each tree in the segment (level by level, see above)."""
     sizes = _level_sizes(nleaves)
