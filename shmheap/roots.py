@@ -84,8 +84,11 @@ Lookups and snapshots take no lock
 
 Binding (``roots[name] = ref``, ``del roots[name]``): the writable heap-lock holder
     Each bind and unbind is one ``HeapLock.run(..., write=True)``, so it starts
-    with the journal clean.  If a new name finds no room (one more key would
-    fill more than half the slots, or its name would not fit the name area),
+    with the journal clean, and first checks that the heap is not being
+    destroyed: a load of the control segment's ``destroyed`` word, which
+    ``destroy`` sets before it unlinks anything (no path lookup).  If a new
+    name finds no room (one more key would fill more than half the slots, or
+    its name would not fit the name area),
     the table is rebuilt first: the bound roots are copied, with the rebuilt
     region's ``seq`` odd, into the other region of the capacity they need (a
     quarter of the slots at most), and ``table`` switches to it in one store.
@@ -104,6 +107,19 @@ Binding (``roots[name] = ref``, ``del roots[name]``): the writable heap-lock hol
 
     Steps 2-4 run with the region's ``seq`` odd (lock-free readers wait,
     then read it whole); ``finish`` makes it even again.
+
+    The native core makes the whole change one C call (``_native.RootWriter``,
+    the twin of ``_bind_locked``): the native lock's hold, these steps with the
+    same stores, crash points and records, and the release.  It takes small
+    objects in arenas this process has mapped, and a new name only where the
+    table has room and the name's bytes fall in a page with memory; anything
+    else it leaves unchanged (None), and ``_bind_locked`` runs.  The bound
+    object's root count goes up in one compare-and-swap (1 + r -> 2 + r), so a
+    native ``free`` racing the bind (its own 1 -> 0 compare-and-swap) and the
+    bind cannot both succeed; a bind that loses stops before its first store.
+    While a crash point is armed the lock is the pure-Python one, and the
+    writer's change runs under it, reaching the crash points through
+    ``crash.reach``.
 
     An object counts its roots so that ``free`` can refuse a bound object
     by the byte it reads anyway, and sweep keeps it (walker.py).  The count
@@ -506,7 +522,8 @@ class RootTable:
         heap = allocator.heap
         classes = allocator.classes
         return core.native.RootWriter(
-            self.native, allocator._lock.native, heap._control.buf, allocator._mapped.records,
+            self.native, getattr(allocator._lock, "native", None), heap._control.buf,
+            allocator._mapped.records,
             tuple([getattr(c, field) for c in classes]
                   for field in ("nelems", "size", "objects_at", "holder_at", "npages")),
             allocator.arena_shift, allocator.page_shift, MAX_ROOTS_PER_OBJECT,
