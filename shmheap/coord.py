@@ -74,7 +74,13 @@ least every ``SCAN_INTERVAL``) puts the node back at the head.
 Waiting never spins: a waiter reads the futex word, looks under the lock, and
 if it must wait sleeps on the word (waits.py: a Linux futex, native or by
 ctypes) in slices of at most ``SLICE`` seconds, so a waker killed between
-its change and its wake-up delays it by one slice at most.
+its change and its wake-up delays it by one slice at most.  A waiter says so
+under the lock (the word's high half, "sleepers"), and a change wakes only a
+word whose sleepers flag is up: a put or a get with nobody asleep makes no
+system call.  An event's waiter is the exception: a read-only handle may
+sleep on the word (the kernel only reads it) but can write nothing, so
+``Event.wait`` takes no lock and says nothing, in either kind of handle, and
+``set()`` always wakes (one system call, and events are set rarely).
 
 Counters: the native core adds with one atomic instruction on ``base``
 (``__atomic_add_fetch``); Python has no atomic add on shared memory, so the
@@ -133,8 +139,6 @@ HEADER_SIZE = PAGE_SIZE
 SIZE = HEADER_SIZE + RECORDS * RECORD_SIZE
 #: Longest sleep of a waiter before it looks again (dead leasers, dead parties, lost wakes).
 SLICE = 0.05
-#: First pause of a read-only handle's Event.wait, which looks at the flag in growing pauses.
-FIRST_LOOK = 0.001
 #: Seconds between two looks for dead leasers while a queue is not empty.
 SCAN_INTERVAL = 0.05
 #: Largest item payload a node may say it holds (the heap's address space bounds it anyway).
@@ -471,12 +475,13 @@ class CoordTable:
         self.bump(record)
         self.heap._journal.end()
 
-    def bump(self, record: int) -> None:
-        """Tell the record's waiters it changed (lock held); they are woken by ``wake_due``."""
+    def bump(self, record: int, wake: bool = False) -> None:
+        """Tell the record's waiters it changed (lock held); they are woken by ``wake_due``
+        if one said it sleeps (``sleep_on``), or with ``wake`` in any case."""
         at = self.base(record) + _FUTEX
         word = int(self.words[at])
         self.words[at] = (word + 1) & _U32  # (clears the sleepers flag in the high half)
-        if word >> 32:
+        if wake or word >> 32:
             self._wake_due.add(record)
 
     def sleep_on(self, record: int) -> _Sleep:
@@ -894,31 +899,26 @@ class Event:
         with table.locked(None):
             table.words[self._flag] = value
             crash.reach("coord.flag_stored")
-            table.bump(self._record)
+            table.bump(self._record, wake=bool(value))  # (its waiters say nothing: see wait)
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until the flag is set (True) or ``timeout`` seconds pass (False)."""
+        """Wait until the flag is set (True) or ``timeout`` seconds pass (False).
+
+        It takes no lock and says nothing (a read-only handle can write no
+        word): it reads the futex word, then the flag, and sleeps on the word
+        while it holds what was read; ``set()`` stores the flag, bumps the word
+        and always wakes (one system call; events are set rarely).
+        """
         deadline = deadline_of(timeout)
         table = self._table
-        words, flag = table.words, self._flag
-        if table.heap.readonly:  # no writable word to sleep on: look in growing slices
-            pause = FIRST_LOOK
-            while not words[flag]:
-                left = SLICE if deadline is None else deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                time.sleep(min(pause, left))
-                pause = min(2 * pause, SLICE)
-            return True
+        words, flag, at = table.words, self._flag, table.base(self._record) + _FUTEX
 
         def attempt() -> Any:
-            if words[flag]:
-                return True
-            with table.locked(deadline):
-                return True if words[flag] else table.sleep_on(self._record)
+            seen = int(words[at]) & _U32
+            return True if words[flag] else _Sleep(seen)
 
         try:
-            return bool(self._table.wait_for(self._record, attempt, deadline))
+            return bool(table.wait_for(self._record, attempt, deadline))
         except TimeoutError:
             return False
 

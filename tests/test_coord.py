@@ -317,6 +317,16 @@ def test_an_event_set_wakes_a_waiter_in_another_process(heap: shmheap.Heap) -> N
     join_all([waiter])
 
 
+def test_an_event_set_wakes_a_readonly_waiter_in_another_process(heap: shmheap.Heap) -> None:
+    go = heap.event("go")  # (a read-only handle makes none)
+    waiter = spawn(coord_workers.wait_for_event_readonly, heap.name)
+    never = heap.event("never")
+    while heap.info().attached < 2:  # the waiter has attached; it looks up the event and sleeps
+        never.wait(timeout=0.01)
+    go.set()
+    join_all([waiter])  # exit 0: its wait returned True
+
+
 def test_a_barrier_lets_its_parties_through_together(heap: shmheap.Heap) -> None:
     parties = [spawn(coord_workers.barrier_party, heap.name, 3, 2) for _ in range(2)]
     mine = [heap.barrier("b", 3).wait(timeout=PATIENCE) for _ in range(2)]  # two rounds
