@@ -90,6 +90,16 @@ def barrier_party(name: str, parties: int, rounds: int = 1) -> None:
                 return
 
 
+def leave_after_a_round(name: str, parties: int) -> None:
+    """Pass one round of barrier ``b`` as a party of its ``with`` block, which leaves it;
+    report the round's index, then ``left``, on queue ``report``."""
+    with shmheap.Heap.attach(name) as heap:
+        report = heap.queue("report")
+        with heap.barrier("b", parties) as barrier:
+            report.put(barrier.wait(timeout=60))
+        report.put("left")
+
+
 def register_and_park(name: str, parties: int) -> None:
     """Become a party of barrier ``b``, say ``registered`` on queue ``report``, never wait
     at the barrier: wait for event ``never`` until killed."""

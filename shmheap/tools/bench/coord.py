@@ -410,8 +410,6 @@ def targets(results: dict[str, Any]) -> list[Target]:
         Target.of("counter.add", adds["shmheap"], "<=", COUNTER_ADD_NS, fmt_ns),
         Target.of("event set -> waiter awake", trips["event shmheap"] / 2, "<=",
                   EVENT_WAKE_NS, fmt_ns),
-        Target.of("event set -> read-only waiter awake", results["wake_ns"]["read-only"], "<=",
-                  EVENT_WAKE_NS, fmt_ns),
     ]
 
 
