@@ -105,6 +105,8 @@ CRASH_POINTS: dict[str, str] = {
                      "arrival count not yet updated",
     "coord.reset": "a barrier's round ended by reset() (generation moved on, its reset bit "
                    "set), arrival count and broken flag not yet cleared",
+    "coord.left": "a barrier party's leave() counted (and the round passed if the others "
+                  "waited for it only), its token not yet cleared",
 }
 
 ENV_VAR = "SHMHEAP_CRASH_AT"
