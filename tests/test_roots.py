@@ -165,6 +165,41 @@ del h.roots["greeting"]
     assert heap.check() == []
 
 
+def test_native_and_pure_processes_bind_and_unbind_the_same_names(heap: shmheap.Heap) -> None:
+    # the native writer and the pure twin change one table at once, rebinding each other's
+    # names (the counts of objects they take roots from, and their owners, stay right)
+    code = f"""
+import shmheap
+h = shmheap.Heap.attach({heap.name!r})
+mine = [h.alloc(16 + 16 * k) for k in range(4)]
+for i in range(400):
+    h.roots[f"shared-{{i % 8}}"] = mine[i % 4]
+    try:
+        del h.roots[f"shared-{{(i * 5 + 3) % 8}}"]
+    except shmheap.RootNotFoundError:
+        pass
+for ref in mine:
+    if not h.roots.names_of(ref):
+        h.free(ref)
+h.close()
+"""
+    children = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE,
+                                 text=True, env={**os.environ, **extra})
+                for extra in ({}, {shmheap.core.PURE_VAR: "1"})]
+    for child in children:
+        assert child.wait(timeout=300) == 0, child.stderr.read() if child.stderr else ""
+        if child.stderr:
+            child.stderr.close()
+    bound = dict(heap.roots)
+    assert set(bound) <= {f"shared-{k}" for k in range(8)}
+    assert heap.check() == []
+    for name in bound:
+        del heap.roots[name]
+    for ref in set(bound.values()):
+        heap.free(ref)  # unbound by this process: its object now
+    assert heap.check() == []
+
+
 def test_a_bound_object_cannot_be_freed_from_any_process(heap: shmheap.Heap) -> None:
     small, large = heap.alloc(100), heap.alloc(3 * 8192)
     heap.roots["small"], heap.roots["large"] = small, large
