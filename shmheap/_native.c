@@ -26,6 +26,8 @@
  *   Mapping       arenas.py's map_run: a run of arenas mapped back to back
  *                 into one reserved range, a buffer that unmaps it in its
  *                 dealloc (views of a giant object, giant.py).
+ *   rename_noreplace   arenas.py's link: a new arena moved to its final name
+ *                 unless that name is taken (renameat2), one system call.
  *   futex_wait, futex_wake, Counter   waits.py's futex calls and coord.py's
  *                 counter add: one atomic instruction while no pure-core
  *                 process has added to the counter.
@@ -2355,6 +2357,34 @@ static PyTypeObject MappingType = {
     .tp_weaklistoffset = offsetof(Mapping, weakrefs),
 };
 
+/* -- rename_noreplace: an arena's move to its final name (arenas.py link) ------------------ */
+
+#ifndef RENAME_NOREPLACE
+#define RENAME_NOREPLACE 1
+#endif
+
+static PyObject *
+native_rename_noreplace(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyUnicode_Check(args[0]) || !PyUnicode_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "rename_noreplace(old, new) takes two str paths");
+        return NULL;
+    }
+    const char *old = PyUnicode_AsUTF8(args[0]);
+    const char *new = old == NULL ? NULL : PyUnicode_AsUTF8(args[1]);
+    if (new == NULL)
+        return NULL;
+    long rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = syscall(SYS_renameat2, AT_FDCWD, old, AT_FDCWD, new, RENAME_NOREPLACE);
+    Py_END_ALLOW_THREADS
+    if (rc == 0)
+        Py_RETURN_TRUE;
+    if (errno == EEXIST)
+        Py_RETURN_FALSE;
+    return PyErr_SetFromErrnoWithFilenameObjects(PyExc_OSError, args[0], args[1]);
+}
+
 /* -- the module --------------------------------------------------------------------------- */
 
 /* -- coordination (coord.py, waits.py): futex waits and wakes, the counter's atomic add ---- */
@@ -2743,6 +2773,8 @@ static PyMethodDef native_functions[] = {
     {"futex_wait", (PyCFunction)(void (*)(void))native_futex_wait, METH_FASTCALL,
      "futex_wait(word, seen, seconds) -> False if the time ran out"},
     {"futex_wake", (PyCFunction)native_futex_wake, METH_O, "futex_wake(word)"},
+    {"rename_noreplace", (PyCFunction)(void (*)(void))native_rename_noreplace, METH_FASTCALL,
+     "rename_noreplace(old, new) -> False if new exists (renameat2 RENAME_NOREPLACE)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -13,11 +13,13 @@ followed by a trailer that names its heap and index::
 
 A new arena is made whole under a temporary name (``shmheap.NAME.new<slot>``,
 one per liveness slot, made without the heap lock), reserved, stamped with
-its trailer under the lock, and only then hard-linked under its final
-name: ``link`` fails if that name is taken, so a foreign file there is a
-collision, never overwritten, and an arena file under its final name is
-always complete.  A holder stopped after the link leaves a complete but
-unpublished arena that the journal names (``GROW``) and repair removes.
+its trailer under the lock, and only then renamed to its final name with
+``renameat2(RENAME_NOREPLACE)`` (one system call; ``link`` + ``unlink``
+where that is missing), which fails if that name is taken: a foreign file
+there is a collision, never overwritten, and an arena file under its final
+name is always complete.  A holder stopped after the rename leaves a
+complete but unpublished arena that the journal names (``GROW``) and repair
+removes.
 
 The arena map ``shmheap.NAME.map`` holds one bit per arena index
 (``max_arenas`` bits, a sparse file: only pages with set bits take memory).
@@ -181,18 +183,40 @@ def build(heap_name: str, slot: int, arena_size: int, mode: int,
 
 def link(heap_name: str, seg: segments.Segment, heap_id: int, arena_size: int,
          index: int) -> bool:
-    """Stamp ``seg`` as arena ``index`` and link it under its final name.
+    """Stamp ``seg`` as arena ``index`` and move it to its final name; ``seg.name`` is
+    then that name.
 
     False if the name is taken (a collision: pick another index and call
-    again with the same segment).
+    again with the same segment, still under its temporary name).
     """
     TRAILER.pack_into(seg.buf, arena_size, ARENA_MAGIC, heap_id, index, time.time_ns())
+    final = arena_name(heap_name, index)
     try:
-        os.link(segments.path_of(seg.name), segments.path_of(arena_name(heap_name, index)))
-    except FileExistsError:
-        return False
+        if not _rename_noreplace(segments.path_of(seg.name), segments.path_of(final)):
+            return False
     except OSError as exc:
         raise ShmHeapError(f"cannot link arena {index} of heap {heap_name!r}: {exc}") from None
+    seg.name = final
+    return True
+
+
+def _rename_noreplace(old: str, new: str) -> bool:
+    """Rename ``old`` to ``new`` unless ``new`` exists (then False): ``renameat2`` with
+    RENAME_NOREPLACE, one system call; where the kernel, libc or file system lacks it,
+    ``link`` + ``unlink``, which a caller cannot tell apart (a temporary name left by a
+    death between the two is removed as any dead grower's is, liveness.py)."""
+    try:
+        if core.native is not None:
+            return bool(core.native.rename_noreplace(old, new))
+        return _rename_noreplace_twin(old, new)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+            raise
+    try:
+        os.link(old, new)
+    except FileExistsError:
+        return False
+    os.unlink(old)
     return True
 
 
@@ -265,9 +289,11 @@ def map_run(heap_name: str, heap_id: int, first: int, size: int, arena_size: int
             os.close(fd)
 
 
-# -- the pure-Python twin of _native.Mapping: libc's mmap and munmap through ctypes ----------
+# -- the pure-Python twins of _native.Mapping and rename_noreplace: libc through ctypes ------
 
 _MAP_FIXED = 0x10  # Linux, every architecture
+_RENAME_NOREPLACE = 1  # linux/fs.h
+_AT_FDCWD = -100
 _PROT_NONE = 0
 
 
@@ -281,6 +307,10 @@ def _libc() -> ctypes.CDLL:
     libc.mmap.restype = ctypes.c_void_p
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     libc.munmap.restype = ctypes.c_int
+    if hasattr(libc, "renameat2"):  # glibc 2.28 and later
+        libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                                   ctypes.c_uint]
+        libc.renameat2.restype = ctypes.c_int
     return libc
 
 
@@ -321,6 +351,22 @@ def _mapped_run(size: int, parts: list[tuple[int, int]], writable: bool) -> obje
     except BaseException:
         libc.munmap(base, size)
         raise
+
+
+def _rename_noreplace_twin(old: str, new: str) -> bool:
+    """``_native.rename_noreplace`` through libc's ``renameat2`` (ctypes)."""
+    import ctypes
+
+    libc = _libc()
+    if not hasattr(libc, "renameat2"):
+        raise OSError(errno.ENOSYS, "libc has no renameat2")
+    if libc.renameat2(_AT_FDCWD, os.fsencode(old), _AT_FDCWD, os.fsencode(new),
+                      _RENAME_NOREPLACE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EEXIST:
+        return False
+    raise OSError(err, os.strerror(err), old, None, new)
 
 
 def _missing(heap_name: str, index: int) -> HeapCorruptError:

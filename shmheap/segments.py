@@ -31,6 +31,7 @@ import os
 import resource
 import stat
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -308,11 +309,12 @@ def create(
     try:
         if on_open is not None:
             on_open(fd)
-        os.fchmod(fd, mode)  # the umask must not narrow what the caller asked for
         os.ftruncate(fd, size)
         if reserve:
             os.posix_fallocate(fd, 0, size)
         st = os.fstat(fd)
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.fchmod(fd, mode)  # the umask must not narrow what the caller asked for
     except OSError as exc:
         os.close(fd)
         unlink(name)
@@ -376,11 +378,35 @@ def reserve(seg: Segment, offset: int, length: int) -> None:
         raise _translate(exc, seg.name) from None
 
 
+#: How long (seconds) and how much of what it saw free (a fraction) ``check_free_space``
+#: trusts its last look at /dev/shm.
+FREE_SPACE_TRUSTED_S = 1.0
+FREE_SPACE_TRUSTED_PART = 8
+#: this process's last look: [bytes free then, monotonic time of the look, bytes asked since]
+_free_seen = [0, 0.0, 0]
+
+
 def check_free_space(name: str, size: int) -> None:
-    """Raise OutOfSharedMemoryError if /dev/shm cannot hold ``size`` more bytes."""
-    stat = os.statvfs(SHM_DIR)
-    if stat.f_bavail * stat.f_frsize < size:
+    """Raise OutOfSharedMemoryError if /dev/shm cannot hold ``size`` more bytes.
+
+    A check for the common case only (the space is shared, and a sparse
+    segment takes its memory when it is touched): so ``statvfs`` is called
+    again only once the sizes asked since the last call exceed
+    1/FREE_SPACE_TRUSTED_PART of what it saw free, or FREE_SPACE_TRUSTED_S
+    have passed.  A grow() of small sparse arenas then rarely pays for it.
+    """
+    seen = _free_seen
+    asked = seen[2] + size
+    now = time.monotonic()
+    if asked * FREE_SPACE_TRUSTED_PART <= seen[0] and now - seen[1] < FREE_SPACE_TRUSTED_S:
+        seen[2] = asked
+        return
+    fs = os.statvfs(SHM_DIR)
+    free = fs.f_bavail * fs.f_frsize
+    if free < size:
+        seen[0] = 0
         raise _translate(OSError(errno.ENOSPC, "no space"), name)
+    seen[:] = [free, now, size]
 
 
 def open_fd(name: str, readonly: bool, expect_size: int | None = None,
