@@ -23,11 +23,12 @@ removes.
 
 The arena map ``shmheap.NAME.map`` holds one bit per arena index
 (``max_arenas`` bits, a sparse file: only pages with set bits take memory).
-It is read and written with ``pread``/``pwrite`` rather than mapped, so a
-lookup never allocates a page and a full /dev/shm is an error, not SIGBUS.
-A bit is set by the heap-lock holder after the arena's index entry is
-published and never cleared while the heap exists (invariant 4); lookups
-need no lock.
+It is read with ``pread`` rather than through a mapping, so a lookup never
+allocates a page; a writer sets a bit through a mapping of its own, in a
+page it first reserved with ``fallocate``, so a full /dev/shm is an error,
+not SIGBUS.  A bit is set by the heap-lock holder after the arena's index
+entry is published and never cleared while the heap exists (invariant 4);
+lookups need no lock.
 
 Mappings
     A process maps an arena when it first touches it and keeps at most
@@ -78,7 +79,7 @@ from .errors import (
     ShmHeapError,
 )
 from .layout import DEFAULT_PAGE_SIZE, meta_size
-from .names import arena_name, map_name, temp_arena_name
+from .names import PAGE_SIZE, arena_name, map_name, temp_arena_name
 
 if TYPE_CHECKING:
     import ctypes
@@ -502,7 +503,8 @@ class ArenaCache(Generic[_Mapped]):
 
 
 class ArenaMap:
-    """The arena map of a heap: one bit per arena index, through pread/pwrite."""
+    """The arena map of a heap: one bit per arena index, read with pread; a writer sets
+    bits through a mapping of its own, into pages it reserved first."""
 
     def __init__(self, heap_name: str, max_arenas: int, readonly: bool) -> None:
         self.max_arenas = max_arenas
@@ -515,6 +517,11 @@ class ArenaMap:
         if st.st_size < map_bytes(max_arenas):
             os.close(self._fd)
             raise HeapCorruptError(f"/dev/shm/{self._name} is shorter than its heap needs")
+        #: the map mapped writable, on the first ``add``, and the pages of it this process
+        #: reserved (fallocate) before its first store there: a full /dev/shm is an error
+        #: there, never SIGBUS at the store
+        self._mapping: mmap.mmap | None = None
+        self._reserved: set[int] = set()
 
     def __contains__(self, index: int) -> bool:
         if not 0 <= index < self.max_arenas:
@@ -525,14 +532,32 @@ class ArenaMap:
     def add(self, index: int) -> None:
         """Set the bit of ``index`` (heap-lock holder only)."""
         offset = index >> 3
-        old = os.pread(self._fd, 1, offset)
+        page = offset // PAGE_SIZE
+        if page not in self._reserved:
+            self._reserve(page)
+        mapping = self._mapping
+        if mapping is None:
+            mapping = self._mapping = self._map_writable()
+        mapping[offset] |= 1 << (index & 7)
+
+    def _reserve(self, page: int) -> None:
+        """Give memory to ``page`` of the map (the part of it inside the file)."""
+        size = map_bytes(self.max_arenas)
         try:
-            os.pwrite(self._fd, bytes([(old[0] if old else 0) | 1 << (index & 7)]), offset)
+            os.posix_fallocate(self._fd, page * PAGE_SIZE, min(PAGE_SIZE, size - page * PAGE_SIZE))
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.ENOMEM):
                 raise OutOfSharedMemoryError(
                     f"/dev/shm is full: no page for the arena map of {self._name}") from None
             raise
+        self._reserved.add(page)
+
+    def _map_writable(self) -> mmap.mmap:
+        try:
+            return mmap.mmap(self._fd, map_bytes(self.max_arenas), mmap.MAP_SHARED,
+                             mmap.PROT_READ | mmap.PROT_WRITE, **segments.MMAP_EXTRA)
+        except OSError as exc:
+            raise segments.mapping_error(exc, self._name) from None
 
     def next_free(self, start: int, stop: int) -> int | None:
         """The lowest index in ``[start, stop)`` whose bit is clear, or None."""
@@ -571,6 +596,9 @@ class ArenaMap:
         return [i for i in found if i < self.max_arenas]
 
     def close(self) -> None:
+        if self._mapping is not None:
+            self._mapping.close()
+            self._mapping = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -51,11 +51,11 @@ _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 #: Mode bits by which a file's owner shares it with other users (group or world write).
 SHARED_BITS = stat.S_IWGRP | stat.S_IWOTH
 #: Python < 3.13 keeps a duplicate descriptor open for every mmap; 3.13 can be told not to.
-_MMAP_EXTRA: dict[str, bool] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+MMAP_EXTRA: dict[str, bool] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 
 
 #: True where every mapping keeps a file descriptor open (Python's mmap before 3.13)
-DESCRIPTOR_PER_MAPPING = not _MMAP_EXTRA
+DESCRIPTOR_PER_MAPPING = not MMAP_EXTRA
 #: Mappings an attached heap keeps for reuse at most (least recently used go first).
 KEEP_MAPPED = 1024
 MAX_MAPPINGS_VAR = "SHMHEAP_MAX_MAPPINGS"
@@ -131,7 +131,7 @@ def raise_descriptor_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-if not _MMAP_EXTRA:
+if not MMAP_EXTRA:
     raise_descriptor_limit()
 
 
@@ -206,7 +206,7 @@ class Segment:
         self.identity = identity
         prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
         try:
-            self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, prot, **_MMAP_EXTRA)
+            self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, prot, **MMAP_EXTRA)
         except OSError as exc:
             os.close(fd)
             raise _translate(exc, name, mapping=True) from None
@@ -341,7 +341,7 @@ def map_range(seg: Segment, offset: int, length: int) -> mmap.mmap:
     assert seg.fd is not None, "map_range() needs a segment opened with keep_fd=True"
     prot = mmap.PROT_READ if seg.readonly else mmap.PROT_READ | mmap.PROT_WRITE
     try:
-        return mmap.mmap(seg.fd, length, mmap.MAP_SHARED, prot, offset=offset, **_MMAP_EXTRA)
+        return mmap.mmap(seg.fd, length, mmap.MAP_SHARED, prot, offset=offset, **MMAP_EXTRA)
     except ValueError:
         raise HeapCorruptError(f"{path_of(seg.name)} is shorter than {offset + length} "
                                "bytes: it was truncated") from None

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from shmheap import allocator, arenas, control, core, layout, liveness, names, roots
+from shmheap import allocator, arenas, bytescan, control, core, layout, liveness, names, roots
 from shmheap.errors import HeapClosedError, HeapCorruptError
 from shmheap.pytest_plugin import HeapFactory, unique_heap_name
 
@@ -258,3 +258,22 @@ def test_an_arena_is_moved_to_its_final_name_never_over_another_file(rename: Any
         for path in (old, new, taken):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+
+@needs_native
+def test_the_building_scan_is_its_twins_and_stays_in_its_buffer() -> None:
+    assert core.native is not None
+    nslots = 40
+    buf = memoryview(bytearray(liveness.SLOTS_OFFSET + nslots * liveness.SLOT_SIZE))
+    for slot in (0, 7, nslots - 1):
+        buf[liveness.slot_offset(slot) + liveness.BUILDING_OFFSET] = 1
+    buf[liveness.slot_offset(3)] = 1  # a pid byte: not a building byte
+    twin = bytescan.nonzero_positions(bytes(buf[liveness.SLOTS_OFFSET + liveness.BUILDING_OFFSET:])
+                                      [::liveness.SLOT_SIZE])
+    assert liveness._building(buf, nslots) == twin == [0, 7, nslots - 1]
+    first = liveness.SLOTS_OFFSET + liveness.BUILDING_OFFSET
+    for start, stride, count in ((first, liveness.SLOT_SIZE, nslots + 1), (-1, 1, 1),
+                                 (0, 0, 1), (len(buf), 1, 1), (0, 1 << 62, 3)):
+        with pytest.raises(ValueError, match="outside the buffer"):
+            core.native.nonzero_every(buf, start, stride, count)
+    assert core.native.nonzero_every(buf, 0, 1, 0) == []
