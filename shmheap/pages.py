@@ -201,13 +201,14 @@ class ArenaPages:
         self.summaries = summaries
 
     def native_record(self) -> object | None:
-        """The native core's raw view of this arena's metadata (for its free()), or None."""
+        """The native core's raw view of this arena's metadata (for its free() and root
+        binds), or None."""
         if core.native is None:
             return None
         lay = layout(self.arena.size, self.page_size)
         record: object = core.native.Record(self.arena.mapping, self.arena.meta_offset,
                                             lay.pages, lay.used, lay.sclass, lay.span,
-                                            lay.npages, lay.owner)
+                                            lay.npages, lay.owner, lay.marks)
         return record
 
     def close(self) -> None:
@@ -371,9 +372,10 @@ class ArenaPages:
     def zero(self, start: int, npages: int) -> None:
         """Zero the data of ``npages`` pages (their owner only), from one small zero buffer.
 
-        Not by punching the run out (``punch``): freeing populated pages costs
-        the kernel O(pages) too, and the first touch of each page afterwards a
-        fault; measured, both lose to this copy (docs/design.md, giant objects).
+        Not by punching the run out (``punch``) at allocation: freeing populated
+        pages costs the kernel O(pages) too, and the first touch of each page
+        afterwards a fault; measured, both lose to this copy (docs/design.md,
+        giant objects).  A giant object's pages are cleared when it is freed.
         """
         shift = self.page_shift
         first, end = start << shift, (start + npages) << shift
@@ -423,14 +425,16 @@ class ArenaPages:
             raise self.corrupt(f"the records of the span at page {start} do not describe a span")
         return npages
 
-    def release(self, start: int) -> int:
-        """Free the span at ``start``; returns its pages.  Its data becomes DIRTY.
+    def release(self, start: int, state: int = DIRTY) -> int:
+        """Free the span at ``start``; returns its pages.  Its data becomes DIRTY, or
+        ``state`` (CLEAN, RELEASED) for a caller that zeroed or punched the pages while
+        the span was still its own (giant.py).
 
         The records are checked first (``check_span``): garbage is never freed.
         """
         npages = self.check_span(start)
         self.begin_change()
-        self.state[start:start + npages] = bytes([DIRTY]) * npages
+        self.state[start:start + npages] = bytes([state]) * npages
         self.clear_mark(start)
         self.owner[start] = 0
         self.inuse[start >> 3] &= ~(1 << (start & 7)) & 0xFF
