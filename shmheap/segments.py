@@ -32,7 +32,7 @@ import resource
 import stat
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import (
     DescriptorLimitError,
@@ -69,8 +69,7 @@ def max_map_count() -> int:
         return 65530
 
 
-@dataclass(frozen=True)
-class MappingBudget:
+class MappingBudget(NamedTuple):
     """How many segment mappings a heap may have: ``keep`` reused, ``limit`` at once.
 
     ``keep`` is at most half the limit: the other half is for arenas pinned by
