@@ -316,9 +316,20 @@ class AttachedHeap:
         allocator's fast path.
         """
         if segments.identity_of(control_name(self.name)) != self._control.identity:
-            raise HeapNotFoundError(
-                f"heap {self.name!r} was destroyed (and maybe re-created as another heap) "
-                "since this handle attached it; close this handle and attach again")
+            raise self._destroyed()
+
+    def _check_destroyed(self) -> None:
+        """HeapNotFoundError if ``destroy`` has begun on this handle's heap: one load of the
+        control segment's ``destroyed`` word, where ``_check_identity``'s path lookup costs
+        too much (a root bind).  It does not see a heap whose files were removed by other
+        means, nor a handle's own use after ``close`` (``_check_open``)."""
+        if self._words[control.DESTROYED_OFFSET // 8]:
+            raise self._destroyed()
+
+    def _destroyed(self) -> HeapNotFoundError:
+        return HeapNotFoundError(
+            f"heap {self.name!r} was destroyed (and maybe re-created as another heap) since "
+            "this handle attached it; close this handle and attach again")
 
     # -- arenas -----------------------------------------------------------------------
 

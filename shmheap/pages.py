@@ -201,13 +201,14 @@ class ArenaPages:
         self.summaries = summaries
 
     def native_record(self) -> object | None:
-        """The native core's raw view of this arena's metadata (for its free()), or None."""
+        """The native core's raw view of this arena's metadata (for its free() and root
+        binds), or None."""
         if core.native is None:
             return None
         lay = layout(self.arena.size, self.page_size)
         record: object = core.native.Record(self.arena.mapping, self.arena.meta_offset,
                                             lay.pages, lay.used, lay.sclass, lay.span,
-                                            lay.npages, lay.owner)
+                                            lay.npages, lay.owner, lay.marks)
         return record
 
     def close(self) -> None:
