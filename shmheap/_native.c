@@ -26,6 +26,9 @@
  *   Mapping       arenas.py's map_run: a run of arenas mapped back to back
  *                 into one reserved range, a buffer that unmaps it in its
  *                 dealloc (views of a giant object, giant.py).
+ *   rename_noreplace   arenas.py's link: a new arena moved to its final name
+ *                 unless that name is taken (renameat2), one system call.
+ *   nonzero_every liveness.py's scan of the slots' building bytes (grow).
  *   futex_wait, futex_wake, Counter   waits.py's futex calls and coord.py's
  *                 counter add: one atomic instruction while no pure-core
  *                 process has added to the counter.
@@ -2374,6 +2377,71 @@ static PyTypeObject MappingType = {
     .tp_weaklistoffset = offsetof(Mapping, weakrefs),
 };
 
+/* -- rename_noreplace: an arena's move to its final name (arenas.py link) ------------------ */
+
+#ifndef RENAME_NOREPLACE
+#define RENAME_NOREPLACE 1
+#endif
+
+static PyObject *
+native_rename_noreplace(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyUnicode_Check(args[0]) || !PyUnicode_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "rename_noreplace(old, new) takes two str paths");
+        return NULL;
+    }
+    const char *old = PyUnicode_AsUTF8(args[0]);
+    const char *new = old == NULL ? NULL : PyUnicode_AsUTF8(args[1]);
+    if (new == NULL)
+        return NULL;
+    long rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = syscall(SYS_renameat2, AT_FDCWD, old, AT_FDCWD, new, RENAME_NOREPLACE);
+    Py_END_ALLOW_THREADS
+    if (rc == 0)
+        Py_RETURN_TRUE;
+    if (errno == EEXIST)
+        Py_RETURN_FALSE;
+    return PyErr_SetFromErrnoWithFilenameObjects(PyExc_OSError, args[0], args[1]);
+}
+
+/* -- nonzero_every: the slots whose building byte is set (liveness.py) --------------------- */
+
+static PyObject *
+native_nonzero_every(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "nonzero_every(buffer, start, stride, count)");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t stride = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t count = PyLong_AsSsize_t(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (start < 0 || stride < 1 || count < 0
+            || (count > 0 && (start >= view.len || count - 1 > (view.len - 1 - start) / stride))) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "nonzero_every: the bytes lie outside the buffer");
+        return NULL;
+    }
+    PyObject *found = PyList_New(0);
+    const unsigned char *bytes = (const unsigned char *)view.buf + start;
+    for (Py_ssize_t i = 0; found != NULL && i < count; i++) {
+        if (__atomic_load_n(bytes + i * stride, __ATOMIC_RELAXED) == 0)
+            continue;
+        PyObject *position = PyLong_FromSsize_t(i);
+        if (position == NULL || PyList_Append(found, position) < 0)
+            Py_CLEAR(found);
+        Py_XDECREF(position);
+    }
+    PyBuffer_Release(&view);
+    return found;
+}
+
 /* -- the module --------------------------------------------------------------------------- */
 
 /* -- coordination (coord.py, waits.py): futex waits and wakes, the counter's atomic add ---- */
@@ -3239,6 +3307,11 @@ static PyMethodDef native_functions[] = {
     {"futex_wait", (PyCFunction)(void (*)(void))native_futex_wait, METH_FASTCALL,
      "futex_wait(word, seen, seconds) -> False if the time ran out"},
     {"futex_wake", (PyCFunction)native_futex_wake, METH_O, "futex_wake(word)"},
+    {"rename_noreplace", (PyCFunction)(void (*)(void))native_rename_noreplace, METH_FASTCALL,
+     "rename_noreplace(old, new) -> False if new exists (renameat2 RENAME_NOREPLACE)"},
+    {"nonzero_every", (PyCFunction)(void (*)(void))native_nonzero_every, METH_FASTCALL,
+     "nonzero_every(buffer, start, stride, count) -> the i whose byte start + i * stride is "
+     "not 0"},
     {NULL, NULL, 0, NULL},
 };
 

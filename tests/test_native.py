@@ -8,18 +8,20 @@ share a heap at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from shmheap import allocator, control, core, layout, liveness, roots
+from shmheap import allocator, arenas, bytescan, control, core, layout, liveness, names, roots
 from shmheap.errors import HeapClosedError, HeapCorruptError
-from shmheap.pytest_plugin import HeapFactory
+from shmheap.pytest_plugin import HeapFactory, unique_heap_name
 
 needs_native = pytest.mark.skipif(core.native is None,
                                   reason="the native core is not built here (no C compiler?)")
@@ -235,3 +237,49 @@ def test_the_native_root_lookup_leaves_every_doubt_to_python(
         lookup("x")
     with pytest.raises(HeapClosedError):
         "x" in heap.roots  # noqa: B015
+
+
+RENAMES = [pytest.param(arenas._rename_noreplace_twin, id="twin")] + (
+    [] if core.native is None else [pytest.param(core.native.rename_noreplace, id="native")])
+
+
+@pytest.mark.parametrize("rename", RENAMES)
+def test_an_arena_is_moved_to_its_final_name_never_over_another_file(rename: Any) -> None:
+    stem = f"{names.SHM_DIR}/{names.PREFIX}{unique_heap_name('rn')}"
+    old, new, taken = f"{stem}.new0", f"{stem}.a1", f"{stem}.a2"
+    try:
+        for path, data in ((old, b"arena"), (taken, b"foreign")):
+            with open(path, "wb") as out:
+                out.write(data)
+        assert rename(old, taken) is False
+        with open(taken, "rb") as back:
+            assert back.read() == b"foreign"
+        assert rename(old, new) is True
+        assert not os.path.exists(old) and os.stat(new).st_nlink == 1
+        with open(new, "rb") as back:
+            assert back.read() == b"arena"
+        with pytest.raises(FileNotFoundError):
+            rename(old, f"{stem}.a3")
+    finally:
+        for path in (old, new, taken):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+@needs_native
+def test_the_building_scan_is_its_twins_and_stays_in_its_buffer() -> None:
+    assert core.native is not None
+    nslots = 40
+    buf = memoryview(bytearray(liveness.SLOTS_OFFSET + nslots * liveness.SLOT_SIZE))
+    for slot in (0, 7, nslots - 1):
+        buf[liveness.slot_offset(slot) + liveness.BUILDING_OFFSET] = 1
+    buf[liveness.slot_offset(3)] = 1  # a pid byte: not a building byte
+    twin = bytescan.nonzero_positions(bytes(buf[liveness.SLOTS_OFFSET + liveness.BUILDING_OFFSET:])
+                                      [::liveness.SLOT_SIZE])
+    assert liveness._building(buf, nslots) == twin == [0, 7, nslots - 1]
+    first = liveness.SLOTS_OFFSET + liveness.BUILDING_OFFSET
+    for start, stride, count in ((first, liveness.SLOT_SIZE, nslots + 1), (-1, 1, 1),
+                                 (0, 0, 1), (len(buf), 1, 1), (0, 1 << 62, 3)):
+        with pytest.raises(ValueError, match="outside the buffer"):
+            core.native.nonzero_every(buf, start, stride, count)
+    assert core.native.nonzero_every(buf, 0, 1, 0) == []
