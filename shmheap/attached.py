@@ -453,10 +453,18 @@ class AttachedHeap:
         ``index``; on a collision clear the journal and return False.
 
         The summary leaves of ``index`` get their memory first (summary.py).
+        HeapNotFoundError if a ``destroy`` began before the link ended: it may
+        have listed the heap's files before this one, which is removed again
+        (the journal stays, naming it).
         """
         self._summaries.reserve_leaves(index)
         self._journal.begin(*(journal or (control.GROW, index, 0)))
         if arenas.link(self.name, seg, self.params.heap_id, self.arena_size, index):
+            if self._words[control.DESTROYED_OFFSET // 8]:
+                with contextlib.suppress(ShmHeapError):
+                    if segments.identity_of(seg.name) == seg.identity:
+                        segments.unlink(seg.name)
+                raise self._destroyed()
             return True
         self._journal.end()
         return False
