@@ -106,6 +106,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import operator
 import time
 from collections.abc import Callable
@@ -141,7 +142,9 @@ MIN_SPAN_OBJECTS = 32
 #: and adopted from the shared heap if at least 1/ADOPT_FRACTION is.
 KEEP_FRACTION = 4
 ADOPT_FRACTION = 8
-#: The reclaim pass runs at least every this many span refills of one process.
+#: Spans of one class a process keeps besides the one it allocates from (its spares).
+SPARE_SPANS = 8
+#: The reclaim pass runs at least every this many span refills under the lock of one process.
 RECLAIM_EVERY = 64
 #: How often an allocation grows the heap and retries before giving up.
 GROW_ATTEMPTS = 100
@@ -297,6 +300,11 @@ class _Cache:
         return free
 
 
+def _free_now(cache: _Cache, nelems: int) -> int:
+    """How many slots of the cached span are free now (its alloc bytes, read)."""
+    return bytes(cache.pages.data[cache.a0:cache.a0 + nelems]).count(0)
+
+
 #: what makes a span cache: the native core's type (same attributes and methods), or _Cache
 CacheType: Callable[..., _Cache] = core.native.Cache if core.native is not None else _Cache
 
@@ -330,6 +338,8 @@ class Allocator:
         self._mapped = heap._pages
         self._summaries = heap._summaries
         self._caches: list[_Cache | None] = [None] * len(self.classes)
+        #: per class, the other spans this process owns (refilled from without the lock)
+        self._spares: list[list[_Cache]] = [[] for _ in self.classes]
         #: spans whose owner word may hold our token while no cache of ours has them
         self._pending: list[tuple[ArenaPages, int]] = []
         self._journal = heap._journal
@@ -356,6 +366,7 @@ class Allocator:
 
     def forget_caches(self) -> None:
         self._caches[:] = [None] * len(self.classes)  # in place: the native Alloc reads it
+        self._spares = [[] for _ in self.classes]
         self._pending = []
 
     def close(self, give_back: bool = True) -> None:
@@ -373,6 +384,10 @@ class Allocator:
                 if cache is not None:
                     self._pending.append((cache.pages, cache.start))
                     self._caches[c] = None
+            for spares in self._spares:
+                while spares:
+                    self._pending.append((spares[-1].pages, spares[-1].start))
+                    spares.pop()
             if give_back and self._pending and not self.readonly:
                 with contextlib.suppress(ShmHeapError):
                     self._lock.run(self._settle_pending, deadline_of(CLOSE_TIMEOUT), write=True)
@@ -471,10 +486,8 @@ class Allocator:
         old = self._caches[c]
         if old is not None:
             old.free = old.rescan()
-            if len(old.free) * KEEP_FRACTION >= old.cls.nelems:
+            if len(old.free) * KEEP_FRACTION >= old.cls.nelems or self._swap_spare(c, old):
                 return
-            self._pending.append((old.pages, old.start))
-            self._caches[c] = None
         self._refills += 1
 
         def attempt() -> _Cache | None:
@@ -484,10 +497,38 @@ class Allocator:
 
         self._with_room(attempt, self.classes[c].npages, deadline)
 
+    def _swap_spare(self, c: int, old: _Cache) -> bool:
+        """Allocate from a spare of class ``c`` with enough free slots instead of ``old``,
+        which becomes a spare (no lock); False if none has them, and ``old`` is a spare now.
+
+        Past ``SPARE_SPANS`` spares the fullest one is given up (to ``_pending``,
+        disowned by the refill's lock hold).  Every span stays in the cache or
+        the spares (or ``_pending``) at every step, so an interrupt anywhere
+        leaves no span of ours that no list of ours names.
+        """
+        spares = self._spares[c]
+        spares.append(old)
+        nelems = old.cls.nelems
+        counts = [_free_now(spare, nelems) for spare in spares]
+        best = max(range(len(spares) - 1), key=counts.__getitem__, default=-1)
+        if best >= 0 and counts[best] * KEEP_FRACTION >= nelems:
+            spare = spares[best]
+            spare.free = spare.rescan()
+            self._caches[c] = spare
+            del spares[best]
+            return True
+        if len(spares) > SPARE_SPANS:
+            fullest = min(range(len(spares)), key=counts.__getitem__)
+            self._pending.append((spares[fullest].pages, spares[fullest].start))
+            del spares[fullest]
+        self._caches[c] = None
+        return False
+
     def _settle_pending(self) -> None:
         """Disown the spans we may own but cache no more (lock holder; see the docstring)."""
         token = self._token()
-        cached = {(cache.pages.index, cache.start) for cache in self._caches if cache}
+        cached = {(cache.pages.index, cache.start)
+                  for cache in itertools.chain(self._caches, *self._spares) if cache}
         for pages, start in self._pending:
             if pages.owner[start] == token and (pages.index, start) not in cached:
                 self.disown_locked(pages, start)
