@@ -486,7 +486,11 @@ class Allocator:
         old = self._caches[c]
         if old is not None:
             old.free = old.rescan()
-            if len(old.free) * KEEP_FRACTION >= old.cls.nelems or self._swap_spare(c, old):
+            if len(old.free) * KEEP_FRACTION >= old.cls.nelems:
+                return
+            if self._swap_spare(c, old):
+                if self._pending:  # (left by an interrupt) the next refill with the lock
+                    self._lock.run(self._settle_pending, deadline, write=True)
                 return
         self._refills += 1
 
@@ -496,6 +500,11 @@ class Allocator:
             return self._adopt_locked(c) or self._make_span_locked(c)
 
         self._with_room(attempt, self.classes[c].npages, deadline)
+
+    def cached_spans(self) -> set[tuple[int, int]]:
+        """(arena, first page) of every span this process caches: allocates from or keeps."""
+        return {(cache.pages.index, cache.start)
+                for cache in itertools.chain(self._caches, *self._spares) if cache}
 
     def _swap_spare(self, c: int, old: _Cache) -> bool:
         """Allocate from a spare of class ``c`` with enough free slots instead of ``old``,
@@ -527,8 +536,7 @@ class Allocator:
     def _settle_pending(self) -> None:
         """Disown the spans we may own but cache no more (lock holder; see the docstring)."""
         token = self._token()
-        cached = {(cache.pages.index, cache.start)
-                  for cache in itertools.chain(self._caches, *self._spares) if cache}
+        cached = self.cached_spans()
         for pages, start in self._pending:
             if pages.owner[start] == token and (pages.index, start) not in cached:
                 self.disown_locked(pages, start)

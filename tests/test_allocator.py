@@ -22,7 +22,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 
 import shmheap
 from shmheap import layout
-from shmheap.allocator import size_classes
+from shmheap.allocator import SPARE_SPANS, size_classes
 from shmheap.pytest_plugin import HeapFactory, discard, unique_heap_name
 
 ARENA = 256 * 1024
@@ -349,7 +349,7 @@ def test_kill_at_allocator_crash_point_recovers(heap: shmheap.Heap, point: str) 
     proc = run_child(f"""
         import shmheap
         h = shmheap.Heap.attach({heap.name!r})
-        a = [h.alloc(3000) for _ in range({2 * per + 2})]  # X, Y filled and given up; Z cached
+        a = [h.alloc(3000) for _ in range({(SPARE_SPANS + 2) * per + 2})]  # X, Y given up
         for ref in a[:{per}]:
             h.free(ref)                                    # X: unowned, empty, hinted
         h.free(h.alloc(50000))                             # make and free a large span
