@@ -45,29 +45,39 @@ every store is a whole byte, and the writers never conflict:
   marked), 1 by ``mark()``, 0 by ``start_cycle`` (walker.py); all idempotent.
 
 Per-process caches (Go's mcache, mimalloc's thread-local pages)
-    Each process owns at most one span per size class: the span's ``owner``
-    word (pages.py) holds its liveness token.  Only the owner allocates in
-    it, without any lock: pop a slot from a local list of slots it saw free,
-    store mark=1, zero the slot, store alloc=1.  A slot free when the owner
-    looked stays free until the owner takes it (frees only make slots free),
-    so the list never goes stale.  When the list runs out the owner rescans
-    its span; if under a quarter of it is free, it gives the span up and
-    refills under the heap lock: adopt an unowned span of the class with free
-    slots (found through the class's partial tree, summary.py), else make a
-    new span from free pages (found through the free tree), else grow the
-    heap.  Neither looks at an arena the summaries do not point to, so a
-    refill costs the same at 100,000 arenas as at 64.  Refill and large objects are the
+    Each process allocates from one span per size class (its cache) and
+    keeps up to ``SPARE_SPANS`` more of the class (its spares): the owner
+    word (pages.py) of each holds its liveness token.  Only the owner
+    allocates in them, without any lock: pop a slot from a local list of
+    slots it saw free, store mark=1, zero the slot, store alloc=1.  A slot
+    free when the owner looked stays free until the owner takes it (frees
+    only make slots free), so the list never goes stale.  When the list runs
+    out the owner rescans its span; if under a quarter of it is free, the
+    span becomes a spare and the spare with the most free slots the cache,
+    if a quarter of it is free: still no lock (mimalloc keeps its full pages
+    too, and finds them again as their objects are freed).  Else it refills
+    under the heap lock (giving up its fullest spare past ``SPARE_SPANS``):
+    adopt an unowned span of the class with free slots (found through the
+    class's partial tree, summary.py), else make a new span from free pages
+    (found through the free tree), else give up its empty spares, else grow
+    the heap.  Neither looks at an arena the summaries do not point to, so a
+    refill costs the same at 100,000 arenas as at 64.  A process whose
+    working set fits its spares takes no lock at all; with one span per
+    class, two processes allocating and freeing batches of 1000 objects took
+    the lock ~14 times per 1000 pairs each, and waited for each other there
+    (design.md, "Where the time goes").  Refills and large objects are the
     only allocation paths that take the lock.
 
     Owning a span is a fact in two places, the span's ``owner`` word and
-    this process's cache list, and no exception may leave them disagreeing
+    this process's cache or spares, and no exception may leave them disagreeing
     in the dangerous direction (a cached span that is not ours).  So a span
     enters ``_pending`` before our token is written into it, and leaves it
     in the same instruction group that stores it in the cache (consecutive
     stores: no Python signal handler can run between them); a given-up span
-    enters ``_pending`` before it leaves the cache.  Each refill first
-    settles ``_pending`` under the lock: a span that still records our token
-    but is in no cache of ours is disowned.  A process interrupted anywhere
+    enters ``_pending`` before it leaves the cache or the spares.  Each refill
+    first settles ``_pending`` under the lock (one from the spares takes the
+    lock only for that, when ``_pending`` is not empty): a span that still
+    records our token but is in neither is disowned.  A process interrupted anywhere
     (Ctrl-C) thus loses at most the spans it holds until its next refill.
 
 ``free`` of a small object, from any process, clears ``alloc[k]`` with one
@@ -533,6 +543,22 @@ class Allocator:
         self._caches[c] = None
         return False
 
+    def _release_empty_spares_locked(self) -> int:
+        """Give up and free every spare of ours with no object in it (lock holder); how many.
+
+        Only we allocate in our spares, so an empty one stays empty until it is freed.
+        """
+        given = 0
+        for spares in self._spares:
+            for spare in [spare for spare in spares
+                          if _free_now(spare, spare.cls.nelems) == spare.cls.nelems]:
+                self._pending.append((spare.pages, spare.start))
+                spares.remove(spare)
+                given += 1
+        if given:
+            self._settle_pending()
+        return given
+
     def _settle_pending(self) -> None:
         """Disown the spans we may own but cache no more (lock holder; see the docstring)."""
         token = self._token()
@@ -554,7 +580,8 @@ class Allocator:
             if self._pending:
                 self._settle_pending()
             got = attempt()
-            if got is None and (self.reclaim_locked() + self.release_empty_locked()):
+            if got is None and (self.reclaim_locked() + self.release_empty_locked()
+                                + self._release_empty_spares_locked()):
                 got = attempt()
             return got
 

@@ -318,6 +318,28 @@ def test_spans_cached_by_a_dead_process_are_reclaimed(heap: shmheap.Heap) -> Non
     assert heap.check() == []
 
 
+def test_a_process_keeps_its_spans_and_gives_the_empty_ones_back_before_growing(
+        shm_heap_factory: HeapFactory) -> None:
+    h = shm_heap_factory(arena_size=256 * 1024, page_size=8192)
+    cls = size_class(h, 3000)
+    assert cls.npages == 8, "four spans of this class fill an arena"
+    refs = [h.alloc(3000) for _ in range(3 * cls.nelems)]  # two spares and the cached span
+    assert h.stats().cached_spans == 3, "full spans stay the process's own"
+    for ref in refs:
+        h.free(ref)
+    again = [h.alloc(3000) for _ in range(3 * cls.nelems)]
+    assert sorted(again) == sorted(refs), "the spares are refilled from, emptied by the frees"
+    assert h.info().arenas == 1
+    for ref in again:
+        h.free(ref)
+    large = h.alloc(16 * 8192)  # only the two empty spares' pages hold 16 pages in a row
+    assert h.info().arenas == 1, "the empty spares were freed before the heap grew"
+    assert h.stats().cached_spans == 1
+    assert large // h.arena_size == 1
+    h.free(large)
+    assert h.check() == []
+
+
 def test_close_gives_the_handles_spans_back(shm_heap_factory: HeapFactory) -> None:
     h = shm_heap_factory(arena_size=64 * 1024)
     other = shmheap.Heap.attach(h.name)
