@@ -137,7 +137,7 @@ from .errors import (
 from .index import ArenaSnapshot
 from .layout import layout
 from .lock import deadline_of
-from .pages import DIRTY, RELEASING, ArenaPages, longest_free_run
+from .pages import DIRTY, RELEASING, ArenaPages, Giant, longest_free_run
 from .summary import CAP, ByteTree
 
 if TYPE_CHECKING:
@@ -823,10 +823,13 @@ class Allocator:
     def _free(self, ref: int, deadline: float | None, held: bool) -> None:
         pages, start, c, slot = self.locate(ref, deadline, held)
         if c == 0:
-            if not (self._free_large_locked(pages, start, ref) if held else
-                    self._lock.run(lambda: self._free_large_locked(pages, start, ref), deadline,
-                                   write=True)):
+            done = (self._free_large_locked(pages, start, ref, at_once=True) if held else
+                    self._lock.run(lambda: self._free_large_locked(pages, start, ref, False),
+                                   deadline, write=True))
+            if done is False:
                 raise self._bound_error(ref)
+            if isinstance(done, Giant):
+                giant.release(self, pages, done, deadline)
             return
         at = (start << self.page_shift) + slot
         data = pages.data
@@ -838,8 +841,13 @@ class Allocator:
         if not pages.owner[start]:
             self._summaries.partial(c).mark(pages.index)
 
-    def _free_large_locked(self, pages: ArenaPages, start: int, ref: int) -> bool:
-        """Free a located large object (lock held); False if roots are bound to it."""
+    def _free_large_locked(self, pages: ArenaPages, start: int, ref: int,
+                           at_once: bool) -> bool | Giant:
+        """Free a located large object (lock held); False if roots are bound to it.
+
+        A giant object is freed ``at_once``, or else taken back: its record is
+        returned, and ``giant.release`` frees it after the lock hold.
+        """
         self.heap._check_identity()
         if not (pages.used[start] and pages.span[start] == start + 1
                 and pages.in_use(start) and pages.sclass[start] == 0):
@@ -851,6 +859,8 @@ class Allocator:
             if giant.made(pages) is None:
                 raise InvalidRefError(f"address {ref:#x} names no object now (a giant "
                                       "object is being made or freed there)")
+            if not at_once:
+                return giant.take_back_locked(self, pages)
             giant.free_locked(self, pages)
             return True
         self._journal.begin(PAGES, pages.index)

@@ -371,9 +371,10 @@ class ArenaPages:
     def zero(self, start: int, npages: int) -> None:
         """Zero the data of ``npages`` pages (their owner only), from one small zero buffer.
 
-        Not by punching the run out (``punch``): freeing populated pages costs
-        the kernel O(pages) too, and the first touch of each page afterwards a
-        fault; measured, both lose to this copy (docs/design.md, giant objects).
+        Not by punching the run out (``punch``) at allocation: freeing populated
+        pages costs the kernel O(pages) too, and the first touch of each page
+        afterwards a fault; measured, both lose to this copy (docs/design.md,
+        giant objects).  A giant object's pages are cleared when it is freed.
         """
         shift = self.page_shift
         first, end = start << shift, (start + npages) << shift
@@ -423,14 +424,16 @@ class ArenaPages:
             raise self.corrupt(f"the records of the span at page {start} do not describe a span")
         return npages
 
-    def release(self, start: int) -> int:
-        """Free the span at ``start``; returns its pages.  Its data becomes DIRTY.
+    def release(self, start: int, state: int = DIRTY) -> int:
+        """Free the span at ``start``; returns its pages.  Its data becomes DIRTY, or
+        ``state`` (CLEAN, RELEASED) for a caller that zeroed or punched the pages while
+        the span was still its own (giant.py).
 
         The records are checked first (``check_span``): garbage is never freed.
         """
         npages = self.check_span(start)
         self.begin_change()
-        self.state[start:start + npages] = bytes([DIRTY]) * npages
+        self.state[start:start + npages] = bytes([state]) * npages
         self.clear_mark(start)
         self.owner[start] = 0
         self.inuse[start >> 3] &= ~(1 << (start & 7)) & 0xFF

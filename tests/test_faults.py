@@ -69,8 +69,8 @@ h.put([1, 2], root="x")
 """
 
 #: Coordination steps that pass every coordination crash point: make a queue, put, get,
-#: lease and finish, lease and raise (the item goes back), set an event, pass and reset a
-#: barrier.
+#: lease and finish, lease and raise (the item goes back), set an event, pass, reset and
+#: leave a barrier.
 COORD_STEPS = """
 q = h.queue("faults")
 q.put(1)
@@ -87,6 +87,7 @@ except ValueError:
 h.event("faults-event").set()
 h.barrier("faults-barrier", 1).wait()
 h.barrier("faults-barrier", 1).reset()
+h.barrier("faults-barrier", 1).leave()
 """
 
 #: crash point prefix or name -> (parent setup, child operation, K: the passage to raise at)
