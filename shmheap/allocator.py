@@ -255,6 +255,24 @@ def size_classes(page_size: int, pages_per_arena: int) -> tuple[SizeClass, ...]:
     return tuple(classes)
 
 
+@functools.cache
+def _lookup_table(classes: tuple[SizeClass, ...]) -> bytes:
+    """The class of a small size n at [(n + 15) >> 4] (computed once per process for each
+    set of classes)."""
+    table = [1]
+    for cls in classes[1:]:
+        table.extend([cls.number] * (cls.size // ALIGN - len(table) + 1))
+    return bytes(table)
+
+
+@functools.cache
+def _class_tables(classes: tuple[SizeClass, ...]
+                  ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """nelems, size and objects_at of every class, for the native core's Free."""
+    return (tuple(c.nelems for c in classes), tuple(c.size for c in classes),
+            tuple(c.objects_at for c in classes))
+
+
 def _size_class(size: int, wide: int, page_size: int,
                 pages_per_arena: int) -> tuple[int, int, int, int] | None:
     """(size, npages, nelems, wide) of the class for slots of ``size`` (see size_classes)."""
@@ -343,7 +361,7 @@ class Allocator:
         self.classes = size_classes(self.page_size, self.pages_per_arena)
         self.max_small = self.classes[-1].size
         #: class of a small size n at [(n + 15) >> 4]
-        self.lookup = self._lookup_table()
+        self.lookup = _lookup_table(self.classes)
         #: the heap's mapped arenas (arenas.ArenaCache) and summaries (summary.py)
         self._mapped = heap._pages
         self._summaries = heap._summaries
@@ -368,11 +386,6 @@ class Allocator:
         if core.native is not None:
             self._bind_native(core.native)
 
-    def _lookup_table(self) -> list[int]:
-        table = [1]
-        for cls in self.classes[1:]:
-            table.extend([cls.number] * (cls.size // ALIGN - len(table) + 1))
-        return table
 
     def forget_caches(self) -> None:
         self._caches[:] = [None] * len(self.classes)  # in place: the native Alloc reads it
@@ -464,22 +477,15 @@ class Allocator:
 
     def _bind_native(self, native: Any) -> None:
         """Let the native core's fast paths run ``alloc`` and ``free`` (slow paths stay here)."""
-        summaries = self._summaries
-        trees = [summaries.partial(c).levels for c in range(1, len(self.classes))]
-        tree_levels = [0, 0]  # class 0 (large objects) has no partial tree
-        for levels in trees:
-            tree_levels.append(tree_levels[-1] + len(levels))
-        classes = self.classes
-        self.alloc = native.Alloc(self._caches, bytes(self.lookup),  # type: ignore[method-assign]
+        self.alloc = native.Alloc(self._caches, self.lookup,  # type: ignore[method-assign]
                                   self.max_small, self._alloc_slow, self._mutex)
         if self.readonly:
             return  # free() raises ReadOnlyError, from Python
+        summaries = self._summaries
         self.free = native.Free(  # type: ignore[method-assign]
             self._mapped.records, Allocator.free.__get__(self), summaries.mapping,
-            self.arena_shift, self.page_shift, [c.nelems for c in classes],
-            [c.size for c in classes], [c.objects_at for c in classes], tree_levels,
-            [offset for levels in trees for offset, _size in levels],
-            [size for levels in trees for _offset, size in levels], self._mutex)
+            self.arena_shift, self.page_shift, *_class_tables(self.classes),
+            *summaries.partial_tables(), self._mutex)
 
     def _token(self) -> int:
         live = self.heap._live
@@ -1038,7 +1044,7 @@ class Allocator:
         """Free every empty unowned small span of the arenas with partial hints (lock holder)."""
         released = 0
         hinted = set()
-        for c in range(1, len(self.classes)):
+        for c in self._summaries.hinted_classes():
             hints = self._summaries.partial(c)
             index = hints.find(1)
             while index >= 0:

@@ -650,6 +650,17 @@ def _remove_own_objects(name: str) -> None:
                 _unlink_entry(name, entry)
 
 
+def _mark_destroyed(name: str) -> None:
+    """Say so in the control segment before anything is unlinked: the handles still attached
+    read it where a path lookup would cost too much (a root bind; control.py)."""
+    with contextlib.suppress(ShmHeapError, OSError):
+        fd, _st = segments.open_fd(control_name(name), readonly=False)
+        try:
+            control.mark_destroyed(fd)
+        finally:
+            os.close(fd)
+
+
 def _unlink_entry(name: str, entry: str) -> None:
     if entry.startswith("sem."):
         unlink_semaphore(semaphore_name(name))
@@ -743,6 +754,7 @@ def destroy(name: str, force: bool = False) -> list[str]:
     check_name(name)
     if not force:
         _refuse_if_in_use(name)
+    _mark_destroyed(name)
     removed: list[str] = []
     failed: dict[str, str] = {}
     for entry in _entries(name):

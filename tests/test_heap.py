@@ -209,6 +209,21 @@ def test_grow_at_a_chosen_index(shm_heap: shmheap.Heap) -> None:
     assert shm_heap.info().hint == 2
 
 
+
+def test_grow_refuses_an_arena_dev_shm_cannot_hold_after_trusted_looks(
+        shm_heap_factory: HeapFactory) -> None:
+    small = shm_heap_factory(reserve=False)
+    for _ in range(3):  # one look at the free space, trusted for the next small arenas
+        small.grow()
+    fs = os.statvfs("/dev/shm")
+    too_big = 1 << max(30, (fs.f_bavail * fs.f_frsize).bit_length())
+    big = shm_heap_factory(arena_size=too_big, max_arenas=2, reserve=False)
+    before = shm_leftovers(big.name)
+    with pytest.raises(shmheap.OutOfSharedMemoryError, match="df -h"):
+        big.grow()
+    assert shm_leftovers(big.name) == before and len(big.snapshot()) == 0
+    assert small.grow().index == 4 and big.check() == []
+
 def test_arena_maps_lazily_and_raises_keyerror_for_none(shm_heap: shmheap.Heap) -> None:
     for _ in range(3):
         stamp(shm_heap.grow())

@@ -110,6 +110,20 @@ def test_readonly_and_closed_handles(heap: shmheap.Heap) -> None:
         len(reader.roots)
 
 
+def test_binding_in_a_destroyed_heap_is_heap_not_found(heap: shmheap.Heap) -> None:
+    ref = heap.alloc(16)
+    heap.roots["before"] = ref  # (the native core's bind is made by the first one)
+    heap.roots["again"] = ref
+    assert (heap.roots._writer is not None) == shmheap.NATIVE
+    with shmheap.Heap.attach(heap.name) as other:
+        other.destroy(force=True)  # says so in the control segment before it unlinks
+    with pytest.raises(shmheap.HeapNotFoundError, match="was destroyed"):
+        heap.roots["after"] = ref
+    with pytest.raises(shmheap.HeapNotFoundError, match="was destroyed"):
+        del heap.roots["before"]
+    assert heap.roots["before"] == ref  # what it has mapped still reads
+
+
 def test_one_object_bound_to_many_names(heap: shmheap.Heap) -> None:
     ref = heap.alloc(100)
     limit = MAX_ROOTS_PER_OBJECT
