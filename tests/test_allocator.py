@@ -573,7 +573,7 @@ def test_only_classes_with_partial_hints_are_searched(heap: shmheap.Heap) -> Non
     assert summaries.hinted_classes() == []
     c = size_class(heap, 3000).number
     per = heap._objects().classes[c].nelems
-    refs = [heap.alloc(3000) for _ in range(2 * per + 2)]  # two spans filled and given up
+    refs = [heap.alloc(3000) for _ in range((SPARE_SPANS + 2) * per + 2)]  # 2 given up
     heap.free(refs[0])                                     # into an unowned span
     assert summaries.hinted_classes() == [c]
     for ref in refs[1:]:
