@@ -45,10 +45,14 @@ h.free(h.alloc(50000))
 b = [h.alloc(3000) for _ in range(per)]
 """
 
-#: Root steps that pass every roots crash point: bind a new name, rebind it to a large
-#: object, unbind it, then bind names past the first table's half (a rebuild).
+#: Root steps that pass every roots crash point (test_roots.py's STEPS): a lookup maps the
+#: table, so that the first bind and unbind of a small object are the native core's writer's
+#: there; a rebind to a large object and its unbind; names past the first table's half.
 ROOT_STEPS = """
 small, large = h.alloc(100), h.alloc(50000)
+"x" in h.roots
+h.roots["x"] = small
+del h.roots["x"]
 h.roots["x"] = small
 h.roots["x"] = large
 del h.roots["x"]
