@@ -88,10 +88,10 @@ Binding (``roots[name] = ref``, ``del roots[name]``): the writable heap-lock hol
     destroyed: a load of the control segment's ``destroyed`` word, which
     ``destroy`` sets before it unlinks anything (no path lookup).  If a new
     name finds no room (one more key would fill more than half the slots, or
-    its name would not fit the name area),
-    the table is rebuilt first: the bound roots are copied, with the rebuilt
-    region's ``seq`` odd, into the other region of the capacity they need (a
-    quarter of the slots at most), and ``table`` switches to it in one store.
+    its name would not fit the name area), the table is rebuilt first: the
+    bound roots are copied, with the rebuilt region's ``seq`` odd, into the
+    other region of the capacity they need (a quarter of the slots at most),
+    and ``table`` switches to it in one store.
     A rebuild stopped anywhere leaves an unpublished region, which the next
     rebuild into it starts over: it needs no journal.  Then, publishing last:
 
