@@ -68,7 +68,7 @@ import functools
 import os
 import struct
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import liveness
 from .errors import HeapCorruptError, HeapVersionError
@@ -109,8 +109,7 @@ ARENA_OPS = frozenset({GROW, PAGES, DISOWN, GIANT})
 MAX_GENERATIONS = 32
 
 
-@dataclass(frozen=True)
-class Params:
+class Params(NamedTuple):
     """The parameters a creator fixes once; every attacher checks them."""
 
     heap_id: int

@@ -75,7 +75,7 @@ import os
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import core, segments
 from .bytescan import nonzero_positions
@@ -141,8 +141,7 @@ def slot_offset(slot: int) -> int:
     return SLOTS_OFFSET + slot * SLOT_SIZE
 
 
-@dataclass(frozen=True)
-class Attachment:
+class Attachment(NamedTuple):
     """A live attachment seen in the slot table."""
 
     slot: int

@@ -33,7 +33,7 @@ import stat
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import (
     DescriptorLimitError,
@@ -70,8 +70,7 @@ def max_map_count() -> int:
         return 65530
 
 
-@dataclass(frozen=True)
-class MappingBudget:
+class MappingBudget(NamedTuple):
     """How many segment mappings a heap may have: ``keep`` reused, ``limit`` at once.
 
     ``keep`` is at most half the limit: the other half is for arenas pinned by

@@ -23,7 +23,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 
 import shmheap
 from shmheap import layout, summary
-from shmheap.allocator import size_classes
+from shmheap.allocator import SPARE_SPANS, size_classes
 from shmheap.names import PAGE_SIZE, summary_name
 from shmheap.pytest_plugin import HeapFactory, discard, unique_heap_name
 
@@ -320,6 +320,28 @@ def test_spans_cached_by_a_dead_process_are_reclaimed(heap: shmheap.Heap) -> Non
     assert heap.check() == []
 
 
+def test_a_process_keeps_its_spans_and_gives_the_empty_ones_back_before_growing(
+        shm_heap_factory: HeapFactory) -> None:
+    h = shm_heap_factory(arena_size=256 * 1024, page_size=8192)
+    cls = size_class(h, 3000)
+    assert cls.npages == 8, "four spans of this class fill an arena"
+    refs = [h.alloc(3000) for _ in range(3 * cls.nelems)]  # two spares and the cached span
+    assert h.stats().cached_spans == 3, "full spans stay the process's own"
+    for ref in refs:
+        h.free(ref)
+    again = [h.alloc(3000) for _ in range(3 * cls.nelems)]
+    assert sorted(again) == sorted(refs), "the spares are refilled from, emptied by the frees"
+    assert h.info().arenas == 1
+    for ref in again:
+        h.free(ref)
+    large = h.alloc(16 * 8192)  # only the two empty spares' pages hold 16 pages in a row
+    assert h.info().arenas == 1, "the empty spares were freed before the heap grew"
+    assert h.stats().cached_spans == 1
+    assert large // h.arena_size == 1
+    h.free(large)
+    assert h.check() == []
+
+
 def test_close_gives_the_handles_spans_back(shm_heap_factory: HeapFactory) -> None:
     h = shm_heap_factory(arena_size=64 * 1024)
     other = shmheap.Heap.attach(h.name)
@@ -351,7 +373,7 @@ def test_kill_at_allocator_crash_point_recovers(heap: shmheap.Heap, point: str) 
     proc = run_child(f"""
         import shmheap
         h = shmheap.Heap.attach({heap.name!r})
-        a = [h.alloc(3000) for _ in range({2 * per + 2})]  # X, Y filled and given up; Z cached
+        a = [h.alloc(3000) for _ in range({(SPARE_SPANS + 2) * per + 2})]  # X, Y given up
         for ref in a[:{per}]:
             h.free(ref)                                    # X: unowned, empty, hinted
         h.free(h.alloc(50000))                             # make and free a large span
@@ -551,7 +573,7 @@ def test_only_classes_with_partial_hints_are_searched(heap: shmheap.Heap) -> Non
     assert summaries.hinted_classes() == []
     c = size_class(heap, 3000).number
     per = heap._objects().classes[c].nelems
-    refs = [heap.alloc(3000) for _ in range(2 * per + 2)]  # two spans filled and given up
+    refs = [heap.alloc(3000) for _ in range((SPARE_SPANS + 2) * per + 2)]  # 2 given up
     heap.free(refs[0])                                     # into an unowned span
     assert summaries.hinted_classes() == [c]
     for ref in refs[1:]:

@@ -396,6 +396,18 @@ def test_leaving_lets_the_parties_that_waited_for_it_through(heap: shmheap.Heap)
     assert heap.check() == []
 
 
+def test_check_bounds_a_barriers_parties_left_and_arrivals(heap: shmheap.Heap) -> None:
+    b = heap.barrier("b", 3)
+    words, base = b._table.words, b._b
+    words[base + shmheap.coord._LEFT] = 7  # (more than it was made with: damage)
+    with pytest.raises(shmheap.HeapCorruptError):
+        b.parties  # noqa: B018
+    words[base + shmheap.coord._ARRIVED] = 1
+    assert {f.code for f in heap.check()} == {"coord-barrier"}
+    assert all(f.fixed for f in heap.check(repair=True))
+    assert b.parties == 0 and b.broken and heap.check() == []
+
+
 def test_reset_breaks_the_round_of_the_parties_waiting(heap: shmheap.Heap) -> None:
     b = heap.barrier("b", 2)
     waiter = spawn(coord_workers.barrier_party, heap.name, 2)

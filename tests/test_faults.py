@@ -36,8 +36,9 @@ NOT_STUCK = 5.0
 
 #: Allocator steps that pass every span and cache crash point (see test_allocator.py).
 ALLOC_STEPS = """
+from shmheap.allocator import SPARE_SPANS
 per = h._objects().classes[h._objects().lookup[(3000 + 15) >> 4]].nelems
-a = [h.alloc(3000) for _ in range(2 * per + 2)]
+a = [h.alloc(3000) for _ in range((SPARE_SPANS + 2) * per + 2)]  # (spares kept, two given up)
 for ref in a[:per]:
     h.free(ref)
 h.free(h.alloc(50000))
