@@ -4,7 +4,13 @@ Arenas are mmap'ed POSIX shared-memory segments; an append-only index of all
 arenas lives in shared memory, so a reader in any process copies the index
 header under the heap lock and then walks the arenas with no lock held.
 See README.md for a tour and docs/design.md for the invariants and layouts.
+
+``Finding`` and the modules ``coord``, ``owners``, ``repair`` and ``walker``
+are imported on first use (``__getattr__``): a spawned worker that only
+attaches and allocates does not pay for them (heap.py).
 """
+
+from typing import TYPE_CHECKING
 
 from .arenas import Arena
 from .core import NATIVE
@@ -37,8 +43,10 @@ from .errors import (
 )
 from .heap import Heap, HeapInfo, destroy
 from .index import ArenaSnapshot
-from .repair import Finding
 from .roots import Roots
+
+if TYPE_CHECKING:
+    from .repair import Finding
 
 __version__ = "0.1.0"
 
@@ -77,3 +85,18 @@ __all__ = [
     "ShmHeapError",
     "destroy",
 ]
+
+
+#: modules of the package imported on first use, as an attribute of the package
+_LATER = ("coord", "owners", "repair", "walker")
+
+
+def __getattr__(name: str) -> object:
+    """``Finding`` and the modules of ``_LATER``, imported now (first use)."""
+    import importlib
+
+    if name == "Finding":
+        return importlib.import_module(".repair", __name__).Finding
+    if name in _LATER:
+        return importlib.import_module("." + name, __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,8 +23,10 @@
 /* control.py: the control segment shmheap.NAME */
 #define CONTROL_HEADER_OFFSET 64     /* u64: generation << 32 | len of the index */
 #define CONTROL_JOURNAL_OFFSET 120   /* u64: op << 56 | arena + 1 of an unfinished mutation */
-#define CONTROL_JOURNAL_ARG_OFFSET 128 /* u64: the unfinished mutation's argument */
-#define CONTROL_COORD 6              /* the journal op of a change to a coordination record */
+#define CONTROL_JOURNAL_ARG_OFFSET 128 /* u64: the op's argument, written before the journal */
+#define CONTROL_DESTROYED_OFFSET 136 /* u64: 1 once destroy() has begun to unlink the heap */
+#define CONTROL_ROOTS_OP 4           /* the journal's op while a root is bound or unbound */
+#define CONTROL_COORD_OP 6           /* the journal's op while a coordination record changes */
 
 /* pages.py: an arena's page metadata, after its data and 64-byte trailer */
 #define META_SEQ_OFFSET 8            /* u64: span records' sequence word (seqlock) */
@@ -54,10 +56,17 @@
  * regions, region r of cap = ROOTS_FIRST_CAP << (r >> 1) slots (a region header, cap
  * slots of key and value u64, then ROOTS_NAME_BYTES_PER_SLOT * cap bytes of names) */
 #define ROOTS_TABLE_OFFSET 16        /* u64: the region that is the table */
+#define ROOTS_BUILT_OFFSET 24        /* u64: bit r set once region r is built */
+#define ROOTS_INTENT_OFFSET 64       /* 11 u64: the intent record of a bind or unbind */
+#define ROOTS_INTENT_WORDS 11
+#define ROOTS_INSERT 1               /* intent ops: a new name's key is published */
+#define ROOTS_UPDATE 2               /* ... or a slot's value changes */
 #define ROOTS_REGIONS 26
 #define ROOTS_FIRST_CAP 256
 #define ROOTS_REGION_HEADER 64
 #define ROOTS_SEQ_OFFSET 0           /* u64 of a region: odd while it changes */
+#define ROOTS_LIVE_OFFSET 8          /* u64 of a region: roots bound */
+#define ROOTS_USED_OFFSET 16         /* u64 of a region: slots with a key */
 #define ROOTS_NAMES_END_OFFSET 24    /* u64 of a region: bytes of names in use */
 #define ROOTS_SLOT_BYTES 16
 #define ROOTS_NAME_BYTES_PER_SLOT 64

@@ -26,6 +26,9 @@
  *   Mapping       arenas.py's map_run: a run of arenas mapped back to back
  *                 into one reserved range, a buffer that unmaps it in its
  *                 dealloc (views of a giant object, giant.py).
+ *   rename_noreplace   arenas.py's link: a new arena moved to its final name
+ *                 unless that name is taken (renameat2), one system call.
+ *   nonzero_every liveness.py's scan of the slots' building bytes (grow).
  *   futex_wait, futex_wake, Counter   waits.py's futex calls and coord.py's
  *                 counter add: one atomic instruction while no pure-core
  *                 process has added to the counter.
@@ -33,6 +36,8 @@
  *                 lock (this Lock's), for items kept in their node.
  *   RootReader    roots.py's lock-free lookup of heap.roots[name] in one call;
  *                 anything it is unsure of goes back to the Python path.
+ *   RootWriter    roots.py's bind and unbind of a root in one call (lock, journal,
+ *                 probe, stores, unlock); anything unsure goes back to Python.
  *
  * Shared layouts are in _layout.h.  Memory ordering: the semaphore's
  * operations are full barriers; stores that publish (owner, seq, alloc
@@ -684,6 +689,31 @@ lock_in_outer_block(Lock *self)
 #endif
 }
 
+/* body(arg) with the lock held, as Lock.run holds it: under the handle's mutex, inside this
+ * thread's own locked() block or in a hold taken (a writer repairing first) and released. */
+static PyObject *
+lock_run_with(Lock *self, PyObject *(*body)(void *), void *arg, int has_deadline,
+              double deadline, int write)
+{
+    if (mutex_acquire(self->mutex) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    if (lock_in_outer_block(self))
+        result = body(arg);  /* this thread's own locked() block holds it */
+    else if (lock_enter(self, has_deadline, deadline, write) == 0) {
+        result = body(arg);
+        lock_release(self);
+    }
+    mutex_release(self->mutex);
+    return result;
+}
+
+static PyObject *
+call_body(void *body)
+{
+    return PyObject_CallNoArgs((PyObject *)body);
+}
+
 static PyObject *
 Lock_run(Lock *self, PyObject *args, PyObject *kwargs)
 {
@@ -695,17 +725,7 @@ Lock_run(Lock *self, PyObject *args, PyObject *kwargs)
         return NULL;
     if (parse_deadline(deadline_arg, &deadline, &has_deadline) < 0)
         return NULL;
-    if (mutex_acquire(self->mutex) < 0)
-        return NULL;
-    PyObject *result = NULL;
-    if (lock_in_outer_block(self))
-        result = PyObject_CallNoArgs(body);  /* this thread's own locked() block holds it */
-    else if (lock_enter(self, has_deadline, deadline, write) == 0) {
-        result = PyObject_CallNoArgs(body);
-        lock_release(self);
-    }
-    mutex_release(self->mutex);
-    return result;
+    return lock_run_with(self, call_body, body, has_deadline, deadline, write);
 }
 
 static inline int
@@ -1947,7 +1967,7 @@ static PyTypeObject AllocType = {
 typedef struct {
     PyObject_HEAD
     Pin *pin;
-    unsigned char *data, *used, *sclass;
+    unsigned char *data, *used, *sclass, *marks;
     uint32_t *span, *npages;
     uint64_t *owner, *seq;
     Py_ssize_t pages;
@@ -1957,16 +1977,17 @@ static int
 Record_init(Record *self, PyObject *args, PyObject *kwargs)
 {
     static char *names[] = {"mapping", "meta", "pages", "used", "sclass", "span", "npages",
-                            "owner", NULL};
+                            "owner", "marks", NULL};
     PyObject *mapping;
-    Py_ssize_t meta, pages, used, sclass, span, npages, owner;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Onnnnnnn", names, &mapping, &meta, &pages,
-                                     &used, &sclass, &span, &npages, &owner))
+    Py_ssize_t meta, pages, used, sclass, span, npages, owner, marks;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Onnnnnnnn", names, &mapping, &meta, &pages,
+                                     &used, &sclass, &span, &npages, &owner, &marks))
         return -1;
     Pin *pin = pin_new(mapping, PyBUF_SIMPLE);
     if (pin == NULL)
         return -1;
-    if (meta + owner + 8 * pages > pin->view.len || meta + META_SEQ_OFFSET + 8 > pin->view.len) {
+    if (meta + owner + 8 * pages > pin->view.len || meta + META_SEQ_OFFSET + 8 > pin->view.len
+            || meta + marks + (pages + 7) / 8 > pin->view.len) {
         Py_DECREF(pin);
         PyErr_SetString(PyExc_ValueError, "Record: the metadata does not fit the mapping");
         return -1;
@@ -1976,6 +1997,7 @@ Record_init(Record *self, PyObject *args, PyObject *kwargs)
     self->data = base;
     self->used = base + meta + used;
     self->sclass = base + meta + sclass;
+    self->marks = base + meta + marks;
     self->span = (uint32_t *)(base + meta + span);
     self->npages = (uint32_t *)(base + meta + npages);
     self->owner = (uint64_t *)(base + meta + owner);
@@ -1996,8 +2018,8 @@ static PyTypeObject RecordType = {
     .tp_name = "shmheap._native.Record",
     .tp_basicsize = sizeof(Record),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Record(mapping, meta, pages, used, sclass, span, npages, owner): an arena's "
-              "page metadata, for Free.",
+    .tp_doc = "Record(mapping, meta, pages, used, sclass, span, npages, owner, marks): an "
+              "arena's page metadata, for Free and RootWriter.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Record_init,
     .tp_dealloc = (destructor)Record_dealloc,
@@ -2378,6 +2400,71 @@ static PyTypeObject MappingType = {
     .tp_weaklistoffset = offsetof(Mapping, weakrefs),
 };
 
+/* -- rename_noreplace: an arena's move to its final name (arenas.py link) ------------------ */
+
+#ifndef RENAME_NOREPLACE
+#define RENAME_NOREPLACE 1
+#endif
+
+static PyObject *
+native_rename_noreplace(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyUnicode_Check(args[0]) || !PyUnicode_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "rename_noreplace(old, new) takes two str paths");
+        return NULL;
+    }
+    const char *old = PyUnicode_AsUTF8(args[0]);
+    const char *new = old == NULL ? NULL : PyUnicode_AsUTF8(args[1]);
+    if (new == NULL)
+        return NULL;
+    long rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = syscall(SYS_renameat2, AT_FDCWD, old, AT_FDCWD, new, RENAME_NOREPLACE);
+    Py_END_ALLOW_THREADS
+    if (rc == 0)
+        Py_RETURN_TRUE;
+    if (errno == EEXIST)
+        Py_RETURN_FALSE;
+    return PyErr_SetFromErrnoWithFilenameObjects(PyExc_OSError, args[0], args[1]);
+}
+
+/* -- nonzero_every: the slots whose building byte is set (liveness.py) --------------------- */
+
+static PyObject *
+native_nonzero_every(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "nonzero_every(buffer, start, stride, count)");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t stride = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t count = PyLong_AsSsize_t(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (start < 0 || stride < 1 || count < 0
+            || (count > 0 && (start >= view.len || count - 1 > (view.len - 1 - start) / stride))) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "nonzero_every: the bytes lie outside the buffer");
+        return NULL;
+    }
+    PyObject *found = PyList_New(0);
+    const unsigned char *bytes = (const unsigned char *)view.buf + start;
+    for (Py_ssize_t i = 0; found != NULL && i < count; i++) {
+        if (__atomic_load_n(bytes + i * stride, __ATOMIC_RELAXED) == 0)
+            continue;
+        PyObject *position = PyLong_FromSsize_t(i);
+        if (position == NULL || PyList_Append(found, position) < 0)
+            Py_CLEAR(found);
+        Py_XDECREF(position);
+    }
+    PyBuffer_Release(&view);
+    return found;
+}
+
 /* -- the module --------------------------------------------------------------------------- */
 
 /* -- coordination (coord.py, waits.py): futex waits and wakes, the counter's atomic add ---- */
@@ -2638,7 +2725,7 @@ nqueue_begin(NQueue *self, uint64_t op, uint64_t node_a, uint64_t *a, uint64_t f
     STORE(&w[13], self->lock->token);
     STORE(&w[14], hold);
     STORE(self->journal_arg, op);
-    STORE(self->journal, (uint64_t)CONTROL_COORD << 56 | (uint64_t)(self->record + 1));
+    STORE(self->journal, (uint64_t)CONTROL_COORD_OP << 56 | (uint64_t)(self->record + 1));
 }
 
 /* Bump the futex word and clear the journal (CoordTable.end); 1 if sleepers are due a wake. */
@@ -3147,6 +3234,38 @@ crc32_of(const unsigned char *data, Py_ssize_t len)
     return c ^ 0xFFFFFFFFu;
 }
 
+#define ROOT_GARBAGE INT64_MIN
+
+/* roots.py's Region.find in region ``number`` (mapped at ``region``): the slot holding the
+ * key of ``name`` (crc32 ``h``), ~slot of the empty slot where it would go, or ROOT_GARBAGE
+ * if a number read is out of bounds (a rebuild under a lock-free reader, or garbage). */
+static int64_t
+root_find(const unsigned char *region, uint64_t number, const char *name, Py_ssize_t len,
+          uint64_t h)
+{
+    uint64_t *names_end = (uint64_t *)(region + ROOTS_NAMES_END_OFFSET);
+    uint64_t cap = (uint64_t)ROOTS_FIRST_CAP << (number >> 1);
+    uint64_t names_cap = (uint64_t)ROOTS_NAME_BYTES_PER_SLOT * cap;
+    uint64_t *slots = (uint64_t *)(region + ROOTS_REGION_HEADER);
+    const unsigned char *names = region + ROOTS_REGION_HEADER + ROOTS_SLOT_BYTES * cap;
+    uint64_t want = h << 32 | (uint64_t)len << 24;
+    uint64_t i = h & (cap - 1);
+    for (uint64_t n = 0; n < cap; n++, i = (i + 1) & (cap - 1)) {
+        uint64_t key = __atomic_load_n(&slots[2 * i], __ATOMIC_RELAXED);
+        if (!key)
+            return ~(int64_t)i;
+        if ((key & ~(uint64_t)0xFFFFFF) != want)
+            continue;
+        uint64_t at = (key & 0xFFFFFF) << 3;
+        uint64_t end = __atomic_load_n(names_end, __ATOMIC_RELAXED);
+        if (at + (uint64_t)len > end || end > names_cap)
+            return ROOT_GARBAGE;
+        if (memcmp(names + at, name, (size_t)len) == 0)
+            return (int64_t)i;
+    }
+    return ROOT_GARBAGE;  /* no empty slot: a table is at most half full */
+}
+
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
@@ -3181,33 +3300,14 @@ RootReader_call(RootReader *self, PyObject *const *args, size_t nargsf, PyObject
     unsigned char *region = table < ROOTS_REGIONS ? self->base[table] : NULL;
     if (region != NULL) {
         uint64_t *seq = (uint64_t *)(region + ROOTS_SEQ_OFFSET);
-        uint64_t *names_end = (uint64_t *)(region + ROOTS_NAMES_END_OFFSET);
-        uint64_t cap = (uint64_t)ROOTS_FIRST_CAP << (table >> 1);
-        uint64_t names_cap = (uint64_t)ROOTS_NAME_BYTES_PER_SLOT * cap;
         uint64_t *slots = (uint64_t *)(region + ROOTS_REGION_HEADER);
-        const unsigned char *names = region + ROOTS_REGION_HEADER + ROOTS_SLOT_BYTES * cap;
         uint64_t before = LOAD(seq);
         if (!(before & 1)) {
-            uint64_t want = h << 32 | (uint64_t)len << 24;
-            uint64_t i = h & (cap - 1);
-            for (uint64_t n = 0; n < cap; n++, i = (i + 1) & (cap - 1)) {
-                uint64_t key = __atomic_load_n(&slots[2 * i], __ATOMIC_RELAXED);
-                if (!key) {
-                    decided = 1;  /* an empty slot: nothing is bound to the name */
-                    break;
-                }
-                if ((key & ~(uint64_t)0xFFFFFF) != want)
-                    continue;
-                uint64_t at = (key & 0xFFFFFF) << 3;
-                uint64_t end = __atomic_load_n(names_end, __ATOMIC_RELAXED);
-                if (at + (uint64_t)len > end || end > names_cap)
-                    break;  /* out of bounds: the Python path tells garbage from a rebuild */
-                if (memcmp(names + at, name, (size_t)len) == 0) {
-                    value = __atomic_load_n(&slots[2 * i + 1], __ATOMIC_RELAXED);
-                    decided = 1;
-                    break;
-                }
-            }
+            /* out of bounds: the Python path tells garbage from a rebuild */
+            int64_t i = root_find(region, table, name, len, h);
+            decided = i != ROOT_GARBAGE;
+            if (i >= 0)
+                value = __atomic_load_n(&slots[2 * i + 1], __ATOMIC_RELAXED);
             __atomic_thread_fence(__ATOMIC_ACQUIRE);
             if (__atomic_load_n(seq, __ATOMIC_RELAXED) != before)
                 decided = 0;  /* changed under us */
@@ -3316,10 +3416,479 @@ static PyTypeObject RootReaderType = {
     .tp_call = PyVectorcall_Call,
 };
 
+/* -- RootWriter: roots.py's _bind_locked in one call -------------------------------------
+ *
+ * RootWriter(reader, lock, control, records, classes, arena_shift, page_shift, max_roots,
+ * reach): writer(name, ref, timeout) binds name to the small object at ref (ref None:
+ * unbinds it) as roots.py's "Binding" says, with the same intent record, journal (ROOTS), sequence
+ * word, root counts, marks and holder words, so that repair.py's finish of a bind stopped
+ * anywhere is the same for both cores.  One call takes the heap lock (the native Lock's
+ * run: the handle's mutex, a writer's repair of a dirty journal), probes, stores and
+ * releases it.  held(name, ref, holder) is the same change for a caller that holds the lock
+ * already (the pure lock, while crash points are armed).  Crash points are reached through
+ * ``reach`` (crash.reach, None when none is armed), so they fire at the same stores as the
+ * Python twin's.
+ *
+ * It answers True (done), False (an unbind of a name nothing is bound to) or None,
+ * having changed nothing, whenever it cannot be sure: a heap whose control segment says
+ * destroyed (the identity check is that load, no lstat), a name that is no str of 1-255
+ * bytes of UTF-8, a bad timeout, an object that is not a small one in an arena this
+ * process has mapped, or is free, or counts the most roots it may, a region not handed
+ * over to the reader, a sequence word odd, a number out of bounds, a new name that needs
+ * a rebuilt table or memory for its name.  Then roots.py's Python path decides, with its
+ * errors.  The bound object's root count goes up in one compare-and-swap: a free() racing
+ * the bind (its own 1 -> 0 compare-and-swap, in Free) makes one of the two fail. */
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    RootReader *reader;      /* the table's header and the regions mapped */
+    Lock *lock;              /* the heap lock; NULL while crash points are armed */
+    Pin *control;            /* the control segment: the journal and the destroyed word */
+    PyObject *records;       /* arena index -> Record of the arenas mapped now (as Free's) */
+    PyObject *reach;         /* crash.reach while a crash point is armed, else NULL */
+    int arena_shift, page_shift;
+    long long arena_mask;
+    long max_roots;          /* allocator.MAX_ROOTS_PER_OBJECT */
+    Py_ssize_t nclasses;
+    Py_ssize_t *nelems, *size, *objects_at, *holder_at, *npages;   /* per size class */
+} RootWriter;
+
+/* A located small object (writer_locate): its arena's record (a reference) and slot. */
+typedef struct {
+    Record *rec;
+    unsigned char *alloc, *mark;
+    uint32_t *holder;
+    Py_ssize_t start;
+} RootObject;
+
+static void
+root_object_clear(RootObject *obj)
+{
+    Py_CLEAR(obj->rec);
+}
+
+/* The small object at ``ref`` in an arena this process has mapped, read as the lock holder
+ * reads span records (no one else changes them): 1 located (allocated or not: see its
+ * alloc byte), 0 unsure, -1 exception. */
+static int
+writer_locate(RootWriter *self, uint64_t ref, RootObject *out)
+{
+    PyObject *key = PyLong_FromUnsignedLongLong(ref >> self->arena_shift);
+    if (key == NULL)
+        return -1;
+    PyObject *found = PyDict_GetItemWithError(self->records, key);
+    Py_DECREF(key);
+    if (found == NULL || !Py_IS_TYPE(found, &RecordType))
+        return PyErr_Occurred() ? -1 : 0;
+    Record *rec = (Record *)found;
+    long long offset = (long long)(ref & (uint64_t)self->arena_mask);
+    Py_ssize_t page = (Py_ssize_t)(offset >> self->page_shift);
+    if (page >= rec->pages || !LOAD(rec->used + page))
+        return 0;
+    Py_ssize_t start = (Py_ssize_t)LOAD(rec->span + page) - 1;
+    if (start < 0 || start > page)
+        return 0;
+    Py_ssize_t c = LOAD(rec->sclass + start);
+    if (c == 0 || c >= self->nclasses)
+        return 0;  /* a large object, or garbage */
+    Py_ssize_t npages = self->npages[c];
+    if ((Py_ssize_t)LOAD(rec->npages + start) != npages || start + npages > rec->pages
+            || page >= start + npages
+            || (Py_ssize_t)LOAD(rec->span + start + npages - 1) != start + 1)
+        return 0;
+    long long in_span = offset - ((long long)start << self->page_shift) - self->objects_at[c];
+    if (in_span < 0 || in_span % self->size[c])
+        return 0;
+    long long slot = in_span / self->size[c];
+    if (slot >= self->nelems[c])
+        return 0;
+    unsigned char *a0 = rec->data + ((long long)start << self->page_shift);
+    Py_INCREF(rec);
+    out->rec = rec;
+    out->alloc = a0 + slot;
+    out->mark = a0 + self->nelems[c] + slot;
+    out->holder = (uint32_t *)(a0 + self->holder_at[c] + SPAN_HOLDER_SIZE * slot);
+    out->start = start;
+    return 1;
+}
+
+/* allocator.set_root_count's last steps: the object's mark byte and its span's pageMarks
+ * bit (its alloc byte is the caller's). */
+static void
+root_object_mark(RootObject *obj)
+{
+    STORE(obj->mark, (unsigned char)1);
+    __atomic_or_fetch(obj->rec->marks + (obj->start >> 3),
+                      (unsigned char)(1 << (obj->start & 7)), __ATOMIC_ACQ_REL);
+}
+
+static int
+writer_reach(RootWriter *self, const char *point)
+{
+    if (self->reach == NULL)
+        return 0;
+    PyObject *done = PyObject_CallFunction(self->reach, "s", point);
+    Py_XDECREF(done);
+    return done == NULL ? -1 : 0;
+}
+
+#define ROOT_UNSURE 2
+
+/* _bind_locked (the writable lock holder): 1 done, 0 nothing to unbind, ROOT_UNSURE (nothing
+ * changed), -1 exception (from a crash point: the journal says ROOTS, as the twin leaves it). */
+static int
+writer_bind_held(RootWriter *self, const char *name, Py_ssize_t len, uint64_t ref,
+                 uint32_t holder)
+{
+    RootReader *reader = self->reader;
+    if (self->control == NULL)
+        return ROOT_UNSURE;  /* closed */
+    unsigned char *control = (unsigned char *)self->control->view.buf;
+    if (LOAD((uint64_t *)(control + CONTROL_DESTROYED_OFFSET)) || !reader->have_header)
+        return ROOT_UNSURE;  /* roots.py raises HeapNotFoundError (or HeapClosedError) */
+    uint64_t *head = (uint64_t *)reader->header.buf;
+    uint64_t number = LOAD(head + ROOTS_TABLE_OFFSET / 8);
+    if (number >= ROOTS_REGIONS || !(LOAD(head + ROOTS_BUILT_OFFSET / 8) >> number & 1)
+            || reader->base[number] == NULL)
+        return ROOT_UNSURE;
+    unsigned char *region = reader->base[number];
+    uint64_t *seq = (uint64_t *)(region + ROOTS_SEQ_OFFSET);
+    uint64_t *live = (uint64_t *)(region + ROOTS_LIVE_OFFSET);
+    uint64_t *used = (uint64_t *)(region + ROOTS_USED_OFFSET);
+    uint64_t *names_end = (uint64_t *)(region + ROOTS_NAMES_END_OFFSET);
+    uint64_t cap = (uint64_t)ROOTS_FIRST_CAP << (number >> 1);
+    uint64_t names_cap = (uint64_t)ROOTS_NAME_BYTES_PER_SLOT * cap;
+    uint64_t *slots = (uint64_t *)(region + ROOTS_REGION_HEADER);
+    unsigned char *names = region + ROOTS_REGION_HEADER + ROOTS_SLOT_BYTES * cap;
+    if (LOAD(seq) & 1)
+        return ROOT_UNSURE;
+    RootObject new_obj = {0}, old_obj = {0};
+    int result = ROOT_UNSURE;
+    unsigned char new_count = 0, old_count = 0;
+    if (ref) {
+        int found = writer_locate(self, ref, &new_obj);
+        if (found <= 0)
+            return found < 0 ? -1 : ROOT_UNSURE;
+        unsigned char a = LOAD(new_obj.alloc);
+        if (!a || a - 1 >= self->max_roots)
+            goto out;  /* a freed object, or one bound to the most roots: Python says so */
+        new_count = a - 1;
+    }
+    uint64_t h = crc32_of((const unsigned char *)name, len);
+    int64_t i = root_find(region, number, name, len, h);
+    if (i == ROOT_GARBAGE)
+        goto out;
+    uint64_t old = i >= 0 ? LOAD(&slots[2 * i + 1]) : 0;
+    if (old == ref) {
+        result = ref != 0;
+        goto out;
+    }
+    uint64_t end = LOAD(names_end);
+    uint64_t record = ((uint64_t)len + 7) & ~(uint64_t)7;
+    if (i < 0) {
+        /* needs_room, or a name past the memory it is known to have (the page holding the
+         * last name byte, or the slots below): roots.py rebuilds or reserves */
+        uint64_t at = ROOTS_REGION_HEADER + ROOTS_SLOT_BYTES * cap + end;  /* in the region */
+        uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+        if (2 * (LOAD(used) + 1) > cap || end + record > names_cap
+                || (at - 1) / page != (at + record - 1) / page)
+            goto out;
+    }
+    if (old) {
+        int found = writer_locate(self, old, &old_obj);
+        if (found <= 0) {
+            result = found < 0 ? -1 : ROOT_UNSURE;
+            goto out;
+        }
+        unsigned char a = LOAD(old_obj.alloc);
+        if (a)
+            old_count = a - 1;
+        else
+            root_object_clear(&old_obj);  /* freed: no root count to change (as _located) */
+    }
+    uint64_t slot = i >= 0 ? (uint64_t)i : (uint64_t)~i;
+    uint64_t key = i >= 0 ? LOAD(&slots[2 * i]) : h << 32 | (uint64_t)len << 24 | end >> 3;
+    uint64_t intent[ROOTS_INTENT_WORDS] = {
+        i >= 0 ? ROOTS_UPDATE : ROOTS_INSERT, number, slot, key, ref, old, LOAD(live),
+        LOAD(used), end, new_count, old_count};
+    for (int w = 0; w < ROOTS_INTENT_WORDS; w++)
+        STORE(head + ROOTS_INTENT_OFFSET / 8 + w, intent[w]);
+    uint64_t *journal = (uint64_t *)(control + CONTROL_JOURNAL_OFFSET);
+    STORE((uint64_t *)(control + CONTROL_JOURNAL_ARG_OFFSET), (uint64_t)0);
+    STORE(journal, (uint64_t)CONTROL_ROOTS_OP << 56 | 1);
+    uint64_t begun = LOAD(seq);
+    STORE(seq, (begun + 1) | 1);
+    result = -1;
+    if (ref) {
+        unsigned char expected = new_count + 1;
+        if (!__atomic_compare_exchange_n(new_obj.alloc, &expected,
+                                         (unsigned char)(new_count + 2), 0, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_ACQUIRE)) {
+            /* freed just now, by a free() racing this bind: undo the journal's start (nothing
+             * else changed) and let roots.py say InvalidRefError */
+            STORE(seq, LOAD(seq) + 1);
+            STORE(journal, (uint64_t)0);
+            result = ROOT_UNSURE;
+            goto out;
+        }
+        root_object_mark(&new_obj);
+        if (writer_reach(self, "roots.counted") < 0)
+            goto out;
+    }
+    if (i < 0) {
+        memcpy(names + end, name, (size_t)len);
+        STORE(&slots[2 * slot + 1], ref);
+        STORE(names_end, end + record);
+        if (writer_reach(self, "roots.entry_written") < 0)
+            goto out;
+        STORE(&slots[2 * slot], key);
+        if (writer_reach(self, "roots.published") < 0)
+            goto out;
+        STORE(used, LOAD(used) + 1);
+    }
+    else {
+        STORE(&slots[2 * slot + 1], ref);
+        if (writer_reach(self, ref ? "roots.published" : "roots.removed") < 0)
+            goto out;
+    }
+    STORE(live, LOAD(live) + (ref ? 1 : 0) - (old ? 1 : 0));
+    if (old_obj.rec != NULL) {
+        /* 1 + (its count - 1, at least 0); unless a free() took it meanwhile (a count of 0
+         * it should not have had: fsck's finding) */
+        unsigned char expected = old_count + 1;
+        __atomic_compare_exchange_n(old_obj.alloc, &expected,
+                                    (unsigned char)(old_count ? old_count : 1), 0,
+                                    __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+        root_object_mark(&old_obj);
+    }
+    if (ref && !new_count)
+        STORE(new_obj.holder, (uint32_t)0);  /* HELD: its root holds it now, not its maker */
+    if (old_obj.rec != NULL && old_count == 1)
+        STORE(old_obj.holder, holder);  /* whoever unbinds it owns it */
+    if (writer_reach(self, "roots.handed_over") < 0)
+        goto out;
+    if (LOAD(seq) & 1)
+        STORE(seq, LOAD(seq) + 1);
+    STORE(journal, (uint64_t)0);
+    result = 1;
+out:
+    root_object_clear(&new_obj);
+    root_object_clear(&old_obj);
+    return result;
+}
+
+/* The name and ref arguments (ref None: an unbind): 1 parsed, 0 unsure (roots.py's Python
+ * path says what is wrong), -1 exception. */
+static int
+writer_args(PyObject *name_arg, PyObject *ref_arg, const char **name, Py_ssize_t *len,
+            uint64_t *ref)
+{
+    if (!PyUnicode_CheckExact(name_arg) || (ref_arg != Py_None && !PyLong_CheckExact(ref_arg)))
+        return 0;
+    *name = PyUnicode_AsUTF8AndSize(name_arg, len);
+    if (*name == NULL) {
+        PyErr_Clear();  /* not UTF-8 (a lone surrogate) */
+        return 0;
+    }
+    if (*len < 1 || *len > ROOTS_MAX_NAME)
+        return 0;
+    if (ref_arg == Py_None) {
+        *ref = 0;  /* an unbind */
+        return 1;
+    }
+    int overflow;
+    long long value = PyLong_AsLongLongAndOverflow(ref_arg, &overflow);
+    if (value <= 0 || overflow) {
+        PyErr_Clear();
+        return 0;
+    }
+    *ref = (uint64_t)value;
+    return 1;
+}
+
+static PyObject *
+root_answer(int done)
+{
+    if (done < 0)
+        return NULL;
+    if (done == ROOT_UNSURE)
+        Py_RETURN_NONE;
+    return PyBool_FromLong(done);
+}
+
+typedef struct {
+    RootWriter *writer;
+    const char *name;
+    Py_ssize_t len;
+    uint64_t ref;
+} RootChange;
+
+static PyObject *
+writer_body(void *arg)
+{
+    RootChange *change = (RootChange *)arg;
+    Lock *lock = change->writer->lock;
+    /* allocator.holder_of(token): (slot + 1) << 16 | epoch & 0xFFFF */
+    uint32_t holder = (uint32_t)((lock->token >> 32) << 16 | (lock->token & 0xFFFF));
+    return root_answer(writer_bind_held(change->writer, change->name, change->len, change->ref,
+                                        holder));
+}
+
+static PyObject *
+RootWriter_call(RootWriter *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    /* writer(name, ref, timeout): ref None unbinds */
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    RootChange change = {self, NULL, 0, 0};
+    if (nargs != 3 || kwnames != NULL || self->lock == NULL)
+        Py_RETURN_NONE;
+    int parsed = writer_args(args[0], args[1], &change.name, &change.len, &change.ref);
+    if (parsed <= 0 || !timeout_ok(args + 1, 2, NULL))
+        return parsed < 0 ? NULL : Py_NewRef(Py_None);
+    double deadline = 0;
+    int has_deadline = args[2] != Py_None;
+    if (has_deadline)
+        deadline = monotonic() + PyFloat_AsDouble(args[2]);
+    if (has_deadline && PyErr_Occurred())
+        return NULL;
+    return lock_run_with(self->lock, writer_body, &change, has_deadline, deadline, 1);
+}
+
+static PyObject *
+RootWriter_held(RootWriter *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* held(name, ref, holder): the change for a writable holder of the lock */
+    RootChange change = {self, NULL, 0, 0};
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "held(name, ref, holder)");
+        return NULL;
+    }
+    int parsed = writer_args(args[0], args[1], &change.name, &change.len, &change.ref);
+    if (parsed <= 0)
+        return parsed < 0 ? NULL : Py_NewRef(Py_None);
+    unsigned long holder = PyLong_AsUnsignedLong(args[2]);
+    if (holder == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    return root_answer(writer_bind_held(self, change.name, change.len, change.ref,
+                                        (uint32_t)holder));
+}
+
+static int
+RootWriter_init(RootWriter *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"reader", "lock", "control", "records", "classes", "arena_shift",
+                            "page_shift", "max_roots", "reach", NULL};
+    PyObject *reader, *lock, *control, *records, *classes, *reach;
+    int arena_shift, page_shift;
+    long max_roots;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOO!Oiil|O", names, &RootReaderType,
+                                     &reader, &lock, &control, &PyDict_Type, &records,
+                                     &classes, &arena_shift, &page_shift, &max_roots, &reach))
+        return -1;
+    if (self->reader != NULL) {
+        PyErr_SetString(PyExc_TypeError, "RootWriter is initialised already");
+        return -1;
+    }
+    if (lock != Py_None && !Py_IS_TYPE(lock, &LockType)) {
+        PyErr_SetString(PyExc_TypeError, "RootWriter: lock is a native Lock or None");
+        return -1;
+    }
+    /* classes: (nelems, size, objects_at, holder_at, npages), each a list per size class */
+    Py_ssize_t n[5];
+    Py_ssize_t **tables[5] = {&self->nelems, &self->size, &self->objects_at, &self->holder_at,
+                              &self->npages};
+    if (!PyTuple_Check(classes) || PyTuple_GET_SIZE(classes) != 5) {
+        PyErr_SetString(PyExc_ValueError, "RootWriter: classes is 5 lists");
+        return -1;
+    }
+    for (int t = 0; t < 5; t++) {
+        *tables[t] = ssize_array(PyTuple_GET_ITEM(classes, t), &n[t]);
+        if (*tables[t] == NULL)
+            return -1;
+        if (n[t] != n[0]) {
+            PyErr_SetString(PyExc_ValueError, "RootWriter: the class tables disagree");
+            return -1;
+        }
+    }
+    self->control = pin_new(control, PyBUF_WRITABLE);
+    if (self->control == NULL)
+        return -1;
+    if (self->control->view.len < CONTROL_DESTROYED_OFFSET + 8) {
+        PyErr_SetString(PyExc_ValueError, "RootWriter: the control segment is too short");
+        return -1;
+    }
+    self->reader = (RootReader *)Py_NewRef(reader);
+    self->lock = lock == Py_None ? NULL : (Lock *)Py_NewRef(lock);
+    self->records = Py_NewRef(records);
+    self->reach = reach == NULL || reach == Py_None ? NULL : Py_NewRef(reach);
+    self->nclasses = n[0];
+    self->arena_shift = arena_shift;
+    self->page_shift = page_shift;
+    self->arena_mask = (1LL << arena_shift) - 1;
+    self->max_roots = max_roots;
+    self->vectorcall = (vectorcallfunc)RootWriter_call;
+    return 0;
+}
+
+static PyObject *
+RootWriter_close(RootWriter *self, PyObject *Py_UNUSED(ignored))
+{
+    /* let go of the control segment and the lock: every later call answers None */
+    Py_CLEAR(self->control);
+    Py_CLEAR(self->lock);
+    Py_RETURN_NONE;
+}
+
+static void
+RootWriter_dealloc(RootWriter *self)
+{
+    Py_CLEAR(self->reader);
+    Py_CLEAR(self->lock);
+    Py_CLEAR(self->control);
+    Py_CLEAR(self->records);
+    Py_CLEAR(self->reach);
+    PyMem_Free(self->nelems);
+    PyMem_Free(self->size);
+    PyMem_Free(self->objects_at);
+    PyMem_Free(self->holder_at);
+    PyMem_Free(self->npages);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef RootWriter_methods[] = {
+    {"held", (PyCFunction)(void (*)(void))RootWriter_held, METH_FASTCALL,
+     "held(name, ref, holder): the bind (ref None: unbind) for a writable holder of the lock"},
+    {"close", (PyCFunction)RootWriter_close, METH_NOARGS,
+     "let go of the control segment and the lock"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject RootWriterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmheap._native.RootWriter",
+    .tp_basicsize = sizeof(RootWriter),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "RootWriter(reader, lock, control, records, classes, arena_shift, page_shift, "
+              "max_roots, reach): writer(name, ref, timeout) -> True, False (nothing to "
+              "unbind) or None if unsure (roots.py's _bind_locked decides).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)RootWriter_init,
+    .tp_dealloc = (destructor)RootWriter_dealloc,
+    .tp_methods = RootWriter_methods,
+    .tp_vectorcall_offset = offsetof(RootWriter, vectorcall),
+    .tp_call = PyVectorcall_Call,
+};
+
 static PyMethodDef native_functions[] = {
     {"futex_wait", (PyCFunction)(void (*)(void))native_futex_wait, METH_FASTCALL,
      "futex_wait(word, seen, seconds) -> False if the time ran out"},
     {"futex_wake", (PyCFunction)native_futex_wake, METH_O, "futex_wake(word)"},
+    {"rename_noreplace", (PyCFunction)(void (*)(void))native_rename_noreplace, METH_FASTCALL,
+     "rename_noreplace(old, new) -> False if new exists (renameat2 RENAME_NOREPLACE)"},
+    {"nonzero_every", (PyCFunction)(void (*)(void))native_nonzero_every, METH_FASTCALL,
+     "nonzero_every(buffer, start, stride, count) -> the i whose byte start + i * stride is "
+     "not 0"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -3327,7 +3896,7 @@ static int
 add_layout(PyObject *module)
 {
     PyObject *layout = Py_BuildValue(
-        "{sisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisi}",
+        "{sisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisi}",
         "LIVE_OWNER_OFFSET", LIVE_OWNER_OFFSET,
         "LIVE_WAITER_OFFSET", LIVE_WAITER_OFFSET,
         "LIVE_RECOVERIES_OFFSET", LIVE_RECOVERIES_OFFSET,
@@ -3342,7 +3911,9 @@ add_layout(PyObject *module)
         "CONTROL_HEADER_OFFSET", CONTROL_HEADER_OFFSET,
         "CONTROL_JOURNAL_OFFSET", CONTROL_JOURNAL_OFFSET,
         "CONTROL_JOURNAL_ARG_OFFSET", CONTROL_JOURNAL_ARG_OFFSET,
-        "CONTROL_COORD", CONTROL_COORD,
+        "CONTROL_DESTROYED_OFFSET", CONTROL_DESTROYED_OFFSET,
+        "CONTROL_ROOTS_OP", CONTROL_ROOTS_OP,
+        "CONTROL_COORD_OP", CONTROL_COORD_OP,
         "COORD_HEADER_WORDS", COORD_HEADER_WORDS,
         "COORD_RECORD_WORDS", COORD_RECORD_WORDS,
         "COORD_RECORDS", COORD_RECORDS,
@@ -3358,10 +3929,17 @@ add_layout(PyObject *module)
         "META_SEQ_OFFSET", META_SEQ_OFFSET,
         "SPAN_HOLDER_SIZE", SPAN_HOLDER_SIZE,
         "ROOTS_TABLE_OFFSET", ROOTS_TABLE_OFFSET,
+        "ROOTS_BUILT_OFFSET", ROOTS_BUILT_OFFSET,
+        "ROOTS_INTENT_OFFSET", ROOTS_INTENT_OFFSET,
+        "ROOTS_INTENT_WORDS", ROOTS_INTENT_WORDS,
+        "ROOTS_INSERT", ROOTS_INSERT,
+        "ROOTS_UPDATE", ROOTS_UPDATE,
         "ROOTS_REGIONS", ROOTS_REGIONS,
         "ROOTS_FIRST_CAP", ROOTS_FIRST_CAP,
         "ROOTS_REGION_HEADER", ROOTS_REGION_HEADER,
         "ROOTS_SEQ_OFFSET", ROOTS_SEQ_OFFSET,
+        "ROOTS_LIVE_OFFSET", ROOTS_LIVE_OFFSET,
+        "ROOTS_USED_OFFSET", ROOTS_USED_OFFSET,
         "ROOTS_NAMES_END_OFFSET", ROOTS_NAMES_END_OFFSET,
         "ROOTS_SLOT_BYTES", ROOTS_SLOT_BYTES,
         "ROOTS_NAME_BYTES_PER_SLOT", ROOTS_NAME_BYTES_PER_SLOT,
@@ -3384,7 +3962,8 @@ PyInit__native(void)
 {
     PyTypeObject *types[] = {&PinType, &MutexType, &LockType, &SnapType, &SnapIterType,
                              &SnapshotsType, &CacheType, &AllocType, &RecordType, &FreeType,
-                             &MappingType, &CounterType, &NQueueType, &RootReaderType};
+                             &MappingType, &CounterType, &NQueueType, &RootReaderType,
+                             &RootWriterType};
     crc32_init();
     for (size_t i = 0; i < sizeof types / sizeof types[0]; i++)
         if (PyType_Ready(types[i]) < 0)
@@ -3404,6 +3983,7 @@ PyInit__native(void)
             || PyModule_AddObjectRef(module, "Counter", (PyObject *)&CounterType) < 0
             || PyModule_AddObjectRef(module, "Queue", (PyObject *)&NQueueType) < 0
             || PyModule_AddObjectRef(module, "RootReader", (PyObject *)&RootReaderType) < 0
+            || PyModule_AddObjectRef(module, "RootWriter", (PyObject *)&RootWriterType) < 0
             || add_layout(module) < 0) {
         Py_DECREF(module);
         return NULL;

@@ -45,29 +45,39 @@ every store is a whole byte, and the writers never conflict:
   marked), 1 by ``mark()``, 0 by ``start_cycle`` (walker.py); all idempotent.
 
 Per-process caches (Go's mcache, mimalloc's thread-local pages)
-    Each process owns at most one span per size class: the span's ``owner``
-    word (pages.py) holds its liveness token.  Only the owner allocates in
-    it, without any lock: pop a slot from a local list of slots it saw free,
-    store mark=1, zero the slot, store alloc=1.  A slot free when the owner
-    looked stays free until the owner takes it (frees only make slots free),
-    so the list never goes stale.  When the list runs out the owner rescans
-    its span; if under a quarter of it is free, it gives the span up and
-    refills under the heap lock: adopt an unowned span of the class with free
-    slots (found through the class's partial tree, summary.py), else make a
-    new span from free pages (found through the free tree), else grow the
-    heap.  Neither looks at an arena the summaries do not point to, so a
-    refill costs the same at 100,000 arenas as at 64.  Refill and large objects are the
+    Each process allocates from one span per size class (its cache) and
+    keeps up to ``SPARE_SPANS`` more of the class (its spares): the owner
+    word (pages.py) of each holds its liveness token.  Only the owner
+    allocates in them, without any lock: pop a slot from a local list of
+    slots it saw free, store mark=1, zero the slot, store alloc=1.  A slot
+    free when the owner looked stays free until the owner takes it (frees
+    only make slots free), so the list never goes stale.  When the list runs
+    out the owner rescans its span; if under a quarter of it is free, the
+    span becomes a spare and the spare with the most free slots the cache,
+    if a quarter of it is free: still no lock (mimalloc keeps its full pages
+    too, and finds them again as their objects are freed).  Else it refills
+    under the heap lock (giving up its fullest spare past ``SPARE_SPANS``):
+    adopt an unowned span of the class with free slots (found through the
+    class's partial tree, summary.py), else make a new span from free pages
+    (found through the free tree), else give up its empty spares, else grow
+    the heap.  Neither looks at an arena the summaries do not point to, so a
+    refill costs the same at 100,000 arenas as at 64.  A process whose
+    working set fits its spares takes no lock at all; with one span per
+    class, two processes allocating and freeing batches of 1000 objects took
+    the lock ~14 times per 1000 pairs each, and waited for each other there
+    (design.md, "Where the time goes").  Refills and large objects are the
     only allocation paths that take the lock.
 
     Owning a span is a fact in two places, the span's ``owner`` word and
-    this process's cache list, and no exception may leave them disagreeing
+    this process's cache or spares, and no exception may leave them disagreeing
     in the dangerous direction (a cached span that is not ours).  So a span
     enters ``_pending`` before our token is written into it, and leaves it
     in the same instruction group that stores it in the cache (consecutive
     stores: no Python signal handler can run between them); a given-up span
-    enters ``_pending`` before it leaves the cache.  Each refill first
-    settles ``_pending`` under the lock: a span that still records our token
-    but is in no cache of ours is disowned.  A process interrupted anywhere
+    enters ``_pending`` before it leaves the cache or the spares.  Each refill
+    first settles ``_pending`` under the lock (one from the spares takes the
+    lock only for that, when ``_pending`` is not empty): a span that still
+    records our token but is in neither is disowned.  A process interrupted anywhere
     (Ctrl-C) thus loses at most the spans it holds until its next refill.
 
 ``free`` of a small object, from any process, clears ``alloc[k]`` with one
@@ -106,6 +116,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import operator
 import time
 from collections.abc import Callable
@@ -126,7 +137,7 @@ from .errors import (
 from .index import ArenaSnapshot
 from .layout import layout
 from .lock import deadline_of
-from .pages import DIRTY, RELEASING, ArenaPages, longest_free_run
+from .pages import DIRTY, RELEASING, ArenaPages, Giant, longest_free_run
 from .summary import CAP, ByteTree
 
 if TYPE_CHECKING:
@@ -141,7 +152,9 @@ MIN_SPAN_OBJECTS = 32
 #: and adopted from the shared heap if at least 1/ADOPT_FRACTION is.
 KEEP_FRACTION = 4
 ADOPT_FRACTION = 8
-#: The reclaim pass runs at least every this many span refills of one process.
+#: Spans of one class a process keeps besides the one it allocates from (its spares).
+SPARE_SPANS = 8
+#: The reclaim pass runs at least every this many span refills under the lock of one process.
 RECLAIM_EVERY = 64
 #: How often an allocation grows the heap and retries before giving up.
 GROW_ATTEMPTS = 100
@@ -242,6 +255,24 @@ def size_classes(page_size: int, pages_per_arena: int) -> tuple[SizeClass, ...]:
     return tuple(classes)
 
 
+@functools.cache
+def _lookup_table(classes: tuple[SizeClass, ...]) -> bytes:
+    """The class of a small size n at [(n + 15) >> 4] (computed once per process for each
+    set of classes)."""
+    table = [1]
+    for cls in classes[1:]:
+        table.extend([cls.number] * (cls.size // ALIGN - len(table) + 1))
+    return bytes(table)
+
+
+@functools.cache
+def _class_tables(classes: tuple[SizeClass, ...]
+                  ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """nelems, size and objects_at of every class, for the native core's Free."""
+    return (tuple(c.nelems for c in classes), tuple(c.size for c in classes),
+            tuple(c.objects_at for c in classes))
+
+
 def _size_class(size: int, wide: int, page_size: int,
                 pages_per_arena: int) -> tuple[int, int, int, int] | None:
     """(size, npages, nelems, wide) of the class for slots of ``size`` (see size_classes)."""
@@ -297,6 +328,11 @@ class _Cache:
         return free
 
 
+def _free_now(cache: _Cache, nelems: int) -> int:
+    """How many slots of the cached span are free now (its alloc bytes, read)."""
+    return bytes(cache.pages.data[cache.a0:cache.a0 + nelems]).count(0)
+
+
 #: what makes a span cache: the native core's type (same attributes and methods), or _Cache
 CacheType: Callable[..., _Cache] = core.native.Cache if core.native is not None else _Cache
 
@@ -325,11 +361,13 @@ class Allocator:
         self.classes = size_classes(self.page_size, self.pages_per_arena)
         self.max_small = self.classes[-1].size
         #: class of a small size n at [(n + 15) >> 4]
-        self.lookup = self._lookup_table()
+        self.lookup = _lookup_table(self.classes)
         #: the heap's mapped arenas (arenas.ArenaCache) and summaries (summary.py)
         self._mapped = heap._pages
         self._summaries = heap._summaries
         self._caches: list[_Cache | None] = [None] * len(self.classes)
+        #: per class, the other spans this process owns (refilled from without the lock)
+        self._spares: list[list[_Cache]] = [[] for _ in self.classes]
         #: spans whose owner word may hold our token while no cache of ours has them
         self._pending: list[tuple[ArenaPages, int]] = []
         self._journal = heap._journal
@@ -348,14 +386,10 @@ class Allocator:
         if core.native is not None:
             self._bind_native(core.native)
 
-    def _lookup_table(self) -> list[int]:
-        table = [1]
-        for cls in self.classes[1:]:
-            table.extend([cls.number] * (cls.size // ALIGN - len(table) + 1))
-        return table
 
     def forget_caches(self) -> None:
         self._caches[:] = [None] * len(self.classes)  # in place: the native Alloc reads it
+        self._spares = [[] for _ in self.classes]
         self._pending = []
 
     def close(self, give_back: bool = True) -> None:
@@ -373,6 +407,10 @@ class Allocator:
                 if cache is not None:
                     self._pending.append((cache.pages, cache.start))
                     self._caches[c] = None
+            for spares in self._spares:
+                while spares:
+                    self._pending.append((spares[-1].pages, spares[-1].start))
+                    spares.pop()
             if give_back and self._pending and not self.readonly:
                 with contextlib.suppress(ShmHeapError):
                     self._lock.run(self._settle_pending, deadline_of(CLOSE_TIMEOUT), write=True)
@@ -439,22 +477,15 @@ class Allocator:
 
     def _bind_native(self, native: Any) -> None:
         """Let the native core's fast paths run ``alloc`` and ``free`` (slow paths stay here)."""
-        summaries = self._summaries
-        trees = [summaries.partial(c).levels for c in range(1, len(self.classes))]
-        tree_levels = [0, 0]  # class 0 (large objects) has no partial tree
-        for levels in trees:
-            tree_levels.append(tree_levels[-1] + len(levels))
-        classes = self.classes
-        self.alloc = native.Alloc(self._caches, bytes(self.lookup),  # type: ignore[method-assign]
+        self.alloc = native.Alloc(self._caches, self.lookup,  # type: ignore[method-assign]
                                   self.max_small, self._alloc_slow, self._mutex)
         if self.readonly:
             return  # free() raises ReadOnlyError, from Python
+        summaries = self._summaries
         self.free = native.Free(  # type: ignore[method-assign]
             self._mapped.records, Allocator.free.__get__(self), summaries.mapping,
-            self.arena_shift, self.page_shift, [c.nelems for c in classes],
-            [c.size for c in classes], [c.objects_at for c in classes], tree_levels,
-            [offset for levels in trees for offset, _size in levels],
-            [size for levels in trees for _offset, size in levels], self._mutex)
+            self.arena_shift, self.page_shift, *_class_tables(self.classes),
+            *summaries.partial_tables(), self._mutex)
 
     def _token(self) -> int:
         live = self.heap._live
@@ -473,8 +504,10 @@ class Allocator:
             old.free = old.rescan()
             if len(old.free) * KEEP_FRACTION >= old.cls.nelems:
                 return
-            self._pending.append((old.pages, old.start))
-            self._caches[c] = None
+            if self._swap_spare(c, old):
+                if self._pending:  # (left by an interrupt) the next refill with the lock
+                    self._lock.run(self._settle_pending, deadline, write=True)
+                return
         self._refills += 1
 
         def attempt() -> _Cache | None:
@@ -484,10 +517,58 @@ class Allocator:
 
         self._with_room(attempt, self.classes[c].npages, deadline)
 
+    def cached_spans(self) -> set[tuple[int, int]]:
+        """(arena, first page) of every span this process caches: allocates from or keeps."""
+        return {(cache.pages.index, cache.start)
+                for cache in itertools.chain(self._caches, *self._spares) if cache}
+
+    def _swap_spare(self, c: int, old: _Cache) -> bool:
+        """Allocate from a spare of class ``c`` with enough free slots instead of ``old``,
+        which becomes a spare (no lock); False if none has them, and ``old`` is a spare now.
+
+        Past ``SPARE_SPANS`` spares the fullest one is given up (to ``_pending``,
+        disowned by the refill's lock hold).  Every span stays in the cache or
+        the spares (or ``_pending``) at every step, so an interrupt anywhere
+        leaves no span of ours that no list of ours names.
+        """
+        spares = self._spares[c]
+        spares.append(old)
+        nelems = old.cls.nelems
+        counts = [_free_now(spare, nelems) for spare in spares]
+        best = max(range(len(spares) - 1), key=counts.__getitem__, default=-1)
+        if best >= 0 and counts[best] * KEEP_FRACTION >= nelems:
+            spare = spares[best]
+            spare.free = spare.rescan()
+            self._caches[c] = spare
+            del spares[best]
+            return True
+        if len(spares) > SPARE_SPANS:
+            fullest = min(range(len(spares)), key=counts.__getitem__)
+            self._pending.append((spares[fullest].pages, spares[fullest].start))
+            del spares[fullest]
+        self._caches[c] = None
+        return False
+
+    def _release_empty_spares_locked(self) -> int:
+        """Give up and free every spare of ours with no object in it (lock holder); how many.
+
+        Only we allocate in our spares, so an empty one stays empty until it is freed.
+        """
+        given = 0
+        for spares in self._spares:
+            for spare in [spare for spare in spares
+                          if _free_now(spare, spare.cls.nelems) == spare.cls.nelems]:
+                self._pending.append((spare.pages, spare.start))
+                spares.remove(spare)
+                given += 1
+        if given:
+            self._settle_pending()
+        return given
+
     def _settle_pending(self) -> None:
         """Disown the spans we may own but cache no more (lock holder; see the docstring)."""
         token = self._token()
-        cached = {(cache.pages.index, cache.start) for cache in self._caches if cache}
+        cached = self.cached_spans()
         for pages, start in self._pending:
             if pages.owner[start] == token and (pages.index, start) not in cached:
                 self.disown_locked(pages, start)
@@ -505,7 +586,8 @@ class Allocator:
             if self._pending:
                 self._settle_pending()
             got = attempt()
-            if got is None and (self.reclaim_locked() + self.release_empty_locked()):
+            if got is None and (self.reclaim_locked() + self.release_empty_locked()
+                                + self._release_empty_spares_locked()):
                 got = attempt()
             return got
 
@@ -747,10 +829,13 @@ class Allocator:
     def _free(self, ref: int, deadline: float | None, held: bool) -> None:
         pages, start, c, slot = self.locate(ref, deadline, held)
         if c == 0:
-            if not (self._free_large_locked(pages, start, ref) if held else
-                    self._lock.run(lambda: self._free_large_locked(pages, start, ref), deadline,
-                                   write=True)):
+            done = (self._free_large_locked(pages, start, ref, at_once=True) if held else
+                    self._lock.run(lambda: self._free_large_locked(pages, start, ref, False),
+                                   deadline, write=True))
+            if done is False:
                 raise self._bound_error(ref)
+            if isinstance(done, Giant):
+                giant.release(self, pages, done, deadline)
             return
         at = (start << self.page_shift) + slot
         data = pages.data
@@ -762,8 +847,13 @@ class Allocator:
         if not pages.owner[start]:
             self._summaries.partial(c).mark(pages.index)
 
-    def _free_large_locked(self, pages: ArenaPages, start: int, ref: int) -> bool:
-        """Free a located large object (lock held); False if roots are bound to it."""
+    def _free_large_locked(self, pages: ArenaPages, start: int, ref: int,
+                           at_once: bool) -> bool | Giant:
+        """Free a located large object (lock held); False if roots are bound to it.
+
+        A giant object is freed ``at_once``, or else taken back: its record is
+        returned, and ``giant.release`` frees it after the lock hold.
+        """
         self.heap._check_identity()
         if not (pages.used[start] and pages.span[start] == start + 1
                 and pages.in_use(start) and pages.sclass[start] == 0):
@@ -775,6 +865,8 @@ class Allocator:
             if giant.made(pages) is None:
                 raise InvalidRefError(f"address {ref:#x} names no object now (a giant "
                                       "object is being made or freed there)")
+            if not at_once:
+                return giant.take_back_locked(self, pages)
             giant.free_locked(self, pages)
             return True
         self._journal.begin(PAGES, pages.index)
@@ -952,7 +1044,7 @@ class Allocator:
         """Free every empty unowned small span of the arenas with partial hints (lock holder)."""
         released = 0
         hinted = set()
-        for c in range(1, len(self.classes)):
+        for c in self._summaries.hinted_classes():
             hints = self._summaries.partial(c)
             index = hints.find(1)
             while index >= 0:

@@ -13,19 +13,22 @@ followed by a trailer that names its heap and index::
 
 A new arena is made whole under a temporary name (``shmheap.NAME.new<slot>``,
 one per liveness slot, made without the heap lock), reserved, stamped with
-its trailer under the lock, and only then hard-linked under its final
-name: ``link`` fails if that name is taken, so a foreign file there is a
-collision, never overwritten, and an arena file under its final name is
-always complete.  A holder stopped after the link leaves a complete but
-unpublished arena that the journal names (``GROW``) and repair removes.
+its trailer under the lock, and only then renamed to its final name with
+``renameat2(RENAME_NOREPLACE)`` (one system call; ``link`` + ``unlink``
+where that is missing), which fails if that name is taken: a foreign file
+there is a collision, never overwritten, and an arena file under its final
+name is always complete.  A holder stopped after the rename leaves a
+complete but unpublished arena that the journal names (``GROW``) and repair
+removes.
 
 The arena map ``shmheap.NAME.map`` holds one bit per arena index
 (``max_arenas`` bits, a sparse file: only pages with set bits take memory).
-It is read and written with ``pread``/``pwrite`` rather than mapped, so a
-lookup never allocates a page and a full /dev/shm is an error, not SIGBUS.
-A bit is set by the heap-lock holder after the arena's index entry is
-published and never cleared while the heap exists (invariant 4); lookups
-need no lock.
+It is read with ``pread`` rather than through a mapping, so a lookup never
+allocates a page; a writer sets a bit through a mapping of its own, in a
+page it first reserved with ``fallocate``, so a full /dev/shm is an error,
+not SIGBUS.  A bit is set by the heap-lock holder after the arena's index
+entry is published and never cleared while the heap exists (invariant 4);
+lookups need no lock.
 
 Mappings
     A process maps an arena when it first touches it and keeps at most
@@ -76,7 +79,7 @@ from .errors import (
     ShmHeapError,
 )
 from .layout import DEFAULT_PAGE_SIZE, meta_size
-from .names import arena_name, map_name, temp_arena_name
+from .names import PAGE_SIZE, arena_name, map_name, temp_arena_name
 
 if TYPE_CHECKING:
     import ctypes
@@ -181,18 +184,40 @@ def build(heap_name: str, slot: int, arena_size: int, mode: int,
 
 def link(heap_name: str, seg: segments.Segment, heap_id: int, arena_size: int,
          index: int) -> bool:
-    """Stamp ``seg`` as arena ``index`` and link it under its final name.
+    """Stamp ``seg`` as arena ``index`` and move it to its final name; ``seg.name`` is
+    then that name.
 
     False if the name is taken (a collision: pick another index and call
-    again with the same segment).
+    again with the same segment, still under its temporary name).
     """
     TRAILER.pack_into(seg.buf, arena_size, ARENA_MAGIC, heap_id, index, time.time_ns())
+    final = arena_name(heap_name, index)
     try:
-        os.link(segments.path_of(seg.name), segments.path_of(arena_name(heap_name, index)))
-    except FileExistsError:
-        return False
+        if not _rename_noreplace(segments.path_of(seg.name), segments.path_of(final)):
+            return False
     except OSError as exc:
         raise ShmHeapError(f"cannot link arena {index} of heap {heap_name!r}: {exc}") from None
+    seg.name = final
+    return True
+
+
+def _rename_noreplace(old: str, new: str) -> bool:
+    """Rename ``old`` to ``new`` unless ``new`` exists (then False): ``renameat2`` with
+    RENAME_NOREPLACE, one system call; where the kernel, libc or file system lacks it,
+    ``link`` + ``unlink``, which a caller cannot tell apart (a temporary name left by a
+    death between the two is removed as any dead grower's is, liveness.py)."""
+    try:
+        if core.native is not None:
+            return bool(core.native.rename_noreplace(old, new))
+        return _rename_noreplace_twin(old, new)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+            raise
+    try:
+        os.link(old, new)
+    except FileExistsError:
+        return False
+    os.unlink(old)
     return True
 
 
@@ -265,9 +290,11 @@ def map_run(heap_name: str, heap_id: int, first: int, size: int, arena_size: int
             os.close(fd)
 
 
-# -- the pure-Python twin of _native.Mapping: libc's mmap and munmap through ctypes ----------
+# -- the pure-Python twins of _native.Mapping and rename_noreplace: libc through ctypes ------
 
 _MAP_FIXED = 0x10  # Linux, every architecture
+_RENAME_NOREPLACE = 1  # linux/fs.h
+_AT_FDCWD = -100
 _PROT_NONE = 0
 
 
@@ -281,6 +308,10 @@ def _libc() -> ctypes.CDLL:
     libc.mmap.restype = ctypes.c_void_p
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     libc.munmap.restype = ctypes.c_int
+    if hasattr(libc, "renameat2"):  # glibc 2.28 and later
+        libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                                   ctypes.c_uint]
+        libc.renameat2.restype = ctypes.c_int
     return libc
 
 
@@ -321,6 +352,22 @@ def _mapped_run(size: int, parts: list[tuple[int, int]], writable: bool) -> obje
     except BaseException:
         libc.munmap(base, size)
         raise
+
+
+def _rename_noreplace_twin(old: str, new: str) -> bool:
+    """``_native.rename_noreplace`` through libc's ``renameat2`` (ctypes)."""
+    import ctypes
+
+    libc = _libc()
+    if not hasattr(libc, "renameat2"):
+        raise OSError(errno.ENOSYS, "libc has no renameat2")
+    if libc.renameat2(_AT_FDCWD, os.fsencode(old), _AT_FDCWD, os.fsencode(new),
+                      _RENAME_NOREPLACE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EEXIST:
+        return False
+    raise OSError(err, os.strerror(err), old, None, new)
 
 
 def _missing(heap_name: str, index: int) -> HeapCorruptError:
@@ -456,7 +503,8 @@ class ArenaCache(Generic[_Mapped]):
 
 
 class ArenaMap:
-    """The arena map of a heap: one bit per arena index, through pread/pwrite."""
+    """The arena map of a heap: one bit per arena index, read with pread; a writer sets
+    bits through a mapping of its own, into pages it reserved first."""
 
     def __init__(self, heap_name: str, max_arenas: int, readonly: bool) -> None:
         self.max_arenas = max_arenas
@@ -469,6 +517,11 @@ class ArenaMap:
         if st.st_size < map_bytes(max_arenas):
             os.close(self._fd)
             raise HeapCorruptError(f"/dev/shm/{self._name} is shorter than its heap needs")
+        #: the map mapped writable, on the first ``add``, and the pages of it this process
+        #: reserved (fallocate) before its first store there: a full /dev/shm is an error
+        #: there, never SIGBUS at the store
+        self._mapping: mmap.mmap | None = None
+        self._reserved: set[int] = set()
 
     def __contains__(self, index: int) -> bool:
         if not 0 <= index < self.max_arenas:
@@ -479,31 +532,51 @@ class ArenaMap:
     def add(self, index: int) -> None:
         """Set the bit of ``index`` (heap-lock holder only)."""
         offset = index >> 3
-        old = os.pread(self._fd, 1, offset)
+        page = offset // PAGE_SIZE
+        if page not in self._reserved:
+            self._reserve(page)
+        mapping = self._mapping
+        if mapping is None:
+            mapping = self._mapping = self._map_writable()
+        mapping[offset] |= 1 << (index & 7)
+
+    def _reserve(self, page: int) -> None:
+        """Give memory to ``page`` of the map (the part of it inside the file)."""
+        size = map_bytes(self.max_arenas)
         try:
-            os.pwrite(self._fd, bytes([(old[0] if old else 0) | 1 << (index & 7)]), offset)
+            os.posix_fallocate(self._fd, page * PAGE_SIZE, min(PAGE_SIZE, size - page * PAGE_SIZE))
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.ENOMEM):
                 raise OutOfSharedMemoryError(
                     f"/dev/shm is full: no page for the arena map of {self._name}") from None
             raise
+        self._reserved.add(page)
+
+    def _map_writable(self) -> mmap.mmap:
+        try:
+            return mmap.mmap(self._fd, map_bytes(self.max_arenas), mmap.MAP_SHARED,
+                             mmap.PROT_READ | mmap.PROT_WRITE, **segments.MMAP_EXTRA)
+        except OSError as exc:
+            raise segments.mapping_error(exc, self._name) from None
 
     def next_free(self, start: int, stop: int) -> int | None:
         """The lowest index in ``[start, stop)`` whose bit is clear, or None."""
-        chunk = 4096
         index = start
         while index < stop:
             offset = index >> 3
-            data = os.pread(self._fd, min(chunk, ((stop + 7) >> 3) - offset), offset)
-            for pos, byte in enumerate(data):
-                if byte != 0xFF:
-                    for bit in range(8):
-                        candidate = (offset + pos) * 8 + bit
-                        if candidate >= index and not byte >> bit & 1:
-                            return candidate if candidate < stop else None
-            index = (offset + len(data)) * 8
+            data = os.pread(self._fd, min(4096, ((stop + 7) >> 3) - offset), offset)
             if not data:
                 break
+            # the clear bits of the first byte from ``index``'s on, else of the first byte
+            # after it that is not full (found at C speed)
+            pos, clear = 0, ~data[0] & 0xFF & (0xFF << (index & 7))
+            if not clear:
+                pos = len(data) - len(data[1:].lstrip(b"\xff"))
+                clear = ~data[pos] & 0xFF if pos < len(data) else 0
+            if clear:
+                found = (offset + pos) * 8 + (clear & -clear).bit_length() - 1
+                return found if found < stop else None
+            index = (offset + len(data)) * 8
         return None
 
     def members(self) -> list[int]:
@@ -525,6 +598,9 @@ class ArenaMap:
         return [i for i in found if i < self.max_arenas]
 
     def close(self) -> None:
+        if self._mapping is not None:
+            self._mapping.close()
+            self._mapping = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

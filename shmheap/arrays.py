@@ -38,7 +38,6 @@ it touches the heap only through ``heap.alloc`` and the views it is given.
 
 from __future__ import annotations
 
-import ast
 import functools
 import math
 import struct
@@ -182,6 +181,8 @@ def _described(text: str, nbytes: int, ref: int) -> tuple[Any, tuple[int, ...]]:
 @functools.lru_cache(maxsize=256)
 def _parsed(text: str) -> tuple[Any, tuple[int, ...]] | None:
     """(dtype, shape) of a description, None if it is not one (cached: dtypes are immutable)."""
+    import ast  # (numpy needs it anyway; ``import shmheap`` does not)
+
     numpy = numpy_module("Heap.ndarray")
     try:
         found = ast.literal_eval(text)

@@ -14,7 +14,7 @@ with the public calls on top, and the only module that knows them all.
 (no lock: only the holder of our liveness slot uses that name; the slot's
 ``building`` byte says so, so the arena of a grower that dies is removed by
 the next ``grow`` or attach); then, under the heap lock and in this order
-(invariant 4): journal ``GROW(i)`` -> link it under its final name (a taken
+(invariant 4): journal ``GROW(i)`` -> move it to its final name (a taken
 name is a collision: clear the journal, try the next free index) -> append
 its index (publication) -> set its map bit -> move the hint -> clear the
 journal.  Stopped anywhere in between, the journal tells the next writable
@@ -316,9 +316,20 @@ class AttachedHeap:
         allocator's fast path.
         """
         if segments.identity_of(control_name(self.name)) != self._control.identity:
-            raise HeapNotFoundError(
-                f"heap {self.name!r} was destroyed (and maybe re-created as another heap) "
-                "since this handle attached it; close this handle and attach again")
+            raise self._destroyed()
+
+    def _check_destroyed(self) -> None:
+        """HeapNotFoundError if ``destroy`` has begun on this handle's heap: one load of the
+        control segment's ``destroyed`` word, where ``_check_identity``'s path lookup costs
+        too much (a root bind, a grow).  It does not see a heap whose files were removed by other
+        means, nor a handle's own use after ``close`` (``_check_open``)."""
+        if self._words[control.DESTROYED_OFFSET // 8]:
+            raise self._destroyed()
+
+    def _destroyed(self) -> HeapNotFoundError:
+        return HeapNotFoundError(
+            f"heap {self.name!r} was destroyed (and maybe re-created as another heap) since "
+            "this handle attached it; close this handle and attach again")
 
     # -- arenas -----------------------------------------------------------------------
 
@@ -352,6 +363,7 @@ class AttachedHeap:
         live = self._live
         assert live is not None
         live.set_building(True)
+        temp = temp_arena_name(self.name, live.slot)
         seg = None
         try:
             seg = arenas.build(self.name, live.slot, self.arena_size, self.params.mode,
@@ -363,12 +375,13 @@ class AttachedHeap:
                 seg.close()
                 raise
         finally:
-            # (the heap's identity is checked under the lock, before the link: ``before_link``)
+            # (whether the heap is destroyed is checked under the lock, before and after the
+            # link: ``before_link``, ``try_link``)
             with contextlib.suppress(ShmHeapError):
-                if seg is not None:
-                    segments.unlink(seg.name)  # the file this call made, linked or not
-                else:  # stopped before or right after making it
-                    segments.remove_own(temp_arena_name(self.name, live.slot))
+                if seg is None:  # stopped before or right after making it
+                    segments.remove_own(temp)
+                elif seg.name == temp:  # made, never moved to its final name (arenas.link)
+                    segments.unlink(temp)
             live.set_building(False)
         return self.cache_new_arena(seg, index).arena
 
@@ -399,7 +412,9 @@ class AttachedHeap:
         """The checks before a new arena is linked (lock held); dead growers' arenas go."""
         assert self._live is not None
         self._index.header()  # a broken heap fails here, before anything is linked
-        self._check_identity()  # nor is anything linked under a recycled name
+        # nor is anything linked in a destroyed heap, whose name may be recycled (a load: the
+        # path lookup of _check_identity cost a grow ~8% of its time; try_link looks again)
+        self._check_destroyed()
         self._live.recycle_dead_slots(builders_only=True)
 
     def add_arena(self, index: int) -> None:
@@ -441,10 +456,18 @@ class AttachedHeap:
         ``index``; on a collision clear the journal and return False.
 
         The summary leaves of ``index`` get their memory first (summary.py).
+        HeapNotFoundError if a ``destroy`` began before the link ended: it may
+        have listed the heap's files before this one, which is removed again
+        (the journal stays, naming it).
         """
         self._summaries.reserve_leaves(index)
         self._journal.begin(*(journal or (control.GROW, index, 0)))
         if arenas.link(self.name, seg, self.params.heap_id, self.arena_size, index):
+            if self._words[control.DESTROYED_OFFSET // 8]:
+                with contextlib.suppress(ShmHeapError):
+                    if segments.identity_of(seg.name) == seg.identity:
+                        segments.unlink(seg.name)
+                raise self._destroyed()
             return True
         self._journal.end()
         return False

@@ -27,6 +27,9 @@ Layout (little-endian, one page, every field naturally aligned)::
                              the mutation in progress, 0 when none (see below)
     128     8  journal_arg   writable heap-lock holder only: the op's argument, written
                              before ``journal``
+    136     8  destroyed     ``destroy``, once, before it unlinks anything: 1 (no lock;
+                             ``mark_destroyed``).  A handle's root bind reads it
+                             instead of looking its control segment's path up
 
 ``header`` is the all-arenas index header, kept in one aligned 64-bit word so
 that it is written as one unit (a single store: it can never be torn, not even
@@ -65,7 +68,7 @@ import functools
 import os
 import struct
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import liveness
 from .errors import HeapCorruptError, HeapVersionError
@@ -97,6 +100,7 @@ SWEEP_CURSOR_OFFSET = 104
 CYCLE_ARENAS_OFFSET = 112
 JOURNAL_OFFSET = 120
 JOURNAL_ARG_OFFSET = 128
+DESTROYED_OFFSET = 136
 #: journal ops (see the module docstring)
 GROW, PAGES, DISOWN, ROOTS, GIANT, COORD = 1, 2, 3, 4, 5, 6
 #: the ops whose arena field names an arena (ROOTS and COORD name none)
@@ -105,8 +109,7 @@ ARENA_OPS = frozenset({GROW, PAGES, DISOWN, GIANT})
 MAX_GENERATIONS = 32
 
 
-@dataclass(frozen=True)
-class Params:
+class Params(NamedTuple):
     """The parameters a creator fixes once; every attacher checks them."""
 
     heap_id: int
@@ -210,6 +213,12 @@ def peek_state(head: bytes, where: str) -> int:
     if state not in STATE_NAMES:
         raise HeapCorruptError(f"{where} has an unknown state word {state}")
     return int(state)
+
+
+def mark_destroyed(fd: int) -> None:
+    """Set ``destroyed`` in the control segment open (writable) at ``fd``, if it is one."""
+    if os.pread(fd, len(MAGIC), 0) == MAGIC:
+        os.pwrite(fd, (1).to_bytes(8, "little"), DESTROYED_OFFSET)
 
 
 class Journal:

@@ -24,7 +24,9 @@ last; all zero but its stamp when new, and a zero record is free)::
                              pure-core process added), cells (ref)
                     barrier  arrived, generation, broken, tokens (ref),
                              resets (bit k: the round k rounds before the
-                             current one was ended by reset(), not passed)
+                             current one was ended by reset(), not passed),
+                             left (parties that left: it needs parameter -
+                             left now)
 
 A record is written under the heap lock and published by storing its kind
 last; kind, name and parameter never change after that, so a lookup reads
@@ -64,6 +66,17 @@ ends the round: generation + 1, its ``resets`` bit set, arrived 0, broken
 0.  A waiter that finds the generation moved on reads that bit of its round
 to tell a pass from a reset.
 
+A party that is done *leaves* (``leave()``, or the end of the barrier's
+``with`` block): its token word is cleared and ``left`` counts it, so the
+barrier needs ``parameter - left`` parties from then on, for good (``reset()``
+does not bring a party back, and no more processes than that may register):
+a kill experiment's worker that has done its rounds goes, and the others go
+on without it, neither broken by its exit nor waiting for it.  If the
+parties waiting are all it needs now, the leave passes their round.  That is
+an undo record (op ``leaving``) whose saved words include the leaver's token
+word (its index and value in the intent, restored only for this op), stored
+last: a process killed while it leaves has not left, and dies a party.
+
 Kill safety.  Every change of more than one word runs under the heap lock as
 an *undo* record: before its first store the lock holder copies the
 record's six state words and the ``next`` word of at most two nodes it will
@@ -85,7 +98,13 @@ least every ``SCAN_INTERVAL``) puts the node back at the head.
 Waiting never spins: a waiter reads the futex word, looks under the lock, and
 if it must wait sleeps on the word (waits.py: a Linux futex, native or by
 ctypes) in slices of at most ``SLICE`` seconds, so a waker killed between
-its change and its wake-up delays it by one slice at most.
+its change and its wake-up delays it by one slice at most.  A waiter says so
+under the lock (the word's high half, "sleepers"), and a change wakes only a
+word whose sleepers flag is up: a put or a get with nobody asleep makes no
+system call.  An event's waiter is the exception: a read-only handle may
+sleep on the word (the kernel only reads it) but can write nothing, so
+``Event.wait`` takes no lock and says nothing, in either kind of handle, and
+``set()`` always wakes (one system call, and events are set rarely).
 
 The native core puts and gets in one C call each (``_native.c`` Queue, bound
 as the handle's ``put`` and ``get``) the items a node keeps itself: the same
@@ -159,8 +178,6 @@ HEADER_SIZE = PAGE_SIZE
 SIZE = HEADER_SIZE + RECORDS * RECORD_SIZE
 #: Longest sleep of a waiter before it looks again (dead leasers, dead parties, lost wakes).
 SLICE = 0.05
-#: First pause of a read-only handle's Event.wait, which looks at the flag in growing pauses.
-FIRST_LOOK = 0.001
 #: Seconds between two looks for dead leasers while a queue is not empty.
 SCAN_INTERVAL = 0.05
 #: Largest item payload a node may say it holds (the heap's address space bounds it anyway).
@@ -179,7 +196,7 @@ _STATE = slice(10, 16)
 _HEAD, _TAIL, _COUNT, _LEASES, _LEASED, _CLOSED = 10, 11, 12, 13, 14, 15
 _SET = 10
 _BASE, _PURE, _CELLS = 10, 11, 12
-_ARRIVED, _GENERATION, _BROKEN, _TOKENS, _RESETS = 10, 11, 12, 13, 14
+_ARRIVED, _GENERATION, _BROKEN, _TOKENS, _RESETS, _LEFT = 10, 11, 12, 13, 14, 15
 _U64 = (1 << 64) - 1
 
 # intent words (header): which record, which op, its saved state words, two nodes'
@@ -189,11 +206,15 @@ _I_NODE_A, _I_NEXT_A, _I_NODE_B, _I_NEXT_B, _I_FREE, _I_OWNER = 16, 17, 18, 19, 
 #: the node the queue holds again when the op is undone (a get or an acknowledgement hands
 #: its node to the taker as its last step: owners.adopt_locked)
 _I_HOLD = 22
+#: the token word a barrier's leave() clears (its index in the tokens) and what it held;
+#: written before the op is journaled, read by undo only for OP_LEAVE
+_I_AT, _I_WAS = 23, 24
 OP_PUT, OP_TAKE, OP_LEASE, OP_ACK, OP_RETURN, OP_BARRIER, OP_RESET = 1, 2, 3, 4, 5, 6, 7
+OP_LEAVE = 8
 OP_NAMES = {OP_PUT: "putting an item on", OP_TAKE: "taking an item from",
             OP_LEASE: "leasing an item of", OP_ACK: "acknowledging a lease of",
             OP_RETURN: "giving back a lease of", OP_BARRIER: "arriving at",
-            OP_RESET: "resetting"}
+            OP_RESET: "resetting", OP_LEAVE: "leaving"}
 
 # node words
 _NEXT, _TAG, _TOKEN = 0, 1, 2
@@ -516,12 +537,13 @@ class CoordTable:
         self.bump(record)
         self.heap._journal.end()
 
-    def bump(self, record: int) -> None:
-        """Tell the record's waiters it changed (lock held); they are woken by ``wake_due``."""
+    def bump(self, record: int, wake: bool = False) -> None:
+        """Tell the record's waiters it changed (lock held); they are woken by ``wake_due``
+        if one said it sleeps (``sleep_on``), or with ``wake`` in any case."""
         at = self.base(record) + _FUTEX
         word = int(self.words[at])
         self.words[at] = (word + 1) & _U32  # (clears the sleepers flag in the high half)
-        if word >> 32:
+        if wake or word >> 32:
             self._wake_due.add(record)
 
     def sleep_on(self, record: int) -> _Sleep:
@@ -554,6 +576,10 @@ class CoordTable:
             obj = self._object_or_none(node)
             if obj:
                 owners.hold_locked(self.allocator, obj)
+        if op == OP_LEAVE:  # the leaver is a party again (a dead one breaks the barrier)
+            tokens = self.allocator.view(int(words[b + _TOKENS])).cast("Q")
+            if int(words[_I_AT]) < min(len(tokens), int(words[b + _PARAM])):
+                tokens[int(words[_I_AT])] = words[_I_WAS]
         orphan = int(words[_I_FREE])
         live = self.heap._live
         assert live is not None
@@ -1067,31 +1093,26 @@ class Event:
         with table.locked(None):
             table.words[self._flag] = value
             crash.reach("coord.flag_stored")
-            table.bump(self._record)
+            table.bump(self._record, wake=bool(value))  # (its waiters say nothing: see wait)
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until the flag is set (True) or ``timeout`` seconds pass (False)."""
+        """Wait until the flag is set (True) or ``timeout`` seconds pass (False).
+
+        It takes no lock and says nothing (a read-only handle can write no
+        word): it reads the futex word, then the flag, and sleeps on the word
+        while it holds what was read; ``set()`` stores the flag, bumps the word
+        and always wakes (one system call; events are set rarely).
+        """
         deadline = deadline_of(timeout)
         table = self._table
-        words, flag = table.words, self._flag
-        if table.heap.readonly:  # no writable word to sleep on: look in growing slices
-            pause = FIRST_LOOK
-            while not words[flag]:
-                left = SLICE if deadline is None else deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                time.sleep(min(pause, left))
-                pause = min(2 * pause, SLICE)
-            return True
+        words, flag, at = table.words, self._flag, table.base(self._record) + _FUTEX
 
         def attempt() -> Any:
-            if words[flag]:
-                return True
-            with table.locked(deadline):
-                return True if words[flag] else table.sleep_on(self._record)
+            seen = int(words[at]) & _U32
+            return True if words[flag] else _Sleep(seen)
 
         try:
-            return bool(self._table.wait_for(self._record, attempt, deadline))
+            return bool(table.wait_for(self._record, attempt, deadline))
         except TimeoutError:
             return False
 
@@ -1148,6 +1169,9 @@ class Barrier:
     interrupted, break the barrier for the others:
     ``threading.BrokenBarrierError``.  ``reset()`` makes it usable again and
     drops the dead parties, so that new processes may take their places.
+    A party that is done calls ``leave()`` (or leaves its ``with`` block):
+    from then on the barrier needs one party fewer, so it neither breaks
+    nor waits for the process that left.
     """
 
     def __init__(self, table: CoordTable, name: str, parties: int) -> None:
@@ -1166,9 +1190,21 @@ class Barrier:
         state = "broken" if self.broken else f"{self.n_waiting}/{self.parties} waiting"
         return f"<Barrier {self.name!r} of heap {self._table.heap.name!r}, {state}>"
 
+    def __enter__(self) -> Barrier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.leave()
+
     @property
     def parties(self) -> int:
-        return int(self._table.words[self._b + _PARAM])
+        """Parties it needs: those it was made with, less those that left."""
+        words = self._table.words
+        made, left = int(words[self._b + _PARAM]), int(words[self._b + _LEFT])
+        if left > made:
+            raise HeapCorruptError(f"barrier {self.name!r} counts {left} parties left of "
+                                   f"{made}; run `shmheap fsck --repair`")
+        return made - left
 
     @property
     def n_waiting(self) -> int:
@@ -1183,7 +1219,7 @@ class Barrier:
     def _tokens(self) -> memoryview:
         """One word per party: the liveness token of a registered process, 0 if free."""
         view = self._table.allocator.view(int(self._table.words[self._b + _TOKENS]))
-        return view.cast("Q")[:self.parties]
+        return view.cast("Q")[:int(self._table.words[self._b + _PARAM])]
 
     def _register_locked(self) -> None:
         """Make this process a party (lock held); break the barrier if a party is dead."""
@@ -1194,12 +1230,13 @@ class Barrier:
         mine = live.token
         registered = tokens.tolist()
         if mine not in registered:
-            if 0 not in registered:
+            if len(registered) - registered.count(0) >= self.parties:
                 self._break_if_a_party_died()
                 raise InvalidParameterError(
                     f"barrier {self.name!r} has its {self.parties} parties already (a process "
-                    "becomes one when it calls heap.barrier()); if one of them died, the "
-                    "barrier is broken: reset() it, which drops dead parties, and call again")
+                    "becomes one when it calls heap.barrier(), and stops being one when it "
+                    "leaves); if one of them died, the barrier is broken: reset() it, which "
+                    "drops dead parties, and call again")
             tokens[registered.index(0)] = mine
         self._break_if_a_party_died()
 
@@ -1257,8 +1294,7 @@ class Barrier:
                                        f"{self.parties}; run `shmheap fsck --repair`")
             table.begin(self._record, OP_BARRIER)
             if index == self.parties - 1:
-                words[b + _GENERATION] = generation + 1
-                words[b + _RESETS] = (int(words[b + _RESETS]) << 1) & _U64
+                self._next_round(reset=False)
                 crash.reach("coord.arrived")
                 words[b + _ARRIVED] = 0
             else:
@@ -1296,13 +1332,48 @@ class Barrier:
                 if token and not live.token_alive(token):
                     tokens[at] = 0
             self._register_locked()
-            generation = int(words[b + _GENERATION])
             table.begin(self._record, OP_RESET)
-            words[b + _GENERATION] = generation + 1
-            words[b + _RESETS] = (int(words[b + _RESETS]) << 1 | 1) & _U64
+            self._next_round(reset=True)
             crash.reach("coord.reset")
             words[b + _ARRIVED] = 0
             words[b + _BROKEN] = 0
+            table.end(self._record)
+
+    def _next_round(self, reset: bool) -> None:
+        """Move the generation on, the round's bit in ``resets`` saying how it ended (lock
+        held, op begun; the caller clears ``arrived``)."""
+        words, b = self._table.words, self._b
+        words[b + _GENERATION] = (int(words[b + _GENERATION]) + 1) & _U64
+        words[b + _RESETS] = (int(words[b + _RESETS]) << 1 | reset) & _U64
+
+    def leave(self) -> None:
+        """Stop being a party: from now on the barrier needs one party fewer (``parties``
+        drops by one for good; ``reset()`` does not bring it back), and it neither breaks
+        nor waits for this process.  If the parties waiting now are all it needs, their
+        round passes.  Leaving a barrier this process is no party of does nothing.
+
+        A process killed while it leaves has not left: it dies a party, which breaks
+        the barrier.
+        """
+        table = self._table
+        words, b = table.words, self._b
+        live = table.heap._live
+        assert live is not None
+        with table.locked(None):
+            tokens = self._tokens()
+            registered = tokens.tolist()
+            if live.token not in registered:
+                return
+            at = registered.index(live.token)
+            left, arrived = int(words[b + _LEFT]), int(words[b + _ARRIVED])
+            words[_I_AT], words[_I_WAS] = at, live.token  # (before the journal names them)
+            table.begin(self._record, OP_LEAVE)
+            words[b + _LEFT] = left + 1
+            if arrived and arrived >= self.parties and not words[b + _BROKEN]:
+                self._next_round(reset=False)  # the waiters were waiting for this one only
+                words[b + _ARRIVED] = 0
+            crash.reach("coord.left")
+            tokens[at] = 0
             table.end(self._record)
 
     def abort(self) -> None:
@@ -1351,11 +1422,23 @@ def check(table: CoordTable, repair: bool, note: Note) -> None:
             if not ok:
                 note("coord-record", f"{what}'s storage at {int(ref):#x} is not a live object "
                      f"of {size} bytes", False)
-            if kind == BARRIER and words[b + _ARRIVED] >= words[b + _PARAM] and note(
-                    "coord-barrier", f"{what} counts {int(words[b + _ARRIVED])} arrived of "
-                    f"{int(words[b + _PARAM])} parties", True):
-                words[b + _ARRIVED] = 0
-                words[b + _BROKEN] = 1
+            if kind == BARRIER:
+                _check_barrier(table, what, b, note)
+
+
+def _check_barrier(table: CoordTable, what: str, b: int, note: Note) -> None:
+    """Parties left no more than it was made with, arrivals fewer than it needs."""
+    words = table.words
+    made = int(words[b + _PARAM])
+    if words[b + _LEFT] > made and note("coord-barrier", f"{what} counts "
+                                        f"{int(words[b + _LEFT])} parties left of {made}", True):
+        words[b + _LEFT] = made
+    needed = made - int(words[b + _LEFT])
+    if words[b + _ARRIVED] and words[b + _ARRIVED] >= needed and note(
+            "coord-barrier", f"{what} counts {int(words[b + _ARRIVED])} arrived of {needed} "
+            "parties", True):
+        words[b + _ARRIVED] = 0
+        words[b + _BROKEN] = 1
 
 
 def _check_list(table: CoordTable, what: str, head: int, count: int, tail: int | None,

@@ -80,8 +80,12 @@ CRASH_POINTS: dict[str, str] = {
                            "the object is not made yet",
     "giant.made": "the first part of a giant object given up by its maker: the object exists, "
                   "journal not yet cleared",
-    "giant.unpublished": "a giant object's first part freed (it is gone), its other parts not "
-                         "yet",
+    "giant.unpublished": "a giant object's first part freed, or owned again by the process "
+                         "freeing it (the object is gone), its other parts not yet",
+    "giant.taken_back": "every part of a giant object being freed owned again by the process "
+                        "freeing it, journal not yet cleared",
+    "giant.cleared": "the pages of a giant object being freed punched out or zeroed, its "
+                     "parts not yet freed (between two lock holds of the process freeing it)",
     "giant.freed": "every part of a giant object freed, journal not yet cleared",
     "coord.created": "the coordination segment created and cleared, its stamp not yet written",
     "coord.described": "a new queue/event/counter/barrier record's name and state written, "
@@ -103,6 +107,8 @@ CRASH_POINTS: dict[str, str] = {
                      "arrival count not yet updated",
     "coord.reset": "a barrier's round ended by reset() (generation moved on, its reset bit "
                    "set), arrival count and broken flag not yet cleared",
+    "coord.left": "a barrier party's leave() counted (and the round passed if the others "
+                  "waited for it only), its token not yet cleared",
 }
 
 ENV_VAR = "SHMHEAP_CRASH_AT"

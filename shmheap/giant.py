@@ -50,10 +50,26 @@ Making one takes several lock holds, each journaled ``GIANT(s, k)``
     pass (allocator.py); if it is interrupted, it gives them up at once, or
     failing that at its next slow path (``_settle_pending``).
 
-Freeing one (any process, one lock hold, journaled ``GIANT(s, k)``)
-    The first part's span is freed first (the object is gone), then every
-    other part's; each record is cleared after its span.  Its pages become
-    free pages (DIRTY) of their arenas, and its arenas' "free" leaves say so.
+Freeing one (any process; two lock holds, each journaled ``GIANT(s, k)``)
+    1. *take back*: every part gets this process's token as its owner again
+       (entering ``_pending`` first), the first first: the object is gone,
+       its parts are the freeing process's as a maker's are.
+    2. no lock held: clear every part's pages, so that the next object over
+       them need not zero them (an O(1) ``alloc``): a sparse heap punches
+       them out (``madvise(MADV_REMOVE)``: the memory goes back to the OS,
+       as a ``shared_memory`` segment's does at its unlink, and the pages
+       read zero); a reserving heap zeroes them (its memory stays reserved).
+    3. *free*: every part still ours is freed, its pages marked RELEASED
+       (punched) or CLEAN (zeroed), and its record cleared after its span;
+       the arenas' "free" leaves say so.
+    A state says "zero" only once the pages are: it is written in step 3,
+    after step 2.  A freeing process that dies or is interrupted between
+    the holds leaves parts that are freed as a dead or interrupted maker's
+    are (as DIRTY pages).  The cost is the kernel's, in ``free``: punching
+    populated tmpfs pages out is O(pages) (docs/design.md, "Where the time
+    goes"), and the next object's first touch of each page faults it in.
+    A lock holder's free (a sweep, ``owners.py``) frees the object in one
+    hold, the first part first, its pages DIRTY.
 
 Repair of ``GIANT(s, k)`` (repair.py)
     An arena of the run linked but not published is removed, one published
@@ -61,7 +77,7 @@ Repair of ``GIANT(s, k)`` (repair.py)
     run has its page metadata audited; then if the first part is *made* (its
     span published, unowned, with the run's record) the object is finished
     (every part of it disowned), else it is undone (every part of the run
-    freed): it was half made, or half freed.
+    freed, DIRTY): it was half made, half taken back or half freed.
 
 fsck (``check``): the parts of every made object are all there and agree,
 and no part of an object that is not made is left without a maker.
@@ -88,7 +104,7 @@ from .errors import (
     ShmHeapError,
 )
 from .names import arena_name
-from .pages import ArenaPages, Giant
+from .pages import CLEAN, DIRTY, RELEASED, ArenaPages, Giant
 from .summary import CAP
 
 if TYPE_CHECKING:
@@ -358,15 +374,9 @@ def made(pages: ArenaPages) -> Giant | None:
 
 
 def free_locked(allocator: PageHeap, head: ArenaPages) -> int:
-    """Free the made giant object whose first part is ``head`` (lock holder); its pages."""
-    giant = made(head)
-    assert giant is not None, "free_locked of no made giant object"
-    members = [head, *(allocator.pages_of(head.index + part)
-                       for part in range(1, giant.parts))]
-    for part, pages in enumerate(members):
-        if pages.giant() != giant._replace(part=part) or not pages.in_use(0):
-            raise pages.corrupt(f"part {part} of the object over arenas {head.index}.."
-                                f"{head.index + giant.parts - 1} is damaged")
+    """Free the made giant object whose first part is ``head`` in this one lock hold (a
+    sweep, a lock holder's free); its pages, left DIRTY."""
+    giant, members = _made_parts(allocator, head)
     allocator._journal.begin(GIANT, head.index, giant.parts)
     _free_part(head)
     crash.reach("giant.unpublished")
@@ -375,6 +385,75 @@ def free_locked(allocator: PageHeap, head: ArenaPages) -> int:
     crash.reach("giant.freed")
     allocator._journal.end()
     return giant.total
+
+
+def take_back_locked(allocator: PageHeap, head: ArenaPages) -> Giant:
+    """Step 1 of ``free`` (lock holder): own every part of the made object at ``head``
+    again, the first first (it is gone then); its record.  ``release`` does the rest."""
+    giant, members = _made_parts(allocator, head)
+    if allocator._pending:
+        allocator._settle_pending()
+    token = allocator._token()
+    allocator._journal.begin(GIANT, head.index, giant.parts)
+    _take(allocator, head, token)
+    crash.reach("giant.unpublished")
+    for pages in members[1:]:
+        _take(allocator, pages, token)
+    crash.reach("giant.taken_back")
+    allocator._journal.end()
+    return giant
+
+
+def release(allocator: PageHeap, head: ArenaPages, giant: Giant,
+            deadline: float | None) -> None:
+    """Steps 2 and 3 of ``free`` (no lock held): clear the pages of the parts taken back,
+    then free the parts, their pages marked as cleared (see the module docstring)."""
+    first = head.index
+    reserve = allocator.heap.params.reserve
+    try:
+        for part in range(giant.parts):
+            npages = giant._replace(part=part).part_pages(allocator.pages_per_arena)
+            pages = allocator.pages_of(first + part)
+            if reserve:
+                pages.zero(0, npages)
+            else:
+                pages.punch(0, npages)
+        crash.reach("giant.cleared")
+        allocator._lock.run(lambda: _free_taken_locked(allocator, first, giant,
+                                                       CLEAN if reserve else RELEASED),
+                            deadline, write=True)
+    except BaseException:
+        with contextlib.suppress(ShmHeapError):  # else the next slow path gives them up
+            allocator._lock.run(allocator._settle_pending, deadline, write=True)
+        raise
+
+
+def _free_taken_locked(allocator: PageHeap, first: int, giant: Giant, state: int) -> None:
+    """Step 3 of ``free`` (lock holder): free the parts still ours, their pages ``state``."""
+    allocator.heap._check_identity()
+    token = allocator._token()
+    allocator._journal.begin(GIANT, first, giant.parts)
+    for part in range(giant.parts):
+        pages = allocator.pages_of(first + part)
+        if (pages.giant() == giant._replace(part=part) and pages.in_use(0)
+                and pages.owner[0] == token):
+            _free_part(pages, state)
+    crash.reach("giant.freed")
+    allocator._journal.end()
+    allocator._pending[:] = ()
+
+
+def _made_parts(allocator: PageHeap, head: ArenaPages) -> tuple[Giant, list[ArenaPages]]:
+    """The record and the parts of the made object at ``head``, each checked (lock holder)."""
+    giant = made(head)
+    assert giant is not None, "a free of no made giant object"
+    members = [head, *(allocator.pages_of(head.index + part)
+                       for part in range(1, giant.parts))]
+    for part, pages in enumerate(members):
+        if pages.giant() != giant._replace(part=part) or not pages.in_use(0):
+            raise pages.corrupt(f"part {part} of the object over arenas {head.index}.."
+                                f"{head.index + giant.parts - 1} is damaged")
+    return giant, members
 
 
 def view(allocator: PageHeap, head: ArenaPages, size: int) -> memoryview:
@@ -478,9 +557,16 @@ def check(allocator: PageHeap, indices: Iterable[int],
     return noted
 
 
-def _free_part(pages: ArenaPages) -> None:
-    pages.release(0)
+def _free_part(pages: ArenaPages, state: int = DIRTY) -> None:
+    pages.release(0, state)
     pages.set_giant(None)
+
+
+def _take(allocator: PageHeap, pages: ArenaPages, token: int) -> None:
+    """Own a part of a made object again, as its maker did (lock holder, journaled)."""
+    allocator._pending.append((pages, 0))
+    allocator._summaries.owned.mark(pages.index)
+    pages.owner[0] = token
 
 
 def _disown(pages: ArenaPages) -> None:

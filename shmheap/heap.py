@@ -26,6 +26,11 @@ creator died and the attacher raises HeapCorruptError.
 
 Each handle makes its allocator on first use (``_objects``); the parts get
 the allocator, which carries the ``AttachedHeap``, never the ``Heap``.
+
+``import shmheap`` loads what an attach and the allocator need, and no more
+(a spawned worker pays for every module it imports): walker.py, owners.py,
+coord.py and repair.py (with ``dataclasses`` and ``queue``, which they use)
+are imported by the first call that needs them.
 """
 
 from __future__ import annotations
@@ -35,22 +40,18 @@ import functools
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import (
     arenas,
     arrays,
     control,
-    coord,
     core,
     crash,
     liveness,
     objects,
-    owners,
     segments,
-    walker,
 )
 from .allocator import Allocator, size_classes
 from .attached import AttachedHeap, serialised, serialised_iter
@@ -83,9 +84,12 @@ from .names import (
     owns,
     semaphore_name,
 )
-from .repair import Finding, HeapParts, check_heap, repair_journal
 from .roots import Roots, RootTable
 from .summary import Summaries
+
+if TYPE_CHECKING:  # (imported where first used: see the docstring)
+    from . import coord, owners, walker
+    from .repair import Finding, HeapParts
 
 DEFAULT_ARENA_SIZE = 64 << 20
 DEFAULT_MAX_ARENAS = 1 << 20
@@ -93,8 +97,7 @@ DEFAULT_MAX_ARENAS = 1 << 20
 ATTACH_TIMEOUT = 5.0
 
 
-@dataclass(frozen=True)
-class HeapInfo:
+class HeapInfo(NamedTuple):
     """What ``Heap.info()`` reports."""
 
     name: str
@@ -118,7 +121,7 @@ class HeapInfo:
     roots: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self._asdict()
 
 
 class Heap(AttachedHeap):
@@ -146,6 +149,8 @@ class Heap(AttachedHeap):
 
     def _repair_journal(self) -> None:
         """Finish or undo the mutation the journal names (HeapLock calls it, lock held)."""
+        from .repair import repair_journal
+
         self._journal_findings = repair_journal(self._parts())
 
     # -- lifecycle ----------------------------------------------------------------
@@ -362,6 +367,8 @@ class Heap(AttachedHeap):
         deadline = deadline_of(timeout)
         lock = self._lock
         assert isinstance(lock, HeapLock)
+        from .repair import check_heap
+
         self._journal_findings = []
         findings = check_heap(self._parts(), repair, lock, deadline)
         findings[:0] = self._journal_findings
@@ -409,6 +416,8 @@ class Heap(AttachedHeap):
 
     def _parts(self) -> HeapParts:
         """What repair.py checks and repairs: the allocator and the roots table."""
+        from .repair import HeapParts
+
         # (a heap none of whose processes used a queue, event, counter or barrier has no
         # coordination segment, and nothing in it to check or repair)
         coordination = None if self._coord is None and not segments.exists(
@@ -429,6 +438,8 @@ class Heap(AttachedHeap):
         table = self._coord
         if table is None:
             self._check_open()
+            from . import coord
+
             table = self._coord = coord.CoordTable(self, self._objects())
         return table
 
@@ -442,6 +453,8 @@ class Heap(AttachedHeap):
         dies).  ``capacity`` bounds the queued items (None: no bound; an
         existing queue's capacity must match, or pass None).
         """
+        from . import coord
+
         return coord.Queue(self._coordination(write=True), name, capacity)
 
     @serialised
@@ -450,17 +463,24 @@ class Heap(AttachedHeap):
 
         A read-only handle may open an existing event to look at it.
         """
+        from . import coord
+
         return coord.Event(self._coordination(), name)
 
     @serialised
     def counter(self, name: str) -> coord.Counter:
         """The 64-bit counter ``name`` of this heap: ``add(k=1)`` returns the new value."""
+        from . import coord
+
         return coord.Counter(self._coordination(write=True), name)
 
     @serialised
     def barrier(self, name: str, parties: int) -> coord.Barrier:
         """The barrier ``name`` of ``parties`` processes, this one registered as a party; a
-        party that dies breaks it (``reset()`` mends it), as ``threading.Barrier``."""
+        party that dies breaks it (``reset()`` mends it), as ``threading.Barrier``, and one
+        that leaves (``leave()``, or the end of its ``with`` block) is needed no more."""
+        from . import coord
+
         return coord.Barrier(self._coordination(write=True), name, parties)
 
     @serialised
@@ -562,6 +582,8 @@ class Heap(AttachedHeap):
     @serialised
     def adopt(self, ref: int, timeout: float | None = None) -> None:
         """Make this process the owner of the object at ``ref`` (see ``reclaim``)."""
+        from . import owners
+
         owners.adopt(self._objects(), ref, timeout)
 
     @serialised
@@ -573,45 +595,63 @@ class Heap(AttachedHeap):
         ``adopt``s it; one pass over the heap, no other process's help.
         Objects of live processes are never touched (owners.py).
         """
+        from . import owners
+
         return owners.reclaim(self._objects(), timeout)
 
     @serialised
     def bytes_by_owner(self, timeout: float | None = None) -> dict[str, owners.OwnerBytes]:
         """Live objects and bytes per owner ("slot S epoch E", "held", "orphan"), alive or not."""
+        from . import owners
+
         return owners.owner_bytes(self._objects(), timeout)
 
     def walk(self, timeout: float | None = None) -> Iterator[walker.SpanInfo]:
         """Every in-use span and its live objects, read with no lock (see walker.py)."""
+        from . import walker
+
         return serialised_iter(self._mutex, walker.walk(self._objects(), deadline_of(timeout)))
 
     @serialised
     def stats(self, timeout: float | None = None) -> walker.HeapStats:
         """Bytes in use, free, reserved and released; objects per size class."""
+        from . import walker
+
         return walker.stats(self._objects(), deadline_of(timeout))
 
     @serialised
     def arena_usage(self, timeout: float | None = None) -> list[dict[str, int]]:
         """Per arena, in index order: pages in use and released, spans, objects, live bytes."""
+        from . import walker
+
         return walker.arena_usage(self._objects(), deadline_of(timeout))
 
     @serialised
     def start_cycle(self, timeout: float | None = None) -> int:
         """Begin a mark/sweep cycle (clear every mark); returns the cycle number."""
+        from . import walker
+
         return walker.start_cycle(self._objects(), deadline_of(timeout))
 
     @serialised
     def mark(self, ref: int, timeout: float | None = None) -> None:
         """Mark the object at ``ref`` as live for the current cycle."""
+        from . import walker
+
         walker.mark(self._objects(), ref, deadline_of(timeout))
 
     @serialised
     def sweep(self, timeout: float | None = None) -> walker.SweepReport:
         """Free what the current cycle left unmarked; several processes may sweep at once."""
+        from . import walker
+
         return walker.sweep(self._objects(), deadline_of(timeout))
 
     @serialised
     def scavenge(self, timeout: float | None = None) -> walker.ScavengeReport:
         """Return the memory of free pages to the OS."""
+        from . import walker
+
         return walker.scavenge(self._objects(), deadline_of(timeout))
 
 
@@ -648,6 +688,17 @@ def _remove_own_objects(name: str) -> None:
         with contextlib.suppress(ShmHeapError):
             if segments.check_own(entry):
                 _unlink_entry(name, entry)
+
+
+def _mark_destroyed(name: str) -> None:
+    """Say so in the control segment before anything is unlinked: the handles still attached
+    read it where a path lookup would cost too much (a root bind; control.py)."""
+    with contextlib.suppress(ShmHeapError, OSError):
+        fd, _st = segments.open_fd(control_name(name), readonly=False)
+        try:
+            control.mark_destroyed(fd)
+        finally:
+            os.close(fd)
 
 
 def _unlink_entry(name: str, entry: str) -> None:
@@ -743,6 +794,7 @@ def destroy(name: str, force: bool = False) -> list[str]:
     check_name(name)
     if not force:
         _refuse_if_in_use(name)
+    _mark_destroyed(name)
     removed: list[str] = []
     failed: dict[str, str] = {}
     for entry in _entries(name):

@@ -62,6 +62,7 @@ that both agree byte for byte.
 
 from __future__ import annotations
 
+import functools
 import mmap
 from typing import NamedTuple
 
@@ -106,6 +107,7 @@ class Layout(NamedTuple):
     size: int
 
 
+@functools.lru_cache(maxsize=16)
 def layout(arena_size: int, page_size: int) -> Layout:
     pages = arena_size // page_size
     used = HEADER_SIZE

@@ -75,9 +75,9 @@ import os
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
-from . import segments
+from . import core, segments
 from .bytescan import nonzero_positions
 from .errors import HeapCorruptError, LockTimeoutError, ShmHeapError
 from .names import live_name, temp_arena_name
@@ -141,8 +141,7 @@ def slot_offset(slot: int) -> int:
     return SLOTS_OFFSET + slot * SLOT_SIZE
 
 
-@dataclass(frozen=True)
-class Attachment:
+class Attachment(NamedTuple):
     """A live attachment seen in the slot table."""
 
     slot: int
@@ -159,6 +158,16 @@ def _live_attachments(buf: memoryview, nslots: int,
         if alive(slot):
             found.append(Attachment(slot, pid, attached_ns))
     return found
+
+
+def _building(buf: memoryview, nslots: int) -> list[int]:
+    """Slots whose building byte is set (``_native.nonzero_every``, or its twin here: a
+    contiguous copy, then a bytes stride, C loops both; a strided view copies slower)."""
+    first = SLOTS_OFFSET + BUILDING_OFFSET
+    if core.native is not None:
+        found: list[int] = core.native.nonzero_every(buf, first, SLOT_SIZE, nslots)
+        return found
+    return nonzero_positions(buf[first:first + nslots * SLOT_SIZE].tobytes()[::SLOT_SIZE])
 
 
 def _stamped(buf: memoryview, nslots: int) -> list[int]:
@@ -357,10 +366,8 @@ class Liveness:
         With ``builders_only``, only those whose building byte is set: a
         cheap pass for ``grow`` that frees the new arenas of dead growers.
         """
-        if builders_only:  # (a contiguous copy, then a bytes stride: C loops, no strided view)
-            first = SLOTS_OFFSET + BUILDING_OFFSET
-            candidates = nonzero_positions(
-                self._seg.buf[first:first + self.nslots * SLOT_SIZE].tobytes()[::SLOT_SIZE])
+        if builders_only:
+            candidates = _building(self._seg.buf, self.nslots)
         else:
             candidates = _stamped(self._seg.buf, self.nslots)
         buf = self._seg.buf

@@ -201,13 +201,14 @@ class ArenaPages:
         self.summaries = summaries
 
     def native_record(self) -> object | None:
-        """The native core's raw view of this arena's metadata (for its free()), or None."""
+        """The native core's raw view of this arena's metadata (for its free() and root
+        binds), or None."""
         if core.native is None:
             return None
         lay = layout(self.arena.size, self.page_size)
         record: object = core.native.Record(self.arena.mapping, self.arena.meta_offset,
                                             lay.pages, lay.used, lay.sclass, lay.span,
-                                            lay.npages, lay.owner)
+                                            lay.npages, lay.owner, lay.marks)
         return record
 
     def close(self) -> None:
@@ -353,8 +354,18 @@ class ArenaPages:
     # -- page heap (heap-lock holder only) ------------------------------------------
 
     def find_free_run(self, npages: int) -> int:
-        """First page of a run of ``npages`` free pages, or -1."""
-        return bytes(self.used).find(bytes(npages))
+        """First page of a run of ``npages`` free pages, or -1.
+
+        The first free page is tried first, with one comparison: most often the
+        run starts there (always in a new arena), and a search for a long run
+        of zeros costs tens of µs per 64 Ki pages.
+        """
+        used = bytes(self.used)
+        free = bytes(npages)
+        first = used.find(0)
+        if first < 0 or used.startswith(free, first):
+            return first
+        return used.find(free, first + 1)
 
     def prepare(self, start: int, npages: int, reserve: bool) -> list[tuple[int, int]]:
         """Re-reserve released pages of a run about to be used; return runs needing zeroes.
@@ -363,6 +374,8 @@ class ArenaPages:
         the run stays free as it was.
         """
         states = bytes(self.state[start:start + npages])
+        if states == bytes(npages):  # all CLEAN (a new arena's): one comparison
+            return []
         if reserve:
             for first, count in _runs_where(states, NEEDS_RESERVE):
                 self.reserve(start + first, count)
@@ -371,9 +384,10 @@ class ArenaPages:
     def zero(self, start: int, npages: int) -> None:
         """Zero the data of ``npages`` pages (their owner only), from one small zero buffer.
 
-        Not by punching the run out (``punch``): freeing populated pages costs
-        the kernel O(pages) too, and the first touch of each page afterwards a
-        fault; measured, both lose to this copy (docs/design.md, giant objects).
+        Not by punching the run out (``punch``) at allocation: freeing populated
+        pages costs the kernel O(pages) too, and the first touch of each page
+        afterwards a fault; measured, both lose to this copy (docs/design.md,
+        giant objects).  A giant object's pages are cleared when it is freed.
         """
         shift = self.page_shift
         first, end = start << shift, (start + npages) << shift
@@ -423,14 +437,16 @@ class ArenaPages:
             raise self.corrupt(f"the records of the span at page {start} do not describe a span")
         return npages
 
-    def release(self, start: int) -> int:
-        """Free the span at ``start``; returns its pages.  Its data becomes DIRTY.
+    def release(self, start: int, state: int = DIRTY) -> int:
+        """Free the span at ``start``; returns its pages.  Its data becomes DIRTY, or
+        ``state`` (CLEAN, RELEASED) for a caller that zeroed or punched the pages while
+        the span was still its own (giant.py).
 
         The records are checked first (``check_span``): garbage is never freed.
         """
         npages = self.check_span(start)
         self.begin_change()
-        self.state[start:start + npages] = bytes([DIRTY]) * npages
+        self.state[start:start + npages] = bytes([state]) * npages
         self.clear_mark(start)
         self.owner[start] = 0
         self.inuse[start >> 3] &= ~(1 << (start & 7)) & 0xFF

@@ -84,11 +84,14 @@ Lookups and snapshots take no lock
 
 Binding (``roots[name] = ref``, ``del roots[name]``): the writable heap-lock holder
     Each bind and unbind is one ``HeapLock.run(..., write=True)``, so it starts
-    with the journal clean.  If a new name finds no room (one more key would
-    fill more than half the slots, or its name would not fit the name area),
-    the table is rebuilt first: the bound roots are copied, with the rebuilt
-    region's ``seq`` odd, into the other region of the capacity they need (a
-    quarter of the slots at most), and ``table`` switches to it in one store.
+    with the journal clean, and first checks that the heap is not being
+    destroyed: a load of the control segment's ``destroyed`` word, which
+    ``destroy`` sets before it unlinks anything (no path lookup).  If a new
+    name finds no room (one more key would fill more than half the slots, or
+    its name would not fit the name area), the table is rebuilt first: the
+    bound roots are copied, with the rebuilt region's ``seq`` odd, into the
+    other region of the capacity they need (a quarter of the slots at most),
+    and ``table`` switches to it in one store.
     A rebuild stopped anywhere leaves an unpublished region, which the next
     rebuild into it starts over: it needs no journal.  Then, publishing last:
 
@@ -104,6 +107,19 @@ Binding (``roots[name] = ref``, ``del roots[name]``): the writable heap-lock hol
 
     Steps 2-4 run with the region's ``seq`` odd (lock-free readers wait,
     then read it whole); ``finish`` makes it even again.
+
+    The native core makes the whole change one C call (``_native.RootWriter``,
+    the twin of ``_bind_locked``): the native lock's hold, these steps with the
+    same stores, crash points and records, and the release.  It takes small
+    objects in arenas this process has mapped, and a new name only where the
+    table has room and the name's bytes fall in a page with memory; anything
+    else it leaves unchanged (None), and ``_bind_locked`` runs.  The bound
+    object's root count goes up in one compare-and-swap (1 + r -> 2 + r), so a
+    native ``free`` racing the bind (its own 1 -> 0 compare-and-swap) and the
+    bind cannot both succeed; a bind that loses stops before its first store.
+    While a crash point is armed the lock is the pure-Python one, and the
+    writer's change runs under it, reaching the crash points through
+    ``crash.reach``.
 
     An object counts its roots so that ``free`` can refuse a bound object
     by the byte it reads anyway, and sweep keeps it (walker.py).  The count
@@ -499,6 +515,20 @@ class RootTable:
         self.head[_TABLE] = number
         return new
 
+    def writer(self, allocator: Allocator) -> Any:
+        """The native core's bind and unbind (``_native.RootWriter``) on this table, with
+        ``allocator``'s arenas and lock; crash.py's points fire in it while armed."""
+        assert core.native is not None and self.native is not None
+        heap = allocator.heap
+        classes = allocator.classes
+        return core.native.RootWriter(
+            self.native, getattr(allocator._lock, "native", None), heap._control.buf,
+            allocator._mapped.records,
+            tuple([getattr(c, field) for c in classes]
+                  for field in ("nelems", "size", "objects_at", "holder_at", "npages")),
+            allocator.arena_shift, allocator.page_shift, MAX_ROOTS_PER_OBJECT,
+            crash.reach if crash.ARMED else None)
+
     def write_intent(self, **fields: int) -> None:
         for offset, field in enumerate(_FIELDS):
             self.head[_INTENT + offset] = fields[field]
@@ -582,12 +612,18 @@ class Roots(MutableMapping[str, int]):
         self._open_table: Callable[[], RootTable] | None = table
         #: the heap handle's allocator, made on first use
         self._objects = objects
+        #: the native core's bind and unbind (``_native.RootWriter``), made by the first one
+        #: that takes the Python path; None on the pure core, readonly, and once closed
+        self._writer: Any = None
 
     def forget(self) -> None:
         """The heap is closing (it closes the table): every later use is HeapClosedError."""
         self._table = None
         self._fast = None
         self._open_table = None
+        if self._writer is not None:
+            self._writer.close()  # (before the control segment is unmapped)
+            self._writer = None
 
     def table(self) -> RootTable:
         """The roots table, opened on first use (a worker that names nothing never opens it)."""
@@ -685,15 +721,11 @@ class Roots(MutableMapping[str, int]):
     def __delitem__(self, name: str) -> None:
         self.unbind(name)
 
-    @serialised
     def bind(self, name: str, ref: int, timeout: float | None = None) -> None:
         """Bind ``name`` to the live object at ``ref``, rebinding it if it was bound."""
-        data = encode_name(name)
-        self._heap._check_writable("binding a root")
-        table = self.table()
-        allocator = self._objects()
-        allocator._lock.run(lambda: _bind_locked(allocator, table, data, ref),
-                            deadline_of(timeout), write=True)
+        writer = self._writer
+        if writer is None or writer(name, ref, timeout) is None:
+            self._change(name, ref, timeout, "binding a root")
 
     def bind_new(self, name: str, make: Callable[[], int], timeout: float | None = None) -> int:
         """``make()`` an object and bind ``name`` to it, as one step: stopped anywhere, the
@@ -724,23 +756,44 @@ class Roots(MutableMapping[str, int]):
             if self.get(name) != ref:
                 allocator.free(ref, timeout)
 
-    @serialised
     def unbind(self, name: str, timeout: float | None = None) -> None:
         """Unbind ``name``; RootNotFoundError if nothing is bound to it."""
-        data = encode_name(name)
-        self._heap._check_writable("unbinding a root")
-        table = self.table()
-        allocator = self._objects()
-        if not allocator._lock.run(lambda: _bind_locked(allocator, table, data, None),
-                                   deadline_of(timeout), write=True):
+        writer = self._writer
+        done = None if writer is None else writer(name, None, timeout)
+        if done is None:
+            done = self._change(name, None, timeout, "unbinding a root")
+        if not done:
             raise RootNotFoundError(f"no root named {name!r} in heap {self._heap.name!r} to "
                                     "unbind")
+
+    @serialised
+    def _change(self, name: str, given: object, timeout: float | None, what: str) -> bool:
+        """Bind ``name`` to the object at ``given`` (None: unbind it) on the Python path, as
+        ``_bind_locked`` (the pure core's way, the native one's when its writer is unsure).
+        While crash points are armed the lock is the pure one, and the native writer's
+        change runs under it (crash.py's points fire in it)."""
+        data = encode_name(name)
+        self._heap._check_writable(what)
+        table = self.table()
+        allocator = self._objects()
+        writer = self._writer
+        if writer is None and table.native is not None:
+            writer = self._writer = table.writer(allocator)
+
+        def body() -> bool:
+            if writer is not None:
+                done = writer.held(name, given, allocator._holder())
+                if done is not None:
+                    return bool(done)
+            return _bind_locked(allocator, table, data, given)
+
+        return allocator._lock.run(body, deadline_of(timeout), write=True)
 
 
 def _bind_locked(allocator: Allocator, table: RootTable, data: bytes, given: object) -> bool:
     """Bind name ``data`` to the object at ``given`` (None: unbind it) as "Binding" in the
     module docstring says (writable lock holder); False if there was nothing to unbind."""
-    allocator.heap._check_identity()
+    allocator.heap._check_destroyed()
     new = None if given is None else allocator.live(given, held=True)
     ref = new[0].base + allocator.object_bytes(*new)[0] if new else 0  # an int, as located
     new_count = allocator.root_count(*new) if new else 0

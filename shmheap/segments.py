@@ -31,8 +31,9 @@ import os
 import resource
 import stat
 import sys
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import (
     DescriptorLimitError,
@@ -50,11 +51,11 @@ _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 #: Mode bits by which a file's owner shares it with other users (group or world write).
 SHARED_BITS = stat.S_IWGRP | stat.S_IWOTH
 #: Python < 3.13 keeps a duplicate descriptor open for every mmap; 3.13 can be told not to.
-_MMAP_EXTRA: dict[str, bool] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+MMAP_EXTRA: dict[str, bool] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 
 
 #: True where every mapping keeps a file descriptor open (Python's mmap before 3.13)
-DESCRIPTOR_PER_MAPPING = not _MMAP_EXTRA
+DESCRIPTOR_PER_MAPPING = not MMAP_EXTRA
 #: Mappings an attached heap keeps for reuse at most (least recently used go first).
 KEEP_MAPPED = 1024
 MAX_MAPPINGS_VAR = "SHMHEAP_MAX_MAPPINGS"
@@ -69,8 +70,7 @@ def max_map_count() -> int:
         return 65530
 
 
-@dataclass(frozen=True)
-class MappingBudget:
+class MappingBudget(NamedTuple):
     """How many segment mappings a heap may have: ``keep`` reused, ``limit`` at once.
 
     ``keep`` is at most half the limit: the other half is for arenas pinned by
@@ -130,7 +130,7 @@ def raise_descriptor_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-if not _MMAP_EXTRA:
+if not MMAP_EXTRA:
     raise_descriptor_limit()
 
 
@@ -205,7 +205,7 @@ class Segment:
         self.identity = identity
         prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
         try:
-            self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, prot, **_MMAP_EXTRA)
+            self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, prot, **MMAP_EXTRA)
         except OSError as exc:
             os.close(fd)
             raise _translate(exc, name, mapping=True) from None
@@ -308,11 +308,12 @@ def create(
     try:
         if on_open is not None:
             on_open(fd)
-        os.fchmod(fd, mode)  # the umask must not narrow what the caller asked for
         os.ftruncate(fd, size)
         if reserve:
             os.posix_fallocate(fd, 0, size)
         st = os.fstat(fd)
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.fchmod(fd, mode)  # the umask must not narrow what the caller asked for
     except OSError as exc:
         os.close(fd)
         unlink(name)
@@ -339,7 +340,7 @@ def map_range(seg: Segment, offset: int, length: int) -> mmap.mmap:
     assert seg.fd is not None, "map_range() needs a segment opened with keep_fd=True"
     prot = mmap.PROT_READ if seg.readonly else mmap.PROT_READ | mmap.PROT_WRITE
     try:
-        return mmap.mmap(seg.fd, length, mmap.MAP_SHARED, prot, offset=offset, **_MMAP_EXTRA)
+        return mmap.mmap(seg.fd, length, mmap.MAP_SHARED, prot, offset=offset, **MMAP_EXTRA)
     except ValueError:
         raise HeapCorruptError(f"{path_of(seg.name)} is shorter than {offset + length} "
                                "bytes: it was truncated") from None
@@ -376,11 +377,35 @@ def reserve(seg: Segment, offset: int, length: int) -> None:
         raise _translate(exc, seg.name) from None
 
 
+#: How long (seconds) and how much of what it saw free (a fraction) ``check_free_space``
+#: trusts its last look at /dev/shm.
+FREE_SPACE_TRUSTED_S = 1.0
+FREE_SPACE_TRUSTED_PART = 8
+#: this process's last look: [bytes free then, monotonic time of the look, bytes asked since]
+_free_seen = [0, 0.0, 0]
+
+
 def check_free_space(name: str, size: int) -> None:
-    """Raise OutOfSharedMemoryError if /dev/shm cannot hold ``size`` more bytes."""
-    stat = os.statvfs(SHM_DIR)
-    if stat.f_bavail * stat.f_frsize < size:
+    """Raise OutOfSharedMemoryError if /dev/shm cannot hold ``size`` more bytes.
+
+    A check for the common case only (the space is shared, and a sparse
+    segment takes its memory when it is touched): so ``statvfs`` is called
+    again only once the sizes asked since the last call exceed
+    1/FREE_SPACE_TRUSTED_PART of what it saw free, or FREE_SPACE_TRUSTED_S
+    have passed.  A grow() of small sparse arenas then rarely pays for it.
+    """
+    seen = _free_seen
+    asked = seen[2] + size
+    now = time.monotonic()
+    if asked * FREE_SPACE_TRUSTED_PART <= seen[0] and now - seen[1] < FREE_SPACE_TRUSTED_S:
+        seen[2] = asked
+        return
+    fs = os.statvfs(SHM_DIR)
+    free = fs.f_bavail * fs.f_frsize
+    if free < size:
+        seen[0] = 0
         raise _translate(OSError(errno.ENOSPC, "no space"), name)
+    seen[:] = [free, now, size]
 
 
 def open_fd(name: str, readonly: bool, expect_size: int | None = None,

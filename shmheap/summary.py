@@ -13,7 +13,8 @@ The same shape (``ByteTree``) answers three questions, all in the segment
 memory)::
 
     off            what
-    0              header: magic b"shmsumm\\0", version, max_arenas, nclasses
+    0              header: magic b"shmsumm\\0", version, max_arenas, nclasses, and
+                   at 28 (u32) 1 if the creator reserved leaf row 0's pages (below)
     64             tree "free": leaf i = min(longest free page run of arena i, 255)
     .              tree "owned": leaf i = 1 if a span of arena i may have an owner
     .              trees "partial(c)", one per size class c >= 1: leaf i = 1 if an
@@ -40,7 +41,11 @@ be SIGBUS on a full /dev/shm.  So levels 2 and up of every tree (a few pages
 in all) are reserved when the heap is created, and the pages of an arena's
 leaves and first-level nodes in every tree before the arena is published
 (``reserve_leaves``, by the grower, before its journal opens: a full
-/dev/shm is OutOfSharedMemoryError then, and the arena is not made).
+/dev/shm is OutOfSharedMemoryError then, and the arena is not made).  The
+pages of the first 64 arena indices' paths (leaf row 0: 2 pages a tree,
+scattered, one ``fallocate`` each) are reserved by the heap's creator, and
+the header says so, so that no process's first ``grow`` pays for them (the
+producer of a hand-over over a new heap did, ~0.4 ms).
 Stores of 0 into a leaf are skipped when it already reads 0, so nothing ever
 writes into a page nobody reserved.
 
@@ -65,7 +70,9 @@ from .names import PAGE_SIZE, summary_name
 
 MAGIC = b"shmsumm\0"
 VERSION = 2
-HEADER = struct.Struct("<8sIIQI")
+HEADER = struct.Struct("<8sIIQII")
+#: the header's last field when the creator reserved leaf row 0 (any other value: it did not)
+ROW_0_RESERVED = 1
 HEADER_SIZE = 64
 FANOUT = 64
 #: leaf and node values are bytes: longer runs than this read as this
@@ -408,15 +415,15 @@ class Summaries:
         size = segment_size(max_arenas, nclasses)
         self._seg = segments.open_existing(name, readonly=readonly, expect_size=size,
                                            keep_fd=True)
-        magic, version, _, arenas, classes = HEADER.unpack_from(self._seg.buf, 0)
+        magic, version, _, arenas, classes, row_0 = HEADER.unpack_from(self._seg.buf, 0)
         if (magic, version, arenas, classes) != (MAGIC, VERSION, max_arenas, nclasses):
             self._seg.close()
             raise HeapCorruptError(f"/dev/shm/{name} is not the summary segment of heap "
                                    f"{heap_name!r}; destroy the heap")
         #: pages this process has reserved already (reserving is idempotent)
         self._reserved: set[int] = set()
-        #: leaf rows (index >> 6) whose paths' pages this process has reserved
-        self._reserved_rows: set[int] = set()
+        #: leaf rows (index >> 6) whose paths' pages this process or the creator reserved
+        self._reserved_rows: set[int] = {0} if row_0 == ROW_0_RESERVED else set()
         self._offsets = _tree_offsets(max_arenas, 1 + nclasses)
         self._nleaves = max_arenas
         #: the trees this process has used: a partial tree's views are made on first use
@@ -441,7 +448,10 @@ class Summaries:
             _reserve(seg, 0, HEADER_SIZE)
             upper = offsets[0][2] if len(offsets[0]) > 2 else seg.size
             _reserve(seg, upper, seg.size - upper)  # levels 2 and up, of every tree
-            HEADER.pack_into(seg.buf, 0, MAGIC, VERSION, 0, max_arenas, nclasses)
+            for page in _row_pages(offsets, 0):
+                _reserve(seg, page * PAGE_SIZE, PAGE_SIZE)
+            HEADER.pack_into(seg.buf, 0, MAGIC, VERSION, 0, max_arenas, nclasses,
+                             ROW_0_RESERVED)
         finally:
             seg.close()
 
@@ -454,12 +464,24 @@ class Summaries:
         row = index >> 6
         if row in self._reserved_rows:
             return
-        pages = {(offsets[level] + (index >> 6 * level)) // PAGE_SIZE
-                 for offsets in self._offsets for level in range(min(2, len(offsets)))}
-        for page in sorted(pages - self._reserved):
+        for page in sorted(_row_pages(self._offsets, row) - self._reserved):
             _reserve(self._seg, page * PAGE_SIZE, PAGE_SIZE)
             self._reserved.add(page)
         self._reserved_rows.add(row)
+
+    def partial_tables(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """The levels of the partial trees of every class >= 1, for the native core's Free,
+        without making the trees' views (most classes a process never frees into): (where
+        each class's levels start in the next two, offset of each level, size of each)."""
+        return _partial_tables(self._nleaves, len(self._offsets))
+
+    def hinted_classes(self) -> list[int]:
+        """The classes whose partial tree's top row has an entry set, the only trees in which
+        ``find(1)`` can find a leaf: one read of the top rows, which lie side by side."""
+        tops = [levels[-1] for levels in self._offsets[2:]]
+        rows = bytes(self._seg.buf[tops[0]:tops[-1] + FANOUT])
+        return [1 + k for k, top in enumerate(tops)
+                if rows[top - tops[0]:top - tops[0] + FANOUT] != _ZERO_ROW]
 
     def partial(self, sclass: int) -> ByteTree:
         """The partial tree of size class ``sclass`` (>= 1)."""
@@ -475,6 +497,27 @@ class Summaries:
             if tree is not None:
                 tree.release()
         self._seg.close()
+
+
+@functools.cache
+@functools.cache
+def _partial_tables(nleaves: int, ntrees: int
+                    ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``Summaries.partial_tables`` (computed once per process for each layout)."""
+    sizes = _level_sizes(nleaves)
+    firsts = [0, 0]  # class 0 (large objects) has no partial tree
+    offsets: list[int] = []
+    for levels in _tree_offsets(nleaves, ntrees)[2:]:
+        offsets += levels
+        firsts.append(len(offsets))
+    return tuple(firsts), tuple(offsets), sizes * (ntrees - 2)
+
+
+def _row_pages(offsets: tuple[tuple[int, ...], ...], row: int) -> set[int]:
+    """The pages on the paths of leaf row ``row`` (arenas ``64 * row`` ..) in every tree:
+    its leaves and their first-level node (the levels above are reserved at creation)."""
+    return {(levels[level] + (row << 6 >> 6 * level)) // PAGE_SIZE
+            for levels in offsets for level in range(min(2, len(levels)))}
 
 
 @functools.cache

@@ -13,9 +13,10 @@ same system calls; this pure-Python twin makes them through ``ctypes``
 (``syscall(SYS_futex, ...)``).  On an architecture whose system call number is
 not known here, ``wait`` sleeps in short slices instead (correct, slower).
 
-A word here is addressed by a ``ctypes`` object over the writable mapping
-(``address_of``); whoever maps the segment drops those objects before it
-unmaps.  This module owns the system calls and touches no word itself.
+A word here is addressed by a ``ctypes`` object over the mapping
+(``address_of``; a read-only mapping will do, as the kernel only reads the
+word); whoever maps the segment drops those objects before it unmaps.
+This module owns the system calls and touches no word itself.
 """
 
 from __future__ import annotations
@@ -50,10 +51,59 @@ def _syscall() -> Any:
 
 
 def address_of(buffer: object, offset: int) -> ctypes.c_uint32:
-    """A ctypes word at ``offset`` of a writable ``buffer`` (a mapping); it pins the mapping."""
+    """A ctypes word at ``offset`` of ``buffer`` (a mapping); it pins the mapping.
+
+    A read-only mapping gives its address through ``PyObject_GetBuffer``
+    (ctypes' ``from_buffer`` wants a writable one); the word keeps a view of
+    the mapping, so the mapping stays while the word lives.  A futex may wait
+    on a read-only shared mapping (the kernel only reads the word); nothing
+    here stores through it.
+    """
     import ctypes
 
-    return ctypes.c_uint32.from_buffer(buffer, offset)  # type: ignore[arg-type]
+    try:
+        return ctypes.c_uint32.from_buffer(buffer, offset)  # type: ignore[arg-type]
+    except TypeError:  # read-only
+        pass
+    whole = memoryview(buffer)  # type: ignore[arg-type]
+    view = whole[offset:offset + 4]
+    if len(view) != 4:
+        raise ValueError(f"no word at offset {offset} of a buffer of {len(whole)} bytes")
+    word = ctypes.c_uint32.from_address(_address(view))
+    word.pin = view  # type: ignore[attr-defined]
+    return word
+
+
+@functools.cache
+def _buffer_api() -> tuple[Any, Any, Any]:
+    """(Py_buffer, PyObject_GetBuffer, PyBuffer_Release) through ctypes."""
+    import ctypes
+
+    class PyBuffer(ctypes.Structure):  # in the limited API since 3.11: its layout is fixed
+        _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p),
+                    ("len", ctypes.c_ssize_t), ("itemsize", ctypes.c_ssize_t),
+                    ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                    ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p),
+                    ("strides", ctypes.c_void_p), ("suboffsets", ctypes.c_void_p),
+                    ("internal", ctypes.c_void_p)]
+
+    get, release = ctypes.pythonapi.PyObject_GetBuffer, ctypes.pythonapi.PyBuffer_Release
+    get.argtypes = [ctypes.py_object, ctypes.POINTER(PyBuffer), ctypes.c_int]
+    release.argtypes = [ctypes.POINTER(PyBuffer)]
+    return PyBuffer, get, release
+
+
+def _address(view: memoryview) -> int:
+    """The address of the first byte of ``view`` (read-only or not)."""
+    import ctypes
+
+    py_buffer, get, release = _buffer_api()
+    got = py_buffer()
+    if get(view, ctypes.byref(got), 0) != 0:  # PyBUF_SIMPLE
+        raise ValueError("the buffer gives no address")
+    address = int(got.buf)
+    release(ctypes.byref(got))
+    return address
 
 
 def wait(word: ctypes.c_uint32, seen: int, seconds: float) -> bool:

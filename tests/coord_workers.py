@@ -71,6 +71,14 @@ def wait_for_event(name: str) -> None:
         report.put("woken" if go.wait(timeout=60) else "timed out")
 
 
+def wait_for_event_readonly(name: str) -> None:
+    """Wait for event ``go`` through a read-only handle (which can report on no structure):
+    exit 0 if it was set, 3 if the wait timed out."""
+    with shmheap.Heap.attach(name, readonly=True) as heap:
+        woken = heap.event("go").wait(timeout=60)
+    raise SystemExit(0 if woken else 3)
+
+
 def barrier_party(name: str, parties: int, rounds: int = 1) -> None:
     """Wait at barrier ``b`` ``rounds`` times; report each outcome on queue ``report``."""
     with shmheap.Heap.attach(name) as heap:
@@ -81,6 +89,16 @@ def barrier_party(name: str, parties: int, rounds: int = 1) -> None:
             except threading.BrokenBarrierError:
                 report.put("broken")
                 return
+
+
+def leave_after_a_round(name: str, parties: int) -> None:
+    """Pass one round of barrier ``b`` as a party of its ``with`` block, which leaves it;
+    report the round's index, then ``left``, on queue ``report``."""
+    with shmheap.Heap.attach(name) as heap:
+        report = heap.queue("report")
+        with heap.barrier("b", parties) as barrier:
+            report.put(barrier.wait(timeout=60))
+        report.put("left")
 
 
 def register_and_park(name: str, parties: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import mmap
 import os
 import pickle
 from typing import Any
@@ -21,8 +22,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
 import shmheap
-from shmheap import layout
-from shmheap.allocator import size_classes
+from shmheap import layout, summary
+from shmheap.allocator import SPARE_SPANS, size_classes
+from shmheap.names import PAGE_SIZE, summary_name
 from shmheap.pytest_plugin import HeapFactory, discard, unique_heap_name
 
 ARENA = 256 * 1024
@@ -318,6 +320,28 @@ def test_spans_cached_by_a_dead_process_are_reclaimed(heap: shmheap.Heap) -> Non
     assert heap.check() == []
 
 
+def test_a_process_keeps_its_spans_and_gives_the_empty_ones_back_before_growing(
+        shm_heap_factory: HeapFactory) -> None:
+    h = shm_heap_factory(arena_size=256 * 1024, page_size=8192)
+    cls = size_class(h, 3000)
+    assert cls.npages == 8, "four spans of this class fill an arena"
+    refs = [h.alloc(3000) for _ in range(3 * cls.nelems)]  # two spares and the cached span
+    assert h.stats().cached_spans == 3, "full spans stay the process's own"
+    for ref in refs:
+        h.free(ref)
+    again = [h.alloc(3000) for _ in range(3 * cls.nelems)]
+    assert sorted(again) == sorted(refs), "the spares are refilled from, emptied by the frees"
+    assert h.info().arenas == 1
+    for ref in again:
+        h.free(ref)
+    large = h.alloc(16 * 8192)  # only the two empty spares' pages hold 16 pages in a row
+    assert h.info().arenas == 1, "the empty spares were freed before the heap grew"
+    assert h.stats().cached_spans == 1
+    assert large // h.arena_size == 1
+    h.free(large)
+    assert h.check() == []
+
+
 def test_close_gives_the_handles_spans_back(shm_heap_factory: HeapFactory) -> None:
     h = shm_heap_factory(arena_size=64 * 1024)
     other = shmheap.Heap.attach(h.name)
@@ -349,7 +373,7 @@ def test_kill_at_allocator_crash_point_recovers(heap: shmheap.Heap, point: str) 
     proc = run_child(f"""
         import shmheap
         h = shmheap.Heap.attach({heap.name!r})
-        a = [h.alloc(3000) for _ in range({2 * per + 2})]  # X, Y filled and given up; Z cached
+        a = [h.alloc(3000) for _ in range({(SPARE_SPANS + 2) * per + 2})]  # X, Y given up
         for ref in a[:{per}]:
             h.free(ref)                                    # X: unowned, empty, hinted
         h.free(h.alloc(50000))                             # make and free a large span
@@ -506,3 +530,51 @@ def test_forked_child_forgets_the_parents_span_caches(heap: shmheap.Heap) -> Non
         os.close(read_end)
         os.waitpid(pid, 0)
     assert heap.size_of(parent_ref) >= 64
+
+
+def summary_blocks(heap: shmheap.Heap) -> int:
+    """Bytes of memory the heap's summary segment holds (its reserved pages)."""
+    return os.stat(f"/dev/shm/{summary_name(heap.name)}").st_blocks * 512
+
+
+def test_the_creator_reserves_the_summary_pages_of_the_first_64_arenas(
+        shm_heap_factory: HeapFactory) -> None:
+    heap = shm_heap_factory(arena_size=65536, reserve=False)
+    created = summary_blocks(heap)
+    with shmheap.Heap.attach(heap.name) as other:  # another process's first grow
+        other.grow()
+    assert summary_blocks(heap) == created, "the first grow had nothing left to reserve"
+    assert heap.max_arenas > 64 * 64
+    heap.grow(at=64 * 64)  # (rows 1..63 share row 0's pages)
+    assert summary_blocks(heap) > created, "row 64's pages are reserved by its first grow"
+
+
+def test_a_heap_whose_creator_did_not_reserve_row_0_has_it_reserved_by_a_grow(
+        shm_heap_factory: HeapFactory) -> None:
+    heap = shm_heap_factory(arena_size=65536, reserve=False)
+    created = summary_blocks(heap)
+    offsets = summary._tree_offsets(heap.max_arenas, 1 + len(heap._objects().classes))
+    fd = os.open(f"/dev/shm/{summary_name(heap.name)}", os.O_RDWR)
+    try:  # as an older creator left it: row 0's pages not reserved, no word saying so
+        os.pwrite(fd, bytes(4), summary.HEADER.size - 4)
+        with mmap.mmap(fd, os.fstat(fd).st_size) as mapping:
+            for page in summary._row_pages(offsets, 0) - {0}:  # (page 0 holds the header)
+                mapping.madvise(mmap.MADV_REMOVE, page * PAGE_SIZE, PAGE_SIZE)
+    finally:
+        os.close(fd)
+    assert summary_blocks(heap) < created
+    with shmheap.Heap.attach(heap.name) as other:
+        other.grow()
+    assert summary_blocks(heap) == created
+
+
+def test_only_classes_with_partial_hints_are_searched(heap: shmheap.Heap) -> None:
+    summaries = heap._objects()._summaries
+    assert summaries.hinted_classes() == []
+    c = size_class(heap, 3000).number
+    per = heap._objects().classes[c].nelems
+    refs = [heap.alloc(3000) for _ in range((SPARE_SPANS + 2) * per + 2)]  # 2 given up
+    heap.free(refs[0])                                     # into an unowned span
+    assert summaries.hinted_classes() == [c]
+    for ref in refs[1:]:
+        heap.free(ref)

@@ -317,6 +317,16 @@ def test_an_event_set_wakes_a_waiter_in_another_process(heap: shmheap.Heap) -> N
     join_all([waiter])
 
 
+def test_an_event_set_wakes_a_readonly_waiter_in_another_process(heap: shmheap.Heap) -> None:
+    go = heap.event("go")  # (a read-only handle makes none)
+    waiter = spawn(coord_workers.wait_for_event_readonly, heap.name)
+    never = heap.event("never")
+    while heap.info().attached < 2:  # the waiter has attached; it looks up the event and sleeps
+        never.wait(timeout=0.01)
+    go.set()
+    join_all([waiter])  # exit 0: its wait returned True
+
+
 def test_a_barrier_lets_its_parties_through_together(heap: shmheap.Heap) -> None:
     parties = [spawn(coord_workers.barrier_party, heap.name, 3, 2) for _ in range(2)]
     mine = [heap.barrier("b", 3).wait(timeout=PATIENCE) for _ in range(2)]  # two rounds
@@ -350,6 +360,52 @@ def test_a_party_killed_before_it_waits_breaks_the_barrier_and_reset_mends_it(
     assert sorted(indices) == [0, 1, 2], "a reset barrier takes new parties and passes"
     join_all(parties)
     assert heap.check() == []
+
+
+def test_a_party_that_leaves_is_waited_for_no_more_and_breaks_nothing(
+        heap: shmheap.Heap) -> None:
+    b = heap.barrier("b", 3)
+    leaver = spawn(coord_workers.leave_after_a_round, heap.name, 3)
+    party = spawn(coord_workers.barrier_party, heap.name, 3, 2)
+    mine = [b.wait(timeout=PATIENCE), b.wait(timeout=PATIENCE)]  # (3 parties, then 2)
+    join_all([leaver, party])  # gone, but it left first: nothing is broken
+    reports = drain(heap.queue("report"))
+    assert reports.count("left") == 1 and "broken" not in reports
+    rounds = [r for r in reports if r != "left"] + mine
+    assert sorted(rounds) == [0, 0, 1, 1, 2], "3 parties passed the first round, 2 the second"
+    assert b.parties == 2 and not b.broken
+    assert heap.check() == []
+
+
+def test_leaving_lets_the_parties_that_waited_for_it_through(heap: shmheap.Heap) -> None:
+    b = heap.barrier("b", 2)
+    waiter = spawn(coord_workers.barrier_party, heap.name, 2)
+    never = heap.event("never")
+    while b.n_waiting < 1:  # the other party has arrived and waits for this one
+        never.wait(timeout=0.01)
+    b.leave()
+    assert heap.queue("report").get(timeout=PATIENCE) == 0, "its round passed"
+    join_all([waiter])
+    assert b.parties == 1 and not b.broken
+    b.leave()  # (no party any more: nothing happens)
+    assert b.parties == 1
+    b.reset()  # drops the waiter (it closed its handle a party), makes this process one again
+    assert b.parties == 1 and b.wait(timeout=PATIENCE) == 0, "the party that left stays gone"
+    with shmheap.Heap.attach(heap.name) as second, pytest.raises(shmheap.InvalidParameterError):
+        second.barrier("b", 2)  # no room: it needs one party, and has it
+    assert heap.check() == []
+
+
+def test_check_bounds_a_barriers_parties_left_and_arrivals(heap: shmheap.Heap) -> None:
+    b = heap.barrier("b", 3)
+    words, base = b._table.words, b._b
+    words[base + shmheap.coord._LEFT] = 7  # (more than it was made with: damage)
+    with pytest.raises(shmheap.HeapCorruptError):
+        b.parties  # noqa: B018
+    words[base + shmheap.coord._ARRIVED] = 1
+    assert {f.code for f in heap.check()} == {"coord-barrier"}
+    assert all(f.fixed for f in heap.check(repair=True))
+    assert b.parties == 0 and b.broken and heap.check() == []
 
 
 def test_reset_breaks_the_round_of_the_parties_waiting(heap: shmheap.Heap) -> None:
@@ -433,6 +489,9 @@ KILLS = {
                       "assert [s.value for s in h.structures() if s.name == 'b'] == [0]\n"
                       "b = h.barrier('b', 2); assert b.broken  # (its other party died)\n"
                       "b.reset(); assert not b.broken"),
+    "coord.left": ("h.barrier('b', 2)", "h.barrier('b', 2).leave()",
+                   "b = h.barrier('b', 2); assert b.broken and b.parties == 2  # (died a party)\n"
+                   "b.reset(); assert not b.broken and b.parties == 2"),
     "coord.reset": ("h.barrier('b', 2).abort()", "h.barrier('b', 2).reset()",
                     "b = h.barrier('b', 2); assert b.broken  # (not reset)\n"
                     "b.reset(); assert not b.broken and b.n_waiting == 0"),

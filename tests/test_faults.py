@@ -36,18 +36,23 @@ NOT_STUCK = 5.0
 
 #: Allocator steps that pass every span and cache crash point (see test_allocator.py).
 ALLOC_STEPS = """
+from shmheap.allocator import SPARE_SPANS
 per = h._objects().classes[h._objects().lookup[(3000 + 15) >> 4]].nelems
-a = [h.alloc(3000) for _ in range(2 * per + 2)]
+a = [h.alloc(3000) for _ in range((SPARE_SPANS + 2) * per + 2)]  # (spares kept, two given up)
 for ref in a[:per]:
     h.free(ref)
 h.free(h.alloc(50000))
 b = [h.alloc(3000) for _ in range(per)]
 """
 
-#: Root steps that pass every roots crash point: bind a new name, rebind it to a large
-#: object, unbind it, then bind names past the first table's half (a rebuild).
+#: Root steps that pass every roots crash point (test_roots.py's STEPS): a lookup maps the
+#: table, so that the first bind and unbind of a small object are the native core's writer's
+#: there; a rebind to a large object and its unbind; names past the first table's half.
 ROOT_STEPS = """
 small, large = h.alloc(100), h.alloc(50000)
+"x" in h.roots
+h.roots["x"] = small
+del h.roots["x"]
 h.roots["x"] = small
 h.roots["x"] = large
 del h.roots["x"]
@@ -69,7 +74,7 @@ h.put([1, 2], root="x")
 
 #: Coordination steps that pass every coordination crash point: make a queue, put and get
 #: an item stored with put(), lease and finish, lease and raise (the item goes back), set an
-#: event, pass and reset a barrier.
+#: event, pass, reset and leave a barrier.
 COORD_STEPS = """
 q = h.queue("faults")
 q.put(b"x" * 5000)
@@ -86,6 +91,7 @@ except ValueError:
 h.event("faults-event").set()
 h.barrier("faults-barrier", 1).wait()
 h.barrier("faults-barrier", 1).reset()
+h.barrier("faults-barrier", 1).leave()
 """
 
 #: crash point prefix or name -> (parent setup, child operation, K: the passage to raise at)

@@ -22,7 +22,7 @@ from children import Child, assert_killed, child_env, run_child
 from test_faults import in_small_shm
 
 import shmheap
-from shmheap import arenas, core
+from shmheap import arenas, core, pages
 from shmheap.pytest_plugin import HeapFactory
 
 ARENA = 256 * 1024
@@ -141,6 +141,31 @@ def test_the_arenas_of_freed_giant_objects_are_reused(heap: shmheap.Heap) -> Non
     assert heap.alloc(2 * ARENA) == 2 * ARENA, "arenas 2 and 3, wholly free"
     assert heap.alloc(3 * ARENA) == 4 * ARENA, "arena 4 and two new ones"
     assert list(heap.snapshot()) == [1, 2, 3, 4, 5, 6]
+    assert heap.check() == []
+
+
+@pytest.mark.parametrize("reserve", [False, True])
+def test_a_freed_giant_object_leaves_its_pages_clear_for_the_next(
+        shm_heap_factory: HeapFactory, reserve: bool) -> None:
+    """free clears the pages (punched out of a sparse heap, zeroed in a reserving one)
+    and says so in their state, so the next object over them is not zeroed again."""
+    heap = shm_heap_factory(arena_size=ARENA, page_size=PAGE, reserve=reserve)
+    ref = heap.alloc(THREE_AND_A_HALF)
+    heap.view(ref)[:] = b"\xee" * THREE_AND_A_HALF
+    other = heap.alloc(20 * PAGE)  # in the last arena's other half: left as it is
+    heap.view(other)[:] = b"\x01" * (20 * PAGE)
+    heap.free(ref)
+    objects = heap._objects()
+    cleared = pages.CLEAN if reserve else pages.RELEASED
+    states = [bytes(objects.pages_of(ref // ARENA + part).state) for part in range(4)]
+    assert states[:3] == [bytes([cleared]) * PER] * 3
+    assert states[3][:PER // 2] == bytes([cleared]) * (PER // 2)
+    assert heap.stats().pages_released == (0 if reserve else 7 * PER // 2)
+    again = heap.alloc(THREE_AND_A_HALF)
+    assert again == ref
+    assert bytes(heap.view(again)) == bytes(THREE_AND_A_HALF), "new objects read zero"
+    assert bytes(heap.view(other)) == b"\x01" * (20 * PAGE)
+    heap.free(again)
     assert heap.check() == []
 
 
@@ -495,9 +520,9 @@ raise SystemExit("the crash point was never reached")
 
 
 def test_every_giant_crash_point_is_passed_by_the_steps() -> None:
-    assert GIANT_POINTS == ["giant.claimed", "giant.freed", "giant.made", "giant.part_grown",
-                            "giant.segment_created", "giant.segment_linked",
-                            "giant.tail_disowned", "giant.unpublished"]
+    assert GIANT_POINTS == ["giant.claimed", "giant.cleared", "giant.freed", "giant.made",
+                            "giant.part_grown", "giant.segment_created", "giant.segment_linked",
+                            "giant.tail_disowned", "giant.taken_back", "giant.unpublished"]
 
 
 @pytest.mark.parametrize("point", [*GIANT_POINTS, "giant.segment_created:2",

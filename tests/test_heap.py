@@ -9,7 +9,7 @@ import numpy
 import pytest
 
 import shmheap
-from shmheap import names
+from shmheap import control, names
 from shmheap.pytest_plugin import HeapFactory, assert_no_shm_leftovers, shm_leftovers
 
 KIB = 1024
@@ -139,6 +139,21 @@ def test_destroy_removes_every_object(shm_heap: shmheap.Heap) -> None:
         shmheap.Heap.attach(shm_heap.name)
 
 
+
+def test_a_grow_that_meets_a_destroy_removes_its_arena_again(shm_heap: shmheap.Heap) -> None:
+    shm_heap.grow()
+    before = shm_leftovers(shm_heap.name)
+    # A destroy has begun (its first step: the word) and listed the files before the grow's
+    # link: the grow must remove what it linked, or the destroy would leave it behind.
+    fd = os.open(f"{names.SHM_DIR}/{names.control_name(shm_heap.name)}", os.O_RDWR)
+    try:
+        control.mark_destroyed(fd)
+    finally:
+        os.close(fd)
+    with pytest.raises(shmheap.HeapNotFoundError, match="was destroyed"):
+        shm_heap.grow()
+    assert shm_leftovers(shm_heap.name) == before  # neither its final nor its temporary name
+
 def test_module_destroy_by_name_reports_what_it_removed(shm_heap: shmheap.Heap) -> None:
     shm_heap.grow()
     expected = shm_leftovers(shm_heap.name)
@@ -208,6 +223,21 @@ def test_grow_at_a_chosen_index(shm_heap: shmheap.Heap) -> None:
     assert shm_heap.grow().index == 1  # grow(at=) does not move the hint
     assert shm_heap.info().hint == 2
 
+
+
+def test_grow_refuses_an_arena_dev_shm_cannot_hold_after_trusted_looks(
+        shm_heap_factory: HeapFactory) -> None:
+    small = shm_heap_factory(reserve=False)
+    for _ in range(3):  # one look at the free space, trusted for the next small arenas
+        small.grow()
+    fs = os.statvfs("/dev/shm")
+    too_big = 1 << max(30, (fs.f_bavail * fs.f_frsize).bit_length())
+    big = shm_heap_factory(arena_size=too_big, max_arenas=2, reserve=False)
+    before = shm_leftovers(big.name)
+    with pytest.raises(shmheap.OutOfSharedMemoryError, match="df -h"):
+        big.grow()
+    assert shm_leftovers(big.name) == before and len(big.snapshot()) == 0
+    assert small.grow().index == 4 and big.check() == []
 
 def test_arena_maps_lazily_and_raises_keyerror_for_none(shm_heap: shmheap.Heap) -> None:
     for _ in range(3):

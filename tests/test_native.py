@@ -8,18 +8,31 @@ share a heap at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from shmheap import allocator, control, coord, core, layout, liveness, roots
+from shmheap import (
+    allocator,
+    arenas,
+    bytescan,
+    control,
+    coord,
+    core,
+    layout,
+    liveness,
+    names,
+    roots,
+)
 from shmheap.errors import HeapClosedError, HeapCorruptError
-from shmheap.pytest_plugin import HeapFactory
+from shmheap.pytest_plugin import HeapFactory, unique_heap_name
 
 needs_native = pytest.mark.skipif(core.native is None,
                                   reason="the native core is not built here (no C compiler?)")
@@ -45,7 +58,8 @@ def test_the_c_layout_is_the_python_layout() -> None:
         "CONTROL_HEADER_OFFSET": control.HEADER_OFFSET,
         "CONTROL_JOURNAL_OFFSET": control.JOURNAL_OFFSET,
         "CONTROL_JOURNAL_ARG_OFFSET": control.JOURNAL_ARG_OFFSET,
-        "CONTROL_COORD": control.COORD,
+        "CONTROL_DESTROYED_OFFSET": control.DESTROYED_OFFSET, "CONTROL_ROOTS_OP": control.ROOTS,
+        "CONTROL_COORD_OP": control.COORD,
         "COORD_HEADER_WORDS": coord.HEADER_SIZE // 8, "COORD_RECORD_WORDS": coord.RECORD_SIZE // 8,
         "COORD_RECORDS": coord.RECORDS, "COORD_FUTEX": coord._FUTEX, "COORD_PARAM": coord._PARAM,
         "COORD_HEAD": coord._HEAD, "COORD_INTENT": coord._I_RECORD,
@@ -55,6 +69,10 @@ def test_the_c_layout_is_the_python_layout() -> None:
         "META_SEQ_OFFSET": layout.SEQ_OFFSET,
         "SPAN_HOLDER_SIZE": allocator.HOLDER_SIZE,
         "ROOTS_TABLE_OFFSET": 8 * roots._TABLE, "ROOTS_REGIONS": roots.REGIONS,
+        "ROOTS_BUILT_OFFSET": 8 * roots._BUILT, "ROOTS_INTENT_OFFSET": 8 * roots._INTENT,
+        "ROOTS_INTENT_WORDS": len(roots._FIELDS), "ROOTS_INSERT": roots.INSERT,
+        "ROOTS_UPDATE": roots.UPDATE, "ROOTS_LIVE_OFFSET": 8 * roots._LIVE,
+        "ROOTS_USED_OFFSET": 8 * roots._USED,
         "ROOTS_FIRST_CAP": roots.FIRST_CAP, "ROOTS_REGION_HEADER": roots.REGION_HEADER,
         "ROOTS_SEQ_OFFSET": 8 * roots._SEQ, "ROOTS_NAMES_END_OFFSET": 8 * roots._NAMES_END,
         "ROOTS_SLOT_BYTES": roots.SLOT_BYTES,
@@ -287,3 +305,49 @@ def test_the_native_root_lookup_leaves_every_doubt_to_python(
         lookup("x")
     with pytest.raises(HeapClosedError):
         "x" in heap.roots  # noqa: B015
+
+
+RENAMES = [pytest.param(arenas._rename_noreplace_twin, id="twin")] + (
+    [] if core.native is None else [pytest.param(core.native.rename_noreplace, id="native")])
+
+
+@pytest.mark.parametrize("rename", RENAMES)
+def test_an_arena_is_moved_to_its_final_name_never_over_another_file(rename: Any) -> None:
+    stem = f"{names.SHM_DIR}/{names.PREFIX}{unique_heap_name('rn')}"
+    old, new, taken = f"{stem}.new0", f"{stem}.a1", f"{stem}.a2"
+    try:
+        for path, data in ((old, b"arena"), (taken, b"foreign")):
+            with open(path, "wb") as out:
+                out.write(data)
+        assert rename(old, taken) is False
+        with open(taken, "rb") as back:
+            assert back.read() == b"foreign"
+        assert rename(old, new) is True
+        assert not os.path.exists(old) and os.stat(new).st_nlink == 1
+        with open(new, "rb") as back:
+            assert back.read() == b"arena"
+        with pytest.raises(FileNotFoundError):
+            rename(old, f"{stem}.a3")
+    finally:
+        for path in (old, new, taken):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+@needs_native
+def test_the_building_scan_is_its_twins_and_stays_in_its_buffer() -> None:
+    assert core.native is not None
+    nslots = 40
+    buf = memoryview(bytearray(liveness.SLOTS_OFFSET + nslots * liveness.SLOT_SIZE))
+    for slot in (0, 7, nslots - 1):
+        buf[liveness.slot_offset(slot) + liveness.BUILDING_OFFSET] = 1
+    buf[liveness.slot_offset(3)] = 1  # a pid byte: not a building byte
+    twin = bytescan.nonzero_positions(bytes(buf[liveness.SLOTS_OFFSET + liveness.BUILDING_OFFSET:])
+                                      [::liveness.SLOT_SIZE])
+    assert liveness._building(buf, nslots) == twin == [0, 7, nslots - 1]
+    first = liveness.SLOTS_OFFSET + liveness.BUILDING_OFFSET
+    for start, stride, count in ((first, liveness.SLOT_SIZE, nslots + 1), (-1, 1, 1),
+                                 (0, 0, 1), (len(buf), 1, 1), (0, 1 << 62, 3)):
+        with pytest.raises(ValueError, match="outside the buffer"):
+            core.native.nonzero_every(buf, start, stride, count)
+    assert core.native.nonzero_every(buf, 0, 1, 0) == []

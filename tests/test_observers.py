@@ -17,6 +17,7 @@ import pytest
 from children import Child, assert_killed, child_env, run_child
 
 import shmheap
+from shmheap.allocator import SPARE_SPANS
 from shmheap.pytest_plugin import HeapFactory
 from shmheap.summary import ByteTree
 
@@ -209,7 +210,7 @@ def test_a_holder_killed_inside_clear_leaves_nothing_check_reports(
     assert_killed(run_child(f"""
         import shmheap
         h = shmheap.Heap.attach({heap.name!r})
-        a = [h.alloc(3000) for _ in range({2 * per + 2})]  # X, Y filled and given up; Z cached
+        a = [h.alloc(3000) for _ in range({(SPARE_SPANS + 2) * per + 2})]  # X, Y given up
         for ref in a[:{per}]:
             h.free(ref)                                    # X: unowned, empty, hinted
         b = [h.alloc(3000) for _ in range({per})]          # fill Z, give it up, adopt X
@@ -228,7 +229,7 @@ def test_a_mark_lost_above_its_leaf_heals_at_the_next_refill(heap: shmheap.Heap)
     allocator = heap._objects()
     c = allocator.lookup[(3000 + 15) >> 4]
     per = allocator.classes[c].nelems
-    refs = [heap.alloc(3000) for _ in range(2 * per + 2)]  # two spans filled and given up
+    refs = [heap.alloc(3000) for _ in range((SPARE_SPANS + 2) * per + 2)]  # two given up
     for ref in refs[:per]:
         heap.free(ref)                                     # the first: unowned and empty
     hints = allocator._summaries.partial(c)

@@ -147,19 +147,41 @@ def test_the_design_documents_the_layers_the_imports_keep() -> None:
 
 
 #: What ``import shmheap`` must not load: a spawned worker pays for every module it imports
-#: (issue 21: workers start fast), and these are loaded on first use where they are needed.
+#: (issue 21: workers start fast), and these are loaded on first use where they are needed
+#: (the checks, walks, owners and coordination, and the stdlib modules only they use).
 NOT_AT_IMPORT = ("ctypes", "numpy", "secrets", "platform", "shmheap.tools", "hypothesis",
-                 "rich", "matplotlib")
+                 "rich", "matplotlib", "dataclasses", "inspect", "ast", "queue",
+                 "shmheap.coord", "shmheap.owners", "shmheap.repair", "shmheap.walker")
+#: What a worker that attaches a clean heap and allocates must not load either.
+NOT_AT_WORK = tuple(name for name in NOT_AT_IMPORT if name != "numpy")
 
 
-@pytest.mark.parametrize("pure", [False, True], ids=["native", "pure"])
-def test_import_loads_nothing_a_worker_may_not_need(pure: bool) -> None:
+def loaded_by(code: str, pure: bool) -> set[str]:
+    """The modules loaded in a fresh interpreter that runs ``code``."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("SHMHEAP_")}
     if pure:
         env["SHMHEAP_PURE_PYTHON"] = "1"
     proc = subprocess.run(
-        [sys.executable, "-c", "import sys, shmheap; print(' '.join(sorted(sys.modules)))"],
+        [sys.executable, "-c", code + "\nimport sys; print(' '.join(sorted(sys.modules)))"],
         env=env, capture_output=True, text=True, timeout=60, check=True)
-    loaded = set(proc.stdout.split())
-    assert not [name for name in NOT_AT_IMPORT if name in loaded
-                or any(m.startswith(name + ".") for m in loaded)]
+    return set(proc.stdout.split())
+
+
+def among(names: tuple[str, ...], loaded: set[str]) -> list[str]:
+    return [name for name in names if name in loaded
+            or any(m.startswith(name + ".") for m in loaded)]
+
+
+@pytest.mark.parametrize("pure", [False, True], ids=["native", "pure"])
+def test_import_loads_nothing_a_worker_may_not_need(pure: bool) -> None:
+    assert among(NOT_AT_IMPORT, loaded_by("import shmheap", pure)) == []
+
+
+@pytest.mark.parametrize("pure", [False, True], ids=["native", "pure"])
+def test_a_worker_that_attaches_and_allocates_loads_no_more(pure: bool,
+                                                            shm_heap_name: str) -> None:
+    shmheap.Heap.create(shm_heap_name, arena_size=1 << 20, reserve=False).close()
+    loaded = loaded_by(f"import shmheap\nwith shmheap.Heap.attach({shm_heap_name!r}) as h:\n"
+                       "    h.free(h.alloc(64))", pure)
+    allowed = ("ctypes",) if pure else ()  # (the pure core's lock calls libc through ctypes)
+    assert among(tuple(n for n in NOT_AT_WORK if n not in allowed), loaded) == []

@@ -110,6 +110,20 @@ def test_readonly_and_closed_handles(heap: shmheap.Heap) -> None:
         len(reader.roots)
 
 
+def test_binding_in_a_destroyed_heap_is_heap_not_found(heap: shmheap.Heap) -> None:
+    ref = heap.alloc(16)
+    heap.roots["before"] = ref  # (the native core's bind is made by the first one)
+    heap.roots["again"] = ref
+    assert (heap.roots._writer is not None) == shmheap.NATIVE
+    with shmheap.Heap.attach(heap.name) as other:
+        other.destroy(force=True)  # says so in the control segment before it unlinks
+    with pytest.raises(shmheap.HeapNotFoundError, match="was destroyed"):
+        heap.roots["after"] = ref
+    with pytest.raises(shmheap.HeapNotFoundError, match="was destroyed"):
+        del heap.roots["before"]
+    assert heap.roots["before"] == ref  # what it has mapped still reads
+
+
 def test_one_object_bound_to_many_names(heap: shmheap.Heap) -> None:
     ref = heap.alloc(100)
     limit = MAX_ROOTS_PER_OBJECT
@@ -148,6 +162,41 @@ del h.roots["greeting"]
     assert "greeting" not in heap.roots
     assert bytes(heap.view(heap.roots["from child"])[:3]) == b"abc"
     heap.free(ref)  # unbound by the child: free works
+    assert heap.check() == []
+
+
+def test_native_and_pure_processes_bind_and_unbind_the_same_names(heap: shmheap.Heap) -> None:
+    # the native writer and the pure twin change one table at once, rebinding each other's
+    # names (the counts of objects they take roots from, and their owners, stay right)
+    code = f"""
+import shmheap
+h = shmheap.Heap.attach({heap.name!r})
+mine = [h.alloc(16 + 16 * k) for k in range(4)]
+for i in range(400):
+    h.roots[f"shared-{{i % 8}}"] = mine[i % 4]
+    try:
+        del h.roots[f"shared-{{(i * 5 + 3) % 8}}"]
+    except shmheap.RootNotFoundError:
+        pass
+for ref in mine:
+    if not h.roots.names_of(ref):
+        h.free(ref)
+h.close()
+"""
+    children = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE,
+                                 text=True, env={**os.environ, **extra})
+                for extra in ({}, {shmheap.core.PURE_VAR: "1"})]
+    for child in children:
+        assert child.wait(timeout=300) == 0, child.stderr.read() if child.stderr else ""
+        if child.stderr:
+            child.stderr.close()
+    bound = dict(heap.roots)
+    assert set(bound) <= {f"shared-{k}" for k in range(8)}
+    assert heap.check() == []
+    for name in bound:
+        del heap.roots[name]
+    for ref in set(bound.values()):
+        heap.free(ref)  # unbound by this process: its object now
     assert heap.check() == []
 
 
@@ -314,12 +363,19 @@ def test_the_table_behaves_as_a_dict(ops: list[tuple[str, int, int]], prefix: in
 
 ROOT_POINTS = sorted(p for p in shmheap.CRASH_POINTS if p.startswith("roots."))
 #: the child's steps: every roots crash point is passed at least once (the raised twin of
-#: this test, test_faults.py, runs the same steps)
+#: this test, test_faults.py, runs the same steps).  The lookup first maps the table, so that
+#: on the native core the small object's bind, unbind and bind again are its writer's
+#: (passages 1-2 of each point); the rebind to a large object and its unbind are Python's
+#: (counted:3, published:3, removed:2, handed_over:4-5), then the names past the first
+#: table's half (a rebuild)
 STEPS = """
 import json, shmheap
 h = shmheap.Heap.attach({name!r})
 small, large = h.alloc(100), h.alloc(50000)
 print(json.dumps([small, large]), flush=True)
+"x" in h.roots
+h.roots["x"] = small
+del h.roots["x"]
 h.roots["x"] = small
 h.roots["x"] = large
 del h.roots["x"]
@@ -334,9 +390,11 @@ def test_every_roots_crash_point_is_passed_by_the_steps() -> None:
 
 
 @pytest.mark.parametrize(("point", "passage"), [
-    *((point, 1) for point in ROOT_POINTS),  # the first bind, rebind, unbind and rebuild
-    ("roots.counted", 2), ("roots.published", 2),  # the rebind to a large object
-    ("roots.counted", 3), ("roots.entry_written", 2), ("roots.published", 3)])  # "n0"
+    *((point, 1) for point in ROOT_POINTS),  # the first bind and unbind, and the rebuild
+    ("roots.published", 2), ("roots.handed_over", 3),  # the bind of the name unbound
+    ("roots.counted", 3), ("roots.published", 3), ("roots.handed_over", 4),  # to a large one
+    ("roots.removed", 2), ("roots.handed_over", 5),  # the large object's unbind
+    ("roots.counted", 4), ("roots.entry_written", 2), ("roots.published", 4)])  # "n0"
 def test_killed_at_every_roots_crash_point(heap: shmheap.Heap, point: str,
                                            passage: int) -> None:
     kept = heap.alloc(100)

@@ -6,6 +6,8 @@ barrier beside ``multiprocessing``'s, in the same run.
    beside ``multiprocessing.Queue`` and ``SimpleQueue``; event ping-pong (set one event,
    the other process wakes, clears it and sets a second; a round trip is two set -> awake)
    beside ``multiprocessing.Event``; a two-party barrier round beside ``multiprocessing.Barrier``.
+   Then one way: event set -> a waiter of a read-only handle awake, beside a writable
+   handle's waiter timed the same way (each waiter has slept ``WAKE_GAP_S`` when it is set).
 2. ``counter.add()`` in one process beside ``multiprocessing.Value('q')`` incremented under its
    lock.
 3. Throughput of a queue with 1 producer and 1 consumer, and with 2 and 2 (ints), beside
@@ -53,6 +55,8 @@ from .common import (
 QUEUE_ROUND_TRIP_NS = 10_000.0
 COUNTER_ADD_NS = 100.0
 EVENT_WAKE_NS = 50_000.0
+#: Seconds a one-way waiter sleeps before the event is set (a real waiter has slept a while).
+WAKE_GAP_S = 0.02
 #: Seconds a peer's call may take after a kill and still count as surviving it.
 SURVIVE_S = 3.0
 KINDS = ("shmheap", "mp.Queue", "mp.SimpleQueue")
@@ -60,6 +64,9 @@ KINDS = ("shmheap", "mp.Queue", "mp.SimpleQueue")
 METHOD = (
     "round trip = two spawned processes ping-pong N times; p50 of the round trips, each timed "
     "alone; the event round trip is two set -> awake, so set -> awake = half of it.",
+    f"set -> awake one way = a spawned process waits on an event of a writable or read-only "
+    f"handle; {WAKE_GAP_S * 1000:.0f} ms later the parent sets it; p50 of the waiter's clock on "
+    "waking minus the parent's just before set() (CLOCK_MONOTONIC in both).",
     "counter.add p50 beside `with v.get_lock(): v.value += 1` on multiprocessing.Value('q'), "
     "alternating rounds in one process.",
     "throughput = P producers put N ints in all, C consumers get them; from a common start "
@@ -104,6 +111,16 @@ def _echo(kind: str, target: Any, n: int) -> None:
     else:
         a, b = target
         (_echo_event if kind == "event" else _echo_queue)(a, b, n)
+
+
+def _wake_one_way(name: str, readonly: bool, conn: Any) -> None:
+    """The waiter of a one-way wake-up: for each token the parent sends (the event is clear
+    then), wait for event ``oneway`` and send back the clock on waking; None ends it."""
+    with Heap.attach(name, readonly=readonly) as heap:
+        event = heap.event("oneway")
+        while conn.recv() is not None:
+            event.wait()
+            conn.send(time.perf_counter_ns())
 
 
 def _barrier_rounds(target: Any, n: int) -> None:
@@ -245,6 +262,33 @@ def round_trips(heap: Heap, n: int) -> dict[str, float]:
     return results
 
 
+def one_way_wakes(heap: Heap, n: int) -> dict[str, float]:
+    """p50 ns from set() to a waiter of another process awake: read-only and writable."""
+    ctx = _ctx()
+    event = heap.event("oneway")
+    results: dict[str, float] = {}
+    for label, readonly in (("read-only", True), ("writable", False)):
+        ours, theirs = ctx.Pipe()
+        worker = ctx.Process(target=_wake_one_way, args=(heap.name, readonly, theirs))
+        worker.start()
+        samples = []
+        for _ in range(n):
+            event.clear()
+            ours.send(True)
+            time.sleep(WAKE_GAP_S)  # (the waiter is asleep by now, as a real one would be)
+            start = time.perf_counter_ns()
+            event.set()
+            samples.append(ours.recv() - start)
+        event.clear()
+        ours.send(None)
+        worker.join(60)
+        if worker.exitcode != 0:
+            raise BenchError(f"coord bench: the {label} one-way waiter exited {worker.exitcode}")
+        _let_go(worker, ours, theirs)
+        results[label] = statistics.median(samples)
+    return results
+
+
 def counter_adds(heap: Heap, budget_s: float) -> dict[str, float]:
     counter = heap.counter("adds")
     value = _ctx().Value("q", 0)
@@ -334,6 +378,8 @@ def run(quick: bool = False, *, tiny: bool = False,
         with bench_heap("bcoord", arena_size=16 << 20, reserve=False) as heap:
             say("round trips")
             results["round_trip_ns"] = round_trips(heap, trips)
+            say("one-way wake-ups")
+            results["wake_ns"] = one_way_wakes(heap, 10 if tiny else 100 if quick else 250)
             say("counter adds")
             results["add_ns"] = counter_adds(heap, budget)
             say("throughput")
@@ -381,6 +427,10 @@ def report(results: dict[str, Any], out: TextIO | None = None) -> None:
     rows.append(["event set -> awake (half a round trip)", fmt_ns(trips["event shmheap"] / 2),
                  "mp.Event", fmt_ns(trips["event mp.Event"] / 2),
                  fmt_ratio(trips["event shmheap"] / trips["event mp.Event"])])
+    wakes = results["wake_ns"]
+    rows.append(["event set -> read-only waiter awake (one way)", fmt_ns(wakes["read-only"]),
+                 "writable waiter", fmt_ns(wakes["writable"]),
+                 fmt_ratio(wakes["read-only"] / wakes["writable"])])
     rows.append(["counter.add, p50", fmt_ns(adds["shmheap"]), "mp.Value + lock",
                  fmt_ns(adds["mp.Value"]), fmt_ratio(adds["shmheap"] / adds["mp.Value"])])
     print_table(["figure", "shmheap", "peer", "peer's", "ratio"], rows,

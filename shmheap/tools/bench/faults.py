@@ -55,7 +55,7 @@ def owned_spans(h):
                   if a.pages_of(i).owner[s] == token)
 
 def cached_spans(h):
-    return sorted((c.pages.index, c.start) for c in h._objects()._caches if c)
+    return sorted(h._objects().cached_spans())
 
 def carry_on(h):
     '''Use every kind of operation; check that the heap is clean and no span leaked.'''

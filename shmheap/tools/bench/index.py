@@ -38,7 +38,7 @@ import queue
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.managers import SyncManager
 from types import TracebackType
@@ -54,18 +54,18 @@ from ..display import fmt_ns, fmt_rate, fmt_ratio, format_size, print_table
 from .common import (
     BenchError,
     Figure,
-    Latency,
     Target,
+    batch_means,
     bench_heap,
     bench_main,
     checked,
-    latency,
     measure,
     measure_interleaved,
     optional_numpy,
     print_heading,
     print_missed,
     recorded,
+    summarise,
     unique_name,
 )
 
@@ -91,6 +91,8 @@ OBSERVER_POLL_S = 0.5
 SYNTHETIC_BASE = 1 << 19
 #: (arena size, reserve) of the grow() benchmark.
 GROW_CASES = ((MIB, True), (MIB, False), (64 * MIB, True), (64 * MIB, False))
+#: grow() and its floor are timed in this many alternating rounds
+GROW_ROUNDS = 5
 
 #: Writer runs: no observers, then observers that read a private copy (no lock: their CPU
 #: cost alone), take shmheap snapshots, or copy every entry under the lock (naive).
@@ -126,7 +128,8 @@ METHOD = (
     "list(proxy) makes one request per entry. Ratios are naive p50 / shmheap (header changed) "
     "p50.",
     "grow() target (p50 <= 60 us) is for sparse arenas; reserved ones are compared with the "
-    "bare create+ftruncate+fallocate+mmap+close floor (posix_fallocate zeroes the memory).",
+    "bare create+ftruncate+fallocate+mmap+close floor (posix_fallocate zeroes the memory). "
+    "grow() and its floor are timed in alternating rounds.",
     "Writer: grow() of sparse 1 MiB arenas on an index prefilled with synthetic entries; "
     "observers (spawned processes) loop: get the entries (a snapshot; a copy under the lock; "
     "or a private copy made once, which takes no lock and measures the observers' CPU cost "
@@ -323,22 +326,32 @@ def liveness_figures(heap: Heap, plan: Plan) -> dict[str, Any]:
 
 
 def grow_figures(plan: Plan) -> list[dict[str, Any]]:
-    """grow() latency and its floor for every (arena size, reserve) case."""
+    """grow() latency and its floor for every (arena size, reserve) case, in alternating
+    rounds (GROW_ROUNDS), so that both meet the same load."""
     rows = []
     for arena_size, reserve in GROW_CASES:
         calls = plan.big_reserved_grows if reserve and arena_size > MIB else plan.grows
-        with bench_heap("bgrow", arena_size=arena_size, reserve=reserve) as heap:
+        grow_ns: list[float] = []
+        floor_ns: list[float] = []
+        with bench_heap("bgrow", arena_size=arena_size, reserve=reserve) as heap, \
+                raw_floor(arena_size, reserve, calls) as create:
             heap.grow()  # warm-up: maps the index generation
-            grow = latency(heap.grow, calls)
-        floor = raw_floor(arena_size, reserve, calls)
+            create()
+            for round_ in range(GROW_ROUNDS):
+                batches = calls * (round_ + 1) // GROW_ROUNDS - calls * round_ // GROW_ROUNDS
+                grow_ns += batch_means(heap.grow, batches, 1)
+                floor_ns += batch_means(create, batches, 1)
+        grow, floor = summarise(grow_ns, 1), summarise(floor_ns, 1)
         rows.append({"arena_size": arena_size, "reserve": reserve, "calls": calls,
                      "grow": grow.as_dict(), "floor": floor.as_dict(),
                      "above_floor_ns": grow.p50_ns - floor.p50_ns})
     return rows
 
 
-def raw_floor(arena_size: int, reserve: bool, calls: int) -> Latency:
-    """Latency of bare shm create + ftruncate (+ posix_fallocate) + mmap + close."""
+@contextlib.contextmanager
+def raw_floor(arena_size: int, reserve: bool, calls: int) -> Iterator[Callable[[], None]]:
+    """A bare shm create + ftruncate (+ posix_fallocate) + mmap + close, callable ``calls``
+    + 1 times; every file it made is removed at the exit."""
     size = segment_size(arena_size)
     stem = segments.path_of(f"{PREFIX}{unique_name('bfloor')}.f")
     paths = [f"{stem}{i}" for i in range(calls + 1)]
@@ -355,8 +368,7 @@ def raw_floor(arena_size: int, reserve: bool, calls: int) -> Latency:
             os.close(fd)
 
     try:
-        create()  # warm-up
-        return latency(create, calls)
+        yield create
     finally:
         for mapping in maps:
             mapping.close()
