@@ -14,6 +14,7 @@ from __future__ import annotations
 import multiprocessing
 import queue
 import random
+import textwrap
 import threading
 from collections import Counter as Tally
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from typing import Any
 
 import coord_workers
 import pytest
-from children import assert_killed, run_child
+from children import Child, assert_killed, run_child
 
 import shmheap
 from shmheap.pytest_plugin import HeapFactory
@@ -600,6 +601,38 @@ ARRAY_KILLS = {
     "coord.taken": ("q.get()", 1),
     "coord.acked": ("with q.lease():\n    pass", 2),
 }
+
+
+@pytest.mark.parametrize("point", sorted(ARRAY_KILLS))
+def test_an_interrupt_while_an_array_item_moves_leaks_nothing(heap: shmheap.Heap,
+                                                              point: str) -> None:
+    """KeyboardInterrupt at the point: the interrupted process carries on and exits; what it
+    had taken is reclaim()'s once it is gone, everything else is freed or queued."""
+    np = pytest.importorskip("numpy")
+    q = heap.queue("q")
+    before = live_objects(heap)
+    q.put(np.arange(1000.0))
+    q.put(np.arange(1000.0))
+    op, left = ARRAY_KILLS[point]
+    with Child(f"""
+import numpy as np
+import shmheap
+h = shmheap.Heap.attach({heap.name!r})
+q = h.queue("q")
+try:
+{textwrap.indent(op, "    ")}
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+h.close()
+""", raise_at=point) as child:
+        assert child.line() == "interrupted"
+        assert child.wait() == 0, child.stderr()
+    heap.reclaim()
+    got = drain(q)
+    assert len(got) == left and all((a == np.arange(1000.0)).all() for a in got)
+    del got
+    assert live_objects(heap) == before, "every node and object is freed or queued"
+    assert heap.check() == []
 
 
 @pytest.mark.parametrize("point", sorted(ARRAY_KILLS))
