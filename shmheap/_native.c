@@ -1756,7 +1756,7 @@ static PyObject *
 Cache_rescan(Cache *self, PyObject *Py_UNUSED(ignored))
 {
     cache_rescan(self);
-    return cache_free_list(self);
+    return PyLong_FromSsize_t(self->nfree);
 }
 
 static PyObject *
@@ -1789,7 +1789,7 @@ Cache_set_free(Cache *self, PyObject *value, void *Py_UNUSED(closure))
 
 static PyMethodDef Cache_methods[] = {
     {"rescan", (PyCFunction)Cache_rescan, METH_NOARGS,
-     "the slots free now (read from the span's alloc bytes), which the cache now gives out"},
+     "give out the slots free now (read from the span's alloc bytes) from here on; how many"},
     {NULL}
 };
 
