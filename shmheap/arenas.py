@@ -561,20 +561,22 @@ class ArenaMap:
 
     def next_free(self, start: int, stop: int) -> int | None:
         """The lowest index in ``[start, stop)`` whose bit is clear, or None."""
-        chunk = 4096
         index = start
         while index < stop:
             offset = index >> 3
-            data = os.pread(self._fd, min(chunk, ((stop + 7) >> 3) - offset), offset)
-            for pos, byte in enumerate(data):
-                if byte != 0xFF:
-                    for bit in range(8):
-                        candidate = (offset + pos) * 8 + bit
-                        if candidate >= index and not byte >> bit & 1:
-                            return candidate if candidate < stop else None
-            index = (offset + len(data)) * 8
+            data = os.pread(self._fd, min(4096, ((stop + 7) >> 3) - offset), offset)
             if not data:
                 break
+            # the clear bits of the first byte from ``index``'s on, else of the first byte
+            # after it that is not full (found at C speed)
+            pos, clear = 0, ~data[0] & 0xFF & (0xFF << (index & 7))
+            if not clear:
+                pos = len(data) - len(data[1:].lstrip(b"\xff"))
+                clear = ~data[pos] & 0xFF if pos < len(data) else 0
+            if clear:
+                found = (offset + pos) * 8 + (clear & -clear).bit_length() - 1
+                return found if found < stop else None
+            index = (offset + len(data)) * 8
         return None
 
     def members(self) -> list[int]:

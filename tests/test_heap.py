@@ -9,7 +9,7 @@ import numpy
 import pytest
 
 import shmheap
-from shmheap import names
+from shmheap import control, names
 from shmheap.pytest_plugin import HeapFactory, assert_no_shm_leftovers, shm_leftovers
 
 KIB = 1024
@@ -138,6 +138,21 @@ def test_destroy_removes_every_object(shm_heap: shmheap.Heap) -> None:
     with pytest.raises(shmheap.HeapNotFoundError):
         shmheap.Heap.attach(shm_heap.name)
 
+
+
+def test_a_grow_that_meets_a_destroy_removes_its_arena_again(shm_heap: shmheap.Heap) -> None:
+    shm_heap.grow()
+    before = shm_leftovers(shm_heap.name)
+    # A destroy has begun (its first step: the word) and listed the files before the grow's
+    # link: the grow must remove what it linked, or the destroy would leave it behind.
+    fd = os.open(f"{names.SHM_DIR}/{names.control_name(shm_heap.name)}", os.O_RDWR)
+    try:
+        control.mark_destroyed(fd)
+    finally:
+        os.close(fd)
+    with pytest.raises(shmheap.HeapNotFoundError, match="was destroyed"):
+        shm_heap.grow()
+    assert shm_leftovers(shm_heap.name) == before  # neither its final nor its temporary name
 
 def test_module_destroy_by_name_reports_what_it_removed(shm_heap: shmheap.Heap) -> None:
     shm_heap.grow()
