@@ -32,6 +32,8 @@
  *   futex_wait, futex_wake, Counter   waits.py's futex calls and coord.py's
  *                 counter add: one atomic instruction while no pure-core
  *                 process has added to the counter.
+ *   Queue         coord.py's Queue.put and get, one call each under the heap
+ *                 lock (this Lock's), for items kept in their node.
  *   RootReader    roots.py's lock-free lookup of heap.roots[name] in one call;
  *                 anything it is unsure of goes back to the Python path.
  *   RootWriter    roots.py's bind and unbind of a root in one call (lock, journal,
@@ -1839,7 +1841,7 @@ static PyObject *
 Cache_rescan(Cache *self, PyObject *Py_UNUSED(ignored))
 {
     cache_rescan(self);
-    return cache_free_list(self);
+    return PyLong_FromSsize_t(self->nfree);
 }
 
 static PyObject *
@@ -1872,7 +1874,7 @@ Cache_set_free(Cache *self, PyObject *value, void *Py_UNUSED(closure))
 
 static PyMethodDef Cache_methods[] = {
     {"rescan", (PyCFunction)Cache_rescan, METH_NOARGS,
-     "the slots free now (read from the span's alloc bytes), which the cache now gives out"},
+     "give out the slots free now (read from the span's alloc bytes) from here on; how many"},
     {NULL}
 };
 
@@ -2166,10 +2168,12 @@ free_mark_partial(Free *self, Py_ssize_t c, long long leaf)
     }
 }
 
-/* The free of small object ``ref`` (the handle's mutex entered): 1 done, 0 for the slow
- * path, -1 exception. */
+/* Where small object ``ref`` lies (its arena's record, span's first page, size class and
+ * slot), read between two equal reads of the arena's sequence word: 1 found, 0 if this
+ * handle cannot tell (not mapped here, changing, a large object, garbage), -1 exception. */
 static int
-free_fast(Free *self, long long ref)
+free_locate(Free *self, long long ref, Record **found_rec, Py_ssize_t *found_start,
+            unsigned char *found_c, long long *found_slot)
 {
     if (self->summary == NULL)
         return 0;  /* closed (Free_close): the slow path says so */
@@ -2205,6 +2209,25 @@ free_fast(Free *self, long long ref)
     long long slot = in_span / self->size[c];
     if (slot >= self->nelems[c])
         return 0;
+    *found_rec = rec;
+    *found_start = start;
+    *found_c = c;
+    *found_slot = slot;
+    return 1;
+}
+
+/* The free of small object ``ref`` (the handle's mutex entered): 1 done, 0 for the slow
+ * path, -1 exception. */
+static int
+free_fast(Free *self, long long ref)
+{
+    Record *rec;
+    Py_ssize_t start;
+    unsigned char c;
+    long long slot;
+    int located = free_locate(self, ref, &rec, &start, &c, &slot);
+    if (located <= 0)
+        return located;
     unsigned char *alloc = rec->data + ((long long)start << self->page_shift) + slot;
     unsigned char one = 1;
     /* 1 -> 0 in one atomic step: a root bound meanwhile (1 -> 2, by the lock holder) makes
@@ -2772,6 +2795,560 @@ static PyTypeObject CounterType = {
     .tp_traverse = (traverseproc)Counter_traverse,
     .tp_clear = (inquiry)Counter_clear,
     .tp_methods = Counter_methods,
+};
+
+/* Queue(lock, coord, record, control, alloc, free, holder_at, encode, loads, slow_put,
+ * slow_get, slice): coord.Queue's put and get in one call each, for the items a node
+ * holds itself (an int, or a pickle that encode() returns).  The protocol is coord.py's,
+ * word for word: under the heap lock (the Lock's own acquire, repair of a dirty journal
+ * included) the intent record is written, then the journal's COORD op, then the links,
+ * the count, the node's holder word (the queue's, or the getter's), the futex word; the
+ * journal is cleared and the sleepers, if the futex word's flag says there are any, woken
+ * after the lock is released.  A getter frees its node after that.  Whatever this call is
+ * not sure of -- a closed queue, leased items (their dead leasers are looked for in
+ * Python), a node in an arena this handle has not mapped, an item stored with put(), a
+ * timeout that ran out, a thread inside a locked() block -- it leaves to the Python path,
+ * slow_put(item, time left) or slow_get(time left), before it has changed anything.
+ *
+ * Waiting: with the futex word's sleepers flag set and the lock released, it sleeps on
+ * the word in slices of at most ``slice`` seconds, as coord.py's wait_for (no spin:
+ * coord.py's docstring says why). */
+typedef struct {
+    PyObject_HEAD
+    Lock *lock;
+    Py_buffer coord, control;
+    int have_views;
+    uint64_t *words, *rec, *journal, *journal_arg;
+    uint32_t *futex;
+    long record;
+    Free *free;
+    PyObject *alloc, *encode, *loads, *slow_put, *slow_get;
+    Py_ssize_t *holder_at, nclasses;
+    double slice;
+} NQueue;
+
+/* The words of the queue node at ``ref`` (a live small object of at least ``need`` bytes)
+ * and its holder word; NULL if this handle cannot tell (the Python path decides), or NULL
+ * with an exception. */
+static uint64_t *
+nqueue_node(NQueue *self, uint64_t ref, uint64_t need, unsigned char **holder)
+{
+    Record *rec;
+    Py_ssize_t start;
+    unsigned char c;
+    long long slot;
+    if (ref == 0 || ref & 7 || ref >> 62)
+        return NULL;
+    if (free_locate(self->free, (long long)ref, &rec, &start, &c, &slot) <= 0)
+        return NULL;
+    Free *free = self->free;
+    long long offset = (long long)ref & free->arena_mask;
+    long long span = (long long)start << free->page_shift;
+    if (need > (uint64_t)free->size[c] || c >= self->nclasses
+            || offset + free->size[c] > rec->pin->view.len || !LOAD(rec->data + span + slot))
+        return NULL;
+    *holder = rec->data + span + self->holder_at[c] + slot * SPAN_HOLDER_SIZE;
+    return (uint64_t *)(rec->data + offset);
+}
+
+static inline void
+nqueue_set_holder(unsigned char *holder, uint32_t word)
+{
+    for (int i = 0; i < SPAN_HOLDER_SIZE; i++)  /* little-endian, as everything shared */
+        STORE(holder + i, (unsigned char)(word >> (8 * i)));
+}
+
+/* The intent record of ``op``, then the journal (coord.py CoordTable.begin). */
+static void
+nqueue_begin(NQueue *self, uint64_t op, uint64_t node_a, uint64_t *a, uint64_t free,
+             uint64_t hold)
+{
+    uint64_t *w = self->words + COORD_INTENT;
+    STORE(&w[0], (uint64_t)self->record);
+    STORE(&w[1], op);
+    for (int i = 0; i < 6; i++)
+        STORE(&w[2 + i], LOAD(&self->rec[COORD_HEAD + i]));
+    STORE(&w[8], node_a);
+    STORE(&w[9], a != NULL ? LOAD(&a[0]) : (uint64_t)0);
+    STORE(&w[10], (uint64_t)0);
+    STORE(&w[11], (uint64_t)0);
+    STORE(&w[12], free);
+    STORE(&w[13], self->lock->token);
+    STORE(&w[14], hold);
+    STORE(self->journal_arg, op);
+    STORE(self->journal, (uint64_t)CONTROL_COORD_OP << 56 | (uint64_t)(self->record + 1));
+}
+
+/* Bump the futex word and clear the journal (CoordTable.end); 1 if sleepers are due a wake. */
+static int
+nqueue_end(NQueue *self)
+{
+    uint64_t word = LOAD(&self->rec[COORD_FUTEX]);
+    STORE(&self->rec[COORD_FUTEX], (word + 1) & 0xFFFFFFFFu);
+    STORE(self->journal, (uint64_t)0);
+    return (word >> 32) != 0;
+}
+
+/* Say a waiter will sleep (CoordTable.sleep_on, lock held): the futex value to sleep on. */
+static uint32_t
+nqueue_sleep_on(NQueue *self)
+{
+    uint64_t word = LOAD(&self->rec[COORD_FUTEX]);
+    STORE(&self->rec[COORD_FUTEX], word | (uint64_t)1 << 32);
+    return (uint32_t)word;
+}
+
+static void
+nqueue_leave(NQueue *self, int wake)
+{
+    lock_release(self->lock);
+    mutex_release(self->lock->mutex);
+    if (wake)
+        syscall(SYS_futex, self->futex, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
+}
+
+/* Until the futex word moves off ``seen``, the deadline or a slice: 0, or -1 if a signal
+ * handler raised. */
+static int
+nqueue_wait(NQueue *self, uint32_t seen, int has_deadline, double deadline)
+{
+    double wait = self->slice;
+    if (has_deadline && deadline - monotonic() < wait)
+        wait = deadline - monotonic();
+    if (wait <= 0)
+        return 0;
+    struct timespec ts = {(time_t)wait, (long)((wait - (double)(time_t)wait) * 1e9)};
+    long rc = 0;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    rc = syscall(SYS_futex, self->futex, FUTEX_WAIT, seen, &ts, NULL, 0);
+    err = errno;
+    Py_END_ALLOW_THREADS
+    if (rc != 0 && err == EINTR)
+        return PyErr_CheckSignals();
+    return 0;
+}
+
+/* The timeout argument: 1 parsed (None, or a finite number >= 0), 0 for the Python path. */
+static int
+nqueue_timeout(PyObject *timeout, int *has_deadline, double *deadline)
+{
+    *has_deadline = 0;
+    if (timeout == NULL || timeout == Py_None)
+        return 1;
+    double t;
+    if (PyFloat_CheckExact(timeout))
+        t = PyFloat_AS_DOUBLE(timeout);
+    else if (PyLong_CheckExact(timeout)) {
+        t = PyLong_AsDouble(timeout);
+        if (t == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return 0;
+        }
+    }
+    else
+        return 0;
+    if (!(t >= 0 && t <= 1e300))
+        return 0;
+    *has_deadline = 1;
+    *deadline = monotonic() + t;
+    return 1;
+}
+
+static PyObject *
+nqueue_fallback(PyObject *slow, PyObject *item, int has_deadline, double deadline)
+{
+    PyObject *left = has_deadline ? PyFloat_FromDouble(deadline > monotonic()
+                                                       ? deadline - monotonic() : 0.0)
+                                  : Py_NewRef(Py_None);
+    if (left == NULL)
+        return NULL;
+    PyObject *result = item != NULL ? PyObject_CallFunctionObjArgs(slow, item, left, NULL)
+                                    : PyObject_CallOneArg(slow, left);
+    Py_DECREF(left);
+    return result;
+}
+
+/* Take the lock for a change (0), or leave it to Python (1: nothing taken), or -1. */
+static int
+nqueue_enter(NQueue *self, int has_deadline, double deadline)
+{
+    if (!self->have_views || lock_check_open(self->lock) < 0) {
+        PyErr_Clear();
+        return 1;  /* closed: Python says so */
+    }
+    if (mutex_acquire(self->lock->mutex) < 0)
+        return -1;
+    if (lock_in_outer_block(self->lock)) {  /* this thread's own locked() block holds it */
+        mutex_release(self->lock->mutex);
+        return 1;
+    }
+    if (lock_enter(self->lock, has_deadline, deadline, 1) < 0) {
+        mutex_release(self->lock->mutex);
+        if (!PyErr_ExceptionMatches(PyExc_TimeoutError))
+            return -1;
+        PyErr_Clear();
+        return 1;  /* Python tries once more, and says queue.Full or queue.Empty */
+    }
+    if (!self->have_views) {  /* closed by the repair, say */
+        nqueue_leave(self, 0);
+        return 1;
+    }
+    return 0;
+}
+
+static int
+nqueue_free(NQueue *self, uint64_t node)
+{
+    PyObject *ref = PyLong_FromUnsignedLongLong(node);
+    if (ref == NULL)
+        return -1;
+    PyObject *done = PyObject_CallOneArg((PyObject *)self->free, ref);
+    Py_DECREF(ref);
+    Py_XDECREF(done);
+    return done == NULL ? -1 : 0;
+}
+
+/* A new node holding ``item``: its ref, 0 for the Python path, or -1 with an exception. */
+static long long
+nqueue_store(NQueue *self, PyObject *item)
+{
+    PyObject *payload = NULL;
+    long long number = 0;
+    uint64_t kind = COORD_KIND_INT, length = 8;
+    int overflow = 0;
+    if (PyLong_CheckExact(item)) {
+        number = PyLong_AsLongLongAndOverflow(item, &overflow);
+        if (overflow)
+            return 0;
+    }
+    else {
+        payload = PyObject_CallOneArg(self->encode, item);
+        if (payload == NULL)
+            return -1;
+        if (!PyBytes_CheckExact(payload)) {
+            Py_DECREF(payload);
+            return 0;  /* stored with put(): Python does it */
+        }
+        kind = COORD_KIND_PICKLE;
+        length = (uint64_t)PyBytes_GET_SIZE(payload);
+    }
+    PyObject *size = PyLong_FromUnsignedLongLong(COORD_NODE_HEADER + length);
+    PyObject *got = size != NULL ? PyObject_CallOneArg(self->alloc, size) : NULL;
+    Py_XDECREF(size);
+    long long ref = got != NULL ? PyLong_AsLongLong(got) : -1;
+    Py_XDECREF(got);
+    if (ref == -1 && PyErr_Occurred()) {
+        Py_XDECREF(payload);
+        return -1;
+    }
+    unsigned char *holder;
+    uint64_t *node = nqueue_node(self, (uint64_t)ref, COORD_NODE_HEADER + length, &holder);
+    if (node == NULL) {
+        Py_XDECREF(payload);
+        if (PyErr_Occurred() || nqueue_free(self, (uint64_t)ref) < 0)
+            return -1;
+        return 0;
+    }
+    node[0] = 0;
+    node[2] = 0;
+    if (payload != NULL)
+        memcpy(node + 3, PyBytes_AS_STRING(payload), length);
+    else
+        memcpy(node + 3, &number, 8);
+    node[1] = kind << 56 | length;
+    Py_XDECREF(payload);
+    return ref;
+}
+
+static PyObject *
+NQueue_put(NQueue *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t given = nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0);
+    int has_deadline = 0;
+    double deadline = 0;
+    if (nargs < 1 || given > 2 || !timeout_ok(args, nargs, kwnames) || !self->have_views)
+        return PyObject_Vectorcall(self->slow_put, args, nargsf, kwnames);
+    PyObject *timeout = nargs > 1 ? args[1] : given > 1 ? args[1] : Py_None;
+    nqueue_timeout(timeout, &has_deadline, &deadline);
+    PyObject *item = args[0];
+    long long node = nqueue_store(self, item);
+    if (node < 0)
+        return NULL;
+    if (node == 0)
+        return nqueue_fallback(self->slow_put, item, has_deadline, deadline);
+    for (;;) {
+        int entered = nqueue_enter(self, has_deadline, deadline);
+        if (entered != 0) {
+            if (nqueue_free(self, (uint64_t)node) < 0 || entered < 0)
+                return NULL;
+            return nqueue_fallback(self->slow_put, item, has_deadline, deadline);
+        }
+        uint64_t *rec = self->rec;
+        uint64_t count = LOAD(&rec[COORD_HEAD + 2]), capacity = LOAD(&rec[COORD_PARAM]);
+        if (capacity && count >= capacity && !LOAD(&rec[COORD_HEAD + 5])) {
+            uint32_t seen = nqueue_sleep_on(self);
+            nqueue_leave(self, 0);
+            if (has_deadline && monotonic() >= deadline) {
+                if (nqueue_free(self, (uint64_t)node) < 0)
+                    return NULL;
+                return nqueue_fallback(self->slow_put, item, has_deadline, deadline);
+            }
+            if (nqueue_wait(self, seen, has_deadline, deadline) < 0) {
+                PyObject *type, *value, *trace;
+                PyErr_Fetch(&type, &value, &trace);
+                nqueue_free(self, (uint64_t)node);
+                PyErr_Restore(type, value, trace);  /* (the signal's error wins) */
+                return NULL;
+            }
+            continue;
+        }
+        uint64_t tail = LOAD(&rec[COORD_HEAD + 1]);
+        unsigned char *holder, *tail_holder;
+        uint64_t *tail_words = tail ? nqueue_node(self, tail, COORD_NODE_HEADER, &tail_holder)
+                                    : NULL;
+        uint64_t *words = nqueue_node(self, (uint64_t)node, COORD_NODE_HEADER, &holder);
+        if (LOAD(&rec[COORD_HEAD + 5]) || words == NULL || (tail && tail_words == NULL)) {
+            nqueue_leave(self, 0);  /* closed, or a node Python must look at */
+            if (PyErr_Occurred() || nqueue_free(self, (uint64_t)node) < 0)
+                return NULL;
+            return nqueue_fallback(self->slow_put, item, has_deadline, deadline);
+        }
+        nqueue_begin(self, COORD_OP_PUT, tail, tail_words, (uint64_t)node, 0);
+        nqueue_set_holder(holder, 0);  /* HELD: the queue's (owners.hold_locked) */
+        if (tail)
+            STORE(&tail_words[0], (uint64_t)node);
+        else
+            STORE(&rec[COORD_HEAD], (uint64_t)node);
+        STORE(&rec[COORD_HEAD + 1], (uint64_t)node);
+        STORE(&rec[COORD_HEAD + 2], count + 1);
+        nqueue_leave(self, nqueue_end(self));
+        Py_RETURN_NONE;
+    }
+}
+
+static PyObject *
+NQueue_get(NQueue *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t given = nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0);
+    PyObject *timeout = given ? args[0] : Py_None;
+    int has_deadline = 0;
+    double deadline = 0;
+    if (given > 1 || (kwnames != NULL && PyUnicode_CompareWithASCIIString(
+                PyTuple_GET_ITEM(kwnames, 0), "timeout") != 0)
+            || !nqueue_timeout(timeout, &has_deadline, &deadline) || !self->have_views)
+        return PyObject_Vectorcall(self->slow_get, args, nargsf, kwnames);
+    for (;;) {
+        int entered = nqueue_enter(self, has_deadline, deadline);
+        if (entered != 0)
+            return entered < 0 ? NULL : nqueue_fallback(self->slow_get, NULL, has_deadline,
+                                                        deadline);
+        uint64_t *rec = self->rec;
+        uint64_t count = LOAD(&rec[COORD_HEAD + 2]);
+        if (LOAD(&rec[COORD_HEAD + 4]) || (!count && LOAD(&rec[COORD_HEAD + 5]))) {
+            nqueue_leave(self, 0);  /* leases to look at, or closed: Python does it */
+            return nqueue_fallback(self->slow_get, NULL, has_deadline, deadline);
+        }
+        if (!count) {
+            uint32_t seen = nqueue_sleep_on(self);
+            nqueue_leave(self, 0);
+            if (has_deadline && monotonic() >= deadline)
+                return nqueue_fallback(self->slow_get, NULL, has_deadline, deadline);
+            if (nqueue_wait(self, seen, has_deadline, deadline) < 0)
+                return NULL;
+            continue;
+        }
+        uint64_t node = LOAD(&rec[COORD_HEAD]);
+        unsigned char *holder;
+        uint64_t *words = nqueue_node(self, node, COORD_NODE_HEADER, &holder);
+        uint64_t tag = words != NULL ? LOAD(&words[1]) : 0;
+        uint64_t kind = tag >> 56, length = tag & (((uint64_t)1 << 56) - 1);
+        if (words != NULL && !((kind == COORD_KIND_INT && length == 8)
+                               || (kind == COORD_KIND_PICKLE && length <= 1u << 30)))
+            words = NULL;
+        if (words != NULL)
+            words = nqueue_node(self, node, COORD_NODE_HEADER + length, &holder);
+        if (words == NULL) {  /* an arena not mapped here, an item stored with put() */
+            nqueue_leave(self, 0);
+            return PyErr_Occurred() ? NULL : nqueue_fallback(self->slow_get, NULL,
+                                                             has_deadline, deadline);
+        }
+        PyObject *item;
+        if (kind == COORD_KIND_INT) {
+            long long number;
+            memcpy(&number, words + 3, 8);
+            item = PyLong_FromLongLong(number);
+        }
+        else {  /* unpickled under the lock, as in Python: one that fails stays queued */
+            PyObject *payload = PyBytes_FromStringAndSize((const char *)(words + 3),
+                                                          (Py_ssize_t)length);
+            item = payload != NULL ? PyObject_CallOneArg(self->loads, payload) : NULL;
+            Py_XDECREF(payload);
+            if (item != NULL)  /* (Python code ran: look the nodes up again) */
+                words = nqueue_node(self, node, COORD_NODE_HEADER + length, &holder);
+            if (item != NULL && (words == NULL || LOAD(&rec[COORD_HEAD]) != node)) {
+                Py_CLEAR(item);
+                nqueue_leave(self, 0);
+                if (PyErr_Occurred())
+                    return NULL;
+                return nqueue_fallback(self->slow_get, NULL, has_deadline, deadline);
+            }
+        }
+        if (item == NULL) {
+            nqueue_leave(self, 0);
+            return NULL;
+        }
+        uint64_t following = LOAD(&words[0]);
+        nqueue_begin(self, COORD_OP_TAKE, 0, NULL, 0, node);
+        STORE(&rec[COORD_HEAD], following);
+        if (!following)
+            STORE(&rec[COORD_HEAD + 1], (uint64_t)0);
+        STORE(&rec[COORD_HEAD + 2], count - 1);
+        uint64_t token = self->lock->token;  /* the getter's now (owners.adopt_locked) */
+        nqueue_set_holder(holder, (uint32_t)((token >> 32) << 16 | (token & 0xFFFF)));
+        nqueue_leave(self, nqueue_end(self));
+        if (nqueue_free(self, node) < 0) {
+            Py_DECREF(item);
+            return NULL;
+        }
+        return item;
+    }
+}
+
+static int
+NQueue_init(NQueue *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"lock", "coord", "record", "control", "alloc", "free", "holder_at",
+                            "encode", "loads", "slow_put", "slow_get", "slice", NULL};
+    PyObject *lock, *coord, *control, *alloc, *free, *holder_at, *encode, *loads, *slow_put,
+             *slow_get;
+    long record;
+    double slice;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OlOOO!OOOOOd", names, &LockType, &lock,
+                                     &coord, &record, &control, &alloc, &FreeType, &free,
+                                     &holder_at, &encode, &loads, &slow_put, &slow_get, &slice))
+        return -1;
+    if (self->have_views) {
+        PyErr_SetString(PyExc_TypeError, "Queue is initialised already");
+        return -1;
+    }
+    Py_ssize_t n;
+    Py_ssize_t *at = ssize_array(holder_at, &n);
+    if (at == NULL)
+        return -1;
+    if (n != ((Free *)free)->nclasses) {
+        PyMem_Free(at);
+        PyErr_SetString(PyExc_ValueError, "Queue: holder_at must have one entry per class");
+        return -1;
+    }
+    if (PyObject_GetBuffer(coord, &self->coord, PyBUF_WRITABLE) < 0) {
+        PyMem_Free(at);
+        return -1;
+    }
+    if (PyObject_GetBuffer(control, &self->control, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&self->coord);
+        PyMem_Free(at);
+        return -1;
+    }
+    self->have_views = 1;
+    self->holder_at = at;
+    self->nclasses = n;
+    if (record < 0 || record >= COORD_RECORDS
+            || self->coord.len < (COORD_HEADER_WORDS + COORD_RECORDS * COORD_RECORD_WORDS) * 8
+            || self->control.len < CONTROL_JOURNAL_ARG_OFFSET + 8) {
+        PyErr_SetString(PyExc_ValueError, "Queue: the segments are too short");
+        return -1;
+    }
+    self->words = (uint64_t *)self->coord.buf;
+    self->rec = self->words + COORD_HEADER_WORDS + record * COORD_RECORD_WORDS;
+    self->futex = (uint32_t *)&self->rec[COORD_FUTEX];
+    self->journal = (uint64_t *)((char *)self->control.buf + CONTROL_JOURNAL_OFFSET);
+    self->journal_arg = (uint64_t *)((char *)self->control.buf + CONTROL_JOURNAL_ARG_OFFSET);
+    self->record = record;
+    self->slice = slice;
+    Py_XSETREF(self->lock, (Lock *)Py_NewRef(lock));
+    Py_XSETREF(self->free, (Free *)Py_NewRef(free));
+    Py_XSETREF(self->alloc, Py_NewRef(alloc));
+    Py_XSETREF(self->encode, Py_NewRef(encode));
+    Py_XSETREF(self->loads, Py_NewRef(loads));
+    Py_XSETREF(self->slow_put, Py_NewRef(slow_put));
+    Py_XSETREF(self->slow_get, Py_NewRef(slow_get));
+    return 0;
+}
+
+static PyObject *
+NQueue_release(NQueue *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->have_views) {
+        self->have_views = 0;
+        PyBuffer_Release(&self->coord);
+        PyBuffer_Release(&self->control);
+    }
+    Py_RETURN_NONE;
+}
+
+static int
+NQueue_traverse(NQueue *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->lock);
+    Py_VISIT(self->free);
+    Py_VISIT(self->alloc);
+    Py_VISIT(self->encode);
+    Py_VISIT(self->loads);
+    Py_VISIT(self->slow_put);
+    Py_VISIT(self->slow_get);
+    return 0;
+}
+
+static int
+NQueue_clear(NQueue *self)
+{
+    Py_CLEAR(self->lock);
+    Py_CLEAR(self->free);
+    Py_CLEAR(self->alloc);
+    Py_CLEAR(self->encode);
+    Py_CLEAR(self->loads);
+    Py_CLEAR(self->slow_put);
+    Py_CLEAR(self->slow_get);
+    return 0;
+}
+
+static void
+NQueue_dealloc(NQueue *self)
+{
+    PyObject_GC_UnTrack(self);
+    PyObject *ignored = NQueue_release(self, NULL);
+    Py_XDECREF(ignored);
+    NQueue_clear(self);
+    PyMem_Free(self->holder_at);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef NQueue_methods[] = {
+    {"put", (PyCFunction)(void (*)(void))NQueue_put, METH_FASTCALL | METH_KEYWORDS,
+     "put(item, timeout=None), as coord.Queue.put"},
+    {"get", (PyCFunction)(void (*)(void))NQueue_get, METH_FASTCALL | METH_KEYWORDS,
+     "get(timeout=None), as coord.Queue.get"},
+    {"release", (PyCFunction)NQueue_release, METH_NOARGS,
+     "let go of the segments (the heap is closed): every call takes the Python path"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject NQueueType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmheap._native.Queue",
+    .tp_basicsize = sizeof(NQueue),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Queue(lock, coord, record, control, alloc, free, holder_at, encode, loads, "
+              "slow_put, slow_get, slice): coord.Queue's put and get.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)NQueue_init,
+    .tp_dealloc = (destructor)NQueue_dealloc,
+    .tp_traverse = (traverseproc)NQueue_traverse,
+    .tp_clear = (inquiry)NQueue_clear,
+    .tp_methods = NQueue_methods,
 };
 
 /* -- RootReader: roots.py's lock-free lookup of heap.roots[name] --------------------------
@@ -3495,7 +4072,7 @@ static int
 add_layout(PyObject *module)
 {
     PyObject *layout = Py_BuildValue(
-        "{sisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisi}",
+        "{sisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisi}",
         "LIVE_OWNER_OFFSET", LIVE_OWNER_OFFSET,
         "LIVE_WAITER_OFFSET", LIVE_WAITER_OFFSET,
         "LIVE_RECOVERIES_OFFSET", LIVE_RECOVERIES_OFFSET,
@@ -3512,6 +4089,19 @@ add_layout(PyObject *module)
         "CONTROL_JOURNAL_ARG_OFFSET", CONTROL_JOURNAL_ARG_OFFSET,
         "CONTROL_DESTROYED_OFFSET", CONTROL_DESTROYED_OFFSET,
         "CONTROL_ROOTS_OP", CONTROL_ROOTS_OP,
+        "CONTROL_COORD_OP", CONTROL_COORD_OP,
+        "COORD_HEADER_WORDS", COORD_HEADER_WORDS,
+        "COORD_RECORD_WORDS", COORD_RECORD_WORDS,
+        "COORD_RECORDS", COORD_RECORDS,
+        "COORD_FUTEX", COORD_FUTEX,
+        "COORD_PARAM", COORD_PARAM,
+        "COORD_HEAD", COORD_HEAD,
+        "COORD_INTENT", COORD_INTENT,
+        "COORD_OP_PUT", COORD_OP_PUT,
+        "COORD_OP_TAKE", COORD_OP_TAKE,
+        "COORD_NODE_HEADER", COORD_NODE_HEADER,
+        "COORD_KIND_INT", COORD_KIND_INT,
+        "COORD_KIND_PICKLE", COORD_KIND_PICKLE,
         "META_SEQ_OFFSET", META_SEQ_OFFSET,
         "SPAN_HOLDER_SIZE", SPAN_HOLDER_SIZE,
         "ROOTS_TABLE_OFFSET", ROOTS_TABLE_OFFSET,
@@ -3548,7 +4138,8 @@ PyInit__native(void)
 {
     PyTypeObject *types[] = {&PinType, &MutexType, &LockType, &SnapType, &SnapIterType,
                              &SnapshotsType, &CacheType, &AllocType, &RecordType, &FreeType,
-                             &MappingType, &CounterType, &RootReaderType, &RootWriterType};
+                             &MappingType, &CounterType, &NQueueType, &RootReaderType,
+                             &RootWriterType};
     crc32_init();
     for (size_t i = 0; i < sizeof types / sizeof types[0]; i++)
         if (PyType_Ready(types[i]) < 0)
@@ -3566,6 +4157,7 @@ PyInit__native(void)
             || PyModule_AddObjectRef(module, "Free", (PyObject *)&FreeType) < 0
             || PyModule_AddObjectRef(module, "Mapping", (PyObject *)&MappingType) < 0
             || PyModule_AddObjectRef(module, "Counter", (PyObject *)&CounterType) < 0
+            || PyModule_AddObjectRef(module, "Queue", (PyObject *)&NQueueType) < 0
             || PyModule_AddObjectRef(module, "RootReader", (PyObject *)&RootReaderType) < 0
             || PyModule_AddObjectRef(module, "RootWriter", (PyObject *)&RootWriterType) < 0
             || add_layout(module) < 0) {
