@@ -88,6 +88,16 @@ raise_error(const char *name, PyObject *message)
     Py_XDECREF(message);
 }
 
+/* HeapClosedError for a call on an object the garbage collector cleared (tp_clear: its
+ * handle was dropped without close(), in a reference cycle). */
+static PyObject *
+collected_error(void)
+{
+    raise_error("HeapClosedError", PyUnicode_FromString(
+        "this heap handle was garbage-collected without close(); attach the heap again"));
+    return NULL;
+}
+
 static double
 monotonic(void)
 {
@@ -982,9 +992,31 @@ Lock_init(Lock *self, PyObject *args, PyObject *kwargs)
     return 0;
 }
 
+/* The garbage collector sees the references that can lead back to the handle.  Not the
+ * exporters of the buffers held (nor header_obj, one of them): views of mappings, which
+ * reference nothing of the handle, and a memoryview cleared while exported breaks (its
+ * tp_clear drops its managed buffer, its dealloc then reads it).  Clearing closes the
+ * lock: its calls raise HeapClosedError. */
+static int
+Lock_traverse(Lock *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->outer);
+    Py_VISIT(self->repair);
+    return 0;
+}
+
+static int
+Lock_clear(Lock *self)
+{
+    Py_XDECREF(Lock_close(self, NULL));
+    Py_CLEAR(self->header_obj);
+    return 0;
+}
+
 static void
 Lock_dealloc(Lock *self)
 {
+    PyObject_GC_UnTrack(self);
     PyObject *ignored = Lock_close(self, NULL);
     Py_XDECREF(ignored);
     Py_CLEAR(self->header_obj);
@@ -1035,11 +1067,13 @@ static PyTypeObject LockType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shmheap._native.Lock",
     .tp_basicsize = sizeof(Lock),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "A heap's lock (lock.py's protocol, in C).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Lock_init,
     .tp_dealloc = (destructor)Lock_dealloc,
+    .tp_traverse = (traverseproc)Lock_traverse,
+    .tp_clear = (inquiry)Lock_clear,
     .tp_methods = Lock_methods,
     .tp_members = Lock_members,
     .tp_getset = Lock_getset,
@@ -1459,6 +1493,8 @@ Snapshots_call(Snapshots *self, PyObject *const *args, size_t nargsf, PyObject *
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     PyObject *timeout = nargs > 0 ? args[0] : Py_None;
+    if (self->lock == NULL)
+        return collected_error();
     if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0) {
         if (nargs > 0 || PyTuple_GET_SIZE(kwnames) != 1
                 || PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0),
@@ -1564,9 +1600,32 @@ Snapshots_init(Snapshots *self, PyObject *args, PyObject *kwargs)
     return 0;
 }
 
+static int
+Snapshots_traverse(Snapshots *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->lock);
+    Py_VISIT(self->reader);
+    Py_VISIT(self->check_timeout);
+    Py_VISIT(self->last);
+    Py_VISIT(self->pin);
+    return 0;
+}
+
+static int
+Snapshots_clear(Snapshots *self)
+{
+    Py_CLEAR(self->lock);
+    Py_CLEAR(self->reader);
+    Py_CLEAR(self->check_timeout);
+    Py_CLEAR(self->last);
+    Py_CLEAR(self->pin);
+    return 0;
+}
+
 static void
 Snapshots_dealloc(Snapshots *self)
 {
+    PyObject_GC_UnTrack(self);
     Py_CLEAR(self->lock);
     Py_CLEAR(self->reader);
     Py_CLEAR(self->check_timeout);
@@ -1606,11 +1665,13 @@ static PyTypeObject SnapshotsType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shmheap._native.Snapshots",
     .tp_basicsize = sizeof(Snapshots),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "Heap.snapshot(): the header word read under the lock, the snapshot cached.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Snapshots_init,
     .tp_dealloc = (destructor)Snapshots_dealloc,
+    .tp_traverse = (traverseproc)Snapshots_traverse,
+    .tp_clear = (inquiry)Snapshots_clear,
     .tp_vectorcall_offset = offsetof(Snapshots, vectorcall),
     .tp_call = PyVectorcall_Call,
     .tp_methods = Snapshots_methods,
@@ -1727,9 +1788,31 @@ Cache_init(Cache *self, PyObject *args, PyObject *kwargs)
     return 0;
 }
 
+/* Clearing empties the cache (Alloc takes the slow path); the pin, which references no
+ * object of the heap, stays until the dealloc. */
+static int
+Cache_traverse(Cache *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->pages);
+    Py_VISIT(self->cls);
+    Py_VISIT(self->pin);
+    return 0;
+}
+
+static int
+Cache_clear(Cache *self)
+{
+    self->nfree = 0;
+    self->nelems = 0;
+    Py_CLEAR(self->pages);
+    Py_CLEAR(self->cls);
+    return 0;
+}
+
 static void
 Cache_dealloc(Cache *self)
 {
+    PyObject_GC_UnTrack(self);
     Py_CLEAR(self->pages);
     Py_CLEAR(self->cls);
     Py_CLEAR(self->pin);
@@ -1758,7 +1841,7 @@ static PyObject *
 Cache_rescan(Cache *self, PyObject *Py_UNUSED(ignored))
 {
     cache_rescan(self);
-    return cache_free_list(self);
+    return PyLong_FromSsize_t(self->nfree);
 }
 
 static PyObject *
@@ -1791,7 +1874,7 @@ Cache_set_free(Cache *self, PyObject *value, void *Py_UNUSED(closure))
 
 static PyMethodDef Cache_methods[] = {
     {"rescan", (PyCFunction)Cache_rescan, METH_NOARGS,
-     "the slots free now (read from the span's alloc bytes), which the cache now gives out"},
+     "give out the slots free now (read from the span's alloc bytes) from here on; how many"},
     {NULL}
 };
 
@@ -1817,12 +1900,14 @@ static PyTypeObject CacheType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shmheap._native.Cache",
     .tp_basicsize = sizeof(Cache),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "Cache(pages, start, cls, fresh, holder): a span this process owns "
               "(allocator.py).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Cache_init,
     .tp_dealloc = (destructor)Cache_dealloc,
+    .tp_traverse = (traverseproc)Cache_traverse,
+    .tp_clear = (inquiry)Cache_clear,
     .tp_methods = Cache_methods,
     .tp_members = Cache_members,
     .tp_getset = Cache_getset,
@@ -1874,6 +1959,8 @@ Alloc_call(Alloc *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
     /* (nbytes) or (nbytes, timeout): the fast path never waits, so it ignores the timeout */
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     Py_ssize_t given = nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0);
+    if (self->slow == NULL)
+        return collected_error();
     if (nargs >= 1 && given <= 2 && PyLong_CheckExact(args[0])
             && timeout_ok(args, nargs, kwnames)) {
         Py_ssize_t n = PyLong_AsSsize_t(args[0]);
@@ -1939,9 +2026,26 @@ Alloc_init(Alloc *self, PyObject *args, PyObject *kwargs)
     return 0;
 }
 
+static int
+Alloc_traverse(Alloc *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->caches);
+    Py_VISIT(self->slow);
+    return 0;
+}
+
+static int
+Alloc_clear(Alloc *self)
+{
+    Py_CLEAR(self->caches);
+    Py_CLEAR(self->slow);
+    return 0;
+}
+
 static void
 Alloc_dealloc(Alloc *self)
 {
+    PyObject_GC_UnTrack(self);
     Py_CLEAR(self->caches);
     Py_CLEAR(self->slow);
     Py_CLEAR(self->mutex);
@@ -1953,11 +2057,13 @@ static PyTypeObject AllocType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shmheap._native.Alloc",
     .tp_basicsize = sizeof(Alloc),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "Alloc(caches, lookup, max_small, slow): Allocator.alloc's fast path.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Alloc_init,
     .tp_dealloc = (destructor)Alloc_dealloc,
+    .tp_traverse = (traverseproc)Alloc_traverse,
+    .tp_clear = (inquiry)Alloc_clear,
     .tp_vectorcall_offset = offsetof(Alloc, vectorcall),
     .tp_call = PyVectorcall_Call,
 };
@@ -2140,6 +2246,8 @@ Free_call(Free *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
     /* (ref) or (ref, timeout): the fast path never waits, so it ignores the timeout */
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     Py_ssize_t given = nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0);
+    if (self->slow == NULL)
+        return collected_error();
     if (nargs >= 1 && given <= 2 && PyLong_CheckExact(args[0])
             && timeout_ok(args, nargs, kwnames)) {
         long long ref = PyLong_AsLongLong(args[0]);
@@ -2233,9 +2341,28 @@ Free_init(Free *self, PyObject *args, PyObject *kwargs)
     return 0;
 }
 
+static int
+Free_traverse(Free *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->records);
+    Py_VISIT(self->slow);
+    Py_VISIT(self->summary);
+    return 0;
+}
+
+static int
+Free_clear(Free *self)
+{
+    Py_CLEAR(self->summary);
+    Py_CLEAR(self->records);
+    Py_CLEAR(self->slow);
+    return 0;
+}
+
 static void
 Free_dealloc(Free *self)
 {
+    PyObject_GC_UnTrack(self);
     Py_CLEAR(self->records);
     Py_CLEAR(self->slow);
     Py_CLEAR(self->mutex);
@@ -2253,7 +2380,8 @@ static PyObject *
 Free_close(Free *self, PyObject *Py_UNUSED(ignored))
 {
     Py_CLEAR(self->summary);
-    PyDict_Clear(self->records);
+    if (self->records != NULL)
+        PyDict_Clear(self->records);
     Py_RETURN_NONE;
 }
 
@@ -2267,11 +2395,13 @@ static PyTypeObject FreeType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shmheap._native.Free",
     .tp_basicsize = sizeof(Free),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "Free(...): Allocator.free's fast path for small objects.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Free_init,
     .tp_dealloc = (destructor)Free_dealloc,
+    .tp_traverse = (traverseproc)Free_traverse,
+    .tp_clear = (inquiry)Free_clear,
     .tp_vectorcall_offset = offsetof(Free, vectorcall),
     .tp_call = PyVectorcall_Call,
     .tp_methods = Free_methods,
@@ -2574,9 +2704,28 @@ Counter_init(Counter *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
+/* (the buffer's exporter is not visited: see Lock_traverse) */
+static int
+Counter_traverse(Counter *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->slow);
+    return 0;
+}
+
+static PyObject *Counter_release(Counter *self, PyObject *unused);
+
+static int
+Counter_clear(Counter *self)
+{
+    Py_XDECREF(Counter_release(self, NULL));  /* add raises HeapClosedError from now on */
+    Py_CLEAR(self->slow);
+    return 0;
+}
+
 static void
 Counter_dealloc(Counter *self)
 {
+    PyObject_GC_UnTrack(self);
     if (self->have_view)
         PyBuffer_Release(&self->view);
     Py_XDECREF(self->slow);
@@ -2638,11 +2787,13 @@ static PyTypeObject CounterType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shmheap._native.Counter",
     .tp_basicsize = sizeof(Counter),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "Counter(buffer, base_offset, pure_offset, slow_add): coord.Counter's add.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Counter_init,
     .tp_dealloc = (destructor)Counter_dealloc,
+    .tp_traverse = (traverseproc)Counter_traverse,
+    .tp_clear = (inquiry)Counter_clear,
     .tp_methods = Counter_methods,
 };
 
@@ -3842,9 +3993,32 @@ RootWriter_close(RootWriter *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+static int
+RootWriter_traverse(RootWriter *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->reader);
+    Py_VISIT(self->lock);
+    Py_VISIT(self->control);
+    Py_VISIT(self->records);
+    Py_VISIT(self->reach);
+    return 0;
+}
+
+static int
+RootWriter_clear(RootWriter *self)
+{
+    /* control first: with it gone every call answers None before it looks at the rest */
+    Py_XDECREF(RootWriter_close(self, NULL));
+    Py_CLEAR(self->reader);
+    Py_CLEAR(self->records);
+    Py_CLEAR(self->reach);
+    return 0;
+}
+
 static void
 RootWriter_dealloc(RootWriter *self)
 {
+    PyObject_GC_UnTrack(self);
     Py_CLEAR(self->reader);
     Py_CLEAR(self->lock);
     Py_CLEAR(self->control);
@@ -3870,13 +4044,15 @@ static PyTypeObject RootWriterType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shmheap._native.RootWriter",
     .tp_basicsize = sizeof(RootWriter),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "RootWriter(reader, lock, control, records, classes, arena_shift, page_shift, "
               "max_roots, reach): writer(name, ref, timeout) -> True, False (nothing to "
               "unbind) or None if unsure (roots.py's _bind_locked decides).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)RootWriter_init,
     .tp_dealloc = (destructor)RootWriter_dealloc,
+    .tp_traverse = (traverseproc)RootWriter_traverse,
+    .tp_clear = (inquiry)RootWriter_clear,
     .tp_methods = RootWriter_methods,
     .tp_vectorcall_offset = offsetof(RootWriter, vectorcall),
     .tp_call = PyVectorcall_Call,
