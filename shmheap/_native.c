@@ -2798,14 +2798,15 @@ static PyTypeObject CounterType = {
 };
 
 /* Queue(lock, coord, record, control, alloc, free, holder_at, encode, loads, slow_put,
- * slow_get, slice): coord.Queue's put and get in one call each, for the items a node
+ * slow_get, slice, scan_interval): coord.Queue's put and get in one call each, for the items a node
  * holds itself (an int, or a pickle that encode() returns).  The protocol is coord.py's,
  * word for word: under the heap lock (the Lock's own acquire, repair of a dirty journal
  * included) the intent record is written, then the journal's COORD op, then the links,
  * the count, the node's holder word (the queue's, or the getter's), the futex word; the
  * journal is cleared and the sleepers, if the futex word's flag says there are any, woken
  * after the lock is released.  A getter frees its node after that.  Whatever this call is
- * not sure of -- a closed queue, leased items (their dead leasers are looked for in
+ * not sure of -- a closed queue, a look for dead leasers (due when leased items wait
+ * and the queue is empty, or ``scan_interval`` seconds after this handle's last one: in
  * Python), a node in an arena this handle has not mapped, an item stored with put(), a
  * timeout that ran out, a thread inside a locked() block -- it leaves to the Python path,
  * slow_put(item, time left) or slow_get(time left), before it has changed anything.  A
@@ -2826,7 +2827,8 @@ typedef struct {
     Free *free;
     PyObject *alloc, *encode, *loads, *slow_put, *slow_get;
     Py_ssize_t *holder_at, nclasses;
-    double slice;
+    double slice, scan_interval;
+    double scanned;          /* when this handle last left a look for dead leasers to Python */
 } NQueue;
 
 /* The words of the queue node at ``ref`` (a live small object of at least ``need`` bytes)
@@ -3149,8 +3151,12 @@ NQueue_get(NQueue *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwn
                                                         deadline);
         uint64_t *rec = self->rec;
         uint64_t count = LOAD(&rec[COORD_HEAD + 2]);
-        if (LOAD(&rec[COORD_HEAD + 4]) || (!count && LOAD(&rec[COORD_HEAD + 5]))) {
-            nqueue_leave(self, 0);  /* leases to look at, or closed: Python does it */
+        int scan = LOAD(&rec[COORD_HEAD + 4])
+                   && (!count || monotonic() - self->scanned >= self->scan_interval);
+        if (scan || (!count && LOAD(&rec[COORD_HEAD + 5]))) {
+            nqueue_leave(self, 0);  /* dead leasers to look for, or closed: Python does it */
+            if (scan)
+                self->scanned = monotonic();
             return nqueue_fallback(self->slow_get, NULL, has_deadline, deadline);
         }
         if (!count) {
@@ -3223,14 +3229,16 @@ static int
 NQueue_init(NQueue *self, PyObject *args, PyObject *kwargs)
 {
     static char *names[] = {"lock", "coord", "record", "control", "alloc", "free", "holder_at",
-                            "encode", "loads", "slow_put", "slow_get", "slice", NULL};
+                            "encode", "loads", "slow_put", "slow_get", "slice", "scan_interval",
+                            NULL};
     PyObject *lock, *coord, *control, *alloc, *free, *holder_at, *encode, *loads, *slow_put,
              *slow_get;
     long record;
-    double slice;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OlOOO!OOOOOd", names, &LockType, &lock,
+    double slice, scan_interval;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OlOOO!OOOOOdd", names, &LockType, &lock,
                                      &coord, &record, &control, &alloc, &FreeType, &free,
-                                     &holder_at, &encode, &loads, &slow_put, &slow_get, &slice))
+                                     &holder_at, &encode, &loads, &slow_put, &slow_get, &slice,
+                                     &scan_interval))
         return -1;
     if (self->have_views) {
         PyErr_SetString(PyExc_TypeError, "Queue is initialised already");
@@ -3270,6 +3278,7 @@ NQueue_init(NQueue *self, PyObject *args, PyObject *kwargs)
     self->journal_arg = (uint64_t *)((char *)self->control.buf + CONTROL_JOURNAL_ARG_OFFSET);
     self->record = record;
     self->slice = slice;
+    self->scan_interval = scan_interval;
     Py_XSETREF(self->lock, (Lock *)Py_NewRef(lock));
     Py_XSETREF(self->free, (Free *)Py_NewRef(free));
     Py_XSETREF(self->alloc, Py_NewRef(alloc));
@@ -3344,7 +3353,7 @@ static PyTypeObject NQueueType = {
     .tp_basicsize = sizeof(NQueue),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "Queue(lock, coord, record, control, alloc, free, holder_at, encode, loads, "
-              "slow_put, slow_get, slice): coord.Queue's put and get.",
+              "slow_put, slow_get, slice, scan_interval): coord.Queue's put and get.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)NQueue_init,
     .tp_dealloc = (destructor)NQueue_dealloc,

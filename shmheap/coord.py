@@ -111,8 +111,9 @@ as the handle's ``put`` and ``get``) the items a node keeps itself: the same
 words, intent record, journal op and holder words, in the same order, under
 the heap lock taken by the native ``Lock``.  Whatever it is not sure of it
 leaves, before it has changed anything, to the Python path here (the pure
-core's, which stays): a closed queue, a queue with leased items (their dead
-leasers are looked for here), a node in an arena the handle has not mapped, an
+core's, which stays): a closed queue, a look for dead leasers (due when leased
+items wait and the queue is empty, or ``SCAN_INTERVAL`` after the handle's
+last), a node in an arena the handle has not mapped, an
 item stored with ``put``, a deadline that ran out.  A process started with a
 crash point armed runs the Python lock and these Python paths (lock.py), so
 the points are reached there.  Its waiters sleep on the futex word at once: a
@@ -373,7 +374,7 @@ class CoordTable:
         queue = native.Queue(
             lock, self._seg.buf, record, self.heap._words, self.allocator.alloc, free,
             [cls.holder_at for cls in self.allocator.classes], _inline, pickle.loads,
-            slow_put, slow_get, SLICE)
+            slow_put, slow_get, SLICE, SCAN_INTERVAL)
         self._natives.append(queue)
         return queue
 

@@ -142,6 +142,19 @@ def test_a_lease_is_removed_when_its_block_ends_and_given_back_when_it_raises(
     assert heap.check() == []
 
 
+def test_gets_beside_a_live_lease_leave_its_item_alone(heap: shmheap.Heap) -> None:
+    q = heap.queue("q")
+    for item in range(5):
+        q.put(item)
+    with q.lease() as leased:
+        assert [q.get() for _ in range(3)] == [1, 2, 3], "the leaser lives: its item stays out"
+        assert q.leased == 1 and leased == 0
+    assert q.get(timeout=0) == 4 and q.leased == 0
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0)
+    assert heap.check() == []
+
+
 def test_structures_are_found_by_name_and_kind(heap: shmheap.Heap) -> None:
     with shmheap.Heap.attach(heap.name) as other:
         other.queue("jobs", capacity=3).put(7)
