@@ -26,6 +26,7 @@
 #define CONTROL_JOURNAL_ARG_OFFSET 128 /* u64: the op's argument, written before the journal */
 #define CONTROL_DESTROYED_OFFSET 136 /* u64: 1 once destroy() has begun to unlink the heap */
 #define CONTROL_ROOTS_OP 4           /* the journal's op while a root is bound or unbound */
+#define CONTROL_COORD_OP 6           /* the journal's op while a coordination record changes */
 
 /* pages.py: an arena's page metadata, after its data and 64-byte trailer */
 #define META_SEQ_OFFSET 8            /* u64: span records' sequence word (seqlock) */
@@ -34,6 +35,22 @@
  * slots' slacks (1 or 2 bytes each) and their holder words (u32 each, 4-aligned) */
 #define SPAN_ALIGN 16
 #define SPAN_HOLDER_SIZE 4
+
+/* coord.py: the coordination segment shmheap.NAME.coord, as u64 words: the intent record
+ * in the header page, then records of COORD_RECORD_WORDS words; a queue's nodes */
+#define COORD_HEADER_WORDS 512
+#define COORD_RECORD_WORDS 16
+#define COORD_RECORDS 256
+#define COORD_FUTEX 8                /* record word: futex word (low half), sleepers (bit 32) */
+#define COORD_PARAM 9
+#define COORD_HEAD 10                /* head, tail, count, leases, leased, closed */
+#define COORD_INTENT 8               /* record, op, 6 saved words, node a, its next, node b,
+                                      * its next, node to free, owner, node to hold again */
+#define COORD_OP_PUT 1
+#define COORD_OP_TAKE 2
+#define COORD_NODE_HEADER 24         /* next, tag (kind << 56 | length), leaser token */
+#define COORD_KIND_INT 1
+#define COORD_KIND_PICKLE 2
 
 /* roots.py: the roots segment shmheap.NAME.roots; its header page, then ROOTS_REGIONS
  * regions, region r of cap = ROOTS_FIRST_CAP << (r >> 1) slots (a region header, cap

@@ -32,6 +32,8 @@
  *   futex_wait, futex_wake, Counter   waits.py's futex calls and coord.py's
  *                 counter add: one atomic instruction while no pure-core
  *                 process has added to the counter.
+ *   Queue         coord.py's Queue.put and get, one call each under the heap
+ *                 lock (this Lock's), for items kept in their node.
  *   RootReader    roots.py's lock-free lookup of heap.roots[name] in one call;
  *                 anything it is unsure of goes back to the Python path.
  *   RootWriter    roots.py's bind and unbind of a root in one call (lock, journal,
@@ -84,6 +86,16 @@ raise_error(const char *name, PyObject *message)
         Py_DECREF(cls);
     }
     Py_XDECREF(message);
+}
+
+/* HeapClosedError for a call on an object the garbage collector cleared (tp_clear: its
+ * handle was dropped without close(), in a reference cycle). */
+static PyObject *
+collected_error(void)
+{
+    raise_error("HeapClosedError", PyUnicode_FromString(
+        "this heap handle was garbage-collected without close(); attach the heap again"));
+    return NULL;
 }
 
 static double
@@ -980,9 +992,31 @@ Lock_init(Lock *self, PyObject *args, PyObject *kwargs)
     return 0;
 }
 
+/* The garbage collector sees the references that can lead back to the handle.  Not the
+ * exporters of the buffers held (nor header_obj, one of them): views of mappings, which
+ * reference nothing of the handle, and a memoryview cleared while exported breaks (its
+ * tp_clear drops its managed buffer, its dealloc then reads it).  Clearing closes the
+ * lock: its calls raise HeapClosedError. */
+static int
+Lock_traverse(Lock *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->outer);
+    Py_VISIT(self->repair);
+    return 0;
+}
+
+static int
+Lock_clear(Lock *self)
+{
+    Py_XDECREF(Lock_close(self, NULL));
+    Py_CLEAR(self->header_obj);
+    return 0;
+}
+
 static void
 Lock_dealloc(Lock *self)
 {
+    PyObject_GC_UnTrack(self);
     PyObject *ignored = Lock_close(self, NULL);
     Py_XDECREF(ignored);
     Py_CLEAR(self->header_obj);
@@ -1033,11 +1067,13 @@ static PyTypeObject LockType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shmheap._native.Lock",
     .tp_basicsize = sizeof(Lock),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "A heap's lock (lock.py's protocol, in C).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Lock_init,
     .tp_dealloc = (destructor)Lock_dealloc,
+    .tp_traverse = (traverseproc)Lock_traverse,
+    .tp_clear = (inquiry)Lock_clear,
     .tp_methods = Lock_methods,
     .tp_members = Lock_members,
     .tp_getset = Lock_getset,
@@ -1457,6 +1493,8 @@ Snapshots_call(Snapshots *self, PyObject *const *args, size_t nargsf, PyObject *
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     PyObject *timeout = nargs > 0 ? args[0] : Py_None;
+    if (self->lock == NULL)
+        return collected_error();
     if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0) {
         if (nargs > 0 || PyTuple_GET_SIZE(kwnames) != 1
                 || PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0),
@@ -1562,9 +1600,32 @@ Snapshots_init(Snapshots *self, PyObject *args, PyObject *kwargs)
     return 0;
 }
 
+static int
+Snapshots_traverse(Snapshots *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->lock);
+    Py_VISIT(self->reader);
+    Py_VISIT(self->check_timeout);
+    Py_VISIT(self->last);
+    Py_VISIT(self->pin);
+    return 0;
+}
+
+static int
+Snapshots_clear(Snapshots *self)
+{
+    Py_CLEAR(self->lock);
+    Py_CLEAR(self->reader);
+    Py_CLEAR(self->check_timeout);
+    Py_CLEAR(self->last);
+    Py_CLEAR(self->pin);
+    return 0;
+}
+
 static void
 Snapshots_dealloc(Snapshots *self)
 {
+    PyObject_GC_UnTrack(self);
     Py_CLEAR(self->lock);
     Py_CLEAR(self->reader);
     Py_CLEAR(self->check_timeout);
@@ -1604,11 +1665,13 @@ static PyTypeObject SnapshotsType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shmheap._native.Snapshots",
     .tp_basicsize = sizeof(Snapshots),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "Heap.snapshot(): the header word read under the lock, the snapshot cached.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Snapshots_init,
     .tp_dealloc = (destructor)Snapshots_dealloc,
+    .tp_traverse = (traverseproc)Snapshots_traverse,
+    .tp_clear = (inquiry)Snapshots_clear,
     .tp_vectorcall_offset = offsetof(Snapshots, vectorcall),
     .tp_call = PyVectorcall_Call,
     .tp_methods = Snapshots_methods,
@@ -1725,9 +1788,31 @@ Cache_init(Cache *self, PyObject *args, PyObject *kwargs)
     return 0;
 }
 
+/* Clearing empties the cache (Alloc takes the slow path); the pin, which references no
+ * object of the heap, stays until the dealloc. */
+static int
+Cache_traverse(Cache *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->pages);
+    Py_VISIT(self->cls);
+    Py_VISIT(self->pin);
+    return 0;
+}
+
+static int
+Cache_clear(Cache *self)
+{
+    self->nfree = 0;
+    self->nelems = 0;
+    Py_CLEAR(self->pages);
+    Py_CLEAR(self->cls);
+    return 0;
+}
+
 static void
 Cache_dealloc(Cache *self)
 {
+    PyObject_GC_UnTrack(self);
     Py_CLEAR(self->pages);
     Py_CLEAR(self->cls);
     Py_CLEAR(self->pin);
@@ -1756,7 +1841,7 @@ static PyObject *
 Cache_rescan(Cache *self, PyObject *Py_UNUSED(ignored))
 {
     cache_rescan(self);
-    return cache_free_list(self);
+    return PyLong_FromSsize_t(self->nfree);
 }
 
 static PyObject *
@@ -1789,7 +1874,7 @@ Cache_set_free(Cache *self, PyObject *value, void *Py_UNUSED(closure))
 
 static PyMethodDef Cache_methods[] = {
     {"rescan", (PyCFunction)Cache_rescan, METH_NOARGS,
-     "the slots free now (read from the span's alloc bytes), which the cache now gives out"},
+     "give out the slots free now (read from the span's alloc bytes) from here on; how many"},
     {NULL}
 };
 
@@ -1815,12 +1900,14 @@ static PyTypeObject CacheType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shmheap._native.Cache",
     .tp_basicsize = sizeof(Cache),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "Cache(pages, start, cls, fresh, holder): a span this process owns "
               "(allocator.py).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Cache_init,
     .tp_dealloc = (destructor)Cache_dealloc,
+    .tp_traverse = (traverseproc)Cache_traverse,
+    .tp_clear = (inquiry)Cache_clear,
     .tp_methods = Cache_methods,
     .tp_members = Cache_members,
     .tp_getset = Cache_getset,
@@ -1872,6 +1959,8 @@ Alloc_call(Alloc *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
     /* (nbytes) or (nbytes, timeout): the fast path never waits, so it ignores the timeout */
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     Py_ssize_t given = nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0);
+    if (self->slow == NULL)
+        return collected_error();
     if (nargs >= 1 && given <= 2 && PyLong_CheckExact(args[0])
             && timeout_ok(args, nargs, kwnames)) {
         Py_ssize_t n = PyLong_AsSsize_t(args[0]);
@@ -1937,9 +2026,26 @@ Alloc_init(Alloc *self, PyObject *args, PyObject *kwargs)
     return 0;
 }
 
+static int
+Alloc_traverse(Alloc *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->caches);
+    Py_VISIT(self->slow);
+    return 0;
+}
+
+static int
+Alloc_clear(Alloc *self)
+{
+    Py_CLEAR(self->caches);
+    Py_CLEAR(self->slow);
+    return 0;
+}
+
 static void
 Alloc_dealloc(Alloc *self)
 {
+    PyObject_GC_UnTrack(self);
     Py_CLEAR(self->caches);
     Py_CLEAR(self->slow);
     Py_CLEAR(self->mutex);
@@ -1951,11 +2057,13 @@ static PyTypeObject AllocType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shmheap._native.Alloc",
     .tp_basicsize = sizeof(Alloc),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "Alloc(caches, lookup, max_small, slow): Allocator.alloc's fast path.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Alloc_init,
     .tp_dealloc = (destructor)Alloc_dealloc,
+    .tp_traverse = (traverseproc)Alloc_traverse,
+    .tp_clear = (inquiry)Alloc_clear,
     .tp_vectorcall_offset = offsetof(Alloc, vectorcall),
     .tp_call = PyVectorcall_Call,
 };
@@ -2060,10 +2168,12 @@ free_mark_partial(Free *self, Py_ssize_t c, long long leaf)
     }
 }
 
-/* The free of small object ``ref`` (the handle's mutex entered): 1 done, 0 for the slow
- * path, -1 exception. */
+/* Where small object ``ref`` lies (its arena's record, span's first page, size class and
+ * slot), read between two equal reads of the arena's sequence word: 1 found, 0 if this
+ * handle cannot tell (not mapped here, changing, a large object, garbage), -1 exception. */
 static int
-free_fast(Free *self, long long ref)
+free_locate(Free *self, long long ref, Record **found_rec, Py_ssize_t *found_start,
+            unsigned char *found_c, long long *found_slot)
 {
     if (self->summary == NULL)
         return 0;  /* closed (Free_close): the slow path says so */
@@ -2099,6 +2209,25 @@ free_fast(Free *self, long long ref)
     long long slot = in_span / self->size[c];
     if (slot >= self->nelems[c])
         return 0;
+    *found_rec = rec;
+    *found_start = start;
+    *found_c = c;
+    *found_slot = slot;
+    return 1;
+}
+
+/* The free of small object ``ref`` (the handle's mutex entered): 1 done, 0 for the slow
+ * path, -1 exception. */
+static int
+free_fast(Free *self, long long ref)
+{
+    Record *rec;
+    Py_ssize_t start;
+    unsigned char c;
+    long long slot;
+    int located = free_locate(self, ref, &rec, &start, &c, &slot);
+    if (located <= 0)
+        return located;
     unsigned char *alloc = rec->data + ((long long)start << self->page_shift) + slot;
     unsigned char one = 1;
     /* 1 -> 0 in one atomic step: a root bound meanwhile (1 -> 2, by the lock holder) makes
@@ -2117,6 +2246,8 @@ Free_call(Free *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
     /* (ref) or (ref, timeout): the fast path never waits, so it ignores the timeout */
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     Py_ssize_t given = nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0);
+    if (self->slow == NULL)
+        return collected_error();
     if (nargs >= 1 && given <= 2 && PyLong_CheckExact(args[0])
             && timeout_ok(args, nargs, kwnames)) {
         long long ref = PyLong_AsLongLong(args[0]);
@@ -2210,9 +2341,28 @@ Free_init(Free *self, PyObject *args, PyObject *kwargs)
     return 0;
 }
 
+static int
+Free_traverse(Free *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->records);
+    Py_VISIT(self->slow);
+    Py_VISIT(self->summary);
+    return 0;
+}
+
+static int
+Free_clear(Free *self)
+{
+    Py_CLEAR(self->summary);
+    Py_CLEAR(self->records);
+    Py_CLEAR(self->slow);
+    return 0;
+}
+
 static void
 Free_dealloc(Free *self)
 {
+    PyObject_GC_UnTrack(self);
     Py_CLEAR(self->records);
     Py_CLEAR(self->slow);
     Py_CLEAR(self->mutex);
@@ -2230,7 +2380,8 @@ static PyObject *
 Free_close(Free *self, PyObject *Py_UNUSED(ignored))
 {
     Py_CLEAR(self->summary);
-    PyDict_Clear(self->records);
+    if (self->records != NULL)
+        PyDict_Clear(self->records);
     Py_RETURN_NONE;
 }
 
@@ -2244,11 +2395,13 @@ static PyTypeObject FreeType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shmheap._native.Free",
     .tp_basicsize = sizeof(Free),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "Free(...): Allocator.free's fast path for small objects.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Free_init,
     .tp_dealloc = (destructor)Free_dealloc,
+    .tp_traverse = (traverseproc)Free_traverse,
+    .tp_clear = (inquiry)Free_clear,
     .tp_vectorcall_offset = offsetof(Free, vectorcall),
     .tp_call = PyVectorcall_Call,
     .tp_methods = Free_methods,
@@ -2551,9 +2704,28 @@ Counter_init(Counter *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
+/* (the buffer's exporter is not visited: see Lock_traverse) */
+static int
+Counter_traverse(Counter *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->slow);
+    return 0;
+}
+
+static PyObject *Counter_release(Counter *self, PyObject *unused);
+
+static int
+Counter_clear(Counter *self)
+{
+    Py_XDECREF(Counter_release(self, NULL));  /* add raises HeapClosedError from now on */
+    Py_CLEAR(self->slow);
+    return 0;
+}
+
 static void
 Counter_dealloc(Counter *self)
 {
+    PyObject_GC_UnTrack(self);
     if (self->have_view)
         PyBuffer_Release(&self->view);
     Py_XDECREF(self->slow);
@@ -2615,12 +2787,568 @@ static PyTypeObject CounterType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shmheap._native.Counter",
     .tp_basicsize = sizeof(Counter),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "Counter(buffer, base_offset, pure_offset, slow_add): coord.Counter's add.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Counter_init,
     .tp_dealloc = (destructor)Counter_dealloc,
+    .tp_traverse = (traverseproc)Counter_traverse,
+    .tp_clear = (inquiry)Counter_clear,
     .tp_methods = Counter_methods,
+};
+
+/* Queue(lock, coord, record, control, alloc, free, holder_at, encode, loads, slow_put,
+ * slow_get, slice): coord.Queue's put and get in one call each, for the items a node
+ * holds itself (an int, or a pickle that encode() returns).  The protocol is coord.py's,
+ * word for word: under the heap lock (the Lock's own acquire, repair of a dirty journal
+ * included) the intent record is written, then the journal's COORD op, then the links,
+ * the count, the node's holder word (the queue's, or the getter's), the futex word; the
+ * journal is cleared and the sleepers, if the futex word's flag says there are any, woken
+ * after the lock is released.  A getter frees its node after that.  Whatever this call is
+ * not sure of -- a closed queue, leased items (their dead leasers are looked for in
+ * Python), a node in an arena this handle has not mapped, an item stored with put(), a
+ * timeout that ran out, a thread inside a locked() block -- it leaves to the Python path,
+ * slow_put(item, time left) or slow_get(time left), before it has changed anything.
+ *
+ * Waiting: with the futex word's sleepers flag set and the lock released, it sleeps on
+ * the word in slices of at most ``slice`` seconds, as coord.py's wait_for (no spin:
+ * coord.py's docstring says why). */
+typedef struct {
+    PyObject_HEAD
+    Lock *lock;
+    Py_buffer coord, control;
+    int have_views;
+    uint64_t *words, *rec, *journal, *journal_arg;
+    uint32_t *futex;
+    long record;
+    Free *free;
+    PyObject *alloc, *encode, *loads, *slow_put, *slow_get;
+    Py_ssize_t *holder_at, nclasses;
+    double slice;
+} NQueue;
+
+/* The words of the queue node at ``ref`` (a live small object of at least ``need`` bytes)
+ * and its holder word; NULL if this handle cannot tell (the Python path decides), or NULL
+ * with an exception. */
+static uint64_t *
+nqueue_node(NQueue *self, uint64_t ref, uint64_t need, unsigned char **holder)
+{
+    Record *rec;
+    Py_ssize_t start;
+    unsigned char c;
+    long long slot;
+    if (ref == 0 || ref & 7 || ref >> 62)
+        return NULL;
+    if (free_locate(self->free, (long long)ref, &rec, &start, &c, &slot) <= 0)
+        return NULL;
+    Free *free = self->free;
+    long long offset = (long long)ref & free->arena_mask;
+    long long span = (long long)start << free->page_shift;
+    if (need > (uint64_t)free->size[c] || c >= self->nclasses
+            || offset + free->size[c] > rec->pin->view.len || !LOAD(rec->data + span + slot))
+        return NULL;
+    *holder = rec->data + span + self->holder_at[c] + slot * SPAN_HOLDER_SIZE;
+    return (uint64_t *)(rec->data + offset);
+}
+
+static inline void
+nqueue_set_holder(unsigned char *holder, uint32_t word)
+{
+    for (int i = 0; i < SPAN_HOLDER_SIZE; i++)  /* little-endian, as everything shared */
+        STORE(holder + i, (unsigned char)(word >> (8 * i)));
+}
+
+/* The intent record of ``op``, then the journal (coord.py CoordTable.begin). */
+static void
+nqueue_begin(NQueue *self, uint64_t op, uint64_t node_a, uint64_t *a, uint64_t free,
+             uint64_t hold)
+{
+    uint64_t *w = self->words + COORD_INTENT;
+    STORE(&w[0], (uint64_t)self->record);
+    STORE(&w[1], op);
+    for (int i = 0; i < 6; i++)
+        STORE(&w[2 + i], LOAD(&self->rec[COORD_HEAD + i]));
+    STORE(&w[8], node_a);
+    STORE(&w[9], a != NULL ? LOAD(&a[0]) : (uint64_t)0);
+    STORE(&w[10], (uint64_t)0);
+    STORE(&w[11], (uint64_t)0);
+    STORE(&w[12], free);
+    STORE(&w[13], self->lock->token);
+    STORE(&w[14], hold);
+    STORE(self->journal_arg, op);
+    STORE(self->journal, (uint64_t)CONTROL_COORD_OP << 56 | (uint64_t)(self->record + 1));
+}
+
+/* Bump the futex word and clear the journal (CoordTable.end); 1 if sleepers are due a wake. */
+static int
+nqueue_end(NQueue *self)
+{
+    uint64_t word = LOAD(&self->rec[COORD_FUTEX]);
+    STORE(&self->rec[COORD_FUTEX], (word + 1) & 0xFFFFFFFFu);
+    STORE(self->journal, (uint64_t)0);
+    return (word >> 32) != 0;
+}
+
+/* Say a waiter will sleep (CoordTable.sleep_on, lock held): the futex value to sleep on. */
+static uint32_t
+nqueue_sleep_on(NQueue *self)
+{
+    uint64_t word = LOAD(&self->rec[COORD_FUTEX]);
+    STORE(&self->rec[COORD_FUTEX], word | (uint64_t)1 << 32);
+    return (uint32_t)word;
+}
+
+static void
+nqueue_leave(NQueue *self, int wake)
+{
+    lock_release(self->lock);
+    mutex_release(self->lock->mutex);
+    if (wake)
+        syscall(SYS_futex, self->futex, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
+}
+
+/* Until the futex word moves off ``seen``, the deadline or a slice: 0, or -1 if a signal
+ * handler raised. */
+static int
+nqueue_wait(NQueue *self, uint32_t seen, int has_deadline, double deadline)
+{
+    double wait = self->slice;
+    if (has_deadline && deadline - monotonic() < wait)
+        wait = deadline - monotonic();
+    if (wait <= 0)
+        return 0;
+    struct timespec ts = {(time_t)wait, (long)((wait - (double)(time_t)wait) * 1e9)};
+    long rc = 0;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    rc = syscall(SYS_futex, self->futex, FUTEX_WAIT, seen, &ts, NULL, 0);
+    err = errno;
+    Py_END_ALLOW_THREADS
+    if (rc != 0 && err == EINTR)
+        return PyErr_CheckSignals();
+    return 0;
+}
+
+/* The timeout argument: 1 parsed (None, or a finite number >= 0), 0 for the Python path. */
+static int
+nqueue_timeout(PyObject *timeout, int *has_deadline, double *deadline)
+{
+    *has_deadline = 0;
+    if (timeout == NULL || timeout == Py_None)
+        return 1;
+    double t;
+    if (PyFloat_CheckExact(timeout))
+        t = PyFloat_AS_DOUBLE(timeout);
+    else if (PyLong_CheckExact(timeout)) {
+        t = PyLong_AsDouble(timeout);
+        if (t == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return 0;
+        }
+    }
+    else
+        return 0;
+    if (!(t >= 0 && t <= 1e300))
+        return 0;
+    *has_deadline = 1;
+    *deadline = monotonic() + t;
+    return 1;
+}
+
+static PyObject *
+nqueue_fallback(PyObject *slow, PyObject *item, int has_deadline, double deadline)
+{
+    PyObject *left = has_deadline ? PyFloat_FromDouble(deadline > monotonic()
+                                                       ? deadline - monotonic() : 0.0)
+                                  : Py_NewRef(Py_None);
+    if (left == NULL)
+        return NULL;
+    PyObject *result = item != NULL ? PyObject_CallFunctionObjArgs(slow, item, left, NULL)
+                                    : PyObject_CallOneArg(slow, left);
+    Py_DECREF(left);
+    return result;
+}
+
+/* Take the lock for a change (0), or leave it to Python (1: nothing taken), or -1. */
+static int
+nqueue_enter(NQueue *self, int has_deadline, double deadline)
+{
+    if (!self->have_views || lock_check_open(self->lock) < 0) {
+        PyErr_Clear();
+        return 1;  /* closed: Python says so */
+    }
+    if (mutex_acquire(self->lock->mutex) < 0)
+        return -1;
+    if (lock_in_outer_block(self->lock)) {  /* this thread's own locked() block holds it */
+        mutex_release(self->lock->mutex);
+        return 1;
+    }
+    if (lock_enter(self->lock, has_deadline, deadline, 1) < 0) {
+        mutex_release(self->lock->mutex);
+        if (!PyErr_ExceptionMatches(PyExc_TimeoutError))
+            return -1;
+        PyErr_Clear();
+        return 1;  /* Python tries once more, and says queue.Full or queue.Empty */
+    }
+    if (!self->have_views) {  /* closed by the repair, say */
+        nqueue_leave(self, 0);
+        return 1;
+    }
+    return 0;
+}
+
+static int
+nqueue_free(NQueue *self, uint64_t node)
+{
+    PyObject *ref = PyLong_FromUnsignedLongLong(node);
+    if (ref == NULL)
+        return -1;
+    PyObject *done = PyObject_CallOneArg((PyObject *)self->free, ref);
+    Py_DECREF(ref);
+    Py_XDECREF(done);
+    return done == NULL ? -1 : 0;
+}
+
+/* A new node holding ``item``: its ref, 0 for the Python path, or -1 with an exception. */
+static long long
+nqueue_store(NQueue *self, PyObject *item)
+{
+    PyObject *payload = NULL;
+    long long number = 0;
+    uint64_t kind = COORD_KIND_INT, length = 8;
+    int overflow = 0;
+    if (PyLong_CheckExact(item)) {
+        number = PyLong_AsLongLongAndOverflow(item, &overflow);
+        if (overflow)
+            return 0;
+    }
+    else {
+        payload = PyObject_CallOneArg(self->encode, item);
+        if (payload == NULL)
+            return -1;
+        if (!PyBytes_CheckExact(payload)) {
+            Py_DECREF(payload);
+            return 0;  /* stored with put(): Python does it */
+        }
+        kind = COORD_KIND_PICKLE;
+        length = (uint64_t)PyBytes_GET_SIZE(payload);
+    }
+    PyObject *size = PyLong_FromUnsignedLongLong(COORD_NODE_HEADER + length);
+    PyObject *got = size != NULL ? PyObject_CallOneArg(self->alloc, size) : NULL;
+    Py_XDECREF(size);
+    long long ref = got != NULL ? PyLong_AsLongLong(got) : -1;
+    Py_XDECREF(got);
+    if (ref == -1 && PyErr_Occurred()) {
+        Py_XDECREF(payload);
+        return -1;
+    }
+    unsigned char *holder;
+    uint64_t *node = nqueue_node(self, (uint64_t)ref, COORD_NODE_HEADER + length, &holder);
+    if (node == NULL) {
+        Py_XDECREF(payload);
+        if (PyErr_Occurred() || nqueue_free(self, (uint64_t)ref) < 0)
+            return -1;
+        return 0;
+    }
+    node[0] = 0;
+    node[2] = 0;
+    if (payload != NULL)
+        memcpy(node + 3, PyBytes_AS_STRING(payload), length);
+    else
+        memcpy(node + 3, &number, 8);
+    node[1] = kind << 56 | length;
+    Py_XDECREF(payload);
+    return ref;
+}
+
+static PyObject *
+NQueue_put(NQueue *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t given = nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0);
+    int has_deadline = 0;
+    double deadline = 0;
+    if (nargs < 1 || given > 2 || !timeout_ok(args, nargs, kwnames) || !self->have_views)
+        return PyObject_Vectorcall(self->slow_put, args, nargsf, kwnames);
+    PyObject *timeout = nargs > 1 ? args[1] : given > 1 ? args[1] : Py_None;
+    nqueue_timeout(timeout, &has_deadline, &deadline);
+    PyObject *item = args[0];
+    long long node = nqueue_store(self, item);
+    if (node < 0)
+        return NULL;
+    if (node == 0)
+        return nqueue_fallback(self->slow_put, item, has_deadline, deadline);
+    for (;;) {
+        int entered = nqueue_enter(self, has_deadline, deadline);
+        if (entered != 0) {
+            if (nqueue_free(self, (uint64_t)node) < 0 || entered < 0)
+                return NULL;
+            return nqueue_fallback(self->slow_put, item, has_deadline, deadline);
+        }
+        uint64_t *rec = self->rec;
+        uint64_t count = LOAD(&rec[COORD_HEAD + 2]), capacity = LOAD(&rec[COORD_PARAM]);
+        if (capacity && count >= capacity && !LOAD(&rec[COORD_HEAD + 5])) {
+            uint32_t seen = nqueue_sleep_on(self);
+            nqueue_leave(self, 0);
+            if (has_deadline && monotonic() >= deadline) {
+                if (nqueue_free(self, (uint64_t)node) < 0)
+                    return NULL;
+                return nqueue_fallback(self->slow_put, item, has_deadline, deadline);
+            }
+            if (nqueue_wait(self, seen, has_deadline, deadline) < 0) {
+                PyObject *type, *value, *trace;
+                PyErr_Fetch(&type, &value, &trace);
+                nqueue_free(self, (uint64_t)node);
+                PyErr_Restore(type, value, trace);  /* (the signal's error wins) */
+                return NULL;
+            }
+            continue;
+        }
+        uint64_t tail = LOAD(&rec[COORD_HEAD + 1]);
+        unsigned char *holder, *tail_holder;
+        uint64_t *tail_words = tail ? nqueue_node(self, tail, COORD_NODE_HEADER, &tail_holder)
+                                    : NULL;
+        uint64_t *words = nqueue_node(self, (uint64_t)node, COORD_NODE_HEADER, &holder);
+        if (LOAD(&rec[COORD_HEAD + 5]) || words == NULL || (tail && tail_words == NULL)) {
+            nqueue_leave(self, 0);  /* closed, or a node Python must look at */
+            if (PyErr_Occurred() || nqueue_free(self, (uint64_t)node) < 0)
+                return NULL;
+            return nqueue_fallback(self->slow_put, item, has_deadline, deadline);
+        }
+        nqueue_begin(self, COORD_OP_PUT, tail, tail_words, (uint64_t)node, 0);
+        nqueue_set_holder(holder, 0);  /* HELD: the queue's (owners.hold_locked) */
+        if (tail)
+            STORE(&tail_words[0], (uint64_t)node);
+        else
+            STORE(&rec[COORD_HEAD], (uint64_t)node);
+        STORE(&rec[COORD_HEAD + 1], (uint64_t)node);
+        STORE(&rec[COORD_HEAD + 2], count + 1);
+        nqueue_leave(self, nqueue_end(self));
+        Py_RETURN_NONE;
+    }
+}
+
+static PyObject *
+NQueue_get(NQueue *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t given = nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0);
+    PyObject *timeout = given ? args[0] : Py_None;
+    int has_deadline = 0;
+    double deadline = 0;
+    if (given > 1 || (kwnames != NULL && PyUnicode_CompareWithASCIIString(
+                PyTuple_GET_ITEM(kwnames, 0), "timeout") != 0)
+            || !nqueue_timeout(timeout, &has_deadline, &deadline) || !self->have_views)
+        return PyObject_Vectorcall(self->slow_get, args, nargsf, kwnames);
+    for (;;) {
+        int entered = nqueue_enter(self, has_deadline, deadline);
+        if (entered != 0)
+            return entered < 0 ? NULL : nqueue_fallback(self->slow_get, NULL, has_deadline,
+                                                        deadline);
+        uint64_t *rec = self->rec;
+        uint64_t count = LOAD(&rec[COORD_HEAD + 2]);
+        if (LOAD(&rec[COORD_HEAD + 4]) || (!count && LOAD(&rec[COORD_HEAD + 5]))) {
+            nqueue_leave(self, 0);  /* leases to look at, or closed: Python does it */
+            return nqueue_fallback(self->slow_get, NULL, has_deadline, deadline);
+        }
+        if (!count) {
+            uint32_t seen = nqueue_sleep_on(self);
+            nqueue_leave(self, 0);
+            if (has_deadline && monotonic() >= deadline)
+                return nqueue_fallback(self->slow_get, NULL, has_deadline, deadline);
+            if (nqueue_wait(self, seen, has_deadline, deadline) < 0)
+                return NULL;
+            continue;
+        }
+        uint64_t node = LOAD(&rec[COORD_HEAD]);
+        unsigned char *holder;
+        uint64_t *words = nqueue_node(self, node, COORD_NODE_HEADER, &holder);
+        uint64_t tag = words != NULL ? LOAD(&words[1]) : 0;
+        uint64_t kind = tag >> 56, length = tag & (((uint64_t)1 << 56) - 1);
+        if (words != NULL && !((kind == COORD_KIND_INT && length == 8)
+                               || (kind == COORD_KIND_PICKLE && length <= 1u << 30)))
+            words = NULL;
+        if (words != NULL)
+            words = nqueue_node(self, node, COORD_NODE_HEADER + length, &holder);
+        if (words == NULL) {  /* an arena not mapped here, an item stored with put() */
+            nqueue_leave(self, 0);
+            return PyErr_Occurred() ? NULL : nqueue_fallback(self->slow_get, NULL,
+                                                             has_deadline, deadline);
+        }
+        PyObject *item;
+        if (kind == COORD_KIND_INT) {
+            long long number;
+            memcpy(&number, words + 3, 8);
+            item = PyLong_FromLongLong(number);
+        }
+        else {  /* unpickled under the lock, as in Python: one that fails stays queued */
+            PyObject *payload = PyBytes_FromStringAndSize((const char *)(words + 3),
+                                                          (Py_ssize_t)length);
+            item = payload != NULL ? PyObject_CallOneArg(self->loads, payload) : NULL;
+            Py_XDECREF(payload);
+            if (item != NULL)  /* (Python code ran: look the nodes up again) */
+                words = nqueue_node(self, node, COORD_NODE_HEADER + length, &holder);
+            if (item != NULL && (words == NULL || LOAD(&rec[COORD_HEAD]) != node)) {
+                Py_CLEAR(item);
+                nqueue_leave(self, 0);
+                if (PyErr_Occurred())
+                    return NULL;
+                return nqueue_fallback(self->slow_get, NULL, has_deadline, deadline);
+            }
+        }
+        if (item == NULL) {
+            nqueue_leave(self, 0);
+            return NULL;
+        }
+        uint64_t following = LOAD(&words[0]);
+        nqueue_begin(self, COORD_OP_TAKE, 0, NULL, 0, node);
+        STORE(&rec[COORD_HEAD], following);
+        if (!following)
+            STORE(&rec[COORD_HEAD + 1], (uint64_t)0);
+        STORE(&rec[COORD_HEAD + 2], count - 1);
+        uint64_t token = self->lock->token;  /* the getter's now (owners.adopt_locked) */
+        nqueue_set_holder(holder, (uint32_t)((token >> 32) << 16 | (token & 0xFFFF)));
+        nqueue_leave(self, nqueue_end(self));
+        if (nqueue_free(self, node) < 0) {
+            Py_DECREF(item);
+            return NULL;
+        }
+        return item;
+    }
+}
+
+static int
+NQueue_init(NQueue *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"lock", "coord", "record", "control", "alloc", "free", "holder_at",
+                            "encode", "loads", "slow_put", "slow_get", "slice", NULL};
+    PyObject *lock, *coord, *control, *alloc, *free, *holder_at, *encode, *loads, *slow_put,
+             *slow_get;
+    long record;
+    double slice;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OlOOO!OOOOOd", names, &LockType, &lock,
+                                     &coord, &record, &control, &alloc, &FreeType, &free,
+                                     &holder_at, &encode, &loads, &slow_put, &slow_get, &slice))
+        return -1;
+    if (self->have_views) {
+        PyErr_SetString(PyExc_TypeError, "Queue is initialised already");
+        return -1;
+    }
+    Py_ssize_t n;
+    Py_ssize_t *at = ssize_array(holder_at, &n);
+    if (at == NULL)
+        return -1;
+    if (n != ((Free *)free)->nclasses) {
+        PyMem_Free(at);
+        PyErr_SetString(PyExc_ValueError, "Queue: holder_at must have one entry per class");
+        return -1;
+    }
+    if (PyObject_GetBuffer(coord, &self->coord, PyBUF_WRITABLE) < 0) {
+        PyMem_Free(at);
+        return -1;
+    }
+    if (PyObject_GetBuffer(control, &self->control, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&self->coord);
+        PyMem_Free(at);
+        return -1;
+    }
+    self->have_views = 1;
+    self->holder_at = at;
+    self->nclasses = n;
+    if (record < 0 || record >= COORD_RECORDS
+            || self->coord.len < (COORD_HEADER_WORDS + COORD_RECORDS * COORD_RECORD_WORDS) * 8
+            || self->control.len < CONTROL_JOURNAL_ARG_OFFSET + 8) {
+        PyErr_SetString(PyExc_ValueError, "Queue: the segments are too short");
+        return -1;
+    }
+    self->words = (uint64_t *)self->coord.buf;
+    self->rec = self->words + COORD_HEADER_WORDS + record * COORD_RECORD_WORDS;
+    self->futex = (uint32_t *)&self->rec[COORD_FUTEX];
+    self->journal = (uint64_t *)((char *)self->control.buf + CONTROL_JOURNAL_OFFSET);
+    self->journal_arg = (uint64_t *)((char *)self->control.buf + CONTROL_JOURNAL_ARG_OFFSET);
+    self->record = record;
+    self->slice = slice;
+    Py_XSETREF(self->lock, (Lock *)Py_NewRef(lock));
+    Py_XSETREF(self->free, (Free *)Py_NewRef(free));
+    Py_XSETREF(self->alloc, Py_NewRef(alloc));
+    Py_XSETREF(self->encode, Py_NewRef(encode));
+    Py_XSETREF(self->loads, Py_NewRef(loads));
+    Py_XSETREF(self->slow_put, Py_NewRef(slow_put));
+    Py_XSETREF(self->slow_get, Py_NewRef(slow_get));
+    return 0;
+}
+
+static PyObject *
+NQueue_release(NQueue *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->have_views) {
+        self->have_views = 0;
+        PyBuffer_Release(&self->coord);
+        PyBuffer_Release(&self->control);
+    }
+    Py_RETURN_NONE;
+}
+
+static int
+NQueue_traverse(NQueue *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->lock);
+    Py_VISIT(self->free);
+    Py_VISIT(self->alloc);
+    Py_VISIT(self->encode);
+    Py_VISIT(self->loads);
+    Py_VISIT(self->slow_put);
+    Py_VISIT(self->slow_get);
+    return 0;
+}
+
+static int
+NQueue_clear(NQueue *self)
+{
+    Py_CLEAR(self->lock);
+    Py_CLEAR(self->free);
+    Py_CLEAR(self->alloc);
+    Py_CLEAR(self->encode);
+    Py_CLEAR(self->loads);
+    Py_CLEAR(self->slow_put);
+    Py_CLEAR(self->slow_get);
+    return 0;
+}
+
+static void
+NQueue_dealloc(NQueue *self)
+{
+    PyObject_GC_UnTrack(self);
+    PyObject *ignored = NQueue_release(self, NULL);
+    Py_XDECREF(ignored);
+    NQueue_clear(self);
+    PyMem_Free(self->holder_at);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef NQueue_methods[] = {
+    {"put", (PyCFunction)(void (*)(void))NQueue_put, METH_FASTCALL | METH_KEYWORDS,
+     "put(item, timeout=None), as coord.Queue.put"},
+    {"get", (PyCFunction)(void (*)(void))NQueue_get, METH_FASTCALL | METH_KEYWORDS,
+     "get(timeout=None), as coord.Queue.get"},
+    {"release", (PyCFunction)NQueue_release, METH_NOARGS,
+     "let go of the segments (the heap is closed): every call takes the Python path"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject NQueueType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmheap._native.Queue",
+    .tp_basicsize = sizeof(NQueue),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Queue(lock, coord, record, control, alloc, free, holder_at, encode, loads, "
+              "slow_put, slow_get, slice): coord.Queue's put and get.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)NQueue_init,
+    .tp_dealloc = (destructor)NQueue_dealloc,
+    .tp_traverse = (traverseproc)NQueue_traverse,
+    .tp_clear = (inquiry)NQueue_clear,
+    .tp_methods = NQueue_methods,
 };
 
 /* -- RootReader: roots.py's lock-free lookup of heap.roots[name] --------------------------
@@ -3263,9 +3991,32 @@ RootWriter_close(RootWriter *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+static int
+RootWriter_traverse(RootWriter *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->reader);
+    Py_VISIT(self->lock);
+    Py_VISIT(self->control);
+    Py_VISIT(self->records);
+    Py_VISIT(self->reach);
+    return 0;
+}
+
+static int
+RootWriter_clear(RootWriter *self)
+{
+    /* control first: with it gone every call answers None before it looks at the rest */
+    Py_XDECREF(RootWriter_close(self, NULL));
+    Py_CLEAR(self->reader);
+    Py_CLEAR(self->records);
+    Py_CLEAR(self->reach);
+    return 0;
+}
+
 static void
 RootWriter_dealloc(RootWriter *self)
 {
+    PyObject_GC_UnTrack(self);
     Py_CLEAR(self->reader);
     Py_CLEAR(self->lock);
     Py_CLEAR(self->control);
@@ -3291,13 +4042,15 @@ static PyTypeObject RootWriterType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shmheap._native.RootWriter",
     .tp_basicsize = sizeof(RootWriter),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "RootWriter(reader, lock, control, records, classes, arena_shift, page_shift, "
               "max_roots, reach): writer(name, ref, timeout) -> True, False (nothing to "
               "unbind) or None if unsure (roots.py's _bind_locked decides).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)RootWriter_init,
     .tp_dealloc = (destructor)RootWriter_dealloc,
+    .tp_traverse = (traverseproc)RootWriter_traverse,
+    .tp_clear = (inquiry)RootWriter_clear,
     .tp_methods = RootWriter_methods,
     .tp_vectorcall_offset = offsetof(RootWriter, vectorcall),
     .tp_call = PyVectorcall_Call,
@@ -3319,7 +4072,7 @@ static int
 add_layout(PyObject *module)
 {
     PyObject *layout = Py_BuildValue(
-        "{sisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisi}",
+        "{sisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisisi}",
         "LIVE_OWNER_OFFSET", LIVE_OWNER_OFFSET,
         "LIVE_WAITER_OFFSET", LIVE_WAITER_OFFSET,
         "LIVE_RECOVERIES_OFFSET", LIVE_RECOVERIES_OFFSET,
@@ -3336,6 +4089,19 @@ add_layout(PyObject *module)
         "CONTROL_JOURNAL_ARG_OFFSET", CONTROL_JOURNAL_ARG_OFFSET,
         "CONTROL_DESTROYED_OFFSET", CONTROL_DESTROYED_OFFSET,
         "CONTROL_ROOTS_OP", CONTROL_ROOTS_OP,
+        "CONTROL_COORD_OP", CONTROL_COORD_OP,
+        "COORD_HEADER_WORDS", COORD_HEADER_WORDS,
+        "COORD_RECORD_WORDS", COORD_RECORD_WORDS,
+        "COORD_RECORDS", COORD_RECORDS,
+        "COORD_FUTEX", COORD_FUTEX,
+        "COORD_PARAM", COORD_PARAM,
+        "COORD_HEAD", COORD_HEAD,
+        "COORD_INTENT", COORD_INTENT,
+        "COORD_OP_PUT", COORD_OP_PUT,
+        "COORD_OP_TAKE", COORD_OP_TAKE,
+        "COORD_NODE_HEADER", COORD_NODE_HEADER,
+        "COORD_KIND_INT", COORD_KIND_INT,
+        "COORD_KIND_PICKLE", COORD_KIND_PICKLE,
         "META_SEQ_OFFSET", META_SEQ_OFFSET,
         "SPAN_HOLDER_SIZE", SPAN_HOLDER_SIZE,
         "ROOTS_TABLE_OFFSET", ROOTS_TABLE_OFFSET,
@@ -3372,7 +4138,8 @@ PyInit__native(void)
 {
     PyTypeObject *types[] = {&PinType, &MutexType, &LockType, &SnapType, &SnapIterType,
                              &SnapshotsType, &CacheType, &AllocType, &RecordType, &FreeType,
-                             &MappingType, &CounterType, &RootReaderType, &RootWriterType};
+                             &MappingType, &CounterType, &NQueueType, &RootReaderType,
+                             &RootWriterType};
     crc32_init();
     for (size_t i = 0; i < sizeof types / sizeof types[0]; i++)
         if (PyType_Ready(types[i]) < 0)
@@ -3390,6 +4157,7 @@ PyInit__native(void)
             || PyModule_AddObjectRef(module, "Free", (PyObject *)&FreeType) < 0
             || PyModule_AddObjectRef(module, "Mapping", (PyObject *)&MappingType) < 0
             || PyModule_AddObjectRef(module, "Counter", (PyObject *)&CounterType) < 0
+            || PyModule_AddObjectRef(module, "Queue", (PyObject *)&NQueueType) < 0
             || PyModule_AddObjectRef(module, "RootReader", (PyObject *)&RootReaderType) < 0
             || PyModule_AddObjectRef(module, "RootWriter", (PyObject *)&RootWriterType) < 0
             || add_layout(module) < 0) {

@@ -320,17 +320,16 @@ class _Cache:
         self.h0 = self.a0 + cls.holder_at
         self.holder = holder
         self.base = pages.base
-        self.free = list(range(cls.nelems - 1, -1, -1)) if fresh else self.rescan()
+        self.free: list[int] = list(range(cls.nelems - 1, -1, -1))
+        if not fresh:
+            self.rescan()
 
-    def rescan(self) -> list[int]:
+    def rescan(self) -> int:
+        """Give out the slots free now (the span's alloc bytes) from here on; how many."""
         free = positions(bytes(self.data[self.a0:self.m0]), 0)
         free.reverse()
-        return free
-
-
-def _free_now(cache: _Cache, nelems: int) -> int:
-    """How many slots of the cached span are free now (its alloc bytes, read)."""
-    return bytes(cache.pages.data[cache.a0:cache.a0 + nelems]).count(0)
+        self.free = free
+        return len(free)
 
 
 #: what makes a span cache: the native core's type (same attributes and methods), or _Cache
@@ -501,10 +500,10 @@ class Allocator:
         self.heap._check_writable("alloc()")
         old = self._caches[c]
         if old is not None:
-            old.free = old.rescan()
-            if len(old.free) * KEEP_FRACTION >= old.cls.nelems:
+            free = old.rescan()
+            if free * KEEP_FRACTION >= old.cls.nelems:
                 return
-            if self._swap_spare(c, old):
+            if self._swap_spare(c, old, free):
                 if self._pending:  # (left by an interrupt) the next refill with the lock
                     self._lock.run(self._settle_pending, deadline, write=True)
                 return
@@ -522,26 +521,28 @@ class Allocator:
         return {(cache.pages.index, cache.start)
                 for cache in itertools.chain(self._caches, *self._spares) if cache}
 
-    def _swap_spare(self, c: int, old: _Cache) -> bool:
-        """Allocate from a spare of class ``c`` with enough free slots instead of ``old``,
-        which becomes a spare (no lock); False if none has them, and ``old`` is a spare now.
+    def _swap_spare(self, c: int, old: _Cache, free: int) -> bool:
+        """Allocate from a spare of class ``c`` with enough free slots instead of ``old`` (which
+        has ``free``), and make ``old`` a spare (no lock); False if none has them.
 
-        Past ``SPARE_SPANS`` spares the fullest one is given up (to ``_pending``,
-        disowned by the refill's lock hold).  Every span stays in the cache or
-        the spares (or ``_pending``) at every step, so an interrupt anywhere
-        leaves no span of ours that no list of ours names.
+        The oldest spare that has them is taken (the one given up first, whose
+        objects are likeliest freed).  Past ``SPARE_SPANS`` spares the fullest
+        one is given up (to ``_pending``, disowned by the refill's lock hold).
+        Every span stays in the cache or the spares (or ``_pending``) at every
+        step, so an interrupt anywhere leaves no span of ours that no list of
+        ours names.
         """
         spares = self._spares[c]
         spares.append(old)
         nelems = old.cls.nelems
-        counts = [_free_now(spare, nelems) for spare in spares]
-        best = max(range(len(spares) - 1), key=counts.__getitem__, default=-1)
-        if best >= 0 and counts[best] * KEEP_FRACTION >= nelems:
-            spare = spares[best]
-            spare.free = spare.rescan()
-            self._caches[c] = spare
-            del spares[best]
-            return True
+        counts = []
+        for spare in spares[:-1]:
+            counts.append(spare.rescan())
+            if counts[-1] * KEEP_FRACTION >= nelems:
+                self._caches[c] = spare
+                del spares[len(counts) - 1]
+                return True
+        counts.append(free)
         if len(spares) > SPARE_SPANS:
             fullest = min(range(len(spares)), key=counts.__getitem__)
             self._pending.append((spares[fullest].pages, spares[fullest].start))
@@ -557,7 +558,7 @@ class Allocator:
         given = 0
         for spares in self._spares:
             for spare in [spare for spare in spares
-                          if _free_now(spare, spare.cls.nelems) == spare.cls.nelems]:
+                          if spare.rescan() == spare.cls.nelems]:
                 self._pending.append((spare.pages, spare.start))
                 spares.remove(spare)
                 given += 1

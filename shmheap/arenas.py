@@ -510,13 +510,14 @@ class ArenaMap:
         self.max_arenas = max_arenas
         self._name = map_name(heap_name)
         try:
-            self._fd, st = segments.open_fd(self._name, readonly)
+            fd, st = segments.open_fd(self._name, readonly)
         except FileNotFoundError:
             raise HeapCorruptError(
                 f"heap {heap_name!r} has no arena map /dev/shm/{self._name}") from None
         if st.st_size < map_bytes(max_arenas):
-            os.close(self._fd)
+            os.close(fd)
             raise HeapCorruptError(f"/dev/shm/{self._name} is shorter than its heap needs")
+        self._fd = fd
         #: the map mapped writable, on the first ``add``, and the pages of it this process
         #: reserved (fallocate) before its first store there: a full /dev/shm is an error
         #: there, never SIGBUS at the store
@@ -604,6 +605,12 @@ class ArenaMap:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def __del__(self, _close: Callable[[int], None] = os.close) -> None:
+        # (a handle dropped without close(): its descriptor goes with the garbage collector)
+        fd = getattr(self, "_fd", -1)
+        if fd >= 0:
+            _close(fd)
 
 
 def map_bytes(max_arenas: int) -> int:

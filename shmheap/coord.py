@@ -33,15 +33,24 @@ last; kind, name and parameter never change after that, so a lookup reads
 them with no lock.  Records are never reused while the heap exists.
 
 Queue items are *nodes*, heap objects (allocator.py) of 24 bytes and the item:
-``next`` (ref), ``tag`` (kind << 56 | payload length: an int in 8 bytes, or a
-pickle), ``token`` (the liveness token of its leaser).  A queue is a singly
-linked list head -> tail; leased nodes are in a second list (any order).  A
-node is its queue's from the put that links it (``owners.hold_locked``, in
-that put's undo record) until a get or a lease's end hands it to the taker
-(``owners.adopt_locked``, the op's last store; its undo makes it the queue's
-again), and a counter's cells and a barrier's tokens are their structure's,
-so ``heap.reclaim()`` leaves them alone while they are held and frees a
-taken node whose taker died before it freed it.
+``next`` (ref), ``tag`` (kind << 56 | payload length: an int in 8 bytes, a
+pickle of at most ``INLINE_MAX`` bytes with no out-of-band buffers, or the
+8-byte ref of the object ``heap.put`` stored any other item in, objects.py),
+``token`` (the liveness token of its leaser).  A queue is a singly linked list
+head -> tail; leased nodes are in a second list (any order).  A node, and the
+object of its item, are their queue's from the put that links them
+(``owners.hold_locked``, in that put's undo record) until a get or a lease's
+end hands them to the taker (``owners.adopt_locked``, the op's last stores;
+its undo makes them the queue's again), and a counter's cells and a barrier's
+tokens are their structure's, so ``heap.reclaim()`` leaves them alone while
+they are held and frees what a taker that died had taken.  The taker frees the
+node at once; an item's object is the memory of the views ``get`` returns (a
+numpy array comes back zero-copy, writable for a get, read-only for a lease,
+whose item may be delivered again), so it is freed once the taker owns it and
+its last view is gone (``_Lent``, through objects.get's ``gone``), at the
+handle's next queue call if that happens while the thread is inside a hold of
+the heap lock.  A lease given back leaves the leaser's views on an object that
+is the queue's again: they must not be used after the block.
 
 A barrier's parties are *registered*: ``heap.barrier(name, parties)`` (and a
 ``wait`` of a process that is not, e.g. a forked child) stores the caller's
@@ -75,7 +84,9 @@ change into the intent record, then writes the journal (control.py, op
 ``COORD``).  A holder stopped anywhere before the journal is cleared leaves
 the journal dirty; the next writable lock holder (repair.py) restores the
 saved words and frees the node a half-done ``put`` was linking if its putter
-is dead (a live putter frees it as its exception leaves ``put``).  So a
+is dead, making the object of its item nobody's (``ORPHAN``: ``reclaim()``
+frees it), and makes a half-handed-over node and object the queue's again (a
+live putter frees both as its exception leaves ``put``).  So a
 half-done put never happened (the putter got no answer), a half-done get or
 lease leaves the item at the head, a half-done acknowledgement leaves the
 lease in place (redelivered when its leaser is gone).  Nodes are freed only
@@ -94,6 +105,21 @@ system call.  An event's waiter is the exception: a read-only handle may
 sleep on the word (the kernel only reads it) but can write nothing, so
 ``Event.wait`` takes no lock and says nothing, in either kind of handle, and
 ``set()`` always wakes (one system call, and events are set rarely).
+
+The native core puts and gets in one C call each (``_native.c`` Queue, bound
+as the handle's ``put`` and ``get``) the items a node keeps itself: the same
+words, intent record, journal op and holder words, in the same order, under
+the heap lock taken by the native ``Lock``.  Whatever it is not sure of it
+leaves, before it has changed anything, to the Python path here (the pure
+core's, which stays): a closed queue, a queue with leased items (their dead
+leasers are looked for here), a node in an arena the handle has not mapped, an
+item stored with ``put``, a deadline that ran out.  A process started with a
+crash point armed runs the Python lock and these Python paths (lock.py), so
+the points are reached there.  Its waiters sleep on the futex word at once: a
+bounded spin on the word before sleeping was measured (``shmheap bench
+coord``, a busy 2-core machine) and lost, 18.5 us a round trip with 10 us of
+spin and 7 us with 1 us against 6.2 us without, since a spinner takes the core
+the other side needs.
 
 Counters: the native core adds with one atomic instruction on ``base``
 (``__atomic_add_fetch``); Python has no atomic add on shared memory, so the
@@ -124,7 +150,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import control, core, crash, owners, segments, waits
+from . import control, core, crash, objects, owners, segments, waits
 from .errors import (
     HeapCorruptError,
     HeapNotFoundError,
@@ -193,7 +219,10 @@ OP_NAMES = {OP_PUT: "putting an item on", OP_TAKE: "taking an item from",
 # node words
 _NEXT, _TAG, _TOKEN = 0, 1, 2
 NODE_HEADER = 24
-_INT, _PICKLE = 1, 2
+_INT, _PICKLE, _REF = 1, 2, 3
+#: Longest pickle a node keeps itself; a longer one, or one with out-of-band buffers, is
+#: stored with ``heap.put`` and the node keeps its ref (``_inline``).
+INLINE_MAX = 4000
 _TAG_SHIFT = 56
 _INT64 = struct.Struct("<q")
 _U32 = (1 << 32) - 1
@@ -329,8 +358,24 @@ class CoordTable:
         self._arenas: set[int] = set()
         #: name -> record number, of the records this handle has looked up
         self._found: dict[str, int] = {}
+        #: objects of items whose views are gone, to free at the next queue call (_Lent)
+        self._unviewed: list[int] = []
         lock = heap._lock
         self.lock: HeapLock = lock  # type: ignore[assignment]
+
+    def native_queue(self, record: int, slow_put: Callable[..., None],
+                     slow_get: Callable[..., object]) -> Any:
+        """The native core's put and get of queue ``record`` (None on the pure core, and
+        while crash points are armed: the Python paths reach them)."""
+        native, lock, free = core.native, self.lock.native, self.allocator.free
+        if native is None or lock is None or not isinstance(free, native.Free):
+            return None
+        queue = native.Queue(
+            lock, self._seg.buf, record, self.heap._words, self.allocator.alloc, free,
+            [cls.holder_at for cls in self.allocator.classes], _inline, pickle.loads,
+            slow_put, slow_get, SLICE)
+        self._natives.append(queue)
+        return queue
 
     def close(self) -> None:
         for native in self._natives:
@@ -526,7 +571,11 @@ class CoordTable:
             if words[node]:
                 self.node(int(words[node]))[_NEXT] = words[saved]
         if words[_I_HOLD]:  # back in the queue: the queue's again, whoever had taken it
-            owners.hold_locked(self.allocator, int(words[_I_HOLD]))
+            node = int(words[_I_HOLD])
+            owners.hold_locked(self.allocator, node)
+            obj = self._object_or_none(node)
+            if obj:
+                owners.hold_locked(self.allocator, obj)
         if op == OP_LEAVE:  # the leaver is a party again (a dead one breaks the barrier)
             tokens = self.allocator.view(int(words[b + _TOKENS])).cast("Q")
             if int(words[_I_AT]) < min(len(tokens), int(words[b + _PARAM])):
@@ -536,6 +585,9 @@ class CoordTable:
         assert live is not None
         if orphan and not live.token_alive(int(words[_I_OWNER])):
             # (a live putter frees its node itself, when its exception passes put())
+            obj = self._object_or_none(orphan)
+            if obj:  # nobody's: reclaim() frees it (a repair run twice makes it so twice)
+                owners.orphan_locked(self.allocator, obj)
             words[_I_FREE] = 0  # cleared first: a repair stopped now leaks, never frees twice
             self.allocator.free_locked(orphan)
         self.bump(record)
@@ -571,28 +623,83 @@ class CoordTable:
         return self._bytes(ref, NODE_HEADER).cast("Q")
 
     def store(self, item: object) -> int:
-        """A new node holding ``item`` (an int, else its pickle); not linked anywhere."""
+        """A new node holding ``item`` (an int, its pickle, or the ref of the object
+        ``heap.put`` stored it in: ``_inline``); not linked anywhere."""
+        obj = 0
         if type(item) is int and -(1 << 63) <= item < 1 << 63:
             kind, payload = _INT, _INT64.pack(item)
         else:
-            kind, payload = _PICKLE, pickle.dumps(item, pickle.HIGHEST_PROTOCOL)
-        ref = self.allocator.alloc(NODE_HEADER + len(payload))
+            inline = _inline(item)
+            if inline is not None:
+                kind, payload = _PICKLE, inline
+            else:
+                obj = objects.put(self.allocator, item)  # (this process's until linked)
+                kind, payload = _REF, _INT64.pack(obj)
+        try:
+            ref = self.allocator.alloc(NODE_HEADER + len(payload))
+        except BaseException:
+            if obj:
+                self.allocator.free(obj)
+            raise
         view = self._bytes(ref, NODE_HEADER + len(payload))
         view[NODE_HEADER:] = payload
         view[:NODE_HEADER].cast("Q")[_TAG] = kind << _TAG_SHIFT | len(payload)
         return ref
 
-    def load(self, ref: int) -> object:
-        """The item the node at ``ref`` holds."""
+    def _payload(self, ref: int) -> tuple[int, memoryview]:
+        """(kind, payload) of the node at ``ref``, checked."""
         tag = self.node(ref)[_TAG]
         kind, length = tag >> _TAG_SHIFT, tag & ((1 << _TAG_SHIFT) - 1)
-        if kind not in (_INT, _PICKLE) or length > MAX_ITEM:
+        if kind not in (_INT, _PICKLE, _REF) or length > MAX_ITEM or (
+                kind != _PICKLE and length != 8):
             raise HeapCorruptError(f"heap {self.heap.name!r}: the queue node at {ref:#x} is "
                                    "damaged; run `shmheap fsck --repair`")
-        payload = self._bytes(ref, NODE_HEADER + length)[NODE_HEADER:]
+        return kind, self._bytes(ref, NODE_HEADER + length)[NODE_HEADER:]
+
+    def item_object(self, ref: int) -> int:
+        """The ref of the object the item of node ``ref`` is stored in, 0 if the node
+        keeps its item itself."""
+        kind, payload = self._payload(ref)
+        return int(_INT64.unpack(payload)[0]) if kind == _REF else 0
+
+    def load(self, ref: int, writable: bool) -> tuple[object, _Lent | None]:
+        """The item the node at ``ref`` holds; for one stored with ``heap.put``, what
+        decides when its object is freed (its views are the object's memory)."""
+        kind, payload = self._payload(ref)
         if kind == _INT:
-            return _INT64.unpack(payload)[0]
-        return pickle.loads(payload)
+            return _INT64.unpack(payload)[0], None
+        if kind == _PICKLE:
+            return pickle.loads(payload), None
+        lent = _Lent(self, int(_INT64.unpack(payload)[0]))
+        return objects.get(self.allocator, lent.ref, writable, gone=lent.unviewed), lent
+
+    def _object_or_none(self, node: int) -> int:
+        """``item_object``, 0 if the node is damaged (a repair leaks its object then)."""
+        try:
+            return self.item_object(node)
+        except ShmHeapError:
+            return 0
+
+    def free_node(self, node: int) -> None:
+        """Free a node that is no queue's, and the object its item is stored in."""
+        obj = self.item_object(node)
+        self.allocator.free(node)
+        if obj:
+            self.allocator.free(obj)
+
+    def free_unviewed(self, ref: int) -> None:
+        """Free object ``ref`` of this process, whose item's views are all gone: now, or at
+        this handle's next queue call if this thread may be inside a hold of the heap lock
+        (a view may go anywhere, as a garbage collection runs)."""
+        self._unviewed.append(ref)
+        if not self.heap._mutex._is_owned():
+            self.flush_unviewed()
+
+    def flush_unviewed(self) -> None:
+        """Free what ``free_unviewed`` left; a closed heap's stay this process's (reclaim()
+        frees them once it is gone)."""
+        while self._unviewed and not self.heap.closed:
+            self.allocator.free(self._unviewed.pop())
 
     # -- waiting -----------------------------------------------------------------------------
 
@@ -624,6 +731,44 @@ class CoordTable:
         return _wrap(value)
 
 
+def _inline(item: object) -> bytes | None:
+    """The pickle of ``item`` if its node keeps it (at most INLINE_MAX bytes and no
+    out-of-band buffers), else None: it is stored with ``heap.put``, zero-copy."""
+    buffers: list[pickle.PickleBuffer] = []
+    payload = pickle.dumps(item, pickle.HIGHEST_PROTOCOL, buffer_callback=buffers.append)
+    return payload if not buffers and len(payload) <= INLINE_MAX else None
+
+
+class _Lent:
+    """The object an item was stored in with ``heap.put``, handed to this process as views
+    (``objects.get``): freed once it is this process's (``own``: a get, a lease's end) and
+    no view of it is left (``unviewed``), whichever comes last; a process that dies first
+    leaves it to ``reclaim()``."""
+
+    __slots__ = ("_gone", "_mine", "_once", "pid", "ref", "table")
+
+    def __init__(self, table: CoordTable, ref: int) -> None:
+        self.table = table
+        self.ref = ref
+        self.pid = os.getpid()  # (a forked child's copies of the views free nothing)
+        self._mine = self._gone = False
+        self._once = threading.Lock()  # (the views may go in another thread)
+
+    def own(self) -> None:
+        self._settle(mine=True)
+
+    def unviewed(self) -> None:
+        self._settle(gone=True)
+
+    def _settle(self, mine: bool = False, gone: bool = False) -> None:
+        with self._once:
+            self._mine |= mine
+            self._gone |= gone
+            due, self.ref = (self.ref, 0) if self._mine and self._gone else (0, self.ref)
+        if due and self.pid == os.getpid():
+            self.table.free_unviewed(due)
+
+
 def _wrap(value: int) -> int:
     """A 64-bit two's complement reading of ``value``."""
     value &= (1 << 64) - 1
@@ -645,6 +790,11 @@ class Queue:
         self._record = table.open(name, QUEUE, -1 if capacity is None else capacity)
         self._b = table.base(self._record)
         self._scanned = 0.0
+        native = table.native_queue(self._record, Queue.put.__get__(self),
+                                    Queue.get.__get__(self))
+        if native is not None:  # one C call each (_native.c Queue); this class's methods
+            self.put = native.put  # type: ignore[method-assign]  # do what it leaves them
+            self.get = native.get  # type: ignore[method-assign]
 
     def __repr__(self) -> str:
         return f"<Queue {self.name!r} of heap {self._table.heap.name!r}, {len(self)} items>"
@@ -675,18 +825,20 @@ class Queue:
         """
         deadline = deadline_of(timeout)
         table = self._table
+        table.flush_unviewed()
         node = table.store(item)
         try:
             table.wait_for(self._record, lambda: self._put(node, deadline), deadline)
         except TimeoutError:
-            table.allocator.free(node)
+            table.free_node(node)
             raise queue_module.Full from None
         except BaseException:
             self._forget(node)
             raise
 
     def _forget(self, node: int) -> None:
-        """Free ``node`` unless the queue holds it (a put that raised; its undo is done)."""
+        """Free ``node`` (and its item's object) unless the queue holds it (a put that
+        raised; its undo is done)."""
         table = self._table
         words = table.words
         with table.locked(None):
@@ -696,7 +848,7 @@ class Queue:
                     break
                 ref = int(table.node(ref)[_NEXT])
             if ref != node:
-                table.allocator.free(node)
+                table.free_node(node)
 
     def _put(self, node: int, deadline: float | None) -> Any:
         table = self._table
@@ -708,8 +860,11 @@ class Queue:
             if words[b + _PARAM] and count >= words[b + _PARAM]:
                 return table.sleep_on(self._record)
             tail = int(words[b + _TAIL])
+            obj = table.item_object(node)
             table.begin(self._record, OP_PUT, node_a=tail, free=node)
             owners.hold_locked(table.allocator, node)  # the queue holds it (owners.py)
+            if obj:
+                owners.hold_locked(table.allocator, obj)  # and the object of its item
             if tail:
                 table.node(tail)[_NEXT] = node
             else:
@@ -743,7 +898,7 @@ class Queue:
         item goes back to the head of the queue: at-least-once delivery.
         ``queue.Empty`` as for ``get``.
         """
-        node, item = self._take(timeout, lease=True)
+        node, item, lent = self._take(timeout, lease=True)
         try:
             yield item
         except BaseException:
@@ -754,19 +909,25 @@ class Queue:
         except BaseException:
             self._give_back(node)  # not done after all: delivered again
             raise
+        if lent is not None:
+            lent.own()
 
-    def _take(self, timeout: float | None, lease: bool) -> tuple[int, object]:
+    def _take(self, timeout: float | None, lease: bool) -> tuple[int, object, _Lent | None]:
         deadline = deadline_of(timeout)
         table = self._table
+        table.flush_unviewed()
         try:
-            node, item = table.wait_for(self._record, lambda: self._take_head(deadline, lease),
-                                        deadline, self._scan_now)
+            node, item, lent = table.wait_for(
+                self._record, lambda: self._take_head(deadline, lease), deadline,
+                self._scan_now)
         except TimeoutError:
             raise queue_module.Empty from None
         if not lease:
             crash.reach("coord.taken")
             table.allocator.free(node)
-        return node, item
+            if lent is not None:
+                lent.own()
+        return node, item, lent
 
     def _scan_now(self) -> None:
         self._scanned = 0.0
@@ -788,7 +949,7 @@ class Queue:
             node = int(words[b + _HEAD])
             header = table.node(node)
             following = int(header[_NEXT])
-            item = table.load(node)
+            item, lent = table.load(node, writable=not lease)  # (a lease may come back)
             table.begin(self._record, OP_LEASE if lease else OP_TAKE,
                         node_a=node if lease else 0, hold=0 if lease else node)
             words[b + _HEAD] = following
@@ -802,9 +963,17 @@ class Queue:
                 words[b + _LEASED] += 1
             words[b + _COUNT] = count - 1
             if not lease:  # the getter's now: if it dies before it frees it, reclaim() does
-                owners.adopt_locked(table.allocator, node)
+                self._hand_over(node, lent)
             table.end(self._record)
-        return node, item
+        return node, item, lent
+
+    def _hand_over(self, node: int, lent: _Lent | None) -> None:
+        """Make ``node`` and the object of its item the taker's (the op's last stores)."""
+        allocator = self._table.allocator
+        owners.adopt_locked(allocator, node)
+        if lent is not None:
+            owners.adopt_locked(allocator, lent.ref)
+        crash.reach("coord.handed")
 
     def _return_dead_leases(self) -> None:
         """Put every leased node whose leaser is dead back at the head (lock held)."""
@@ -874,7 +1043,11 @@ class Queue:
             if self._unlink_lease(node, OP_ACK) is None:
                 return  # given back already (this handle was closed and seen dead)
             crash.reach("coord.acked")
+            obj = table.item_object(node)
             owners.adopt_locked(table.allocator, node)  # (as a get's: reclaim() frees it)
+            if obj:
+                owners.adopt_locked(table.allocator, obj)
+            crash.reach("coord.handed")
             table.end(self._record)
             table.allocator.free(node)
 
@@ -1282,6 +1455,13 @@ def _check_list(table: CoordTable, what: str, head: int, count: int, tail: int |
         except ShmHeapError:
             cut = last
             break
+        try:  # the object an item was stored in with put() must be live
+            obj = table.item_object(ref)
+            if obj:
+                table.allocator.size_of(obj)
+        except ShmHeapError as exc:
+            note("coord-item", f"{what}: the item of the node at {ref:#x} is damaged ({exc})",
+                 False)
         last, ref, length = ref, following, length + 1
     if cut is not None:
         if note("coord-list", f"{what} link a node that is not a live queue node after "

@@ -100,6 +100,8 @@ CRASH_POINTS: dict[str, str] = {
                       "head",
     "coord.acked": "a finished lease's node taken out of the lease list, journal not yet "
                    "cleared, node not yet freed",
+    "coord.handed": "a get's or finished lease's node, and the object its item was stored in "
+                    "with put, handed to the taker (its owner now), journal not yet cleared",
     "coord.flag_stored": "an event's flag stored, its futex word not yet bumped, nobody woken",
     "coord.arrived": "a barrier party arrived (or the round's generation moved on), the "
                      "arrival count not yet updated",

@@ -477,7 +477,8 @@ class Heap(AttachedHeap):
     @serialised
     def barrier(self, name: str, parties: int) -> coord.Barrier:
         """The barrier ``name`` of ``parties`` processes, this one registered as a party; a
-        party that dies breaks it (``reset()`` mends it), as ``threading.Barrier``."""
+        party that dies breaks it (``reset()`` mends it), as ``threading.Barrier``, and one
+        that leaves (``leave()``, or the end of its ``with`` block) is needed no more."""
         from . import coord
 
         return coord.Barrier(self._coordination(write=True), name, parties)

@@ -44,7 +44,9 @@ import io
 import pickle
 import struct
 import threading
+import weakref
 import zlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import HeapCorruptError, InvalidParameterError, InvalidRefError, ReadOnlyError
@@ -194,12 +196,23 @@ def _write(allocator: Allocator, pickled: memoryview, raws: list[memoryview],
 
 
 def get(allocator: Allocator, ref: int, writable: bool = False,
-        timeout: float | None = None) -> Any:
-    """The value stored at ``ref`` by ``put``; its buffers are views of the heap."""
+        timeout: float | None = None, gone: Callable[[], object] | None = None) -> Any:
+    """The value stored at ``ref`` by ``put``; its buffers are views of the heap.
+
+    ``gone`` (a writable handle's): called once no view of the object is left,
+    the value's buffers and every view made from them (its buffers are views
+    of one ctypes array over the object, whose collection calls it).
+    """
     view = allocator.view(ref, timeout)
     if writable and view.readonly:
         raise ReadOnlyError(f"get({ref:#x}, writable=True): heap {allocator.heap.name!r} is "
                             "attached readonly; attach it writable, or get read-only views")
+    if gone is not None:
+        import ctypes  # (only here: importing it costs milliseconds)
+
+        owner = (ctypes.c_char * len(view)).from_buffer(view)
+        weakref.finalize(owner, gone).atexit = False  # (at exit: the process's, reclaim's)
+        view = memoryview(owner).cast("B")  # (views of it keep the array, not the mapping)
     stream, buffers = _parts(view, ref, allocator.heap.name)
     if not writable:
         buffers = [buffer.toreadonly() for buffer in buffers]

@@ -38,6 +38,8 @@ into or out of the structure and its holder word in one step):
     the structure now holds the object: ``HELD``; reclaim leaves it alone.
 ``adopt_locked(allocator, ref)``
     the calling process owns the object from now on (a queue's ``get``).
+``orphan_locked(allocator, ref)``
+    nobody owns the object (``ORPHAN``): the item object of a put undone for a dead putter.
 
 This module owns the holder words' meaning and reclaim; their place in
 memory is allocator.py's, its ``holder``/``set_holder`` read and write them.
@@ -211,6 +213,11 @@ def hold_locked(allocator: Allocator, ref: int) -> None:
 def adopt_locked(allocator: Allocator, ref: int) -> None:
     """The calling process owns the live object at ``ref`` from now on (lock holder)."""
     allocator.set_holder(*allocator.live(ref, held=True), holder_of(allocator._token()))
+
+
+def orphan_locked(allocator: Allocator, ref: int) -> None:
+    """Nobody owns the live object at ``ref`` from now on: ``reclaim`` frees it (lock holder)."""
+    allocator.set_holder(*allocator.live(ref, held=True), ORPHAN)
 
 
 def adopt(allocator: Allocator, ref: int, timeout: float | None = None) -> None:

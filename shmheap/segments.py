@@ -216,6 +216,13 @@ class Segment:
             os.close(fd)
             self.fd = None
 
+    def __del__(self, _close: Callable[[int], None] = os.close) -> None:
+        # A handle dropped without close() goes with the garbage collector: the descriptor
+        # kept goes with it (its OFD locks too: the liveness slot then reads as dead).
+        fd = getattr(self, "fd", None)
+        if fd is not None:
+            _close(fd)
+
     def punch(self, offset: int, length: int) -> None:
         """Free the memory of ``length`` bytes at ``offset`` of this very file (they read zero).
 

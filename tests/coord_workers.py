@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from typing import Any
 
 import shmheap
 
@@ -107,3 +108,16 @@ def register_and_park(name: str, parties: int) -> None:
         heap.barrier("b", parties)
         heap.queue("report").put("registered")
         heap.event("never").wait()
+
+
+def get_arrays(name: str, count: int) -> None:
+    """Get ``count`` numpy arrays from queue ``arrays``; check each is a writable view of
+    the heap (no copy), write into it, report its sum on queue ``report``, then let it go."""
+    with shmheap.Heap.attach(name) as heap:
+        arrays, report = heap.queue("arrays"), heap.queue("report")
+        for _ in range(count):
+            array: Any = arrays.get(timeout=60)
+            assert array.flags.writeable and not array.flags.owndata
+            array[0] = -1.0
+            report.put(float(array.sum()))
+            del array

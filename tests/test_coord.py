@@ -14,6 +14,7 @@ from __future__ import annotations
 import multiprocessing
 import queue
 import random
+import textwrap
 import threading
 from collections import Counter as Tally
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from typing import Any
 
 import coord_workers
 import pytest
-from children import assert_killed, run_child
+from children import Child, assert_killed, run_child
 
 import shmheap
 from shmheap.pytest_plugin import HeapFactory
@@ -483,6 +484,7 @@ KILLS = {
                        "assert q.get(timeout=PATIENCE) == 'a'"),
     "coord.acked": ("q.put('a')", "with q.lease():\n    pass",
                     "assert q.get(timeout=PATIENCE) == 'a'  # at least once: delivered again"),
+    "coord.handed": ("q.put('a'); q.put('b')", "q.get()", "assert drain(q) == ['a', 'b']"),
     "coord.flag_stored": ("", "h.event('e').set()", "assert h.event('e').wait(PATIENCE)"),
     "coord.arrived": ("h.barrier('b', 2)", "h.barrier('b', 2).wait()",
                       "assert [s.value for s in h.structures() if s.name == 'b'] == [0]\n"
@@ -539,4 +541,123 @@ def test_a_sweep_keeps_what_the_structures_hold(heap: shmheap.Heap) -> None:
         heap.size_of(garbage)
     assert drain(q) == items
     assert counter.value == 5
+    assert heap.check() == []
+
+
+# -- items stored with heap.put: zero-copy, freed when their views are gone ---------------------
+
+
+def live_objects(heap: shmheap.Heap) -> list[int]:
+    return sorted(ref for span in heap.walk() for ref in span.objects)
+
+
+def test_an_array_item_is_stored_once_and_got_as_a_view_of_the_heap(heap: shmheap.Heap) -> None:
+    np = pytest.importorskip("numpy")
+    q = heap.queue("q")
+    before = live_objects(heap)
+    array = np.arange(20_000.0)
+    q.put(array)
+    assert len(live_objects(heap)) == len(before) + 2, "a node and the object put() made"
+    got: Any = q.get()
+    (obj,) = set(live_objects(heap)) - set(before)  # the node is freed, the object is got's
+    assert np.shares_memory(got, np.frombuffer(heap.view(obj), np.uint8)), "no copy"
+    assert (got == array).all() and got.flags.writeable, "a get's item is the getter's"
+    part = got[10:20]
+    del got
+    assert obj in live_objects(heap), "a view of it is left"
+    part[0] = -1.0
+    del part
+    assert live_objects(heap) == before, "freed with its last view"
+    q.put(array)
+    leased: Any
+    with q.lease() as leased:
+        assert not leased.flags.writeable, "a leased item may be delivered again: read-only"
+        kept = leased
+    assert (kept == array).all()
+    del leased, kept
+    assert live_objects(heap) == before
+    assert heap.check() == []
+
+
+def test_array_items_cross_processes_and_are_freed_by_their_taker(heap: shmheap.Heap) -> None:
+    np = pytest.importorskip("numpy")
+    arrays, report = heap.queue("arrays"), heap.queue("report")
+    before = live_objects(heap)
+    taker = spawn(coord_workers.get_arrays, heap.name, 3)
+    for k in range(3):
+        arrays.put(np.full(50_000, float(k)))
+    sums = [report.get(timeout=PATIENCE) for _ in range(3)]
+    join_all([taker])
+    assert sums == [50_000.0 * k - k - 1 for k in range(3)], "the taker wrote into its item"
+    assert live_objects(heap) == before, "each object freed when the taker's views went"
+    assert heap.reclaim().objects == 0 and heap.check() == []
+
+
+#: point -> (what the child does with queue q holding two array items, how many are then left)
+ARRAY_KILLS = {
+    "coord.linked": ("q.put(np.arange(1000.0))", 2),
+    "coord.unlinked": ("q.get()", 2),
+    "coord.handed": ("q.get()", 2),
+    "coord.taken": ("q.get()", 1),
+    "coord.acked": ("with q.lease():\n    pass", 2),
+}
+
+
+@pytest.mark.parametrize("point", sorted(ARRAY_KILLS))
+def test_an_interrupt_while_an_array_item_moves_leaks_nothing(heap: shmheap.Heap,
+                                                              point: str) -> None:
+    """KeyboardInterrupt at the point: the interrupted process carries on and exits; what it
+    had taken is reclaim()'s once it is gone, everything else is freed or queued."""
+    np = pytest.importorskip("numpy")
+    q = heap.queue("q")
+    before = live_objects(heap)
+    q.put(np.arange(1000.0))
+    q.put(np.arange(1000.0))
+    op, left = ARRAY_KILLS[point]
+    with Child(f"""
+import numpy as np
+import shmheap
+h = shmheap.Heap.attach({heap.name!r})
+q = h.queue("q")
+try:
+{textwrap.indent(op, "    ")}
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+h.close()
+""", raise_at=point) as child:
+        assert child.line() == "interrupted"
+        assert child.wait() == 0, child.stderr()
+    heap.reclaim()
+    got = drain(q)
+    assert len(got) == left and all((a == np.arange(1000.0)).all() for a in got)
+    del got
+    assert live_objects(heap) == before, "every node and object is freed or queued"
+    assert heap.check() == []
+
+
+@pytest.mark.parametrize("point", sorted(ARRAY_KILLS))
+def test_a_kill_while_an_array_item_moves_leaks_nothing(heap: shmheap.Heap, point: str) -> None:
+    np = pytest.importorskip("numpy")
+    q = heap.queue("q")
+    before = live_objects(heap)
+    q.put(np.arange(1000.0))
+    q.put(np.arange(1000.0))
+    op, left = ARRAY_KILLS[point]
+    child_op = "\n".join("    " + line for line in op.splitlines())
+    assert_killed(run_child(f"""
+import numpy as np
+import shmheap
+h = shmheap.Heap.attach({heap.name!r})
+q = h.queue("q")
+if True:
+{child_op}
+raise SystemExit("crash point {point} was never reached")
+""", point))
+    with heap.locked(timeout=PATIENCE):
+        pass  # adopts the dead holder's lock, undoes what the journal names
+    heap.reclaim()  # what the dead process owned, or nobody does
+    got = drain(q)
+    assert len(got) == left and all((a == np.arange(1000.0)).all() for a in got)
+    del got
+    assert live_objects(heap) == before, "every node and object is freed or queued"
     assert heap.check() == []

@@ -72,12 +72,12 @@ NAMED_STEPS = """
 h.put([1, 2], root="x")
 """
 
-#: Coordination steps that pass every coordination crash point: make a queue, put, get,
-#: lease and finish, lease and raise (the item goes back), set an event, pass, reset and
-#: leave a barrier.
+#: Coordination steps that pass every coordination crash point: make a queue, put and get
+#: an item stored with put(), lease and finish, lease and raise (the item goes back), set an
+#: event, pass, reset and leave a barrier.
 COORD_STEPS = """
 q = h.queue("faults")
-q.put(1)
+q.put(b"x" * 5000)
 q.get()
 q.put(2)
 with q.lease():

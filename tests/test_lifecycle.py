@@ -8,6 +8,7 @@ while it is destroyed, a real SIGINT lands inside numpy's import in a fresh inte
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -222,6 +223,54 @@ def test_attach_close_cycles_keep_descriptors_and_mappings_flat(
     assert after[0] <= before[0] + 2, f"descriptors {before[0]} -> {after[0]}"
     assert after[2] <= before[2], f"mappings of the heap {before[2]} -> {after[2]}"
     assert after[1] <= before[1] + 8, f"mappings {before[1]} -> {after[1]}"
+
+
+DROPPED = """
+import gc, os
+import shmheap
+{helpers}
+name = {name!r}
+
+def cycle(i):
+    heap = shmheap.Heap.attach(name)  # never closed: dropped, in reference cycles
+    ref = heap.alloc(64)
+    heap.view(ref)[:4] = b"abcd"
+    heap.roots[f"r{{i % 4}}"] = ref
+    del heap.roots[f"r{{i % 4}}"]
+    heap.free(ref)
+    heap.free(heap.alloc(40000))
+    heap.snapshot()
+    heap.counter("c").add()
+    assert heap.arena(1).buf[0] is not None
+
+for i in range(20):
+    cycle(i)
+gc.collect()
+before = fds(), len(mappings()), len(mappings(name))
+for i in range({cycles}):
+    cycle(i)
+gc.collect()
+after = fds(), len(mappings()), len(mappings(name))
+print(*before, *after)
+"""
+
+
+def test_handles_dropped_without_close_are_collected(shm_heap_factory: HeapFactory) -> None:
+    """A handle dropped unclosed goes with the garbage collector (the native core's objects in
+    its reference cycles included): its descriptors close, its segments are unmapped, its
+    liveness slot reads as dead (the next attach recycles it)."""
+    heap = shm_heap_factory(arena_size=ARENA)
+    helpers = inspect.getsource(fds) + inspect.getsource(mappings)
+    proc = run_child(DROPPED.format(helpers=helpers, name=heap.name, cycles=CYCLES))
+    assert proc.returncode == 0, proc.stderr
+    assert "Exception ignored" not in proc.stderr, proc.stderr
+    fds_before, maps_before, heap_before, fds_after, maps_after, heap_after = map(
+        int, proc.stdout.split())
+    assert fds_after <= fds_before + 2, f"descriptors {fds_before} -> {fds_after}"
+    assert heap_after <= heap_before, f"mappings of the heap {heap_before} -> {heap_after}"
+    assert maps_after <= maps_before + 8, f"mappings {maps_before} -> {maps_after}"
+    assert heap.check() == []
+    assert heap.counter("c").add(0) == 20 + CYCLES
 
 
 # -- destroy() of a heap in use ---------------------------------------------------------------

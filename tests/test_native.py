@@ -19,7 +19,18 @@ from typing import Any
 
 import pytest
 
-from shmheap import allocator, arenas, bytescan, control, core, layout, liveness, names, roots
+from shmheap import (
+    allocator,
+    arenas,
+    bytescan,
+    control,
+    coord,
+    core,
+    layout,
+    liveness,
+    names,
+    roots,
+)
 from shmheap.errors import HeapClosedError, HeapCorruptError
 from shmheap.pytest_plugin import HeapFactory, unique_heap_name
 
@@ -48,6 +59,13 @@ def test_the_c_layout_is_the_python_layout() -> None:
         "CONTROL_JOURNAL_OFFSET": control.JOURNAL_OFFSET,
         "CONTROL_JOURNAL_ARG_OFFSET": control.JOURNAL_ARG_OFFSET,
         "CONTROL_DESTROYED_OFFSET": control.DESTROYED_OFFSET, "CONTROL_ROOTS_OP": control.ROOTS,
+        "CONTROL_COORD_OP": control.COORD,
+        "COORD_HEADER_WORDS": coord.HEADER_SIZE // 8, "COORD_RECORD_WORDS": coord.RECORD_SIZE // 8,
+        "COORD_RECORDS": coord.RECORDS, "COORD_FUTEX": coord._FUTEX, "COORD_PARAM": coord._PARAM,
+        "COORD_HEAD": coord._HEAD, "COORD_INTENT": coord._I_RECORD,
+        "COORD_OP_PUT": coord.OP_PUT, "COORD_OP_TAKE": coord.OP_TAKE,
+        "COORD_NODE_HEADER": coord.NODE_HEADER, "COORD_KIND_INT": coord._INT,
+        "COORD_KIND_PICKLE": coord._PICKLE,
         "META_SEQ_OFFSET": layout.SEQ_OFFSET,
         "SPAN_HOLDER_SIZE": allocator.HOLDER_SIZE,
         "ROOTS_TABLE_OFFSET": 8 * roots._TABLE, "ROOTS_REGIONS": roots.REGIONS,
@@ -61,6 +79,12 @@ def test_the_c_layout_is_the_python_layout() -> None:
         "ROOTS_NAME_BYTES_PER_SLOT": roots.NAME_BYTES_PER_SLOT, "ROOTS_MAX_NAME": roots.MAX_NAME,
     }
     assert python == core.native.LAYOUT
+    # the intent record's words, in the order _native.c writes them from COORD_INTENT
+    assert (coord._I_RECORD, coord._I_OP, coord._I_SAVED.start, coord._I_NODE_A, coord._I_NEXT_A,
+            coord._I_NODE_B, coord._I_NEXT_B, coord._I_FREE, coord._I_OWNER, coord._I_HOLD) == \
+        (8, 9, 10, 16, 17, 18, 19, 20, 21, 22)
+    assert [coord._HEAD, coord._TAIL, coord._COUNT, coord._LEASES, coord._LEASED,
+            coord._CLOSED] == [10, 11, 12, 13, 14, 15]
     # the counters and the slot fields as liveness.py packs them
     assert liveness._COUNTERS.size == 24 and liveness._SLOT.format == "<IIQ"
 
@@ -144,6 +168,50 @@ def test_stress_mixes_the_cores_with_kills(tmp_path: Path) -> None:
     assert report["ok"] and report["violations"] == 0 and not report["leaks"]
     assert report["cores"]["native"] > 0 and report["cores"]["pure"] > 0
 
+
+QUEUE_ECHO = """
+import sys
+import shmheap
+h = shmheap.Heap.attach(sys.argv[1])
+inbox, outbox = h.queue("in", capacity=3), h.queue("out", capacity=3)
+while True:
+    item = inbox.get()
+    outbox.put(item)
+    if item is None:
+        break
+h.close()
+"""
+
+
+@needs_native
+@pytest.mark.parametrize("pure_echo", [False, True])
+def test_native_and_pure_processes_share_one_queue(shm_heap_factory: HeapFactory,
+                                                   pure_echo: bool) -> None:
+    """Items pass a native process and a pure one both ways, through small queues that make
+    either side wait for the other."""
+    heap = shm_heap_factory(arena_size=1 << 20, reserve=False)
+    inbox, outbox = heap.queue("in", capacity=3), heap.queue("out", capacity=3)
+    assert core.native is not None and isinstance(getattr(inbox.put, "__self__", None),
+                                                  core.native.Queue), \
+        "this process puts and gets through the native core"
+    echo = subprocess.Popen([sys.executable, "-c", QUEUE_ECHO, heap.name],
+                            env=env_for(pure=pure_echo), stderr=subprocess.PIPE, text=True)
+    try:
+        items: list[object] = [*range(-5, 200), "text", (1, 2.5, None), 1 << 70, True, None]
+        got = []
+        for item in items:
+            inbox.put(item)
+            while len(outbox):
+                got.append(outbox.get())
+        while len(got) < len(items):
+            got.append(outbox.get(timeout=60))
+        assert echo.wait(timeout=60) == 0, echo.stderr.read() if echo.stderr else ""
+    finally:
+        if echo.poll() is None:
+            echo.kill()
+            echo.wait()
+    assert got == items
+    assert heap.check() == [] and heap.stats().live_objects == 0
 
 ROOTS_WRITER = """
 import json, sys
