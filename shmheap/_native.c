@@ -2808,7 +2808,9 @@ static PyTypeObject CounterType = {
  * not sure of -- a closed queue, leased items (their dead leasers are looked for in
  * Python), a node in an arena this handle has not mapped, an item stored with put(), a
  * timeout that ran out, a thread inside a locked() block -- it leaves to the Python path,
- * slow_put(item, time left) or slow_get(time left), before it has changed anything.
+ * slow_put(item, time left) or slow_get(time left), before it has changed anything.  A
+ * process with a crash point armed has no native Lock (lock.py), so no Queue either: the
+ * Python path reaches the points, with the same stores in the same order as here.
  *
  * Waiting: with the futex word's sleepers flag set and the lock released, it sleeps on
  * the word in slices of at most ``slice`` seconds, as coord.py's wait_for (no spin:
