@@ -65,9 +65,9 @@ import os
 import struct
 import time
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from . import core, segments
 from .errors import (
@@ -408,8 +408,9 @@ UNCOUNTED = 64
 class ArenaCache(Generic[_Mapped]):
     """The arenas this process has mapped, as page views (see "Mappings" above)."""
 
-    def __init__(self, open_pages: Callable[[int], _Mapped]) -> None:
+    def __init__(self, open_pages: Callable[[int], _Mapped], mutex: Any) -> None:
         self._open_pages = open_pages
+        #: the handle's thread lock: every call but ``mapped`` runs with it held already
         self._budget: segments.MappingBudget | None = None
         #: SHMHEAP_MAX_MAPPINGS, read now: without it the process's mappings are counted (a
         #: scan of /proc/self/maps, ~0.3 ms) only once this cache holds more than UNCOUNTED
@@ -419,8 +420,14 @@ class ArenaCache(Generic[_Mapped]):
         #: every holder of mappings of this cache still alive (an arena's mapping, kept or
         #: pinned; a run of arenas mapped as one, see ``map_run``): id -> (weak ref, mappings)
         self._alive: dict[int, tuple[weakref.ref[object], int]] = {}
-        #: the mappings those holders have (one element: the weak refs' callbacks change it)
-        self._count = [0]
+        #: the mappings those holders have, less those in ``_released`` (written under the
+        #: mutex)
+        self._count = 0
+        #: the mappings of holders gone since: a weak ref's callback appends them, one atomic
+        #: append and no lock (it runs in whichever thread drops the last view, inside any
+        #: call, maybe while another thread holds the mutex); ``_settle`` takes them off
+        self._released: deque[int] = deque()
+        self._mutex = mutex
         #: the native core's records of the arenas in ``recent`` (its free() looks there)
         self.records: dict[int, object] = {}
 
@@ -441,7 +448,15 @@ class ArenaCache(Generic[_Mapped]):
     @property
     def mapped(self) -> int:
         """Mappings of arenas alive now (kept for reuse, pinned, or in runs)."""
-        return self._count[0]
+        with self._mutex:
+            return self._settle()
+
+    def _settle(self) -> int:
+        """The mappings alive now (mutex held): those released taken off the tally."""
+        released = self._released
+        while released:  # (only a holder of the mutex takes from it)
+            self._count -= released.popleft()
+        return self._count
 
     def get(self, index: int) -> _Mapped:
         """Arena ``index`` (published), mapped now if it is not."""
@@ -467,26 +482,29 @@ class ArenaCache(Generic[_Mapped]):
     def track(self, holder: object, count: int) -> None:
         """Count ``count`` mappings against the limit for as long as ``holder`` lives."""
         key = id(holder)
-        alive, tally = self._alive, self._count
+        alive, released = self._alive, self._released
+        entry = alive.get(key)
+        if entry is not None and entry[0]() is holder:
+            return  # counted already (a new arena cached again)
 
         def gone(_ref: object) -> None:
             entry = alive.pop(key, None)
             if entry is not None:
-                tally[0] -= entry[1]
+                released.append(entry[1])
 
         alive[key] = (weakref.ref(holder, gone), count)
-        tally[0] += count
+        self._count += count
 
     def make_room(self, count: int = 1) -> None:
         """Drop kept arenas until ``count`` more mappings fit the limit; error if they cannot."""
-        if not self._over(self._count[0] + count, kept=False):
+        if not self._over(self._settle() + count, kept=False):
             return
         limit = self.budget.limit
-        while self._count[0] + count > limit and self.recent:
+        while self._settle() + count > limit and self.recent:
             self._drop_oldest()
-        if self._count[0] + count > limit:
+        if self._count + count > limit:
             raise MappingLimitError(
-                f"{self._count[0]} arena mappings are held (by views, ndarrays, Arena "
+                f"{self._count} arena mappings are held (by views, ndarrays, Arena "
                 f"objects) and {count} more are needed: the limit of this process is "
                 f"{limit}; release views you no longer need, or raise the limit "
                 f"({segments.MAX_MAPPINGS_VAR}, vm.max_map_count)")

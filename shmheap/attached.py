@@ -152,7 +152,7 @@ class AttachedHeap:
         self.pages_per_arena = layout(params.arena_size, params.page_size).pages
         #: the arenas this process has mapped (bounded: arenas.ArenaCache)
         self._pages: arenas.ArenaCache[ArenaPages] = arenas.ArenaCache(
-            self._open_pages)
+            self._open_pages, self._mutex)
         self._map: arenas.ArenaMap | None = None
         self._index = ArenaIndex(name, self._header, params.first_cap, params.mode, readonly,
                                  self._check_identity)

@@ -121,6 +121,50 @@ def test_threads_hammering_one_handle_get_distinct_intact_objects(heap: shmheap.
     assert heap.check() == []
 
 
+def test_threads_dropping_arenas_at_once_keep_the_mapping_tally_exact(
+        heap: shmheap.Heap, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Arenas pinned past the cache (keep 8 of a limit of 16) are let go by every thread at
+    once, round after round: the weak refs' callbacks run in all of them together, and
+    the tally the budget is checked against must stay what /proc/self/maps shows."""
+    for _ in range(THREADS * 6):
+        heap.grow()
+    name = heap.name
+    heap.close()  # (only the handle under test maps arenas from here on)
+    monkeypatch.setenv("SHMHEAP_MAX_MAPPINGS", "16")
+    rounds = 40
+    start, dropped = threading.Barrier(THREADS), threading.Barrier(THREADS)
+    errors: list[BaseException] = []
+    most: list[int] = []
+
+    def arena_mappings() -> int:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            return sum(f"/dev/shm/shmheap.{name}.a" in line for line in maps)
+
+    with shmheap.Heap.attach(name) as h:
+        def work(t: int) -> None:
+            try:
+                for r in range(rounds):
+                    start.wait(timeout=60)
+                    first = 1 + (t * 6 + r * 3) % (THREADS * 6)
+                    held = [h.arena(1 + (first - 1 + k) % (THREADS * 6)) for k in range(3)]
+                    most.append(h._pages.mapped)
+                    dropped.wait(timeout=60)
+                    del held  # every thread at once
+            except BaseException as exc:  # (reported below)
+                errors.append(exc)
+                start.abort()
+                dropped.abort()
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        assert max(most) > 8, "arenas were pinned past the 8 the cache keeps"
+        assert h._pages.mapped == arena_mappings() == len(h._pages.recent)
+
+
 def test_threads_grow_one_handle_at_once(heap: shmheap.Heap) -> None:
     results = run_threads(lambda _t: [heap.grow().index for _ in range(10)])
     indices = [i for r in results if isinstance(r, list) for i in r]
