@@ -735,7 +735,12 @@ def _inline(item: object) -> bytes | None:
     """The pickle of ``item`` if its node keeps it (at most INLINE_MAX bytes and no
     out-of-band buffers), else None: it is stored with ``heap.put``, zero-copy."""
     buffers: list[pickle.PickleBuffer] = []
-    payload = pickle.dumps(item, pickle.HIGHEST_PROTOCOL, buffer_callback=buffers.append)
+    try:
+        payload = pickle.dumps(item, pickle.HIGHEST_PROTOCOL, buffer_callback=buffers.append)
+    except (pickle.PicklingError, TypeError, AttributeError, RecursionError) as exc:
+        raise InvalidParameterError(
+            f"put(): a {type(item).__name__} cannot be pickled ({exc}); queue ints or "
+            "picklable values only") from None
     return payload if not buffers and len(payload) <= INLINE_MAX else None
 
 

@@ -89,6 +89,15 @@ def test_a_queue_is_fifo_of_ints_and_picklable_objects(heap: shmheap.Heap) -> No
     assert heap.check() == []
 
 
+def test_an_item_that_does_not_pickle_is_refused_and_nothing_is_kept(heap: shmheap.Heap) -> None:
+    q = heap.queue("q")
+    before = live_objects(heap)
+    with pytest.raises(shmheap.InvalidParameterError, match="cannot be pickled"):
+        q.put(lambda: 1)
+    assert len(q) == 0 and live_objects(heap) == before
+    assert heap.check() == []
+
+
 def test_get_and_put_time_out_with_the_stdlib_exceptions(heap: shmheap.Heap) -> None:
     q = heap.queue("bounded", capacity=2)
     assert q.capacity == 2
