@@ -574,11 +574,12 @@ lock_wait_announced(Lock *self, int has_deadline, double deadline)
             self->held = 1;
             return 0;
         }
-        if (err == EINTR) {
-            if (PyErr_CheckSignals() < 0)
-                return -1;
+        /* A signal that arrived outside the wait (between two slices) interrupted
+         * nothing: its handler runs here, or not until the lock is taken. */
+        if (PyErr_CheckSignals() < 0)
+            return -1;
+        if (err == EINTR)
             continue;
-        }
         if (err != ETIMEDOUT && err != EAGAIN) {
             errno = err;
             PyErr_SetFromErrno(PyExc_OSError);
@@ -2920,15 +2921,12 @@ nqueue_wait(NQueue *self, uint32_t seen, int has_deadline, double deadline)
     if (wait <= 0)
         return 0;
     struct timespec ts = {(time_t)wait, (long)((wait - (double)(time_t)wait) * 1e9)};
-    long rc = 0;
-    int err = 0;
     Py_BEGIN_ALLOW_THREADS
-    rc = syscall(SYS_futex, self->futex, FUTEX_WAIT, seen, &ts, NULL, 0);
-    err = errno;
+    syscall(SYS_futex, self->futex, FUTEX_WAIT, seen, &ts, NULL, 0);
     Py_END_ALLOW_THREADS
-    if (rc != 0 && err == EINTR)
-        return PyErr_CheckSignals();
-    return 0;
+    /* Handlers run after every sleep: a signal that arrived just before it interrupted
+     * nothing, and the caller's loop never returns to the interpreter. */
+    return PyErr_CheckSignals();
 }
 
 /* The timeout argument: 1 parsed (None, or a finite number >= 0), 0 for the Python path. */

@@ -59,9 +59,10 @@ Per-process caches (Go's mcache, mimalloc's thread-local pages)
     under the heap lock (giving up its fullest spare past ``SPARE_SPANS``):
     adopt an unowned span of the class with free slots (found through the
     class's partial tree, summary.py), else make a new span from free pages
-    (found through the free tree), else give up its empty spares, else grow
-    the heap.  Neither looks at an arena the summaries do not point to, so a
-    refill costs the same at 100,000 arenas as at 64.  A process whose
+    (found through the free tree), else free its empty spares (as
+    ``scavenge`` does), else grow the heap.  Neither looks at an arena the
+    summaries do not point to, so a refill costs the same at 100,000 arenas
+    as at 64.  A process whose
     working set fits its spares takes no lock at all; with one span per
     class, two processes allocating and freeing batches of 1000 objects took
     the lock ~14 times per 1000 pairs each, and waited for each other there
@@ -587,8 +588,7 @@ class Allocator:
             if self._pending:
                 self._settle_pending()
             got = attempt()
-            if got is None and (self.reclaim_locked() + self.release_empty_locked()
-                                + self._release_empty_spares_locked()):
+            if got is None and (self.reclaim_locked() + self.release_empty_locked()):
                 got = attempt()
             return got
 
@@ -1042,8 +1042,9 @@ class Allocator:
         return reclaimed
 
     def release_empty_locked(self) -> int:
-        """Free every empty unowned small span of the arenas with partial hints (lock holder)."""
-        released = 0
+        """Free every empty unowned small span of the arenas with partial hints, and this
+        handle's empty spares (lock holder, in the handle's mutex); how many."""
+        released = self._release_empty_spares_locked()
         hinted = set()
         for c in self._summaries.hinted_classes():
             hints = self._summaries.partial(c)

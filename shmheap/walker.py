@@ -495,8 +495,9 @@ def _free_spans(allocator: Allocator, pages: ArenaPages, whole: list[int],
 def scavenge(allocator: Allocator, deadline: float | None = None) -> ScavengeReport:
     """Return the memory of every free, not yet released page to the OS.
 
-    Empty unowned spans and spans of dead owners are returned to the free
-    pages first (allocator.py), so their memory goes too.
+    Empty unowned spans, spans of dead owners and this handle's empty spares
+    are returned to the free pages first (allocator.py), so their memory goes
+    too.
     """
     heap = allocator.heap
     heap._check_writable("scavenge()")

@@ -342,6 +342,21 @@ def test_a_process_keeps_its_spans_and_gives_the_empty_ones_back_before_growing(
     assert h.check() == []
 
 
+def test_scavenge_frees_the_empty_spares(shm_heap_factory: HeapFactory) -> None:
+    h = shm_heap_factory(arena_size=256 * 1024, page_size=8192)
+    cls = size_class(h, 3000)
+    refs = [h.alloc(3000) for _ in range(3 * cls.nelems)]  # two spares and the cached span
+    for ref in refs[cls.nelems:]:
+        h.free(ref)                                       # the second spare and the cached one
+    in_use = h.stats().pages_in_use
+    h.scavenge()
+    assert h.stats().pages_in_use == in_use - cls.npages, "the empty spare, not the cached span"
+    assert h.stats().cached_spans == 2
+    for ref in refs[:cls.nelems]:
+        h.free(ref)
+    assert h.check() == []
+
+
 def test_close_gives_the_handles_spans_back(shm_heap_factory: HeapFactory) -> None:
     h = shm_heap_factory(arena_size=64 * 1024)
     other = shmheap.Heap.attach(h.name)
