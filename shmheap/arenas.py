@@ -103,7 +103,8 @@ class Arena:
     raise HeapClosedError.
     """
 
-    __slots__ = ("_buf", "_meta", "_seg", "base", "identity", "index", "meta_offset", "size")
+    __slots__ = ("__weakref__", "_buf", "_meta", "_seg", "base", "identity", "index",
+                 "meta_offset", "size")
 
     def __init__(self, index: int, arena_size: int, seg: segments.Segment) -> None:
         self.index = index
@@ -430,6 +431,9 @@ class ArenaCache(Generic[_Mapped]):
         self._mutex = mutex
         #: the native core's records of the arenas in ``recent`` (its free() looks there)
         self.records: dict[int, object] = {}
+        #: the arenas dropped from ``recent`` that something still holds (an ``Arena`` object
+        #: of the program's): ``close`` closes them too
+        self._dropped: weakref.WeakSet[Arena] = weakref.WeakSet()
 
     @property
     def budget(self) -> segments.MappingBudget:
@@ -510,14 +514,17 @@ class ArenaCache(Generic[_Mapped]):
                 f"({segments.MAX_MAPPINGS_VAR}, vm.max_map_count)")
 
     def _drop_oldest(self) -> None:
-        index, _pages = self.recent.popitem(last=False)
+        index, pages = self.recent.popitem(last=False)
         self.records.pop(index, None)
+        self._dropped.add(pages.arena)
 
     def close(self) -> None:
         self.records.clear()
         for pages in self.recent.values():
             pages.close()
         self.recent.clear()
+        for arena in list(self._dropped):  # (held by the program: closed like the kept ones)
+            arena.close()
 
 
 class ArenaMap:

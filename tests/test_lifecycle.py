@@ -108,6 +108,26 @@ def test_the_native_objects_of_a_closed_handle_raise_heap_closed_error(
     native.leave()
 
 
+def test_an_arena_dropped_from_the_cache_is_closed_with_the_handle(
+        shm_heap_factory: HeapFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    heap = shm_heap_factory(arena_size=ARENA)
+    for _ in range(8):
+        heap.grow()
+    monkeypatch.setenv("SHMHEAP_MAX_MAPPINGS", "8")  # the cache keeps 4 arenas
+    with shmheap.Heap.attach(heap.name) as handle:
+        kept = handle.arena(1)
+        for index in range(2, 9):
+            handle.arena(index)
+        assert 1 not in handle._pages.recent, "arena 1 was dropped from the cache"
+        kept.buf[0] = 7  # held by the program: mapped and working until the close
+        handle.close()
+        with pytest.raises(shmheap.HeapClosedError, match="closed"):
+            kept.buf[0]
+        with pytest.raises(shmheap.HeapClosedError, match="closed"):
+            kept.meta[0]
+    assert heap.arena(1).buf[0] == 7
+
+
 def test_a_saved_alloc_never_hands_out_what_another_handle_owns(
         shm_heap_factory: HeapFactory) -> None:
     heap = shm_heap_factory(arena_size=ARENA)
