@@ -48,8 +48,8 @@ node at once; an item's object is the memory of the views ``get`` returns (a
 numpy array comes back zero-copy, writable for a get, read-only for a lease,
 whose item may be delivered again), so it is freed once the taker owns it and
 its last view is gone (``_Lent``, through objects.get's ``gone``), at the
-handle's next queue call if that happens while the thread is inside a hold of
-the heap lock.  A lease given back leaves the leaser's views on an object that
+handle's next put or get in Python if that happens while the thread is inside
+a hold of the heap lock.  A lease given back leaves the leaser's views on an object that
 is the queue's again: they must not be used after the block.
 
 A barrier's parties are *registered*: ``heap.barrier(name, parties)`` (and a
@@ -689,9 +689,10 @@ class CoordTable:
             self.allocator.free(obj)
 
     def free_unviewed(self, ref: int) -> None:
-        """Free object ``ref`` of this process, whose item's views are all gone: now, or at
-        this handle's next queue call if this thread may be inside a hold of the heap lock
-        (a view may go anywhere, as a garbage collection runs)."""
+        """Free object ``ref`` of this process, whose item's views are all gone: now, or, if
+        this thread may be inside a hold of the heap lock (a view may go anywhere, as a
+        garbage collection runs), at this handle's next put or get that runs in Python (a
+        get of an item stored with put always does); else reclaim() once it is gone."""
         self._unviewed.append(ref)
         if not self.heap._mutex._is_owned():
             self.flush_unviewed()
