@@ -1789,24 +1789,14 @@ Cache_init(Cache *self, PyObject *args, PyObject *kwargs)
     return 0;
 }
 
-/* Clearing empties the cache (Alloc takes the slow path); the pin, which references no
- * object of the heap, stays until the dealloc. */
+/* No tp_clear (as a tuple has none): a cycle through a cache passes through the
+ * allocator's list of caches, which the collector clears; the cache stays whole. */
 static int
 Cache_traverse(Cache *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->pages);
     Py_VISIT(self->cls);
     Py_VISIT(self->pin);
-    return 0;
-}
-
-static int
-Cache_clear(Cache *self)
-{
-    self->nfree = 0;
-    self->nelems = 0;
-    Py_CLEAR(self->pages);
-    Py_CLEAR(self->cls);
     return 0;
 }
 
@@ -1908,7 +1898,6 @@ static PyTypeObject CacheType = {
     .tp_init = (initproc)Cache_init,
     .tp_dealloc = (destructor)Cache_dealloc,
     .tp_traverse = (traverseproc)Cache_traverse,
-    .tp_clear = (inquiry)Cache_clear,
     .tp_methods = Cache_methods,
     .tp_members = Cache_members,
     .tp_getset = Cache_getset,
@@ -3070,6 +3059,8 @@ NQueue_put(NQueue *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwn
     Py_ssize_t given = nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0);
     int has_deadline = 0;
     double deadline = 0;
+    if (self->slow_put == NULL)
+        return collected_error();  /* (NQueue_clear) */
     if (nargs < 1 || given > 2 || !timeout_ok(args, nargs, kwnames) || !self->have_views)
         return PyObject_Vectorcall(self->slow_put, args, nargsf, kwnames);
     PyObject *timeout = nargs > 1 ? args[1] : given > 1 ? args[1] : Py_None;
@@ -3138,6 +3129,8 @@ NQueue_get(NQueue *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwn
     PyObject *timeout = given ? args[0] : Py_None;
     int has_deadline = 0;
     double deadline = 0;
+    if (self->slow_get == NULL)
+        return collected_error();  /* (NQueue_clear) */
     if (given > 1 || (kwnames != NULL && PyUnicode_CompareWithASCIIString(
                 PyTuple_GET_ITEM(kwnames, 0), "timeout") != 0)
             || !nqueue_timeout(timeout, &has_deadline, &deadline) || !self->have_views)

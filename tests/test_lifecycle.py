@@ -108,6 +108,54 @@ def test_the_native_objects_of_a_closed_handle_raise_heap_closed_error(
     native.leave()
 
 
+CLEARED = """
+import ctypes, shmheap
+# The collector clears the objects of a garbage cycle (tp_clear) after their finalizers ran,
+# so no Python code can reach a cleared one: the slot is called here as the collector calls
+# it (PyTypeObject: tp_flags at 168, tp_clear at 192 on 64-bit CPython 3.11-3.13).
+clear_slot = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object)
+def clear(obj):
+    assert ctypes.c_ulong.from_address(id(type(obj)) + 168).value == type(obj).__flags__
+    slot = ctypes.c_void_p.from_address(id(type(obj)) + 192).value
+    if slot:
+        clear_slot(slot)(obj)
+
+h = shmheap.Heap.attach({name!r})
+ref = h.alloc(64)
+h.roots["kept"] = ref
+lock, snapshot, allocator = h._lock.native, h.snapshot, h._objects()
+alloc, free, add = allocator.alloc, allocator.free, h.counter("c").add
+queue = h.queue("q")
+writer = h.roots._writer
+natives = [lock, snapshot, alloc, free, add.__self__, queue.put.__self__, writer,
+           *(cache for cache in allocator._caches if cache is not None)]
+for obj in natives:
+    clear(obj)
+calls = [lambda: lock.run(lambda: None), lambda: lock.read_word(h._header), lock.semaphore_value,
+         lock.drain_one, lock.release, lock.leave, snapshot, lambda: snapshot(timeout=1),
+         lambda: alloc(64), lambda: alloc(100000), lambda: free(ref), free.close, add,
+         lambda: queue.put(1), lambda: queue.get(timeout=0), lambda: writer("kept", ref, None),
+         lambda: writer.held("kept", ref, 1)]
+for call in calls:
+    try:
+        print(call())
+    except shmheap.HeapClosedError:
+        print("closed")
+"""
+
+
+@pytest.mark.skipif(not shmheap.NATIVE, reason="the native core's own objects")
+def test_the_native_objects_cleared_by_the_collector_behave_as_closed(
+        shm_heap_factory: HeapFactory) -> None:
+    heap = shm_heap_factory(arena_size=ARENA)
+    proc = run_child(CLEARED.format(name=heap.name))
+    assert proc.returncode == 0, proc.stderr
+    # closed, or None where the call has nothing to do or leaves it to the Python path
+    assert set(proc.stdout.split()) <= {"closed", "None"}, proc.stdout
+    assert proc.stdout.split().count("closed") >= 11, proc.stdout
+    assert heap.check() == []
+
+
 def test_an_arena_dropped_from_the_cache_is_closed_with_the_handle(
         shm_heap_factory: HeapFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     heap = shm_heap_factory(arena_size=ARENA)
