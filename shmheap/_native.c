@@ -63,6 +63,14 @@
 
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+/* A spinning reader's hint to the core (it lets the sibling hyperthread run). */
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_RELAX() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define CPU_RELAX() __asm__ __volatile__("yield")
+#else
+#define CPU_RELAX() ((void)0)
+#endif
 
 /* -- errors: the classes of shmheap.errors, looked up when first needed ---------------- */
 
@@ -2803,9 +2811,11 @@ static PyTypeObject CounterType = {
  * process with a crash point armed has no native Lock (lock.py), so no Queue either: the
  * Python path reaches the points, with the same stores in the same order as here.
  *
- * Waiting: with the futex word's sleepers flag set and the lock released, it sleeps on
- * the word in slices of at most ``slice`` seconds, as coord.py's wait_for (no spin:
- * coord.py's docstring says why). */
+ * Waiting: with the futex word's sleepers flag set and the lock released, it watches the
+ * word for at most ``spin_ns`` (adaptive: NQUEUE_SPIN_MAX_NS after a watch that saw the
+ * word move, halved down to NQUEUE_SPIN_MIN_NS after one that did not), then sleeps on it
+ * in slices of at most ``slice`` seconds, as coord.py's wait_for (coord.py's docstring
+ * says why the watch, and what it costs). */
 typedef struct {
     PyObject_HEAD
     Lock *lock;
@@ -2819,7 +2829,12 @@ typedef struct {
     Py_ssize_t *holder_at, nclasses;
     double slice, scan_interval;
     double scanned;          /* when this handle last left a look for dead leasers to Python */
+    long spin_ns;            /* how long the next wait watches the word before it sleeps */
 } NQueue;
+
+/* Bounds of a queue wait's watch of the futex word before it sleeps (NQueue.spin_ns). */
+#define NQUEUE_SPIN_MAX_NS 50000
+#define NQUEUE_SPIN_MIN_NS 2000
 
 /* The words of the queue node at ``ref`` (a live small object of at least ``need`` bytes)
  * and its holder word; NULL if this handle cannot tell (the Python path decides), or NULL
@@ -2912,9 +2927,21 @@ nqueue_wait(NQueue *self, uint32_t seen, int has_deadline, double deadline)
     if (wait <= 0)
         return 0;
     struct timespec ts = {(time_t)wait, (long)((wait - (double)(time_t)wait) * 1e9)};
+    double watch_until = monotonic() + (double)self->spin_ns * 1e-9;
+    int moved = 0;
     Py_BEGIN_ALLOW_THREADS
-    syscall(SYS_futex, self->futex, FUTEX_WAIT, seen, &ts, NULL, 0);
+    while (!moved && monotonic() < watch_until) {
+        for (int i = 0; i < 64 && !moved; i++) {
+            moved = LOAD(self->futex) != seen;
+            CPU_RELAX();
+        }
+    }
+    if (!moved)
+        syscall(SYS_futex, self->futex, FUTEX_WAIT, seen, &ts, NULL, 0);
     Py_END_ALLOW_THREADS
+    long next = moved ? self->spin_ns * 2 : self->spin_ns / 2;
+    self->spin_ns = next > NQUEUE_SPIN_MAX_NS ? NQUEUE_SPIN_MAX_NS
+                    : next < NQUEUE_SPIN_MIN_NS ? NQUEUE_SPIN_MIN_NS : next;
     /* Handlers run after every sleep: a signal that arrived just before it interrupted
      * nothing, and the caller's loop never returns to the interpreter. */
     return PyErr_CheckSignals();
@@ -3270,6 +3297,7 @@ NQueue_init(NQueue *self, PyObject *args, PyObject *kwargs)
     self->record = record;
     self->slice = slice;
     self->scan_interval = scan_interval;
+    self->spin_ns = NQUEUE_SPIN_MAX_NS;
     Py_XSETREF(self->lock, (Lock *)Py_NewRef(lock));
     Py_XSETREF(self->free, (Free *)Py_NewRef(free));
     Py_XSETREF(self->alloc, Py_NewRef(alloc));

@@ -116,11 +116,17 @@ items wait and the queue is empty, or ``SCAN_INTERVAL`` after the handle's
 last), a node in an arena the handle has not mapped, an
 item stored with ``put``, a deadline that ran out.  A process started with a
 crash point armed runs the Python lock and these Python paths (lock.py), so
-the points are reached there.  Its waiters sleep on the futex word at once: a
-bounded spin on the word before sleeping was measured (``shmheap bench
-coord``, a busy 2-core machine) and lost, 18.5 us a round trip with 10 us of
-spin and 7 us with 1 us against 6.2 us without, since a spinner takes the core
-the other side needs.
+the points are reached there.  Its waiters watch the futex word for a moment
+before they sleep on it, with the GIL released: on an idle machine a sleeping
+process's core halts, and waking it costs 20-30 us a hop, which no queue code
+can save (a round trip of 40 us, mp.Queue's 130 us); a waiter that sees the
+word move while it watches was never asleep (4 us).  The watch is bounded and
+adaptive, per queue handle: it doubles, up to 50 us, after a watch that saw
+the word move and halves, down to 2 us, after one that did not, so a waiter
+on a queue that stays empty burns at most 2 us of a core per slice, and on a
+busy machine, where a watcher takes the core the other side needs, the watch
+shrinks (there round trips measured the same with it as without, 7-24 us).
+The pure core's waits sleep at once.
 
 Counters: the native core adds with one atomic instruction on ``base``
 (``__atomic_add_fetch``); Python has no atomic add on shared memory, so the
