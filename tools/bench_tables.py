@@ -189,6 +189,38 @@ def start(results: Figures) -> str:
     return table(["figure", "measured", "target"], rows)
 
 
+def coord(results: Figures) -> str:
+    trips, rates, survived = results["round_trip_ns"], results["throughput"], results["survived"]
+    checks = verdicts(results)
+    trials = results["trials"]
+
+    def kept(*labels: str) -> str:
+        return " / ".join(f"{survived[label]} of {trials}" for label in labels)
+
+    rows = [["queue put + get round trip, two processes (mp.Queue / mp.SimpleQueue)",
+             fmt_ns(trips["queue shmheap"]),
+             f"{fmt_ns(trips['queue mp.Queue'])} / {fmt_ns(trips['queue mp.SimpleQueue'])}",
+             checks.get("queue round trip between two processes", "")],
+            ["event set -> waiter awake, half a round trip (mp.Event)",
+             fmt_ns(trips["event shmheap"] / 2), fmt_ns(trips["event mp.Event"] / 2),
+             checks.get("event set -> waiter awake", "")],
+            ["barrier round trip, two parties (mp.Barrier)", fmt_ns(trips["barrier shmheap"]),
+             fmt_ns(trips["barrier mp.Barrier"]), ""],
+            ["`counter.add` p50 (mp.Value + its lock)", fmt_ns(results["add_ns"]["shmheap"]),
+             fmt_ns(results["add_ns"]["mp.Value"]), checks.get("counter.add", "")]]
+    rows += [[f"queue throughput, {sides} producers x consumers (mp.Queue / mp.SimpleQueue)",
+              fmt_rate(rates[f"shmheap {sides}"]),
+              f"{fmt_rate(rates[f'mp.Queue {sides}'])} / "
+              f"{fmt_rate(rates[f'mp.SimpleQueue {sides}'])}", ""] for sides in ("1x1", "2x2")]
+    rows += [["a fresh peer's call returns after a participant's SIGKILL: queue (mp.Queue / "
+              "mp.SimpleQueue)", kept("queue: shmheap"),
+              kept("queue: mp.Queue", "queue: mp.SimpleQueue"), ""],
+             ["... event (mp.Event) / counter (mp.Value + lock) / barrier (mp.Barrier)",
+              kept("event: shmheap", "counter: shmheap", "barrier: shmheap"),
+              kept("event: mp.Event", "counter: mp.Value + lock", "barrier: mp.Barrier"), ""]]
+    return table(["figure", "shmheap", "peers", "target"], rows)
+
+
 #: table name -> (the benchmarks it needs, its renderer)
 TABLES: dict[str, tuple[tuple[str, ...], Callable[[Figures], str]]] = {
     "cores": (("cores",), lambda run: cores(run["cores"])),
@@ -198,6 +230,7 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[Figures], str]]] = {
     "crashes": (("recovery", "faults"), lambda run: crashes(
         {"recovery": run["recovery"], "faults": run["faults"]})),
     "start": (("start",), lambda run: start(run["start"])),
+    "coord": (("coord",), lambda run: coord(run["coord"])),
 }
 
 
