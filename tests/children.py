@@ -12,10 +12,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable
 
 from shmheap.tools.bench.children import Child, child_env
 
-__all__ = ["Child", "assert_killed", "child_env", "run_child"]
+__all__ = ["Child", "assert_killed", "child_env", "run_child", "wait_until"]
 
 
 def run_child(code: str, crash_at: str | None = None,
@@ -30,3 +32,11 @@ def assert_killed(proc: subprocess.CompletedProcess[str]) -> None:
     """The child must have died of SIGKILL (its crash point), not of an error."""
     assert proc.returncode == -signal.SIGKILL, (
         f"child did not die of SIGKILL (rc={proc.returncode}): {proc.stderr}")
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 60) -> None:
+    """Poll ``condition`` (a state of another process that nothing signals) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.002)

@@ -22,7 +22,7 @@ from typing import Any
 
 import coord_workers
 import pytest
-from children import Child, assert_killed, run_child
+from children import Child, assert_killed, run_child, wait_until
 
 import shmheap
 from shmheap.pytest_plugin import HeapFactory
@@ -343,9 +343,8 @@ def test_an_event_set_wakes_a_waiter_in_another_process(heap: shmheap.Heap) -> N
 def test_an_event_set_wakes_a_readonly_waiter_in_another_process(heap: shmheap.Heap) -> None:
     go = heap.event("go")  # (a read-only handle makes none)
     waiter = spawn(coord_workers.wait_for_event_readonly, heap.name)
-    never = heap.event("never")
-    while heap.info().attached < 2:  # the waiter has attached; it looks up the event and sleeps
-        never.wait(timeout=0.01)
+    # The waiter has attached; it looks up the event and sleeps.
+    wait_until(lambda: heap.info().attached >= 2)
     go.set()
     join_all([waiter])  # exit 0: its wait returned True
 
@@ -366,9 +365,7 @@ def test_a_party_killed_before_it_waits_breaks_the_barrier_and_reset_mends_it(
     doomed = spawn(coord_workers.register_and_park, heap.name, 3)
     assert report.get(timeout=PATIENCE) == "registered"
     waiter = spawn(coord_workers.barrier_party, heap.name, 3)
-    never = heap.event("never")
-    while b.n_waiting < 1:  # the other party has arrived and waits
-        never.wait(timeout=0.01)
+    wait_until(lambda: b.n_waiting >= 1)  # the other party has arrived and waits
     doomed.kill()
     doomed.join()
     assert report.get(timeout=PATIENCE) == "broken", "the waiter saw the registered party die"
@@ -403,9 +400,7 @@ def test_a_party_that_leaves_is_waited_for_no_more_and_breaks_nothing(
 def test_leaving_lets_the_parties_that_waited_for_it_through(heap: shmheap.Heap) -> None:
     b = heap.barrier("b", 2)
     waiter = spawn(coord_workers.barrier_party, heap.name, 2)
-    never = heap.event("never")
-    while b.n_waiting < 1:  # the other party has arrived and waits for this one
-        never.wait(timeout=0.01)
+    wait_until(lambda: b.n_waiting >= 1)  # the other party has arrived and waits for this one
     b.leave()
     assert heap.queue("report").get(timeout=PATIENCE) == 0, "its round passed"
     join_all([waiter])
@@ -434,9 +429,7 @@ def test_check_bounds_a_barriers_parties_left_and_arrivals(heap: shmheap.Heap) -
 def test_reset_breaks_the_round_of_the_parties_waiting(heap: shmheap.Heap) -> None:
     b = heap.barrier("b", 2)
     waiter = spawn(coord_workers.barrier_party, heap.name, 2)
-    never = heap.event("never")
-    while b.n_waiting < 1:
-        never.wait(timeout=0.01)
+    wait_until(lambda: b.n_waiting >= 1)
     b.reset()
     report = heap.queue("report")
     assert report.get(timeout=PATIENCE) == "broken"
@@ -448,9 +441,7 @@ def test_reset_breaks_the_round_of_the_parties_waiting(heap: shmheap.Heap) -> No
 def test_a_party_killed_while_waiting_breaks_the_barrier(heap: shmheap.Heap) -> None:
     b = heap.barrier("b", 3)
     doomed = spawn(coord_workers.barrier_party, heap.name, 3)
-    never = heap.event("never")
-    while b.n_waiting < 1:  # the doomed party has arrived and waits
-        never.wait(timeout=0.01)
+    wait_until(lambda: b.n_waiting >= 1)  # the doomed party has arrived and waits
     doomed.kill()
     doomed.join()
     other = spawn(coord_workers.barrier_party, heap.name, 3)

@@ -17,11 +17,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 
 import posix_ipc
 import pytest
-from children import Child, assert_killed, run_child
+from children import Child, assert_killed, run_child, wait_until
 
 import shmheap
 from shmheap.names import semaphore_name
@@ -537,14 +536,6 @@ def process_state(pid: int) -> str:
     """The state letter of process ``pid`` (R, S, T for stopped, ...)."""
     with open(f"/proc/{pid}/stat") as stat:
         return stat.read().rsplit(")", 1)[1].split()[0]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 60) -> None:
-    """Poll ``condition`` (a state of another process that nothing signals) until it holds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the condition never held"
-        time.sleep(0.002)
 
 
 # -- lock hygiene under contention ------------------------------------------------------------
