@@ -587,11 +587,17 @@ class CoordTable:
             tokens = self.allocator.view(int(words[b + _TOKENS])).cast("Q")
             if int(words[_I_AT]) < min(len(tokens), int(words[b + _PARAM])):
                 tokens[int(words[_I_AT])] = words[_I_WAS]
-        orphan = int(words[_I_FREE])
+        orphan, putter = int(words[_I_FREE]), int(words[_I_OWNER])
         live = self.heap._live
         assert live is not None
-        if orphan and not live.token_alive(int(words[_I_OWNER])):
-            # (a live putter frees its node itself, when its exception passes put())
+        if orphan and live.token_alive(putter):
+            # The putter's again, node and object: it frees them as its exception passes
+            # put() (Queue._forget), which frees nothing the queue holds or a taker took.
+            owners.adopt_locked(self.allocator, orphan, putter)
+            obj = self._object_or_none(orphan)
+            if obj:
+                owners.adopt_locked(self.allocator, obj, putter)
+        elif orphan:
             obj = self._object_or_none(orphan)
             if obj:  # nobody's: reclaim() frees it (a repair run twice makes it so twice)
                 owners.orphan_locked(self.allocator, obj)
@@ -850,17 +856,12 @@ class Queue:
             raise
 
     def _forget(self, node: int) -> None:
-        """Free ``node`` (and its item's object) unless the queue holds it (a put that
-        raised; its undo is done)."""
+        """Free ``node`` (and its item's object) if it is still this process's (a put that
+        raised before it linked the node, or whose undo gave it back); a node the queue
+        holds, or that a taker has since adopted, is left alone."""
         table = self._table
-        words = table.words
         with table.locked(None):
-            ref = int(words[self._b + _HEAD])
-            for _ in range(int(words[self._b + _COUNT]) + 1):
-                if not ref or ref == node:
-                    break
-                ref = int(table.node(ref)[_NEXT])
-            if ref != node:
+            if owners.mine_locked(table.allocator, node):
                 table.free_node(node)
 
     def _put(self, node: int, deadline: float | None) -> Any:

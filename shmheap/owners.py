@@ -55,6 +55,7 @@ from . import giant, walker
 from .allocator import HELD, ORPHAN, holder_of
 from .bytescan import positions
 from .control import PAGES
+from .errors import InvalidRefError
 from .lock import deadline_of
 from .pages import RELEASING
 
@@ -210,9 +211,20 @@ def hold_locked(allocator: Allocator, ref: int) -> None:
     allocator.set_holder(*allocator.live(ref, held=True), HELD)
 
 
-def adopt_locked(allocator: Allocator, ref: int) -> None:
-    """The calling process owns the live object at ``ref`` from now on (lock holder)."""
-    allocator.set_holder(*allocator.live(ref, held=True), holder_of(allocator._token()))
+def adopt_locked(allocator: Allocator, ref: int, token: int | None = None) -> None:
+    """The calling process (or the one of liveness token ``token``) owns the live object
+    at ``ref`` from now on (lock holder)."""
+    token = allocator._token() if token is None else token
+    allocator.set_holder(*allocator.live(ref, held=True), holder_of(token))
+
+
+def mine_locked(allocator: Allocator, ref: int) -> bool:
+    """True if ``ref`` is a live object the calling process owns (lock holder)."""
+    try:
+        located = allocator.live(ref, held=True)
+    except InvalidRefError:
+        return False
+    return allocator.holder(*located) == holder_of(allocator._token())
 
 
 def orphan_locked(allocator: Allocator, ref: int) -> None:
