@@ -3772,8 +3772,8 @@ writer_bind_held(RootWriter *self, const char *name, Py_ssize_t len, uint64_t re
          * last name byte, or the slots below): roots.py rebuilds or reserves */
         uint64_t at = ROOTS_REGION_HEADER + ROOTS_SLOT_BYTES * cap + end;  /* in the region */
         uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
-        if (2 * (LOAD(used) + 1) > cap || end + record > names_cap
-                || (at - 1) / page != (at + record - 1) / page)
+        if (LOAD(used) >= cap / 2 || end > names_cap || record > names_cap - end
+                || (at - 1) / page != (at + record - 1) / page)  /* (no sum that can wrap) */
             goto out;
     }
     if (old) {
@@ -3960,7 +3960,7 @@ RootWriter_init(RootWriter *self, PyObject *args, PyObject *kwargs)
 {
     static char *names[] = {"reader", "lock", "control", "records", "classes", "arena_shift",
                             "page_shift", "max_roots", "reach", NULL};
-    PyObject *reader, *lock, *control, *records, *classes, *reach;
+    PyObject *reader, *lock, *control, *records, *classes, *reach = NULL;
     int arena_shift, page_shift;
     long max_roots;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOO!Oiil|O", names, &RootReaderType,

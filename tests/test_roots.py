@@ -476,6 +476,25 @@ def test_fsck_of_garbage_keys_is_fatal_not_a_crash(heap: shmheap.Heap) -> None:
             call()
 
 
+def test_a_bind_under_a_garbage_names_end_writes_nothing_past_the_names(
+        heap: shmheap.Heap) -> None:
+    """A names_end near 2**64 must not wrap the room check of a new name's bind (the native
+    writer once computed end + length, which wraps, and copied the name out of bounds)."""
+    heap.roots["x"] = heap.alloc(100)
+    region = heap.roots.table().current()
+    region.head[roots._NAMES_END] = (1 << 64) - 8
+    out = attach_and(heap.name, """
+assert h.roots.get("absent") is None  # (maps the table: the next bind is the native one)
+try:
+    h.roots["new-name"] = h.alloc(16)
+    print("bound")
+except shmheap.HeapCorruptError:
+    print("corrupt")
+""")
+    assert out.strip() == "corrupt"
+    region.head[roots._NAMES_END] = roots.record_bytes(len("x"))
+
+
 # -- the command line ------------------------------------------------------------------------
 
 
