@@ -32,7 +32,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.context import SpawnContext
 from typing import Any, TextIO
 
@@ -83,11 +83,15 @@ def _ctx() -> SpawnContext:
 # -- workers (module level: spawn imports them) ----------------------------------------------
 
 
-def _structures(name: str, kind: str, tag: str) -> tuple[Heap, Any, Any]:
-    heap = Heap.attach(name)
-    if kind == "event":
-        return heap, heap.event(f"{tag}1"), heap.event(f"{tag}2")
-    return heap, heap.queue(f"{tag}1"), heap.queue(f"{tag}2")
+@contextlib.contextmanager
+def _worked_on(target: Any, make: Callable[[Heap], Any]) -> Iterator[Any]:
+    """What a worker works on: ``make(heap)`` of the heap named ``target``, attached for the
+    block, or ``target`` itself (the multiprocessing peer's objects)."""
+    if not isinstance(target, str):
+        yield target
+        return
+    with Heap.attach(target) as heap:
+        yield make(heap)
 
 
 def _echo_queue(a: Any, b: Any, n: int) -> None:
@@ -104,12 +108,11 @@ def _echo_event(a: Any, b: Any, n: int) -> None:
 
 def _echo(kind: str, target: Any, n: int) -> None:
     """The far side of a ping-pong: ``target`` is a heap name or a pair of mp objects."""
-    if isinstance(target, str):
-        heap, a, b = _structures(target, kind, kind)
-        with heap:
-            (_echo_event if kind == "event" else _echo_queue)(a, b, n)
-    else:
-        a, b = target
+    def pair(heap: Heap) -> tuple[Any, Any]:
+        make = heap.event if kind == "event" else heap.queue
+        return make(f"{kind}1"), make(f"{kind}2")
+
+    with _worked_on(target, pair) as (a, b):
         (_echo_event if kind == "event" else _echo_queue)(a, b, n)
 
 
@@ -124,69 +127,57 @@ def _wake_one_way(name: str, readonly: bool, conn: Any) -> None:
 
 
 def _barrier_rounds(target: Any, n: int) -> None:
-    if isinstance(target, str):
-        with Heap.attach(target) as heap:
-            barrier = heap.barrier("rounds", 2)
-            for _ in range(n):
-                barrier.wait()
-    else:
+    with _worked_on(target, lambda heap: heap.barrier("rounds", 2)) as barrier:
         for _ in range(n):
-            target.wait()
+            barrier.wait()
 
 
 def _produce(target: Any, tag: str, start: Any, count: int) -> None:
-    heap = Heap.attach(target) if isinstance(target, str) else None
-    q = heap.queue(tag) if heap is not None else target
-    start.wait()
-    for item in range(count):
-        q.put(item)
-    if heap is not None:
-        heap.close()
+    with _worked_on(target, lambda heap: heap.queue(tag)) as q:
+        start.wait()
+        for item in range(count):
+            q.put(item)
 
 
 def _consume(target: Any, tag: str, start: Any, count: int) -> None:
-    heap = Heap.attach(target) if isinstance(target, str) else None
-    q = heap.queue(tag) if heap is not None else target
-    start.wait()
-    for _ in range(count):
-        q.get()
-    if heap is not None:
-        heap.close()
+    with _worked_on(target, lambda heap: heap.queue(tag)) as q:
+        start.wait()
+        for _ in range(count):
+            q.get()
 
 
 def _call(kind: str, target: Any, tag: str, forever: bool, running: Any) -> None:
     """One call of ``kind`` on ``target`` (the peer), or calls for ever (the victim)."""
-    heap = Heap.attach(target) if isinstance(target, str) else None
-    if heap is not None:
-        makers: dict[str, Callable[[], Any]] = {
-            "queue": lambda: heap.queue(tag), "event": lambda: heap.event(tag),
-            "counter": lambda: heap.counter(tag), "barrier": lambda: heap.barrier(tag, 2)}
-        target = makers[kind]()
+    makers: dict[str, Callable[[Heap], Any]] = {
+        "queue": lambda heap: heap.queue(tag), "event": lambda heap: heap.event(tag),
+        "counter": lambda heap: heap.counter(tag), "barrier": lambda heap: heap.barrier(tag, 2)}
+    shmheap = isinstance(target, str)
+    with _worked_on(target, makers[kind]) as thing:
 
-    def once() -> None:
-        if kind == "queue":
-            target.put(1)
-            target.get()
-        elif kind == "event":
-            target.set()
-            target.wait()
-            target.clear()
-        elif kind == "counter":
-            if heap is not None:
-                target.add()
+        def once() -> None:
+            if kind == "queue":
+                thing.put(1)
+                thing.get()
+            elif kind == "event":
+                thing.set()
+                thing.wait()
+                thing.clear()
+            elif kind == "counter":
+                if shmheap:
+                    thing.add()
+                else:
+                    with thing.get_lock():
+                        thing.value += 1
             else:
-                with target.get_lock():
-                    target.value += 1
-        else:
-            with contextlib.suppress(threading.BrokenBarrierError):
-                target.wait()
+                with contextlib.suppress(threading.BrokenBarrierError):
+                    thing.wait()
 
-    if running is not None:
-        running.set()
-    while True:
-        once()
-        if not forever:
-            return
+        if running is not None:
+            running.set()
+        while True:
+            once()
+            if not forever:
+                return
 
 
 # -- measurements ----------------------------------------------------------------------------
