@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from shmheap.tools.bench.children import Child, child_env
 
-__all__ = ["Child", "assert_killed", "child_env", "run_child", "wait_until"]
+__all__ = ["Child", "assert_killed", "child_env", "process_state", "run_child", "wait_until"]
 
 
 def run_child(code: str, crash_at: str | None = None,
@@ -40,3 +40,9 @@ def wait_until(condition: Callable[[], bool], timeout: float = 60) -> None:
     while not condition():
         assert time.monotonic() < deadline, "the condition never held"
         time.sleep(0.002)
+
+
+def process_state(pid: int) -> str:
+    """The state letter of process ``pid`` (R, S, T for stopped, ...)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]

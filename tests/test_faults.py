@@ -20,7 +20,7 @@ import time
 
 import posix_ipc
 import pytest
-from children import Child, assert_killed, run_child, wait_until
+from children import Child, assert_killed, process_state, run_child, wait_until
 
 import shmheap
 from shmheap.names import semaphore_name
@@ -531,11 +531,6 @@ def test_a_fresh_unlocked_control_segment_counts_as_being_created(shm_heap_name:
         shmheap.Heap.attach(name, timeout=5)
     assert [s.state for s in collect.survey([name])] == ["corrupt"]
 
-
-def process_state(pid: int) -> str:
-    """The state letter of process ``pid`` (R, S, T for stopped, ...)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().rsplit(")", 1)[1].split()[0]
 
 
 # -- lock hygiene under contention ------------------------------------------------------------

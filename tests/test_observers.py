@@ -9,14 +9,17 @@ beside a looping observer finishes, what a check reports).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
-from children import Child, assert_killed, child_env, run_child
+from children import Child, assert_killed, child_env, process_state, run_child, wait_until
 
 import shmheap
+from shmheap import lock
 from shmheap.allocator import SPARE_SPANS
 from shmheap.pytest_plugin import HeapFactory
 from shmheap.summary import ByteTree
@@ -116,9 +119,11 @@ print(h.grow().index, flush=True)
 
 
 def test_a_waiter_announces_itself_and_an_observer_lets_it_go_first(
-        heap: shmheap.Heap) -> None:
+        heap: shmheap.Heap, monkeypatch: pytest.MonkeyPatch) -> None:
     live = heap._live
     assert live is not None
+    # The observer yields for as long as it takes a busy machine to run the writer.
+    monkeypatch.setattr(lock, "YIELD_LIMIT", NOT_STUCK)
     with shmheap.Heap.attach(heap.name, readonly=True) as observer, \
             Child(GROWER.format(name=heap.name)) as writer:
         token = int(writer.line())
@@ -127,10 +132,22 @@ def test_a_waiter_announces_itself_and_an_observer_lets_it_go_first(
             while live.waiter[0] != token:  # the writer waits for the lock we hold
                 assert writer.proc.poll() is None, writer.line()
                 os.sched_yield()
-        observer.snapshot(timeout=NOT_STUCK)  # yields to the waiter, if it still waits
+            os.kill(writer.pid, signal.SIGSTOP)  # a waiter slow to run: the lock is free first
+            wait_until(lambda: process_state(writer.pid) == "T")
+        going = threading.Event()
+
+        def resume() -> None:
+            going.wait()
+            os.kill(writer.pid, signal.SIGCONT)
+
+        resumer = threading.Thread(target=resume)
+        resumer.start()
+        going.set()
+        first = observer.snapshot(timeout=NOT_STUCK)  # it yields to the announced waiter
+        resumer.join()
         grown = int(writer.line())
         assert live.waiter[0] == 0, "the waiter cleared its word once it held the lock"
-        assert grown in observer.snapshot()
+        assert grown in first, "the observer's snapshot came after the waiter's grow"
 
 
 def test_a_dead_or_stale_waiter_wedges_no_observer(heap: shmheap.Heap) -> None:

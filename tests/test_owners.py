@@ -150,11 +150,11 @@ def test_reclaim_after_kills_frees_the_dead_unnamed_and_nothing_else(
                 child.kill()
         heap.check(repair=True, timeout=RECOVERY_TIMEOUT)
         before = heap.stats().live_objects
+        dead = {name: owner for name, owner in heap.bytes_by_owner().items() if not owner.alive}
         report = heap.reclaim(timeout=RECOVERY_TIMEOUT)
         total += report.objects
-        assert report.objects > 0 and set(report.by_owner) <= {
-            name for name, owner in heap.bytes_by_owner().items() if not owner.alive} | set(
-            report.by_owner)
+        assert report.objects > 0 and set(report.by_owner) == set(dead), "the dead owners, all"
+        assert report.objects == sum(owner.objects for owner in dead.values())
         named = dict(heap.roots)
         assert heap.stats().live_objects == before - report.objects == len(named) + len(alive)
         for name, ref in named.items():  # every named object survived, whole
