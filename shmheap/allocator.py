@@ -124,7 +124,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from . import core, crash, giant
-from .bytescan import positions
+from .bytescan import nonzero_flags, positions
 from .control import DISOWN, PAGES
 from .errors import (
     AddressSpaceExhaustedError,
@@ -172,7 +172,6 @@ ALIGN = 16
 HOLDER_SIZE = 4
 #: holder words of no process: a structure (a root, a queue) holds the object; nobody does
 HELD, ORPHAN = 0, 0xFFFF << 16
-_HELD_WORD = HELD.to_bytes(HOLDER_SIZE, "little")
 _T = TypeVar("_T")
 
 
@@ -971,13 +970,18 @@ class Allocator:
         return c < len(self.classes) and bool(self.held_slots(pages, start, self.classes[c]))
 
     def held_slots(self, pages: ArenaPages, start: int, cls: SizeClass) -> set[int]:
-        """Slots of the small span at ``start`` whose allocated object a structure holds."""
-        a0 = start << self.page_shift
-        alloc = bytes(pages.data[a0:a0 + cls.nelems])
+        """Slots of the small span at ``start`` whose allocated object a structure holds
+        (its holder word is ``HELD``, 0): found with whole-span integer and byte operations,
+        as a sweep runs this for every span under the lock."""
+        a0, n = start << self.page_shift, cls.nelems
+        allocated = int.from_bytes(nonzero_flags(bytes(pages.data[a0:a0 + n])), "little")
         h0 = a0 + cls.holder_at
-        holders = bytes(pages.data[h0:h0 + HOLDER_SIZE * cls.nelems])
-        return {k for k, byte in enumerate(alloc)
-                if byte and holders[HOLDER_SIZE * k:HOLDER_SIZE * (k + 1)] == _HELD_WORD}
+        holders = bytes(pages.data[h0:h0 + HOLDER_SIZE * n])
+        word_bits = 0  # byte k is non-zero where slot k's holder word is
+        for lane in range(HOLDER_SIZE):
+            word_bits |= int.from_bytes(holders[lane::HOLDER_SIZE], "little")
+        owned = int.from_bytes(nonzero_flags(word_bits.to_bytes(n, "little")), "little")
+        return set(positions((allocated & ~owned).to_bytes(n, "little"), 1))
 
     # -- ownership (lock holder) ---------------------------------------------------------
 

@@ -21,6 +21,11 @@ def positions(data: bytes, value: int) -> list[int]:
     return found
 
 
+def nonzero_flags(data: bytes) -> bytes:
+    """``data`` with each non-zero byte made 1 (and each zero byte left 0)."""
+    return data.translate(_NONZERO)
+
+
 def nonzero_positions(data: bytes) -> list[int]:
     """Positions of the non-zero bytes of ``data``, ascending."""
-    return positions(data.translate(_NONZERO), 1)
+    return positions(nonzero_flags(data), 1)
