@@ -486,7 +486,7 @@ class CoordTable:
             words[b + _NAMELEN] = len(name)
             self._seg.buf[(b + _NAME) * 8:(b + _NAME) * 8 + 48] = raw
             words[b + _PARAM] = max(param, 0)
-            words[b + 10:b + 16] = _ZERO_STATE
+            words[b + _STATE.start:b + _STATE.stop] = _ZERO_STATE
             if kind == COUNTER:
                 words[b + _CELLS] = extra
             elif kind == BARRIER:
@@ -529,7 +529,7 @@ class CoordTable:
         b = self.base(record)
         words[_I_RECORD] = record
         words[_I_OP] = op
-        words[_I_SAVED] = words[b + 10:b + 16]
+        words[_I_SAVED] = words[b + _STATE.start:b + _STATE.stop]
         words[_I_NODE_A] = node_a
         words[_I_NEXT_A] = self.node(node_a)[_NEXT] if node_a else 0
         words[_I_NODE_B] = node_b
@@ -573,16 +573,13 @@ class CoordTable:
         if not 0 <= record < RECORDS or op not in OP_NAMES:
             raise HeapCorruptError(f"the coordination intent names record {record}, op {op}")
         b = self.base(record)
-        words[b + 10:b + 16] = words[_I_SAVED]
+        words[b + _STATE.start:b + _STATE.stop] = words[_I_SAVED]
         for node, saved in ((_I_NODE_A, _I_NEXT_A), (_I_NODE_B, _I_NEXT_B)):
             if words[node]:
                 self.node(int(words[node]))[_NEXT] = words[saved]
         if words[_I_HOLD]:  # back in the queue: the queue's again, whoever had taken it
             node = int(words[_I_HOLD])
-            owners.hold_locked(self.allocator, node)
-            obj = self._object_or_none(node)
-            if obj:
-                owners.hold_locked(self.allocator, obj)
+            self.give_item(node, self._object_or_none(node), owners.hold_locked)
         if op == OP_LEAVE:  # the leaver is a party again (a dead one breaks the barrier)
             tokens = self.allocator.view(int(words[b + _TOKENS])).cast("Q")
             if int(words[_I_AT]) < min(len(tokens), int(words[b + _PARAM])):
@@ -593,10 +590,8 @@ class CoordTable:
         if orphan and live.token_alive(putter):
             # The putter's again, node and object: it frees them as its exception passes
             # put() (Queue._forget), which frees nothing the queue holds or a taker took.
-            owners.adopt_locked(self.allocator, orphan, putter)
-            obj = self._object_or_none(orphan)
-            if obj:
-                owners.adopt_locked(self.allocator, obj, putter)
+            self.give_item(orphan, self._object_or_none(orphan),
+                           lambda allocator, ref: owners.adopt_locked(allocator, ref, putter))
         elif orphan:
             obj = self._object_or_none(orphan)
             if obj:  # nobody's: reclaim() frees it (a repair run twice makes it so twice)
@@ -685,6 +680,13 @@ class CoordTable:
             return pickle.loads(payload), None
         lent = _Lent(self, int(_INT64.unpack(payload)[0]))
         return objects.get(self.allocator, lent.ref, writable, gone=lent.unviewed), lent
+
+    def give_item(self, node: int, obj: int, give: Callable[[Allocator, int], None]) -> None:
+        """``give`` (an ``owners.*_locked``) ``node`` and ``obj``, the object its item is
+        stored in if any, in that order (lock holder)."""
+        give(self.allocator, node)
+        if obj:
+            give(self.allocator, obj)
 
     def _object_or_none(self, node: int) -> int:
         """``item_object``, 0 if the node is damaged (a repair leaks its object then)."""
@@ -876,9 +878,7 @@ class Queue:
             tail = int(words[b + _TAIL])
             obj = table.item_object(node)
             table.begin(self._record, OP_PUT, node_a=tail, free=node)
-            owners.hold_locked(table.allocator, node)  # the queue holds it (owners.py)
-            if obj:
-                owners.hold_locked(table.allocator, obj)  # and the object of its item
+            table.give_item(node, obj, owners.hold_locked)  # the queue holds them (owners.py)
             if tail:
                 table.node(tail)[_NEXT] = node
             else:
@@ -977,16 +977,14 @@ class Queue:
                 words[b + _LEASED] += 1
             words[b + _COUNT] = count - 1
             if not lease:  # the getter's now: if it dies before it frees it, reclaim() does
-                self._hand_over(node, lent)
+                self._hand_over(node, lent.ref if lent is not None else 0)
             table.end(self._record)
         return node, item, lent
 
-    def _hand_over(self, node: int, lent: _Lent | None) -> None:
-        """Make ``node`` and the object of its item the taker's (the op's last stores)."""
-        allocator = self._table.allocator
-        owners.adopt_locked(allocator, node)
-        if lent is not None:
-            owners.adopt_locked(allocator, lent.ref)
+    def _hand_over(self, node: int, obj: int) -> None:
+        """Make ``node`` and ``obj``, the object of its item if any, the taker's (the op's
+        last stores)."""
+        self._table.give_item(node, obj, owners.adopt_locked)
         crash.reach("coord.handed")
 
     def _return_dead_leases(self) -> None:
@@ -1057,11 +1055,7 @@ class Queue:
             if self._unlink_lease(node, OP_ACK) is None:
                 return  # given back already (this handle was closed and seen dead)
             crash.reach("coord.acked")
-            obj = table.item_object(node)
-            owners.adopt_locked(table.allocator, node)  # (as a get's: reclaim() frees it)
-            if obj:
-                owners.adopt_locked(table.allocator, obj)
-            crash.reach("coord.handed")
+            self._hand_over(node, table.item_object(node))  # (as a get's: reclaim() frees it)
             table.end(self._record)
             table.allocator.free(node)
 
