@@ -457,8 +457,8 @@ class Allocator:
                     wide = cache.wide
                     data[cache.s0 + k * wide:cache.s0 + (k + 1) * wide] = (
                         (size - nbytes).to_bytes(wide, "little"))
-                    data[cache.h0 + 4 * k:cache.h0 + 4 * k + 4] = (
-                        cache.holder.to_bytes(4, "little"))
+                    at = cache.h0 + HOLDER_SIZE * k
+                    data[at:at + HOLDER_SIZE] = cache.holder.to_bytes(HOLDER_SIZE, "little")
                     data[cache.a0 + k] = 1
                     return cache.base + offset
         return self._alloc_slow(nbytes, timeout, root)

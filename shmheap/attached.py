@@ -463,11 +463,13 @@ class AttachedHeap:
         self._summaries.reserve_leaves(index)
         self._journal.begin(*(journal or (control.GROW, index, 0)))
         if arenas.link(self.name, seg, self.params.heap_id, self.arena_size, index):
-            if self._words[control.DESTROYED_OFFSET // 8]:
+            try:
+                self._check_destroyed()
+            except HeapNotFoundError:
                 with contextlib.suppress(ShmHeapError):
                     if segments.identity_of(seg.name) == seg.identity:
                         segments.unlink(seg.name)
-                raise self._destroyed()
+                raise
             return True
         self._journal.end()
         return False

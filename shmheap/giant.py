@@ -511,7 +511,7 @@ def check(allocator: PageHeap, indices: Iterable[int],
     confirmed under it for those arenas only.
 
     Parts whose maker is alive are being made; those of a dead maker are
-    garbage that the reclaim pass frees (allocator.check_allocator).  Arenas
+    garbage that the reclaim pass frees (repair.py: allocator.reclaim_locked).  Arenas
     are remembered by index, never held, so a heap of giant objects is
     checked within this process's mapping budget (arenas.py).
     """

@@ -334,21 +334,19 @@ class Liveness:
 
     def token_alive(self, token: int) -> bool:
         """True if the attachment that minted ``token`` is still attached and alive."""
-        slot, epoch = (token >> 32) - 1, token & 0xFFFFFFFF
-        if not 0 <= slot < self.nslots:
-            return False
-        if _SLOT.unpack_from(self._seg.buf, slot_offset(slot))[1] != epoch:
-            return False
-        return self.slot_alive(slot)
+        return self._alive((token >> 32) - 1, token & 0xFFFFFFFF, 0xFFFFFFFF)
 
     def short_token_alive(self, word: int) -> bool:
         """``token_alive`` for the 32-bit form ``(slot + 1) << 16 | epoch & 0xFFFF`` of a
         token (the holder words of objects, allocator.py): a wrapped epoch may make a dead
         process's word look alive, never the reverse."""
-        slot = (word >> 16) - 1
+        return self._alive((word >> 16) - 1, word & 0xFFFF, 0xFFFF)
+
+    def _alive(self, slot: int, epoch: int, mask: int) -> bool:
+        """True if ``slot`` is alive and its epoch, masked with ``mask``, is ``epoch``."""
         if not 0 <= slot < self.nslots:
             return False
-        if _SLOT.unpack_from(self._seg.buf, slot_offset(slot))[1] & 0xFFFF != word & 0xFFFF:
+        if _SLOT.unpack_from(self._seg.buf, slot_offset(slot))[1] & mask != epoch:
             return False
         return self.slot_alive(slot)
 
