@@ -397,6 +397,14 @@ lock_slot_alive(Lock *self, long slot)
     return ofd_probe_locked(self->live_fd, LIVE_SLOTS_OFFSET + slot * LIVE_SLOT_SIZE);
 }
 
+/* The holder word of an object owned by liveness token ``token`` (allocator.holder_of):
+ * (slot + 1) << 16 | epoch & 0xFFFF. */
+static inline uint32_t
+holder_of(uint64_t token)
+{
+    return (uint32_t)((token >> 32) << 16 | (token & 0xFFFF));
+}
+
 static int
 lock_token_alive(Lock *self, uint64_t token)
 {
@@ -672,7 +680,6 @@ lock_repair(Lock *self, int for_read)
             Py_XDECREF(type);
             Py_XDECREF(value);
             Py_XDECREF(trace);
-            PyErr_Clear();
             return 0;
         }
         PyErr_Restore(type, value, trace);
@@ -3090,7 +3097,7 @@ NQueue_put(NQueue *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwn
         return collected_error();  /* (NQueue_clear) */
     if (nargs < 1 || given > 2 || !timeout_ok(args, nargs, kwnames) || !self->have_views)
         return PyObject_Vectorcall(self->slow_put, args, nargsf, kwnames);
-    PyObject *timeout = nargs > 1 ? args[1] : given > 1 ? args[1] : Py_None;
+    PyObject *timeout = given > 1 ? args[1] : Py_None;
     nqueue_timeout(timeout, &has_deadline, &deadline);
     PyObject *item = args[0];
     long long node = nqueue_store(self, item);
@@ -3233,7 +3240,7 @@ NQueue_get(NQueue *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwn
             STORE(&rec[COORD_HEAD + 1], (uint64_t)0);
         STORE(&rec[COORD_HEAD + 2], count - 1);
         uint64_t token = self->lock->token;  /* the getter's now (owners.adopt_locked) */
-        nqueue_set_holder(holder, (uint32_t)((token >> 32) << 16 | (token & 0xFFFF)));
+        nqueue_set_holder(holder, holder_of(token));
         nqueue_leave(self, nqueue_end(self));
         if (nqueue_free(self, node) < 0) {
             Py_DECREF(item);
@@ -3910,8 +3917,7 @@ writer_body(void *arg)
 {
     RootChange *change = (RootChange *)arg;
     Lock *lock = change->writer->lock;
-    /* allocator.holder_of(token): (slot + 1) << 16 | epoch & 0xFFFF */
-    uint32_t holder = (uint32_t)((lock->token >> 32) << 16 | (lock->token & 0xFFFF));
+    uint32_t holder = holder_of(lock->token);
     return root_answer(writer_bind_held(change->writer, change->name, change->len, change->ref,
                                         holder));
 }
