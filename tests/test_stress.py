@@ -166,9 +166,7 @@ def test_killed_movers_lose_no_work_item(shm_heap_name: str, tmp_path: Path) -> 
     rows = summary(result.stdout)
     assert rows["items"].startswith(f"{items['items_put']:,} put = {items['items_moved']:,} "
                                     f"moved + {items['items_waiting']:,} still queued"), rows
-    help_text = run_cli("stress", "--help").stdout
-    for label in ("movers", "queue op latency", "items"):
-        assert label in help_text
+    assert_rows_defined(rows)
 
 
 def test_a_kill_loop_run_reaches_its_floors_and_says_the_kill_rate(shm_heap_name: str,
@@ -256,6 +254,13 @@ def summary(stdout: str) -> dict[str, str]:
             if not line.startswith("violation: ")}
 
 
+def assert_rows_defined(rows: dict[str, str]) -> None:
+    """Every figure of a summary (its row's label) has its definition in stress --help."""
+    help_text = run_cli("stress", "--help").stdout
+    for label in rows:
+        assert label.split(" p50")[0].split(" (")[0] in help_text, label
+
+
 def assert_summary_identities(report: dict[str, Any]) -> None:
     """The identities the summary's definitions (``shmheap stress --help``) promise."""
     objects = report["objects"]
@@ -306,9 +311,7 @@ def test_the_summary_says_what_the_report_holds(shm_heap_name: str, tmp_path: Pa
     assert rows["final snapshot"].startswith(
         f"{report['final_arenas']:,} arenas = {report['arenas_created']:,} grown by writers + "
         f"{report['arenas_grown_otherwise']:,} grown otherwise")
-    help_text = run_cli("stress", "--help").stdout
-    for label in rows:  # every figure has its definition in --help
-        assert label.split(" p50")[0].split(" (")[0] in help_text, label
+    assert_rows_defined(rows)
 
 
 def test_walk_checks_pass_a_real_heap_and_catch_bad_spans(shm_heap_factory: HeapFactory) -> None:

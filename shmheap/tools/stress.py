@@ -509,10 +509,14 @@ class Fleet:
             self.poll(deadline - time.monotonic())
         self.shutdown()
 
-    def shutdown(self) -> None:
-        """Kill whatever is still running (stragglers), reap whatever was killed."""
+    def reap_dying(self) -> None:
+        """Reap every worker killed and not yet reaped."""
         for worker in self.dying():
             self.reap(worker)
+
+    def shutdown(self) -> None:
+        """Kill whatever is still running (stragglers), reap whatever was killed."""
+        self.reap_dying()
         for worker in self.live():
             self.kill(worker)
             self.reap(worker, "straggler")
@@ -757,8 +761,7 @@ class StressRun:
         """
         start = time.monotonic()
         fleet = self.fleet
-        for worker in fleet.dying():
-            fleet.reap(worker)
+        fleet.reap_dying()
         makers = fleet.workers
         guard = [ref for worker in fleet.live() for ref, maker in worker.in_flight
                  if not makers[maker].alive]
