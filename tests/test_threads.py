@@ -247,6 +247,7 @@ def test_close_waits_for_another_threads_block(heap: shmheap.Heap) -> None:
     closer = threading.Thread(target=close)
     closer.start()
     closed.wait(timeout=0.5)  # a close that did not wait would be done by now
+    assert not closed.is_set(), "close() must wait for the locked() block of another thread"
     try:
         with other.locked(timeout=0):
             timed_out.append(False)
