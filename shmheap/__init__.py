@@ -87,16 +87,21 @@ __all__ = [
 ]
 
 
-#: modules of the package imported on first use, as an attribute of the package
+#: modules of the package imported on first use, as an attribute of the package.  Every
+#: first use goes through ``__getattr__`` (``from . import repair`` inside a function does,
+#: ``from .repair import x`` would not), so each is imported whole: a Ctrl-C that lands inside
+#: the import is raised when the import is done (lazy.py).  The first use may be a journal
+#: repair with the heap lock held, and an interrupted class body is not even reported as the
+#: interrupt: Python 3.11 wraps it in ``RuntimeError: Error calling __set_name__``.
 _LATER = ("coord", "owners", "repair", "walker")
 
 
 def __getattr__(name: str) -> object:
-    """``Finding`` and the modules of ``_LATER``, imported now (first use)."""
-    import importlib
+    """``Finding`` and the modules of ``_LATER``, imported now (first use) and whole."""
+    from .lazy import import_whole
 
     if name == "Finding":
-        return importlib.import_module(".repair", __name__).Finding
+        return import_whole(__name__ + ".repair").Finding
     if name in _LATER:
-        return importlib.import_module("." + name, __name__)
+        return import_whole(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -149,9 +149,9 @@ class Heap(AttachedHeap):
 
     def _repair_journal(self) -> None:
         """Finish or undo the mutation the journal names (HeapLock calls it, lock held)."""
-        from .repair import repair_journal
+        from . import repair  # (through the package: imported whole, see __init__.py)
 
-        self._journal_findings = repair_journal(self._parts())
+        self._journal_findings = repair.repair_journal(self._parts())
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -367,10 +367,10 @@ class Heap(AttachedHeap):
         deadline = deadline_of(timeout)
         lock = self._lock
         assert isinstance(lock, HeapLock)
-        from .repair import check_heap
+        from . import repair as repair_module  # (through the package: imported whole)
 
         self._journal_findings = []
-        findings = check_heap(self._parts(), repair, lock, deadline)
+        findings = repair_module.check_heap(self._parts(), repair, lock, deadline)
         findings[:0] = self._journal_findings
         return findings
 
@@ -416,13 +416,13 @@ class Heap(AttachedHeap):
 
     def _parts(self) -> HeapParts:
         """What repair.py checks and repairs: the allocator and the roots table."""
-        from .repair import HeapParts
+        from . import repair  # (through the package: imported whole)
 
         # (a heap none of whose processes used a queue, event, counter or barrier has no
         # coordination segment, and nothing in it to check or repair)
         coordination = None if self._coord is None and not segments.exists(
             coord_name(self.name)) else self._coordination
-        return HeapParts(self._objects(), self._root_table(), coordination)
+        return repair.HeapParts(self._objects(), self._root_table(), coordination)
 
     # -- coordination (coord.py) ----------------------------------------------------------
 

@@ -1,14 +1,19 @@
-"""Optional libraries (numpy) imported on first use, and never left half-imported.
+"""Modules imported on first use (numpy, and the package's own), never left half-imported.
 
 ``import shmheap`` does not import numpy (it would cost more than the rest of
 the import); the bitmap scans (pages.py) and typed arrays (arrays.py) import
-it when first needed, inside a heap call.  A Python signal handler that
-raises (Ctrl-C's KeyboardInterrupt) runs at whatever bytecode the main
-thread is at, which may be inside numpy's ``__init__``: the exception would
-leave numpy in ``sys.modules`` half-initialised, and every later use, by
-shmheap or by the program, fails (``module 'numpy' has no attribute ...``)
-for the life of the process.  Removing the half-imported modules is no way
-out: numpy's C core cannot be initialised twice in one process.
+it when first needed, inside a heap call.  The package's own ``_LATER``
+modules (walker, owners, coord, repair: see ``__init__.py``) come the same
+way, and their first use may be a journal repair with the heap lock held.
+A Python signal handler that raises (Ctrl-C's KeyboardInterrupt) runs at
+whatever bytecode the main thread is at, which may be inside numpy's
+``__init__``: the exception would leave numpy in ``sys.modules``
+half-initialised, and every later use, by shmheap or by the program, fails
+(``module 'numpy' has no attribute ...``) for the life of the process.
+Removing the half-imported modules is no way out: numpy's C core cannot be
+initialised twice in one process.  Inside a class body Python 3.11 does not
+even report the interrupt as itself (``RuntimeError: Error calling
+__set_name__``).
 
 So ``import_whole`` defers signals for the length of the import instead.
 In the main thread (the only one that runs Python signal handlers) it

@@ -1,5 +1,6 @@
 """The life of a handle: close() means closed, close()/destroy() release everything, destroy()
-of a heap in use, Heap.open creating only when asked, a Ctrl-C during the lazy numpy import.
+of a heap in use, Heap.open creating only when asked, a Ctrl-C during the lazy numpy import and
+during the lazy import of the package's own modules (a journal repair's first one among them).
 
 Each fault is made real: methods saved before the close are called after it, descriptors and
 mappings are counted in /proc over many attach/close cycles, other processes hold the heap
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy
 import pytest
-from children import Child, run_child
+from children import Child, assert_killed, run_child
 
 import shmheap
 from shmheap.pytest_plugin import HeapFactory, assert_no_shm_leftovers, shm_leftovers
@@ -469,3 +470,56 @@ def test_ctrl_c_during_the_lazy_numpy_import_leaves_numpy_whole(
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["interrupted True", "numpy whole [1] True"], proc.stdout
     assert_no_shm_leftovers(shm_heap_name)
+
+
+# -- a Ctrl-C during the lazy import of the package's own modules ------------------------------
+
+INTERRUPTED_OWN_IMPORT = """
+import os, signal, sys
+import shmheap
+
+LATER = ("shmheap.walker", "shmheap.owners", "shmheap.coord", "shmheap.repair")
+fired = False
+
+def interrupter(frame, event, arg):
+    '''Sends this process SIGINT (Ctrl-C) inside the first dataclass field's __set_name__.'''
+    global fired
+    if event == "c_call" and frame.f_code.co_name == "__set_name__" and not fired:
+        fired = True
+        os.kill(os.getpid(), signal.SIGINT)
+
+assert not [m for m in LATER if m in sys.modules], "imported lazily"
+h = shmheap.Heap.open({name!r})
+try:
+    sys.setprofile(interrupter)
+    try:
+        {call}
+        print("not interrupted", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted", fired, flush=True)
+    sys.setprofile(None)
+    print("whole", [m.rsplit(".", 1)[1] for m in LATER if m in sys.modules], flush=True)
+    {call}
+    print("findings", h.check(), flush=True)
+finally:
+    h.close()
+"""
+
+
+@pytest.mark.parametrize(("dirty", "call", "imported"), [
+    (True, "h.alloc(64)", "walker owners coord repair"),  # the journal repair's first import
+    (False, "h.stats()", "walker"),
+    (False, "h.queue('q').put(7)", "walker owners coord"),
+])
+def test_ctrl_c_during_the_lazy_import_of_a_module_of_the_package_leaves_it_whole(
+        shm_heap_factory: HeapFactory, dirty: bool, call: str, imported: str) -> None:
+    """The interrupt is a KeyboardInterrupt raised once the import is done, not an import cut in
+    half (Python 3.11 even reports one cut inside a class body as a RuntimeError)."""
+    heap = shm_heap_factory(reserve=False)
+    if dirty:  # a grower killed half-way leaves the journal for the next lock holder
+        assert_killed(run_child(f"import shmheap; shmheap.Heap.open({heap.name!r}).grow()",
+                                crash_at="grow.segment_linked"))
+    proc = run_child(INTERRUPTED_OWN_IMPORT.format(name=heap.name, call=call))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "interrupted True", f"whole {imported.split()!r}", "findings []"], proc.stdout
