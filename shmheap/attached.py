@@ -69,7 +69,7 @@ from .errors import (
 from .index import ArenaIndex, ArenaSnapshot
 from .layout import layout
 from .liveness import Liveness
-from .lock import ClosedLock, HeapLock, deadline_of, open_semaphore
+from .lock import ClosedLock, HeapLock, deadline_of, open_semaphore, take_mutex
 from .names import control_name, semaphore_name, temp_arena_name
 from .pages import ArenaPages
 from .summary import Summaries
@@ -97,12 +97,55 @@ def new_mutex() -> Any:
 
 
 def serialised(method: Callable[Concatenate[_H, _P], _T]) -> Callable[Concatenate[_H, _P], _T]:
-    """``method`` run with the handle's mutex held (one thread of the handle at a time)."""
-    def call(self: _H, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        with self._mutex:
+    """``method`` run with the handle's mutex held (one thread of the handle at a time).
+
+    A method with a ``timeout`` parameter (found once, here) waits for
+    another thread's hold of the mutex within that timeout (LockTimeoutError,
+    lock.py ``take_mutex``), and one deadline bounds the whole call: a call
+    that had to wait is given the time left as its ``timeout``, from which it
+    makes its own deadline for the heap lock as before (``deadline_of``).
+    """
+    code = method.__code__
+    positional = code.co_varnames[1:code.co_argcount]  # (after self)
+    if "timeout" not in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]:
+        def call(self: _H, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+            with self._mutex:
+                return method(self, *args, **kwargs)
+        return functools.update_wrapper(call, method)
+    at = positional.index("timeout") if "timeout" in positional else len(positional)
+    default = _default_of(method, "timeout")
+
+    def timed(self: _H, /, *args: Any, **kwargs: Any) -> _T:
+        timeout = args[at] if at < len(args) else kwargs.get("timeout", default)
+        if timeout is None:
+            with self._mutex:
+                return method(self, *args, **kwargs)
+        mutex = self._mutex
+        taken: list[object] = []
+        try:
+            deadline = deadline_of(timeout)
+            if take_mutex(mutex, taken, deadline):  # waited: what is left is the call's
+                assert deadline is not None  # (timeout is not None)
+                left = max(0.0, deadline - time.monotonic())
+                if at < len(args):
+                    args = (*args[:at], left, *args[at + 1:])
+                else:
+                    kwargs["timeout"] = left
             return method(self, *args, **kwargs)
-    functools.update_wrapper(call, method)
-    return call
+        finally:
+            if taken:
+                mutex.release()
+    return functools.update_wrapper(timed, method)
+
+
+def _default_of(method: Callable[..., Any], name: str) -> Any:
+    """The default value of parameter ``name`` of plain function ``method`` (None if none)."""
+    code = method.__code__
+    values = method.__defaults__ or ()
+    defaults = dict(zip(code.co_varnames[code.co_argcount - len(values):code.co_argcount],
+                        values, strict=True))
+    defaults.update(method.__kwdefaults__ or {})
+    return defaults.get(name)
 
 
 def serialised_iter(mutex: Any, items: Iterator[_T]) -> Iterator[_T]:

@@ -430,7 +430,6 @@ class Heap(AttachedHeap):
     _coord: coord.CoordTable | None = None
 
     @serialised
-    @serialised
     def _coordination(self, write: bool = False) -> coord.CoordTable:
         """This handle's view of the coordination segment; ``write``: ReadOnlyError if read-only."""
         if write:
@@ -516,6 +515,7 @@ class Heap(AttachedHeap):
         """
         return objects.get(self._objects(), ref, writable, timeout)
 
+    @serialised
     def alloc(self, nbytes: int, timeout: float | None = None, *,
               root: str | None = None) -> int:
         """A new zeroed object of ``nbytes`` bytes (0 or more); returns its heap address.
@@ -529,6 +529,7 @@ class Heap(AttachedHeap):
         """
         return self._objects().alloc(nbytes, timeout, root=root)
 
+    @serialised
     def free(self, ref: int, timeout: float | None = None) -> None:
         """Free the object at heap address ``ref`` (allocated by any process).
 
@@ -538,6 +539,7 @@ class Heap(AttachedHeap):
         """
         self._objects().free(ref, timeout)
 
+    @serialised
     def view(self, ref: int, timeout: float | None = None) -> memoryview:
         """A memoryview of exactly the object's ``nbytes(ref)`` bytes (read-only if readonly).
 
@@ -546,10 +548,12 @@ class Heap(AttachedHeap):
         """
         return self._objects().view(ref, timeout)
 
+    @serialised
     def size_of(self, ref: int, timeout: float | None = None) -> int:
         """Capacity of the object at ``ref``: ``alloc(n)`` rounded up to its size class or pages."""
         return self._objects().size_of(ref, timeout)
 
+    @serialised
     def nbytes(self, ref: int, timeout: float | None = None) -> int:
         """Length of the object at ``ref``: the ``n`` of the ``alloc(n)`` that made it."""
         return self._objects().nbytes(ref, timeout)
