@@ -445,8 +445,9 @@ class Allocator:
 
         (The native core's ``Alloc`` replaces this fast path when it runs.)
         """
-        if root is None and type(nbytes) is int and 0 <= nbytes <= self.max_small:
-            with self._mutex:
+        if (root is None and timeout is None and type(nbytes) is int
+                and 0 <= nbytes <= self.max_small):
+            with self._mutex:  # (with a timeout the slow path waits for it within that)
                 cache = self._caches[self.lookup[(nbytes + 15) >> 4]]
                 if cache is not None and cache.free:
                     k = cache.free.pop()
@@ -467,7 +468,8 @@ class Allocator:
     @serialised
     def _alloc_slow(self, nbytes: int, timeout: float | None = None,
                     root: str | None = None) -> int:
-        """A refill, then the fast path again; or a large object; or one bound to ``root``.
+        """A refill if this process's span has no free slot, then the fast path again; or
+        a large object; or one bound to ``root``.
 
         (Also the native fast path's way on whenever another thread holds the
         handle's mutex: ``serialised`` waits for it within ``timeout``.)
@@ -475,7 +477,10 @@ class Allocator:
         if root is not None:
             return self.bind_new(root, lambda: self._alloc_slow(nbytes, timeout), timeout)
         if type(nbytes) is int and 0 <= nbytes <= self.max_small:
-            self._refill(self.lookup[(nbytes + 15) >> 4], deadline_of(timeout))
+            c = self.lookup[(nbytes + 15) >> 4]
+            cache = self._caches[c]
+            if cache is None or not cache.free:
+                self._refill(c, deadline_of(timeout))
             return self.alloc(nbytes)
         return self._alloc_large(nbytes, timeout)
 

@@ -69,7 +69,7 @@ from .errors import (
 from .index import ArenaIndex, ArenaSnapshot
 from .layout import layout
 from .liveness import Liveness
-from .lock import ClosedLock, HeapLock, deadline_of, open_semaphore, take_mutex
+from .lock import NOWAIT, ClosedLock, HeapLock, deadline_of, open_semaphore, take_mutex
 from .names import control_name, semaphore_name, temp_arena_name
 from .pages import ArenaPages
 from .summary import Summaries
@@ -123,10 +123,11 @@ def serialised(method: Callable[Concatenate[_H, _P], _T]) -> Callable[Concatenat
         mutex = self._mutex
         taken: list[object] = []
         try:
-            deadline = deadline_of(timeout)
-            if take_mutex(mutex, taken, deadline):  # waited: what is left is the call's
-                assert deadline is not None  # (timeout is not None)
-                left = max(0.0, deadline - time.monotonic())
+            taken[:] = filter(None, map(mutex.acquire, NOWAIT))
+            if not taken:  # another thread has it: wait, and what is left is the call's
+                deadline = deadline_of(timeout)
+                take_mutex(mutex, taken, deadline)
+                left = max(0.0, deadline - time.monotonic())  # type: ignore[operator]
                 if at < len(args):
                     args = (*args[:at], left, *args[at + 1:])
                 else:

@@ -401,9 +401,18 @@ class Heap(AttachedHeap):
 
     _allocator: Allocator | None = None
 
+    def _objects(self, timeout: float | None = None) -> Allocator:
+        """This handle's allocator, made on first use (``timeout``: for the mutex then).
+
+        Once made it is returned with no mutex: its own calls take it.
+        """
+        allocator = self._allocator
+        if allocator is None or self.closed:
+            allocator = self._new_objects(timeout)
+        return allocator
+
     @serialised
-    def _objects(self) -> Allocator:
-        """This handle's allocator, made on first use."""
+    def _new_objects(self, timeout: float | None = None) -> Allocator:
         allocator = self._allocator
         if allocator is None or self.closed:
             self._check_open()
@@ -515,7 +524,6 @@ class Heap(AttachedHeap):
         """
         return objects.get(self._objects(), ref, writable, timeout)
 
-    @serialised
     def alloc(self, nbytes: int, timeout: float | None = None, *,
               root: str | None = None) -> int:
         """A new zeroed object of ``nbytes`` bytes (0 or more); returns its heap address.
@@ -527,9 +535,8 @@ class Heap(AttachedHeap):
         leaves it bound or its dead maker's, which ``reclaim()`` frees (an
         object bound to ``root`` before is unbound and becomes the caller's).
         """
-        return self._objects().alloc(nbytes, timeout, root=root)
+        return self._objects(timeout).alloc(nbytes, timeout, root=root)
 
-    @serialised
     def free(self, ref: int, timeout: float | None = None) -> None:
         """Free the object at heap address ``ref`` (allocated by any process).
 
@@ -537,26 +544,23 @@ class Heap(AttachedHeap):
         that equals the address of a live object here frees that object, and
         a ``view()`` kept after a free shows whatever object reuses the memory.
         """
-        self._objects().free(ref, timeout)
+        self._objects(timeout).free(ref, timeout)
 
-    @serialised
     def view(self, ref: int, timeout: float | None = None) -> memoryview:
         """A memoryview of exactly the object's ``nbytes(ref)`` bytes (read-only if readonly).
 
         An object larger than an arena is one contiguous view too: its arenas
         mapped back to back, for as long as a view of them lives (giant.py).
         """
-        return self._objects().view(ref, timeout)
+        return self._objects(timeout).view(ref, timeout)
 
-    @serialised
     def size_of(self, ref: int, timeout: float | None = None) -> int:
         """Capacity of the object at ``ref``: ``alloc(n)`` rounded up to its size class or pages."""
-        return self._objects().size_of(ref, timeout)
+        return self._objects(timeout).size_of(ref, timeout)
 
-    @serialised
     def nbytes(self, ref: int, timeout: float | None = None) -> int:
         """Length of the object at ``ref``: the ``n`` of the ``alloc(n)`` that made it."""
-        return self._objects().nbytes(ref, timeout)
+        return self._objects(timeout).nbytes(ref, timeout)
 
     @serialised
     def new_array(self, shape: int | tuple[int, ...], dtype: Any = "float64",

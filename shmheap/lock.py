@@ -160,7 +160,8 @@ _R = TypeVar("_R")
 _P = ParamSpec("_P")
 _ZERO = (0,)
 _NOARGS = ((),)
-_NOWAIT = (False,)
+#: ``mutex.acquire``'s argument for a try (``take_mutex``); and for a wait
+NOWAIT = (False,)
 _WAIT = (True,)
 #: What a call whose deadline passed while another thread held its handle says (the native
 #: core's words too: _native.c MUTEX_TIMEOUT).
@@ -189,26 +190,24 @@ def deadline_of(timeout: object) -> float | None:
     return None if seconds is None else time.monotonic() + seconds
 
 
-def take_mutex(mutex: Any, taken: list[object], deadline: float | None) -> bool:
-    """Take a handle's ``mutex`` (reentrant), waiting until the monotonic ``deadline`` at most
-    (None: for ever); True if another thread had it and this one waited.
+def take_mutex(mutex: Any, taken: list[object], deadline: float | None) -> None:
+    """Take a handle's ``mutex`` (reentrant) after another thread's hold of it, waiting until
+    the monotonic ``deadline`` at most (None: for ever); the caller tried it with ``NOWAIT``.
 
     ``taken`` gets an element in the same instruction as the mutex is taken
     (as ``held`` in the module docstring), so the caller's ``finally`` gives
-    back exactly what was taken, whatever exception lands wherever.
+    back exactly what was taken, whatever exception lands wherever: callers
+    do ``taken[:] = filter(None, map(mutex.acquire, NOWAIT))`` inside their
+    ``try`` first, and call this if ``taken`` stayed empty.
     LockTimeoutError (``MUTEX_TIMEOUT``) if another thread held it until the
     deadline; a signal handler's exception propagates, nothing taken.
     """
-    taken[:] = filter(None, map(mutex.acquire, _NOWAIT))
-    if taken:
-        return False
     if deadline is None:
         taken[:] = map(mutex.acquire, _WAIT)
-        return True
+        return
     taken[:] = filter(None, map(mutex.acquire, _WAIT, (max(0.0, deadline - time.monotonic()),)))
     if not taken:
         raise LockTimeoutError(MUTEX_TIMEOUT)
-    return True
 
 
 @functools.cache
@@ -357,7 +356,9 @@ class HeapLock:
         mutex = self._mutex
         taken: list[object] = []
         try:
-            take_mutex(mutex, taken, deadline)
+            taken[:] = filter(None, map(mutex.acquire, NOWAIT))
+            if not taken:
+                take_mutex(mutex, taken, deadline)
             return then(*args, **kwargs)
         finally:
             if taken:
