@@ -69,7 +69,15 @@ from .errors import (
 from .index import ArenaIndex, ArenaSnapshot
 from .layout import layout
 from .liveness import Liveness
-from .lock import NOWAIT, ClosedLock, HeapLock, deadline_of, open_semaphore, take_mutex
+from .lock import (
+    NOWAIT,
+    ClosedLock,
+    HeapLock,
+    deadline_of,
+    open_semaphore,
+    take_mutex,
+    with_mutex,
+)
 from .names import control_name, semaphore_name, temp_arena_name
 from .pages import ArenaPages
 from .summary import Summaries
@@ -149,11 +157,11 @@ def _default_of(method: Callable[..., Any], name: str) -> Any:
     return defaults.get(name)
 
 
-def serialised_iter(mutex: Any, items: Iterator[_T]) -> Iterator[_T]:
-    """``items``, each step taken with ``mutex`` held (a generator over a handle's state)."""
+def serialised_iter(mutex: Any, items: Iterator[_T], deadline: float | None) -> Iterator[_T]:
+    """``items``, each step taken with ``mutex`` held (a generator over a handle's state),
+    waited for until ``deadline`` at most."""
     while True:
-        with mutex:
-            item = next(items, _END)
+        item = with_mutex(mutex, deadline, next, items, _END)
         if item is _END:
             return
         yield item

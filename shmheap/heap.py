@@ -618,7 +618,8 @@ class Heap(AttachedHeap):
         """Every in-use span and its live objects, read with no lock (see walker.py)."""
         from . import walker
 
-        return serialised_iter(self._mutex, walker.walk(self._objects(), deadline_of(timeout)))
+        deadline = deadline_of(timeout)
+        return serialised_iter(self._mutex, walker.walk(self._objects(), deadline), deadline)
 
     @serialised
     def stats(self, timeout: float | None = None) -> walker.HeapStats:

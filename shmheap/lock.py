@@ -210,6 +210,21 @@ def take_mutex(mutex: Any, taken: list[object], deadline: float | None) -> None:
         raise LockTimeoutError(MUTEX_TIMEOUT)
 
 
+def with_mutex(mutex: Any, deadline: float | None, then: Callable[_P, _R], *args: _P.args,
+               **kwargs: _P.kwargs) -> _R:
+    """``then(*args, **kwargs)`` with a handle's ``mutex`` held, waited for until ``deadline``
+    at most (``take_mutex``)."""
+    taken: list[object] = []
+    try:
+        taken[:] = filter(None, map(mutex.acquire, NOWAIT))
+        if not taken:
+            take_mutex(mutex, taken, deadline)
+        return then(*args, **kwargs)
+    finally:
+        if taken:
+            mutex.release()
+
+
 @functools.cache
 def _libc() -> Any:
     """libc with sem_open, sem_clockwait and sem_close typed (ctypes loads on first use:
@@ -348,21 +363,7 @@ class HeapLock:
         ``deadline`` (for the handle's mutex too).  Whatever ``body`` raises,
         the lock is released.
         """
-        return self._mutexed(deadline, self._run_mutexed, body, deadline, write)
-
-    def _mutexed(self, deadline: float | None, then: Callable[_P, _R], *args: _P.args,
-                 **kwargs: _P.kwargs) -> _R:
-        """``then(*args)`` with the handle's mutex held, waited for until ``deadline``."""
-        mutex = self._mutex
-        taken: list[object] = []
-        try:
-            taken[:] = filter(None, map(mutex.acquire, NOWAIT))
-            if not taken:
-                take_mutex(mutex, taken, deadline)
-            return then(*args, **kwargs)
-        finally:
-            if taken:
-                mutex.release()
+        return with_mutex(self._mutex, deadline, self._run_mutexed, body, deadline, write)
 
     def _run_mutexed(self, body: Callable[[], _T], deadline: float | None, write: bool) -> _T:
         if self._in_block(deadline):
@@ -416,7 +417,7 @@ class HeapLock:
         a crash leaves the journal clean whatever it came for; a repair that
         fails (a full /dev/shm) is left to the next holder, the read goes on.
         """
-        return self._mutexed(deadline, self._read_mutexed, view, deadline)
+        return with_mutex(self._mutex, deadline, self._read_mutexed, view, deadline)
 
     def _read_mutexed(self, view: memoryview, deadline: float | None) -> int:
         if self._in_block(deadline):
@@ -457,7 +458,7 @@ class HeapLock:
 
         On any exception nothing stays taken (unless an outer block holds it).
         """
-        return self._mutexed(deadline, self._enter_mutexed, block, deadline, write)
+        return with_mutex(self._mutex, deadline, self._enter_mutexed, block, deadline, write)
 
     def _enter_mutexed(self, block: LockedBlock, deadline: float | None, write: bool) -> bool:
         if self._in_block(deadline):
@@ -511,7 +512,8 @@ class HeapLock:
 
     def _run_at_crash_points(self, body: Callable[[], _T], deadline: float | None = None,
                              write: bool = False, role: str = "lock") -> _T:
-        return self._mutexed(deadline, self._run_mutexed_crashing, body, deadline, write, role)
+        return with_mutex(self._mutex, deadline, self._run_mutexed_crashing, body, deadline,
+                          write, role)
 
     def _run_mutexed_crashing(self, body: Callable[[], _T], deadline: float | None,
                               write: bool, role: str) -> _T:

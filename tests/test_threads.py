@@ -330,6 +330,8 @@ def calls_with_timeout(heap: shmheap.Heap, how: str) -> dict[str, Callable[[floa
             "view": lambda t: heap.view(small, timeout=t),
             "nbytes": lambda t: heap.nbytes(small, timeout=t),
             "stats": lambda t: heap.stats(timeout=t),
+            "walk": lambda t: list(heap.walk(timeout=t)),
+            "size_of": lambda t: heap.size_of(small, timeout=t),
             "put": lambda t: heap.free(heap.put(1, timeout=t)),
         })
     return calls
