@@ -31,7 +31,10 @@ arena cache, the snapshot cache, the roots table's mapped regions, the lock's
 hold) changes only under the handle's ``_mutex``, a reentrant thread lock
 (``new_mutex``), which the public calls take (``serialised``), the lock
 takes around every hold, and the native allocator's fast paths respect.
-Two threads growing one handle take turns on its temporary arena name.
+Two threads growing one handle take turns on its temporary arena name.  A
+call's ``timeout=`` bounds its wait for another thread's hold of the mutex
+too, with the one deadline that bounds its wait for the heap lock
+(``serialised``; LockTimeoutError says another thread holds the handle).
 
 Fork: every open handle is in ``_HANDLES``; in a forked child
 (``os.register_at_fork``) each forgets the parent's lock hold, open

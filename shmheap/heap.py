@@ -342,7 +342,7 @@ class Heap(AttachedHeap):
         A writable handle first repairs what a holder stopped half-way left
         (the journal).  Blocks nest per thread, and this thread's heap calls
         inside one run under its hold; other threads' calls on this handle
-        wait until it closes.
+        wait until it closes (or until their ``timeout``: LockTimeoutError).
         """
         self._check_open()
         lock = self._lock
@@ -529,7 +529,8 @@ class Heap(AttachedHeap):
         """A new zeroed object of ``nbytes`` bytes (0 or more); returns its heap address.
 
         The address is a plain non-zero int, valid in every attached process.
-        ``timeout`` bounds the wait for the heap lock (most calls take none).
+        ``timeout`` bounds the wait for the heap lock (most calls take none) and for
+        another thread's hold of this handle (LockTimeoutError either way).
         With ``root``, the object is bound to that root as one step: a process
         interrupted anywhere leaves it bound or freed, one killed anywhere
         leaves it bound or its dead maker's, which ``reclaim()`` frees (an
