@@ -850,6 +850,7 @@ class Queue:
         node = table.store(item)
         try:
             table.wait_for(self._record, lambda: self._put(node, deadline), deadline)
+            crash.reach("coord.put_released")
         except TimeoutError:
             table.free_node(node)
             raise queue_module.Full from None

@@ -12,8 +12,10 @@ holder undoes the half-done change and check() is clean.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 import random
+import signal
 import textwrap
 import threading
 from collections import Counter as Tally
@@ -22,7 +24,7 @@ from typing import Any
 
 import coord_workers
 import pytest
-from children import Child, assert_killed, run_child, wait_until
+from children import Child, assert_killed, process_state, run_child, wait_until
 
 import shmheap
 from shmheap.pytest_plugin import HeapFactory
@@ -490,6 +492,8 @@ KILLS = {
     "coord.described": ("", "h.queue('new')",
                         "h.queue('new').put(1); assert h.queue('new').get() == 1"),
     "coord.linked": ("q.put('a')", "q.put(b'large' * 20000)", "assert drain(q) == ['a']"),
+    "coord.put_released": ("q.put('a')", "q.put(b'large' * 20000)",
+                           "assert drain(q) == ['a', b'large' * 20000]  # (the put had ended)"),
     "coord.unlinked": ("q.put('a'); q.put('b')", "q.get()", "assert drain(q) == ['a', 'b']"),
     "coord.taken": ("q.put('a'); q.put('b')", "q.get()",
                     "assert drain(q) == ['b'] and h.reclaim().objects == 1  # the dead getter's"),
@@ -609,6 +613,7 @@ def test_array_items_cross_processes_and_are_freed_by_their_taker(heap: shmheap.
 #: point -> (what the child does with queue q holding two array items, how many are then left)
 ARRAY_KILLS = {
     "coord.linked": ("q.put(np.arange(1000.0))", 2),
+    "coord.put_released": ("q.put(np.arange(1000.0))", 3),
     "coord.unlinked": ("q.get()", 2),
     "coord.handed": ("q.get()", 2),
     "coord.taken": ("q.get()", 1),
@@ -673,4 +678,84 @@ raise SystemExit("crash point {point} was never reached")
     assert len(got) == left and all((a == np.arange(1000.0)).all() for a in got)
     del got
     assert live_objects(heap) == before, "every node and object is freed or queued"
+    assert heap.check() == []
+
+
+#: what each item is put as, and what the getter checks it against
+ENDED_PUT_ITEMS = {"array": "np.arange(1000.0)", "int": "7"}
+
+
+@pytest.mark.parametrize("item", sorted(ENDED_PUT_ITEMS))
+@pytest.mark.parametrize("getter", ["native", "pure", "holding the node"])
+def test_a_put_interrupted_after_it_ended_frees_nothing_a_getter_took(
+        heap: shmheap.Heap, monkeypatch: pytest.MonkeyPatch, item: str, getter: str) -> None:
+    """Ctrl-C lands in a put that has ended (its lock released, coord.put_released) after a
+    getter took the item: the put's cleanup frees neither the node nor the object under the
+    getter's zero-copy views (an 8000-byte array), which its getter frees once, when its
+    last view goes.  The putter stops itself there (SHMHEAP_STOP_AT) and raises once it is
+    let go (SHMHEAP_RAISE_AT); the getter runs either core, or stops after the hand-over
+    with the node not yet freed (coord.taken), as a getter that the scheduler left there."""
+    pytest.importorskip("numpy")
+    q = heap.queue("q")
+    before = live_objects(heap)
+    expected = ENDED_PUT_ITEMS[item]
+    with Child(f"""
+import numpy as np
+import shmheap
+h = shmheap.Heap.attach({heap.name!r})
+try:
+    h.queue("q").put({expected})
+except KeyboardInterrupt as exc:
+    assert "coord.put_released" in str(exc), exc
+    print("interrupted", flush=True)
+h.close()
+""", stop_at="coord.put_released", raise_at="coord.put_released") as putter:
+        wait_until(lambda: process_state(putter.pid) == "T")  # its put has ended
+        assert len(q) == 1
+        queued = set(live_objects(heap)) - set(before)
+        objects = {ref for ref in queued if heap.size_of(ref) > 32}  # (not the node)
+        assert len(queued) == 1 + len(objects) == (2 if item == "array" else 1)
+        if getter == "pure":
+            monkeypatch.setenv("SHMHEAP_PURE_PYTHON", "1")
+        else:
+            monkeypatch.delenv("SHMHEAP_PURE_PYTHON", raising=False)
+        with Child(f"""
+import sys
+import numpy as np
+import shmheap
+h = shmheap.Heap.attach({heap.name!r})
+got = h.queue("q").get(timeout=60)
+print("got", flush=True)
+sys.stdin.readline()
+assert np.array_equal(got, {expected}), got
+print("intact", flush=True)
+sys.stdin.readline()
+del got
+print("let go", flush=True)
+h.close()
+""", stop_at="coord.taken" if getter == "holding the node" else None) as taker:
+            if getter == "holding the node":
+                wait_until(lambda: process_state(taker.pid) == "T")
+                taken = queued  # the getter's, node and object; the node is not yet freed
+            else:
+                assert taker.line() == "got"
+                taken = objects  # the node is freed
+            assert len(q) == 0
+            assert set(live_objects(heap)) - set(before) == taken
+            os.kill(putter.pid, signal.SIGCONT)
+            assert putter.line() == "interrupted"
+            assert putter.wait() == 0, putter.stderr()
+            assert set(live_objects(heap)) - set(before) == taken, "the putter freed them"
+            assert heap.check() == []
+            if getter == "holding the node":
+                os.kill(taker.pid, signal.SIGCONT)
+                assert taker.line() == "got"
+            taker.send()
+            assert taker.line() == "intact"
+            taker.send()
+            assert taker.line() == "let go"
+            assert taker.wait() == 0
+            assert taker.stderr() == "", "its node or object was freed twice"
+    assert live_objects(heap) == before, "freed once the getter let them go"
+    assert heap.reclaim().objects == 0
     assert heap.check() == []
