@@ -759,3 +759,62 @@ h.close()
     assert live_objects(heap) == before, "freed once the getter let them go"
     assert heap.reclaim().objects == 0
     assert heap.check() == []
+
+
+def test_a_put_interrupted_after_it_ended_frees_no_new_object_at_its_nodes_address(
+        heap: shmheap.Heap) -> None:
+    """As above, and the putter's process has made a new object where the node was, after
+    the getter freed the node: a node that another thread's put of 7 has stored and not yet
+    linked (here a SIGINT handler, run as the stopped putter goes on, plays that thread,
+    and raises the KeyboardInterrupt).  The holder word says the address is the putter's;
+    the put's cleanup must still leave it alone."""
+    q = heap.queue("q")
+    before = live_objects(heap)
+    with Child(f"""
+import signal
+import sys
+import shmheap
+h = shmheap.Heap.attach({heap.name!r})
+q = h.queue("q")
+stored = []
+
+def store_where_the_node_was(signum, frame):
+    node = int(sys.stdin.readline())
+    allocator = h._objects()
+    cache = allocator._caches[allocator.lookup[(32 + 15) >> 4]]  # (the node's size class)
+    rest = [h.alloc(32) for _ in range(len(cache.free))]  # the rest of the node's span
+    for ref in rest[::2]:
+        h.free(ref)  # so that it is kept, rescanned, and gives its first slot first
+    stored.append(q._table.store(7))
+    for ref in rest[1::2]:
+        h.free(ref)
+    print("reused" if stored == [node] else f"{{stored[0]:#x}} is not {{node:#x}}", flush=True)
+    raise KeyboardInterrupt("the other thread's put is stored")
+
+signal.signal(signal.SIGINT, store_where_the_node_was)
+try:
+    q.put(5)
+except KeyboardInterrupt as exc:
+    print("interrupted:", exc, flush=True)
+try:
+    h.size_of(stored[0])
+except shmheap.InvalidRefError:
+    print("freed", flush=True)
+else:
+    print("kept", flush=True)
+    q._table.free_node(stored[0])
+h.close()
+""", stop_at="coord.put_released") as putter:
+        wait_until(lambda: process_state(putter.pid) == "T")  # its put has ended
+        (node,) = set(live_objects(heap)) - set(before)
+        assert q.get(timeout=0) == 5  # and its node freed
+        putter.send(str(node))
+        os.kill(putter.pid, signal.SIGINT)  # (delivered once it goes on)
+        os.kill(putter.pid, signal.SIGCONT)
+        assert putter.line() == "reused"
+        assert putter.line() == "interrupted: the other thread's put is stored"
+        assert putter.line() == "kept", "the put's cleanup freed the other put's node"
+        assert putter.wait() == 0, putter.stderr()
+    assert live_objects(heap) == before
+    assert heap.reclaim().objects == 0
+    assert heap.check() == []
