@@ -693,8 +693,9 @@ def test_a_put_interrupted_after_it_ended_frees_nothing_a_getter_took(
     getter took the item: the put's cleanup frees neither the node nor the object under the
     getter's zero-copy views (an 8000-byte array), which its getter frees once, when its
     last view goes.  The putter stops itself there (SHMHEAP_STOP_AT) and raises once it is
-    let go (SHMHEAP_RAISE_AT); the getter runs either core, or stops after the hand-over
-    with the node not yet freed (coord.taken), as a getter that the scheduler left there."""
+    let go (SHMHEAP_RAISE_AT).  The getter runs either core (the native one gets the int
+    in C; an item stored with put takes the Python path in both), or stops after the
+    hand-over with the node not yet freed (coord.taken), as one the scheduler left there."""
     pytest.importorskip("numpy")
     q = heap.queue("q")
     before = live_objects(heap)
