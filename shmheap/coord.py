@@ -860,12 +860,13 @@ class Queue:
         try:
             table.wait_for(self._record, lambda: self._put(node, deadline, linked), deadline)
             crash.reach("coord.put_released")
-        except TimeoutError:
-            table.free_node(node)
-            raise queue_module.Full from None
-        except BaseException:
-            if not linked:
-                self._forget(node)
+        except BaseException as exc:
+            if linked:  # (a TimeoutError too: a signal handler's, after the put was done)
+                raise
+            if isinstance(exc, TimeoutError):
+                table.free_node(node)
+                raise queue_module.Full from None
+            self._forget(node)
             raise
 
     def _forget(self, node: int) -> None:

@@ -819,3 +819,37 @@ h.close()
     assert live_objects(heap) == before
     assert heap.reclaim().objects == 0
     assert heap.check() == []
+
+
+def test_a_programs_timeout_after_a_put_ended_is_not_queue_full(heap: shmheap.Heap) -> None:
+    """A signal handler of the program raises TimeoutError (a ``signal.alarm`` deadline) in a
+    put that has ended: the put is done, so the TimeoutError passes as it is, not as
+    ``queue.Full``, and the queued node is not freed (the getter gets the item)."""
+    q = heap.queue("q")
+    before = live_objects(heap)
+    with Child(f"""
+import queue
+import signal
+import shmheap
+h = shmheap.Heap.attach({heap.name!r})
+
+def deadline(signum, frame):
+    raise TimeoutError("the program's own deadline")
+
+signal.signal(signal.SIGINT, deadline)
+try:
+    h.queue("q").put(5)
+except queue.Full:
+    print("full", flush=True)
+except TimeoutError as exc:
+    print("timeout:", exc, flush=True)
+h.close()
+""", stop_at="coord.put_released") as putter:
+        wait_until(lambda: process_state(putter.pid) == "T")  # its put has ended
+        os.kill(putter.pid, signal.SIGINT)  # (delivered once it goes on)
+        os.kill(putter.pid, signal.SIGCONT)
+        assert putter.line() == "timeout: the program's own deadline"
+        assert putter.wait() == 0, putter.stderr()
+    assert heap.check() == [], "the queued node was freed"
+    assert q.get(timeout=0) == 5
+    assert live_objects(heap) == before
