@@ -85,8 +85,15 @@ change into the intent record, then writes the journal (control.py, op
 the journal dirty; the next writable lock holder (repair.py) restores the
 saved words and frees the node a half-done ``put`` was linking if its putter
 is dead, making the object of its item nobody's (``ORPHAN``: ``reclaim()``
-frees it), and makes a half-handed-over node and object the queue's again (a
-live putter frees both as its exception leaves ``put``).  So a
+frees it), or gives both back to a live putter, which frees them as its
+exception leaves ``put``; and it makes a half-handed-over node and object the
+queue's again.  A put frees its node in its cleanup only if it has not marked
+it linked (a local mark, made just before the journal is cleared): from the
+mark on, the node is the queue's or a taker's, and once a taker has freed it
+its address may be this process's again (another thread's put), which no
+holder word tells apart.  An exception between the mark and the clear leaves
+the node given back and unfreed until this process is gone (then
+``reclaim()``'s): a leak, never a free of what is not the putter's.  So a
 half-done put never happened (the putter got no answer), a half-done get or
 lease leaves the item at the head, a half-done acknowledgement leaves the
 lease in place (redelivered when its leaser is gone).  Nodes are freed only
@@ -589,7 +596,8 @@ class CoordTable:
         assert live is not None
         if orphan and live.token_alive(putter):
             # The putter's again, node and object: it frees them as its exception passes
-            # put() (Queue._forget), which frees nothing the queue holds or a taker took.
+            # put() (Queue._forget), unless it had marked the node linked (then they stay
+            # its own until it is gone, and reclaim() frees them).
             self.give_item(orphan, self._object_or_none(orphan),
                            lambda allocator, ref: owners.adopt_locked(allocator, ref, putter))
         elif orphan:
@@ -848,25 +856,29 @@ class Queue:
         table = self._table
         table.flush_unviewed()
         node = table.store(item)
+        linked: list[bool] = []  # marked by _put just before its journal is cleared
         try:
-            table.wait_for(self._record, lambda: self._put(node, deadline), deadline)
-        except TimeoutError:
-            table.free_node(node)
-            raise queue_module.Full from None
-        except BaseException:
+            table.wait_for(self._record, lambda: self._put(node, deadline, linked), deadline)
+            crash.reach("coord.put_released")
+        except BaseException as exc:
+            if linked:  # (a TimeoutError too: a signal handler's, after the put was done)
+                raise
+            if isinstance(exc, TimeoutError):
+                table.free_node(node)
+                raise queue_module.Full from None
             self._forget(node)
             raise
 
     def _forget(self, node: int) -> None:
-        """Free ``node`` (and its item's object) if it is still this process's (a put that
-        raised before it linked the node, or whose undo gave it back); a node the queue
-        holds, or that a taker has since adopted, is left alone."""
+        """Free ``node`` (and its item's object), not marked linked by the put that raised,
+        if it is still this process's: it is, unless the undo of that put, run by a process
+        that judged this one dead, freed it (else the undo gave it back)."""
         table = self._table
         with table.locked(None):
             if owners.mine_locked(table.allocator, node):
                 table.free_node(node)
 
-    def _put(self, node: int, deadline: float | None) -> Any:
+    def _put(self, node: int, deadline: float | None, linked: list[bool]) -> Any:
         table = self._table
         words, b = table.words, self._b
         with table.locked(deadline):
@@ -886,6 +898,7 @@ class Queue:
             crash.reach("coord.linked")
             words[b + _TAIL] = node
             words[b + _COUNT] = count + 1
+            linked.append(True)  # put() frees it no more: the queue's, or a taker's
             table.end(self._record)
         return None
 

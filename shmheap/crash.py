@@ -92,6 +92,9 @@ CRASH_POINTS: dict[str, str] = {
                        "its kind (which publishes it) not yet",
     "coord.linked": "a put's node linked after the queue's tail, tail and count not yet "
                     "updated",
+    "coord.put_released": "a put's node linked, its journal cleared, the heap lock released and "
+                          "the waiters woken; put() not yet returned (its cleanup must free "
+                          "nothing: the item is the queue's, or a getter's already)",
     "coord.unlinked": "a get's or lease's node unlinked from the queue's head, the count (and "
                       "lease list) not yet updated",
     "coord.taken": "a get's node handed to the getter (its owner now) and the journal cleared, "

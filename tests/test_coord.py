@@ -12,8 +12,10 @@ holder undoes the half-done change and check() is clean.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 import random
+import signal
 import textwrap
 import threading
 from collections import Counter as Tally
@@ -22,7 +24,7 @@ from typing import Any
 
 import coord_workers
 import pytest
-from children import Child, assert_killed, run_child, wait_until
+from children import Child, assert_killed, process_state, run_child, wait_until
 
 import shmheap
 from shmheap.pytest_plugin import HeapFactory
@@ -490,6 +492,8 @@ KILLS = {
     "coord.described": ("", "h.queue('new')",
                         "h.queue('new').put(1); assert h.queue('new').get() == 1"),
     "coord.linked": ("q.put('a')", "q.put(b'large' * 20000)", "assert drain(q) == ['a']"),
+    "coord.put_released": ("q.put('a')", "q.put(b'large' * 20000)",
+                           "assert drain(q) == ['a', b'large' * 20000]  # (the put had ended)"),
     "coord.unlinked": ("q.put('a'); q.put('b')", "q.get()", "assert drain(q) == ['a', 'b']"),
     "coord.taken": ("q.put('a'); q.put('b')", "q.get()",
                     "assert drain(q) == ['b'] and h.reclaim().objects == 1  # the dead getter's"),
@@ -609,6 +613,7 @@ def test_array_items_cross_processes_and_are_freed_by_their_taker(heap: shmheap.
 #: point -> (what the child does with queue q holding two array items, how many are then left)
 ARRAY_KILLS = {
     "coord.linked": ("q.put(np.arange(1000.0))", 2),
+    "coord.put_released": ("q.put(np.arange(1000.0))", 3),
     "coord.unlinked": ("q.get()", 2),
     "coord.handed": ("q.get()", 2),
     "coord.taken": ("q.get()", 1),
@@ -674,3 +679,177 @@ raise SystemExit("crash point {point} was never reached")
     del got
     assert live_objects(heap) == before, "every node and object is freed or queued"
     assert heap.check() == []
+
+
+#: what each item is put as, and what the getter checks it against
+ENDED_PUT_ITEMS = {"array": "np.arange(1000.0)", "int": "7"}
+
+
+@pytest.mark.parametrize("item", sorted(ENDED_PUT_ITEMS))
+@pytest.mark.parametrize("getter", ["native", "pure", "holding the node"])
+def test_a_put_interrupted_after_it_ended_frees_nothing_a_getter_took(
+        heap: shmheap.Heap, monkeypatch: pytest.MonkeyPatch, item: str, getter: str) -> None:
+    """Ctrl-C lands in a put that has ended (its lock released, coord.put_released) after a
+    getter took the item: the put's cleanup frees neither the node nor the object under the
+    getter's zero-copy views (an 8000-byte array), which its getter frees once, when its
+    last view goes.  The putter stops itself there (SHMHEAP_STOP_AT) and raises once it is
+    let go (SHMHEAP_RAISE_AT).  The getter runs either core (the native one gets the int
+    in C; an item stored with put takes the Python path in both), or stops after the
+    hand-over with the node not yet freed (coord.taken), as one the scheduler left there."""
+    pytest.importorskip("numpy")
+    q = heap.queue("q")
+    before = live_objects(heap)
+    expected = ENDED_PUT_ITEMS[item]
+    with Child(f"""
+import numpy as np
+import shmheap
+h = shmheap.Heap.attach({heap.name!r})
+try:
+    h.queue("q").put({expected})
+except KeyboardInterrupt as exc:
+    assert "coord.put_released" in str(exc), exc
+    print("interrupted", flush=True)
+h.close()
+""", stop_at="coord.put_released", raise_at="coord.put_released") as putter:
+        wait_until(lambda: process_state(putter.pid) == "T")  # its put has ended
+        assert len(q) == 1
+        queued = set(live_objects(heap)) - set(before)
+        objects = {ref for ref in queued if heap.size_of(ref) > 32}  # (not the node)
+        assert len(queued) == 1 + len(objects) == (2 if item == "array" else 1)
+        if getter == "pure":
+            monkeypatch.setenv("SHMHEAP_PURE_PYTHON", "1")
+        else:
+            monkeypatch.delenv("SHMHEAP_PURE_PYTHON", raising=False)
+        with Child(f"""
+import sys
+import numpy as np
+import shmheap
+h = shmheap.Heap.attach({heap.name!r})
+got = h.queue("q").get(timeout=60)
+print("got", flush=True)
+sys.stdin.readline()
+assert np.array_equal(got, {expected}), got
+print("intact", flush=True)
+sys.stdin.readline()
+del got
+print("let go", flush=True)
+h.close()
+""", stop_at="coord.taken" if getter == "holding the node" else None) as taker:
+            if getter == "holding the node":
+                wait_until(lambda: process_state(taker.pid) == "T")
+                taken = queued  # the getter's, node and object; the node is not yet freed
+            else:
+                assert taker.line() == "got"
+                taken = objects  # the node is freed
+            assert len(q) == 0
+            assert set(live_objects(heap)) - set(before) == taken
+            os.kill(putter.pid, signal.SIGCONT)
+            assert putter.line() == "interrupted"
+            assert putter.wait() == 0, putter.stderr()
+            assert set(live_objects(heap)) - set(before) == taken, "the putter freed them"
+            assert heap.check() == []
+            if getter == "holding the node":
+                os.kill(taker.pid, signal.SIGCONT)
+                assert taker.line() == "got"
+            taker.send()
+            assert taker.line() == "intact"
+            taker.send()
+            assert taker.line() == "let go"
+            assert taker.wait() == 0
+            assert taker.stderr() == "", "its node or object was freed twice"
+    assert live_objects(heap) == before, "freed once the getter let them go"
+    assert heap.reclaim().objects == 0
+    assert heap.check() == []
+
+
+def test_a_put_interrupted_after_it_ended_frees_no_new_object_at_its_nodes_address(
+        heap: shmheap.Heap) -> None:
+    """As above, and the putter's process has made a new object where the node was, after
+    the getter freed the node: a node that another thread's put of 7 has stored and not yet
+    linked (here a SIGINT handler, run as the stopped putter goes on, plays that thread,
+    and raises the KeyboardInterrupt).  The holder word says the address is the putter's;
+    the put's cleanup must still leave it alone."""
+    q = heap.queue("q")
+    before = live_objects(heap)
+    with Child(f"""
+import signal
+import sys
+import shmheap
+h = shmheap.Heap.attach({heap.name!r})
+q = h.queue("q")
+stored = []
+
+def store_where_the_node_was(signum, frame):
+    node = int(sys.stdin.readline())
+    allocator = h._objects()
+    cache = allocator._caches[allocator.lookup[(32 + 15) >> 4]]  # (the node's size class)
+    rest = [h.alloc(32) for _ in range(len(cache.free))]  # the rest of the node's span
+    for ref in rest[::2]:
+        h.free(ref)  # so that it is kept, rescanned, and gives its first slot first
+    stored.append(q._table.store(7))
+    for ref in rest[1::2]:
+        h.free(ref)
+    print("reused" if stored == [node] else f"{{stored[0]:#x}} is not {{node:#x}}", flush=True)
+    raise KeyboardInterrupt("the other thread's put is stored")
+
+signal.signal(signal.SIGINT, store_where_the_node_was)
+try:
+    q.put(5)
+except KeyboardInterrupt as exc:
+    print("interrupted:", exc, flush=True)
+try:
+    h.size_of(stored[0])
+except shmheap.InvalidRefError:
+    print("freed", flush=True)
+else:
+    print("kept", flush=True)
+    q._table.free_node(stored[0])
+h.close()
+""", stop_at="coord.put_released") as putter:
+        wait_until(lambda: process_state(putter.pid) == "T")  # its put has ended
+        (node,) = set(live_objects(heap)) - set(before)
+        assert q.get(timeout=0) == 5  # and its node freed
+        putter.send(str(node))
+        os.kill(putter.pid, signal.SIGINT)  # (delivered once it goes on)
+        os.kill(putter.pid, signal.SIGCONT)
+        assert putter.line() == "reused"
+        assert putter.line() == "interrupted: the other thread's put is stored"
+        assert putter.line() == "kept", "the put's cleanup freed the other put's node"
+        assert putter.wait() == 0, putter.stderr()
+    assert live_objects(heap) == before
+    assert heap.reclaim().objects == 0
+    assert heap.check() == []
+
+
+def test_a_programs_timeout_after_a_put_ended_is_not_queue_full(heap: shmheap.Heap) -> None:
+    """A signal handler of the program raises TimeoutError (a ``signal.alarm`` deadline) in a
+    put that has ended: the put is done, so the TimeoutError passes as it is, not as
+    ``queue.Full``, and the queued node is not freed (the getter gets the item)."""
+    q = heap.queue("q")
+    before = live_objects(heap)
+    with Child(f"""
+import queue
+import signal
+import shmheap
+h = shmheap.Heap.attach({heap.name!r})
+
+def deadline(signum, frame):
+    raise TimeoutError("the program's own deadline")
+
+signal.signal(signal.SIGINT, deadline)
+try:
+    h.queue("q").put(5)
+except queue.Full:
+    print("full", flush=True)
+except TimeoutError as exc:
+    print("timeout:", exc, flush=True)
+h.close()
+""", stop_at="coord.put_released") as putter:
+        wait_until(lambda: process_state(putter.pid) == "T")  # its put has ended
+        os.kill(putter.pid, signal.SIGINT)  # (delivered once it goes on)
+        os.kill(putter.pid, signal.SIGCONT)
+        assert putter.line() == "timeout: the program's own deadline"
+        assert putter.wait() == 0, putter.stderr()
+    assert heap.check() == [], "the queued node was freed"
+    assert q.get(timeout=0) == 5
+    assert live_objects(heap) == before
