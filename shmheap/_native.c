@@ -3041,12 +3041,19 @@ nqueue_timeout(PyObject *timeout, int *has_deadline, double *deadline)
     return 1;
 }
 
+/* The seconds left until the deadline, a timeout for a Python call (None: for ever). */
+static PyObject *
+nqueue_left(int has_deadline, double deadline)
+{
+    return has_deadline ? PyFloat_FromDouble(deadline > monotonic() ? deadline - monotonic()
+                                                                    : 0.0)
+                        : Py_NewRef(Py_None);
+}
+
 static PyObject *
 nqueue_fallback(PyObject *slow, PyObject *item, int has_deadline, double deadline)
 {
-    PyObject *left = has_deadline ? PyFloat_FromDouble(deadline > monotonic()
-                                                       ? deadline - monotonic() : 0.0)
-                                  : Py_NewRef(Py_None);
+    PyObject *left = nqueue_left(has_deadline, deadline);
     if (left == NULL)
         return NULL;
     PyObject *result = item != NULL ? PyObject_CallFunctionObjArgs(slow, item, left, NULL)
@@ -3099,9 +3106,10 @@ nqueue_free(NQueue *self, uint64_t node)
     return done == NULL ? -1 : 0;
 }
 
-/* A new node holding ``item``: its ref, 0 for the Python path, or -1 with an exception. */
+/* A new node holding ``item``: its ref, 0 for the Python path, or -1 with an exception (a
+ * TimeoutError once the deadline passed while another thread held the handle). */
 static long long
-nqueue_store(NQueue *self, PyObject *item)
+nqueue_store(NQueue *self, PyObject *item, int has_deadline, double deadline)
 {
     PyObject *payload = NULL;
     long long number = 0;
@@ -3123,9 +3131,13 @@ nqueue_store(NQueue *self, PyObject *item)
         kind = COORD_KIND_PICKLE;
         length = (uint64_t)PyBytes_GET_SIZE(payload);
     }
-    PyObject *size = PyLong_FromUnsignedLongLong(COORD_NODE_HEADER + length);
-    PyObject *got = size != NULL ? PyObject_CallOneArg(self->alloc, size) : NULL;
-    Py_XDECREF(size);
+    /* (the deadline bounds the slow path's wait for another thread of the handle) */
+    PyObject *alloc_args[2] = {PyLong_FromUnsignedLongLong(COORD_NODE_HEADER + length),
+                               nqueue_left(has_deadline, deadline)};
+    PyObject *got = alloc_args[0] != NULL && alloc_args[1] != NULL
+                    ? PyObject_Vectorcall(self->alloc, alloc_args, 2, NULL) : NULL;
+    Py_XDECREF(alloc_args[0]);
+    Py_XDECREF(alloc_args[1]);
     long long ref = got != NULL ? PyLong_AsLongLong(got) : -1;
     Py_XDECREF(got);
     if (ref == -1 && PyErr_Occurred()) {
@@ -3165,11 +3177,13 @@ NQueue_put(NQueue *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwn
     PyObject *timeout = given > 1 ? args[1] : Py_None;
     nqueue_timeout(timeout, &has_deadline, &deadline);
     PyObject *item = args[0];
-    long long node = nqueue_store(self, item);
-    if (node < 0)
+    long long node = nqueue_store(self, item, has_deadline, deadline);
+    if (node < 0 && !PyErr_ExceptionMatches(PyExc_TimeoutError))
         return NULL;
-    if (node == 0)
+    if (node <= 0) {  /* (a timeout: Python tries once more, and says queue.Full) */
+        PyErr_Clear();
         return nqueue_fallback(self->slow_put, item, has_deadline, deadline);
+    }
     for (;;) {
         int entered = nqueue_enter(self, has_deadline, deadline);
         if (entered != 0) {

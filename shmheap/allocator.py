@@ -119,7 +119,6 @@ import contextlib
 import functools
 import itertools
 import operator
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
@@ -138,7 +137,7 @@ from .errors import (
 )
 from .index import ArenaSnapshot
 from .layout import layout
-from .lock import deadline_of
+from .lock import deadline_of, time_left
 from .pages import DIRTY, RELEASING, ArenaPages, Giant, longest_free_run
 from .summary import CAP, ByteTree
 
@@ -605,8 +604,7 @@ class Allocator:
             got = self._lock.run(locked, deadline, write=True)
             if got is not None:
                 return got
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            self._hint = self.heap.grow(timeout=remaining).index
+            self._hint = self.heap.grow(timeout=time_left(deadline)).index
         raise AddressSpaceExhaustedError(
             f"heap {self.heap.name!r}: no arena could take {npages} pages even after growing "
             f"{GROW_ATTEMPTS} times; other processes are allocating faster than it grows")

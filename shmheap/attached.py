@@ -79,6 +79,7 @@ from .lock import (
     deadline_of,
     open_semaphore,
     take_mutex,
+    time_left,
     with_mutex,
 )
 from .names import control_name, semaphore_name, temp_arena_name
@@ -138,7 +139,7 @@ def serialised(method: Callable[Concatenate[_H, _P], _T]) -> Callable[Concatenat
             if not taken:  # another thread has it: wait, and what is left is the call's
                 deadline = deadline_of(timeout)
                 take_mutex(mutex, taken, deadline)
-                left = max(0.0, deadline - time.monotonic())  # type: ignore[operator]
+                left = time_left(deadline)
                 if at < len(args):
                     args = (*args[:at], left, *args[at + 1:])
                 else:

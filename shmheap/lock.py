@@ -190,6 +190,11 @@ def deadline_of(timeout: object) -> float | None:
     return None if seconds is None else time.monotonic() + seconds
 
 
+def time_left(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (a timeout to pass on to a call), None for ever."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 def take_mutex(mutex: Any, taken: list[object], deadline: float | None) -> None:
     """Take a handle's ``mutex`` (reentrant) after another thread's hold of it, waiting until
     the monotonic ``deadline`` at most (None: for ever); the caller tried it with ``NOWAIT``.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import sys
 import threading
 import warnings
@@ -370,6 +371,37 @@ def test_timeout_bounds_the_wait_for_another_thread(heap: shmheap.Heap, how: str
         call(WAIT)
     assert heap.check() == []
     assert heap._lock.semaphore_value() == 1
+
+
+@pytest.mark.parametrize("how", ["locked", "call"])
+def test_a_queues_timeout_bounds_the_wait_for_another_thread(heap: shmheap.Heap,
+                                                             how: str) -> None:
+    """A queue's ``put``/``get`` with ``timeout=`` say ``queue.Full``/``queue.Empty`` once it
+    has passed while another thread holds the handle (as for another process's hold of the
+    lock), and lose nothing: after the holder has let go, every item put comes out."""
+    q = heap.queue("q")
+    q.put(1)
+    holder, leave = hold_in_thread(heap, how)
+    raised: list[type[BaseException]] = []
+
+    def other() -> None:
+        for call in (lambda: q.put(2, timeout=WAIT), lambda: q.put(b"x" * 8000, timeout=WAIT),
+                     lambda: q.get(timeout=WAIT)):
+            try:
+                call()
+            except BaseException as exc:
+                raised.append(type(exc))
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    leave.set()
+    holder.join()
+    assert raised == [queue.Full, queue.Full, queue.Empty]
+    q.put(3, timeout=WAIT)
+    assert [q.get(timeout=0), q.get(timeout=0)] == [1, 3]
+    assert len(q) == 0
+    assert heap.check() == []
 
 
 @pytest.mark.parametrize("how", ["locked", "call"])
