@@ -385,8 +385,10 @@ def test_a_queues_timeout_bounds_the_wait_for_another_thread(heap: shmheap.Heap,
     raised: list[type[BaseException]] = []
 
     def other() -> None:
-        for call in (lambda: q.put(2, timeout=WAIT), lambda: q.put(b"x" * 8000, timeout=WAIT),
-                     lambda: q.get(timeout=WAIT)):
+        calls: list[Callable[[], object]] = [
+            lambda: q.put(2, timeout=WAIT), lambda: q.put(b"x" * 8000, timeout=WAIT),
+            lambda: q.get(timeout=WAIT)]
+        for call in calls:
             try:
                 call()
             except BaseException as exc:
