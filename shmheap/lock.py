@@ -77,7 +77,7 @@ Threads
     exception can land between taking the mutex and recording that it must
     be given back).  Nothing here relies on the GIL.  A deadline bounds the
     wait for another thread of the handle as it bounds the wait for other
-    processes: ``take_mutex`` waits for the mutex until it at most, and the
+    processes: ``take_mutex`` waits for the mutex until the deadline, and the
     twin's wait for another thread's block ends there too (LockTimeoutError,
     ``MUTEX_TIMEOUT``; the native core's Lock does the same in C).
 
@@ -210,7 +210,7 @@ def take_mutex(mutex: Any, taken: list[object], deadline: float | None) -> None:
     if deadline is None:
         taken[:] = map(mutex.acquire, _WAIT)
         return
-    taken[:] = filter(None, map(mutex.acquire, _WAIT, (max(0.0, deadline - time.monotonic()),)))
+    taken[:] = filter(None, map(mutex.acquire, _WAIT, (time_left(deadline),)))
     if not taken:
         raise LockTimeoutError(MUTEX_TIMEOUT)
 
