@@ -445,7 +445,13 @@ lock_release(Lock *self)
     self->held = 0;
 }
 
-static void
+/* What a wait returns when its deadline passed: LockTimeoutError set, nothing held (-1 is
+ * any other exception: a signal handler's, say). */
+#define LOCK_DEADLINE (-2)
+
+/* LockTimeoutError for a wait whose deadline passed: LOCK_DEADLINE (-1 if even the message
+ * could not be made). */
+static int
 lock_timeout(Lock *self)
 {
     uint64_t token = LOAD(LIVE_U64(self, LIVE_OWNER_OFFSET));
@@ -456,11 +462,12 @@ lock_timeout(Lock *self)
     PyObject *holder = pid ? PyUnicode_FromFormat("process %u", (unsigned)pid)
                            : PyUnicode_FromString("a process that has not recorded itself yet");
     if (holder == NULL)
-        return;
+        return -1;
     raise_error("LockTimeoutError", PyUnicode_FromFormat(
         "heap %R: lock not acquired in time; it is held by %U, which is alive (stopped or "
         "slow); wait longer or investigate it", self->heap_name, holder));
     Py_DECREF(holder);
+    return LOCK_DEADLINE;
 }
 
 /* Sleep ``seconds`` without the GIL; -1 if a signal handler raised meanwhile. */
@@ -475,7 +482,7 @@ nap(double seconds)
 }
 
 /* Take over a dead holder's lock if nothing changed (lock.py _adopt): 1 adopted, 0 not,
- * -1 exception. */
+ * LOCK_DEADLINE, -1 exception. */
 static int
 lock_adopt(Lock *self, uint64_t dead_owner, uint64_t seq, int has_deadline, double deadline)
 {
@@ -487,7 +494,7 @@ lock_adopt(Lock *self, uint64_t dead_owner, uint64_t seq, int has_deadline, doub
         if (has_deadline && monotonic() >= deadline) {
             raise_error("LockTimeoutError", PyUnicode_FromFormat(
                 "heap %R: another process is repairing it; try again later", self->heap_name));
-            return -1;
+            return LOCK_DEADLINE;
         }
         if (nap(0.001) < 0)
             return -1;
@@ -544,8 +551,8 @@ lock_yield(Lock *self)
 
 static int lock_wait_announced(Lock *self, int has_deadline, double deadline);
 
-/* The slow path of taking the lock (lock.py _wait): 0 holding, -1 exception holding nothing.
- * The waiter word names this process while it waits (fairness, lock.py). */
+/* The slow path of taking the lock (lock.py _wait): 0 holding, LOCK_DEADLINE or -1 exception
+ * holding nothing.  The waiter word names this process while it waits (fairness, lock.py). */
 static int
 lock_wait(Lock *self, int has_deadline, double deadline)
 {
@@ -571,10 +578,8 @@ lock_wait_announced(Lock *self, int has_deadline, double deadline)
             double left = deadline - monotonic();
             if (left < wait)
                 wait = left;
-            if (wait <= 0) {
-                lock_timeout(self);
-                return -1;
-            }
+            if (wait <= 0)
+                return lock_timeout(self);
         }
         struct timespec until;
         clock_gettime(CLOCK_MONOTONIC, &until);
@@ -607,7 +612,7 @@ lock_wait_announced(Lock *self, int has_deadline, double deadline)
             if (!lock_token_alive(self, owner)) {
                 int adopted = lock_adopt(self, owner, 0, has_deadline, deadline);
                 if (adopted)
-                    return adopted < 0 ? -1 : 0;
+                    return adopted < 0 ? adopted : 0;
             }
             continue;
         }
@@ -620,12 +625,11 @@ lock_wait_announced(Lock *self, int has_deadline, double deadline)
         else if (now - unowned_since >= self->grace) {
             int adopted = lock_adopt(self, 0, seq, has_deadline, deadline);
             if (adopted)
-                return adopted < 0 ? -1 : 0;
+                return adopted < 0 ? adopted : 0;
         }
     }
 }
 
-/* Hold the lock (a leftover hold of this handle counts); 0 holding, -1 exception. */
 /* 0 if the lock is open; else -1 with HeapClosedError (Lock_close released its memory). */
 static int
 lock_check_open(Lock *self)
@@ -637,6 +641,8 @@ lock_check_open(Lock *self)
     return -1;
 }
 
+/* Hold the lock (a leftover hold of this handle counts); 0 holding, LOCK_DEADLINE or -1
+ * exception. */
 static int
 lock_take(Lock *self, int has_deadline, double deadline)
 {
@@ -649,8 +655,11 @@ lock_take(Lock *self, int has_deadline, double deadline)
             PyErr_SetFromErrno(PyExc_OSError);
             return -1;
         }
-        else if (lock_wait(self, has_deadline, deadline) < 0)
-            return -1;
+        else {
+            int waited = lock_wait(self, has_deadline, deadline);
+            if (waited < 0)
+                return waited;
+        }
     }
     lock_record(self);
     return 0;
@@ -688,12 +697,14 @@ lock_repair(Lock *self, int for_read)
     return -1;
 }
 
-/* Take the lock and, for a writer, repair a dirty journal first; release on failure. */
+/* Take the lock and, for a writer, repair a dirty journal first; release on failure: 0,
+ * LOCK_DEADLINE or -1. */
 static int
 lock_enter(Lock *self, int has_deadline, double deadline, int write)
 {
-    if (lock_take(self, has_deadline, deadline) < 0)
-        return -1;
+    int taken = lock_take(self, has_deadline, deadline);
+    if (taken < 0)
+        return taken;
     return write ? lock_repair(self, 0) : 0;
 }
 
@@ -715,22 +726,49 @@ lock_in_outer_block(Lock *self)
 #endif
 }
 
+/* What lock_hold took: the lock (and the mutex), or the mutex only. */
+#define LOCK_TAKEN 0
+#define LOCK_NESTED 1
+
+/* Every native hold of the lock: the handle's mutex, then the lock unless this thread's own
+ * locked() block holds it already (LOCK_NESTED: the mutex only), a writer repairing a dirty
+ * journal first (LOCK_TAKEN).  On failure nothing is held: LOCK_DEADLINE (the deadline
+ * passed) or -1, with the exception (a signal handler's from either wait propagates). */
+static int
+lock_hold(Lock *self, int has_deadline, double deadline, int write)
+{
+    if (mutex_acquire(self->mutex) < 0)
+        return -1;
+    if (lock_in_outer_block(self))
+        return LOCK_NESTED;
+    int entered = lock_enter(self, has_deadline, deadline, write);
+    if (entered < 0) {
+        mutex_release(self->mutex);
+        return entered;
+    }
+    return LOCK_TAKEN;
+}
+
+/* Give back what lock_hold took (``held``: its answer). */
+static inline void
+lock_unhold(Lock *self, int held)
+{
+    if (held == LOCK_TAKEN)
+        lock_release(self);
+    mutex_release(self->mutex);
+}
+
 /* body(arg) with the lock held, as Lock.run holds it: under the handle's mutex, inside this
  * thread's own locked() block or in a hold taken (a writer repairing first) and released. */
 static PyObject *
 lock_run_with(Lock *self, PyObject *(*body)(void *), void *arg, int has_deadline,
               double deadline, int write)
 {
-    if (mutex_acquire(self->mutex) < 0)
+    int held = lock_hold(self, has_deadline, deadline, write);
+    if (held < 0)
         return NULL;
-    PyObject *result = NULL;
-    if (lock_in_outer_block(self))
-        result = body(arg);  /* this thread's own locked() block holds it */
-    else if (lock_enter(self, has_deadline, deadline, write) == 0) {
-        result = body(arg);
-        lock_release(self);
-    }
-    mutex_release(self->mutex);
+    PyObject *result = body(arg);
+    lock_unhold(self, held);
     return result;
 }
 
@@ -836,19 +874,12 @@ Lock_enter(Lock *self, PyObject *args, PyObject *kwargs)
     PyObject *ref = PyWeakref_NewRef(block, NULL);
     if (ref == NULL)
         return NULL;
-    if (mutex_acquire(self->mutex) < 0) {
+    int held = lock_hold(self, has_deadline, deadline, write);
+    if (held != LOCK_TAKEN) {  /* failed, or nested in this thread's own block */
+        if (held == LOCK_NESTED)
+            lock_unhold(self, held);
         Py_DECREF(ref);
-        return NULL;
-    }
-    if (lock_in_outer_block(self)) {  /* nested in this thread's own block */
-        mutex_release(self->mutex);
-        Py_DECREF(ref);
-        Py_RETURN_FALSE;
-    }
-    if (lock_enter(self, has_deadline, deadline, write) < 0) {
-        mutex_release(self->mutex);
-        Py_DECREF(ref);
-        return NULL;
+        return held < 0 ? NULL : Py_NewRef(Py_False);
     }
     Py_XSETREF(self->outer, ref);  /* the mutex stays taken until leave() */
     Py_RETURN_TRUE;
@@ -2917,8 +2948,7 @@ nqueue_sleep_on(NQueue *self)
 static void
 nqueue_leave(NQueue *self, int wake)
 {
-    lock_release(self->lock);
-    mutex_release(self->lock->mutex);
+    lock_unhold(self->lock, LOCK_TAKEN);
     if (wake)
         syscall(SYS_futex, self->futex, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
 }
@@ -2994,7 +3024,9 @@ nqueue_fallback(PyObject *slow, PyObject *item, int has_deadline, double deadlin
     return result;
 }
 
-/* Take the lock for a change (0), or leave it to Python (1: nothing taken), or -1. */
+/* Take the lock for a change (0), or leave it to Python (1: nothing taken), or -1.  Only
+ * the wait's own deadline goes to Python: a signal handler's exception propagates, from
+ * either wait (its TimeoutError too). */
 static int
 nqueue_enter(NQueue *self, int has_deadline, double deadline)
 {
@@ -3002,19 +3034,17 @@ nqueue_enter(NQueue *self, int has_deadline, double deadline)
         PyErr_Clear();
         return 1;  /* closed: Python says so */
     }
-    if (mutex_acquire(self->lock->mutex) < 0)
-        return -1;
-    if (lock_in_outer_block(self->lock)) {  /* this thread's own locked() block holds it */
-        mutex_release(self->lock->mutex);
+    int held = lock_hold(self->lock, has_deadline, deadline, 1);
+    if (held == LOCK_NESTED) {  /* this thread's own locked() block holds it */
+        lock_unhold(self->lock, held);
         return 1;
     }
-    if (lock_enter(self->lock, has_deadline, deadline, 1) < 0) {
-        mutex_release(self->lock->mutex);
-        if (!PyErr_ExceptionMatches(PyExc_TimeoutError))
-            return -1;
+    if (held == LOCK_DEADLINE) {
         PyErr_Clear();
         return 1;  /* Python tries once more, and says queue.Full or queue.Empty */
     }
+    if (held < 0)
+        return -1;
     if (!self->have_views) {  /* closed by the repair, say */
         nqueue_leave(self, 0);
         return 1;
