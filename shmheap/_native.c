@@ -1949,32 +1949,43 @@ static PyTypeObject CacheType = {
     .tp_getset = Cache_getset,
 };
 
-/* The timeout argument of a fast path (positional after the first, or the keyword): 1 if
- * absent, None or a finite number >= 0; else 0, and the slow path says what is wrong. */
-static int
-timeout_ok(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+/* The timeout argument of a native call (positional at ``at``, or the only keyword): 1 if
+ * absent, None or a finite number of seconds >= 0; else 0, and the Python path says what is
+ * wrong (lock.check_timeout).  Given ``deadline``, it sets *has_deadline and the monotonic
+ * *deadline too (the fast paths never wait: they pass NULL). */
+static inline int
+timeout_ok(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, Py_ssize_t at,
+           int *has_deadline, double *deadline)
 {
-    PyObject *timeout = nargs > 1 ? args[1] : NULL;
+    PyObject *timeout = nargs > at ? args[at] : NULL;
     if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) == 1) {
         if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "timeout") != 0)
             return 0;
         timeout = args[nargs];
     }
+    if (deadline != NULL)
+        *has_deadline = 0;
     if (timeout == NULL || timeout == Py_None)
         return 1;
-    if (PyFloat_CheckExact(timeout)) {
-        double t = PyFloat_AS_DOUBLE(timeout);
-        return t >= 0 && t <= 1e300;
-    }
-    if (PyLong_CheckExact(timeout)) {
-        double t = PyLong_AsDouble(timeout);
+    double t;
+    if (PyFloat_CheckExact(timeout))
+        t = PyFloat_AS_DOUBLE(timeout);
+    else if (PyLong_CheckExact(timeout)) {
+        t = PyLong_AsDouble(timeout);
         if (t == -1.0 && PyErr_Occurred()) {
             PyErr_Clear();
             return 0;
         }
-        return t >= 0;
     }
-    return 0;
+    else
+        return 0;
+    if (!(t >= 0 && t <= 1e300))
+        return 0;
+    if (deadline != NULL) {
+        *has_deadline = 1;
+        *deadline = monotonic() + t;
+    }
+    return 1;
 }
 
 /* -- Alloc: Allocator.alloc's fast path -------------------------------------------------- */
@@ -1998,7 +2009,7 @@ Alloc_call(Alloc *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
     if (self->slow == NULL)
         return collected_error();
     if (nargs >= 1 && given <= 2 && PyLong_CheckExact(args[0])
-            && timeout_ok(args, nargs, kwnames)) {
+            && timeout_ok(args, nargs, kwnames, 1, NULL, NULL)) {
         Py_ssize_t n = PyLong_AsSsize_t(args[0]);
         if (n >= 0 && n <= self->max_small && ((n + 15) >> 4) < self->lookup_len
                 && FAST_ENTER(self->mutex)) {
@@ -2285,7 +2296,7 @@ Free_call(Free *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
     if (self->slow == NULL)
         return collected_error();
     if (nargs >= 1 && given <= 2 && PyLong_CheckExact(args[0])
-            && timeout_ok(args, nargs, kwnames)) {
+            && timeout_ok(args, nargs, kwnames, 1, NULL, NULL)) {
         long long ref = PyLong_AsLongLong(args[0]);
         if (ref <= 0)
             PyErr_Clear();
@@ -2984,32 +2995,6 @@ nqueue_wait(NQueue *self, uint32_t seen, int has_deadline, double deadline)
     return PyErr_CheckSignals();
 }
 
-/* The timeout argument: 1 parsed (None, or a finite number >= 0), 0 for the Python path. */
-static int
-nqueue_timeout(PyObject *timeout, int *has_deadline, double *deadline)
-{
-    *has_deadline = 0;
-    if (timeout == NULL || timeout == Py_None)
-        return 1;
-    double t;
-    if (PyFloat_CheckExact(timeout))
-        t = PyFloat_AS_DOUBLE(timeout);
-    else if (PyLong_CheckExact(timeout)) {
-        t = PyLong_AsDouble(timeout);
-        if (t == -1.0 && PyErr_Occurred()) {
-            PyErr_Clear();
-            return 0;
-        }
-    }
-    else
-        return 0;
-    if (!(t >= 0 && t <= 1e300))
-        return 0;
-    *has_deadline = 1;
-    *deadline = monotonic() + t;
-    return 1;
-}
-
 static PyObject *
 nqueue_fallback(PyObject *slow, PyObject *item, int has_deadline, double deadline)
 {
@@ -3125,10 +3110,9 @@ NQueue_put(NQueue *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwn
     double deadline = 0;
     if (self->slow_put == NULL)
         return collected_error();  /* (NQueue_clear) */
-    if (nargs < 1 || given > 2 || !timeout_ok(args, nargs, kwnames) || !self->have_views)
+    if (nargs < 1 || given > 2 || !self->have_views
+            || !timeout_ok(args, nargs, kwnames, 1, &has_deadline, &deadline))
         return PyObject_Vectorcall(self->slow_put, args, nargsf, kwnames);
-    PyObject *timeout = given > 1 ? args[1] : Py_None;
-    nqueue_timeout(timeout, &has_deadline, &deadline);
     PyObject *item = args[0];
     long long node = nqueue_store(self, item);
     if (node < 0)
@@ -3190,14 +3174,12 @@ NQueue_get(NQueue *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwn
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     Py_ssize_t given = nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0);
-    PyObject *timeout = given ? args[0] : Py_None;
     int has_deadline = 0;
     double deadline = 0;
     if (self->slow_get == NULL)
         return collected_error();  /* (NQueue_clear) */
-    if (given > 1 || (kwnames != NULL && PyUnicode_CompareWithASCIIString(
-                PyTuple_GET_ITEM(kwnames, 0), "timeout") != 0)
-            || !nqueue_timeout(timeout, &has_deadline, &deadline) || !self->have_views)
+    if (given > 1 || !self->have_views
+            || !timeout_ok(args, nargs, kwnames, 0, &has_deadline, &deadline))
         return PyObject_Vectorcall(self->slow_get, args, nargsf, kwnames);
     for (;;) {
         int entered = nqueue_enter(self, has_deadline, deadline);
@@ -3961,14 +3943,10 @@ RootWriter_call(RootWriter *self, PyObject *const *args, size_t nargsf, PyObject
     if (nargs != 3 || kwnames != NULL || self->lock == NULL)
         Py_RETURN_NONE;
     int parsed = writer_args(args[0], args[1], &change.name, &change.len, &change.ref);
-    if (parsed <= 0 || !timeout_ok(args + 1, 2, NULL))
-        return parsed < 0 ? NULL : Py_NewRef(Py_None);
+    int has_deadline;
     double deadline = 0;
-    int has_deadline = args[2] != Py_None;
-    if (has_deadline)
-        deadline = monotonic() + PyFloat_AsDouble(args[2]);
-    if (has_deadline && PyErr_Occurred())
-        return NULL;
+    if (parsed <= 0 || !timeout_ok(args, nargs, NULL, 2, &has_deadline, &deadline))
+        return parsed < 0 ? NULL : Py_NewRef(Py_None);
     return lock_run_with(self->lock, writer_body, &change, has_deadline, deadline, 1);
 }
 
