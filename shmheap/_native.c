@@ -2178,7 +2178,10 @@ static PyTypeObject RecordType = {
     .tp_dealloc = (destructor)Record_dealloc,
 };
 
-/* -- Free: Allocator.free's fast path (a small object, lock-free) ------------------------ */
+/* -- Free: Allocator.free's fast path (a small object, lock-free) ------------------------
+ *
+ * Its arena records, shifts and class tables are also where the queue's nodes and the root
+ * writer's objects are found (free_locate). */
 
 #define READ_RETRIES 100
 
@@ -2192,7 +2195,7 @@ typedef struct {
     int arena_shift, page_shift;
     long long arena_mask;
     Py_ssize_t nclasses;
-    Py_ssize_t *nelems, *size, *objects_at;     /* per size class */
+    Py_ssize_t *nelems, *size, *objects_at, *holder_at, *npages;   /* per size class */
     Py_ssize_t *tree_levels;                    /* per class: its first level's index */
     Py_ssize_t *level_offset, *level_size;      /* every level of every partial tree */
     Py_ssize_t nlevels;
@@ -2217,8 +2220,10 @@ free_mark_partial(Free *self, Py_ssize_t c, long long leaf)
 
 /* Where small object ``ref`` lies (its arena's record, span's first page, size class and
  * slot), read between two equal reads of the arena's sequence word: 1 found, 0 if this
- * handle cannot tell (not mapped here, changing, a large object, garbage), -1 exception. */
-static int
+ * handle cannot tell (not mapped here, changing, a large object, garbage), -1 exception.
+ * Inlined into its callers (free, the queue's nodes, the root writer's objects): a call
+ * cost the writer's bind+unbind 2-3% when it stopped reading the records itself. */
+static inline __attribute__((always_inline)) int
 free_locate(Free *self, long long ref, Record **found_rec, Py_ssize_t *found_start,
             unsigned char *found_c, long long *found_slot)
 {
@@ -2342,28 +2347,31 @@ static int
 Free_init(Free *self, PyObject *args, PyObject *kwargs)
 {
     static char *names[] = {"records", "slow", "summary", "arena_shift", "page_shift",
-                            "nelems", "size", "objects_at", "tree_levels", "level_offset",
-                            "level_size", "mutex", NULL};
-    PyObject *records, *slow, *summary, *nelems, *size, *objects_at, *tree_levels, *offsets,
-             *sizes, *mutex;
+                            "nelems", "size", "objects_at", "holder_at", "npages",
+                            "tree_levels", "level_offset", "level_size", "mutex", NULL};
+    PyObject *records, *slow, *summary, *nelems, *size, *objects_at, *holder_at, *npages,
+             *tree_levels, *offsets, *sizes, *mutex;
     int arena_shift, page_shift;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOiiOOOOOOO!", names, &PyDict_Type,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOiiOOOOOOOOO!", names, &PyDict_Type,
                                      &records, &slow, &summary, &arena_shift, &page_shift,
-                                     &nelems, &size, &objects_at, &tree_levels, &offsets,
-                                     &sizes, &MutexType, &mutex))
+                                     &nelems, &size, &objects_at, &holder_at, &npages,
+                                     &tree_levels, &offsets, &sizes, &MutexType, &mutex))
         return -1;
     Py_INCREF(mutex);
     Py_XSETREF(self->mutex, (Mutex *)mutex);
-    Py_ssize_t n1, n2, n3, n4, n5, n6;
+    Py_ssize_t n1, n2, n3, n4, n5, n6, n7, n8;
     self->nelems = ssize_array(nelems, &n1);
     self->size = self->nelems ? ssize_array(size, &n2) : NULL;
     self->objects_at = self->size ? ssize_array(objects_at, &n3) : NULL;
-    self->tree_levels = self->objects_at ? ssize_array(tree_levels, &n4) : NULL;
+    self->holder_at = self->objects_at ? ssize_array(holder_at, &n7) : NULL;
+    self->npages = self->holder_at ? ssize_array(npages, &n8) : NULL;
+    self->tree_levels = self->npages ? ssize_array(tree_levels, &n4) : NULL;
     self->level_offset = self->tree_levels ? ssize_array(offsets, &n5) : NULL;
     self->level_size = self->level_offset ? ssize_array(sizes, &n6) : NULL;
     if (self->level_size == NULL)
         return -1;
-    if (n2 != n1 || n3 != n1 || n4 != n1 + 1 || n6 != n5 || self->tree_levels[n1] > n5) {
+    if (n2 != n1 || n3 != n1 || n7 != n1 || n8 != n1 || n4 != n1 + 1 || n6 != n5
+            || self->tree_levels[n1] > n5) {
         PyErr_SetString(PyExc_ValueError, "Free: the class and tree tables disagree");
         return -1;
     }
@@ -2417,6 +2425,8 @@ Free_dealloc(Free *self)
     PyMem_Free(self->nelems);
     PyMem_Free(self->size);
     PyMem_Free(self->objects_at);
+    PyMem_Free(self->holder_at);
+    PyMem_Free(self->npages);
     PyMem_Free(self->tree_levels);
     PyMem_Free(self->level_offset);
     PyMem_Free(self->level_size);
@@ -2844,8 +2854,8 @@ static PyTypeObject CounterType = {
     .tp_methods = Counter_methods,
 };
 
-/* Queue(lock, coord, record, control, alloc, free, holder_at, encode, loads, slow_put,
- * slow_get, slice, scan_interval): coord.Queue's put and get in one call each, for the items a node
+/* Queue(lock, coord, record, control, alloc, free, encode, loads, slow_put, slow_get,
+ * slice, scan_interval): coord.Queue's put and get in one call each, for the items a node
  * holds itself (an int, or a pickle that encode() returns).  The protocol is coord.py's,
  * word for word: under the heap lock (the Lock's own acquire, repair of a dirty journal
  * included) the intent record is written, then the journal's COORD op, then the links,
@@ -2875,7 +2885,6 @@ typedef struct {
     long record;
     Free *free;
     PyObject *alloc, *encode, *loads, *slow_put, *slow_get;
-    Py_ssize_t *holder_at, nclasses;
     double slice, scan_interval;
     double scanned;          /* when this handle last left a look for dead leasers to Python */
     long spin_ns;            /* how long the next wait watches the word before it sleeps */
@@ -2902,10 +2911,10 @@ nqueue_node(NQueue *self, uint64_t ref, uint64_t need, unsigned char **holder)
     Free *free = self->free;
     long long offset = (long long)ref & free->arena_mask;
     long long span = (long long)start << free->page_shift;
-    if (need > (uint64_t)free->size[c] || c >= self->nclasses
+    if (need > (uint64_t)free->size[c]
             || offset + free->size[c] > rec->pin->view.len || !LOAD(rec->data + span + slot))
         return NULL;
-    *holder = rec->data + span + self->holder_at[c] + slot * SPAN_HOLDER_SIZE;
+    *holder = rec->data + span + free->holder_at[c] + slot * SPAN_HOLDER_SIZE;
     return (uint64_t *)(rec->data + offset);
 }
 
@@ -3265,43 +3274,27 @@ NQueue_get(NQueue *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwn
 static int
 NQueue_init(NQueue *self, PyObject *args, PyObject *kwargs)
 {
-    static char *names[] = {"lock", "coord", "record", "control", "alloc", "free", "holder_at",
-                            "encode", "loads", "slow_put", "slow_get", "slice", "scan_interval",
-                            NULL};
-    PyObject *lock, *coord, *control, *alloc, *free, *holder_at, *encode, *loads, *slow_put,
-             *slow_get;
+    static char *names[] = {"lock", "coord", "record", "control", "alloc", "free", "encode",
+                            "loads", "slow_put", "slow_get", "slice", "scan_interval", NULL};
+    PyObject *lock, *coord, *control, *alloc, *free, *encode, *loads, *slow_put, *slow_get;
     long record;
     double slice, scan_interval;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OlOOO!OOOOOdd", names, &LockType, &lock,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OlOOO!OOOOdd", names, &LockType, &lock,
                                      &coord, &record, &control, &alloc, &FreeType, &free,
-                                     &holder_at, &encode, &loads, &slow_put, &slow_get, &slice,
+                                     &encode, &loads, &slow_put, &slow_get, &slice,
                                      &scan_interval))
         return -1;
     if (self->have_views) {
         PyErr_SetString(PyExc_TypeError, "Queue is initialised already");
         return -1;
     }
-    Py_ssize_t n;
-    Py_ssize_t *at = ssize_array(holder_at, &n);
-    if (at == NULL)
+    if (PyObject_GetBuffer(coord, &self->coord, PyBUF_WRITABLE) < 0)
         return -1;
-    if (n != ((Free *)free)->nclasses) {
-        PyMem_Free(at);
-        PyErr_SetString(PyExc_ValueError, "Queue: holder_at must have one entry per class");
-        return -1;
-    }
-    if (PyObject_GetBuffer(coord, &self->coord, PyBUF_WRITABLE) < 0) {
-        PyMem_Free(at);
-        return -1;
-    }
     if (PyObject_GetBuffer(control, &self->control, PyBUF_WRITABLE) < 0) {
         PyBuffer_Release(&self->coord);
-        PyMem_Free(at);
         return -1;
     }
     self->have_views = 1;
-    self->holder_at = at;
-    self->nclasses = n;
     if (record < 0 || record >= COORD_RECORDS
             || self->coord.len < (COORD_HEADER_WORDS + COORD_RECORDS * COORD_RECORD_WORDS) * 8
             || self->control.len < CONTROL_JOURNAL_ARG_OFFSET + 8) {
@@ -3371,7 +3364,6 @@ NQueue_dealloc(NQueue *self)
     PyObject *ignored = NQueue_release(self, NULL);
     Py_XDECREF(ignored);
     NQueue_clear(self);
-    PyMem_Free(self->holder_at);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -3390,8 +3382,8 @@ static PyTypeObject NQueueType = {
     .tp_name = "shmheap._native.Queue",
     .tp_basicsize = sizeof(NQueue),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "Queue(lock, coord, record, control, alloc, free, holder_at, encode, loads, "
-              "slow_put, slow_get, slice, scan_interval): coord.Queue's put and get.",
+    .tp_doc = "Queue(lock, coord, record, control, alloc, free, encode, loads, slow_put, "
+              "slow_get, slice, scan_interval): coord.Queue's put and get.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)NQueue_init,
     .tp_dealloc = (destructor)NQueue_dealloc,
@@ -3618,26 +3610,27 @@ static PyTypeObject RootReaderType = {
 
 /* -- RootWriter: roots.py's _bind_locked in one call -------------------------------------
  *
- * RootWriter(reader, lock, control, records, classes, arena_shift, page_shift, max_roots,
- * reach): writer(name, ref, timeout) binds name to the small object at ref (ref None:
- * unbinds it) as roots.py's "Binding" says, with the same intent record, journal (ROOTS), sequence
- * word, root counts, marks and holder words, so that repair.py's finish of a bind stopped
- * anywhere is the same for both cores.  One call takes the heap lock (the native Lock's
- * run: the handle's mutex, a writer's repair of a dirty journal), probes, stores and
- * releases it.  held(name, ref, holder) is the same change for a caller that holds the lock
- * already (the pure lock, while crash points are armed).  Crash points are reached through
- * ``reach`` (crash.reach, None when none is armed), so they fire at the same stores as the
- * Python twin's.
+ * RootWriter(reader, lock, control, free, max_roots, reach): writer(name, ref, timeout)
+ * binds name to the small object at ref (ref None: unbinds it) as roots.py's "Binding"
+ * says, with the same intent record, journal (ROOTS), sequence word, root counts, marks and
+ * holder words, so that repair.py's finish of a bind stopped anywhere is the same for both
+ * cores.  Objects are found through ``free``, the allocator's native Free (free_locate).
+ * One call takes the heap lock (the native Lock's run: the handle's mutex, a writer's
+ * repair of a dirty journal), probes, stores and releases it.  held(name, ref, holder) is
+ * the same change for a caller that holds the lock already (the pure lock, while crash
+ * points are armed).  Crash points are reached through ``reach`` (crash.reach, None when
+ * none is armed), so they fire at the same stores as the Python twin's.
  *
  * It answers True (done), False (an unbind of a name nothing is bound to) or None,
  * having changed nothing, whenever it cannot be sure: a heap whose control segment says
  * destroyed (the identity check is that load, no lstat), a name that is no str of 1-255
  * bytes of UTF-8, a bad timeout, an object that is not a small one in an arena this
  * process has mapped, or is free, or counts the most roots it may, a region not handed
- * over to the reader, a sequence word odd, a number out of bounds, a new name that needs
- * a rebuilt table or memory for its name.  Then roots.py's Python path decides, with its
- * errors.  The bound object's root count goes up in one compare-and-swap: a free() racing
- * the bind (its own 1 -> 0 compare-and-swap, in Free) makes one of the two fail. */
+ * over to the reader, a sequence word odd (the region's, or that of the span records of
+ * the object's arena), a number out of bounds, a new name that needs a rebuilt table or
+ * memory for its name.  Then roots.py's Python path decides, with its errors.  The bound
+ * object's root count goes up in one compare-and-swap: a free() racing the bind (its own
+ * 1 -> 0 compare-and-swap, in Free) makes one of the two fail. */
 
 typedef struct {
     PyObject_HEAD
@@ -3645,13 +3638,9 @@ typedef struct {
     RootReader *reader;      /* the table's header and the regions mapped */
     Lock *lock;              /* the heap lock; NULL while crash points are armed */
     Pin *control;            /* the control segment: the journal and the destroyed word */
-    PyObject *records;       /* arena index -> Record of the arenas mapped now (as Free's) */
+    Free *free;              /* the allocator's: its arenas mapped and class tables */
     PyObject *reach;         /* crash.reach while a crash point is armed, else NULL */
-    int arena_shift, page_shift;
-    long long arena_mask;
     long max_roots;          /* allocator.MAX_ROOTS_PER_OBJECT */
-    Py_ssize_t nclasses;
-    Py_ssize_t *nelems, *size, *objects_at, *holder_at, *npages;   /* per size class */
 } RootWriter;
 
 /* A located small object (writer_locate): its arena's record (a reference) and slot. */
@@ -3668,47 +3657,32 @@ root_object_clear(RootObject *obj)
     Py_CLEAR(obj->rec);
 }
 
-/* The small object at ``ref`` in an arena this process has mapped, read as the lock holder
- * reads span records (no one else changes them): 1 located (allocated or not: see its
- * alloc byte), 0 unsure, -1 exception. */
+/* The small object at ``ref`` in an arena this process has mapped (free_locate), in a span
+ * laid out whole as its class says (the writer stores more than the alloc byte): 1 located
+ * (allocated or not: see its alloc byte), 0 unsure, -1 exception. */
 static int
 writer_locate(RootWriter *self, uint64_t ref, RootObject *out)
 {
-    PyObject *key = PyLong_FromUnsignedLongLong(ref >> self->arena_shift);
-    if (key == NULL)
-        return -1;
-    PyObject *found = PyDict_GetItemWithError(self->records, key);
-    Py_DECREF(key);
-    if (found == NULL || !Py_IS_TYPE(found, &RecordType))
-        return PyErr_Occurred() ? -1 : 0;
-    Record *rec = (Record *)found;
-    long long offset = (long long)(ref & (uint64_t)self->arena_mask);
-    Py_ssize_t page = (Py_ssize_t)(offset >> self->page_shift);
-    if (page >= rec->pages || !LOAD(rec->used + page))
-        return 0;
-    Py_ssize_t start = (Py_ssize_t)LOAD(rec->span + page) - 1;
-    if (start < 0 || start > page)
-        return 0;
-    Py_ssize_t c = LOAD(rec->sclass + start);
-    if (c == 0 || c >= self->nclasses)
-        return 0;  /* a large object, or garbage */
-    Py_ssize_t npages = self->npages[c];
+    Free *free = self->free;
+    Record *rec;
+    Py_ssize_t start;
+    unsigned char c;
+    long long slot;
+    int found = free_locate(free, (long long)ref, &rec, &start, &c, &slot);
+    if (found <= 0)
+        return found;
+    Py_ssize_t page = (Py_ssize_t)(((long long)ref & free->arena_mask) >> free->page_shift);
+    Py_ssize_t npages = free->npages[c];
     if ((Py_ssize_t)LOAD(rec->npages + start) != npages || start + npages > rec->pages
             || page >= start + npages
             || (Py_ssize_t)LOAD(rec->span + start + npages - 1) != start + 1)
         return 0;
-    long long in_span = offset - ((long long)start << self->page_shift) - self->objects_at[c];
-    if (in_span < 0 || in_span % self->size[c])
-        return 0;
-    long long slot = in_span / self->size[c];
-    if (slot >= self->nelems[c])
-        return 0;
-    unsigned char *a0 = rec->data + ((long long)start << self->page_shift);
+    unsigned char *a0 = rec->data + ((long long)start << free->page_shift);
     Py_INCREF(rec);
     out->rec = rec;
     out->alloc = a0 + slot;
-    out->mark = a0 + self->nelems[c] + slot;
-    out->holder = (uint32_t *)(a0 + self->holder_at[c] + SPAN_HOLDER_SIZE * slot);
+    out->mark = a0 + free->nelems[c] + slot;
+    out->holder = (uint32_t *)(a0 + free->holder_at[c] + SPAN_HOLDER_SIZE * slot);
     out->start = start;
     return 1;
 }
@@ -3972,14 +3946,12 @@ RootWriter_held(RootWriter *self, PyObject *const *args, Py_ssize_t nargs)
 static int
 RootWriter_init(RootWriter *self, PyObject *args, PyObject *kwargs)
 {
-    static char *names[] = {"reader", "lock", "control", "records", "classes", "arena_shift",
-                            "page_shift", "max_roots", "reach", NULL};
-    PyObject *reader, *lock, *control, *records, *classes, *reach = NULL;
-    int arena_shift, page_shift;
+    static char *names[] = {"reader", "lock", "control", "free", "max_roots", "reach", NULL};
+    PyObject *reader, *lock, *control, *free, *reach = NULL;
     long max_roots;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOO!Oiil|O", names, &RootReaderType,
-                                     &reader, &lock, &control, &PyDict_Type, &records,
-                                     &classes, &arena_shift, &page_shift, &max_roots, &reach))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOO!l|O", names, &RootReaderType,
+                                     &reader, &lock, &control, &FreeType, &free, &max_roots,
+                                     &reach))
         return -1;
     if (self->reader != NULL) {
         PyErr_SetString(PyExc_TypeError, "RootWriter is initialised already");
@@ -3988,23 +3960,6 @@ RootWriter_init(RootWriter *self, PyObject *args, PyObject *kwargs)
     if (lock != Py_None && !Py_IS_TYPE(lock, &LockType)) {
         PyErr_SetString(PyExc_TypeError, "RootWriter: lock is a native Lock or None");
         return -1;
-    }
-    /* classes: (nelems, size, objects_at, holder_at, npages), each a list per size class */
-    Py_ssize_t n[5];
-    Py_ssize_t **tables[5] = {&self->nelems, &self->size, &self->objects_at, &self->holder_at,
-                              &self->npages};
-    if (!PyTuple_Check(classes) || PyTuple_GET_SIZE(classes) != 5) {
-        PyErr_SetString(PyExc_ValueError, "RootWriter: classes is 5 lists");
-        return -1;
-    }
-    for (int t = 0; t < 5; t++) {
-        *tables[t] = ssize_array(PyTuple_GET_ITEM(classes, t), &n[t]);
-        if (*tables[t] == NULL)
-            return -1;
-        if (n[t] != n[0]) {
-            PyErr_SetString(PyExc_ValueError, "RootWriter: the class tables disagree");
-            return -1;
-        }
     }
     self->control = pin_new(control, PyBUF_WRITABLE);
     if (self->control == NULL)
@@ -4015,12 +3970,8 @@ RootWriter_init(RootWriter *self, PyObject *args, PyObject *kwargs)
     }
     self->reader = (RootReader *)Py_NewRef(reader);
     self->lock = lock == Py_None ? NULL : (Lock *)Py_NewRef(lock);
-    self->records = Py_NewRef(records);
+    self->free = (Free *)Py_NewRef(free);
     self->reach = reach == NULL || reach == Py_None ? NULL : Py_NewRef(reach);
-    self->nclasses = n[0];
-    self->arena_shift = arena_shift;
-    self->page_shift = page_shift;
-    self->arena_mask = (1LL << arena_shift) - 1;
     self->max_roots = max_roots;
     self->vectorcall = (vectorcallfunc)RootWriter_call;
     return 0;
@@ -4041,7 +3992,7 @@ RootWriter_traverse(RootWriter *self, visitproc visit, void *arg)
     Py_VISIT(self->reader);
     Py_VISIT(self->lock);
     Py_VISIT(self->control);
-    Py_VISIT(self->records);
+    Py_VISIT(self->free);
     Py_VISIT(self->reach);
     return 0;
 }
@@ -4052,7 +4003,7 @@ RootWriter_clear(RootWriter *self)
     /* control first: with it gone every call answers None before it looks at the rest */
     Py_XDECREF(RootWriter_close(self, NULL));
     Py_CLEAR(self->reader);
-    Py_CLEAR(self->records);
+    Py_CLEAR(self->free);
     Py_CLEAR(self->reach);
     return 0;
 }
@@ -4064,13 +4015,8 @@ RootWriter_dealloc(RootWriter *self)
     Py_CLEAR(self->reader);
     Py_CLEAR(self->lock);
     Py_CLEAR(self->control);
-    Py_CLEAR(self->records);
+    Py_CLEAR(self->free);
     Py_CLEAR(self->reach);
-    PyMem_Free(self->nelems);
-    PyMem_Free(self->size);
-    PyMem_Free(self->objects_at);
-    PyMem_Free(self->holder_at);
-    PyMem_Free(self->npages);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -4087,9 +4033,9 @@ static PyTypeObject RootWriterType = {
     .tp_name = "shmheap._native.RootWriter",
     .tp_basicsize = sizeof(RootWriter),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "RootWriter(reader, lock, control, records, classes, arena_shift, page_shift, "
-              "max_roots, reach): writer(name, ref, timeout) -> True, False (nothing to "
-              "unbind) or None if unsure (roots.py's _bind_locked decides).",
+    .tp_doc = "RootWriter(reader, lock, control, free, max_roots, reach): writer(name, ref, "
+              "timeout) -> True, False (nothing to unbind) or None if unsure (roots.py's "
+              "_bind_locked decides).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)RootWriter_init,
     .tp_dealloc = (destructor)RootWriter_dealloc,
