@@ -2894,11 +2894,11 @@ typedef struct {
 #define NQUEUE_SPIN_MAX_NS 50000
 #define NQUEUE_SPIN_MIN_NS 2000
 
-/* The words of the queue node at ``ref`` (a live small object of at least ``need`` bytes)
- * and its holder word; NULL if this handle cannot tell (the Python path decides), or NULL
- * with an exception. */
+/* The words of the queue node at ``ref`` (a live small object of at least ``need`` bytes),
+ * its holder word and, given ``room``, its size; NULL if this handle cannot tell (the Python
+ * path decides), or NULL with an exception. */
 static uint64_t *
-nqueue_node(NQueue *self, uint64_t ref, uint64_t need, unsigned char **holder)
+nqueue_node(NQueue *self, uint64_t ref, uint64_t need, unsigned char **holder, uint64_t *room)
 {
     Record *rec;
     Py_ssize_t start;
@@ -2915,6 +2915,8 @@ nqueue_node(NQueue *self, uint64_t ref, uint64_t need, unsigned char **holder)
             || offset + free->size[c] > rec->pin->view.len || !LOAD(rec->data + span + slot))
         return NULL;
     *holder = rec->data + span + free->holder_at[c] + slot * SPAN_HOLDER_SIZE;
+    if (room != NULL)
+        *room = (uint64_t)free->size[c];
     return (uint64_t *)(rec->data + offset);
 }
 
@@ -3092,7 +3094,8 @@ nqueue_store(NQueue *self, PyObject *item)
         return -1;
     }
     unsigned char *holder;
-    uint64_t *node = nqueue_node(self, (uint64_t)ref, COORD_NODE_HEADER + length, &holder);
+    uint64_t *node = nqueue_node(self, (uint64_t)ref, COORD_NODE_HEADER + length, &holder,
+                                 NULL);
     if (node == NULL) {
         Py_XDECREF(payload);
         if (PyErr_Occurred() || nqueue_free(self, (uint64_t)ref) < 0)
@@ -3156,9 +3159,9 @@ NQueue_put(NQueue *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwn
         }
         uint64_t tail = LOAD(&rec[COORD_HEAD + 1]);
         unsigned char *holder, *tail_holder;
-        uint64_t *tail_words = tail ? nqueue_node(self, tail, COORD_NODE_HEADER, &tail_holder)
-                                    : NULL;
-        uint64_t *words = nqueue_node(self, (uint64_t)node, COORD_NODE_HEADER, &holder);
+        uint64_t *tail_words = tail ? nqueue_node(self, tail, COORD_NODE_HEADER, &tail_holder,
+                                                  NULL) : NULL;
+        uint64_t *words = nqueue_node(self, (uint64_t)node, COORD_NODE_HEADER, &holder, NULL);
         if (LOAD(&rec[COORD_HEAD + 5]) || words == NULL || (tail && tail_words == NULL)) {
             nqueue_leave(self, 0);  /* closed, or a node Python must look at */
             if (PyErr_Occurred() || nqueue_free(self, (uint64_t)node) < 0)
@@ -3216,14 +3219,14 @@ NQueue_get(NQueue *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwn
         }
         uint64_t node = LOAD(&rec[COORD_HEAD]);
         unsigned char *holder;
-        uint64_t *words = nqueue_node(self, node, COORD_NODE_HEADER, &holder);
+        uint64_t room = 0;
+        uint64_t *words = nqueue_node(self, node, COORD_NODE_HEADER, &holder, &room);
         uint64_t tag = words != NULL ? LOAD(&words[1]) : 0;
         uint64_t kind = tag >> 56, length = tag & (((uint64_t)1 << 56) - 1);
-        if (words != NULL && !((kind == COORD_KIND_INT && length == 8)
-                               || (kind == COORD_KIND_PICKLE && length <= 1u << 30)))
-            words = NULL;
-        if (words != NULL)
-            words = nqueue_node(self, node, COORD_NODE_HEADER + length, &holder);
+        int tag_ok = (kind == COORD_KIND_INT && length == 8)
+                     || (kind == COORD_KIND_PICKLE && length <= 1u << 30);
+        if (words != NULL && (!tag_ok || COORD_NODE_HEADER + length > room))
+            words = NULL;  /* a garbage tag, or an item longer than its node */
         if (words == NULL) {  /* an arena not mapped here, an item stored with put() */
             nqueue_leave(self, 0);
             return PyErr_Occurred() ? NULL : nqueue_fallback(self->slow_get, NULL,
@@ -3241,7 +3244,7 @@ NQueue_get(NQueue *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwn
             item = payload != NULL ? PyObject_CallOneArg(self->loads, payload) : NULL;
             Py_XDECREF(payload);
             if (item != NULL)  /* (Python code ran: look the nodes up again) */
-                words = nqueue_node(self, node, COORD_NODE_HEADER + length, &holder);
+                words = nqueue_node(self, node, COORD_NODE_HEADER + length, &holder, NULL);
             if (item != NULL && (words == NULL || LOAD(&rec[COORD_HEAD]) != node)) {
                 Py_CLEAR(item);
                 nqueue_leave(self, 0);
