@@ -169,8 +169,11 @@ ofd_set(int fd, off_t start, short type)
  *   owner   thread ident of the holder (written and cleared by the holder only)
  *   depth   how many times the holder took it
  *
- * A waiter sleeps in FUTEX_WAIT without the GIL; a signal wakes it to run the handlers
- * (their exception propagates, nothing taken).  The allocator's fast paths only try it
+ * A waiter sleeps in FUTEX_WAIT without the GIL, in slices of at most MUTEX_SLICE after
+ * each of which (and after a signal that woke it) it runs the signal handlers (their
+ * exception propagates, nothing taken), until it has the mutex or its deadline passed (a
+ * lock operation's deadline: LockTimeoutError; acquire(True, timeout): False, as
+ * threading.RLock's).  The allocator's fast paths only try it
  * (mutex_try); with the GIL they need not even take it: code that calls no Python runs
  * alone, and only has to keep out while another thread holds the mutex in a slow path
  * (FAST_ENTER below).  A forked child resets it (_at_fork_reinit): the parent's holder
@@ -201,32 +204,78 @@ mutex_try(Mutex *m, unsigned long me)
     return 1;
 }
 
-/* Take the mutex, waiting without the GIL; 0 taken, -1 a signal handler raised. */
+/* Seconds a waiter for a Mutex sleeps at most before it runs the signal handlers: a signal
+ * that arrives just before the sleep interrupts nothing. */
+#define MUTEX_SLICE 0.05
+/* What a lock operation whose deadline passed while it waited for the mutex says (the same
+ * words as lock.py's MUTEX_TIMEOUT). */
+#define MUTEX_TIMEOUT "another thread of this process holds this heap handle (inside " \
+    "`with heap.locked():` or a call on it) and did not let go in time; give a longer " \
+    "timeout, or give each thread a handle of its own (Heap.attach)"
+
+/* Take the mutex by the monotonic ``deadline`` (``has_deadline`` 0: whenever it is free),
+ * waiting without the GIL: 1 taken, 0 not by the deadline, -1 a signal handler raised. */
 static int
-mutex_acquire(Mutex *m)
+mutex_wait(Mutex *m, int has_deadline, double deadline)
 {
     unsigned long me = PyThread_get_thread_ident();
     if (mutex_try(m, me))
-        return 0;
+        return 1;
     for (;;) {
-        int interrupted = 0;
+        double wait = MUTEX_SLICE;
+        if (has_deadline) {
+            double left = deadline - monotonic();
+            if (left <= 0)
+                return 0;
+            if (left < wait)
+                wait = left;
+        }
+        struct timespec until;
+        clock_gettime(CLOCK_MONOTONIC, &until);
+        long ns = until.tv_nsec + (long)(wait * 1e9);
+        until.tv_sec += ns / 1000000000L;
+        until.tv_nsec = ns % 1000000000L;
+        int taken = 0;
         Py_BEGIN_ALLOW_THREADS
-        while (__atomic_exchange_n(&m->state, 2, __ATOMIC_ACQUIRE) != 0) {
-            if (syscall(SYS_futex, &m->state, FUTEX_WAIT_PRIVATE, 2, NULL, NULL, 0) != 0
-                    && errno == EINTR) {
-                interrupted = 1;
-                break;
-            }
+        while (!(taken = __atomic_exchange_n(&m->state, 2, __ATOMIC_ACQUIRE) == 0)) {
+            /* (FUTEX_WAIT_BITSET: an absolute CLOCK_MONOTONIC time) */
+            if (syscall(SYS_futex, &m->state, FUTEX_WAIT_BITSET_PRIVATE, 2, &until, NULL,
+                        FUTEX_BITSET_MATCH_ANY) != 0 && errno != EAGAIN)
+                break;  /* the slice is over, or a signal came */
         }
         Py_END_ALLOW_THREADS
-        if (!interrupted) {
+        if (taken) {
             __atomic_store_n(&m->owner, me, __ATOMIC_RELAXED);
             m->depth = 1;
-            return 0;
+            return 1;
         }
         if (PyErr_CheckSignals() < 0)
             return -1;
     }
+}
+
+/* Take the mutex, waiting without the GIL; 0 taken, -1 a signal handler raised. */
+static int
+mutex_acquire(Mutex *m)
+{
+    return mutex_wait(m, 0, 0) < 0 ? -1 : 0;
+}
+
+/* What a lock operation's wait (for the mutex, or for the heap lock) returns when its
+ * deadline passed: LockTimeoutError set, nothing held (-1 is any other exception: a signal
+ * handler's, say). */
+#define LOCK_DEADLINE (-2)
+
+/* Take the mutex for a lock operation with a deadline: 0 taken, LOCK_DEADLINE (another
+ * thread held it until the deadline; lock.py MUTEX_TIMEOUT says the same) or -1 with the
+ * exception. */
+static int
+mutex_acquire_by(Mutex *m, int has_deadline, double deadline)
+{
+    int taken = mutex_wait(m, has_deadline, deadline);
+    if (taken == 0)
+        raise_error("LockTimeoutError", PyUnicode_FromString(MUTEX_TIMEOUT));
+    return taken > 0 ? 0 : taken == 0 ? LOCK_DEADLINE : -1;
 }
 
 static inline void
@@ -256,18 +305,28 @@ mutex_release(Mutex *m)
 #define FAST_LEAVE(m) ((void)0)
 #endif
 
+/* threading.RLock's acquire(blocking=True, timeout=-1): True once taken, False if
+ * ``timeout`` seconds (-1: for ever) passed first or it was not free for a non-blocking call. */
 static PyObject *
 Mutex_acquire(Mutex *self, PyObject *args, PyObject *kwargs)
 {
-    static char *names[] = {"blocking", NULL};
+    static char *names[] = {"blocking", "timeout", NULL};
     int blocking = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|p", names, &blocking))
+    double timeout = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|pd", names, &blocking, &timeout))
         return NULL;
+    if (!blocking && timeout != -1) {
+        PyErr_SetString(PyExc_ValueError, "can't specify a timeout for a non-blocking call");
+        return NULL;
+    }
+    if (timeout < 0 && timeout != -1) {
+        PyErr_SetString(PyExc_ValueError, "timeout value must be a non-negative number");
+        return NULL;
+    }
     if (!blocking)
         return PyBool_FromLong(mutex_try(self, PyThread_get_thread_ident()));
-    if (mutex_acquire(self) < 0)
-        return NULL;
-    Py_RETURN_TRUE;
+    int taken = mutex_wait(self, timeout >= 0, monotonic() + timeout);
+    return taken < 0 ? NULL : PyBool_FromLong(taken);
 }
 
 static PyObject *
@@ -343,7 +402,8 @@ static PyMethodDef Mutex_methods[] = {
     {"_release_save", (PyCFunction)Mutex_release_save, METH_NOARGS, NULL},
     {"_acquire_restore", (PyCFunction)Mutex_acquire_restore, METH_O, NULL},
     {"acquire", (PyCFunction)(void (*)(void))Mutex_acquire, METH_VARARGS | METH_KEYWORDS,
-     "acquire(blocking=True): take the mutex (again, if this thread holds it)"},
+     "acquire(blocking=True, timeout=-1): take the mutex (again, if this thread holds it); "
+     "False if not within timeout seconds (-1: for ever)"},
     {"release", (PyCFunction)Mutex_release, METH_NOARGS, "give back one hold"},
     {"__enter__", (PyCFunction)Mutex_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)Mutex_exit, METH_VARARGS, NULL},
@@ -444,10 +504,6 @@ lock_release(Lock *self)
     sem_post(self->sem);
     self->held = 0;
 }
-
-/* What a wait returns when its deadline passed: LockTimeoutError set, nothing held (-1 is
- * any other exception: a signal handler's, say). */
-#define LOCK_DEADLINE (-2)
 
 /* LockTimeoutError for a wait whose deadline passed: LOCK_DEADLINE (-1 if even the message
  * could not be made). */
@@ -733,12 +789,14 @@ lock_in_outer_block(Lock *self)
 /* Every native hold of the lock: the handle's mutex, then the lock unless this thread's own
  * locked() block holds it already (LOCK_NESTED: the mutex only), a writer repairing a dirty
  * journal first (LOCK_TAKEN).  On failure nothing is held: LOCK_DEADLINE (the deadline
- * passed) or -1, with the exception (a signal handler's from either wait propagates). */
+ * passed in either wait) or -1, with the exception (a signal handler's from either wait
+ * propagates). */
 static int
 lock_hold(Lock *self, int has_deadline, double deadline, int write)
 {
-    if (mutex_acquire(self->mutex) < 0)
-        return -1;
+    int taken = mutex_acquire_by(self->mutex, has_deadline, deadline);
+    if (taken < 0)
+        return taken;
     if (lock_in_outer_block(self))
         return LOCK_NESTED;
     int entered = lock_enter(self, has_deadline, deadline, write);
@@ -828,7 +886,10 @@ lock_read_held(Lock *self, const uint64_t *word, PyObject *deadline_arg, uint64_
 static int
 lock_read(Lock *self, const uint64_t *word, PyObject *deadline_arg, uint64_t *out)
 {
-    if (mutex_acquire(self->mutex) < 0)
+    int has_deadline;
+    double deadline = 0;
+    if (parse_deadline(deadline_arg, &deadline, &has_deadline) < 0
+            || mutex_acquire_by(self->mutex, has_deadline, deadline) < 0)
         return -1;
     int rc = lock_read_held(self, word, deadline_arg, out);
     mutex_release(self->mutex);
@@ -1552,12 +1613,15 @@ Snapshots_call(Snapshots *self, PyObject *const *args, size_t nargsf, PyObject *
         timeout = args[0];
     }
     PyObject *deadline = Py_None;
+    int has_deadline = 0;
+    double until = 0;
     if (timeout != Py_None) {
         deadline = PyObject_CallOneArg(self->check_timeout, timeout);
         if (deadline == NULL)
             return NULL;
     }
-    if (mutex_acquire(self->lock->mutex) < 0) {
+    if (parse_deadline(deadline, &until, &has_deadline) < 0
+            || mutex_acquire_by(self->lock->mutex, has_deadline, until) < 0) {
         if (deadline != Py_None)
             Py_DECREF(deadline);
         return NULL;
@@ -3006,12 +3070,19 @@ nqueue_wait(NQueue *self, uint32_t seen, int has_deadline, double deadline)
     return PyErr_CheckSignals();
 }
 
+/* The seconds left until the deadline, a timeout for a Python call (None: for ever). */
+static PyObject *
+nqueue_left(int has_deadline, double deadline)
+{
+    return has_deadline ? PyFloat_FromDouble(deadline > monotonic() ? deadline - monotonic()
+                                                                    : 0.0)
+                        : Py_NewRef(Py_None);
+}
+
 static PyObject *
 nqueue_fallback(PyObject *slow, PyObject *item, int has_deadline, double deadline)
 {
-    PyObject *left = has_deadline ? PyFloat_FromDouble(deadline > monotonic()
-                                                       ? deadline - monotonic() : 0.0)
-                                  : Py_NewRef(Py_None);
+    PyObject *left = nqueue_left(has_deadline, deadline);
     if (left == NULL)
         return NULL;
     PyObject *result = item != NULL ? PyObject_CallFunctionObjArgs(slow, item, left, NULL)
@@ -3035,7 +3106,7 @@ nqueue_enter(NQueue *self, int has_deadline, double deadline)
         lock_unhold(self->lock, held);
         return 1;
     }
-    if (held == LOCK_DEADLINE) {
+    if (held == LOCK_DEADLINE) {  /* (another thread's hold of the handle, or a process's) */
         PyErr_Clear();
         return 1;  /* Python tries once more, and says queue.Full or queue.Empty */
     }
@@ -3060,9 +3131,10 @@ nqueue_free(NQueue *self, uint64_t node)
     return done == NULL ? -1 : 0;
 }
 
-/* A new node holding ``item``: its ref, 0 for the Python path, or -1 with an exception. */
+/* A new node holding ``item``: its ref, 0 for the Python path, or -1 with an exception (a
+ * TimeoutError once the deadline passed while another thread held the handle). */
 static long long
-nqueue_store(NQueue *self, PyObject *item)
+nqueue_store(NQueue *self, PyObject *item, int has_deadline, double deadline)
 {
     PyObject *payload = NULL;
     long long number = 0;
@@ -3084,9 +3156,13 @@ nqueue_store(NQueue *self, PyObject *item)
         kind = COORD_KIND_PICKLE;
         length = (uint64_t)PyBytes_GET_SIZE(payload);
     }
-    PyObject *size = PyLong_FromUnsignedLongLong(COORD_NODE_HEADER + length);
-    PyObject *got = size != NULL ? PyObject_CallOneArg(self->alloc, size) : NULL;
-    Py_XDECREF(size);
+    /* (the deadline bounds the slow path's wait for another thread of the handle) */
+    PyObject *alloc_args[2] = {PyLong_FromUnsignedLongLong(COORD_NODE_HEADER + length),
+                               nqueue_left(has_deadline, deadline)};
+    PyObject *got = alloc_args[0] != NULL && alloc_args[1] != NULL
+                    ? PyObject_Vectorcall(self->alloc, alloc_args, 2, NULL) : NULL;
+    Py_XDECREF(alloc_args[0]);
+    Py_XDECREF(alloc_args[1]);
     long long ref = got != NULL ? PyLong_AsLongLong(got) : -1;
     Py_XDECREF(got);
     if (ref == -1 && PyErr_Occurred()) {
@@ -3126,11 +3202,13 @@ NQueue_put(NQueue *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwn
             || !timeout_ok(args, nargs, kwnames, 1, &has_deadline, &deadline))
         return PyObject_Vectorcall(self->slow_put, args, nargsf, kwnames);
     PyObject *item = args[0];
-    long long node = nqueue_store(self, item);
-    if (node < 0)
+    long long node = nqueue_store(self, item, has_deadline, deadline);
+    if (node < 0 && !PyErr_ExceptionMatches(PyExc_TimeoutError))
         return NULL;
-    if (node == 0)
+    if (node <= 0) {  /* (a timeout: Python tries once more, and says queue.Full) */
+        PyErr_Clear();
         return nqueue_fallback(self->slow_put, item, has_deadline, deadline);
+    }
     for (;;) {
         int entered = nqueue_enter(self, has_deadline, deadline);
         if (entered != 0) {

@@ -119,11 +119,11 @@ import contextlib
 import functools
 import itertools
 import operator
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from . import core, crash, giant
+from .attached import serialised
 from .bytescan import nonzero_flags, positions
 from .control import DISOWN, PAGES
 from .errors import (
@@ -137,7 +137,7 @@ from .errors import (
 )
 from .index import ArenaSnapshot
 from .layout import layout
-from .lock import deadline_of
+from .lock import deadline_of, time_left
 from .pages import DIRTY, RELEASING, ArenaPages, Giant, longest_free_run
 from .summary import CAP, ByteTree
 
@@ -444,8 +444,9 @@ class Allocator:
 
         (The native core's ``Alloc`` replaces this fast path when it runs.)
         """
-        if root is None and type(nbytes) is int and 0 <= nbytes <= self.max_small:
-            with self._mutex:
+        if (root is None and timeout is None and type(nbytes) is int
+                and 0 <= nbytes <= self.max_small):
+            with self._mutex:  # (with a timeout the slow path waits for it within that)
                 cache = self._caches[self.lookup[(nbytes + 15) >> 4]]
                 if cache is not None and cache.free:
                     k = cache.free.pop()
@@ -463,16 +464,24 @@ class Allocator:
                     return cache.base + offset
         return self._alloc_slow(nbytes, timeout, root)
 
+    @serialised
     def _alloc_slow(self, nbytes: int, timeout: float | None = None,
                     root: str | None = None) -> int:
-        """A refill, then the fast path again; or a large object; or one bound to ``root``."""
+        """A refill if this process's span has no free slot, then the fast path again; or
+        a large object; or one bound to ``root``.
+
+        (Also the native fast path's way on whenever another thread holds the
+        handle's mutex: ``serialised`` waits for it within ``timeout``.)
+        """
         if root is not None:
             return self.bind_new(root, lambda: self._alloc_slow(nbytes, timeout), timeout)
-        with self._mutex:
-            if type(nbytes) is int and 0 <= nbytes <= self.max_small:
-                self._refill(self.lookup[(nbytes + 15) >> 4], deadline_of(timeout))
-                return self.alloc(nbytes)
-            return self._alloc_large(nbytes, timeout)
+        if type(nbytes) is int and 0 <= nbytes <= self.max_small:
+            c = self.lookup[(nbytes + 15) >> 4]
+            cache = self._caches[c]
+            if cache is None or not cache.free:
+                self._refill(c, deadline_of(timeout))
+            return self.alloc(nbytes)
+        return self._alloc_large(nbytes, timeout)
 
     def _bind_native(self, native: Any) -> None:
         """Let the native core's fast paths run ``alloc`` and ``free`` (slow paths stay here)."""
@@ -595,8 +604,7 @@ class Allocator:
             got = self._lock.run(locked, deadline, write=True)
             if got is not None:
                 return got
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            self._hint = self.heap.grow(timeout=remaining).index
+            self._hint = self.heap.grow(timeout=time_left(deadline)).index
         raise AddressSpaceExhaustedError(
             f"heap {self.heap.name!r}: no arena could take {npages} pages even after growing "
             f"{GROW_ATTEMPTS} times; other processes are allocating faster than it grows")
@@ -814,11 +822,12 @@ class Allocator:
 
     # -- free, view, size_of, nbytes -----------------------------------------------------
 
+    @serialised
     def free(self, ref: int, timeout: float | None = None) -> None:
-        """Free the object at ``ref``, allocated by any process."""
-        with self._mutex:
-            self.heap._check_writable("free()")
-            self._free(ref, None if timeout is None else deadline_of(timeout), held=False)
+        """Free the object at ``ref``, allocated by any process (the native ``Free``'s slow
+        path too)."""
+        self.heap._check_writable("free()")
+        self._free(ref, None if timeout is None else deadline_of(timeout), held=False)
 
     def free_locked(self, ref: int) -> None:
         """``free(ref)`` for a caller that holds the lock already (a journal repair)."""
@@ -883,31 +892,31 @@ class Allocator:
             f"free({ref:#x}): the object is bound to root {shown or '(being bound right now)'} "
             f"of heap {self.heap.name!r}; unbind it first (del heap.roots[{first}])")
 
+    @serialised
     def view(self, ref: int, timeout: float | None = None) -> memoryview:
         """The object's ``nbytes`` bytes (read-only when the heap is attached readonly)."""
-        with self._mutex:
-            pages, start, c, slot = self.live(ref, None if timeout is None
-                                              else deadline_of(timeout))
-            offset, size = self.object_bytes(pages, start, c, slot)
-            length = size - self.slack_of(pages, start, c, slot, size)
-            if offset + size > self.arena_size:
-                return giant.view(self, pages, size)[:length]
-            return pages.data[offset:offset + length]
+        pages, start, c, slot = self.live(ref, None if timeout is None
+                                          else deadline_of(timeout))
+        offset, size = self.object_bytes(pages, start, c, slot)
+        length = size - self.slack_of(pages, start, c, slot, size)
+        if offset + size > self.arena_size:
+            return giant.view(self, pages, size)[:length]
+        return pages.data[offset:offset + length]
 
+    @serialised
     def nbytes(self, ref: int, timeout: float | None = None) -> int:
         """The object's length: the n of its ``alloc(n)``."""
-        with self._mutex:
-            pages, start, c, slot = self.live(ref, None if timeout is None
-                                              else deadline_of(timeout))
-            size = self.object_bytes(pages, start, c, slot)[1]
-            return size - self.slack_of(pages, start, c, slot, size)
+        pages, start, c, slot = self.live(ref, None if timeout is None
+                                          else deadline_of(timeout))
+        size = self.object_bytes(pages, start, c, slot)[1]
+        return size - self.slack_of(pages, start, c, slot, size)
 
+    @serialised
     def size_of(self, ref: int, timeout: float | None = None) -> int:
         """The object's size: its size class, or its pages for a large object."""
-        with self._mutex:
-            pages, start, c, slot = self.live(ref, None if timeout is None
-                                              else deadline_of(timeout))
-            return self.object_bytes(pages, start, c, slot)[1]
+        pages, start, c, slot = self.live(ref, None if timeout is None
+                                          else deadline_of(timeout))
+        return self.object_bytes(pages, start, c, slot)[1]
 
     # -- roots bound to an object (roots.py; lock holder) --------------------------------
 

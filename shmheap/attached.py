@@ -31,7 +31,10 @@ arena cache, the snapshot cache, the roots table's mapped regions, the lock's
 hold) changes only under the handle's ``_mutex``, a reentrant thread lock
 (``new_mutex``), which the public calls take (``serialised``), the lock
 takes around every hold, and the native allocator's fast paths respect.
-Two threads growing one handle take turns on its temporary arena name.
+Two threads growing one handle take turns on its temporary arena name.  A
+call's ``timeout=`` bounds its wait for another thread's hold of the mutex
+too, with the one deadline that bounds its wait for the heap lock
+(``serialised``; LockTimeoutError says another thread holds the handle).
 
 Fork: every open handle is in ``_HANDLES``; in a forked child
 (``os.register_at_fork``) each forgets the parent's lock hold, open
@@ -69,7 +72,16 @@ from .errors import (
 from .index import ArenaIndex, ArenaSnapshot
 from .layout import layout
 from .liveness import Liveness
-from .lock import ClosedLock, HeapLock, deadline_of, open_semaphore
+from .lock import (
+    NOWAIT,
+    ClosedLock,
+    HeapLock,
+    deadline_of,
+    open_semaphore,
+    take_mutex,
+    time_left,
+    with_mutex,
+)
 from .names import control_name, semaphore_name, temp_arena_name
 from .pages import ArenaPages
 from .summary import Summaries
@@ -97,19 +109,63 @@ def new_mutex() -> Any:
 
 
 def serialised(method: Callable[Concatenate[_H, _P], _T]) -> Callable[Concatenate[_H, _P], _T]:
-    """``method`` run with the handle's mutex held (one thread of the handle at a time)."""
-    def call(self: _H, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        with self._mutex:
+    """``method`` run with the handle's mutex held (one thread of the handle at a time).
+
+    A method with a ``timeout`` parameter (found once, here) waits for
+    another thread's hold of the mutex within that timeout (LockTimeoutError,
+    lock.py ``take_mutex``), and one deadline bounds the whole call: a call
+    that had to wait is given the time left as its ``timeout``, from which it
+    makes its own deadline for the heap lock as before (``deadline_of``).
+    """
+    code = method.__code__
+    positional = code.co_varnames[1:code.co_argcount]  # (after self)
+    if "timeout" not in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]:
+        def call(self: _H, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+            with self._mutex:
+                return method(self, *args, **kwargs)
+        return functools.update_wrapper(call, method)
+    at = positional.index("timeout") if "timeout" in positional else len(positional)
+    default = _default_of(method, "timeout")
+
+    def timed(self: _H, /, *args: Any, **kwargs: Any) -> _T:
+        timeout = args[at] if at < len(args) else kwargs.get("timeout", default)
+        if timeout is None:
+            with self._mutex:
+                return method(self, *args, **kwargs)
+        mutex = self._mutex
+        taken: list[object] = []
+        try:
+            taken[:] = filter(None, map(mutex.acquire, NOWAIT))
+            if not taken:  # another thread has it: wait, and what is left is the call's
+                deadline = deadline_of(timeout)
+                take_mutex(mutex, taken, deadline)
+                left = time_left(deadline)
+                if at < len(args):
+                    args = (*args[:at], left, *args[at + 1:])
+                else:
+                    kwargs["timeout"] = left
             return method(self, *args, **kwargs)
-    functools.update_wrapper(call, method)
-    return call
+        finally:
+            if taken:
+                mutex.release()
+    return functools.update_wrapper(timed, method)
 
 
-def serialised_iter(mutex: Any, items: Iterator[_T]) -> Iterator[_T]:
-    """``items``, each step taken with ``mutex`` held (a generator over a handle's state)."""
+def _default_of(method: Callable[..., Any], name: str) -> Any:
+    """The default value of parameter ``name`` of plain function ``method`` (None if none)."""
+    code = method.__code__
+    values = method.__defaults__ or ()
+    defaults = dict(zip(code.co_varnames[code.co_argcount - len(values):code.co_argcount],
+                        values, strict=True))
+    defaults.update(method.__kwdefaults__ or {})
+    return defaults.get(name)
+
+
+def serialised_iter(mutex: Any, items: Iterator[_T], deadline: float | None) -> Iterator[_T]:
+    """``items``, each step taken with ``mutex`` held (a generator over a handle's state),
+    waited for until ``deadline`` at most."""
     while True:
-        with mutex:
-            item = next(items, _END)
+        item = with_mutex(mutex, deadline, next, items, _END)
         if item is _END:
             return
         yield item

@@ -174,7 +174,7 @@ from .errors import (
     ReadOnlyError,
     ShmHeapError,
 )
-from .lock import LockedBlock, deadline_of
+from .lock import LockedBlock, deadline_of, time_left
 from .names import PAGE_SIZE, coord_name
 
 if TYPE_CHECKING:
@@ -637,9 +637,10 @@ class CoordTable:
         """The three header words of the node at ``ref``."""
         return self._bytes(ref, NODE_HEADER).cast("Q")
 
-    def store(self, item: object) -> int:
+    def store(self, item: object, deadline: float | None = None) -> int:
         """A new node holding ``item`` (an int, its pickle, or the ref of the object
-        ``heap.put`` stored it in: ``_inline``); not linked anywhere."""
+        ``heap.put`` stored it in: ``_inline``); not linked anywhere.  LockTimeoutError at
+        ``deadline`` (another thread of the handle holds it)."""
         obj = 0
         if type(item) is int and -(1 << 63) <= item < 1 << 63:
             kind, payload = _INT, _INT64.pack(item)
@@ -648,10 +649,11 @@ class CoordTable:
             if inline is not None:
                 kind, payload = _PICKLE, inline
             else:
-                obj = objects.put(self.allocator, item)  # (this process's until linked)
+                # (this process's until linked)
+                obj = objects.put(self.allocator, item, time_left(deadline))
                 kind, payload = _REF, _INT64.pack(obj)
         try:
-            ref = self.allocator.alloc(NODE_HEADER + len(payload))
+            ref = self.allocator.alloc(NODE_HEADER + len(payload), time_left(deadline))
         except BaseException:
             if obj:
                 self.allocator.free(obj)
@@ -854,7 +856,10 @@ class Queue:
         deadline = deadline_of(timeout)
         table = self._table
         table.flush_unviewed()
-        node = table.store(item)
+        try:
+            node = table.store(item, deadline)
+        except TimeoutError:  # another thread of this handle held it throughout
+            raise queue_module.Full from None
         linked: list[bool] = []  # marked by _put just before its journal is cleared
         try:
             table.wait_for(self._record, lambda: self._put(node, deadline, linked), deadline)

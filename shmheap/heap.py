@@ -342,7 +342,7 @@ class Heap(AttachedHeap):
         A writable handle first repairs what a holder stopped half-way left
         (the journal).  Blocks nest per thread, and this thread's heap calls
         inside one run under its hold; other threads' calls on this handle
-        wait until it closes.
+        wait until it closes (or until their ``timeout``: LockTimeoutError).
         """
         self._check_open()
         lock = self._lock
@@ -401,9 +401,18 @@ class Heap(AttachedHeap):
 
     _allocator: Allocator | None = None
 
+    def _objects(self, timeout: float | None = None) -> Allocator:
+        """This handle's allocator, made on first use (``timeout``: for the mutex then).
+
+        Once made it is returned with no mutex: its own calls take it.
+        """
+        allocator = self._allocator
+        if allocator is None or self.closed:
+            allocator = self._new_objects(timeout)
+        return allocator
+
     @serialised
-    def _objects(self) -> Allocator:
-        """This handle's allocator, made on first use."""
+    def _new_objects(self, timeout: float | None = None) -> Allocator:
         allocator = self._allocator
         if allocator is None or self.closed:
             self._check_open()
@@ -429,7 +438,6 @@ class Heap(AttachedHeap):
     #: the coordination segment, opened (or made) on first use
     _coord: coord.CoordTable | None = None
 
-    @serialised
     @serialised
     def _coordination(self, write: bool = False) -> coord.CoordTable:
         """This handle's view of the coordination segment; ``write``: ReadOnlyError if read-only."""
@@ -521,13 +529,14 @@ class Heap(AttachedHeap):
         """A new zeroed object of ``nbytes`` bytes (0 or more); returns its heap address.
 
         The address is a plain non-zero int, valid in every attached process.
-        ``timeout`` bounds the wait for the heap lock (most calls take none).
+        ``timeout`` bounds the wait for the heap lock (most calls take none) and for
+        another thread's hold of this handle (LockTimeoutError either way).
         With ``root``, the object is bound to that root as one step: a process
         interrupted anywhere leaves it bound or freed, one killed anywhere
         leaves it bound or its dead maker's, which ``reclaim()`` frees (an
         object bound to ``root`` before is unbound and becomes the caller's).
         """
-        return self._objects().alloc(nbytes, timeout, root=root)
+        return self._objects(timeout).alloc(nbytes, timeout, root=root)
 
     def free(self, ref: int, timeout: float | None = None) -> None:
         """Free the object at heap address ``ref`` (allocated by any process).
@@ -536,7 +545,7 @@ class Heap(AttachedHeap):
         that equals the address of a live object here frees that object, and
         a ``view()`` kept after a free shows whatever object reuses the memory.
         """
-        self._objects().free(ref, timeout)
+        self._objects(timeout).free(ref, timeout)
 
     def view(self, ref: int, timeout: float | None = None) -> memoryview:
         """A memoryview of exactly the object's ``nbytes(ref)`` bytes (read-only if readonly).
@@ -544,15 +553,15 @@ class Heap(AttachedHeap):
         An object larger than an arena is one contiguous view too: its arenas
         mapped back to back, for as long as a view of them lives (giant.py).
         """
-        return self._objects().view(ref, timeout)
+        return self._objects(timeout).view(ref, timeout)
 
     def size_of(self, ref: int, timeout: float | None = None) -> int:
         """Capacity of the object at ``ref``: ``alloc(n)`` rounded up to its size class or pages."""
-        return self._objects().size_of(ref, timeout)
+        return self._objects(timeout).size_of(ref, timeout)
 
     def nbytes(self, ref: int, timeout: float | None = None) -> int:
         """Length of the object at ``ref``: the ``n`` of the ``alloc(n)`` that made it."""
-        return self._objects().nbytes(ref, timeout)
+        return self._objects(timeout).nbytes(ref, timeout)
 
     @serialised
     def new_array(self, shape: int | tuple[int, ...], dtype: Any = "float64",
@@ -610,7 +619,8 @@ class Heap(AttachedHeap):
         """Every in-use span and its live objects, read with no lock (see walker.py)."""
         from . import walker
 
-        return serialised_iter(self._mutex, walker.walk(self._objects(), deadline_of(timeout)))
+        deadline = deadline_of(timeout)
+        return serialised_iter(self._mutex, walker.walk(self._objects(), deadline), deadline)
 
     @serialised
     def stats(self, timeout: float | None = None) -> walker.HeapStats:

@@ -76,8 +76,10 @@ Threads
     records the block's thread and waits on a condition of the mutex, so no
     exception can land between taking the mutex and recording that it must
     be given back).  Nothing here relies on the GIL.  A deadline bounds the
-    wait for other processes; the wait for another thread of the handle has
-    no bound.
+    wait for another thread of the handle as it bounds the wait for other
+    processes: ``take_mutex`` waits for the mutex until it at most, and the
+    twin's wait for another thread's block ends there too (LockTimeoutError,
+    ``MUTEX_TIMEOUT``; the native core's Lock does the same in C).
 
 Fork
     A child forked while some thread of the parent held the lock (inside
@@ -125,7 +127,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import posix_ipc
 
@@ -154,8 +156,18 @@ YIELD_NAP = 0.00005
 SEMAPHORE_FILE_SIZE = 4 * struct.calcsize("P")
 
 _T = TypeVar("_T")
+_R = TypeVar("_R")
+_P = ParamSpec("_P")
 _ZERO = (0,)
 _NOARGS = ((),)
+#: ``mutex.acquire``'s argument for a try (``take_mutex``); and for a wait
+NOWAIT = (False,)
+_WAIT = (True,)
+#: What a call whose deadline passed while another thread held its handle says (the native
+#: core's words too: _native.c MUTEX_TIMEOUT).
+MUTEX_TIMEOUT = ("another thread of this process holds this heap handle (inside "
+                 "`with heap.locked():` or a call on it) and did not let go in time; give a "
+                 "longer timeout, or give each thread a handle of its own (Heap.attach)")
 _SEQ_MASK = (1 << 64) - 1
 
 
@@ -176,6 +188,46 @@ def deadline_of(timeout: object) -> float | None:
     """The monotonic deadline of a (checked) ``timeout`` starting now; None for ever."""
     seconds = check_timeout(timeout)
     return None if seconds is None else time.monotonic() + seconds
+
+
+def time_left(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (a timeout to pass on to a call), None for ever."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def take_mutex(mutex: Any, taken: list[object], deadline: float | None) -> None:
+    """Take a handle's ``mutex`` (reentrant) after another thread's hold of it, waiting until
+    the monotonic ``deadline`` at most (None: for ever); the caller tried it with ``NOWAIT``.
+
+    ``taken`` gets an element in the same instruction as the mutex is taken
+    (as ``held`` in the module docstring), so the caller's ``finally`` gives
+    back exactly what was taken, whatever exception lands wherever: callers
+    do ``taken[:] = filter(None, map(mutex.acquire, NOWAIT))`` inside their
+    ``try`` first, and call this if ``taken`` stayed empty.
+    LockTimeoutError (``MUTEX_TIMEOUT``) if another thread held it until the
+    deadline; a signal handler's exception propagates, nothing taken.
+    """
+    if deadline is None:
+        taken[:] = map(mutex.acquire, _WAIT)
+        return
+    taken[:] = filter(None, map(mutex.acquire, _WAIT, (max(0.0, deadline - time.monotonic()),)))
+    if not taken:
+        raise LockTimeoutError(MUTEX_TIMEOUT)
+
+
+def with_mutex(mutex: Any, deadline: float | None, then: Callable[_P, _R], *args: _P.args,
+               **kwargs: _P.kwargs) -> _R:
+    """``then(*args, **kwargs)`` with a handle's ``mutex`` held, waited for until ``deadline``
+    at most (``take_mutex``)."""
+    taken: list[object] = []
+    try:
+        taken[:] = filter(None, map(mutex.acquire, NOWAIT))
+        if not taken:
+            take_mutex(mutex, taken, deadline)
+        return then(*args, **kwargs)
+    finally:
+        if taken:
+            mutex.release()
 
 
 @functools.cache
@@ -313,12 +365,15 @@ class HeapLock:
         """``body()`` with the lock held; a writer first repairs a dirty journal.
 
         Waits for ever (recovering dead holders) or until the monotonic
-        ``deadline``.  Whatever ``body`` raises, the lock is released.
+        ``deadline`` (for the handle's mutex too).  Whatever ``body`` raises,
+        the lock is released.
         """
-        with self._mutex:
-            if self._in_block():
-                return body()
-            return self._run_held(body, deadline, write)
+        return with_mutex(self._mutex, deadline, self._run_mutexed, body, deadline, write)
+
+    def _run_mutexed(self, body: Callable[[], _T], deadline: float | None, write: bool) -> _T:
+        if self._in_block(deadline):
+            return body()
+        return self._run_held(body, deadline, write)
 
     def _run_held(self, body: Callable[[], _T], deadline: float | None, write: bool) -> _T:
         held = self.held
@@ -340,8 +395,9 @@ class HeapLock:
                 owner[0] = 0
                 held[:] = releaser
 
-    def _in_block(self) -> bool:
-        """(mutex held) True inside this thread's own open block; waits out another's."""
+    def _in_block(self, deadline: float | None = None) -> bool:
+        """(mutex held) True inside this thread's own open block; waits out another's, until
+        ``deadline`` at most (LockTimeoutError)."""
         while True:
             outer = self._outer
             if outer is None:
@@ -352,7 +408,10 @@ class HeapLock:
                 return False
             if thread == threading.get_ident():
                 return True
-            self._idle.wait(POLL)
+            wait = POLL if deadline is None else min(POLL, deadline - time.monotonic())
+            if wait <= 0:
+                raise LockTimeoutError(MUTEX_TIMEOUT)
+            self._idle.wait(wait)
 
     def read_word(self, view: memoryview, deadline: float | None = None) -> int:
         """``view[0]`` read under the lock: a snapshot's whole critical section.
@@ -363,13 +422,15 @@ class HeapLock:
         a crash leaves the journal clean whatever it came for; a repair that
         fails (a full /dev/shm) is left to the next holder, the read goes on.
         """
-        with self._mutex:
-            if self._in_block():
-                word: int = view[0]  # inside this thread's own locked() block
-                return word
-            if self._waiter_word[0]:
-                self.yield_to_waiters()
-            return self._read_held(view, deadline)
+        return with_mutex(self._mutex, deadline, self._read_mutexed, view, deadline)
+
+    def _read_mutexed(self, view: memoryview, deadline: float | None) -> int:
+        if self._in_block(deadline):
+            word: int = view[0]  # inside this thread's own locked() block
+            return word
+        if self._waiter_word[0]:
+            self.yield_to_waiters()
+        return self._read_held(view, deadline)
 
     def _read_held(self, view: memoryview, deadline: float | None) -> int:
         held = self.held
@@ -402,24 +463,26 @@ class HeapLock:
 
         On any exception nothing stays taken (unless an outer block holds it).
         """
-        with self._mutex:
-            if self._in_block():
-                return False
-            try:
-                if not self.held:
-                    try:
-                        self.held[:] = map(self._trywait, _ZERO)
-                    except posix_ipc.BusyError:
-                        self._wait(deadline)
-                self._owner[0] = self._token
-                self._seq[0] = self._seq[0] + 1 & _SEQ_MASK
-                if write and self._journal[0]:
-                    self._repair()
-                self._outer = (weakref.ref(block), threading.get_ident())
-            except BaseException:
-                self.release()
-                raise
-            return True
+        return with_mutex(self._mutex, deadline, self._enter_mutexed, block, deadline, write)
+
+    def _enter_mutexed(self, block: LockedBlock, deadline: float | None, write: bool) -> bool:
+        if self._in_block(deadline):
+            return False
+        try:
+            if not self.held:
+                try:
+                    self.held[:] = map(self._trywait, _ZERO)
+                except posix_ipc.BusyError:
+                    self._wait(deadline)
+            self._owner[0] = self._token
+            self._seq[0] = self._seq[0] + 1 & _SEQ_MASK
+            if write and self._journal[0]:
+                self._repair()
+            self._outer = (weakref.ref(block), threading.get_ident())
+        except BaseException:
+            self.release()
+            raise
+        return True
 
     def leave(self) -> None:
         """Close the outermost block: release the lock."""
@@ -454,10 +517,14 @@ class HeapLock:
 
     def _run_at_crash_points(self, body: Callable[[], _T], deadline: float | None = None,
                              write: bool = False, role: str = "lock") -> _T:
-        with self._mutex:
-            if self._in_block():
-                return body()
-            return self._run_crashing(body, deadline, write, role)
+        return with_mutex(self._mutex, deadline, self._run_mutexed_crashing, body, deadline,
+                          write, role)
+
+    def _run_mutexed_crashing(self, body: Callable[[], _T], deadline: float | None,
+                              write: bool, role: str) -> _T:
+        if self._in_block(deadline):
+            return body()
+        return self._run_crashing(body, deadline, write, role)
 
     def _run_crashing(self, body: Callable[[], _T], deadline: float | None, write: bool,
                       role: str) -> _T:

@@ -83,7 +83,6 @@ lock, naming the arena in the journal.
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -92,6 +91,7 @@ from . import crash, giant
 from .bytescan import nonzero_positions, positions
 from .control import CYCLE_ARENAS_OFFSET, CYCLE_OFFSET, PAGES, SWEEP_CURSOR_OFFSET
 from .index import ArenaSnapshot
+from .lock import time_left
 from .pages import RELEASED, RELEASING, ArenaPages, Giant, bits_set, runs
 
 if TYPE_CHECKING:
@@ -204,13 +204,8 @@ class ScavengeReport:
 def walk(allocator: Allocator, deadline: float | None = None) -> Iterator[SpanInfo]:
     """Every in-use span of every arena of a fresh snapshot, in arena order (no lock)."""
     heap = allocator.heap
-    for index in heap.snapshot(_remaining(deadline)):
+    for index in heap.snapshot(time_left(deadline)):
         yield from arena_spans(allocator, allocator.pages_of(index), deadline)
-
-
-def _remaining(deadline: float | None) -> float | None:
-    """Seconds left until ``deadline`` (a timeout for the public calls), None for ever."""
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def read_span(allocator: Allocator, pages: ArenaPages, start: int,
@@ -253,7 +248,7 @@ def arena_spans(allocator: Allocator, pages: ArenaPages,
 def stats(allocator: Allocator, deadline: float | None = None) -> HeapStats:
     """Pages, bytes and objects of a fresh snapshot, read with no lock (see ``walk``)."""
     heap = allocator.heap
-    snap = heap.snapshot(_remaining(deadline))
+    snap = heap.snapshot(time_left(deadline))
     page_size = allocator.page_size
     per_class: dict[int, list[int]] = {}
     total = in_use = released = objects = live = free_slots = cached = 0
@@ -525,7 +520,7 @@ def scavenge(allocator: Allocator, deadline: float | None = None) -> ScavengeRep
 
     lock.run(reclaim, deadline, write=True)
     released = 0
-    for index in heap.snapshot(_remaining(deadline)):
+    for index in heap.snapshot(time_left(deadline)):
         pages = allocator.pages_of(index)
         if _state_bytes(pages, pages.used_pages()).translate(_RELEASABLE).count(1):
             released += lock.run(functools.partial(release, pages), deadline, write=True)
@@ -539,7 +534,7 @@ def arena_usage(allocator: Allocator, deadline: float | None) -> list[dict[str, 
     """Per arena of a fresh snapshot: pages used/free/released, spans, live objects and bytes."""
     heap = allocator.heap
     rows = []
-    for index in heap.snapshot(_remaining(deadline)):
+    for index in heap.snapshot(time_left(deadline)):
         pages = allocator.pages_of(index)
         used = pages.used_pages()
         spans = list(arena_spans(allocator, pages))

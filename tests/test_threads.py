@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import sys
 import threading
 import warnings
@@ -19,7 +20,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import shmheap
+from shmheap.attached import new_mutex
 from shmheap.liveness import probe_attachments
+from shmheap.lock import MUTEX_TIMEOUT
 from shmheap.pytest_plugin import HeapFactory
 
 ARENA = 1 << 20
@@ -260,6 +263,229 @@ def test_close_waits_for_another_threads_block(heap: shmheap.Heap) -> None:
     assert heap.closed
     assert other._lock.semaphore_value() == 1
     other.close()
+
+
+# -- timeout= bounds the wait for another thread of the handle ---------------------------------
+
+#: seconds a call waits for another thread's hold in these tests
+WAIT = 0.2
+
+
+class Stall:
+    """Pickled by ``heap.put``, under the handle's mutex: says so, then waits to be let go."""
+
+    def __init__(self, inside: threading.Event, leave: threading.Event) -> None:
+        self.inside, self.leave = inside, leave
+
+    def __reduce__(self) -> tuple[type[int], tuple[int]]:
+        self.inside.set()
+        self.leave.wait()
+        return int, (0,)
+
+
+def hold_in_thread(heap: shmheap.Heap, how: str) -> tuple[threading.Thread, threading.Event]:
+    """A thread holding ``heap`` (a ``locked()`` block, or a call that holds the mutex), once
+    this returns; set the event returned to let it go."""
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        if how == "locked":
+            with heap.locked():
+                inside.set()
+                leave.wait()
+        else:
+            heap.free(heap.put(Stall(inside, leave)))
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    inside.wait()
+    return thread, leave
+
+
+def calls_with_timeout(heap: shmheap.Heap, how: str) -> dict[str, Callable[[float], object]]:
+    """Public calls that take ``timeout=``, each needing what the holder ``how`` holds (a
+    ``locked()`` block of the pure core keeps the heap lock, not the mutex: calls that need
+    no lock, a small alloc from this process's span say, go on beside it)."""
+    large, bound = heap.alloc(ARENA // 4), heap.alloc(8)
+
+    def locked(timeout: float) -> None:
+        with heap.locked(timeout=timeout):
+            pass
+
+    calls: dict[str, Callable[[float], object]] = {
+        "alloc large": lambda t: heap.free(heap.alloc(ARENA // 4, timeout=t)),
+        "free large": lambda t: heap.free(large, timeout=t),
+        "snapshot": lambda t: heap.snapshot(timeout=t),
+        "grow": lambda t: heap.grow(timeout=t),
+        "check": lambda t: heap.check(timeout=t),
+        "info": lambda t: heap.info(timeout=t),
+        "put large": lambda t: heap.free(heap.put(bytes(ARENA // 4), timeout=t)),
+        "roots.bind": lambda t: heap.roots.bind("r", bound, timeout=t),
+        "locked": locked,
+        "reclaim": lambda t: heap.reclaim(timeout=t),
+    }
+    if how == "call" or shmheap.core.native is not None:  # the mutex itself is held
+        small = heap.alloc(64)
+        calls.update({
+            "alloc": lambda t: heap.free(heap.alloc(64, timeout=t)),
+            "view": lambda t: heap.view(small, timeout=t),
+            "nbytes": lambda t: heap.nbytes(small, timeout=t),
+            "stats": lambda t: heap.stats(timeout=t),
+            "walk": lambda t: list(heap.walk(timeout=t)),
+            "size_of": lambda t: heap.size_of(small, timeout=t),
+            "put": lambda t: heap.free(heap.put(1, timeout=t)),
+        })
+    return calls
+
+
+@pytest.mark.parametrize("how", ["locked", "call"])
+def test_timeout_bounds_the_wait_for_another_thread(heap: shmheap.Heap, how: str) -> None:
+    """While another thread holds the handle, every call with ``timeout=`` raises
+    LockTimeoutError once it has passed, and the handle stays usable: the same calls go
+    through once the holder has let go."""
+    calls = calls_with_timeout(heap, how)
+    grown = len(heap.snapshot())
+    holder, leave = hold_in_thread(heap, how)
+    failed: dict[str, str] = {}
+    errors: list[BaseException] = []
+
+    def other() -> None:  # (not the test's thread: the holder may be it in a later test)
+        try:
+            for name, call in calls.items():
+                try:
+                    call(WAIT)
+                except shmheap.LockTimeoutError as exc:
+                    failed[name] = str(exc)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    leave.set()
+    holder.join()
+    assert not errors
+    assert failed == dict.fromkeys(calls, MUTEX_TIMEOUT)
+    assert len(heap.snapshot()) == grown, "a grow that timed out published its arena"
+    for call in calls.values():
+        call(WAIT)
+    assert heap.check() == []
+    assert heap._lock.semaphore_value() == 1
+
+
+@pytest.mark.parametrize("how", ["locked", "call"])
+def test_a_queues_timeout_bounds_the_wait_for_another_thread(heap: shmheap.Heap,
+                                                             how: str) -> None:
+    """A queue's ``put``/``get`` with ``timeout=`` say ``queue.Full``/``queue.Empty`` once it
+    has passed while another thread holds the handle (as for another process's hold of the
+    lock), and lose nothing: after the holder has let go, every item put comes out."""
+    q = heap.queue("q")
+    q.put(1)
+    holder, leave = hold_in_thread(heap, how)
+    raised: list[type[BaseException]] = []
+
+    def other() -> None:
+        calls: list[Callable[[], object]] = [
+            lambda: q.put(2, timeout=WAIT), lambda: q.put(b"x" * 8000, timeout=WAIT),
+            lambda: q.get(timeout=WAIT)]
+        for call in calls:
+            try:
+                call()
+            except BaseException as exc:
+                raised.append(type(exc))
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    leave.set()
+    holder.join()
+    assert raised == [queue.Full, queue.Full, queue.Empty]
+    q.put(3, timeout=WAIT)
+    assert [q.get(timeout=0), q.get(timeout=0)] == [1, 3]
+    assert len(q) == 0
+    assert heap.check() == []
+
+
+@pytest.mark.parametrize("how", ["locked", "call"])
+def test_no_timeout_waits_for_the_other_thread(heap: shmheap.Heap, how: str) -> None:
+    """``timeout=None`` waits until the holder lets go, then goes through."""
+    holder, leave = hold_in_thread(heap, how)
+    done = threading.Event()
+    got: list[object] = []
+
+    def other() -> None:
+        got.append(heap.alloc(ARENA // 4))
+        got.append(heap.snapshot())
+        done.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    done.wait(timeout=WAIT)  # a call that did not wait would be done by now
+    assert not done.is_set(), "a call without a timeout went on beside another thread's hold"
+    leave.set()
+    holder.join()
+    thread.join()
+    assert len(got) == 2
+    heap.free(got[0])  # type: ignore[arg-type]
+
+
+def test_timeout_zero_fails_at_once_for_another_thread_not_for_the_holder(
+        heap: shmheap.Heap) -> None:
+    """``timeout=0`` in another thread raises at once; in the holding thread, inside its own
+    block, the same calls go through (the mutex and the hold are reentrant)."""
+    inside, leave = threading.Event(), threading.Event()
+    own: list[object] = []
+
+    def hold() -> None:
+        with heap.locked():
+            own.append(heap.snapshot(timeout=0))
+            own.append(heap.alloc(ARENA // 4, timeout=0))
+            own.append(heap.info(timeout=0))
+            inside.set()
+            leave.wait()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    inside.wait()
+    try:
+        for call in (lambda: heap.snapshot(timeout=0), lambda: heap.grow(timeout=0),
+                     lambda: heap.alloc(ARENA // 4, timeout=0)):
+            with pytest.raises(shmheap.LockTimeoutError, match="another thread"):
+                call()
+    finally:
+        leave.set()
+        holder.join()
+    assert len(own) == 3
+    heap.free(own[1])  # type: ignore[arg-type]
+    assert heap.check() == []
+
+
+def test_a_handles_mutex_takes_a_timeout() -> None:
+    """``new_mutex()`` (the native core's Mutex, or threading.RLock) waits at most
+    ``timeout`` for another thread, and is reentrant for its holder at any timeout."""
+    mutex = new_mutex()
+    inside, leave = threading.Event(), threading.Event()
+    got: list[bool] = []
+
+    def hold() -> None:
+        with mutex:
+            got.append(mutex.acquire(True, 0))
+            mutex.release()
+            inside.set()
+            leave.wait()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    inside.wait()
+    got += [mutex.acquire(True, WAIT), mutex.acquire(False), mutex.acquire(True, 0)]
+    leave.set()
+    holder.join()
+    got.append(mutex.acquire(True, WAIT))
+    mutex.release()
+    assert got == [True, False, False, False, True]
+    for bad in ((False, 1.0), (True, -2.0)):
+        with pytest.raises(ValueError):
+            mutex.acquire(*bad)
 
 
 # -- fork -----------------------------------------------------------------------------------
