@@ -496,6 +496,63 @@ def test_timeout_zero_fails_at_once_for_another_thread_not_for_the_holder(
     assert heap.check() == []
 
 
+class Interrupted(Exception):
+    """What the signal handler of ``test_a_signal_handler_raising_ends_the_wait`` raises."""
+
+
+@pytest.mark.parametrize("how", ["locked", "call"])
+def test_signal_handlers_run_while_waiting_for_another_thread(heap: shmheap.Heap,
+                                                              how: str) -> None:
+    """A call waiting for another thread's hold of the handle runs this process's signal
+    handlers meanwhile (the holder lets go once they have run ten times), then goes on."""
+    holder, leave = hold_in_thread(heap, how)
+    calls = [0]
+
+    def counted(signum: int, frame: object) -> None:
+        calls[0] += 1
+        if calls[0] == 10:
+            leave.set()
+
+    previous = signal.signal(signal.SIGALRM, counted)
+    signal.setitimer(signal.ITIMER_REAL, 0.005, 0.005)
+    try:
+        snap = heap.snapshot(timeout=None)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        leave.set()
+        holder.join()
+    assert calls[0] >= 10
+    assert list(snap) == list(heap.snapshot(timeout=0))
+
+
+@pytest.mark.parametrize("how", ["locked", "call"])
+def test_a_signal_handler_raising_ends_the_wait(heap: shmheap.Heap, how: str) -> None:
+    """A signal handler's exception comes out of a call waiting for another thread's hold,
+    with nothing taken: once the holder lets go, another thread has the handle at once."""
+    holder, leave = hold_in_thread(heap, how)
+
+    def raising(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, raising)
+    signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)
+    try:
+        with pytest.raises(Interrupted):
+            heap.snapshot(timeout=30)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        leave.set()
+        holder.join()
+    got: list[object] = []
+    other = threading.Thread(target=lambda: got.append(heap.info(timeout=0)))
+    other.start()
+    other.join()
+    assert len(got) == 1, "the interrupted wait left the handle taken"
+    assert heap._lock.semaphore_value() == 1
+
+
 def test_a_handles_mutex_takes_a_timeout() -> None:
     """``new_mutex()`` (the native core's Mutex, or threading.RLock) waits at most
     ``timeout`` for another thread, and is reentrant for its holder at any timeout."""
