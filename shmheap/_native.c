@@ -261,16 +261,21 @@ mutex_acquire(Mutex *m)
     return mutex_wait(m, 0, 0) < 0 ? -1 : 0;
 }
 
-/* Take the mutex for a lock operation with a deadline: 0 taken, -1 with the exception
- * (LockTimeoutError while another thread held it until the deadline; lock.py
- * MUTEX_TIMEOUT says the same). */
+/* What a lock operation's wait (for the mutex, or for the heap lock) returns when its
+ * deadline passed: LockTimeoutError set, nothing held (-1 is any other exception: a signal
+ * handler's, say). */
+#define LOCK_DEADLINE (-2)
+
+/* Take the mutex for a lock operation with a deadline: 0 taken, LOCK_DEADLINE (another
+ * thread held it until the deadline; lock.py MUTEX_TIMEOUT says the same) or -1 with the
+ * exception. */
 static int
 mutex_acquire_by(Mutex *m, int has_deadline, double deadline)
 {
     int taken = mutex_wait(m, has_deadline, deadline);
     if (taken == 0)
         raise_error("LockTimeoutError", PyUnicode_FromString(MUTEX_TIMEOUT));
-    return taken > 0 ? 0 : -1;
+    return taken > 0 ? 0 : taken == 0 ? LOCK_DEADLINE : -1;
 }
 
 static inline void
@@ -500,7 +505,9 @@ lock_release(Lock *self)
     self->held = 0;
 }
 
-static void
+/* LockTimeoutError for a wait whose deadline passed: LOCK_DEADLINE (-1 if even the message
+ * could not be made). */
+static int
 lock_timeout(Lock *self)
 {
     uint64_t token = LOAD(LIVE_U64(self, LIVE_OWNER_OFFSET));
@@ -511,11 +518,12 @@ lock_timeout(Lock *self)
     PyObject *holder = pid ? PyUnicode_FromFormat("process %u", (unsigned)pid)
                            : PyUnicode_FromString("a process that has not recorded itself yet");
     if (holder == NULL)
-        return;
+        return -1;
     raise_error("LockTimeoutError", PyUnicode_FromFormat(
         "heap %R: lock not acquired in time; it is held by %U, which is alive (stopped or "
         "slow); wait longer or investigate it", self->heap_name, holder));
     Py_DECREF(holder);
+    return LOCK_DEADLINE;
 }
 
 /* Sleep ``seconds`` without the GIL; -1 if a signal handler raised meanwhile. */
@@ -530,7 +538,7 @@ nap(double seconds)
 }
 
 /* Take over a dead holder's lock if nothing changed (lock.py _adopt): 1 adopted, 0 not,
- * -1 exception. */
+ * LOCK_DEADLINE, -1 exception. */
 static int
 lock_adopt(Lock *self, uint64_t dead_owner, uint64_t seq, int has_deadline, double deadline)
 {
@@ -542,7 +550,7 @@ lock_adopt(Lock *self, uint64_t dead_owner, uint64_t seq, int has_deadline, doub
         if (has_deadline && monotonic() >= deadline) {
             raise_error("LockTimeoutError", PyUnicode_FromFormat(
                 "heap %R: another process is repairing it; try again later", self->heap_name));
-            return -1;
+            return LOCK_DEADLINE;
         }
         if (nap(0.001) < 0)
             return -1;
@@ -599,8 +607,8 @@ lock_yield(Lock *self)
 
 static int lock_wait_announced(Lock *self, int has_deadline, double deadline);
 
-/* The slow path of taking the lock (lock.py _wait): 0 holding, -1 exception holding nothing.
- * The waiter word names this process while it waits (fairness, lock.py). */
+/* The slow path of taking the lock (lock.py _wait): 0 holding, LOCK_DEADLINE or -1 exception
+ * holding nothing.  The waiter word names this process while it waits (fairness, lock.py). */
 static int
 lock_wait(Lock *self, int has_deadline, double deadline)
 {
@@ -626,10 +634,8 @@ lock_wait_announced(Lock *self, int has_deadline, double deadline)
             double left = deadline - monotonic();
             if (left < wait)
                 wait = left;
-            if (wait <= 0) {
-                lock_timeout(self);
-                return -1;
-            }
+            if (wait <= 0)
+                return lock_timeout(self);
         }
         struct timespec until;
         clock_gettime(CLOCK_MONOTONIC, &until);
@@ -662,7 +668,7 @@ lock_wait_announced(Lock *self, int has_deadline, double deadline)
             if (!lock_token_alive(self, owner)) {
                 int adopted = lock_adopt(self, owner, 0, has_deadline, deadline);
                 if (adopted)
-                    return adopted < 0 ? -1 : 0;
+                    return adopted < 0 ? adopted : 0;
             }
             continue;
         }
@@ -675,12 +681,11 @@ lock_wait_announced(Lock *self, int has_deadline, double deadline)
         else if (now - unowned_since >= self->grace) {
             int adopted = lock_adopt(self, 0, seq, has_deadline, deadline);
             if (adopted)
-                return adopted < 0 ? -1 : 0;
+                return adopted < 0 ? adopted : 0;
         }
     }
 }
 
-/* Hold the lock (a leftover hold of this handle counts); 0 holding, -1 exception. */
 /* 0 if the lock is open; else -1 with HeapClosedError (Lock_close released its memory). */
 static int
 lock_check_open(Lock *self)
@@ -692,6 +697,8 @@ lock_check_open(Lock *self)
     return -1;
 }
 
+/* Hold the lock (a leftover hold of this handle counts); 0 holding, LOCK_DEADLINE or -1
+ * exception. */
 static int
 lock_take(Lock *self, int has_deadline, double deadline)
 {
@@ -704,8 +711,11 @@ lock_take(Lock *self, int has_deadline, double deadline)
             PyErr_SetFromErrno(PyExc_OSError);
             return -1;
         }
-        else if (lock_wait(self, has_deadline, deadline) < 0)
-            return -1;
+        else {
+            int waited = lock_wait(self, has_deadline, deadline);
+            if (waited < 0)
+                return waited;
+        }
     }
     lock_record(self);
     return 0;
@@ -743,12 +753,14 @@ lock_repair(Lock *self, int for_read)
     return -1;
 }
 
-/* Take the lock and, for a writer, repair a dirty journal first; release on failure. */
+/* Take the lock and, for a writer, repair a dirty journal first; release on failure: 0,
+ * LOCK_DEADLINE or -1. */
 static int
 lock_enter(Lock *self, int has_deadline, double deadline, int write)
 {
-    if (lock_take(self, has_deadline, deadline) < 0)
-        return -1;
+    int taken = lock_take(self, has_deadline, deadline);
+    if (taken < 0)
+        return taken;
     return write ? lock_repair(self, 0) : 0;
 }
 
@@ -770,22 +782,51 @@ lock_in_outer_block(Lock *self)
 #endif
 }
 
+/* What lock_hold took: the lock (and the mutex), or the mutex only. */
+#define LOCK_TAKEN 0
+#define LOCK_NESTED 1
+
+/* Every native hold of the lock: the handle's mutex, then the lock unless this thread's own
+ * locked() block holds it already (LOCK_NESTED: the mutex only), a writer repairing a dirty
+ * journal first (LOCK_TAKEN).  On failure nothing is held: LOCK_DEADLINE (the deadline
+ * passed in either wait) or -1, with the exception (a signal handler's from either wait
+ * propagates). */
+static int
+lock_hold(Lock *self, int has_deadline, double deadline, int write)
+{
+    int taken = mutex_acquire_by(self->mutex, has_deadline, deadline);
+    if (taken < 0)
+        return taken;
+    if (lock_in_outer_block(self))
+        return LOCK_NESTED;
+    int entered = lock_enter(self, has_deadline, deadline, write);
+    if (entered < 0) {
+        mutex_release(self->mutex);
+        return entered;
+    }
+    return LOCK_TAKEN;
+}
+
+/* Give back what lock_hold took (``held``: its answer). */
+static inline void
+lock_unhold(Lock *self, int held)
+{
+    if (held == LOCK_TAKEN)
+        lock_release(self);
+    mutex_release(self->mutex);
+}
+
 /* body(arg) with the lock held, as Lock.run holds it: under the handle's mutex, inside this
  * thread's own locked() block or in a hold taken (a writer repairing first) and released. */
 static PyObject *
 lock_run_with(Lock *self, PyObject *(*body)(void *), void *arg, int has_deadline,
               double deadline, int write)
 {
-    if (mutex_acquire_by(self->mutex, has_deadline, deadline) < 0)
+    int held = lock_hold(self, has_deadline, deadline, write);
+    if (held < 0)
         return NULL;
-    PyObject *result = NULL;
-    if (lock_in_outer_block(self))
-        result = body(arg);  /* this thread's own locked() block holds it */
-    else if (lock_enter(self, has_deadline, deadline, write) == 0) {
-        result = body(arg);
-        lock_release(self);
-    }
-    mutex_release(self->mutex);
+    PyObject *result = body(arg);
+    lock_unhold(self, held);
     return result;
 }
 
@@ -894,19 +935,12 @@ Lock_enter(Lock *self, PyObject *args, PyObject *kwargs)
     PyObject *ref = PyWeakref_NewRef(block, NULL);
     if (ref == NULL)
         return NULL;
-    if (mutex_acquire_by(self->mutex, has_deadline, deadline) < 0) {
+    int held = lock_hold(self, has_deadline, deadline, write);
+    if (held != LOCK_TAKEN) {  /* failed, or nested in this thread's own block */
+        if (held == LOCK_NESTED)
+            lock_unhold(self, held);
         Py_DECREF(ref);
-        return NULL;
-    }
-    if (lock_in_outer_block(self)) {  /* nested in this thread's own block */
-        mutex_release(self->mutex);
-        Py_DECREF(ref);
-        Py_RETURN_FALSE;
-    }
-    if (lock_enter(self, has_deadline, deadline, write) < 0) {
-        mutex_release(self->mutex);
-        Py_DECREF(ref);
-        return NULL;
+        return held < 0 ? NULL : Py_NewRef(Py_False);
     }
     Py_XSETREF(self->outer, ref);  /* the mutex stays taken until leave() */
     Py_RETURN_TRUE;
@@ -1979,32 +2013,43 @@ static PyTypeObject CacheType = {
     .tp_getset = Cache_getset,
 };
 
-/* The timeout argument of a fast path (positional after the first, or the keyword): 1 if
- * absent, None or a finite number >= 0; else 0, and the slow path says what is wrong. */
-static int
-timeout_ok(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+/* The timeout argument of a native call (positional at ``at``, or the only keyword): 1 if
+ * absent, None or a finite number of seconds >= 0; else 0, and the Python path says what is
+ * wrong (lock.check_timeout).  Given ``deadline``, it sets *has_deadline and the monotonic
+ * *deadline too (the fast paths never wait: they pass NULL). */
+static inline int
+timeout_ok(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, Py_ssize_t at,
+           int *has_deadline, double *deadline)
 {
-    PyObject *timeout = nargs > 1 ? args[1] : NULL;
+    PyObject *timeout = nargs > at ? args[at] : NULL;
     if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) == 1) {
         if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "timeout") != 0)
             return 0;
         timeout = args[nargs];
     }
+    if (deadline != NULL)
+        *has_deadline = 0;
     if (timeout == NULL || timeout == Py_None)
         return 1;
-    if (PyFloat_CheckExact(timeout)) {
-        double t = PyFloat_AS_DOUBLE(timeout);
-        return t >= 0 && t <= 1e300;
-    }
-    if (PyLong_CheckExact(timeout)) {
-        double t = PyLong_AsDouble(timeout);
+    double t;
+    if (PyFloat_CheckExact(timeout))
+        t = PyFloat_AS_DOUBLE(timeout);
+    else if (PyLong_CheckExact(timeout)) {
+        t = PyLong_AsDouble(timeout);
         if (t == -1.0 && PyErr_Occurred()) {
             PyErr_Clear();
             return 0;
         }
-        return t >= 0;
     }
-    return 0;
+    else
+        return 0;
+    if (!(t >= 0 && t <= 1e300))
+        return 0;
+    if (deadline != NULL) {
+        *has_deadline = 1;
+        *deadline = monotonic() + t;
+    }
+    return 1;
 }
 
 /* -- Alloc: Allocator.alloc's fast path -------------------------------------------------- */
@@ -2028,7 +2073,7 @@ Alloc_call(Alloc *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
     if (self->slow == NULL)
         return collected_error();
     if (nargs >= 1 && given <= 2 && PyLong_CheckExact(args[0])
-            && timeout_ok(args, nargs, kwnames)) {
+            && timeout_ok(args, nargs, kwnames, 1, NULL, NULL)) {
         Py_ssize_t n = PyLong_AsSsize_t(args[0]);
         if (n >= 0 && n <= self->max_small && ((n + 15) >> 4) < self->lookup_len
                 && FAST_ENTER(self->mutex)) {
@@ -2197,7 +2242,10 @@ static PyTypeObject RecordType = {
     .tp_dealloc = (destructor)Record_dealloc,
 };
 
-/* -- Free: Allocator.free's fast path (a small object, lock-free) ------------------------ */
+/* -- Free: Allocator.free's fast path (a small object, lock-free) ------------------------
+ *
+ * Its arena records, shifts and class tables are also where the queue's nodes and the root
+ * writer's objects are found (free_locate). */
 
 #define READ_RETRIES 100
 
@@ -2211,7 +2259,7 @@ typedef struct {
     int arena_shift, page_shift;
     long long arena_mask;
     Py_ssize_t nclasses;
-    Py_ssize_t *nelems, *size, *objects_at;     /* per size class */
+    Py_ssize_t *nelems, *size, *objects_at, *holder_at, *npages;   /* per size class */
     Py_ssize_t *tree_levels;                    /* per class: its first level's index */
     Py_ssize_t *level_offset, *level_size;      /* every level of every partial tree */
     Py_ssize_t nlevels;
@@ -2236,8 +2284,10 @@ free_mark_partial(Free *self, Py_ssize_t c, long long leaf)
 
 /* Where small object ``ref`` lies (its arena's record, span's first page, size class and
  * slot), read between two equal reads of the arena's sequence word: 1 found, 0 if this
- * handle cannot tell (not mapped here, changing, a large object, garbage), -1 exception. */
-static int
+ * handle cannot tell (not mapped here, changing, a large object, garbage), -1 exception.
+ * Inlined into its callers (free, the queue's nodes, the root writer's objects): a call
+ * cost the writer's bind+unbind 2-3% when it stopped reading the records itself. */
+static inline __attribute__((always_inline)) int
 free_locate(Free *self, long long ref, Record **found_rec, Py_ssize_t *found_start,
             unsigned char *found_c, long long *found_slot)
 {
@@ -2315,7 +2365,7 @@ Free_call(Free *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
     if (self->slow == NULL)
         return collected_error();
     if (nargs >= 1 && given <= 2 && PyLong_CheckExact(args[0])
-            && timeout_ok(args, nargs, kwnames)) {
+            && timeout_ok(args, nargs, kwnames, 1, NULL, NULL)) {
         long long ref = PyLong_AsLongLong(args[0]);
         if (ref <= 0)
             PyErr_Clear();
@@ -2361,28 +2411,31 @@ static int
 Free_init(Free *self, PyObject *args, PyObject *kwargs)
 {
     static char *names[] = {"records", "slow", "summary", "arena_shift", "page_shift",
-                            "nelems", "size", "objects_at", "tree_levels", "level_offset",
-                            "level_size", "mutex", NULL};
-    PyObject *records, *slow, *summary, *nelems, *size, *objects_at, *tree_levels, *offsets,
-             *sizes, *mutex;
+                            "nelems", "size", "objects_at", "holder_at", "npages",
+                            "tree_levels", "level_offset", "level_size", "mutex", NULL};
+    PyObject *records, *slow, *summary, *nelems, *size, *objects_at, *holder_at, *npages,
+             *tree_levels, *offsets, *sizes, *mutex;
     int arena_shift, page_shift;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOiiOOOOOOO!", names, &PyDict_Type,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOiiOOOOOOOOO!", names, &PyDict_Type,
                                      &records, &slow, &summary, &arena_shift, &page_shift,
-                                     &nelems, &size, &objects_at, &tree_levels, &offsets,
-                                     &sizes, &MutexType, &mutex))
+                                     &nelems, &size, &objects_at, &holder_at, &npages,
+                                     &tree_levels, &offsets, &sizes, &MutexType, &mutex))
         return -1;
     Py_INCREF(mutex);
     Py_XSETREF(self->mutex, (Mutex *)mutex);
-    Py_ssize_t n1, n2, n3, n4, n5, n6;
+    Py_ssize_t n1, n2, n3, n4, n5, n6, n7, n8;
     self->nelems = ssize_array(nelems, &n1);
     self->size = self->nelems ? ssize_array(size, &n2) : NULL;
     self->objects_at = self->size ? ssize_array(objects_at, &n3) : NULL;
-    self->tree_levels = self->objects_at ? ssize_array(tree_levels, &n4) : NULL;
+    self->holder_at = self->objects_at ? ssize_array(holder_at, &n7) : NULL;
+    self->npages = self->holder_at ? ssize_array(npages, &n8) : NULL;
+    self->tree_levels = self->npages ? ssize_array(tree_levels, &n4) : NULL;
     self->level_offset = self->tree_levels ? ssize_array(offsets, &n5) : NULL;
     self->level_size = self->level_offset ? ssize_array(sizes, &n6) : NULL;
     if (self->level_size == NULL)
         return -1;
-    if (n2 != n1 || n3 != n1 || n4 != n1 + 1 || n6 != n5 || self->tree_levels[n1] > n5) {
+    if (n2 != n1 || n3 != n1 || n7 != n1 || n8 != n1 || n4 != n1 + 1 || n6 != n5
+            || self->tree_levels[n1] > n5) {
         PyErr_SetString(PyExc_ValueError, "Free: the class and tree tables disagree");
         return -1;
     }
@@ -2436,6 +2489,8 @@ Free_dealloc(Free *self)
     PyMem_Free(self->nelems);
     PyMem_Free(self->size);
     PyMem_Free(self->objects_at);
+    PyMem_Free(self->holder_at);
+    PyMem_Free(self->npages);
     PyMem_Free(self->tree_levels);
     PyMem_Free(self->level_offset);
     PyMem_Free(self->level_size);
@@ -2863,8 +2918,8 @@ static PyTypeObject CounterType = {
     .tp_methods = Counter_methods,
 };
 
-/* Queue(lock, coord, record, control, alloc, free, holder_at, encode, loads, slow_put,
- * slow_get, slice, scan_interval): coord.Queue's put and get in one call each, for the items a node
+/* Queue(lock, coord, record, control, alloc, free, encode, loads, slow_put, slow_get,
+ * slice, scan_interval): coord.Queue's put and get in one call each, for the items a node
  * holds itself (an int, or a pickle that encode() returns).  The protocol is coord.py's,
  * word for word: under the heap lock (the Lock's own acquire, repair of a dirty journal
  * included) the intent record is written, then the journal's COORD op, then the links,
@@ -2894,7 +2949,6 @@ typedef struct {
     long record;
     Free *free;
     PyObject *alloc, *encode, *loads, *slow_put, *slow_get;
-    Py_ssize_t *holder_at, nclasses;
     double slice, scan_interval;
     double scanned;          /* when this handle last left a look for dead leasers to Python */
     long spin_ns;            /* how long the next wait watches the word before it sleeps */
@@ -2904,11 +2958,11 @@ typedef struct {
 #define NQUEUE_SPIN_MAX_NS 50000
 #define NQUEUE_SPIN_MIN_NS 2000
 
-/* The words of the queue node at ``ref`` (a live small object of at least ``need`` bytes)
- * and its holder word; NULL if this handle cannot tell (the Python path decides), or NULL
- * with an exception. */
+/* The words of the queue node at ``ref`` (a live small object of at least ``need`` bytes),
+ * its holder word and, given ``room``, its size; NULL if this handle cannot tell (the Python
+ * path decides), or NULL with an exception. */
 static uint64_t *
-nqueue_node(NQueue *self, uint64_t ref, uint64_t need, unsigned char **holder)
+nqueue_node(NQueue *self, uint64_t ref, uint64_t need, unsigned char **holder, uint64_t *room)
 {
     Record *rec;
     Py_ssize_t start;
@@ -2921,10 +2975,12 @@ nqueue_node(NQueue *self, uint64_t ref, uint64_t need, unsigned char **holder)
     Free *free = self->free;
     long long offset = (long long)ref & free->arena_mask;
     long long span = (long long)start << free->page_shift;
-    if (need > (uint64_t)free->size[c] || c >= self->nclasses
+    if (need > (uint64_t)free->size[c]
             || offset + free->size[c] > rec->pin->view.len || !LOAD(rec->data + span + slot))
         return NULL;
-    *holder = rec->data + span + self->holder_at[c] + slot * SPAN_HOLDER_SIZE;
+    *holder = rec->data + span + free->holder_at[c] + slot * SPAN_HOLDER_SIZE;
+    if (room != NULL)
+        *room = (uint64_t)free->size[c];
     return (uint64_t *)(rec->data + offset);
 }
 
@@ -2978,8 +3034,7 @@ nqueue_sleep_on(NQueue *self)
 static void
 nqueue_leave(NQueue *self, int wake)
 {
-    lock_release(self->lock);
-    mutex_release(self->lock->mutex);
+    lock_unhold(self->lock, LOCK_TAKEN);
     if (wake)
         syscall(SYS_futex, self->futex, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
 }
@@ -3015,32 +3070,6 @@ nqueue_wait(NQueue *self, uint32_t seen, int has_deadline, double deadline)
     return PyErr_CheckSignals();
 }
 
-/* The timeout argument: 1 parsed (None, or a finite number >= 0), 0 for the Python path. */
-static int
-nqueue_timeout(PyObject *timeout, int *has_deadline, double *deadline)
-{
-    *has_deadline = 0;
-    if (timeout == NULL || timeout == Py_None)
-        return 1;
-    double t;
-    if (PyFloat_CheckExact(timeout))
-        t = PyFloat_AS_DOUBLE(timeout);
-    else if (PyLong_CheckExact(timeout)) {
-        t = PyLong_AsDouble(timeout);
-        if (t == -1.0 && PyErr_Occurred()) {
-            PyErr_Clear();
-            return 0;
-        }
-    }
-    else
-        return 0;
-    if (!(t >= 0 && t <= 1e300))
-        return 0;
-    *has_deadline = 1;
-    *deadline = monotonic() + t;
-    return 1;
-}
-
 /* The seconds left until the deadline, a timeout for a Python call (None: for ever). */
 static PyObject *
 nqueue_left(int has_deadline, double deadline)
@@ -3062,7 +3091,9 @@ nqueue_fallback(PyObject *slow, PyObject *item, int has_deadline, double deadlin
     return result;
 }
 
-/* Take the lock for a change (0), or leave it to Python (1: nothing taken), or -1. */
+/* Take the lock for a change (0), or leave it to Python (1: nothing taken), or -1.  Only
+ * the wait's own deadline goes to Python: a signal handler's exception propagates, from
+ * either wait (its TimeoutError too). */
 static int
 nqueue_enter(NQueue *self, int has_deadline, double deadline)
 {
@@ -3070,23 +3101,17 @@ nqueue_enter(NQueue *self, int has_deadline, double deadline)
         PyErr_Clear();
         return 1;  /* closed: Python says so */
     }
-    if (mutex_acquire_by(self->lock->mutex, has_deadline, deadline) < 0) {
-        if (!PyErr_ExceptionMatches(PyExc_TimeoutError))
-            return -1;
-        PyErr_Clear();
-        return 1;  /* Python waits once more, and says queue.Full or queue.Empty */
-    }
-    if (lock_in_outer_block(self->lock)) {  /* this thread's own locked() block holds it */
-        mutex_release(self->lock->mutex);
+    int held = lock_hold(self->lock, has_deadline, deadline, 1);
+    if (held == LOCK_NESTED) {  /* this thread's own locked() block holds it */
+        lock_unhold(self->lock, held);
         return 1;
     }
-    if (lock_enter(self->lock, has_deadline, deadline, 1) < 0) {
-        mutex_release(self->lock->mutex);
-        if (!PyErr_ExceptionMatches(PyExc_TimeoutError))
-            return -1;
+    if (held == LOCK_DEADLINE) {  /* (another thread's hold of the handle, or a process's) */
         PyErr_Clear();
         return 1;  /* Python tries once more, and says queue.Full or queue.Empty */
     }
+    if (held < 0)
+        return -1;
     if (!self->have_views) {  /* closed by the repair, say */
         nqueue_leave(self, 0);
         return 1;
@@ -3145,7 +3170,8 @@ nqueue_store(NQueue *self, PyObject *item, int has_deadline, double deadline)
         return -1;
     }
     unsigned char *holder;
-    uint64_t *node = nqueue_node(self, (uint64_t)ref, COORD_NODE_HEADER + length, &holder);
+    uint64_t *node = nqueue_node(self, (uint64_t)ref, COORD_NODE_HEADER + length, &holder,
+                                 NULL);
     if (node == NULL) {
         Py_XDECREF(payload);
         if (PyErr_Occurred() || nqueue_free(self, (uint64_t)ref) < 0)
@@ -3172,10 +3198,9 @@ NQueue_put(NQueue *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwn
     double deadline = 0;
     if (self->slow_put == NULL)
         return collected_error();  /* (NQueue_clear) */
-    if (nargs < 1 || given > 2 || !timeout_ok(args, nargs, kwnames) || !self->have_views)
+    if (nargs < 1 || given > 2 || !self->have_views
+            || !timeout_ok(args, nargs, kwnames, 1, &has_deadline, &deadline))
         return PyObject_Vectorcall(self->slow_put, args, nargsf, kwnames);
-    PyObject *timeout = given > 1 ? args[1] : Py_None;
-    nqueue_timeout(timeout, &has_deadline, &deadline);
     PyObject *item = args[0];
     long long node = nqueue_store(self, item, has_deadline, deadline);
     if (node < 0 && !PyErr_ExceptionMatches(PyExc_TimeoutError))
@@ -3212,9 +3237,9 @@ NQueue_put(NQueue *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwn
         }
         uint64_t tail = LOAD(&rec[COORD_HEAD + 1]);
         unsigned char *holder, *tail_holder;
-        uint64_t *tail_words = tail ? nqueue_node(self, tail, COORD_NODE_HEADER, &tail_holder)
-                                    : NULL;
-        uint64_t *words = nqueue_node(self, (uint64_t)node, COORD_NODE_HEADER, &holder);
+        uint64_t *tail_words = tail ? nqueue_node(self, tail, COORD_NODE_HEADER, &tail_holder,
+                                                  NULL) : NULL;
+        uint64_t *words = nqueue_node(self, (uint64_t)node, COORD_NODE_HEADER, &holder, NULL);
         if (LOAD(&rec[COORD_HEAD + 5]) || words == NULL || (tail && tail_words == NULL)) {
             nqueue_leave(self, 0);  /* closed, or a node Python must look at */
             if (PyErr_Occurred() || nqueue_free(self, (uint64_t)node) < 0)
@@ -3239,14 +3264,12 @@ NQueue_get(NQueue *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwn
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     Py_ssize_t given = nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0);
-    PyObject *timeout = given ? args[0] : Py_None;
     int has_deadline = 0;
     double deadline = 0;
     if (self->slow_get == NULL)
         return collected_error();  /* (NQueue_clear) */
-    if (given > 1 || (kwnames != NULL && PyUnicode_CompareWithASCIIString(
-                PyTuple_GET_ITEM(kwnames, 0), "timeout") != 0)
-            || !nqueue_timeout(timeout, &has_deadline, &deadline) || !self->have_views)
+    if (given > 1 || !self->have_views
+            || !timeout_ok(args, nargs, kwnames, 0, &has_deadline, &deadline))
         return PyObject_Vectorcall(self->slow_get, args, nargsf, kwnames);
     for (;;) {
         int entered = nqueue_enter(self, has_deadline, deadline);
@@ -3274,14 +3297,14 @@ NQueue_get(NQueue *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwn
         }
         uint64_t node = LOAD(&rec[COORD_HEAD]);
         unsigned char *holder;
-        uint64_t *words = nqueue_node(self, node, COORD_NODE_HEADER, &holder);
+        uint64_t room = 0;
+        uint64_t *words = nqueue_node(self, node, COORD_NODE_HEADER, &holder, &room);
         uint64_t tag = words != NULL ? LOAD(&words[1]) : 0;
         uint64_t kind = tag >> 56, length = tag & (((uint64_t)1 << 56) - 1);
-        if (words != NULL && !((kind == COORD_KIND_INT && length == 8)
-                               || (kind == COORD_KIND_PICKLE && length <= 1u << 30)))
-            words = NULL;
-        if (words != NULL)
-            words = nqueue_node(self, node, COORD_NODE_HEADER + length, &holder);
+        int tag_ok = (kind == COORD_KIND_INT && length == 8)
+                     || (kind == COORD_KIND_PICKLE && length <= 1u << 30);
+        if (words != NULL && (!tag_ok || COORD_NODE_HEADER + length > room))
+            words = NULL;  /* a garbage tag, or an item longer than its node */
         if (words == NULL) {  /* an arena not mapped here, an item stored with put() */
             nqueue_leave(self, 0);
             return PyErr_Occurred() ? NULL : nqueue_fallback(self->slow_get, NULL,
@@ -3299,7 +3322,7 @@ NQueue_get(NQueue *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwn
             item = payload != NULL ? PyObject_CallOneArg(self->loads, payload) : NULL;
             Py_XDECREF(payload);
             if (item != NULL)  /* (Python code ran: look the nodes up again) */
-                words = nqueue_node(self, node, COORD_NODE_HEADER + length, &holder);
+                words = nqueue_node(self, node, COORD_NODE_HEADER + length, &holder, NULL);
             if (item != NULL && (words == NULL || LOAD(&rec[COORD_HEAD]) != node)) {
                 Py_CLEAR(item);
                 nqueue_leave(self, 0);
@@ -3332,43 +3355,27 @@ NQueue_get(NQueue *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwn
 static int
 NQueue_init(NQueue *self, PyObject *args, PyObject *kwargs)
 {
-    static char *names[] = {"lock", "coord", "record", "control", "alloc", "free", "holder_at",
-                            "encode", "loads", "slow_put", "slow_get", "slice", "scan_interval",
-                            NULL};
-    PyObject *lock, *coord, *control, *alloc, *free, *holder_at, *encode, *loads, *slow_put,
-             *slow_get;
+    static char *names[] = {"lock", "coord", "record", "control", "alloc", "free", "encode",
+                            "loads", "slow_put", "slow_get", "slice", "scan_interval", NULL};
+    PyObject *lock, *coord, *control, *alloc, *free, *encode, *loads, *slow_put, *slow_get;
     long record;
     double slice, scan_interval;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OlOOO!OOOOOdd", names, &LockType, &lock,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OlOOO!OOOOdd", names, &LockType, &lock,
                                      &coord, &record, &control, &alloc, &FreeType, &free,
-                                     &holder_at, &encode, &loads, &slow_put, &slow_get, &slice,
+                                     &encode, &loads, &slow_put, &slow_get, &slice,
                                      &scan_interval))
         return -1;
     if (self->have_views) {
         PyErr_SetString(PyExc_TypeError, "Queue is initialised already");
         return -1;
     }
-    Py_ssize_t n;
-    Py_ssize_t *at = ssize_array(holder_at, &n);
-    if (at == NULL)
+    if (PyObject_GetBuffer(coord, &self->coord, PyBUF_WRITABLE) < 0)
         return -1;
-    if (n != ((Free *)free)->nclasses) {
-        PyMem_Free(at);
-        PyErr_SetString(PyExc_ValueError, "Queue: holder_at must have one entry per class");
-        return -1;
-    }
-    if (PyObject_GetBuffer(coord, &self->coord, PyBUF_WRITABLE) < 0) {
-        PyMem_Free(at);
-        return -1;
-    }
     if (PyObject_GetBuffer(control, &self->control, PyBUF_WRITABLE) < 0) {
         PyBuffer_Release(&self->coord);
-        PyMem_Free(at);
         return -1;
     }
     self->have_views = 1;
-    self->holder_at = at;
-    self->nclasses = n;
     if (record < 0 || record >= COORD_RECORDS
             || self->coord.len < (COORD_HEADER_WORDS + COORD_RECORDS * COORD_RECORD_WORDS) * 8
             || self->control.len < CONTROL_JOURNAL_ARG_OFFSET + 8) {
@@ -3438,7 +3445,6 @@ NQueue_dealloc(NQueue *self)
     PyObject *ignored = NQueue_release(self, NULL);
     Py_XDECREF(ignored);
     NQueue_clear(self);
-    PyMem_Free(self->holder_at);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -3457,8 +3463,8 @@ static PyTypeObject NQueueType = {
     .tp_name = "shmheap._native.Queue",
     .tp_basicsize = sizeof(NQueue),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "Queue(lock, coord, record, control, alloc, free, holder_at, encode, loads, "
-              "slow_put, slow_get, slice, scan_interval): coord.Queue's put and get.",
+    .tp_doc = "Queue(lock, coord, record, control, alloc, free, encode, loads, slow_put, "
+              "slow_get, slice, scan_interval): coord.Queue's put and get.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)NQueue_init,
     .tp_dealloc = (destructor)NQueue_dealloc,
@@ -3685,26 +3691,27 @@ static PyTypeObject RootReaderType = {
 
 /* -- RootWriter: roots.py's _bind_locked in one call -------------------------------------
  *
- * RootWriter(reader, lock, control, records, classes, arena_shift, page_shift, max_roots,
- * reach): writer(name, ref, timeout) binds name to the small object at ref (ref None:
- * unbinds it) as roots.py's "Binding" says, with the same intent record, journal (ROOTS), sequence
- * word, root counts, marks and holder words, so that repair.py's finish of a bind stopped
- * anywhere is the same for both cores.  One call takes the heap lock (the native Lock's
- * run: the handle's mutex, a writer's repair of a dirty journal), probes, stores and
- * releases it.  held(name, ref, holder) is the same change for a caller that holds the lock
- * already (the pure lock, while crash points are armed).  Crash points are reached through
- * ``reach`` (crash.reach, None when none is armed), so they fire at the same stores as the
- * Python twin's.
+ * RootWriter(reader, lock, control, free, max_roots, reach): writer(name, ref, timeout)
+ * binds name to the small object at ref (ref None: unbinds it) as roots.py's "Binding"
+ * says, with the same intent record, journal (ROOTS), sequence word, root counts, marks and
+ * holder words, so that repair.py's finish of a bind stopped anywhere is the same for both
+ * cores.  Objects are found through ``free``, the allocator's native Free (free_locate).
+ * One call takes the heap lock (the native Lock's run: the handle's mutex, a writer's
+ * repair of a dirty journal), probes, stores and releases it.  held(name, ref, holder) is
+ * the same change for a caller that holds the lock already (the pure lock, while crash
+ * points are armed).  Crash points are reached through ``reach`` (crash.reach, None when
+ * none is armed), so they fire at the same stores as the Python twin's.
  *
  * It answers True (done), False (an unbind of a name nothing is bound to) or None,
  * having changed nothing, whenever it cannot be sure: a heap whose control segment says
  * destroyed (the identity check is that load, no lstat), a name that is no str of 1-255
  * bytes of UTF-8, a bad timeout, an object that is not a small one in an arena this
  * process has mapped, or is free, or counts the most roots it may, a region not handed
- * over to the reader, a sequence word odd, a number out of bounds, a new name that needs
- * a rebuilt table or memory for its name.  Then roots.py's Python path decides, with its
- * errors.  The bound object's root count goes up in one compare-and-swap: a free() racing
- * the bind (its own 1 -> 0 compare-and-swap, in Free) makes one of the two fail. */
+ * over to the reader, a sequence word odd (the region's, or that of the span records of
+ * the object's arena), a number out of bounds, a new name that needs a rebuilt table or
+ * memory for its name.  Then roots.py's Python path decides, with its errors.  The bound
+ * object's root count goes up in one compare-and-swap: a free() racing the bind (its own
+ * 1 -> 0 compare-and-swap, in Free) makes one of the two fail. */
 
 typedef struct {
     PyObject_HEAD
@@ -3712,13 +3719,9 @@ typedef struct {
     RootReader *reader;      /* the table's header and the regions mapped */
     Lock *lock;              /* the heap lock; NULL while crash points are armed */
     Pin *control;            /* the control segment: the journal and the destroyed word */
-    PyObject *records;       /* arena index -> Record of the arenas mapped now (as Free's) */
+    Free *free;              /* the allocator's: its arenas mapped and class tables */
     PyObject *reach;         /* crash.reach while a crash point is armed, else NULL */
-    int arena_shift, page_shift;
-    long long arena_mask;
     long max_roots;          /* allocator.MAX_ROOTS_PER_OBJECT */
-    Py_ssize_t nclasses;
-    Py_ssize_t *nelems, *size, *objects_at, *holder_at, *npages;   /* per size class */
 } RootWriter;
 
 /* A located small object (writer_locate): its arena's record (a reference) and slot. */
@@ -3735,47 +3738,32 @@ root_object_clear(RootObject *obj)
     Py_CLEAR(obj->rec);
 }
 
-/* The small object at ``ref`` in an arena this process has mapped, read as the lock holder
- * reads span records (no one else changes them): 1 located (allocated or not: see its
- * alloc byte), 0 unsure, -1 exception. */
+/* The small object at ``ref`` in an arena this process has mapped (free_locate), in a span
+ * laid out whole as its class says (the writer stores more than the alloc byte): 1 located
+ * (allocated or not: see its alloc byte), 0 unsure, -1 exception. */
 static int
 writer_locate(RootWriter *self, uint64_t ref, RootObject *out)
 {
-    PyObject *key = PyLong_FromUnsignedLongLong(ref >> self->arena_shift);
-    if (key == NULL)
-        return -1;
-    PyObject *found = PyDict_GetItemWithError(self->records, key);
-    Py_DECREF(key);
-    if (found == NULL || !Py_IS_TYPE(found, &RecordType))
-        return PyErr_Occurred() ? -1 : 0;
-    Record *rec = (Record *)found;
-    long long offset = (long long)(ref & (uint64_t)self->arena_mask);
-    Py_ssize_t page = (Py_ssize_t)(offset >> self->page_shift);
-    if (page >= rec->pages || !LOAD(rec->used + page))
-        return 0;
-    Py_ssize_t start = (Py_ssize_t)LOAD(rec->span + page) - 1;
-    if (start < 0 || start > page)
-        return 0;
-    Py_ssize_t c = LOAD(rec->sclass + start);
-    if (c == 0 || c >= self->nclasses)
-        return 0;  /* a large object, or garbage */
-    Py_ssize_t npages = self->npages[c];
+    Free *free = self->free;
+    Record *rec;
+    Py_ssize_t start;
+    unsigned char c;
+    long long slot;
+    int found = free_locate(free, (long long)ref, &rec, &start, &c, &slot);
+    if (found <= 0)
+        return found;
+    Py_ssize_t page = (Py_ssize_t)(((long long)ref & free->arena_mask) >> free->page_shift);
+    Py_ssize_t npages = free->npages[c];
     if ((Py_ssize_t)LOAD(rec->npages + start) != npages || start + npages > rec->pages
             || page >= start + npages
             || (Py_ssize_t)LOAD(rec->span + start + npages - 1) != start + 1)
         return 0;
-    long long in_span = offset - ((long long)start << self->page_shift) - self->objects_at[c];
-    if (in_span < 0 || in_span % self->size[c])
-        return 0;
-    long long slot = in_span / self->size[c];
-    if (slot >= self->nelems[c])
-        return 0;
-    unsigned char *a0 = rec->data + ((long long)start << self->page_shift);
+    unsigned char *a0 = rec->data + ((long long)start << free->page_shift);
     Py_INCREF(rec);
     out->rec = rec;
     out->alloc = a0 + slot;
-    out->mark = a0 + self->nelems[c] + slot;
-    out->holder = (uint32_t *)(a0 + self->holder_at[c] + SPAN_HOLDER_SIZE * slot);
+    out->mark = a0 + free->nelems[c] + slot;
+    out->holder = (uint32_t *)(a0 + free->holder_at[c] + SPAN_HOLDER_SIZE * slot);
     out->start = start;
     return 1;
 }
@@ -4010,14 +3998,10 @@ RootWriter_call(RootWriter *self, PyObject *const *args, size_t nargsf, PyObject
     if (nargs != 3 || kwnames != NULL || self->lock == NULL)
         Py_RETURN_NONE;
     int parsed = writer_args(args[0], args[1], &change.name, &change.len, &change.ref);
-    if (parsed <= 0 || !timeout_ok(args + 1, 2, NULL))
-        return parsed < 0 ? NULL : Py_NewRef(Py_None);
+    int has_deadline;
     double deadline = 0;
-    int has_deadline = args[2] != Py_None;
-    if (has_deadline)
-        deadline = monotonic() + PyFloat_AsDouble(args[2]);
-    if (has_deadline && PyErr_Occurred())
-        return NULL;
+    if (parsed <= 0 || !timeout_ok(args, nargs, NULL, 2, &has_deadline, &deadline))
+        return parsed < 0 ? NULL : Py_NewRef(Py_None);
     return lock_run_with(self->lock, writer_body, &change, has_deadline, deadline, 1);
 }
 
@@ -4043,14 +4027,12 @@ RootWriter_held(RootWriter *self, PyObject *const *args, Py_ssize_t nargs)
 static int
 RootWriter_init(RootWriter *self, PyObject *args, PyObject *kwargs)
 {
-    static char *names[] = {"reader", "lock", "control", "records", "classes", "arena_shift",
-                            "page_shift", "max_roots", "reach", NULL};
-    PyObject *reader, *lock, *control, *records, *classes, *reach = NULL;
-    int arena_shift, page_shift;
+    static char *names[] = {"reader", "lock", "control", "free", "max_roots", "reach", NULL};
+    PyObject *reader, *lock, *control, *free, *reach = NULL;
     long max_roots;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOO!Oiil|O", names, &RootReaderType,
-                                     &reader, &lock, &control, &PyDict_Type, &records,
-                                     &classes, &arena_shift, &page_shift, &max_roots, &reach))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOO!l|O", names, &RootReaderType,
+                                     &reader, &lock, &control, &FreeType, &free, &max_roots,
+                                     &reach))
         return -1;
     if (self->reader != NULL) {
         PyErr_SetString(PyExc_TypeError, "RootWriter is initialised already");
@@ -4059,23 +4041,6 @@ RootWriter_init(RootWriter *self, PyObject *args, PyObject *kwargs)
     if (lock != Py_None && !Py_IS_TYPE(lock, &LockType)) {
         PyErr_SetString(PyExc_TypeError, "RootWriter: lock is a native Lock or None");
         return -1;
-    }
-    /* classes: (nelems, size, objects_at, holder_at, npages), each a list per size class */
-    Py_ssize_t n[5];
-    Py_ssize_t **tables[5] = {&self->nelems, &self->size, &self->objects_at, &self->holder_at,
-                              &self->npages};
-    if (!PyTuple_Check(classes) || PyTuple_GET_SIZE(classes) != 5) {
-        PyErr_SetString(PyExc_ValueError, "RootWriter: classes is 5 lists");
-        return -1;
-    }
-    for (int t = 0; t < 5; t++) {
-        *tables[t] = ssize_array(PyTuple_GET_ITEM(classes, t), &n[t]);
-        if (*tables[t] == NULL)
-            return -1;
-        if (n[t] != n[0]) {
-            PyErr_SetString(PyExc_ValueError, "RootWriter: the class tables disagree");
-            return -1;
-        }
     }
     self->control = pin_new(control, PyBUF_WRITABLE);
     if (self->control == NULL)
@@ -4086,12 +4051,8 @@ RootWriter_init(RootWriter *self, PyObject *args, PyObject *kwargs)
     }
     self->reader = (RootReader *)Py_NewRef(reader);
     self->lock = lock == Py_None ? NULL : (Lock *)Py_NewRef(lock);
-    self->records = Py_NewRef(records);
+    self->free = (Free *)Py_NewRef(free);
     self->reach = reach == NULL || reach == Py_None ? NULL : Py_NewRef(reach);
-    self->nclasses = n[0];
-    self->arena_shift = arena_shift;
-    self->page_shift = page_shift;
-    self->arena_mask = (1LL << arena_shift) - 1;
     self->max_roots = max_roots;
     self->vectorcall = (vectorcallfunc)RootWriter_call;
     return 0;
@@ -4112,7 +4073,7 @@ RootWriter_traverse(RootWriter *self, visitproc visit, void *arg)
     Py_VISIT(self->reader);
     Py_VISIT(self->lock);
     Py_VISIT(self->control);
-    Py_VISIT(self->records);
+    Py_VISIT(self->free);
     Py_VISIT(self->reach);
     return 0;
 }
@@ -4123,7 +4084,7 @@ RootWriter_clear(RootWriter *self)
     /* control first: with it gone every call answers None before it looks at the rest */
     Py_XDECREF(RootWriter_close(self, NULL));
     Py_CLEAR(self->reader);
-    Py_CLEAR(self->records);
+    Py_CLEAR(self->free);
     Py_CLEAR(self->reach);
     return 0;
 }
@@ -4135,13 +4096,8 @@ RootWriter_dealloc(RootWriter *self)
     Py_CLEAR(self->reader);
     Py_CLEAR(self->lock);
     Py_CLEAR(self->control);
-    Py_CLEAR(self->records);
+    Py_CLEAR(self->free);
     Py_CLEAR(self->reach);
-    PyMem_Free(self->nelems);
-    PyMem_Free(self->size);
-    PyMem_Free(self->objects_at);
-    PyMem_Free(self->holder_at);
-    PyMem_Free(self->npages);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -4158,9 +4114,9 @@ static PyTypeObject RootWriterType = {
     .tp_name = "shmheap._native.RootWriter",
     .tp_basicsize = sizeof(RootWriter),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "RootWriter(reader, lock, control, records, classes, arena_shift, page_shift, "
-              "max_roots, reach): writer(name, ref, timeout) -> True, False (nothing to "
-              "unbind) or None if unsure (roots.py's _bind_locked decides).",
+    .tp_doc = "RootWriter(reader, lock, control, free, max_roots, reach): writer(name, ref, "
+              "timeout) -> True, False (nothing to unbind) or None if unsure (roots.py's "
+              "_bind_locked decides).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)RootWriter_init,
     .tp_dealloc = (destructor)RootWriter_dealloc,

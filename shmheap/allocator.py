@@ -266,11 +266,11 @@ def _lookup_table(classes: tuple[SizeClass, ...]) -> bytes:
 
 
 @functools.cache
-def _class_tables(classes: tuple[SizeClass, ...]
-                  ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """nelems, size and objects_at of every class, for the native core's Free."""
-    return (tuple(c.nelems for c in classes), tuple(c.size for c in classes),
-            tuple(c.objects_at for c in classes))
+def _class_tables(classes: tuple[SizeClass, ...]) -> tuple[tuple[int, ...], ...]:
+    """nelems, size, objects_at, holder_at and npages of every class, for the native core's
+    Free (where its Queue and RootWriter find objects too)."""
+    return tuple(tuple(getattr(c, field) for c in classes)
+                 for field in ("nelems", "size", "objects_at", "holder_at", "npages"))
 
 
 def _size_class(size: int, wide: int, page_size: int,

@@ -385,9 +385,8 @@ class CoordTable:
         if native is None or lock is None or not isinstance(free, native.Free):
             return None
         queue = native.Queue(
-            lock, self._seg.buf, record, self.heap._words, self.allocator.alloc, free,
-            [cls.holder_at for cls in self.allocator.classes], _inline, pickle.loads,
-            slow_put, slow_get, SLICE, SCAN_INTERVAL)
+            lock, self._seg.buf, record, self.heap._words, self.allocator.alloc, free, _inline,
+            pickle.loads, slow_put, slow_get, SLICE, SCAN_INTERVAL)
         self._natives.append(queue)
         return queue
 

@@ -517,17 +517,12 @@ class RootTable:
 
     def writer(self, allocator: Allocator) -> Any:
         """The native core's bind and unbind (``_native.RootWriter``) on this table, with
-        ``allocator``'s arenas and lock; crash.py's points fire in it while armed."""
+        ``allocator``'s lock and native ``free`` (its arenas and size classes); crash.py's
+        points fire in it while armed."""
         assert core.native is not None and self.native is not None
-        heap = allocator.heap
-        classes = allocator.classes
         return core.native.RootWriter(
-            self.native, getattr(allocator._lock, "native", None), heap._control.buf,
-            allocator._mapped.records,
-            tuple([getattr(c, field) for c in classes]
-                  for field in ("nelems", "size", "objects_at", "holder_at", "npages")),
-            allocator.arena_shift, allocator.page_shift, MAX_ROOTS_PER_OBJECT,
-            crash.reach if crash.ARMED else None)
+            self.native, getattr(allocator._lock, "native", None), allocator.heap._control.buf,
+            allocator.free, MAX_ROOTS_PER_OBJECT, crash.reach if crash.ARMED else None)
 
     def write_intent(self, **fields: int) -> None:
         for offset, field in enumerate(_FIELDS):

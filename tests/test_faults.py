@@ -307,6 +307,57 @@ def test_signal_handlers_on_waiters_run_and_the_wait_goes_on(heap: shmheap.Heap)
     assert_not_stuck(heap)
 
 
+QUEUE_WAITER = """
+import queue, signal, sys, shmheap
+
+class Alarm(TimeoutError):
+    pass
+
+def raising(signum, frame):
+    raise Alarm
+
+h = shmheap.Heap.attach({name!r})
+q = h.queue("q")
+q.put(7)
+print("ready", flush=True)
+sys.stdin.readline()                                          # the holder holds the lock
+signal.signal(signal.SIGALRM, raising)
+signal.setitimer(signal.ITIMER_REAL, 0.05)
+try:
+    print("got", q.get(), flush=True)
+except Alarm:
+    print("alarm", flush=True)
+except queue.Empty:
+    print("empty", flush=True)
+sys.stdin.readline()                                          # the holder let go
+print("left", len(q), q.get(timeout=0), flush=True)
+h.close()
+"""
+
+
+@pytest.mark.skipif(not shmheap.NATIVE, reason="the native queue's wait for the heap lock "
+                    "(the pure core's Queue turns any TimeoutError into queue.Empty)")
+def test_a_handlers_timeout_error_in_the_native_queues_lock_wait_propagates(
+        heap: shmheap.Heap) -> None:
+    """A signal handler that raises a TimeoutError while a native ``get`` waits for the heap
+    lock: the exception comes out and the item stays queued (the queue once took it for its
+    own deadline and waited on in Python, then returned the item)."""
+    with Child(HOLDER.format(name=heap.name)) as holder, \
+            Child(QUEUE_WAITER.format(name=heap.name)) as waiter:
+        assert waiter.line() == "ready"
+        holder.send("hold")
+        assert holder.line() == "holding"
+        waiter.send()
+        assert waiter.line(timeout=NOT_STUCK) == "alarm"
+        holder.send()
+        assert holder.line() == "released"
+        waiter.send()
+        assert waiter.line() == "left 1 7"
+        holder.send("stop")
+        assert waiter.wait() == 0 and holder.wait() == 0, waiter.stderr() + holder.stderr()
+    assert_not_stuck(heap)
+
+
 # -- processes that exit without closing ---------------------------------------------------
 
 def test_many_exits_without_close_are_no_finding(heap: shmheap.Heap) -> None:

@@ -407,6 +407,41 @@ def test_a_queues_timeout_bounds_the_wait_for_another_thread(heap: shmheap.Heap,
     assert heap.check() == []
 
 
+class Alarm(TimeoutError):
+    pass
+
+
+def raise_alarm(signum: int, frame: object) -> None:
+    raise Alarm
+
+
+@pytest.mark.skipif(not shmheap.NATIVE, reason="the native queue's wait for the mutex (the "
+                    "pure core's Queue turns any TimeoutError into queue.Empty)")
+def test_a_handlers_timeout_error_in_the_native_queues_mutex_wait_propagates(
+        heap: shmheap.Heap) -> None:
+    """A signal handler's TimeoutError while a native ``get`` waits for another thread's hold
+    of the handle comes out as it is, the item still queued (it was once taken for the wait's
+    deadline, and the get went on in Python and returned the item once the holder let go)."""
+    q = heap.queue("q")
+    q.put(7)
+    holder, leave = hold_in_thread(heap, "locked")
+    rescue = threading.Timer(30, leave.set)  # (so that a get that waits on fails, not hangs)
+    rescue.start()
+    old = signal.signal(signal.SIGALRM, raise_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, WAIT)
+        with pytest.raises(Alarm):
+            q.get()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        leave.set()
+        holder.join()
+        rescue.cancel()
+    assert len(q) == 1 and q.get(timeout=0) == 7
+    assert heap.check() == []
+
+
 @pytest.mark.parametrize("how", ["locked", "call"])
 def test_no_timeout_waits_for_the_other_thread(heap: shmheap.Heap, how: str) -> None:
     """``timeout=None`` waits until the holder lets go, then goes through."""
