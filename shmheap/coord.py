@@ -95,11 +95,11 @@ queue's or a taker's, and once a taker has freed it its address may be this
 process's again (another thread's put), which no holder word tells apart.
 An exception between the mark and the clear leaves the node given back and
 unfreed until this process is gone (then ``reclaim()``'s): a leak, never a
-free of what is not the putter's.  So a half-done put never happened (the putter got no answer), a half-done get or
-lease leaves the item at the head, a half-done acknowledgement leaves the
-lease in place (redelivered when its leaser is gone).  Nodes are freed only
-after the journal is clean: a getter killed after that owns nothing
-shared.  A leased node records its leaser's liveness token: a lock holder
+free of what is not the putter's.  So a half-done put never happened (the
+putter got no answer), a half-done get or lease leaves the item at the head,
+a half-done acknowledgement leaves the lease in place (redelivered when its
+leaser is gone).  Nodes are freed only after the journal is clean: a getter
+killed after that owns nothing shared.  A leased node records its leaser's liveness token: a lock holder
 that finds it dead (``Queue`` looks whenever it finds the queue empty and at
 least every ``SCAN_INTERVAL``) puts the node back at the head.
 
