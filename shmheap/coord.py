@@ -92,16 +92,17 @@ the op (nobody else has seen the node), under the lock if it had begun it
 and not yet marked it linked (a local mark, made just before the journal is
 cleared), and not at all after the mark: from the mark on, the node is the
 queue's or a taker's, and once a taker has freed it its address may be this
-process's again (another thread's put), which no holder word tells apart.
-An exception between the mark and the clear leaves the node given back and
+process's again (another thread's put), which no holder word tells apart.  An
+exception between the mark and the clear leaves the node given back and
 unfreed until this process is gone (then ``reclaim()``'s): a leak, never a
 free of what is not the putter's.  So a half-done put never happened (the
 putter got no answer), a half-done get or lease leaves the item at the head,
 a half-done acknowledgement leaves the lease in place (redelivered when its
 leaser is gone).  Nodes are freed only after the journal is clean: a getter
-killed after that owns nothing shared.  A leased node records its leaser's liveness token: a lock holder
-that finds it dead (``Queue`` looks whenever it finds the queue empty and at
-least every ``SCAN_INTERVAL``) puts the node back at the head.
+killed after that owns nothing shared.  A leased node records its leaser's
+liveness token: a lock holder that finds it dead (``Queue`` looks whenever
+it finds the queue empty and at least every ``SCAN_INTERVAL``) puts the node
+back at the head.
 
 Waiting never spins: a waiter reads the futex word, looks under the lock, and
 if it must wait sleeps on the word (waits.py: a Linux futex, native or by
