@@ -3203,9 +3203,10 @@ NQueue_put(NQueue *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwn
         return PyObject_Vectorcall(self->slow_put, args, nargsf, kwnames);
     PyObject *item = args[0];
     long long node = nqueue_store(self, item, has_deadline, deadline);
-    if (node < 0 && !PyErr_ExceptionMatches(PyExc_TimeoutError))
-        return NULL;
-    if (node <= 0) {  /* (a timeout: Python tries once more, and says queue.Full) */
+    if (node < 0 && !(has_deadline && monotonic() >= deadline
+                      && PyErr_ExceptionMatches(PyExc_TimeoutError)))
+        return NULL;  /* (a TimeoutError before the deadline is a signal handler's) */
+    if (node <= 0) {  /* (the deadline: Python tries once more, and says queue.Full) */
         PyErr_Clear();
         return nqueue_fallback(self->slow_put, item, has_deadline, deadline);
     }

@@ -87,20 +87,22 @@ saved words and frees the node a half-done ``put`` was linking if its putter
 is dead, making the object of its item nobody's (``ORPHAN``: ``reclaim()``
 frees it), or gives both back to a live putter, which frees them as its
 exception leaves ``put``; and it makes a half-handed-over node and object the
-queue's again.  A put frees its node in its cleanup only if it has not marked
-it linked (a local mark, made just before the journal is cleared): from the
-mark on, the node is the queue's or a taker's, and once a taker has freed it
-its address may be this process's again (another thread's put), which no
-holder word tells apart.  An exception between the mark and the clear leaves
-the node given back and unfreed until this process is gone (then
-``reclaim()``'s): a leak, never a free of what is not the putter's.  So a
-half-done put never happened (the putter got no answer), a half-done get or
-lease leaves the item at the head, a half-done acknowledgement leaves the
-lease in place (redelivered when its leaser is gone).  Nodes are freed only
-after the journal is clean: a getter killed after that owns nothing
-shared.  A leased node records its leaser's liveness token: a lock holder
-that finds it dead (``Queue`` looks whenever it finds the queue empty and at
-least every ``SCAN_INTERVAL``) puts the node back at the head.
+queue's again.  A put's cleanup frees its node at once if it had not begun
+the op (nobody else has seen the node), under the lock if it had begun it
+and not yet marked it linked (a local mark, made just before the journal is
+cleared), and not at all after the mark: from the mark on, the node is the
+queue's or a taker's, and once a taker has freed it its address may be this
+process's again (another thread's put), which no holder word tells apart.  An
+exception between the mark and the clear leaves the node given back and
+unfreed until this process is gone (then ``reclaim()``'s): a leak, never a
+free of what is not the putter's.  So a half-done put never happened (the
+putter got no answer), a half-done get or lease leaves the item at the head,
+a half-done acknowledgement leaves the lease in place (redelivered when its
+leaser is gone).  Nodes are freed only after the journal is clean: a getter
+killed after that owns nothing shared.  A leased node records its leaser's
+liveness token: a lock holder that finds it dead (``Queue`` looks whenever
+it finds the queue empty and at least every ``SCAN_INTERVAL``) puts the node
+back at the head.
 
 Waiting never spins: a waiter reads the futex word, looks under the lock, and
 if it must wait sleeps on the word (waits.py: a Linux futex, native or by
@@ -174,7 +176,7 @@ from .errors import (
     ReadOnlyError,
     ShmHeapError,
 )
-from .lock import LockedBlock, deadline_of, time_left
+from .lock import LockedBlock, deadline_of, expired, time_left
 from .names import PAGE_SIZE, coord_name
 
 if TYPE_CHECKING:
@@ -858,31 +860,36 @@ class Queue:
         table.flush_unviewed()
         try:
             node = table.store(item, deadline)
-        except TimeoutError:  # another thread of this handle held it throughout
-            raise queue_module.Full from None
-        linked: list[bool] = []  # marked by _put just before its journal is cleared
+        except TimeoutError:
+            if not expired(deadline):
+                raise  # a signal handler's of the program
+            raise queue_module.Full from None  # another thread of this handle held it throughout
+        progress: list[str] = []  # what _put has done: "begun" the op, "linked" the node
         try:
-            table.wait_for(self._record, lambda: self._put(node, deadline, linked), deadline)
+            table.wait_for(self._record, lambda: self._put(node, deadline, progress), deadline)
             crash.reach("coord.put_released")
         except BaseException as exc:
-            if linked:  # (a TimeoutError too: a signal handler's, after the put was done)
+            if "linked" in progress:  # (a TimeoutError too: a signal handler's, put done)
                 raise
-            if isinstance(exc, TimeoutError):
-                table.free_node(node)
+            if progress:
+                self._forget(node)
+            else:
+                table.free_node(node)  # (nobody else has seen it: no lock, no wait)
+            if isinstance(exc, TimeoutError) and expired(deadline):
                 raise queue_module.Full from None
-            self._forget(node)
-            raise
+            raise  # (a TimeoutError before the deadline: the program's own)
 
     def _forget(self, node: int) -> None:
-        """Free ``node`` (and its item's object), not marked linked by the put that raised,
-        if it is still this process's: it is, unless the undo of that put, run by a process
-        that judged this one dead, freed it (else the undo gave it back)."""
+        """Free ``node`` (and its item's object) of a put that raised after it had begun and
+        before it had linked the node, if it is still this process's: it is, unless the undo
+        of that put, run by a process that judged this one dead, freed it (else the undo gave
+        it back)."""
         table = self._table
         with table.locked(None):
             if owners.mine_locked(table.allocator, node):
                 table.free_node(node)
 
-    def _put(self, node: int, deadline: float | None, linked: list[bool]) -> Any:
+    def _put(self, node: int, deadline: float | None, progress: list[str]) -> Any:
         table = self._table
         words, b = table.words, self._b
         with table.locked(deadline):
@@ -893,6 +900,7 @@ class Queue:
                 return table.sleep_on(self._record)
             tail = int(words[b + _TAIL])
             obj = table.item_object(node)
+            progress.append("begun")  # put() frees it under the lock from now on
             table.begin(self._record, OP_PUT, node_a=tail, free=node)
             table.give_item(node, obj, owners.hold_locked)  # the queue holds them (owners.py)
             if tail:
@@ -902,7 +910,7 @@ class Queue:
             crash.reach("coord.linked")
             words[b + _TAIL] = node
             words[b + _COUNT] = count + 1
-            linked.append(True)  # put() frees it no more: the queue's, or a taker's
+            progress.append("linked")  # put() frees it no more: the queue's, or a taker's
             table.end(self._record)
         return None
 
@@ -952,6 +960,8 @@ class Queue:
                 self._record, lambda: self._take_head(deadline, lease), deadline,
                 self._scan_now)
         except TimeoutError:
+            if not expired(deadline):
+                raise  # a signal handler's of the program
             raise queue_module.Empty from None
         if not lease:
             crash.reach("coord.taken")

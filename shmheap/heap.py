@@ -71,6 +71,7 @@ from .lock import (
     LockedBlock,
     check_timeout,
     deadline_of,
+    expired,
     open_semaphore,
     unlink_semaphore,
 )
@@ -759,7 +760,7 @@ def _open_ready_control(name: str, readonly: bool,
                     f"{control.STATE_NAMES[state]}): its creator died while initialising it or "
                     f"the segment was damaged; remove it with `shmheap destroy {name}`")
             creator_seen_gone = True
-        if deadline is not None and time.monotonic() >= deadline:
+        if expired(deadline):
             raise LockTimeoutError(
                 f"heap {name!r} is still being created (its creator holds the init lock); "
                 "attach with a longer timeout, or if its creator is gone, remove it with "

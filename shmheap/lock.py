@@ -195,6 +195,12 @@ def time_left(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
+def expired(deadline: float | None) -> bool:
+    """Whether the monotonic ``deadline`` has passed (never, for None): a TimeoutError
+    caught then is the deadline's, not a signal handler's of the program."""
+    return deadline is not None and time.monotonic() >= deadline
+
+
 def take_mutex(mutex: Any, taken: list[object], deadline: float | None) -> None:
     """Take a handle's ``mutex`` (reentrant) after another thread's hold of it, waiting until
     the monotonic ``deadline`` at most (None: for ever); the caller tried it with ``NOWAIT``.

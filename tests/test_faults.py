@@ -335,13 +335,11 @@ h.close()
 """
 
 
-@pytest.mark.skipif(not shmheap.NATIVE, reason="the native queue's wait for the heap lock "
-                    "(the pure core's Queue turns any TimeoutError into queue.Empty)")
-def test_a_handlers_timeout_error_in_the_native_queues_lock_wait_propagates(
-        heap: shmheap.Heap) -> None:
-    """A signal handler that raises a TimeoutError while a native ``get`` waits for the heap
-    lock: the exception comes out and the item stays queued (the queue once took it for its
-    own deadline and waited on in Python, then returned the item)."""
+def test_a_handlers_timeout_error_in_a_queues_lock_wait_propagates(heap: shmheap.Heap) -> None:
+    """A signal handler that raises a TimeoutError while a ``get`` waits for the heap lock:
+    the exception comes out and the item stays queued (the native queue once took it for its
+    own deadline and waited on in Python, then returned the item; the pure one said
+    queue.Empty)."""
     with Child(HOLDER.format(name=heap.name)) as holder, \
             Child(QUEUE_WAITER.format(name=heap.name)) as waiter:
         assert waiter.line() == "ready"

@@ -415,23 +415,23 @@ def raise_alarm(signum: int, frame: object) -> None:
     raise Alarm
 
 
-@pytest.mark.skipif(not shmheap.NATIVE, reason="the native queue's wait for the mutex (the "
-                    "pure core's Queue turns any TimeoutError into queue.Empty)")
-def test_a_handlers_timeout_error_in_the_native_queues_mutex_wait_propagates(
-        heap: shmheap.Heap) -> None:
-    """A signal handler's TimeoutError while a native ``get`` waits for another thread's hold
-    of the handle comes out as it is, the item still queued (it was once taken for the wait's
-    deadline, and the get went on in Python and returned the item once the holder let go)."""
+@pytest.mark.parametrize("call", ["get", "put"])
+def test_a_handlers_timeout_error_in_a_queues_mutex_wait_propagates(heap: shmheap.Heap,
+                                                                   call: str) -> None:
+    """A signal handler's TimeoutError while a ``get`` or ``put`` waits for another thread's
+    hold of the handle comes out as it is, the queue as it was (the native get once took it
+    for the wait's deadline, went on in Python and returned the item once the holder let
+    go, and the native put stored its item then; the pure get said queue.Empty)."""
     q = heap.queue("q")
     q.put(7)
     holder, leave = hold_in_thread(heap, "locked")
-    rescue = threading.Timer(30, leave.set)  # (so that a get that waits on fails, not hangs)
+    rescue = threading.Timer(30, leave.set)  # (so that a call that waits on fails, not hangs)
     rescue.start()
     old = signal.signal(signal.SIGALRM, raise_alarm)
     try:
         signal.setitimer(signal.ITIMER_REAL, WAIT)
         with pytest.raises(Alarm):
-            q.get()
+            q.get() if call == "get" else q.put(8)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
