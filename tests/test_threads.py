@@ -432,6 +432,7 @@ def test_a_handlers_timeout_error_in_a_queues_mutex_wait_propagates(heap: shmhea
         signal.setitimer(signal.ITIMER_REAL, WAIT)
         with pytest.raises(Alarm):
             q.get() if call == "get" else q.put(8)
+        assert not leave.is_set(), "the call waited for the holder to let go (or the rescue)"
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
